@@ -1,0 +1,87 @@
+"""Export backends: one small protocol, a validated registry, and an entry-point group.
+
+This folder installs as ``cwca_export.backends``. Built-in backends register with
+:func:`register_backend`; third-party packages expose theirs under the entry-point group
+``cwca_export.backends`` (``name = "pkg.module:BackendClass"``) and are loaded on first lookup.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+ENTRY_POINT_GROUP = "cwca_export.backends"
+_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+_REGISTRY: dict[str, type] = {}
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What an export backend provides.
+
+    ``export`` writes a complete artifact into ``out_dir`` (an empty folder the caller
+    created) and returns the paths it wrote; verification happens in the caller.
+    """
+
+    name: str
+
+    def export(self, model: Any, tokenizer: Any, out_dir: Path, **options: Any) -> list[Path]: ...
+
+
+def register_backend(name: str):
+    """Class decorator that registers a backend under ``name``; refuses duplicates and bad names.
+
+    Example:
+        >>> @register_backend("example-noop")
+        ... class Noop:
+        ...     def export(self, model, tokenizer, out_dir, **options):
+        ...         return []
+        >>> get_backend("example-noop").name
+        'example-noop'
+        >>> unregister_backend("example-noop")
+    """
+    if not _NAME.match(name):
+        raise ValueError(f"backend name {name!r}: use 1-32 lower-case letters, digits, '-' or '_'")
+
+    def decorate(cls: type) -> type:
+        if name in _REGISTRY:
+            raise ValueError(f"backend {name!r} is already registered by {_REGISTRY[name].__module__}")
+        if not callable(getattr(cls, "export", None)):
+            raise TypeError(f"backend {name!r}: {cls.__name__} has no export() method")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def unregister_backend(name: str) -> None:
+    """Remove a backend (for tests and plug-in reloads)."""
+    _REGISTRY.pop(name, None)
+
+
+@lru_cache(maxsize=1)
+def _load_entry_points() -> None:
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in _REGISTRY:
+            continue
+        register_backend(ep.name)(ep.load())
+
+
+def available_backends() -> list[str]:
+    """Names of every registered backend, built-in and third-party."""
+    _load_entry_points()
+    return sorted(_REGISTRY)
+
+
+def get_backend(name: str) -> Backend:
+    """An instance of the backend registered as ``name``."""
+    _load_entry_points()
+    try:
+        return _REGISTRY[name]()
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY)) or "none installed"
+        raise ValueError(f"unknown backend {name!r}; available: {known}") from None

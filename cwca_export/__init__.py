@@ -1,0 +1,47 @@
+"""cwca-export: curvature-weighted per-layer compression and budget-verified ONNX export.
+
+Importing the package stays light (NumPy only): torch, transformers and onnxruntime load
+when a function that needs them is first used.
+
+Example:
+    >>> import cwca_export
+    >>> scores = cwca_export.LayerScores("gradnorm", zeta2=[3.0, 1.0], n_params=[10, 10])
+    >>> cwca_export.plan_pruning(scores, 0.5).program
+    'prune'
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it; resolved on first access (PEP 562)
+_LAZY = {
+    "LayerScores": "cwca_export.scores",
+    "qualities": "cwca_export.scores",
+    "Plan": "cwca_export.plan",
+    "PlanMismatchError": "cwca_export.plan",
+    "plan_pruning": "cwca_export.plan",
+    "plan_allocation": "cwca_export.plan",
+    "solve_pruning": "cwca_export.solver",
+    "solve_allocation": "cwca_export.solver",
+    "transfer_regret": "cwca_export.solver",
+    "find_blocks": "cwca_export.blocks",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cwca_export' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

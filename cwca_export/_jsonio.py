@@ -1,0 +1,80 @@
+"""Versioned JSON files (scores.json, plan.json): atomic writes and forward-compatible reads.
+
+Every file carries ``{"_type": ..., "schema_version": ...}``. A file from a newer major
+schema is refused with a hint to upgrade; unknown keys from a newer minor writer only warn,
+so saved plans stay loadable (peft's config loading does the same).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+
+class SchemaError(ValueError):
+    """A scores or plan file that this version cannot read."""
+
+
+def write_json_atomic(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` so that ``path`` holds either the old content or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(payload, indent=2, sort_keys=False, allow_nan=False) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_versioned(path: str | os.PathLike, type_name: str, supported: int) -> dict[str, Any]:
+    """Load a versioned JSON object of ``type_name``; refuse other types and newer schemas."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SchemaError(f"{path}: no such file") from None
+    except json.JSONDecodeError as exc:
+        raise SchemaError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    return check_versioned(data, type_name, supported, source=str(path))
+
+
+def check_versioned(
+    data: Any, type_name: str, supported: int, *, source: str = "input"
+) -> dict[str, Any]:
+    """Validate the ``_type`` / ``schema_version`` header of an already parsed object."""
+    if not isinstance(data, dict):
+        raise SchemaError(f"{source}: expected a JSON object for {type_name}")
+    found = data.get("_type")
+    if found != type_name:
+        raise SchemaError(
+            f"{source}: this is a {found or 'untyped'} file, expected {type_name}"
+            f" (hint: pass the file written by the matching cwca-export command)"
+        )
+    version = data.get("schema_version")
+    if not isinstance(version, int):
+        raise SchemaError(f"{source}: missing integer schema_version")
+    if version > supported:
+        raise SchemaError(
+            f"{source}: schema_version {version} is newer than this cwca-export supports"
+            f" ({supported}); hint: pip install -U cwca-export"
+        )
+    return data
+
+
+def warn_unknown(data: dict[str, Any], known: set[str], type_name: str) -> None:
+    """Warn (not fail) on keys a newer writer may have added."""
+    extra = sorted(set(data) - known)
+    if extra:
+        warnings.warn(
+            f"{type_name}: ignoring unknown keys {extra} (written by a newer cwca-export?)",
+            stacklevel=3,
+        )

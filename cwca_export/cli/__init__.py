@@ -1,0 +1,63 @@
+"""The ``cwca-export`` command line: thin verbs over the Python API.
+
+Each verb lives in its own module and imports heavy libraries inside its body, so
+``cwca-export --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from cwca_export import __version__
+
+_EXPECTED = (ValueError, OSError, KeyError, ImportError)
+
+
+class _Group(click.Group):
+    """Turns the library's errors into one ``Error: ...`` line and exit code 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except click.exceptions.Exit:
+            raise
+        except _EXPECTED as exc:
+            if os.environ.get("CWCA_DEBUG"):
+                raise
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise click.ClickException(message) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cwca-export")
+def cli() -> None:
+    """Score, plan, compress and export Hugging Face causal LMs under a hardware budget.
+
+    \b
+    Examples:
+      cwca-export plan scores.json --program prune --sparsity 0.5 --bounds 0:0.3 --out plan.json
+      cwca-export plan scores.json --program allocate --budget 96 --out ranks.json
+      cwca-export inspect plan.json
+
+    Set CWCA_DEBUG=1 to see tracebacks instead of one-line errors.
+    """
+
+
+def _register() -> None:
+    from cwca_export.cli import inspect, not_built, plan
+
+    cli.add_command(plan.plan)
+    cli.add_command(inspect.inspect)
+    for command in not_built.COMMANDS:
+        cli.add_command(command)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    cli.main(args=argv if argv is not None else sys.argv[1:], prog_name="cwca-export")

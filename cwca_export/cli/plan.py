@@ -1,0 +1,161 @@
+"""``cwca-export plan``: solve the pruning or allocation program from a scores file."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import click
+
+
+def parse_bounds(specs: tuple[str, ...]) -> tuple[dict[int, float], dict[int, float]]:
+    """Parse ``BLOCKS:HI`` or ``BLOCKS:LO:HI`` (BLOCKS = ``3`` or ``0-3``) into per-block overrides.
+
+    Example:
+        >>> parse_bounds(("0:0.3", "4-5:0.1:0.6"))
+        ({4: 0.1, 5: 0.1}, {0: 0.3, 4: 0.6, 5: 0.6})
+    """
+    lo: dict[int, float] = {}
+    hi: dict[int, float] = {}
+    for spec in specs:
+        parts = spec.split(":")
+        try:
+            if len(parts) not in (2, 3):
+                raise ValueError
+            first, _, last = parts[0].partition("-")
+            start = int(first)
+            stop = int(last) if last else start
+            values = [float(p) for p in parts[1:]]
+        except ValueError:
+            raise click.BadParameter(
+                f"{spec!r}: expected BLOCKS:HI or BLOCKS:LO:HI, e.g. 0:0.3 or 0-3:0.1:0.5",
+                param_hint="--bounds",
+            ) from None
+        if stop < start:
+            raise click.BadParameter(f"{spec!r}: block range {start}-{stop} is empty", param_hint="--bounds")
+        for block in range(start, stop + 1):
+            if len(values) == 2:
+                lo[block] = values[0]
+            hi[block] = values[-1]
+    return lo, hi
+
+
+def _table(plan) -> str:
+    value = "rho" if plan.program == "prune" else "units"
+    width = max(len(n) for n in plan.block_names)
+    lines = [f"{'#':>3}  {'block':<{width}}  {'n_k':>12}  {'q_k':>8}  {value:>8}  bound"]
+    for i in range(plan.num_blocks):
+        x = plan.x[i]
+        at = "lo" if x <= plan.lo[i] else ("hi" if x >= plan.hi[i] else "")
+        shown = f"{x:8.4f}" if plan.program == "prune" else f"{x:8g}"
+        lines.append(
+            f"{i:>3}  {plan.block_names[i]:<{width}}  {plan.n_params[i]:>12,}  {plan.q[i]:8.4f}  {shown}  {at}"
+        )
+    return "\n".join(lines)
+
+
+@click.command()
+@click.argument("scores_path", metavar="SCORES", type=click.Path(dir_okay=False))
+@click.option(
+    "--program",
+    type=click.Choice(["prune", "allocate"]),
+    default="prune",
+    show_default=True,
+    help="prune: per-block sparsity for a global target; allocate: per-block capacity units.",
+)
+@click.option("--sparsity", type=float, help="prune: global sparsity, a fraction of all block weights.")
+@click.option("--budget", type=float, help="allocate: total cost, sum of cost * units.")
+@click.option("--lo", type=float, default=0.0, show_default=True, help="Lower bound for every block.")
+@click.option(
+    "--hi",
+    type=float,
+    default=None,
+    help="Upper bound for every block [default: 0.95 for prune, unbounded for allocate].",
+)
+@click.option(
+    "--bounds",
+    multiple=True,
+    metavar="BLOCKS:[LO:]HI",
+    help="Per-block bounds, repeatable: 0:0.3 caps block 0 at 0.3; 0-3:0.1:0.5 sets lo and hi.",
+)
+@click.option("--eta", type=float, default=2.0, show_default=True, help="prune: cost weight eta.")
+@click.option("--kappa", type=float, default=1.0, show_default=True, help="prune: quality exponent; < 1 flattens.")
+@click.option(
+    "--psi",
+    type=click.Choice(["quadratic", "log"]),
+    default="quadratic",
+    show_default=True,
+    help="prune: damage curve rho^2 or -log(1 - rho).",
+)
+@click.option("--gamma", type=float, default=0.9, show_default=True, help="allocate: value scale.")
+@click.option("--beta", type=float, default=2.0, show_default=True, help="allocate: quality exponent.")
+@click.option("--alpha", type=float, default=0.5, show_default=True, help="allocate: per-unit penalty.")
+@click.option("--cost", type=float, default=1.0, show_default=True, help="allocate: cost of one unit.")
+@click.option(
+    "--integer/--continuous",
+    default=True,
+    show_default=True,
+    help="allocate: whole units (ranks, experts) or the continuous optimum.",
+)
+@click.option("--tau", type=float, default=0.05, show_default=True, help="Quality floor: tau * median q.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    default="plan.json",
+    show_default=True,
+    help="Where to write the plan (written atomically).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON instead of a table.")
+def plan(
+    scores_path, program, sparsity, budget, lo, hi, bounds, eta, kappa, psi, gamma, beta, alpha, cost,
+    integer, tau, out, as_json,
+) -> None:
+    """Solve the pruning or capacity-allocation program from SCORES (a scores.json).
+
+    \b
+    Examples:
+      cwca-export plan scores.json --program prune --sparsity 0.5 --bounds 0:0.3 --hi 0.8
+      cwca-export plan scores.json --program prune --sparsity 0.7 --kappa 0.25 --psi log
+      cwca-export plan scores.json --program allocate --budget 96 --lo 4 --hi 64
+    """
+    from cwca_export.plan import plan_allocation, plan_pruning
+    from cwca_export.scores import LayerScores
+
+    if program == "prune" and sparsity is None:
+        raise click.UsageError("--program prune needs --sparsity (e.g. --sparsity 0.5)")
+    if program == "allocate" and budget is None:
+        raise click.UsageError("--program allocate needs --budget (e.g. --budget 96)")
+    if program == "prune" and budget is not None:
+        raise click.UsageError("--budget belongs to --program allocate; use --sparsity")
+    if program == "allocate" and sparsity is not None:
+        raise click.UsageError("--sparsity belongs to --program prune; use --budget")
+    lo_blocks, hi_blocks = parse_bounds(bounds)
+    scores = LayerScores.load(scores_path)
+    if program == "prune":
+        result = plan_pruning(
+            scores, sparsity, eta=eta, kappa=kappa, lo=lo, hi=0.95 if hi is None else hi,
+            lo_blocks=lo_blocks, hi_blocks=hi_blocks, psi=psi, tau=tau,
+        )
+        summary = (
+            f"global sparsity {result.global_sparsity:.6f} (target {sparsity:g});"
+            f" dual {result.dual:.4g}; objective {result.objective:.6g};"
+            f" {result.iterations} dual evaluations"
+        )
+    else:
+        result = plan_allocation(
+            scores, budget, cost=cost, gamma=gamma, beta=beta, alpha=alpha, lo=lo,
+            hi=math.inf if hi is None else hi, lo_blocks=lo_blocks, hi_blocks=hi_blocks,
+            integer=integer, tau=tau,
+        )
+        spent = sum(c * x for c, x in zip(result.cost, result.x, strict=True))
+        summary = (
+            f"spent {spent:g} of budget {budget:g}; dual {result.dual:.4g};"
+            f" objective {result.objective:.6g}; {result.iterations} dual evaluations"
+        )
+    path = result.save(out)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    click.echo(_table(result))
+    click.echo(summary)
+    click.echo(f"scores: {scores.method} ({scores.num_blocks} blocks); wrote {path}")

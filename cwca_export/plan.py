@@ -1,0 +1,327 @@
+"""`Plan`: the per-block decision (pruning ratio rho_k or capacity units e_k) and how it was made.
+
+NumPy only: plans are solved and re-solved from scores.json without touching a model.
+`Plan.check(model)` imports the torch side lazily.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from cwca_export import solver
+from cwca_export._jsonio import check_versioned, read_versioned, warn_unknown, write_json_atomic
+from cwca_export.scores import DEFAULT_Q_FLOOR_TAU, LayerScores
+from cwca_export.versions import library_versions
+
+PLAN_SCHEMA_VERSION = 1
+Program = Literal["prune", "allocate"]
+_VALUE_NAME = {"prune": "rho", "allocate": "units"}
+
+
+class PlanMismatchError(ValueError):
+    """A plan that does not fit the model it is applied to."""
+
+
+@dataclass
+class Plan:
+    """A solved per-block plan.
+
+    Attributes:
+        program: ``"prune"`` (x = rho_k, the fraction of block k's weights to remove) or
+            ``"allocate"`` (x = e_k, capacity units: rank steps, experts, LoRA rank units).
+        x: the per-block solution.
+        q: the qualities the solver saw (floored, DESIGN 2.1).
+        n_params: prunable weights n_k per block, as scored (checked against the model).
+        lo, hi: the per-block bounds used.
+        cost: per-unit cost c_k (allocation only).
+        block_names: module path of each block.
+        parameters: program settings (target / budget, eta, kappa, psi, gamma, ...).
+        dual, objective, iterations: the solver's result.
+        scores: provenance of the scores (method, data hash, samples).
+        model: provenance of the model (fingerprint, name_or_path, architecture).
+        versions: library versions that wrote the plan.
+    """
+
+    program: Program
+    x: list[float]
+    q: list[float]
+    n_params: list[int]
+    lo: list[float]
+    hi: list[float]
+    block_names: list[str]
+    cost: list[float] | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    dual: float = 0.0
+    objective: float = 0.0
+    iterations: int = 0
+    scores: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    schema_version: int = PLAN_SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if self.program not in _VALUE_NAME:
+            raise ValueError(f"program: expected 'prune' or 'allocate', got {self.program!r}")
+        k = len(self.x)
+        for name in ("q", "n_params", "lo", "hi", "block_names"):
+            if len(getattr(self, name)) != k:
+                raise ValueError(f"Plan: {name} has {len(getattr(self, name))} entries, x has {k}")
+        if self.cost is not None and len(self.cost) != k:
+            raise ValueError(f"Plan: cost has {len(self.cost)} entries, x has {k}")
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.x)
+
+    @property
+    def global_sparsity(self) -> float:
+        """sum n_k rho_k / sum n_k (pruning plans)."""
+        if self.program != "prune":
+            raise ValueError("global_sparsity: only pruning plans have one")
+        n = np.asarray(self.n_params, dtype=np.float64)
+        return float(n @ np.asarray(self.x) / n.sum())
+
+    # ---------------------------------------------------------------- serialisation
+
+    def to_dict(self) -> dict[str, Any]:
+        value = _VALUE_NAME[self.program]
+        blocks = []
+        for i in range(self.num_blocks):
+            row = {
+                "index": i,
+                "name": self.block_names[i],
+                "n_params": self.n_params[i],
+                "q": self.q[i],
+                value: self.x[i],
+                "lo": self.lo[i],
+                "hi": _json_float(self.hi[i]),
+            }
+            if self.cost is not None:
+                row["cost"] = self.cost[i]
+            blocks.append(row)
+        return {
+            "_type": "Plan",
+            "schema_version": self.schema_version,
+            "program": self.program,
+            "parameters": self.parameters,
+            "solver": {"dual": self.dual, "objective": self.objective, "iterations": self.iterations},
+            "blocks": blocks,
+            "scores": self.scores,
+            "model": self.model,
+            "versions": self.versions,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "input") -> Plan:
+        data = check_versioned(data, "Plan", PLAN_SCHEMA_VERSION, source=source)
+        known = {"_type", "schema_version", "program", "parameters", "solver", "blocks"}
+        known |= {"scores", "model", "versions"}
+        warn_unknown(data, known, "Plan")
+        program = data.get("program")
+        if program not in _VALUE_NAME:
+            raise ValueError(f"{source}: program must be 'prune' or 'allocate', got {program!r}")
+        value = _VALUE_NAME[program]
+        try:
+            rows = sorted(data["blocks"], key=lambda r: r["index"])
+            columns = {
+                key: [row[key] for row in rows]
+                for key in ("name", "n_params", "q", value, "lo", "hi")
+            }
+            cost = [row["cost"] for row in rows] if program == "allocate" else None
+            sol = data.get("solver", {})
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{source}: plan blocks are incomplete (missing {exc})") from None
+        if not rows:
+            raise ValueError(f"{source}: plan has no blocks")
+        return cls(
+            program=program,
+            x=[float(v) for v in columns[value]],
+            q=[float(v) for v in columns["q"]],
+            n_params=[int(v) for v in columns["n_params"]],
+            lo=[float(v) for v in columns["lo"]],
+            hi=[float(v) for v in columns["hi"]],
+            block_names=list(columns["name"]),
+            cost=None if cost is None else [float(v) for v in cost],
+            parameters=dict(data.get("parameters", {})),
+            dual=float(sol.get("dual", 0.0)),
+            objective=float(sol.get("objective", 0.0)),
+            iterations=int(sol.get("iterations", 0)),
+            scores=dict(data.get("scores", {})),
+            model=dict(data.get("model", {})),
+            versions=dict(data.get("versions", {})),
+            schema_version=data["schema_version"],
+        )
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write plan.json atomically."""
+        return write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Plan:
+        return cls.from_dict(read_versioned(path, "Plan", PLAN_SCHEMA_VERSION), source=str(path))
+
+    # ---------------------------------------------------------------- fit to a model
+
+    def check(self, model: Any, *, fingerprint: bool = True) -> None:
+        """Raise PlanMismatchError unless this plan was made for ``model``'s blocks.
+
+        Compares the block count, each block's prunable weights n_k and, when both sides
+        have one and ``fingerprint`` is set, the model fingerprint.
+        """
+        from cwca_export.blocks import find_blocks, model_fingerprint
+
+        blocks = find_blocks(model)
+        if len(blocks) != self.num_blocks:
+            raise PlanMismatchError(
+                f"plan has {self.num_blocks} blocks but the model has {len(blocks)};"
+                " hint: re-run `cwca-export score` on this model"
+            )
+        for block, n_plan in zip(blocks, self.n_params, strict=True):
+            if block.n_params != n_plan:
+                raise PlanMismatchError(
+                    f"{block.name}: plan expects {n_plan} prunable weights, the model has"
+                    f" {block.n_params}; hint: the plan was made for another model"
+                )
+        expected = self.model.get("fingerprint")
+        if fingerprint and expected:
+            actual = model_fingerprint(model)
+            if actual != expected:
+                raise PlanMismatchError(
+                    f"model fingerprint {actual} differs from the plan's {expected}: same shapes,"
+                    " other weights; hint: re-score, or pass fingerprint=False to apply anyway"
+                )
+
+
+def _json_float(v: float) -> float | str:
+    return "inf" if v == np.inf else v
+
+
+def _per_block(
+    name: str, value: float | Sequence[float], k: int, overrides: Mapping[int, float] | None
+) -> np.ndarray:
+    arr = np.array(np.broadcast_to(np.asarray(value, dtype=np.float64), (k,)))
+    for index, v in (overrides or {}).items():
+        if not -k <= index < k:
+            raise ValueError(f"{name}: block {index} does not exist (the model has {k} blocks)")
+        arr[index] = v
+    return arr
+
+
+def plan_pruning(
+    scores: LayerScores,
+    sparsity: float,
+    *,
+    eta: float = 2.0,
+    kappa: float = 1.0,
+    lo: float | Sequence[float] = 0.0,
+    hi: float | Sequence[float] = 0.95,
+    lo_blocks: Mapping[int, float] | None = None,
+    hi_blocks: Mapping[int, float] | None = None,
+    psi: solver.Psi = "quadratic",
+    tau: float = DEFAULT_Q_FLOOR_TAU,
+) -> Plan:
+    """Solve the pruning program (DESIGN 2.2) for a global sparsity.
+
+    Args:
+        scores: per-block scores; their floored qualities drive the plan.
+        sparsity: global fraction of the blocks' prunable weights to remove.
+        eta, kappa, psi: the program's cost eta q^kappa psi(rho).
+        lo, hi: bounds on every block's rho; ``lo_blocks`` / ``hi_blocks`` override single
+            blocks (e.g. ``hi_blocks={0: 0.3}`` protects the first block).
+        tau: the quality floor of DESIGN 2.1.
+
+    Example:
+        >>> s = LayerScores("gradnorm", zeta2=[3.0, 1.0, 1.0], n_params=[100, 100, 100])
+        >>> [round(r, 3) for r in plan_pruning(s, 0.5).x]
+        [0.214, 0.643, 0.643]
+    """
+    q = scores.qualities(tau)
+    k = scores.num_blocks
+    lo_v = _per_block("lo", lo, k, lo_blocks)
+    hi_v = _per_block("hi", hi, k, hi_blocks)
+    result = solver.solve_pruning(q, scores.n_params, sparsity, eta=eta, kappa=kappa, lo=lo_v, hi=hi_v, psi=psi)
+    params = {"sparsity": sparsity, "eta": eta, "kappa": kappa, "psi": psi, "tau": tau}
+    return _make_plan("prune", scores, q, result, lo_v, hi_v, None, params)
+
+
+def plan_allocation(
+    scores: LayerScores,
+    budget: float,
+    *,
+    cost: float | Sequence[float] = 1.0,
+    gamma: float = 0.9,
+    beta: float = 2.0,
+    alpha: float | Sequence[float] = 0.5,
+    lo: float | Sequence[float] = 0.0,
+    hi: float | Sequence[float] = np.inf,
+    lo_blocks: Mapping[int, float] | None = None,
+    hi_blocks: Mapping[int, float] | None = None,
+    integer: bool = True,
+    tau: float = DEFAULT_Q_FLOOR_TAU,
+) -> Plan:
+    """Solve the capacity allocation program (DESIGN 2.3) for a total budget.
+
+    Args:
+        scores: per-block scores; their floored qualities drive the plan.
+        budget: total cost, sum_k cost_k e_k <= budget.
+        cost: cost of one unit per block (1 = count units; pass e.g. rank-step parameters).
+        gamma, beta, alpha: value gamma q^beta log(1 + e) - alpha e per block.
+        lo, hi, lo_blocks, hi_blocks: bounds on units, as in :func:`plan_pruning`.
+        integer: whole units (ranks, experts); the default.
+        tau: the quality floor of DESIGN 2.1.
+
+    Example:
+        >>> s = LayerScores("gradnorm", zeta2=[3.0, 1.0], n_params=[100, 100])
+        >>> plan_allocation(s, 4, gamma=20, beta=1).x
+        [3.0, 1.0]
+    """
+    q = scores.qualities(tau)
+    k = scores.num_blocks
+    lo_v = _per_block("lo", lo, k, lo_blocks)
+    hi_v = _per_block("hi", hi, k, hi_blocks)
+    cost_v = _per_block("cost", cost, k, None)
+    result = solver.solve_allocation(
+        q, cost_v, budget, gamma=gamma, beta=beta, alpha=alpha, lo=lo_v, hi=hi_v, integer=integer
+    )
+    alpha_out = alpha if np.ndim(alpha) == 0 else [float(a) for a in alpha]
+    params = {
+        "budget": budget,
+        "gamma": gamma,
+        "beta": beta,
+        "alpha": alpha_out,
+        "integer": integer,
+        "tau": tau,
+        "gap_bound": result.gap_bound,
+    }
+    return _make_plan("allocate", scores, q, result, lo_v, hi_v, cost_v, params)
+
+
+def _make_plan(program, scores, q, result, lo_v, hi_v, cost_v, params) -> Plan:
+    return Plan(
+        program=program,
+        x=[float(v) for v in result.x],
+        q=[float(v) for v in q],
+        n_params=list(scores.n_params),
+        lo=[float(v) for v in lo_v],
+        hi=[float(v) for v in hi_v],
+        block_names=list(scores.block_names),
+        cost=None if cost_v is None else [float(v) for v in cost_v],
+        parameters=params,
+        dual=result.dual,
+        objective=result.objective,
+        iterations=result.iterations,
+        scores={
+            "method": scores.method,
+            "data_hash": scores.data_hash,
+            "samples": scores.samples,
+            "tokens": scores.tokens,
+        },
+        model=dict(scores.model),
+        versions=library_versions(),
+    )
