@@ -29,6 +29,7 @@ _LAZY = {
     "solve_allocation": "cwca_export.solver",
     "transfer_regret": "cwca_export.solver",
     "find_blocks": "cwca_export.blocks",
+    "score": "cwca_export.scoring",
 }
 
 __all__ = sorted(_LAZY)

@@ -20,8 +20,20 @@ class BlockDiscoveryError(ValueError):
 
 def is_linear_like(module: nn.Module) -> bool:
     """True for ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2 stores W transposed)."""
-    if isinstance(module, nn.Linear):
-        return True
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def weight_out_in(module: nn.Module) -> torch.Tensor:
+    """The layer's weight as an ``(out, in)`` view, whatever layout the module stores.
+
+    ``nn.Linear`` stores ``(out, in)``; GPT-2's ``Conv1D`` stores ``(in, out)`` and computes
+    ``x @ W``. Curvature code (K-FAC's ``G dW A``) needs one convention.
+    """
+    return module.weight.t() if is_conv1d(module) else module.weight
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for transformers' ``Conv1D`` (GPT-2 family), whose weight is stored ``(in, out)``."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
 
 

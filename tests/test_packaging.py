@@ -49,7 +49,10 @@ def test_built_wheel_installs_backends_under_cwca_export(tmp_path):
     )
     (wheel,) = (tmp_path / "dist").glob("cwca_export-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert "cwca_export/backends/__init__.py" in names
+    # every module of the tree ships, backends/ inside the namespace and nowhere else
+    expected = {p.relative_to(ROOT).as_posix() for p in (ROOT / "cwca_export").rglob("*.py")}
+    expected |= {f"cwca_export/{p.relative_to(ROOT).as_posix()}" for p in (ROOT / "backends").rglob("*.py")}
+    assert expected <= names, sorted(expected - names)
     assert not any(n.startswith("backends/") for n in names)
     target = tmp_path / "site"
     subprocess.run(

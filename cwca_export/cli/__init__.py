@@ -47,7 +47,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from cwca_export.cli import inspect, not_built, plan
+    from cwca_export.cli import inspect, not_built, plan, score
+
+    cli.add_command(score.score)
 
     cli.add_command(plan.plan)
     cli.add_command(inspect.inspect)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import click
 
 _STATUS = {
-    "score": "per-block curvature scores (issue: curvature scorer)",
     "compress": "applying a plan to a model (issue: apply a plan to the model)",
     "export": "ONNX / Optimum export with budgets (issue: export backends and hardware budgets)",
     "run": "YAML recipes running score -> plan -> compress -> export",

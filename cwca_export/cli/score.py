@@ -1,0 +1,100 @@
+"""``cwca-export score``: per-block curvature scores of a model folder, written to scores.json."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+# Names only, so --help needs no torch; score() checks the name against the registry.
+_METHODS = ["fisher", "kfac", "exact", "gradnorm", "obd", "layerif", "owl", "uniform"]
+
+
+def _table(scores) -> str:
+    q = scores.qualities()
+    width = max(len(n) for n in scores.block_names)
+    lines = [f"{'#':>3}  {'block':<{width}}  {'n_k':>12}  {'zeta2':>12}  {'q_k':>8}  {'zeta2*N/n_k':>11}"]
+    for i, name in enumerate(scores.block_names):
+        lines.append(
+            f"{i:>3}  {name:<{width}}  {scores.n_params[i]:>12,}  {scores.zeta2[i]:12.5g}  {q[i]:8.4f}"
+            f"  {scores.stats['zeta2_noise_ratio'][i]:11.4g}"
+        )
+    return "\n".join(lines)
+
+
+@click.command()
+@click.argument("model_dir", metavar="MODEL_DIR", type=click.Path(file_okay=False))
+@click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False),
+              help="Calibration text: a .txt file or a .jsonl file with one record per line.")
+@click.option("--method", type=click.Choice(_METHODS), default="fisher", show_default=True,
+              help="Curvature estimator (see docs/scoring.md).")
+@click.option("--samples", type=int, default=128, show_default=True, help="Calibration sequences N.")
+@click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per sequence L.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the choice of sequences.")
+@click.option("--held-out", type=int, default=None,
+              help="Held-out sequences for layerif [default: samples // 4].")
+@click.option("--damping", type=float, default=0.1, show_default=True,
+              help="delta: lambda_k = delta * mean curvature diagonal (or lambda with --absolute-damping).")
+@click.option("--absolute-damping", is_flag=True, help="Use --damping as lambda itself.")
+@click.option("--batch-size", type=int, default=1, show_default=True,
+              help="Sequences per forward/backward (kfac, owl; the others need 1).")
+@click.option("--text-field", default="text", show_default=True, help="JSON Lines field holding the text.")
+@click.option("--allow-fewer", is_flag=True, help="Score on fewer sequences when the data is too short.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+              show_default=True, help="Dtype to load the weights in.")
+@click.option("--mixed-precision", type=click.Choice(["no", "bf16", "fp16"]), default="no", show_default=True,
+              help="accelerate autocast for the passes.")
+@click.option("--cpu", is_flag=True, help="Stay on the CPU even when a GPU is present.")
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations to save memory.")
+@click.option("--device-map", default=None, help="accelerate placement for offload, e.g. auto.")
+@click.option("--max-memory", multiple=True, metavar="DEVICE=SIZE",
+              help="Per-device cap with --device-map, repeatable: cpu=8GiB, 0=20GiB.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the folder's own modelling code.")
+@click.option("--no-wall-time", is_flag=True, help="Leave wall time out (byte-identical reruns).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--out", type=click.Path(dir_okay=False), default="scores.json", show_default=True,
+              help="Where to write the scores (atomically; only the main process writes).")
+@click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON instead of a table.")
+def score(
+    model_dir, data_path, method, samples, seq_len, seed, held_out, damping, absolute_damping, batch_size,
+    text_field, allow_fewer, dtype, mixed_precision, cpu, gradient_checkpointing, device_map, max_memory,
+    trust_remote_code, no_wall_time, no_progress, out, as_json,
+) -> None:
+    """Score every decoder block of MODEL_DIR (a local checkpoint folder) on calibration text.
+
+    \b
+    Examples:
+      cwca-export score models/llama --data calib.txt --samples 128 --seq-len 512
+      cwca-export score models/llama --data c4.jsonl --method kfac --batch-size 4 --out kfac.json
+      torchrun --nproc_per_node 2 -m cwca_export score models/llama --data calib.txt --cpu
+    """
+    from cwca_export.scoring import score as run_score
+
+    caps = {}
+    for spec in max_memory:
+        device, sep, size = spec.partition("=")
+        if not sep or not size:
+            raise click.BadParameter(f"{spec!r}: expected DEVICE=SIZE, e.g. cpu=8GiB", param_hint="--max-memory")
+        caps[int(device) if device.isdigit() else device] = size
+    scores = run_score(
+        model_dir, data_path, method=method, num_samples=samples, seq_len=seq_len, seed=seed,
+        held_out=held_out, allow_fewer=allow_fewer, text_field=text_field, damping=damping,
+        damping_mode="absolute" if absolute_damping else "relative", batch_size=batch_size, dtype=dtype,
+        mixed_precision=mixed_precision, cpu=cpu, gradient_checkpointing=gradient_checkpointing,
+        device_map=device_map, max_memory=caps or None, trust_remote_code=trust_remote_code,
+        progress=not no_progress, record_wall_time=not no_wall_time,
+    )
+    if scores.settings["processes"] > 1:
+        import torch.distributed as dist
+
+        if dist.get_rank() != 0:  # every process holds the same reduced scores; one writes
+            return
+    path = scores.save(out)
+    if as_json:
+        click.echo(json.dumps(scores.to_dict(), indent=2))
+        return
+    click.echo(_table(scores))
+    click.echo(
+        f"{method}: {scores.samples} x {seq_len} tokens, {scores.tokens} tokens through the model"
+        f"{'' if scores.wall_time_s is None else f' in {scores.wall_time_s:.1f} s'}; wrote {path}"
+    )

@@ -1,0 +1,134 @@
+"""Held-out perplexity with one protocol for torch models and ONNX Runtime artifacts.
+
+The protocol (windows of ``seq_len`` tokens every ``stride`` tokens; in each window only the
+tokens not scored by an earlier window count, the sliding-window recipe of the transformers
+docs) lives in :func:`perplexity_from_logits`, which sees nothing but a function from token
+ids to logits. Torch and ORT adapters supply that function, so their numbers are comparable.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+LogitsFn = Callable[[np.ndarray], np.ndarray]  # (B, L) int64 ids -> (B, L, V) float logits
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    """Result of one perplexity evaluation.
+
+    Attributes:
+        perplexity: exp(mean NLL) over the scored tokens.
+        nll: mean negative log-likelihood per scored token (nats).
+        tokens: tokens scored.
+        windows: windows evaluated.
+        seq_len, stride: the protocol.
+    """
+
+    perplexity: float
+    nll: float
+    tokens: int
+    windows: int
+    seq_len: int
+    stride: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
+    """(start, end, first scored position within the window) for every window."""
+    out, prev_end = [], 0
+    for start in range(0, max(n_tokens - 1, 1), stride):
+        end = min(start + seq_len, n_tokens)
+        if end - start < 2:
+            break
+        # position p predicts token p + 1: score targets in [prev_end, end)
+        first_target = max(prev_end, start + 1)
+        out.append((start, end, first_target - start - 1))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return out
+
+
+def perplexity_from_logits(
+    logits_fn: LogitsFn,
+    ids: np.ndarray,
+    *,
+    seq_len: int = 256,
+    stride: int | None = None,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+) -> Perplexity:
+    """Perplexity of a token stream under any model exposed as a logits function.
+
+    Args:
+        logits_fn: maps an int64 array (B, L) to logits (B, L, V).
+        ids: 1-D token stream.
+        seq_len: window length.
+        stride: step between windows (default ``seq_len``: non-overlapping windows).
+        batch_size: windows per call (only full-length windows are batched together).
+        max_tokens: evaluate only the first ``max_tokens`` tokens.
+
+    Example:
+        >>> uniform = lambda x: np.zeros((*x.shape, 10))
+        >>> round(perplexity_from_logits(uniform, np.arange(100) % 10, seq_len=20).perplexity, 6)
+        10.0
+    """
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    stride = seq_len if stride is None else stride
+    if seq_len < 2 or not 0 < stride <= seq_len:
+        raise ValueError("seq_len must be >= 2 and stride in [1, seq_len]")
+    if ids.size < 2:
+        raise ValueError(f"need at least 2 tokens to measure perplexity, got {ids.size}")
+    windows = _windows(ids.size, seq_len, stride)
+    total, count = 0.0, 0
+    # group windows of equal length so they batch
+    by_len: dict[int, list[tuple[int, int, int]]] = {}
+    for w in windows:
+        by_len.setdefault(w[1] - w[0], []).append(w)
+    for length, group in by_len.items():
+        for i in range(0, len(group), batch_size):
+            chunk = group[i : i + batch_size]
+            x = np.stack([ids[s:e] for s, e, _ in chunk])
+            logits = np.asarray(logits_fn(x), dtype=np.float64)  # (B, L, V)
+            logp = logits - _logsumexp(logits)
+            for row, (_, _, skip) in enumerate(chunk):
+                targets = x[row, 1:]
+                picked = logp[row, np.arange(length - 1), targets]
+                total -= float(picked[skip:].sum())
+                count += length - 1 - skip
+    nll = total / count
+    return Perplexity(math.exp(nll), nll, count, len(windows), seq_len, stride)
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    m = x.max(axis=-1, keepdims=True)
+    return m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def torch_logits_fn(model, *, device: str | None = None) -> LogitsFn:
+    """Adapter: a transformers causal LM (any device/dtype) as a logits function."""
+    import torch
+
+    device = device or str(next(model.parameters()).device)
+
+    @torch.no_grad()
+    def fn(x: np.ndarray) -> np.ndarray:
+        out = model(input_ids=torch.from_numpy(x).to(device), use_cache=False)
+        return out.logits.float().cpu().numpy()
+
+    return fn
+
+
+def tokenize_text(tokenizer, text: str) -> np.ndarray:
+    """The token stream of a text, without special tokens (the protocol's input)."""
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return np.asarray(ids, dtype=np.int64)

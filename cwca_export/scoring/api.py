@@ -1,0 +1,195 @@
+"""``score()``: load, cut the calibration data, run one registered estimator, record everything."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from cwca_export.scores import LayerScores
+from cwca_export.scoring.registry import get_estimator
+
+
+def score(
+    model: str | os.PathLike | nn.Module,
+    data: Any,
+    *,
+    method: str = "fisher",
+    tokenizer: Any = None,
+    num_samples: int = 128,
+    seq_len: int = 512,
+    seed: int = 0,
+    held_out: int | None = None,
+    allow_fewer: bool = False,
+    text_field: str = "text",
+    damping: float = 0.1,
+    damping_mode: str = "relative",
+    batch_size: int = 1,
+    dtype: str | None = None,
+    mixed_precision: str = "no",
+    cpu: bool = False,
+    gradient_checkpointing: bool = False,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[Any, Any] | None = None,
+    trust_remote_code: bool = False,
+    options: dict[str, Any] | None = None,
+    progress: bool = True,
+    record_wall_time: bool = True,
+) -> LayerScores:
+    """Score every decoder block of a causal LM on calibration data.
+
+    Runs under one process, or data-parallel under ``torchrun`` / ``accelerate launch``: each
+    process scores its share of the sequences and the accumulators are summed, so every
+    process returns the same scores.
+
+    Args:
+        model: a local checkpoint folder or a loaded ``PreTrainedModel``.
+        data: anything :func:`cwca_export.data.calibration_data` accepts (.txt / .jsonl path,
+            list of strings, token ids) or a ``CalibrationData``.
+        method: a registered estimator (``fisher``, ``kfac``, ``exact``, ``gradnorm``,
+            ``obd``, ``layerif``, ``owl``, ``uniform``).
+        tokenizer: overrides the folder's tokenizer; needed for text with a model object.
+        num_samples: N calibration sequences.
+        seq_len: L tokens per sequence.
+        seed: seeds the choice of sequences.
+        held_out: held-out sequences (``layerif``); default N // 4 for methods that need them.
+        allow_fewer: score on fewer than N sequences when the data is short.
+        text_field: JSON Lines field holding the text.
+        damping: delta, lambda_k = delta * mean diagonal of the block's curvature
+            (``damping_mode="relative"``), or lambda itself (``"absolute"``).
+        damping_mode: ``"relative"`` or ``"absolute"``.
+        batch_size: sequences per forward/backward; per-sequence estimators need 1.
+        dtype: ``"float32" | "bfloat16" | "float16"`` to load the folder in (default fp32).
+        mixed_precision: accelerate's ``"no" | "bf16" | "fp16"`` autocast for the passes.
+        cpu: force the CPU even when an accelerator device is present.
+        gradient_checkpointing: recompute activations in the backward to save memory.
+        device_map: accelerate placement for offload (e.g. ``"auto"``), with ``max_memory``.
+        max_memory: per-device caps for ``device_map``.
+        trust_remote_code: allow the folder's own modelling code.
+        options: estimator-specific options (see each estimator's ``options``).
+        progress: show a tqdm bar (tokens/s) on the main process.
+        record_wall_time: write the wall time; off for byte-identical reruns.
+
+    Returns:
+        The :class:`~cwca_export.scores.LayerScores`, not yet saved.
+
+    Example:
+        >>> from cwca_export.scoring import score
+        >>> scores = score("models/tiny-llama", "calib.txt", num_samples=32, seq_len=256)  # doctest: +SKIP
+        >>> scores.save("scores.json")  # doctest: +SKIP
+    """
+    from accelerate import Accelerator
+
+    from cwca_export.blocks import find_blocks, model_fingerprint
+    from cwca_export.data import calibration_data
+    from cwca_export.loading import load_model
+    from cwca_export.scoring.passes import ScoringRun
+    from cwca_export.versions import library_versions
+
+    estimator = get_estimator(method)
+    unknown = sorted(set(options or {}) - set(estimator.options))
+    if unknown:
+        raise ValueError(f"method {method!r} has no options {unknown}; it takes {sorted(estimator.options) or 'none'}")
+    resolved = {**estimator.options, **(options or {})}
+    if damping_mode not in ("relative", "absolute"):
+        raise ValueError(f"damping_mode {damping_mode!r}: choose 'relative' or 'absolute'")
+    if not (math.isfinite(damping) and damping >= 0):
+        raise ValueError(f"damping {damping}: must be finite and >= 0")
+    if batch_size < 1 or (estimator.per_sequence and batch_size != 1):
+        raise ValueError(
+            f"batch_size {batch_size}: method {method!r} needs each sequence's own gradient,"
+            " so it runs one sequence per backward (batch_size 1)"
+            if batch_size >= 1 else f"batch_size {batch_size}: must be >= 1"
+        )
+    if isinstance(model, nn.Module) and dtype is not None and next(model.parameters()).dtype != _dtype(dtype):
+        raise ValueError("dtype: a loaded model is scored in its own dtype; convert it first or pass a folder")
+
+    net, folder_tokenizer = load_model(
+        model, dtype=dtype or "float32", trust_remote_code=trust_remote_code, device_map=device_map,
+        max_memory=max_memory, gradient_checkpointing=gradient_checkpointing,
+    )
+    if held_out is None:
+        held_out = max(1, num_samples // 4) if estimator.needs_held_out else 0
+    calib = calibration_data(
+        data, tokenizer if tokenizer is not None else folder_tokenizer, num_samples=num_samples,
+        seq_len=seq_len, seed=seed, held_out=held_out, allow_fewer=allow_fewer, text_field=text_field,
+    )
+    if estimator.needs_held_out and calib.held_out is None:
+        raise ValueError(f"method {method!r} needs a held-out split; pass held_out > 0")
+    blocks = find_blocks(net)
+    # Without an accelerator device, accelerate forms the gloo group under torchrun only
+    # when told it runs on the CPU.
+    accelerator = Accelerator(cpu=cpu or not torch.accelerator.is_available(), mixed_precision=mixed_precision)
+    if getattr(net, "hf_device_map", None) is None:
+        net.to(accelerator.device)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    run = ScoringRun(
+        model=net,
+        blocks=blocks,
+        calibration=calib.input_ids[rank::world],
+        held_out=None if calib.held_out is None else calib.held_out[rank::world],
+        num_samples=calib.num_samples,
+        num_held_out=0 if calib.held_out is None else int(calib.held_out.shape[0]),
+        damping=float(damping),
+        damping_mode=damping_mode,
+        options=resolved,
+        accelerator=accelerator,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    start = time.perf_counter()
+    estimate = estimator.run(run)
+    wall = time.perf_counter() - start
+    sequences = torch.tensor([float(run.passes)], device=run.device, dtype=torch.float64)
+    run.reduce_sum([sequences])
+
+    n_params = [b.n_params for b in blocks]
+    stats = dict(estimate.stats)
+    stats["zeta2_noise_ratio"] = [z * calib.num_samples / n for z, n in zip(estimate.zeta2, n_params, strict=True)]
+    settings = {
+        "num_samples": calib.num_samples,
+        "seq_len": calib.seq_len,
+        "seed": seed,
+        "held_out": run.num_held_out,
+        "damping": float(damping),
+        "damping_mode": damping_mode,
+        "batch_size": batch_size,
+        "mixed_precision": mixed_precision,
+        "gradient_checkpointing": gradient_checkpointing,
+        "processes": world,
+        "tokens_available": calib.tokens_available,
+        "options": resolved,
+        **estimate.settings,
+    }
+    config = getattr(net, "config", None)
+    return LayerScores(
+        method=method,
+        zeta2=estimate.zeta2,
+        n_params=n_params,
+        block_names=[b.name for b in blocks],
+        stats=stats,
+        samples=calib.num_samples,
+        tokens=int(sequences.item()) * calib.seq_len,
+        settings=settings,
+        model={
+            "fingerprint": model_fingerprint(net),
+            "name_or_path": str(model) if not isinstance(model, nn.Module) else getattr(config, "name_or_path", ""),
+            "architecture": type(net).__name__,
+            "model_type": getattr(config, "model_type", None),
+            "dtype": str(next(net.parameters()).dtype).removeprefix("torch."),
+            "num_blocks": len(blocks),
+        },
+        data_hash=calib.data_hash,
+        versions=library_versions(),
+        wall_time_s=round(wall, 3) if record_wall_time else None,
+    )
+
+
+def _dtype(name: str) -> torch.dtype:
+    from cwca_export.loading import resolve_dtype
+
+    return resolve_dtype(name)

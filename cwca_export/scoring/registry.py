@@ -1,0 +1,100 @@
+"""The estimator registry: every curvature estimator registers itself here by name.
+
+``score(method=...)`` looks the name up; nothing branches on method names. Each entry
+declares the options it accepts (with defaults), so a typo in an option is an error, and
+whether it needs per-sequence gradients or a held-out split.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cwca_export.scoring.passes import ScoringRun
+
+
+@dataclass
+class Estimate:
+    """What an estimator hands back: per-block scores and every raw statistic it has.
+
+    Attributes:
+        zeta2: non-negative score per block.
+        stats: other per-block statistics by name (one value per block).
+        settings: resolved estimator settings worth recording (e.g. CG iterations).
+    """
+
+    zeta2: list[float]
+    stats: dict[str, list[float]] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """A registered estimator.
+
+    Attributes:
+        name: the method name users pass (``fisher``, ``kfac``, ...).
+        run: ``run(scoring_run) -> Estimate``.
+        options: method-specific options and their defaults.
+        per_sequence: needs each sequence's own gradient, so one sequence per backward.
+        needs_held_out: needs a held-out split (LayerIF).
+        summary: one line for ``--help`` and docs.
+    """
+
+    name: str
+    run: Callable[[ScoringRun], Estimate]
+    options: dict[str, Any]
+    per_sequence: bool
+    needs_held_out: bool
+    summary: str
+
+
+ESTIMATORS: dict[str, Estimator] = {}
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def register_estimator(
+    name: str,
+    *,
+    summary: str,
+    options: dict[str, Any] | None = None,
+    per_sequence: bool = True,
+    needs_held_out: bool = False,
+) -> Callable[[Callable[[ScoringRun], Estimate]], Callable[[ScoringRun], Estimate]]:
+    """Register ``fn(run) -> Estimate`` under ``name``; duplicate or malformed names are refused.
+
+    Example:
+        >>> @register_estimator("ones_demo", summary="every block scores 1")
+        ... def _ones(run):
+        ...     return Estimate([1.0] * len(run.blocks))
+        >>> ESTIMATORS.pop("ones_demo").per_sequence
+        True
+    """
+    if not _NAME.match(name):
+        raise ValueError(f"estimator name {name!r}: use lower-case letters, digits and _")
+    if name in ESTIMATORS:
+        raise ValueError(f"estimator {name!r} is already registered")
+
+    def decorator(fn: Callable[[ScoringRun], Estimate]) -> Callable[[ScoringRun], Estimate]:
+        ESTIMATORS[name] = Estimator(
+            name=name,
+            run=fn,
+            options=dict(options or {}),
+            per_sequence=per_sequence,
+            needs_held_out=needs_held_out,
+            summary=summary,
+        )
+        return fn
+
+    return decorator
+
+
+def get_estimator(name: str) -> Estimator:
+    """The estimator registered as ``name``; an unknown name lists the known ones."""
+    try:
+        return ESTIMATORS[name]
+    except KeyError:
+        raise ValueError(f"unknown scoring method {name!r}; choose one of {sorted(ESTIMATORS)}") from None

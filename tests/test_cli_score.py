@@ -1,0 +1,96 @@
+"""``cwca-export score`` on saved tiny model folders, in one process and under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+from helpers import FAMILIES, sample_text, save_tiny_model
+
+from cwca_export.cli import cli
+from cwca_export.scores import LayerScores
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "calib.txt"
+    path.write_text(sample_text(), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {family: save_tiny_model(family, root / family) for family in FAMILIES}
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, ["score", *map(str, args)])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_score_writes_scores_json_for_every_family(family, folders, calib, tmp_path):
+    out = tmp_path / "scores.json"
+    result = invoke(folders[family], "--data", calib, "--samples", 4, "--seq-len", 24, "--out", out, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}" in result.output and "zeta2*N/n_k" in result.output
+    scores = LayerScores.load(out)
+    assert scores.method == "fisher" and scores.num_blocks == 2
+    assert scores.samples == 4 and scores.tokens == 96 and scores.settings["seq_len"] == 24
+    assert scores.model["name_or_path"] == str(folders[family]) and scores.wall_time_s is not None
+    assert {"grad_sq_norm", "fisher_trace", "zeta2_noise_ratio", "zeta2_debiased"} <= set(scores.stats)
+    assert scores.versions["transformers"].startswith("4.")
+    body = json.loads(out.read_text())
+    assert body["q"] == pytest.approx(list(scores.qualities()))
+
+
+def test_json_output_jsonl_text_field_and_method(folders, tmp_path):
+    data = tmp_path / "c.jsonl"
+    data.write_text("".join(json.dumps({"body": p}) + "\n" for p in sample_text().split("\n\n")), encoding="utf-8")
+    out = tmp_path / "kfac.json"
+    result = invoke(folders["llama"], "--data", data, "--text-field", "body", "--method", "kfac", "--batch-size", 2,
+                    "--samples", 4, "--seq-len", 24, "--out", out, "--json", "--no-progress")
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.output)
+    assert printed["method"] == "kfac" and printed["settings"]["batch_size"] == 2
+    assert printed["zeta2"] == LayerScores.load(out).zeta2
+
+
+def test_errors_are_one_line(folders, calib, tmp_path):
+    missing = invoke(tmp_path / "nope", "--data", calib)
+    assert missing.exit_code == 1
+    assert missing.output.strip().splitlines() == [
+        f"Error: {tmp_path / 'nope'}: not a local model folder (no config.json); hint: save the model with"
+        " save_pretrained, or download it first: scoring never fetches from the Hub"
+    ]
+    short = invoke(folders["gpt2"], "--data", calib, "--samples", 500, "--seq-len", 64, "--out", tmp_path / "s.json")
+    assert short.exit_code == 1 and len(short.output.strip().splitlines()) == 1
+    assert "Error: calibration data has " in short.output and "500 samples x 64 tokens need 32000" in short.output
+    fewer = invoke(folders["gpt2"], "--data", calib, "--samples", 500, "--seq-len", 64, "--allow-fewer",
+                   "--out", tmp_path / "s.json", "--no-progress")
+    assert fewer.exit_code == 0, fewer.output
+    assert 0 < LayerScores.load(tmp_path / "s.json").samples < 500
+
+
+def test_two_processes_under_torchrun_match_one_process(folders, calib, tmp_path):
+    common = [str(folders["llama"]), "--data", str(calib), "--samples", "6", "--seq-len", "24",
+              "--no-wall-time", "--no-progress", "--cpu"]
+    one = invoke(*common, "--out", tmp_path / "one.json")
+    assert one.exit_code == 0, one.output
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "cwca_export", "score", *common, "--out", str(tmp_path / "two.json")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = LayerScores.load(tmp_path / "one.json"), LayerScores.load(tmp_path / "two.json")
+    assert (a.settings["processes"], b.settings["processes"]) == (1, 2)
+    assert b.samples == a.samples and b.tokens == a.tokens and b.data_hash == a.data_hash
+    assert b.zeta2 == pytest.approx(a.zeta2, rel=1e-5)
+    for name, values in a.stats.items():
+        assert b.stats[name] == pytest.approx(values, rel=1e-5, abs=1e-12), name
