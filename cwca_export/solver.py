@@ -143,7 +143,7 @@ def pruning_objective(
     if psi == "quadratic":
         return float(np.sum(w * rho_v**2))
     if psi == "log":
-        with np.errstate(divide="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore"):  # 0 * inf for q = 0 at rho = 1
             terms = -w * np.log1p(-rho_v)
         return float(np.sum(np.where(w > 0, terms, 0.0)))
     raise ValueError(f"psi: expected 'quadratic' or 'log', got {psi!r}")
@@ -212,7 +212,7 @@ def solve_pruning(
         )
 
     def rho_at(lam: float) -> np.ndarray:
-        with np.errstate(divide="ignore", invalid="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             if psi == "quadratic":
                 raw = lam * n_v / (2.0 * w)
             else:
@@ -234,6 +234,15 @@ def solve_pruning(
 
     if need <= reach_lo + slack:
         rho = lo_v.copy()
+        return SolverResult(rho, 0.0, objective(rho), 0)
+    # q = 0 layers cost nothing to prune, so they take the target first at a zero price; only
+    # what they cannot hold goes to the priced layers (rho_at jumps them to hi at any lam > 0).
+    zero = ~free_w
+    zero_room = float(n_v[zero] @ (hi_v[zero] - lo_v[zero]))
+    if zero_room > 0 and need <= reach_lo + zero_room + slack:
+        rho = lo_v.copy()
+        share = min(max((need - reach_lo) / zero_room, 0.0), 1.0)
+        rho[zero] = np.minimum(lo_v[zero] + share * (hi_v[zero] - lo_v[zero]), hi_v[zero])
         return SolverResult(rho, 0.0, objective(rho), 0)
     if need >= reach_hi - slack or lam_max == 0.0:
         rho = hi_v.copy()
@@ -344,7 +353,7 @@ def solve_allocation(
         )
 
     def e_at(lam: float) -> np.ndarray:
-        with np.errstate(divide="ignore", invalid="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             raw = g / (a_v + lam * c_v) - 1.0
         raw = np.where(g > 0, raw, -np.inf)  # no value: stay at lo
         return np.clip(raw, lo_v, hi_v)
@@ -389,7 +398,13 @@ def _continuous_allocation(e_at, g, c, alpha, lo, hi, budget) -> tuple[np.ndarra
             lam = lam_new
         if c @ e_at(lam) > budget * (1 + 1e-12):
             lam = b
-    return e_at(lam), float(lam), steps
+    e = e_at(lam)
+    above = c @ (e - lo)
+    if c @ e > budget and above > 0:
+        # g / (alpha + lam c) - 1 cannot resolve e below one ulp of 1 + e, so a budget at (or
+        # within rounding of) sum(c * lo) can come out a few ulps over: give those ulps back.
+        e = np.minimum(lo + (e - lo) * (max(budget - c @ lo, 0.0) / above), hi)
+    return e, float(lam), steps
 
 
 def _greedy_units(g, c, alpha, lo, hi, budget) -> tuple[np.ndarray, float, int]:
@@ -419,7 +434,9 @@ def _greedy_units(g, c, alpha, lo, hi, budget) -> tuple[np.ndarray, float, int]:
         t_top = float(first.max())
         tiny = np.finfo(np.float64).tiny
         evaluations += 1
-        if c @ count(tiny) <= room:
+        with np.errstate(over="ignore"):  # alpha = 0 and hi = inf: ~1e308 units have a gain
+            fits_all = c @ count(tiny) <= room
+        if fits_all:
             take = count(tiny)  # every unit with positive gain fits
         else:
             # bisect the threshold: spend(t) is a decreasing step function of t
