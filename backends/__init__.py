@@ -1,12 +1,27 @@
 """Export backends: one small protocol, a validated registry, and an entry-point group.
 
-This folder installs as ``cwca_export.backends``. Built-in backends register with
-:func:`register_backend`; third-party packages expose theirs under the entry-point group
-``cwca_export.backends`` (``name = "pkg.module:BackendClass"``) and are loaded on first lookup.
+This folder installs as ``cwca_export.backends``. Built-in backends (``optimum``, ``onnx``)
+register with :func:`register_backend` when their module is imported; third-party packages
+expose theirs under the entry-point group ``cwca_export.backends``
+(``name = "pkg.module:BackendClass"``). Both are loaded on first lookup.
+
+The artifact contract every backend meets, so that one verifier serves them all:
+
+- ``out_dir/model.onnx`` (external data next to it is allowed) takes ``input_ids`` (B, S)
+  int64 and optionally ``attention_mask`` (B, past + S), ``position_ids`` (B, S) and the
+  KV cache ``past_key_values.{i}.key`` / ``.value`` (B, kv_heads, past, head_dim); it returns
+  ``logits`` (B, S, vocab) and, with a cache, ``present.{i}.key`` / ``.value``.
+- ``config.json``, ``generation_config.json`` (when the model has one) and the tokenizer
+  files lie next to it.
+
+A backend may also define ``generate(out_dir, input_ids, attention_mask, new_tokens, ep)``
+returning the greedy tokens its own runtime loader produces (Optimum's
+``ORTModelForCausalLM``); verification then checks that path too.
 """
 
 from __future__ import annotations
 
+import importlib
 import re
 from functools import lru_cache
 from importlib import metadata
@@ -14,8 +29,13 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 ENTRY_POINT_GROUP = "cwca_export.backends"
+_BUILTIN_MODULES = ("cwca_export.backends.optimum_backend", "cwca_export.backends.onnx_backend")
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 _REGISTRY: dict[str, type] = {}
+
+
+class UnsupportedModelError(ValueError):
+    """The backend cannot produce a correct artifact for this model; the message names an alternative."""
 
 
 @runtime_checkable
@@ -23,7 +43,8 @@ class Backend(Protocol):
     """What an export backend provides.
 
     ``export`` writes a complete artifact into ``out_dir`` (an empty folder the caller
-    created) and returns the paths it wrote; verification happens in the caller.
+    created) and returns the paths it wrote; verification happens in the caller. Options a
+    backend does not know must raise ``TypeError`` (Python does that for keyword arguments).
     """
 
     name: str
@@ -65,6 +86,10 @@ def unregister_backend(name: str) -> None:
 
 @lru_cache(maxsize=1)
 def _load_entry_points() -> None:
+    # built-ins first, through the same decorator third parties use; their heavy imports
+    # (optimum, torch.onnx) happen inside export(), so this stays light
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         if ep.name in _REGISTRY:
             continue

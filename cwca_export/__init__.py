@@ -29,6 +29,10 @@ _LAZY = {
     "solve_allocation": "cwca_export.solver",
     "transfer_regret": "cwca_export.solver",
     "find_blocks": "cwca_export.blocks",
+    "export": "cwca_export.exporter.api",
+    "Artifact": "cwca_export.exporter.api",
+    "QuantizeConfig": "cwca_export.exporter.postprocess",
+    "Budget": "cwca_export.budget",
     "score": "cwca_export.scoring",
 }
 

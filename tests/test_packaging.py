@@ -38,7 +38,7 @@ def test_built_wheel_installs_backends_under_cwca_export(tmp_path):
     # build from a copy so setuptools' build/ folder never lands in the checkout
     src = tmp_path / "src"
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
-    for name in ("cwca_export", "backends"):
+    for name in ("cwca_export", "backends", "recipes"):
         shutil.copytree(ROOT / name, src / name, ignore=ignore)
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
@@ -51,9 +51,11 @@ def test_built_wheel_installs_backends_under_cwca_export(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     # every module of the tree ships, backends/ inside the namespace and nowhere else
     expected = {p.relative_to(ROOT).as_posix() for p in (ROOT / "cwca_export").rglob("*.py")}
-    expected |= {f"cwca_export/{p.relative_to(ROOT).as_posix()}" for p in (ROOT / "backends").rglob("*.py")}
+    for folder in ("backends", "recipes"):  # mapped into the namespace
+        shipped = [*(ROOT / folder).rglob("*.py"), *(ROOT / folder).rglob("*.yaml")]
+        expected |= {f"cwca_export/{p.relative_to(ROOT).as_posix()}" for p in shipped}
     assert expected <= names, sorted(expected - names)
-    assert not any(n.startswith("backends/") for n in names)
+    assert not any(n.startswith(("backends/", "recipes/")) for n in names)
     target = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target), str(wheel)],

@@ -47,12 +47,13 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from cwca_export.cli import inspect, not_built, plan, score
+    from cwca_export.cli import export, inspect, not_built, plan, score
 
     cli.add_command(score.score)
 
     cli.add_command(plan.plan)
     cli.add_command(inspect.inspect)
+    cli.add_command(export.export)
     for command in not_built.COMMANDS:
         cli.add_command(command)
 

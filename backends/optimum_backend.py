@@ -1,0 +1,89 @@
+"""The ``optimum`` backend: Optimum's ONNX exporter with KV cache (``text-generation-with-past``).
+
+The folder it writes loads with ``optimum.onnxruntime.ORTModelForCausalLM``. Models the
+exporter refuses (no built-in OnnxConfig: Mixtral, Starcoder2) or exports into an artifact
+that breaks in ONNX Runtime (Phi-3 with grouped KV heads, DESIGN 3) raise
+:class:`UnsupportedModelError` naming ``--backend onnx`` instead of producing a bad artifact.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cwca_export.backends import UnsupportedModelError, register_backend
+from cwca_export.backends._files import save_side_files
+
+_TASK = "text-generation-with-past"
+_HINT = "hint: use --backend onnx (plain torch.onnx export with KV cache)"
+
+
+def _known_broken(config: Any) -> str | None:
+    """Why Optimum's artifact for this config would fail in ONNX Runtime, if it is a known case."""
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if config.model_type == "phi3" and kv_heads != heads:
+        return (
+            f"Optimum's Phi-3 export with grouped KV heads ({heads} query, {kv_heads} KV) fails"
+            " in ONNX Runtime once past key values are fed"
+        )
+    return None
+
+
+@register_backend("optimum")
+class OptimumBackend:
+    """Optimum ``onnx_export_from_model``; verified again through ``ORTModelForCausalLM``."""
+
+    def export(
+        self, model: Any, tokenizer: Any, out_dir: Path, *, opset: int | None = None
+    ) -> list[Path]:
+        """Export ``model`` (in memory, any per-block widths) into ``out_dir``.
+
+        Args:
+            model: a transformers causal LM.
+            tokenizer: saved next to the graph when given.
+            out_dir: an empty folder.
+            opset: ONNX opset; Optimum's default for the architecture when None.
+        """
+        from optimum.exporters.onnx import onnx_export_from_model
+
+        reason = _known_broken(model.config)
+        if reason:
+            raise UnsupportedModelError(f"{reason}; {_HINT}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings on every shape read
+            try:
+                onnx_export_from_model(
+                    model, out_dir, task=_TASK, opset=opset, do_validation=False, device="cpu"
+                )
+            except ValueError as exc:
+                if "custom or unsupported architecture" not in str(exc):
+                    raise
+                raise UnsupportedModelError(
+                    f"Optimum has no ONNX config for model type {model.config.model_type!r}; {_HINT}"
+                ) from None
+        save_side_files(model, tokenizer, out_dir)
+        return sorted(out_dir.iterdir())
+
+    def generate(
+        self, out_dir: Path, input_ids: np.ndarray, attention_mask: np.ndarray, new_tokens: int, ep: str
+    ) -> np.ndarray:
+        """Greedy tokens from ``ORTModelForCausalLM.generate`` on the artifact in ``out_dir``."""
+        import torch
+        from optimum.onnxruntime import ORTModelForCausalLM
+
+        from cwca_export.exporter.session import PROVIDERS
+
+        ort_model = ORTModelForCausalLM.from_pretrained(
+            out_dir, provider=PROVIDERS[ep][0], use_io_binding=False, local_files_only=True
+        )
+        out = ort_model.generate(
+            input_ids=torch.from_numpy(input_ids),
+            attention_mask=torch.from_numpy(attention_mask),
+            do_sample=False,
+            max_new_tokens=new_tokens,
+        )
+        return out.numpy()

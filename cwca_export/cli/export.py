@@ -1,0 +1,145 @@
+"""``cwca-export export``: a model folder -> a verified ONNX artifact, fitted to a budget if given."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+def parse_layers(text: str | None) -> tuple[int, ...]:
+    """Block indices from ``"0,5-7"``.
+
+    Example:
+        >>> parse_layers("0,5-7")
+        (0, 5, 6, 7)
+    """
+    if not text:
+        return ()
+    layers: list[int] = []
+    try:
+        for part in text.split(","):
+            first, _, last = part.strip().partition("-")
+            layers += range(int(first), int(last or first) + 1)
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected indices like 0,5-7", param_hint="--exclude-layers") from None
+    return tuple(layers)
+
+
+def _summary(art) -> list[str]:
+    from cwca_export.budget import format_size
+
+    m = art.manifest
+    work = m["measurement"]["workload"]
+    post = m["postprocess"]
+    storage = post["quantize"]["method"] if post["quantize"] else post["dtype"]
+    fp32 = m["verification"]["fp32"]
+    parity = art.parity
+    lat = art.latency_ms
+    lines = [
+        f"wrote {art.path} (backend {m['backend']['name']}, {storage}): {format_size(art.disk_bytes)} on disk",
+        f"parity: relative RMS {parity['rel_rms']:.2e} (tolerance {parity['tolerance']:g}, {parity['dtype']});"
+        f" fp32 greedy tokens {'equal' if fp32['generation']['passed'] else 'differ from'} torch",
+        f"latency ({work['ep']}, batch {work['batch']}): prefill of {work['prompt_len']} tokens"
+        f" p50 {lat['prefill']['p50']:.3g} ms, p90 {lat['prefill']['p90']:.3g} ms;"
+        f" decode at context {work['context']} p50 {lat['decode']['p50']:.3g} ms, p90 {lat['decode']['p90']:.3g} ms",
+    ]
+    if art.resident_bytes is not None:
+        lines.append(f"resident memory: {format_size(art.resident_bytes)} (session + KV cache of {work['context']} tokens)")
+    budget = m["budget"]
+    if budget:
+        checks = ", ".join(
+            f"{c['name']} {c['measured']:.4g} <= {c['limit']:.4g}" for c in budget["checks"]
+        )
+        lines.append(f"budget met: {checks}; {len(budget['search']['trials'])} candidate(s) measured")
+    return lines
+
+
+@click.command("export")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Artifact folder (written atomically).")
+@click.option("--backend", default="optimum", show_default=True, help="Export backend: optimum or onnx (or a plug-in).")
+@click.option("--plan", "plan_path", type=click.Path(dir_okay=False), help="plan.json behind the model, recorded in the manifest.")
+@click.option("--method", help="Compression method that applies --plan (and lets a budget search re-solve it).")
+@click.option("--quantize", type=click.Choice(["int8", "int4"]), help="ONNX Runtime weight quantization.")
+@click.option("--exclude", multiple=True, metavar="NAME", help="Node name or module path kept in float when quantizing; repeatable.")
+@click.option("--exclude-layers", metavar="I,J-K", help="Decoder blocks kept in float when quantizing, e.g. 0,5-7.")
+@click.option("--block-size", type=int, default=32, show_default=True, help="int4: weights per scale.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), help="Artifact float dtype (fp16 for GPU providers) [default: fp32].")
+@click.option("--optimize", type=click.Choice(["basic", "extended", "all"]), help="Offline ONNX Runtime graph optimisation.")
+@click.option("--max-memory", metavar="SIZE", help="Disk and resident limit: 1.5GiB, 300MB or bytes.")
+@click.option("--max-latency-ms", type=float, help="Limit on p50 ms per decoded token.")
+@click.option("--max-prefill-ms", type=float, help="Limit on p50 ms for the prefill of --prompt-len tokens.")
+@click.option("--ep", type=click.Choice(["cpu", "cuda"]), help="ONNX Runtime execution provider [default: cpu].")
+@click.option("--batch", type=int, help="Sequences per call for measurement [default: 1].")
+@click.option("--prompt-len", type=int, help="Prefill length for measurement [default: 32].")
+@click.option("--context", type=int, help="KV cache length at the measured decode step [default: 128].")
+@click.option("--hardware", metavar="PROFILE", help="Hardware profile (cpu-2core-24gb, jetson-orin-8gb, a10g-24gb, h100-80gb) or a YAML path.")
+@click.option("--no-kv-cache", is_flag=True, help="onnx backend: export logits only, without KV cache inputs.")
+@click.option("--opset", type=int, help="ONNX opset [default: the backend's].")
+@click.option("--external-data-threshold", default="2GiB", show_default=True, metavar="SIZE", help="Weights go to model.onnx_data above this graph size.")
+@click.option("--runs", type=int, default=10, show_default=True, help="Timed runs per latency measurement.")
+@click.option("--warmup", type=int, default=3, show_default=True, help="Untimed runs before timing.")
+@click.option("--threads", type=int, default=0, show_default=True, help="ONNX Runtime intra-op threads (0: its default).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder (atomically).")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def export(
+    model_dir, out, backend, plan_path, method, quantize, exclude, exclude_layers, block_size, dtype,
+    optimize, max_memory, max_latency_ms, max_prefill_ms, ep, batch, prompt_len, context, hardware,
+    no_kv_cache, opset, external_data_threshold, runs, warmup, threads, overwrite, as_json,
+) -> None:
+    """Export MODEL_DIR (a saved HF causal LM) to a verified ONNX artifact.
+
+    The artifact is checked in ONNX Runtime against the torch model (logits and greedy
+    tokens), measured (disk, resident memory, latency) and described in cwca_manifest.json.
+    With --max-memory / --max-latency-ms the least compression that meets them is searched.
+
+    \b
+    Examples:
+      cwca-export export ./tiny-llama --out ./tiny-onnx
+      cwca-export export ./tiny-llama --backend onnx --quantize int4 --exclude lm_head --out ./q4
+      cwca-export export ./tiny-llama --max-memory 300MB --max-latency-ms 20 --out ./fitted
+      cwca-export export ./llama --hardware jetson-orin-8gb --plan plan.json --out ./orin
+    """
+    from cwca_export.budget import Budget, parse_size
+    from cwca_export.exporter.api import export as run_export
+    from cwca_export.exporter.postprocess import QuantizeConfig
+    from cwca_export.loading import load_model
+    from cwca_export.plan import Plan
+
+    limits = {
+        "max_memory": parse_size(max_memory) if max_memory else None,
+        "max_latency_ms": max_latency_ms, "max_prefill_ms": max_prefill_ms,
+        "ep": ep, "dtype": dtype, "batch": batch, "prompt_len": prompt_len, "context": context,
+    }
+    if hardware:
+        budget = Budget.from_profile(hardware, **limits)
+    else:
+        budget = Budget(**{k: v for k, v in limits.items() if v is not None})
+    quantize_config = None
+    if quantize:
+        quantize_config = QuantizeConfig(
+            quantize, exclude_nodes=tuple(exclude), exclude_layers=parse_layers(exclude_layers), block_size=block_size
+        )
+    elif exclude or exclude_layers:
+        raise click.UsageError("--exclude / --exclude-layers apply to --quantize int8|int4")
+    options = {}
+    if no_kv_cache:
+        options["with_past"] = False
+    if opset is not None:
+        options["opset"] = opset
+    plan = Plan.load(plan_path) if plan_path else None
+    if not as_json:
+        click.echo(f"exporting {model_dir} with backend {backend} ...", err=True)
+    model, tokenizer = load_model(model_dir)
+    artifact = run_export(
+        model, plan, out, backend=backend, quantize=quantize_config, budget=budget, tokenizer=tokenizer,
+        method=method, optimize=optimize, backend_options=options,
+        external_data_threshold=parse_size(external_data_threshold), overwrite=overwrite,
+        warmup=warmup, runs=runs, threads=threads,
+    )
+    if as_json:
+        click.echo(json.dumps(artifact.manifest, indent=2))
+        return
+    for line in _summary(artifact):
+        click.echo(line)

@@ -1,0 +1,202 @@
+"""``export`` and ``Artifact``: a (compressed) torch model -> a verified ONNX artifact, fitted to a budget if given.
+
+Example:
+    >>> import cwca_export
+    >>> art = cwca_export.export(model, None, "out/tiny-onnx", backend="onnx", quantize="int8")  # doctest: +SKIP
+    >>> art.disk_bytes, art.latency_ms["decode"]["p50"], art.parity["rel_rms"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cwca_export._jsonio import write_json_atomic
+from cwca_export.budget import Budget
+from cwca_export.exporter._atomic import Staging
+from cwca_export.exporter.build import Candidate, ExportSettings, build_candidate
+from cwca_export.exporter.manifest import MANIFEST_NAME, build_manifest
+from cwca_export.exporter.measure import MeasureConfig
+from cwca_export.exporter.postprocess import PROTOBUF_LIMIT, QuantizeConfig
+
+@dataclass(frozen=True)
+class Artifact:
+    """A verified artifact folder and its manifest.
+
+    Attributes:
+        path: the artifact folder (``model.onnx``, config, tokenizer, ``cwca_manifest.json``).
+        manifest: the parsed ``cwca_manifest.json``.
+    """
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Artifact:
+        """Read an artifact folder written by :func:`export`."""
+        path = Path(path)
+        try:
+            manifest = json.loads((path / MANIFEST_NAME).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ValueError(f"{path}: no {MANIFEST_NAME}; hint: not a cwca-export artifact") from None
+        return cls(path, manifest)
+
+    @property
+    def model_path(self) -> Path:
+        """The ONNX graph (its external data, if any, lies next to it)."""
+        return self.path / "model.onnx"
+
+    @property
+    def disk_bytes(self) -> int:
+        """Bytes of every artifact file except the manifest."""
+        return self.manifest["disk_bytes"]
+
+    @property
+    def resident_bytes(self) -> int | None:
+        """Measured resident memory of the session at the budget's workload."""
+        return self.manifest["measurement"]["resident_bytes"]
+
+    @property
+    def latency_ms(self) -> dict[str, Any]:
+        """``{"prefill": {"p50", "p90", ...}, "decode": {...}}`` in milliseconds."""
+        return self.manifest["measurement"]["latency_ms"]
+
+    @property
+    def parity(self) -> dict[str, Any]:
+        """Logit parity of the final graph against torch."""
+        verification = self.manifest["verification"]
+        return verification.get("final", verification["fp32"])["parity"]
+
+
+def apply_plan(model: Any, plan: Any, method: str) -> Any:
+    """A compressed copy of ``model`` (the original is untouched) through ``cwca_export.compress``."""
+    if plan is None:
+        raise ValueError(f"compression method {method!r} needs a plan; hint: pass --plan plan.json")
+    try:
+        from cwca_export.compress import compress
+    except ImportError:
+        raise ValueError(
+            f"applying a plan with method {method!r} needs cwca_export.compress, which this version"
+            " does not include yet; hint: export the model as it is (no method), or compress it first"
+        ) from None
+    return compress(copy.deepcopy(model), plan, method=method)
+
+
+def _check_model(model: Any) -> None:
+    import torch
+
+    param = next(model.parameters())
+    if param.dtype != torch.float32:
+        raise ValueError(
+            f"export starts from a float32 torch model, got {param.dtype}; hint: load with"
+            " dtype='float32' and pass dtype='fp16' for a half-precision artifact"
+        )
+    if param.device.type != "cpu":
+        raise ValueError("export traces the model on the CPU; hint: model.to('cpu') first")
+
+
+def export(
+    model: Any,
+    plan: Any,
+    out_dir: str | os.PathLike,
+    *,
+    backend: str = "optimum",
+    quantize: QuantizeConfig | str | None = None,
+    budget: Budget | None = None,
+    tokenizer: Any = None,
+    method: str | None = None,
+    optimize: str | None = None,
+    backend_options: dict[str, Any] | None = None,
+    external_data_threshold: int = PROTOBUF_LIMIT,
+    overwrite: bool = False,
+    warmup: int = 3,
+    runs: int = 10,
+    threads: int = 0,
+    new_tokens: int = 8,
+) -> Artifact:
+    """Export ``model`` to ONNX, verify it against torch, measure it, and write it atomically.
+
+    Every export is checked in ONNX Runtime on the budget's execution provider: the fp32 graph
+    must match torch's logits (relative RMS <= 1e-4) and greedy tokens (through the raw
+    session and, for ``optimum``, through ``ORTModelForCausalLM.generate``); the
+    post-processed graph must match at its dtype's tolerance. Disk bytes, resident memory and
+    latency are measured and written to ``cwca_manifest.json``. With limits in ``budget``, the
+    smallest compression that meets them is searched (:mod:`cwca_export.exporter.search`).
+
+    Args:
+        model: a float32 transformers causal LM on the CPU (compressed or not).
+        plan: the :class:`~cwca_export.plan.Plan` behind the model, recorded in the manifest;
+            with ``method`` it is applied (and re-solved during a budget search). None: none.
+        out_dir: the artifact folder; it appears complete or not at all.
+        backend: a registered backend, ``"optimum"`` (default) or ``"onnx"``.
+        quantize: ``"int8"``, ``"int4"`` or a :class:`QuantizeConfig`; a budget search may
+            choose one when this is None.
+        budget: limits and workload (batch, prompt length, context, provider, dtype).
+        tokenizer: saved into the artifact when given.
+        method: compression method that applies ``plan`` (needs ``cwca_export.compress``).
+        optimize: offline ONNX Runtime graph optimisation: ``basic``, ``extended`` or ``all``.
+        backend_options: extra options for the backend (``{"with_past": False}`` for ``onnx``).
+        external_data_threshold: above these graph bytes, weights go to ``model.onnx_data``.
+        overwrite: replace an existing ``out_dir`` (atomically); otherwise it is an error.
+        warmup, runs, threads: latency measurement settings.
+        new_tokens: greedy tokens compared with torch.
+
+    Returns:
+        The committed :class:`Artifact`.
+
+    Raises:
+        VerificationError: the artifact does not reproduce the model (nothing is written).
+        BudgetError: no setting meets the budget; the message gives the smallest reachable.
+    """
+    budget = budget or Budget()
+    _check_model(model)
+    settings = ExportSettings(
+        backend=backend,
+        backend_options=dict(backend_options or {}),
+        quantize=QuantizeConfig.coerce(quantize),
+        dtype=budget.dtype,
+        optimize=optimize,
+        external_data_threshold=external_data_threshold,
+        measure=MeasureConfig(
+            ep=budget.ep, batch=budget.batch, prompt_len=budget.prompt_len, context=budget.context,
+            warmup=warmup, runs=runs, threads=threads,
+        ),
+        new_tokens=new_tokens,
+    )
+    with Staging(out_dir, overwrite=overwrite) as staging:
+        if budget.has_limits:
+            from cwca_export.exporter.search import fit_budget
+
+            candidate, search, plan = fit_budget(model, plan, tokenizer, settings, budget, staging, method)
+        else:
+            compressed = apply_plan(model, plan, method) if method else model
+            candidate, search = build_candidate(compressed, tokenizer, staging.new_folder(), settings), None
+        manifest = _manifest(candidate, plan, budget, search)
+        write_json_atomic(candidate.folder / MANIFEST_NAME, manifest)
+        path = staging.commit(candidate.folder)
+    return Artifact(path, manifest)
+
+
+def _manifest(candidate: Candidate, plan: Any, budget: Budget, search: dict[str, Any] | None) -> dict[str, Any]:
+    settings = candidate.settings
+    budget_record = None
+    if budget.has_limits:
+        check = budget.check(
+            candidate.disk_bytes, candidate.measurement["resident_bytes"], candidate.measurement["latency_ms"]
+        )
+        budget_record = {"limits": budget.to_dict(), **check, "search": search}
+    return build_manifest(
+        model=candidate.model,
+        plan=plan,
+        backend={"name": settings.backend, "options": settings.backend_options},
+        postprocess=candidate.postprocess,
+        files=candidate.files,
+        verification=candidate.verification,
+        measurement=candidate.measurement,
+        prediction=candidate.prediction,
+        budget=budget_record,
+    )

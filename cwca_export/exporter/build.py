@@ -1,0 +1,198 @@
+"""One candidate artifact: backend export, fp32 verification, post-processing, final checks, measurement.
+
+Everything happens inside a scratch folder that :class:`~cwca_export.exporter._atomic.Staging`
+owns; the caller commits the folder or lets it vanish.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cwca_export.backends import available_backends, get_backend
+from cwca_export.blocks import find_blocks
+from cwca_export.exporter import postprocess as pp
+from cwca_export.exporter.measure import MeasureConfig, file_inventory, measure_runtime
+from cwca_export.exporter.predict import scheme_of, weight_bytes
+from cwca_export.exporter.session import DecoderSession, make_session
+from cwca_export.exporter.verify import VerificationError, check_generation, check_parity, sample_inputs
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """How to turn a torch model into an artifact (everything but the model and the budget).
+
+    Attributes:
+        backend: registered backend name.
+        backend_options: keyword options for the backend's ``export`` (e.g. ``with_past``).
+        quantize: ONNX Runtime weight quantization, or None.
+        dtype: ``fp32`` or ``fp16``.
+        optimize: offline ORT graph optimisation level (``basic``/``extended``/``all``) or None.
+        external_data_threshold: graph bytes above which weights go to ``model.onnx_data``.
+        measure: workload and repetitions for memory and latency.
+        new_tokens: greedy tokens compared against torch.
+    """
+
+    backend: str = "optimum"
+    backend_options: dict[str, Any] = field(default_factory=dict)
+    quantize: pp.QuantizeConfig | None = None
+    dtype: str = "fp32"
+    optimize: str | None = None
+    external_data_threshold: int = pp.PROTOBUF_LIMIT
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+    new_tokens: int = 8
+
+    def __post_init__(self) -> None:
+        if self.dtype == "fp16" and self.quantize is not None:
+            raise ValueError("fp16 and int8/int4 quantization do not combine; hint: pick one of them")
+        if self.optimize is not None and self.optimize not in pp.OPT_LEVELS:
+            raise ValueError(f"optimize: level {self.optimize!r}: choose one of {pp.OPT_LEVELS}")
+
+    @property
+    def scheme(self) -> str:
+        return scheme_of(self.dtype, self.quantize)
+
+
+@dataclass
+class Candidate:
+    """A verified, measured artifact in a scratch folder."""
+
+    folder: Path
+    model: Any
+    settings: ExportSettings
+    verification: dict[str, Any]
+    postprocess: dict[str, Any]
+    files: list[dict[str, Any]]
+    measurement: dict[str, Any]
+    prediction: dict[str, Any]
+
+    @property
+    def model_path(self) -> Path:
+        return self.folder / "model.onnx"
+
+    @property
+    def graph_bytes(self) -> int:
+        return pp.graph_bytes(self.model_path)
+
+    @property
+    def disk_bytes(self) -> int:
+        return sum(f["bytes"] for f in self.files)
+
+
+def _other_backends(name: str) -> str:
+    others = [b for b in available_backends() if b != name]
+    return f"hint: try another backend ({', '.join(others)})" if others else "hint: export with CWCA_DEBUG=1 and report the model type"
+
+
+def _fail(what: str, settings: ExportSettings) -> VerificationError:
+    return VerificationError(f"{settings.backend} artifact: {what}; nothing was written; {_other_backends(settings.backend)}")
+
+
+def _verify(model: Any, model_path: Path, folder: Path, settings: ExportSettings, dtype: str, generation: bool, backend: Any) -> dict[str, Any]:
+    ids, mask = sample_inputs(model.config.vocab_size)
+    try:
+        decoder = DecoderSession(make_session(model_path, settings.measure.ep, threads=settings.measure.threads))
+        report = {"parity": check_parity(model, decoder, dtype, ids, mask)}
+        if generation:
+            runtime = None
+            if callable(getattr(backend, "generate", None)):
+                def runtime(i, m, n):
+                    return backend.generate(folder, i, m, n, settings.measure.ep)
+            report["generation"] = check_generation(model, decoder, ids, mask, settings.new_tokens, runtime)
+    except (ValueError, TypeError) as exc:
+        if "execution provider" in str(exc) or "--ep" in str(exc):
+            raise
+        raise _fail(f"failed in ONNX Runtime ({str(exc).splitlines()[0]})", settings) from exc
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise _fail(f"failed in ONNX Runtime ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})", settings) from exc
+    parity = report["parity"]
+    if not parity["passed"]:
+        raise _fail(
+            f"{dtype} logits differ from torch (relative RMS {parity['rel_rms']:.3g} > tolerance {parity['tolerance']:g})",
+            settings,
+        )
+    if generation and not report["generation"]["passed"]:
+        raise _fail("greedy tokens differ from torch's in fp32", settings)
+    return report
+
+
+def _postprocess(model: Any, folder: Path, settings: ExportSettings) -> dict[str, Any]:
+    raw = folder / "model.onnx"
+    work = folder / ".work"
+    work.mkdir()
+    current, steps, excluded = raw, [], []
+    if settings.optimize:
+        pp.optimize_graph(current, work / "optimized.onnx", settings.optimize)
+        current = work / "optimized.onnx"
+        steps.append(f"optimize:{settings.optimize}")
+    if settings.dtype == "fp16":
+        pp.convert_fp16(current, work / "fp16.onnx")
+        current = work / "fp16.onnx"
+        steps.append("fp16")
+    q = settings.quantize
+    if q is not None:
+        blocks = find_blocks(model)
+        bad = [i for i in q.exclude_layers if not -len(blocks) <= i < len(blocks)]
+        if bad:
+            raise ValueError(f"quantize: exclude_layers {bad} out of range; the model has {len(blocks)} blocks")
+        entries = [*q.exclude_nodes, *(blocks[i].name for i in q.exclude_layers)]
+        excluded = pp.resolve_exclusions(current, entries)
+        quantize = pp.quantize_int8 if q.method == "int8" else pp.quantize_int4
+        quantize(current, work / f"{q.method}.onnx", q, excluded)
+        current = work / f"{q.method}.onnx"
+        steps.append(q.method)
+    raw_external = pp.external_files(raw)
+    external = pp.graph_bytes(current) > settings.external_data_threshold
+    if steps or raw_external or external:
+        pp.save_layout(current, work / "model.onnx", settings.external_data_threshold)
+        for path in (raw, *raw_external):
+            path.unlink()
+        for name in ("model.onnx", pp.EXTERNAL_DATA_NAME):
+            if (work / name).exists():
+                (work / name).rename(folder / name)
+    shutil.rmtree(work)
+    return {
+        "steps": steps,
+        "optimize": settings.optimize,
+        "dtype": settings.dtype,
+        "quantize": None if q is None else {**q.to_dict(), "excluded_node_names": excluded},
+        "external_data": external,
+        "external_data_threshold": settings.external_data_threshold,
+    }
+
+
+def build_candidate(model: Any, tokenizer: Any, folder: Path, settings: ExportSettings) -> Candidate:
+    """Export ``model`` into ``folder`` and prove it: fp32 parity and greedy tokens first, then
+    the post-processed graph's parity at its dtype tolerance, then disk, memory and latency."""
+    backend = get_backend(settings.backend)
+    try:
+        backend.export(model, tokenizer, folder, **settings.backend_options)
+    except TypeError as exc:
+        if "unexpected keyword" not in str(exc):
+            raise
+        raise ValueError(
+            f"backend {settings.backend!r} does not take option(s) {sorted(settings.backend_options)}"
+        ) from None
+    raw = folder / "model.onnx"
+    raw_bytes = pp.graph_bytes(raw)
+    verification = {"fp32": _verify(model, raw, folder, settings, "fp32", True, backend)}
+    postprocess = _postprocess(model, folder, settings)
+    if postprocess["steps"]:
+        verification["final"] = _verify(model, raw, folder, settings, settings.scheme, False, backend)
+    files = file_inventory(folder)
+    measurement = measure_runtime(raw, settings.measure)
+    scheme = settings.scheme
+    excluded = (postprocess["quantize"] or {}).get("excluded_node_names", [])
+    weights = weight_bytes(model, scheme, settings.quantize, exclude=excluded)
+    graph = pp.graph_bytes(raw)
+    prediction = {
+        "scheme": scheme,
+        "weights_bytes": weights,
+        "graph_bytes": graph,
+        "overhead_bytes": graph - weights,
+        "fp32_export_bytes": raw_bytes,
+        "fp32_overhead_bytes": raw_bytes - weight_bytes(model, "fp32"),
+    }
+    return Candidate(folder, model, settings, verification, postprocess, files, measurement, prediction)

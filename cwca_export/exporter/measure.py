@@ -1,0 +1,165 @@
+"""Measured numbers of an artifact: disk bytes and hashes, session memory, latency.
+
+Memory and latency run in a fresh Python process (``python -m cwca_export.exporter.measure``)
+so that torch, the exporter and earlier sessions do not pollute the numbers.
+
+Resident memory: the peak resident set (``VmHWM``) of the process through session creation,
+one prefill of P tokens and one decode step over a KV cache of ``context - 1`` tokens at
+batch B, minus its resident set (``VmRSS``) just before the session was created
+(onnxruntime and NumPy already imported). The peak is what must fit on the device: it
+includes the graph as parsed during loading, the weights as ONNX Runtime holds them
+(initializers and pre-packed copies), its arenas, the KV cache of the full context and the
+activations. The resident set after the runs is recorded too. The worker runs with one
+glibc malloc arena (``MALLOC_ARENA_MAX=1``): with per-thread arenas the peak of identical
+runs flips between two values several MB apart. Linux only; elsewhere memory is reported
+as not measured.
+
+Latency: ``warmup`` untimed calls, then ``runs`` timed calls of each shape; p50 and p90 in
+milliseconds. "Decode" is one new token at batch B over a cache of ``context - 1`` tokens
+(the slowest step within the context); a graph without a KV cache recomputes the whole
+context for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# glibc gives threads their own malloc arenas; which thread allocates what during session
+# creation then decides whether the peak lands on one of two values ~5 MB apart (measured on a
+# 9 MB model). One arena makes the peak reproducible, and it is the upper of the two values.
+_REPRODUCIBLE_MALLOC = {"MALLOC_ARENA_MAX": "1"}
+RSS_METHOD = (
+    "peak resident set (VmHWM, /proc/self/status) of a fresh process through session creation,"
+    " one prefill and one decode step at full context, minus its resident set (VmRSS) just"
+    " before the session was created; glibc with MALLOC_ARENA_MAX=1"
+)
+
+
+@dataclass(frozen=True)
+class MeasureConfig:
+    """Workload and repetitions for memory and latency measurement.
+
+    Attributes:
+        ep: execution provider, ``"cpu"`` or ``"cuda"``.
+        batch: sequences per call (B).
+        prompt_len: prefill length (P).
+        context: tokens the KV cache holds at the decode step measured (context - 1 cached).
+        warmup: untimed calls before timing.
+        runs: timed calls per shape.
+        threads: intra-op threads (0: ONNX Runtime's default, one per physical core).
+    """
+
+    ep: str = "cpu"
+    batch: int = 1
+    prompt_len: int = 32
+    context: int = 128
+    warmup: int = 3
+    runs: int = 10
+    threads: int = 0
+
+
+def file_inventory(folder: Path, *, exclude: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Every file under ``folder`` (relative path, bytes, sha256), sorted by path."""
+    rows = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if rel in exclude:
+            continue
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        rows.append({"path": rel, "bytes": path.stat().st_size, "sha256": digest.hexdigest()})
+    return rows
+
+
+def measure_runtime(model_path: Path, config: MeasureConfig, *, timeout_s: float = 600) -> dict[str, Any]:
+    """Resident memory and latency of ``model_path`` under ``config``, in a fresh process."""
+    request = {"model": str(model_path), **asdict(config)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "cwca_export.exporter.measure"],
+        input=json.dumps(request),
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", **_REPRODUCIBLE_MALLOC},
+    )
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        raise RuntimeError(f"measuring {model_path.name} failed: {lines[-1] if lines else 'no output'}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _status_bytes(field: str) -> int | None:
+    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident) of this process, in bytes."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+    except OSError:
+        return None
+    return None
+
+
+def _timed(session: Any, feed: dict[str, np.ndarray], warmup: int, runs: int) -> dict[str, float]:
+    for _ in range(warmup):
+        session.run(None, feed)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append((time.perf_counter() - start) * 1e3)
+    return {
+        "p50": float(np.percentile(times, 50)),
+        "p90": float(np.percentile(times, 90)),
+        "mean": float(np.mean(times)),
+        "runs": runs,
+    }
+
+
+def _worker(request: dict[str, Any]) -> dict[str, Any]:
+    from cwca_export.exporter.session import DecoderSession, make_session
+    from cwca_export.ort import require_onnxruntime
+
+    require_onnxruntime()  # the library itself is not part of the session's footprint
+    b, p, c = request["batch"], request["prompt_len"], request["context"]
+    before = _status_bytes("VmRSS")
+    session = make_session(request["model"], request["ep"], threads=request["threads"])
+    decoder = DecoderSession(session)
+    prefill = decoder.feed(np.ones((b, p), np.int64), np.ones((b, p), np.int64), None)
+    if decoder.has_past:
+        decode = decoder.feed(np.ones((b, 1), np.int64), np.ones((b, c), np.int64), decoder.empty_past(b, c - 1))
+    else:
+        decode = decoder.feed(np.ones((b, c), np.int64), np.ones((b, c), np.int64), None)
+    session.run(None, prefill)
+    session.run(None, decode)
+    peak, now = _status_bytes("VmHWM"), _status_bytes("VmRSS")
+    resident = None if before is None or peak is None else peak - before
+    return {
+        "resident_bytes": resident,
+        "resident_after_bytes": None if before is None or now is None else now - before,
+        "resident_method": RSS_METHOD if resident is not None else "not measured (needs /proc)",
+        "kv_cache_bytes": decoder.kv_cache_bytes(b, c),
+        "has_kv_cache": decoder.has_past,
+        "latency_ms": {
+            "prefill": _timed(session, prefill, request["warmup"], request["runs"]),
+            "decode": _timed(session, decode, request["warmup"], request["runs"]),
+        },
+        "workload": {k: request[k] for k in ("ep", "batch", "prompt_len", "context", "warmup", "runs", "threads")},
+        "providers": session.get_providers(),
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(_worker(json.loads(sys.stdin.read()))))

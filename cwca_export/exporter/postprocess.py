@@ -1,0 +1,225 @@
+"""ONNX Runtime post-processing of an exported graph: optimisation, fp16, int8 / int4, layout.
+
+Each step reads one ``.onnx`` file and writes another (external data allowed throughout, so
+models over the 2 GB protobuf limit pass). The final :func:`save_layout` writes
+``model.onnx`` with its weights inline, or in ``model.onnx_data`` when they exceed a threshold.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from cwca_export.ort import require_onnxruntime
+
+EXTERNAL_DATA_NAME = "model.onnx_data"
+PROTOBUF_LIMIT = 2 * 1024**3  # a single ModelProto cannot exceed 2 GiB
+OPT_LEVELS = ("basic", "extended", "all")
+# ops whose constant weight the quantizers rewrite
+_QUANTIZABLE = ("MatMul", "Gemm", "Gather")
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """ONNX Runtime weight quantization of the exported graph.
+
+    Attributes:
+        method: ``"int8"`` (``quantize_dynamic``: int8 weights, activations quantized per
+            call; CPU) or ``"int4"`` (``MatMulNBitsQuantizer``: 4-bit weight-only blocks).
+        exclude_nodes: nodes kept in float, by exact node name
+            (``/lm_head/MatMul``) or module path (``lm_head``, ``model.layers.0.mlp``).
+        exclude_layers: decoder block indices kept in float entirely.
+        block_size: int4 only: weights sharing one scale (a power of two >= 16).
+        symmetric: int4 only: no zero points.
+        per_channel: int8 only: one scale per output channel instead of per tensor.
+    """
+
+    method: Literal["int8", "int4"]
+    exclude_nodes: tuple[str, ...] = ()
+    exclude_layers: tuple[int, ...] = ()
+    block_size: int = 32
+    symmetric: bool = True
+    per_channel: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in ("int8", "int4"):
+            raise ValueError(f"quantize: method {self.method!r}: choose 'int8' or 'int4'")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"quantize: block_size {self.block_size} must be a power of two >= 16")
+
+    @classmethod
+    def coerce(cls, value: QuantizeConfig | str | None) -> QuantizeConfig | None:
+        """Accept ``"int8"`` / ``"int4"`` shorthands, a config, or None."""
+        if value is None or isinstance(value, QuantizeConfig):
+            return value
+        return cls(method=value)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def _scope(node_name: str) -> str:
+    # "/model/layers.0/mlp/down_proj/MatMul" -> ".model.layers.0.mlp.down_proj.MatMul."
+    return "." + node_name.strip("/").replace("/", ".") + "."
+
+
+def resolve_exclusions(model_path: Path, entries: Iterable[str]) -> list[str]:
+    """Names of the quantizable nodes that ``entries`` select (node names or module paths).
+
+    A module path selects every node under it, wherever the exporter nests it
+    (``model.layers.0`` matches ``/model/layers.0/mlp/up_proj/MatMul``).
+    """
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    names = [n.name for n in graph.node if n.op_type in _QUANTIZABLE]
+    selected: list[str] = []
+    for entry in entries:
+        hits = [n for n in names if n == entry or f".{entry.strip('.')}." in _scope(n)]
+        if not hits:
+            example = next((n for n in names if "layers" in n or ".h." in _scope(n)), names[0] if names else "")
+            raise ValueError(
+                f"quantize exclusion {entry!r} matches no MatMul/Gemm/Gather node;"
+                f" hint: use a module path like 'lm_head' or a node name like {example!r}"
+            )
+        selected += [h for h in hits if h not in selected]
+    return selected
+
+
+def optimize_graph(src: Path, dst: Path, level: str) -> None:
+    """Apply ONNX Runtime's offline graph optimisations (``basic`` / ``extended`` / ``all``).
+
+    ``extended`` and ``all`` fuse into ORT-specific operators: the result runs only on ONNX
+    Runtime, and ``all`` can be specific to the execution provider it was made for.
+    """
+    ort = require_onnxruntime()
+    if level not in OPT_LEVELS:
+        raise ValueError(f"optimize: level {level!r}: choose one of {OPT_LEVELS}")
+    levels = {
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    options = ort.SessionOptions()
+    options.graph_optimization_level = levels[level]
+    options.optimized_model_filepath = str(dst)
+    options.log_severity_level = 3
+    options.add_session_config_entry(
+        "session.optimized_model_external_initializers_file_name", dst.name + ".data"
+    )
+    options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
+
+
+def convert_fp16(src: Path, dst: Path) -> None:
+    """Cast weights, activations and the KV cache to float16 (for GPU execution providers)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    # constants are clamped to +-1e4, so attention masks built from finfo(float32).min stay finite
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=False)
+    _save(model, dst)
+
+
+def quantize_int8(src: Path, dst: Path, config: QuantizeConfig, exclude: Sequence[str]) -> None:
+    """int8 dynamic quantization (``onnxruntime.quantization.quantize_dynamic``)."""
+    require_onnxruntime()
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # it warns on the root logger to run a pre-processing script
+    try:
+        quantize_dynamic(
+            src,
+            dst,
+            weight_type=QuantType.QInt8,
+            per_channel=config.per_channel,
+            nodes_to_exclude=list(exclude),
+            use_external_data_format=True,
+        )
+    finally:
+        root.setLevel(level)
+
+
+def quantize_int4(src: Path, dst: Path, config: QuantizeConfig, exclude: Sequence[str]) -> None:
+    """int4 weight-only quantization into ``MatMulNBits`` nodes (needs the onnx-ir package)."""
+    import onnx
+
+    require_onnxruntime()
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quant_logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = quant_logger.level
+    quant_logger.setLevel(logging.WARNING)  # it logs one INFO line per node
+    try:
+        quantizer = MatMulNBitsQuantizer(
+            onnx.load(str(src)),
+            block_size=config.block_size,
+            is_symmetric=config.symmetric,
+            nodes_to_exclude=list(exclude),
+        )
+        quantizer.process()
+    finally:
+        quant_logger.setLevel(level)
+    _save(quantizer.model.model, dst)
+
+
+def _save(model: Any, dst: Path) -> None:
+    import onnx
+
+    onnx.save_model(
+        model,
+        str(dst),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=dst.name + ".data",
+        size_threshold=1024,
+    )
+
+
+def external_files(model_path: Path) -> list[Path]:
+    """Files holding ``model_path``'s external initializers (none for a self-contained graph)."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    found: list[Path] = []
+    for tensor in model.graph.initializer:  # exporters and ORT put external data only here
+        if uses_external_data(tensor):
+            location = next(e.value for e in tensor.external_data if e.key == "location")
+            path = model_path.parent / location
+            if path not in found:
+                found.append(path)
+    return found
+
+
+def graph_bytes(model_path: Path) -> int:
+    """``model_path`` plus its external data files, in bytes."""
+    return model_path.stat().st_size + sum(p.stat().st_size for p in external_files(model_path))
+
+
+def save_layout(src: Path, dst: Path, threshold: int = PROTOBUF_LIMIT) -> None:
+    """Write ``dst`` (``model.onnx``) self-contained, or with ``model.onnx_data`` next to it.
+
+    External data is used when the graph with its weights exceeds ``threshold`` bytes (the
+    2 GiB protobuf limit by default; a small value exercises the same path on tiny models).
+    """
+    import onnx
+
+    external = graph_bytes(src) > threshold
+    model = onnx.load(str(src))
+    if external:
+        onnx.save_model(
+            model,
+            str(dst),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=EXTERNAL_DATA_NAME,
+            size_threshold=1024,
+        )
+    else:
+        onnx.save_model(model, str(dst))

@@ -1,0 +1,138 @@
+"""ONNX Runtime sessions over a decoder artifact: providers, input feeds, KV cache, greedy decoding.
+
+NumPy and onnxruntime only, so the measurement subprocess starts fast. Every backend writes
+``model.onnx`` with the decoder I/O contract documented in :mod:`cwca_export.backends`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cwca_export.ort import require_onnxruntime
+
+# --ep name -> ONNX Runtime providers, in priority order (CPU kept as fallback for CUDA graphs
+# whose few shape ops ORT assigns to the CPU on purpose)
+PROVIDERS = {
+    "cpu": ("CPUExecutionProvider",),
+    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+}
+_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+
+
+def make_session(path: str | Path, ep: str = "cpu", *, threads: int = 0) -> Any:
+    """An ``InferenceSession`` on execution provider ``ep``; refuses a silent CPU fallback.
+
+    Args:
+        path: the ``.onnx`` file (its external data, if any, lies next to it).
+        ep: ``"cpu"`` or ``"cuda"``.
+        threads: intra-op threads; 0 lets ONNX Runtime choose (one per physical core).
+    """
+    ort = require_onnxruntime()
+    if ep not in PROVIDERS:
+        raise ValueError(f"execution provider {ep!r}: choose one of {sorted(PROVIDERS)}")
+    wanted = PROVIDERS[ep]
+    available = ort.get_available_providers()
+    if wanted[0] not in available:
+        raise ValueError(
+            f"--ep {ep} needs {wanted[0]}, but this onnxruntime offers {', '.join(available)};"
+            " hint: pip install 'cwca-export[gpu]' on a CUDA machine, or use --ep cpu"
+        )
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise
+    session = ort.InferenceSession(str(path), options, providers=list(wanted))
+    if session.get_providers()[0] != wanted[0]:
+        raise ValueError(f"{path}: ONNX Runtime did not put the model on {wanted[0]}")
+    return session
+
+
+def position_ids(attention_mask: np.ndarray) -> np.ndarray:
+    """Positions that skip left padding, as transformers' ``generate`` computes them."""
+    pos = np.cumsum(attention_mask, axis=-1) - 1
+    return np.where(attention_mask == 0, 1, pos).astype(np.int64)
+
+
+@dataclass
+class DecoderSession:
+    """A session with the decoder contract: logits out, KV cache in and out when present."""
+
+    session: Any
+
+    def __post_init__(self) -> None:
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        if "input_ids" not in inputs or "logits" not in [o.name for o in self.session.get_outputs()]:
+            raise ValueError("model.onnx does not follow the decoder contract (input_ids -> logits)")
+        past = sorted(
+            (int(m.group(1)), m.group(2) == "value", name)
+            for name in inputs
+            if (m := _PAST.match(name))
+        )
+        self.past_names = [name for _, _, name in past]
+        self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
+        self.uses_position_ids = "position_ids" in inputs
+        self.uses_attention_mask = "attention_mask" in inputs
+        if self.past_names:
+            first = inputs[self.past_names[0]]
+            self.past_dtype = np.float16 if "float16" in first.type else np.float32
+            _, heads, _, head_dim = first.shape
+            self.kv_heads, self.head_dim = int(heads), int(head_dim)
+
+    @property
+    def has_past(self) -> bool:
+        """True when the graph takes and returns a KV cache."""
+        return bool(self.past_names)
+
+    def kv_cache_bytes(self, batch: int, length: int) -> int:
+        """Bytes of the keys and values for ``batch`` sequences of ``length`` tokens."""
+        if not self.has_past:
+            return 0
+        per = batch * self.kv_heads * length * self.head_dim * np.dtype(self.past_dtype).itemsize
+        return per * len(self.past_names)
+
+    def empty_past(self, batch: int, length: int = 0) -> list[np.ndarray]:
+        """A zero KV cache of ``length`` tokens (length 0 for a prefill)."""
+        shape = (batch, self.kv_heads, length, self.head_dim)
+        return [np.zeros(shape, dtype=self.past_dtype) for _ in self.past_names]
+
+    def feed(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray] | None
+    ) -> dict[str, np.ndarray]:
+        """Inputs for one call: ``input_ids`` (B, S), mask (B, past + S), optional cache."""
+        feed = {"input_ids": input_ids.astype(np.int64)}
+        if self.uses_attention_mask:
+            feed["attention_mask"] = attention_mask.astype(np.int64)
+        if self.uses_position_ids:
+            feed["position_ids"] = position_ids(attention_mask)[:, -input_ids.shape[1] :]
+        if self.has_past:
+            past = past if past is not None else self.empty_past(input_ids.shape[0])
+            feed.update(zip(self.past_names, past, strict=True))
+        return feed
+
+    def run(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray] | None = None
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Logits (B, S, V) as float32 and the new KV cache (empty list without one)."""
+        names = ["logits", *self.present_names]
+        out = self.session.run(names, self.feed(input_ids, attention_mask, past))
+        return out[0].astype(np.float32), out[1:]
+
+    def greedy(self, input_ids: np.ndarray, attention_mask: np.ndarray, new_tokens: int) -> np.ndarray:
+        """Greedy continuation (B, P + new_tokens), reusing the KV cache when the graph has one."""
+        tokens, mask = input_ids, attention_mask
+        logits, past = self.run(tokens, mask)
+        for step in range(new_tokens):
+            nxt = logits[:, -1].argmax(-1)[:, None]  # (B, 1)
+            tokens = np.concatenate([tokens, nxt], axis=1)
+            mask = np.concatenate([mask, np.ones_like(nxt)], axis=1)
+            if step == new_tokens - 1:
+                break
+            if self.has_past:
+                logits, past = self.run(nxt, mask, past)
+            else:
+                logits, _ = self.run(tokens, mask)
+        return tokens
