@@ -10,7 +10,7 @@ then, in one run:
    and tabulates disk bytes, peak resident memory and ORT latency side by side.
 
 Usage:
-    .venv/bin/python benchmarks/bench_export.py [--repeats 3] [--out benchmarks/results_export.md]
+    .venv/bin/python benchmarks/bench_export.py [--repeats 3] [--out FILE]
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="export timings per model (median)")
     parser.add_argument("--runs", type=int, default=20, help="timed ORT runs per latency measurement")
-    parser.add_argument("--out", default=str(Path(__file__).with_name("results_export.md")))
+    parser.add_argument("--out", default=None, help="Write the markdown report here too (it always prints).")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -163,7 +163,8 @@ def main() -> None:
         " decode step, minus its VmRSS before the session (MALLOC_ARENA_MAX=1).",
         "",
     ]
-    Path(args.out).write_text("\n".join(lines))
+    if args.out:
+        Path(args.out).write_text("\n".join(lines))
     shutil.rmtree(work)
     print("\n".join(lines))
 

@@ -34,6 +34,8 @@ _LAZY = {
     "QuantizeConfig": "cwca_export.exporter.postprocess",
     "Budget": "cwca_export.budget",
     "score": "cwca_export.scoring",
+    "compress": "cwca_export.compression",
+    "load_compressed": "cwca_export.compression.saving",
 }
 
 __all__ = sorted(_LAZY)

@@ -132,3 +132,80 @@ def tokenize_text(tokenizer, text: str) -> np.ndarray:
     """The token stream of a text, without special tokens (the protocol's input)."""
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     return np.asarray(ids, dtype=np.int64)
+
+
+def ort_logits_fn(artifact_dir: str, *, ep: str = "cpu") -> LogitsFn:
+    """Adapter: an exported artifact (``model.onnx`` with the decoder contract) in ONNX Runtime."""
+    from pathlib import Path
+
+    from cwca_export.exporter.session import DecoderSession, make_session
+
+    decoder = DecoderSession(make_session(Path(artifact_dir) / "model.onnx", ep))
+
+    def fn(x: np.ndarray) -> np.ndarray:
+        return decoder.run(x, np.ones_like(x))[0]
+
+    return fn
+
+
+def is_artifact(path) -> bool:
+    """True for a folder written by ``cwca-export export`` (an ONNX artifact)."""
+    from pathlib import Path
+
+    return (Path(path) / "model.onnx").is_file()
+
+
+def evaluate(
+    path: str,
+    data: str,
+    *,
+    seq_len: int = 256,
+    stride: int | None = None,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+    ep: str = "cpu",
+    text_field: str = "text",
+) -> dict:
+    """Held-out perplexity of a model folder (torch) or an ONNX artifact (ONNX Runtime).
+
+    Both go through :func:`perplexity_from_logits` on the same token stream, so a dense
+    export's number matches its torch model's to the export's numerical tolerance. For an
+    artifact, the measured memory and latency from its manifest are returned beside.
+
+    Example:
+        >>> evaluate("out/artifact", "heldout.txt", seq_len=256)["perplexity"]  # doctest: +SKIP
+    """
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from cwca_export.data import load_texts
+
+    text = "\n\n".join(load_texts(data, text_field=text_field))
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    ids = tokenize_text(tokenizer, text)
+    report: dict = {"path": str(path), "data": str(data)}
+    if is_artifact(path):
+        logits_fn = ort_logits_fn(path, ep=ep)
+        report["runtime"] = f"onnxruntime ({ep})"
+        if (Path(path) / "cwca_manifest.json").is_file():
+            from cwca_export.exporter.api import Artifact
+
+            artifact = Artifact.load(path)
+            report["measured"] = {
+                "disk_bytes": artifact.disk_bytes,
+                "resident_bytes": artifact.resident_bytes,
+                "latency_ms": artifact.latency_ms,
+            }
+    else:
+        from cwca_export.loading import load_model
+
+        model, _ = load_model(path)
+        model.eval()
+        logits_fn = torch_logits_fn(model)
+        report["runtime"] = "torch"
+    result = perplexity_from_logits(
+        logits_fn, ids, seq_len=seq_len, stride=stride, batch_size=batch_size, max_tokens=max_tokens
+    )
+    report.update(result.to_dict())
+    return report

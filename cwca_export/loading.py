@@ -30,6 +30,14 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise ValueError(f"dtype {dtype!r}: choose one of {sorted(DTYPES)}") from None
 
 
+def is_compressed_folder(path: str | os.PathLike) -> bool:
+    """True for a folder written after ``cwca_export.compress`` (its config records the shapes)."""
+    import json
+
+    config = Path(path) / "config.json"
+    return config.is_file() and "cwca_compression" in json.loads(config.read_text(encoding="utf-8"))
+
+
 def load_model(
     path_or_model: str | os.PathLike | nn.Module,
     *,
@@ -70,14 +78,22 @@ def load_model(
                 f"{path}: not a local model folder (no config.json); hint: save the model with"
                 " save_pretrained, or download it first: scoring never fetches from the Hub"
             )
-        model = AutoModelForCausalLM.from_pretrained(
-            path,
-            dtype=resolve_dtype(dtype),
-            trust_remote_code=trust_remote_code,
-            device_map=device_map,
-            max_memory=max_memory,
-            local_files_only=True,
-        )
+        if is_compressed_folder(path):
+            # per-block shapes differ from the config's: from_pretrained cannot rebuild them
+            from cwca_export.compression.saving import load_compressed
+
+            if device_map is not None or max_memory is not None:
+                raise ValueError("device_map / max_memory: a compressed folder loads on one device")
+            model = load_compressed(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                path,
+                dtype=resolve_dtype(dtype),
+                trust_remote_code=trust_remote_code,
+                device_map=device_map,
+                max_memory=max_memory,
+                local_files_only=True,
+            )
         if any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
             tokenizer = AutoTokenizer.from_pretrained(
                 path, trust_remote_code=trust_remote_code, local_files_only=True

@@ -371,7 +371,9 @@ def solve_allocation(
 def _continuous_allocation(e_at, g, c, alpha, lo, hi, budget) -> tuple[np.ndarray, float, int]:
     """The continuous optimum, its dual and the number of dual evaluations."""
     e0 = e_at(0.0)
-    if c @ e0 <= budget:  # the budget is slack: every layer sits at its own optimum
+    with np.errstate(over="ignore", invalid="ignore"):  # e0 is inf where alpha = 0 and hi = inf
+        slack = c @ e0 <= budget
+    if slack:  # the budget is slack: every layer sits at its own optimum
         return e0, 0.0, 1
     with np.errstate(divide="ignore", invalid="ignore"):
         lam_all_lo = np.where(g > 0, (g / (1.0 + lo) - alpha) / c, 0.0)

@@ -16,11 +16,15 @@ class _Dummy:
 
 @pytest.fixture
 def clean_registry():
+    backends.available_backends()  # built-ins register on first lookup: snapshot them too
     before = dict(backends._REGISTRY)
     yield
     backends._REGISTRY.clear()
     backends._REGISTRY.update(before)
-    backends._load_entry_points.cache_clear()
+
+
+def test_builtin_backends_are_registered():
+    assert {"optimum", "onnx"} <= set(backends.available_backends())
 
 
 def test_register_and_lookup(clean_registry):

@@ -248,16 +248,24 @@ def test_unknown_backend_option_is_a_clear_error(tmp_path, llama):
         cwca_export.export(llama, None, tmp_path / "x", backend_options={"with_past": False}, **FAST)
 
 
-def test_plan_with_method_needs_the_compressor(tmp_path, llama, monkeypatch):
-    import sys
+def test_plan_knob_re_solves_the_plan_and_narrows_a_copy(llama):
+    """The budget search's compression level: a re-solved plan, applied to a copy with data."""
+    from cwca_export import LayerScores, find_blocks, plan_pruning
+    from cwca_export.exporter.search import PlanKnob
 
-    from cwca_export import LayerScores, plan_pruning
-
-    monkeypatch.setitem(sys.modules, "cwca_export.compress", None)  # an install without it
-
-    plan = plan_pruning(LayerScores("gradnorm", zeta2=[1.0, 2.0], n_params=[1, 1]), 0.3)
-    with pytest.raises(ValueError, match="cwca_export.compress"):
-        cwca_export.export(llama, plan, tmp_path / "x", method="width", **FAST)
+    blocks = find_blocks(llama)
+    scores = LayerScores("gradnorm", zeta2=[1.0, 3.0], n_params=[b.n_params for b in blocks])
+    plan = plan_pruning(scores, 0.2, hi=0.8)
+    ids = torch.randint(0, llama.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    knob = PlanKnob(llama, plan, "width", {"data": ids, "multiple": 1})
+    before = [b.module.mlp.gate_proj.out_features for b in blocks]
+    model_t, plan_t = knob.make(0.5)
+    assert plan_t.global_sparsity == pytest.approx(knob.target(0.5))
+    assert knob.target(0.5) == pytest.approx(0.5 * 0.8)  # halfway from lo = 0 to hi = 0.8
+    # width keeps (1 - rho_k) of each block's MLP channels (multiple 1: up to one of rounding)
+    for block, rho, d_ff in zip(find_blocks(model_t), plan_t.x, before, strict=True):
+        assert abs(block.module.mlp.gate_proj.out_features - (1 - rho) * d_ff) <= 1
+    assert [b.module.mlp.gate_proj.out_features for b in blocks] == before  # original untouched
 
 
 # ------------------------------------------------------------------ atomic output
@@ -363,3 +371,16 @@ def test_phi3_with_grouped_kv_heads_goes_through_the_onnx_backend(tmp_path):
 def test_quantized_optimum_artifacts(tmp_path, family, method):
     art = cwca_export.export(tiny_model(family), None, tmp_path / "a", quantize=method, **FAST)
     assert art.parity["passed"] and art.manifest["postprocess"]["steps"] == [method]
+
+
+def test_per_block_head_counts_are_refused_before_export(tmp_path):
+    from cwca_export import LayerScores, compress, find_blocks, plan_pruning
+    from cwca_export.backends import UnsupportedModelError
+
+    model = tiny_model("llama")
+    blocks = find_blocks(model)
+    plan = plan_pruning(LayerScores("gradnorm", zeta2=[1.0, 3.0], n_params=[b.n_params for b in blocks]), 0.3)
+    compress(model, plan, method="width", heads=True, importance="magnitude", check_fingerprint=False)
+    with pytest.raises(UnsupportedModelError, match="without --heads"):
+        cwca_export.export(model, None, tmp_path / "x", **FAST)
+    assert not (tmp_path / "x").exists()

@@ -38,22 +38,27 @@ def cli() -> None:
 
     \b
     Examples:
+      cwca-export demo                                   # the whole pipeline on the shipped model
+      cwca-export score ./my-llama --data calib.txt --out scores.json
       cwca-export plan scores.json --program prune --sparsity 0.5 --bounds 0:0.3 --out plan.json
-      cwca-export plan scores.json --program allocate --budget 96 --out ranks.json
-      cwca-export inspect plan.json
+      cwca-export compress ./my-llama --plan plan.json --method width --data calib.txt --out small
+      cwca-export export small --out artifact --quantize int8 --max-memory 1.5GiB
+      cwca-export eval artifact --data heldout.txt
 
     Set CWCA_DEBUG=1 to see tracebacks instead of one-line errors.
     """
 
 
 def _register() -> None:
-    from cwca_export.cli import export, inspect, not_built, plan, score
+    from cwca_export.cli import compress, demo, eval, export, inspect, not_built, plan, score
 
     cli.add_command(score.score)
-
     cli.add_command(plan.plan)
+    cli.add_command(compress.compress)
     cli.add_command(inspect.inspect)
     cli.add_command(export.export)
+    cli.add_command(eval.eval_command)
+    cli.add_command(demo.demo)
     for command in not_built.COMMANDS:
         cli.add_command(command)
 

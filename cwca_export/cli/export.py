@@ -61,6 +61,10 @@ def _summary(art) -> list[str]:
 @click.option("--backend", default="optimum", show_default=True, help="Export backend: optimum or onnx (or a plug-in).")
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False), help="plan.json behind the model, recorded in the manifest.")
 @click.option("--method", help="Compression method that applies --plan (and lets a budget search re-solve it).")
+@click.option("--data", type=click.Path(exists=True, dir_okay=False),
+              help="Calibration text for --method width / wanda / sparsegpt / asvd.")
+@click.option("--samples", type=int, default=32, show_default=True, help="Calibration sequences for --data.")
+@click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per calibration sequence.")
 @click.option("--quantize", type=click.Choice(["int8", "int4"]), help="ONNX Runtime weight quantization.")
 @click.option("--exclude", multiple=True, metavar="NAME", help="Node name or module path kept in float when quantizing; repeatable.")
 @click.option("--exclude-layers", metavar="I,J-K", help="Decoder blocks kept in float when quantizing, e.g. 0,5-7.")
@@ -84,7 +88,7 @@ def _summary(art) -> list[str]:
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder (atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export(
-    model_dir, out, backend, plan_path, method, quantize, exclude, exclude_layers, block_size, dtype,
+    model_dir, out, backend, plan_path, method, data, samples, seq_len, quantize, exclude, exclude_layers, block_size, dtype,
     optimize, max_memory, max_latency_ms, max_prefill_ms, ep, batch, prompt_len, context, hardware,
     no_kv_cache, opset, external_data_threshold, runs, warmup, threads, overwrite, as_json,
 ) -> None:
@@ -132,9 +136,14 @@ def export(
     if not as_json:
         click.echo(f"exporting {model_dir} with backend {backend} ...", err=True)
     model, tokenizer = load_model(model_dir)
+    compress_options = {}
+    if data:
+        from cwca_export.data import calibration_data
+
+        compress_options["data"] = calibration_data(data, tokenizer, num_samples=samples, seq_len=seq_len, seed=0)
     artifact = run_export(
         model, plan, out, backend=backend, quantize=quantize_config, budget=budget, tokenizer=tokenizer,
-        method=method, optimize=optimize, backend_options=options,
+        method=method, optimize=optimize, backend_options=options, compress_options=compress_options,
         external_data_threshold=parse_size(external_data_threshold), overwrite=overwrite,
         warmup=warmup, runs=runs, threads=threads,
     )

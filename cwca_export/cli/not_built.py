@@ -5,10 +5,7 @@ from __future__ import annotations
 import click
 
 _STATUS = {
-    "compress": "applying a plan to a model (issue: apply a plan to the model)",
     "run": "YAML recipes running score -> plan -> compress -> export",
-    "eval": "held-out perplexity of torch models and ONNX artifacts (issue: embedded default model)",
-    "demo": "the end-to-end demo on the shipped model (issue: embedded default model)",
 }
 
 

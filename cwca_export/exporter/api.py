@@ -72,18 +72,17 @@ class Artifact:
         return verification.get("final", verification["fp32"])["parity"]
 
 
-def apply_plan(model: Any, plan: Any, method: str) -> Any:
-    """A compressed copy of ``model`` (the original is untouched) through ``cwca_export.compress``."""
+def apply_plan(model: Any, plan: Any, method: str, **compress_options: Any) -> Any:
+    """A compressed copy of ``model`` (the original is untouched) through ``cwca_export.compress``.
+
+    ``compress_options`` go to :func:`cwca_export.compress` (``data=`` calibration for
+    methods that need activations, ``rank_step=``, ``nm=`` ...).
+    """
     if plan is None:
         raise ValueError(f"compression method {method!r} needs a plan; hint: pass --plan plan.json")
-    try:
-        from cwca_export.compress import compress
-    except ImportError:
-        raise ValueError(
-            f"applying a plan with method {method!r} needs cwca_export.compress, which this version"
-            " does not include yet; hint: export the model as it is (no method), or compress it first"
-        ) from None
-    return compress(copy.deepcopy(model), plan, method=method)
+    from cwca_export.compression import compress
+
+    return compress(copy.deepcopy(model), plan, method=method, **compress_options)
 
 
 def _check_model(model: Any) -> None:
@@ -97,6 +96,17 @@ def _check_model(model: Any) -> None:
         )
     if param.device.type != "cpu":
         raise ValueError("export traces the model on the CPU; hint: model.to('cpu') first")
+    # Both backends size the KV cache from the config's head counts, one for all blocks.
+    config = model.config
+    for row in (getattr(config, "cwca_compression", None) or {}).get("blocks", []):
+        kv = row.get("num_key_value_heads")
+        if kv is not None and kv != getattr(config, "num_key_value_heads", kv):
+            from cwca_export.backends import UnsupportedModelError
+
+            raise UnsupportedModelError(
+                f"{row['name']} keeps {kv} of {config.num_key_value_heads} KV heads: ONNX export needs"
+                " the same head count in every block; hint: compress with width but without --heads"
+            )
 
 
 def export(
@@ -111,6 +121,7 @@ def export(
     method: str | None = None,
     optimize: str | None = None,
     backend_options: dict[str, Any] | None = None,
+    compress_options: dict[str, Any] | None = None,
     external_data_threshold: int = PROTOBUF_LIMIT,
     overwrite: bool = False,
     warmup: int = 3,
@@ -140,6 +151,8 @@ def export(
         method: compression method that applies ``plan`` (needs ``cwca_export.compress``).
         optimize: offline ONNX Runtime graph optimisation: ``basic``, ``extended`` or ``all``.
         backend_options: extra options for the backend (``{"with_past": False}`` for ``onnx``).
+        compress_options: keyword arguments for :func:`cwca_export.compress` when ``method``
+            applies the plan, e.g. ``{"data": calibration}`` for ``width`` or ``wanda``.
         external_data_threshold: above these graph bytes, weights go to ``model.onnx_data``.
         overwrite: replace an existing ``out_dir`` (atomically); otherwise it is an error.
         warmup, runs, threads: latency measurement settings.
@@ -171,9 +184,11 @@ def export(
         if budget.has_limits:
             from cwca_export.exporter.search import fit_budget
 
-            candidate, search, plan = fit_budget(model, plan, tokenizer, settings, budget, staging, method)
+            candidate, search, plan = fit_budget(
+                model, plan, tokenizer, settings, budget, staging, method, compress_options=compress_options
+            )
         else:
-            compressed = apply_plan(model, plan, method) if method else model
+            compressed = apply_plan(model, plan, method, **(compress_options or {})) if method else model
             candidate, search = build_candidate(compressed, tokenizer, staging.new_folder(), settings), None
         manifest = _manifest(candidate, plan, budget, search)
         write_json_atomic(candidate.folder / MANIFEST_NAME, manifest)

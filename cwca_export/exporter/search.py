@@ -54,12 +54,13 @@ class PlanKnob:
     own budget down to the lower bounds.
     """
 
-    def __init__(self, model: Any, plan: Any, method: str) -> None:
+    def __init__(self, model: Any, plan: Any, method: str, compress_options: dict[str, Any] | None = None) -> None:
         from cwca_export.exporter.api import apply_plan
 
         if plan is None:
             raise ValueError(f"method {method!r} needs a plan; hint: pass --plan plan.json")
         self.model, self.plan, self.method = model, plan, method
+        self.compress_options = dict(compress_options or {})
         self._apply = apply_plan
         self.name = "global sparsity" if plan.program == "prune" else "unit budget"
         n = np.asarray(plan.n_params, dtype=np.float64)
@@ -98,7 +99,7 @@ class PlanKnob:
             p, x=[float(v) for v in result.x], parameters=params, dual=result.dual,
             objective=result.objective, iterations=result.iterations,
         )
-        return self._apply(self.model, plan_t, self.method), plan_t
+        return self._apply(self.model, plan_t, self.method, **self.compress_options), plan_t
 
 
 def storage_ladder(budget: Budget, fixed: QuantizeConfig | None) -> list[tuple[str, QuantizeConfig | None]]:
@@ -257,6 +258,7 @@ def fit_budget(
     method: str | None = None,
     *,
     knob: Knob | None = None,
+    compress_options: dict[str, Any] | None = None,
 ) -> tuple[Candidate, dict[str, Any], Any]:
     """The least-compressed measured candidate that meets ``budget``.
 
@@ -273,7 +275,7 @@ def fit_budget(
         ``(candidate, search record for the manifest, plan of the chosen candidate)``.
     """
     if knob is None and method is not None:
-        knob = PlanKnob(model, plan, method)
+        knob = PlanKnob(model, plan, method, compress_options)
     search = _Search(tokenizer, budget, staging, knob)
     for dtype, quantize in storage_ladder(budget, settings.quantize):
         chosen = search.rung(model, dataclasses.replace(settings, dtype=dtype, quantize=quantize))

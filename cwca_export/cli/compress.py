@@ -1,0 +1,247 @@
+"""``cwca-export compress``: apply a plan to a model folder and write the compressed folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+# Names only, so --help needs no torch; compress() checks the name against the registry.
+_METHODS = ["magnitude", "wanda", "sparsegpt", "width", "lowrank", "asvd"]
+
+
+def _load(model_dir: str, dtype: str) -> tuple[Any, Any]:
+    """A dense folder through load_model; a compressed one through load_compressed."""
+    from cwca_export.compression.saving import is_compressed_folder, load_compressed
+    from cwca_export.loading import load_model
+
+    if not is_compressed_folder(model_dir):
+        return load_model(model_dir, dtype=dtype)
+    from transformers import AutoTokenizer
+
+    model = load_compressed(model_dir, dtype=dtype)
+    has_tokenizer = any(
+        (Path(model_dir) / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")
+    )
+    return model, AutoTokenizer.from_pretrained(
+        model_dir, local_files_only=True
+    ) if has_tokenizer else None
+
+
+def _describe(row: dict[str, Any]) -> tuple[str, str]:
+    """(planned, result) cells of one block's report row."""
+    if "units" in row:
+        dense = f", {len(row['dense'])} kept dense" if row["dense"] else ""
+        return (
+            f"{row['units']:g} units",
+            f"rank {row['rank']}: {len(row['factorised'])} factorised{dense}",
+        )
+    planned = f"rho {row['rho']:.4f}"
+    if "intermediate_size" in row:
+        before, after = row["intermediate_size"]
+        result = f"d_ff {before} -> {after}"
+        if "heads" in row:
+            result += f", heads {row['heads'][0]} -> {row['heads'][1]}"
+        return planned, result
+    pattern = f" ({row['nm']})" if "nm" in row else ""
+    return planned, f"sparsity {row['realised']:.4f}{pattern}"
+
+
+def _table(step: dict[str, Any]) -> str:
+    rows = step["blocks"]
+    width = max(len(r["name"]) for r in rows)
+    lines = [f"{'#':>3}  {'block':<{width}}  {'plan':>14}  result"]
+    for r in rows:
+        planned, result = _describe(r)
+        lines.append(f"{r['index']:>3}  {r['name']:<{width}}  {planned:>14}  {result}")
+    dense = sum(len(r.get("dense", {})) for r in rows)
+    if dense:
+        lines.append(
+            f"{dense} Linear(s) kept dense: their rank would not shrink them (r >= mn/(m+n))"
+        )
+    return "\n".join(lines)
+
+
+@click.command()
+@click.argument("model_dir", metavar="MODEL_DIR", type=click.Path(file_okay=False))
+@click.option(
+    "--plan",
+    "plan_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The plan.json from `cwca-export plan` (prune for sparsity/width, allocate for ranks).",
+)
+@click.option(
+    "--method",
+    type=click.Choice(_METHODS),
+    required=True,
+    help="magnitude, wanda, sparsegpt (sparsity); width (MLP channels); lowrank, asvd (ranks).",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Folder for the compressed model (written atomically; must not exist unless --overwrite).",
+)
+@click.option(
+    "--data",
+    "data_path",
+    type=click.Path(dir_okay=False),
+    help="Calibration text (.txt or .jsonl); needed by wanda, sparsegpt, asvd and width.",
+)
+@click.option(
+    "--samples", type=int, default=128, show_default=True, help="Calibration sequences N."
+)
+@click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per sequence L.")
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed for the choice of sequences."
+)
+@click.option(
+    "--text-field", default="text", show_default=True, help="JSON Lines field holding the text."
+)
+@click.option(
+    "--nm",
+    default=None,
+    metavar="N:M",
+    help="Sparsity methods: keep N of every M weights (2:4, 4:8) in blocks the plan prunes.",
+)
+@click.option(
+    "--head-sparsity",
+    type=float,
+    default=None,
+    help="Sparsity methods: also magnitude-prune lm_head and embeddings to this ratio"
+    " [default: untouched].",
+)
+@click.option(
+    "--multiple",
+    type=int,
+    default=None,
+    help="width: round kept channels to a multiple of this [default: 8].",
+)
+@click.option(
+    "--heads", is_flag=True, help="width: also remove whole KV groups with their query heads."
+)
+@click.option(
+    "--rank-step",
+    type=int,
+    default=None,
+    help="lowrank/asvd: rank per plan unit [default: the plan's rank_step, else 8].",
+)
+@click.option(
+    "--whole-model",
+    is_flag=True,
+    help="Collect every block's statistics from the dense model in one pass (the baseline)"
+    " instead of block by block.",
+)
+@click.option(
+    "--batch-size", type=int, default=1, show_default=True, help="Sequences per forward pass."
+)
+@click.option(
+    "--device",
+    default=None,
+    help="Where each block is processed, e.g. cuda [default: where the model is].",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default="float32",
+    show_default=True,
+    help="Dtype to load the weights in.",
+)
+@click.option(
+    "--no-fingerprint",
+    is_flag=True,
+    help="Apply a plan whose model fingerprint differs (same shapes).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder (atomically).")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the compression report as JSON instead of a table.",
+)
+def compress(
+    model_dir,
+    plan_path,
+    method,
+    out,
+    data_path,
+    samples,
+    seq_len,
+    seed,
+    text_field,
+    nm,
+    head_sparsity,
+    multiple,
+    heads,
+    rank_step,
+    whole_model,
+    batch_size,
+    device,
+    dtype,
+    no_fingerprint,
+    overwrite,
+    as_json,
+) -> None:
+    """Apply a plan to MODEL_DIR (a local checkpoint folder) and save the compressed model.
+
+    Ranks: a block with e_k units gets rank e_k * rank_step in each Linear; a Linear is
+    factorised only where that shrinks it (r < mn/(m+n)). The output folder's config.json
+    records the per-block shapes under cwca_compression; load it with
+    cwca_export.load_compressed.
+
+    \b
+    Examples:
+      cwca-export compress llama --plan plan.json --method wanda --data calib.txt --out llama-wanda
+      cwca-export compress llama --plan plan.json --method sparsegpt --nm 2:4 --data c.txt --out s24
+      cwca-export compress llama --plan plan.json --method width --heads --data c.txt --out narrow
+      cwca-export compress llama --plan ranks.json --method lowrank --rank-step 16 --out llama-lr
+    """
+    from cwca_export.compression import compress as run_compress
+    from cwca_export.compression.saving import save_compressed
+    from cwca_export.data import calibration_data
+    from cwca_export.plan import Plan
+
+    if Path(out).exists() and not overwrite:
+        raise click.UsageError(f"{out} already exists; pass --overwrite or another --out")
+    plan = Plan.load(plan_path)
+    given = {
+        "nm": nm,
+        "head_sparsity": head_sparsity,
+        "multiple": multiple,
+        "heads": heads or None,
+        "rank_step": rank_step,
+    }
+    options = {key: value for key, value in given.items() if value is not None}
+    model, tokenizer = _load(model_dir, dtype)
+    data = None
+    if data_path is not None:
+        data = calibration_data(
+            data_path,
+            tokenizer,
+            num_samples=samples,
+            seq_len=seq_len,
+            seed=seed,
+            text_field=text_field,
+        )
+    run_compress(
+        model,
+        plan,
+        method=method,
+        data=data,
+        batch_size=batch_size,
+        device=device,
+        sequential=not whole_model,
+        check_fingerprint=not no_fingerprint,
+        **options,
+    )
+    path = save_compressed(model, out, tokenizer=tokenizer, overwrite=overwrite)
+    step = model.config.cwca_compression["steps"][-1]
+    if as_json:
+        click.echo(json.dumps(step, indent=2))
+        return
+    click.echo(_table(step))
+    source = "" if data is None else f" on {data.num_samples} x {data.seq_len} tokens"
+    click.echo(f"{method}{source} in {step['wall_time_s']:.1f} s; wrote {path}")

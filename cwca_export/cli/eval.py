@@ -1,0 +1,42 @@
+"""``cwca-export eval``: held-out perplexity of a model folder or an ONNX artifact."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command(name="eval")
+@click.argument("path", metavar="MODEL_DIR_OR_ARTIFACT", type=click.Path(exists=True, file_okay=False))
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Held-out text: .txt, or .jsonl with a text field.")
+@click.option("--text-field", default="text", show_default=True, help="JSON Lines field holding the text.")
+@click.option("--seq-len", type=int, default=256, show_default=True, help="Window length in tokens.")
+@click.option("--stride", type=int, default=None, help="Step between windows [default: --seq-len].")
+@click.option("--max-tokens", type=int, default=None, help="Evaluate only the first N tokens.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Windows per forward.")
+@click.option("--ep", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="ONNX Runtime execution provider (artifacts only).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def eval_command(path, data, text_field, seq_len, stride, max_tokens, batch_size, ep, as_json) -> None:
+    """Measure held-out perplexity with one protocol for torch models and ONNX artifacts.
+
+    \b
+    Examples:
+      cwca-export eval ./my-llama --data heldout.txt --seq-len 256
+      cwca-export eval ./artifact --data heldout.txt --json     # ONNX Runtime, same protocol
+    """
+    from cwca_export.evaluate import evaluate
+
+    report = evaluate(path, data, seq_len=seq_len, stride=stride, batch_size=batch_size,
+                      max_tokens=max_tokens, ep=ep, text_field=text_field)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(
+        f"{report['runtime']}: perplexity {report['perplexity']:.3f} over {report['tokens']:,} tokens"
+        f" ({report['windows']} windows of {report['seq_len']}, stride {report['stride']})"
+    )
+    for key, value in report.get("measured", {}).items():
+        click.echo(f"  {key}: {json.dumps(value)}")

@@ -1,0 +1,68 @@
+"""`cwca-export eval` gives the same perplexity in torch and ONNX Runtime; the demo runs whole."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from helpers import sample_text, save_tiny_model
+
+import cwca_export
+from cwca_export.cli import cli
+from cwca_export.loading import load_model
+
+
+@pytest.fixture(scope="module")
+def dense_pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    folder = save_tiny_model("llama", root / "llama")
+    (root / "heldout.txt").write_text(sample_text() * 3)
+    model, tokenizer = load_model(folder)
+    artifact = cwca_export.export(model, None, root / "artifact", tokenizer=tokenizer, runs=2, warmup=1)
+    return folder, artifact.path, root / "heldout.txt"
+
+
+def _eval(path, data, *extra):
+    r = CliRunner().invoke(cli, ["eval", str(path), "--data", str(data), "--seq-len", "32", "--json", *extra],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return json.loads(r.output)
+
+
+def test_torch_and_onnx_runtime_perplexities_match_on_a_dense_export(dense_pair):
+    folder, artifact, data = dense_pair
+    torch_report = _eval(folder, data)
+    ort_report = _eval(artifact, data)
+    assert torch_report["runtime"] == "torch" and ort_report["runtime"].startswith("onnxruntime")
+    assert torch_report["tokens"] == ort_report["tokens"] > 500
+    assert ort_report["perplexity"] == pytest.approx(torch_report["perplexity"], rel=1e-4)
+    measured = ort_report["measured"]
+    assert measured["disk_bytes"] > 0 and measured["latency_ms"]["decode"]["p50"] > 0
+
+
+def test_eval_stride_and_token_cap(dense_pair):
+    folder, _, data = dense_pair
+    report = _eval(folder, data, "--stride", "16", "--max-tokens", "200")
+    assert report["stride"] == 16 and report["tokens"] == 199
+
+
+def test_eval_of_a_missing_file_is_one_line():
+    r = CliRunner().invoke(cli, ["eval", ".", "--data", "nope.txt"])
+    assert r.exit_code == 2 and "nope.txt" in r.output
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_on_the_shipped_model(tmp_path):
+    from cwca_export.demo import DemoConfig, run_demo
+
+    config = DemoConfig(samples=8, seq_len=64, eval_tokens=4096)
+    report = run_demo(tmp_path / "demo", config, echo=lambda _: None)
+    dense, comp = report["rows"]["dense"], report["rows"]["compressed"]
+    assert comp["disk_bytes"] < dense["disk_bytes"] / 2  # int8 plus 30% narrower MLPs
+    assert report["budget"]["met"] is True
+    assert {c["name"] for c in report["budget"]["checks"]} == {"disk_bytes", "resident_bytes", "decode_p50_ms"}
+    assert dense["perplexity"] == pytest.approx(dense["perplexity_torch"], rel=1e-4)
+    assert dense["perplexity"] < comp["perplexity"] < 2 * dense["perplexity"]
+    for name in ("scores.json", "plan.json", "report.json", "artifact/cwca_manifest.json"):
+        assert (tmp_path / "demo" / name).is_file()
