@@ -9,7 +9,8 @@ The artifact contract every backend meets, so that one verifier serves them all:
 
 - ``out_dir/model.onnx`` (external data next to it is allowed) takes ``input_ids`` (B, S)
   int64 and optionally ``attention_mask`` (B, past + S), ``position_ids`` (B, S) and the
-  KV cache ``past_key_values.{i}.key`` / ``.value`` (B, kv_heads, past, head_dim); it returns
+  KV cache ``past_key_values.{i}.key`` / ``.value`` (B, kv_heads_i, past, head_dim_i), the
+  head counts per layer (head pruning can leave blocks with different counts); it returns
   ``logits`` (B, S, vocab) and, with a cache, ``present.{i}.key`` / ``.value``.
 - ``config.json``, ``generation_config.json`` (when the model has one) and the tokenizer
   files lie next to it.

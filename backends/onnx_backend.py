@@ -20,13 +20,41 @@ DEFAULT_OPSET = 18
 
 
 def _kv_layout(config: Any) -> tuple[int, int, int]:
-    """(layers, kv_heads, head_dim) of the model's KV cache."""
+    """(layers, kv_heads, head_dim) of the model's KV cache, from the config alone."""
     layers = getattr(config, "num_hidden_layers", None) or config.n_layer
     heads = getattr(config, "num_attention_heads", None) or config.n_head
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     hidden = getattr(config, "hidden_size", None) or config.n_embd
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     return layers, kv_heads, head_dim
+
+
+def _kv_shapes(model: Any) -> list[tuple[int, int]]:
+    """(kv_heads, head_dim) of every layer's KV cache, read from its block's attention modules.
+
+    Width compression with ``heads=True`` leaves blocks with different head counts, so the
+    config's model-wide numbers describe the cache only of an unpruned model; a block whose
+    attention layout is unknown falls back to them.
+    """
+    from cwca_export.blocks import find_blocks
+    from cwca_export.compression.width import LayoutError, attention_layout
+
+    layers, kv_heads, head_dim = _kv_layout(model.config)
+    shapes = [(kv_heads, head_dim)] * layers
+    try:
+        blocks = find_blocks(model)
+    except ValueError:  # no recognisable decoder blocks: trust the config
+        return shapes
+    if len(blocks) != layers:
+        return shapes
+    for block in blocks:
+        try:
+            layout = attention_layout(block.module, block.name)
+            _, kv = layout.heads(block.module)
+            shapes[block.index] = (int(kv), layout.head_dim(block.module))
+        except (LayoutError, AttributeError):
+            continue
+    return shapes
 
 
 def _wrapper(model: Any, num_layers: int, with_past: bool):
@@ -107,7 +135,8 @@ class OnnxBackend:
         """
         import torch
 
-        layers, kv_heads, head_dim = _kv_layout(model.config)
+        shapes = _kv_shapes(model)  # per layer: blocks may keep different KV heads
+        layers = len(shapes)
         batch, past_len, seq = 2, 3, 4  # tracing sizes; every axis below is dynamic
         ids = torch.ones(batch, seq, dtype=torch.long)
         mask = torch.ones(batch, past_len + seq, dtype=torch.long)
@@ -124,7 +153,8 @@ class OnnxBackend:
             param = next(model.parameters())
             past = [
                 torch.zeros(batch, kv_heads, past_len, head_dim, dtype=param.dtype, device=param.device)
-                for _ in past_names
+                for kv_heads, head_dim in shapes
+                for _ in ("key", "value")
             ]
             dynamic |= {n: {0: "batch_size", 2: "past_sequence_length"} for n in past_names}
             dynamic |= {n: {0: "batch_size", 2: "total_sequence_length"} for n in present_names}

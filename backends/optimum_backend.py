@@ -33,6 +33,46 @@ def _known_broken(config: Any) -> str | None:
     return None
 
 
+def _per_block_heads(model: Any) -> str | None:
+    """Why the model's blocks do not match the config's head counts, if they do not.
+
+    Optimum sizes every layer's KV cache (and the attention reshapes) from the config's
+    model-wide head counts, so blocks pruned to their own head counts (width compression with
+    ``heads=True``) cannot export through it. Read from the modules, and from the recorded
+    ``cwca_compression`` blocks for layouts the modules do not reveal.
+    """
+    from cwca_export.blocks import find_blocks
+    from cwca_export.compression.width import LayoutError, attention_layout
+
+    config = model.config
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    rows = [
+        (row.get("name", f"block {i}"), row.get("num_attention_heads"), row.get("num_key_value_heads"))
+        for i, row in enumerate((getattr(config, "cwca_compression", None) or {}).get("blocks", []))
+    ]
+    try:
+        blocks = find_blocks(model)
+    except ValueError:
+        blocks = []
+    for block in blocks:
+        try:
+            q, kv = attention_layout(block.module, block.name).heads(block.module)
+        except (LayoutError, AttributeError):
+            continue
+        rows.append((block.name, q, kv))
+    for name, q, kv in rows:
+        if (kv is not None and kv_heads is not None and kv != kv_heads) or (
+            q is not None and heads is not None and q != heads
+        ):
+            return (
+                f"{name} keeps {kv} of {kv_heads} KV heads ({q} of {heads} query heads): Optimum's"
+                " export sizes every layer's KV cache from the config, so blocks with their own head"
+                " counts (width compression with heads=True) cannot go through it"
+            )
+    return None
+
+
 @register_backend("optimum")
 class OptimumBackend:
     """Optimum ``onnx_export_from_model``; verified again through ``ORTModelForCausalLM``."""
@@ -48,11 +88,11 @@ class OptimumBackend:
             out_dir: an empty folder.
             opset: ONNX opset; Optimum's default for the architecture when None.
         """
-        from optimum.exporters.onnx import onnx_export_from_model
-
-        reason = _known_broken(model.config)
+        reason = _known_broken(model.config) or _per_block_heads(model)
         if reason:
             raise UnsupportedModelError(f"{reason}; {_HINT}")
+        from optimum.exporters.onnx import onnx_export_from_model
+
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings on every shape read
             try:

@@ -96,17 +96,8 @@ def _check_model(model: Any) -> None:
         )
     if param.device.type != "cpu":
         raise ValueError("export traces the model on the CPU; hint: model.to('cpu') first")
-    # Both backends size the KV cache from the config's head counts, one for all blocks.
-    config = model.config
-    for row in (getattr(config, "cwca_compression", None) or {}).get("blocks", []):
-        kv = row.get("num_key_value_heads")
-        if kv is not None and kv != getattr(config, "num_key_value_heads", kv):
-            from cwca_export.backends import UnsupportedModelError
-
-            raise UnsupportedModelError(
-                f"{row['name']} keeps {kv} of {config.num_key_value_heads} KV heads: ONNX export needs"
-                " the same head count in every block; hint: compress with width but without --heads"
-            )
+    # Per-block head counts (width compression with heads=True) are the backends' business:
+    # ``onnx`` sizes each layer's KV cache from its block, ``optimum`` refuses such models.
 
 
 def export(

@@ -76,11 +76,22 @@ class DecoderSession:
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
         self.uses_position_ids = "position_ids" in inputs
         self.uses_attention_mask = "attention_mask" in inputs
+        # (kv_heads, head_dim) per cache tensor, in past_names order: blocks compressed with
+        # heads=True keep different KV head counts, so no one layer speaks for the others
+        self.past_shapes: list[tuple[int, int]] = []
         if self.past_names:
             first = inputs[self.past_names[0]]
             self.past_dtype = np.float16 if "float16" in first.type else np.float32
-            _, heads, _, head_dim = first.shape
-            self.kv_heads, self.head_dim = int(heads), int(head_dim)
+            for name in self.past_names:
+                _, heads, _, head_dim = inputs[name].shape
+                if not (isinstance(heads, int) and isinstance(head_dim, int)):
+                    raise ValueError(
+                        f"model.onnx: {name} has shape {inputs[name].shape}; the decoder contract"
+                        " needs fixed KV heads and head_dim (B, kv_heads, past, head_dim)"
+                    )
+                self.past_shapes.append((int(heads), int(head_dim)))
+            # the first layer's numbers, for callers that predate per-layer shapes
+            self.kv_heads, self.head_dim = self.past_shapes[0]
 
     @property
     def has_past(self) -> bool:
@@ -91,13 +102,15 @@ class DecoderSession:
         """Bytes of the keys and values for ``batch`` sequences of ``length`` tokens."""
         if not self.has_past:
             return 0
-        per = batch * self.kv_heads * length * self.head_dim * np.dtype(self.past_dtype).itemsize
-        return per * len(self.past_names)
+        itemsize = np.dtype(self.past_dtype).itemsize
+        return sum(batch * heads * length * head_dim * itemsize for heads, head_dim in self.past_shapes)
 
     def empty_past(self, batch: int, length: int = 0) -> list[np.ndarray]:
         """A zero KV cache of ``length`` tokens (length 0 for a prefill)."""
-        shape = (batch, self.kv_heads, length, self.head_dim)
-        return [np.zeros(shape, dtype=self.past_dtype) for _ in self.past_names]
+        return [
+            np.zeros((batch, heads, length, head_dim), dtype=self.past_dtype)
+            for heads, head_dim in self.past_shapes
+        ]
 
     def feed(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray] | None
