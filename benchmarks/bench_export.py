@@ -42,32 +42,19 @@ CONFIG = {
 WORKLOAD = {"batch": 1, "prompt_len": 32, "context": 128}
 
 
-def _narrow_mlp(mlp: nn.Module, keep: int) -> None:
-    for name in ("gate_proj", "up_proj"):
-        old = getattr(mlp, name)
-        new = nn.Linear(old.in_features, keep, bias=False)
-        new.weight.data = old.weight.data[:keep].clone()
-        setattr(mlp, name, new)
-    old = mlp.down_proj
-    mlp.down_proj = nn.Linear(keep, old.out_features, bias=False)
-    mlp.down_proj.weight.data = old.weight.data[:, :keep].clone()
-
-
-def _factorise(parent: nn.Module, name: str, rank: int) -> None:
-    old = getattr(parent, name)
-    u, s, vh = torch.linalg.svd(old.weight.data, full_matrices=False)
-    first, second = nn.Linear(old.in_features, rank, bias=False), nn.Linear(rank, old.out_features, bias=False)
-    first.weight.data = (s[:rank].sqrt()[:, None] * vh[:rank]).contiguous()
-    second.weight.data = (u[:, :rank] * s[:rank].sqrt()).contiguous()
-    setattr(parent, name, nn.Sequential(first, second))
-
-
 def compressed_copy(model: nn.Module) -> nn.Module:
     """Heterogeneous MLP widths (1/2 .. 1/4 of 1024) and a rank-32 q_proj in every block."""
+    from cwca_export.compression.lowrank import factorised_linear, svd_factors
+    from cwca_export.compression.width import narrow_linear
+
     model = copy.deepcopy(model)
-    for i, layer in enumerate(model.model.layers):
-        _narrow_mlp(layer.mlp, [512, 384, 256, 384][i % 4])
-        _factorise(layer.self_attn, "q_proj", 32)
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            keep = torch.arange([512, 384, 256, 384][i % 4])
+            for name, dim in (("gate_proj", "out"), ("up_proj", "out"), ("down_proj", "in")):
+                narrow_linear(getattr(layer.mlp, name), dim, keep)
+            q = layer.self_attn.q_proj
+            layer.self_attn.q_proj = factorised_linear(q, *svd_factors(q.weight, 32))
     return model
 
 

@@ -153,3 +153,27 @@ def save_tiny_model(family: str, path: str | Path, **overrides: Any) -> Path:
     tiny_model(family, **overrides).save_pretrained(path, safe_serialization=True)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+def shrink_mlp(model, block: int, keep: int) -> None:
+    """Keep the first ``keep`` MLP channels of a Llama-layout block (heterogeneous widths)."""
+    from cwca_export.compression.width import narrow_linear
+
+    mlp = model.model.layers[block].mlp
+    index = torch.arange(keep)
+    narrow_linear(mlp.gate_proj, "out", index)
+    narrow_linear(mlp.up_proj, "out", index)
+    narrow_linear(mlp.down_proj, "in", index)
+
+
+def factorise(model, path: str, rank: int) -> None:
+    """Replace the Linear (or Conv1D) at ``path`` by two Linears of rank ``rank`` (truncated SVD)."""
+    from cwca_export.blocks import weight_out_in
+    from cwca_export.compression.lowrank import factorised_linear, svd_factors
+
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    old = getattr(parent, name)
+    with torch.no_grad():
+        a, b = svd_factors(weight_out_in(old), rank)
+        setattr(parent, name, factorised_linear(old, a, b))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from helpers import save_tiny_model, tiny_model
-from test_export import factorise, shrink_mlp
+from helpers import factorise, shrink_mlp
 
 import cwca_export
 from cwca_export.backends import get_backend

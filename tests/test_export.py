@@ -13,8 +13,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from helpers import sample_text, save_tiny_model, tiny_model, tiny_tokenizer
-from torch import nn
+from helpers import factorise, sample_text, save_tiny_model, shrink_mlp, tiny_model, tiny_tokenizer
 
 import cwca_export
 from cwca_export.backends import UnsupportedModelError
@@ -27,35 +26,6 @@ from cwca_export.exporter.session import DecoderSession, make_session
 
 # small workload: measurement is part of every export
 FAST = {"budget": Budget(prompt_len=8, context=24), "runs": 3, "warmup": 1}
-
-
-def shrink_mlp(model: nn.Module, block: int, keep: int) -> None:
-    """Keep the first ``keep`` MLP channels of a Llama-layout block (heterogeneous widths)."""
-    mlp = model.model.layers[block].mlp
-    for name in ("gate_proj", "up_proj"):
-        old = getattr(mlp, name)
-        new = nn.Linear(old.in_features, keep, bias=False)
-        new.weight.data = old.weight.data[:keep].clone()
-        setattr(mlp, name, new)
-    old = mlp.down_proj
-    mlp.down_proj = nn.Linear(keep, old.out_features, bias=False)
-    mlp.down_proj.weight.data = old.weight.data[:, :keep].clone()
-
-
-def factorise(model: nn.Module, path: str, rank: int) -> None:
-    """Replace the Linear (or Conv1D) at ``path`` by two Linears of rank ``rank`` (truncated SVD)."""
-    parent_path, _, name = path.rpartition(".")
-    parent = model.get_submodule(parent_path)
-    old = getattr(parent, name)
-    weight = old.weight.data if isinstance(old, nn.Linear) else old.weight.data.T  # (out, in)
-    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
-    first = nn.Linear(weight.shape[1], rank, bias=False)
-    second = nn.Linear(rank, weight.shape[0], bias=old.bias is not None)
-    first.weight.data = (s[:rank].sqrt()[:, None] * vh[:rank]).contiguous()
-    second.weight.data = (u[:, :rank] * s[:rank].sqrt()).contiguous()
-    if old.bias is not None:
-        second.bias.data = old.bias.data.clone()
-    setattr(parent, name, nn.Sequential(first, second))
 
 
 @pytest.fixture(scope="module")
