@@ -16,6 +16,7 @@ import numpy as np
 
 from cwca_export import solver
 from cwca_export._jsonio import check_versioned, read_versioned, warn_unknown, write_json_atomic
+from cwca_export.curve_solver import CurveForm, solve_pruning_curves
 from cwca_export.scores import DEFAULT_Q_FLOOR_TAU, LayerScores
 from cwca_export.versions import library_versions
 
@@ -300,6 +301,107 @@ def plan_allocation(
         "gap_bound": result.gap_bound,
     }
     return _make_plan("allocate", scores, q, result, lo_v, hi_v, cost_v, params)
+
+
+def damage_curves(scores: LayerScores) -> tuple[np.ndarray, np.ndarray]:
+    """The measured damage curves a ``damage`` scores file holds: ``(points, damage[K, P])``.
+
+    Raises:
+        ValueError: the scores hold no ``damage@RATIO`` statistics (another estimator).
+    """
+    found = sorted((float(name.partition("@")[2]), name) for name in scores.stats if name.startswith("damage@"))
+    if not found:
+        raise ValueError(
+            f"scores from method {scores.method!r} hold no measured damage curves;"
+            " hint: cwca-export score MODEL --data FILE --method damage"
+        )
+    points = np.array([p for p, _ in found])
+    damage = np.array([scores.stats[name] for _, name in found], dtype=np.float64).T
+    return points, damage
+
+
+def plan_from_damage(
+    scores: LayerScores,
+    sparsity: float,
+    *,
+    form: CurveForm = "piecewise",
+    lo: float | Sequence[float] = 0.0,
+    hi: float | Sequence[float] = 0.95,
+    lo_blocks: Mapping[int, float] | None = None,
+    hi_blocks: Mapping[int, float] | None = None,
+) -> Plan:
+    """Minimise the total measured single-block damage at a global sparsity (one dual).
+
+    Each block keeps its own measured curve (see :mod:`cwca_export.curve_solver`) instead of
+    the common psi of :func:`plan_pruning`.
+
+    Args:
+        scores: written by the ``damage`` estimator (``damage@RATIO`` statistics per block).
+        sparsity: global fraction of the blocks' prunable weights to remove.
+        form: ``"piecewise"`` (convex envelope of the probes) or ``"power"`` (a rho^b fit).
+        lo, hi, lo_blocks, hi_blocks: bounds, as in :func:`plan_pruning`.
+
+    Example:
+        >>> s = LayerScores("damage", zeta2=[0.1, 1.0], n_params=[100, 100],
+        ...     stats={"damage@0.5": [0.1, 1.0], "damage@1": [0.4, 4.0]})
+        >>> plan_from_damage(s, 0.5, hi=0.75).x
+        [0.75, 0.25]
+    """
+    points, damage = damage_curves(scores)
+    k = scores.num_blocks
+    lo_v = _per_block("lo", lo, k, lo_blocks)
+    hi_v = _per_block("hi", hi, k, hi_blocks)
+    result = solve_pruning_curves(points, damage, scores.n_params, sparsity, lo=lo_v, hi=hi_v, form=form)
+    params = {"sparsity": sparsity, "rule": "damage", "form": form, "points": points.tolist()}
+    return _make_plan("prune", scores, scores.qualities(), result, lo_v, hi_v, None, params)
+
+
+def plan_band(
+    scores: LayerScores,
+    sparsity: float,
+    *,
+    width: float,
+    lo: float = 0.0,
+    hi: float = 1.0,
+) -> Plan:
+    """The heuristics' linear map: scores min-max scaled into ratios in [S - width, S + width].
+
+    The highest-scoring block gets S - width, the lowest S + width, then one offset (found by
+    bisection, so clipping to [lo, hi] keeps the target) makes the weighted mean exactly S.
+    OWL (``owl`` scores, width = lambda = 0.08) and LayerIF (``layerif`` scores, its min-max
+    map with epsilon = width) are this rule.
+
+    Example:
+        >>> s = LayerScores("owl", zeta2=[3.0, 2.0, 1.0], n_params=[10, 10, 10])
+        >>> [round(r, 3) for r in plan_band(s, 0.5, width=0.08).x]
+        [0.42, 0.5, 0.58]
+    """
+    if not (np.isfinite(width) and width >= 0):
+        raise ValueError(f"width: the band half-width must be a finite number >= 0, got {width!r}")
+    if not 0 <= lo <= sparsity <= hi <= 1:
+        raise ValueError(f"sparsity {sparsity:g}: needs lo <= sparsity <= hi within [0, 1] (lo {lo:g}, hi {hi:g})")
+    z = np.asarray(scores.zeta2, dtype=np.float64)
+    n = np.asarray(scores.n_params, dtype=np.float64)
+    span = z.max() - z.min()
+    unit = (z - z.min()) / span if span > 0 else np.full(z.size, 0.5)
+    raw = sparsity + width * (1.0 - 2.0 * unit)
+    need = sparsity * n.sum()
+
+    def excess(offset: float) -> float:
+        return float(n @ np.clip(raw + offset, lo, hi) - need)
+
+    a, b = -1.0 - width, 1.0 + width  # excess(a) <= 0 <= excess(b)
+    for _ in range(200):
+        m = 0.5 * (a + b)
+        if excess(m) < 0:
+            a = m
+        else:
+            b = m
+    rho = np.clip(raw + 0.5 * (a + b), lo, hi)
+    k = z.size
+    result = solver.SolverResult(rho, 0.5 * (a + b), 0.0, 200)  # a rule, not a program: no objective
+    params = {"sparsity": sparsity, "rule": "band", "width": width}
+    return _make_plan("prune", scores, scores.qualities(), result, np.full(k, lo), np.full(k, hi), None, params)
 
 
 def _make_plan(program, scores, q, result, lo_v, hi_v, cost_v, params) -> Plan:

@@ -97,6 +97,29 @@ def _table(plan) -> str:
     show_default=True,
     help="allocate: whole units (ranks, experts) or the continuous optimum.",
 )
+@click.option(
+    "--rule",
+    type=click.Choice(["auto", "cwca", "damage", "band"]),
+    default="auto",
+    show_default=True,
+    help="prune: cwca = the MDL program on q_k; damage = measured per-block curves (scores from"
+    " --method damage); band = the OWL / LayerIF linear map into [S - band, S + band];"
+    " auto = damage when the scores hold curves, else cwca.",
+)
+@click.option(
+    "--band",
+    type=float,
+    default=None,
+    help="prune: keep every block within [S - BAND, S + BAND] (OWL-style); the map's half-width"
+    " for --rule band (OWL 0.08, LayerIF 0.3).",
+)
+@click.option(
+    "--form",
+    type=click.Choice(["piecewise", "power"]),
+    default="piecewise",
+    show_default=True,
+    help="prune, rule damage: convex piecewise-linear envelope of the probes, or a rho^b fit.",
+)
 @click.option("--tau", type=float, default=0.05, show_default=True, help="Quality floor: tau * median q.")
 @click.option(
     "--out",
@@ -108,7 +131,7 @@ def _table(plan) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON instead of a table.")
 def plan(
     scores_path, program, sparsity, budget, lo, hi, bounds, eta, kappa, psi, gamma, beta, alpha, cost,
-    integer, tau, out, as_json,
+    integer, rule, band, form, tau, out, as_json,
 ) -> None:
     """Solve the pruning or capacity-allocation program from SCORES (a scores.json).
 
@@ -117,8 +140,10 @@ def plan(
       cwca-export plan scores.json --program prune --sparsity 0.5 --bounds 0:0.3 --hi 0.8
       cwca-export plan scores.json --program prune --sparsity 0.7 --kappa 0.25 --psi log
       cwca-export plan scores.json --program allocate --budget 96 --lo 4 --hi 64
+      cwca-export plan damage.json --sparsity 0.7 --band 0.2      # measured curves, OWL-style band
+      cwca-export plan owl.json --sparsity 0.7 --rule band --band 0.08   # the OWL baseline
     """
-    from cwca_export.plan import plan_allocation, plan_pruning
+    from cwca_export.plan import plan_allocation, plan_band, plan_from_damage, plan_pruning
     from cwca_export.scores import LayerScores
 
     if program == "prune" and sparsity is None:
@@ -132,11 +157,23 @@ def plan(
     lo_blocks, hi_blocks = parse_bounds(bounds)
     scores = LayerScores.load(scores_path)
     if program == "prune":
-        result = plan_pruning(
-            scores, sparsity, eta=eta, kappa=kappa, lo=lo, hi=0.95 if hi is None else hi,
-            lo_blocks=lo_blocks, hi_blocks=hi_blocks, psi=psi, tau=tau,
-        )
+        hi = 0.95 if hi is None else hi
+        if rule == "auto":
+            rule = "damage" if any(name.startswith("damage@") for name in scores.stats) else "cwca"
+        if rule == "band":
+            if band is None:
+                raise click.UsageError("--rule band needs --band (OWL uses 0.08, LayerIF 0.3)")
+            result = plan_band(scores, sparsity, width=band, lo=lo, hi=hi)
+        else:
+            if band is not None:
+                lo, hi = max(lo, sparsity - band), min(hi, sparsity + band)
+            common = dict(lo=lo, hi=hi, lo_blocks=lo_blocks, hi_blocks=hi_blocks)
+            if rule == "damage":
+                result = plan_from_damage(scores, sparsity, form=form, **common)
+            else:
+                result = plan_pruning(scores, sparsity, eta=eta, kappa=kappa, psi=psi, tau=tau, **common)
         summary = (
+            f"rule {rule}; "
             f"global sparsity {result.global_sparsity:.6f} (target {sparsity:g});"
             f" dual {result.dual:.4g}; objective {result.objective:.6g};"
             f" {result.iterations} dual evaluations"
