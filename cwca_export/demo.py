@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO_MODEL = ASSETS / "demo-llama"
 TRAIN_TEXT = ASSETS / "text" / "train.txt"
 HELDOUT_TEXT = ASSETS / "text" / "heldout.txt"
+_DEMO_OPTIONS = {"method", "sparsity", "quantize", "max_memory", "max_latency_ms"}  # `cwca-export demo`
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ def run_demo(
     from cwca_export.exporter.api import export
     from cwca_export.loading import load_model
     from cwca_export.plan import plan_pruning
+    from cwca_export.report import build_report, write_bytes_atomic
     from cwca_export.scoring import score
 
     out = Path(out_dir)
@@ -139,13 +142,64 @@ def run_demo(
             "compressed_model": str(out / "compressed"),
             "dense_artifact": str(dense.path),
             "artifact": str(artifact.path),
+            "html": str(out / "report.html"),
         },
         "seconds": timings,
+        "commands": demo_commands(out, config, model_dir),
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_bytes_atomic(out / "report.json", (json.dumps(report, indent=2, default=str) + "\n").encode())
+    page = build_report(out)
     echo(format_table(rows))
-    echo(f"artifact: {artifact.path}\nreport:   {out / 'report.json'}")
+    echo(f"artifact: {artifact.path}\nreport:   {out / 'report.json'}\nhtml:     {page}")
     return report
+
+
+def demo_commands(out: Path, config: DemoConfig, model_dir: str | Path = DEMO_MODEL) -> list[str]:
+    """The demo as one command, then the CLI commands equivalent to each of its steps."""
+    q = shlex.quote
+
+    def at(name: str) -> str:
+        return q(str(Path(out) / name))
+
+    model, outq, train, heldout = q(str(model_dir)), q(str(out)), q(str(TRAIN_TEXT)), q(str(HELDOUT_TEXT))
+    calib = f"--data {train} --samples {config.samples} --seq-len {config.seq_len} --seed 0"
+    workload = f"--prompt-len {config.prompt_len} --context {config.context}"
+    limits = ""
+    if config.max_memory is not None:
+        limits += f" --max-memory {config.max_memory}"
+    if config.max_latency_ms is not None:
+        limits += f" --max-latency-ms {config.max_latency_ms:g}"
+    quantize = f" --quantize {config.quantize}" if config.quantize else ""
+    default = DemoConfig()
+    hidden = {  # settings `cwca-export demo` has no option for
+        k: v for k, v in config.__dict__.items()
+        if getattr(default, k) != v and (k not in _DEMO_OPTIONS or v is None)
+    }
+    if Path(model_dir) != DEMO_MODEL:
+        hidden["model_dir"] = str(model_dir)
+    if hidden:
+        args = ", ".join(f"{k}={v!r}" for k, v in hidden.items())
+        demo = f"# Python: run_demo({str(out)!r}, DemoConfig({args}))"
+    else:
+        demo = (f"cwca-export demo --out {outq} --method {config.method} --sparsity {config.sparsity:g}"
+                f" --quantize {config.quantize or 'none'}{limits}")
+    evals = [
+        f"cwca-export eval {p} --data {heldout} --seq-len {config.eval_seq_len} --max-tokens {config.eval_tokens}"
+        for p in (model, at("dense-artifact"), at("compressed"), at("artifact"))
+    ]
+    return [
+        demo,
+        "# the same steps one by one:",
+        f"cwca-export score {model} {calib} --method {config.method} --no-wall-time --out {at('scores.json')}",
+        f"cwca-export plan {at('scores.json')} --program prune --sparsity {config.sparsity:g} --hi {config.hi:g}"
+        f" --out {at('plan.json')}",
+        f"cwca-export compress {model} --plan {at('plan.json')} --method width {calib} --out {at('compressed')}",
+        f"cwca-export export {model} --out {at('dense-artifact')} {workload}",
+        f"cwca-export export {at('compressed')} --plan {at('plan.json')} --out {at('artifact')}{quantize}"
+        f"{limits} {workload}",
+        *evals,
+        f"cwca-export report {outq}",
+    ]
 
 
 def _row(artifact, torch_ppl: float, ort_ppl: float) -> dict[str, Any]:

@@ -44,13 +44,14 @@ def cli() -> None:
       cwca-export compress ./my-llama --plan plan.json --method width --data calib.txt --out small
       cwca-export export small --out artifact --quantize int8 --max-memory 1.5GiB
       cwca-export eval artifact --data heldout.txt
+      cwca-export report cwca-demo                       # layers.png and report.html
 
     Set CWCA_DEBUG=1 to see tracebacks instead of one-line errors.
     """
 
 
 def _register() -> None:
-    from cwca_export.cli import compress, demo, eval, export, inspect, not_built, plan, score
+    from cwca_export.cli import compress, demo, eval, export, inspect, not_built, plan, report, score
 
     cli.add_command(score.score)
     cli.add_command(plan.plan)
@@ -59,6 +60,7 @@ def _register() -> None:
     cli.add_command(export.export)
     cli.add_command(eval.eval_command)
     cli.add_command(demo.demo)
+    cli.add_command(report.report)
     for command in not_built.COMMANDS:
         cli.add_command(command)
 

@@ -9,8 +9,8 @@ import click
 
 @click.command(name="eval")
 @click.argument("path", metavar="MODEL_DIR_OR_ARTIFACT", type=click.Path(exists=True, file_okay=False))
-@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="Held-out text: .txt, or .jsonl with a text field.")
+@click.option("--data", type=click.Path(exists=True, dir_okay=False),
+              help="Held-out text: .txt, or .jsonl with a text field (required unless --lm-eval-tasks).")
 @click.option("--text-field", default="text", show_default=True, help="JSON Lines field holding the text.")
 @click.option("--seq-len", type=int, default=256, show_default=True, help="Window length in tokens.")
 @click.option("--stride", type=int, default=None, help="Step between windows [default: --seq-len].")
@@ -18,25 +18,48 @@ import click
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Windows per forward.")
 @click.option("--ep", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="ONNX Runtime execution provider (artifacts only).")
+@click.option("--lm-eval-tasks", "lm_eval_tasks", metavar="TASKS", default=None,
+              help="Also run lm-eval-harness tasks, comma-separated (torch folders; needs the eval extra).")
+@click.option("--lm-eval-include", "lm_eval_include", type=click.Path(exists=True, file_okay=False),
+              default=None, help="Folder of your own lm-eval task YAMLs (e.g. reading local data files).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def eval_command(path, data, text_field, seq_len, stride, max_tokens, batch_size, ep, as_json) -> None:
+def eval_command(path, data, text_field, seq_len, stride, max_tokens, batch_size, ep, lm_eval_tasks,
+                 lm_eval_include, as_json) -> None:
     """Measure held-out perplexity with one protocol for torch models and ONNX artifacts.
 
     \b
     Examples:
       cwca-export eval ./my-llama --data heldout.txt --seq-len 256
       cwca-export eval ./artifact --data heldout.txt --json     # ONNX Runtime, same protocol
+      cwca-export eval ./narrow --lm-eval-tasks hellaswag,arc_easy  # pip install 'cwca-export[eval]'
     """
-    from cwca_export.evaluate import evaluate
+    if data is None and lm_eval_tasks is None:
+        raise click.UsageError("give --data (held-out perplexity) or --lm-eval-tasks (lm-eval-harness)")
+    report: dict = {}
+    if lm_eval_tasks is not None:
+        from cwca_export.lm_eval_bridge import run_lm_eval
 
-    report = evaluate(path, data, seq_len=seq_len, stride=stride, batch_size=batch_size,
-                      max_tokens=max_tokens, ep=ep, text_field=text_field)
+        # before the perplexity run, so a missing extra or an artifact path fails at once
+        lm_eval_report = run_lm_eval(path, lm_eval_tasks, include_path=lm_eval_include)
+    if data is not None:
+        from cwca_export.evaluate import evaluate
+
+        report = evaluate(path, data, seq_len=seq_len, stride=stride, batch_size=batch_size,
+                          max_tokens=max_tokens, ep=ep, text_field=text_field)
+    if lm_eval_tasks is not None:
+        report["lm_eval"] = lm_eval_report
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    click.echo(
-        f"{report['runtime']}: perplexity {report['perplexity']:.3f} over {report['tokens']:,} tokens"
-        f" ({report['windows']} windows of {report['seq_len']}, stride {report['stride']})"
-    )
-    for key, value in report.get("measured", {}).items():
-        click.echo(f"  {key}: {json.dumps(value)}")
+    if data is not None:
+        click.echo(
+            f"{report['runtime']}: perplexity {report['perplexity']:.3f} over {report['tokens']:,} tokens"
+            f" ({report['windows']} windows of {report['seq_len']}, stride {report['stride']})"
+        )
+        for key, value in report.get("measured", {}).items():
+            click.echo(f"  {key}: {json.dumps(value)}")
+    if lm_eval_tasks is not None:
+        for task, metrics in (report["lm_eval"].get("results") or {}).items():
+            shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                              for k, v in metrics.items() if k != "alias")
+            click.echo(f"lm-eval {task}: {shown}")
