@@ -6,7 +6,10 @@ plan can be re-solved without re-scoring; `qualities()` is where DESIGN 2.1's fl
 
 from __future__ import annotations
 
+import math
 import os
+import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,71 @@ from cwca_export._jsonio import check_versioned, read_versioned, warn_unknown, w
 
 SCORES_SCHEMA_VERSION = 1
 DEFAULT_Q_FLOOR_TAU = 0.05  # q_min = tau * median(q > 0): a zero-gain block never gets an unbounded ratio
+# A block is "within noise" when snr < this, i.e. its score is below twice its noise floor:
+# sampling noise makes up at least half of the score. A share, not a significance test.
+NOISE_SNR_THRESHOLD = 1.0
+SNR_MAX = 1e12  # snr written when the floor vanishes (JSON has no infinity)
+
+
+class ScoreNoiseWarning(UserWarning):
+    """Most blocks score within their noise floor: the block ranking is mostly sampling noise."""
+
+
+def signal_to_noise(score: float, noise_floor: float) -> float:
+    """snr = (score - noise_floor) / noise_floor: the estimated signal over the noise floor.
+
+    ``score`` is the raw (biased) score and ``noise_floor`` the part of its expectation that
+    sampling noise contributes, so ``score - noise_floor`` is the debiased score: snr is about
+    0 for a block whose mean gradient is zero and grows with the signal. It lies in
+    [-1, SNR_MAX]; a zero floor gives 0 for a zero score and SNR_MAX otherwise.
+
+    Example:
+        >>> signal_to_noise(3.0, 1.0), signal_to_noise(1.0, 1.0), signal_to_noise(0.0, 0.0)
+        (2.0, 0.0, 0.0)
+    """
+    if not (math.isfinite(score) and math.isfinite(noise_floor)):
+        raise ValueError(f"signal_to_noise: score {score} and noise floor {noise_floor} must be finite")
+    if noise_floor <= 0:
+        return 0.0 if score <= 0 else SNR_MAX
+    return min((score - noise_floor) / noise_floor, SNR_MAX)
+
+
+def within_noise(snr: Sequence[float], threshold: float = NOISE_SNR_THRESHOLD) -> list[bool]:
+    """Per block, whether snr < ``threshold`` (default: the score is below twice its floor)."""
+    return [float(s) < threshold for s in snr]
+
+
+def warn_if_within_noise(
+    snr: Sequence[float], *, method: str, samples: int, debiased: bool = False, stacklevel: int = 2
+) -> int:
+    """Count the blocks within noise and warn (:class:`ScoreNoiseWarning`) when they are most.
+
+    Args:
+        snr: per-block :func:`signal_to_noise`.
+        method: the estimator, named in the hint.
+        samples: N calibration sequences, named in the message.
+        debiased: the scores are already debiased (the hint then leaves ``--debias`` out).
+        stacklevel: as for :func:`warnings.warn`, counted from this function's caller
+            (2, the default, names the caller's caller).
+
+    Returns:
+        The number of blocks within noise.
+    """
+    count = sum(within_noise(snr))
+    if 2 * count > len(snr):
+        hints = ["score more sequences (num_samples / --samples)"]
+        if not debiased:
+            hints.append("debias the scores (debias=True / --debias)")
+        hints.append("use obd, which has no noise floor" if method == "gradnorm"
+                     else "switch to gradnorm (a differently weighted floor) or obd (no floor)")
+        warnings.warn(
+            f"{count} of {len(snr)} blocks score within their noise floor ({method}, N = {samples}:"
+            f" snr < {NOISE_SNR_THRESHOLD:g}, noise is at least half of the score), so the block"
+            f" ranking is mostly sampling noise; hint: {', '.join(hints[:-1])} or {hints[-1]}",
+            ScoreNoiseWarning,
+            stacklevel=stacklevel + 1,
+        )
+    return count
 
 
 def qualities(zeta2: np.ndarray, tau: float = DEFAULT_Q_FLOOR_TAU) -> np.ndarray:
@@ -31,7 +99,7 @@ def qualities(zeta2: np.ndarray, tau: float = DEFAULT_Q_FLOOR_TAU) -> np.ndarray
 
     Example:
         >>> qualities(np.array([0.0, 1.0, 3.0])).round(4).tolist()
-        [0.0125, 0.25, 0.75]
+        [0.025, 0.25, 0.75]
     """
     z = np.asarray(zeta2, dtype=np.float64)
     if z.ndim != 1 or z.size == 0:
@@ -59,7 +127,8 @@ class LayerScores:
         n_params: prunable weights n_k per block (the pruning program's weights).
         block_names: module path of each block, e.g. ``model.layers.0``.
         stats: every other raw per-block statistic, by name (``grad_sq_norm``,
-            ``fisher_trace``, ``zeta2_noise_ratio`` = zeta2 * N / n_k, ...).
+            ``fisher_trace``, ``zeta2_noise_ratio`` = zeta2 * N / n_k, ``noise_floor`` and
+            ``snr`` for the methods with a noise floor, ...).
         samples: calibration sequences N; tokens: tokens seen.
         settings: estimator settings (damping, seq_len, seed, ...).
         model: provenance of the model (``fingerprint``, ``name_or_path``, ``architecture``).
@@ -106,6 +175,12 @@ class LayerScores:
     @property
     def num_blocks(self) -> int:
         return len(self.zeta2)
+
+    def within_noise(self, threshold: float = NOISE_SNR_THRESHOLD) -> list[bool] | None:
+        """Per block, whether its score is within noise (``stats["snr"]`` < threshold);
+        None for methods that record no snr."""
+        snr = self.stats.get("snr")
+        return None if snr is None else within_noise(snr, threshold)
 
     def qualities(self, tau: float = DEFAULT_Q_FLOOR_TAU) -> np.ndarray:
         """The floored qualities q_k of DESIGN 2.1 (see :func:`qualities`)."""

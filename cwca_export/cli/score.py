@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import click
 
 # Names only, so --help needs no torch; score() checks the name against the registry.
-_METHODS = ["fisher", "kfac", "exact", "gradnorm", "obd", "layerif", "owl", "uniform"]
+_METHODS = ["fisher", "kfac", "exact", "gradnorm", "obd", "layerif", "owl", "uniform", "damage"]
 
 
 def _table(scores) -> str:
     q = scores.qualities()
     width = max(len(n) for n in scores.block_names)
-    lines = [f"{'#':>3}  {'block':<{width}}  {'n_k':>12}  {'zeta2':>12}  {'q_k':>8}  {'zeta2*N/n_k':>11}"]
+    floor, snr = scores.stats.get("noise_floor"), scores.stats.get("snr")
+    noisy = floor is not None and snr is not None
+    lines = [f"{'#':>3}  {'block':<{width}}  {'n_k':>12}  {'zeta2':>12}  {'q_k':>8}  {'zeta2*N/n_k':>11}"
+             + (f"  {'noise floor':>12}  {'snr':>9}" if noisy else "")]
     for i, name in enumerate(scores.block_names):
         lines.append(
             f"{i:>3}  {name:<{width}}  {scores.n_params[i]:>12,}  {scores.zeta2[i]:12.5g}  {q[i]:8.4f}"
             f"  {scores.stats['zeta2_noise_ratio'][i]:11.4g}"
+            + (f"  {floor[i]:12.5g}  {snr[i]:9.3g}" if noisy else "")
         )
     return "\n".join(lines)
 
@@ -37,7 +42,10 @@ def _table(scores) -> str:
               help="delta: lambda_k = delta * mean curvature diagonal (or lambda with --absolute-damping).")
 @click.option("--absolute-damping", is_flag=True, help="Use --damping as lambda itself.")
 @click.option("--batch-size", type=int, default=1, show_default=True,
-              help="Sequences per forward/backward (kfac, owl; the others need 1).")
+              help="Sequences per forward/backward (kfac, owl, damage; the others need 1).")
+@click.option("--option", "method_options", multiple=True, metavar="KEY=VALUE",
+              help="Estimator option, repeatable: e.g. --option pruner=magnitude --option points=0.3,0.5,0.7"
+                   " (damage), --option cg_max_iter=20 (exact).")
 @click.option("--text-field", default="text", show_default=True, help="JSON Lines field holding the text.")
 @click.option("--allow-fewer", is_flag=True, help="Score on fewer sequences when the data is too short.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
@@ -49,6 +57,8 @@ def _table(scores) -> str:
 @click.option("--device-map", default=None, help="accelerate placement for offload, e.g. auto.")
 @click.option("--max-memory", multiple=True, metavar="DEVICE=SIZE",
               help="Per-device cap with --device-map, repeatable: cpu=8GiB, 0=20GiB.")
+@click.option("--debias", is_flag=True,
+              help="Score with max(zeta2 - noise floor, 0), the debiased estimate (fisher, gradnorm).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the folder's own modelling code.")
 @click.option("--no-wall-time", is_flag=True, help="Leave wall time out (byte-identical reruns).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
@@ -57,8 +67,8 @@ def _table(scores) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON instead of a table.")
 def score(
     model_dir, data_path, method, samples, seq_len, seed, held_out, damping, absolute_damping, batch_size,
-    text_field, allow_fewer, dtype, mixed_precision, cpu, gradient_checkpointing, device_map, max_memory,
-    trust_remote_code, no_wall_time, no_progress, out, as_json,
+    method_options, text_field, allow_fewer, dtype, mixed_precision, cpu, gradient_checkpointing, device_map,
+    max_memory, debias, trust_remote_code, no_wall_time, no_progress, out, as_json,
 ) -> None:
     """Score every decoder block of MODEL_DIR (a local checkpoint folder) on calibration text.
 
@@ -68,6 +78,7 @@ def score(
       cwca-export score models/llama --data c4.jsonl --method kfac --batch-size 4 --out kfac.json
       torchrun --nproc_per_node 2 -m cwca_export score models/llama --data calib.txt --cpu
     """
+    from cwca_export.scores import ScoreNoiseWarning
     from cwca_export.scoring import score as run_score
 
     caps = {}
@@ -76,14 +87,33 @@ def score(
         if not sep or not size:
             raise click.BadParameter(f"{spec!r}: expected DEVICE=SIZE, e.g. cpu=8GiB", param_hint="--max-memory")
         caps[int(device) if device.isdigit() else device] = size
-    scores = run_score(
-        model_dir, data_path, method=method, num_samples=samples, seq_len=seq_len, seed=seed,
-        held_out=held_out, allow_fewer=allow_fewer, text_field=text_field, damping=damping,
-        damping_mode="absolute" if absolute_damping else "relative", batch_size=batch_size, dtype=dtype,
-        mixed_precision=mixed_precision, cpu=cpu, gradient_checkpointing=gradient_checkpointing,
-        device_map=device_map, max_memory=caps or None, trust_remote_code=trust_remote_code,
-        progress=not no_progress, record_wall_time=not no_wall_time,
-    )
+    options = {}
+    for spec in method_options:
+        key, sep, value = spec.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{spec!r}: expected KEY=VALUE, e.g. pruner=magnitude", param_hint="--option")
+        try:
+            options[key] = json.loads(value)  # numbers and true/false; anything else stays text
+        except ValueError:
+            options[key] = value
+    caught: list[warnings.WarningMessage] = []
+    try:  # ScoreNoiseWarning becomes one stderr line below; every other warning shows as usual
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ScoreNoiseWarning)  # the CLI always reports it
+            scores = run_score(
+                model_dir, data_path, method=method, num_samples=samples, seq_len=seq_len, seed=seed,
+                held_out=held_out, allow_fewer=allow_fewer, text_field=text_field, damping=damping,
+                damping_mode="absolute" if absolute_damping else "relative", batch_size=batch_size, dtype=dtype,
+                mixed_precision=mixed_precision, cpu=cpu, gradient_checkpointing=gradient_checkpointing,
+                device_map=device_map, max_memory=caps or None, trust_remote_code=trust_remote_code,
+                debias=debias, progress=not no_progress, record_wall_time=not no_wall_time,
+                options=options or None,
+            )
+    finally:
+        for w in caught:
+            if not issubclass(w.category, ScoreNoiseWarning):
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+    noise = [str(w.message) for w in caught if issubclass(w.category, ScoreNoiseWarning)]
     if scores.settings["processes"] > 1:
         import torch.distributed as dist
 
@@ -92,9 +122,18 @@ def score(
     path = scores.save(out)
     if as_json:
         click.echo(json.dumps(scores.to_dict(), indent=2))
-        return
-    click.echo(_table(scores))
+    else:
+        click.echo(_table(scores))
+        _summary(scores, method, seq_len, path)
+    for message in noise:  # one line each on stderr, after the scores
+        click.echo(f"Warning: {' '.join(message.split())}", err=True)
+
+
+def _summary(scores, method: str, seq_len: int, path) -> None:
+    within = scores.settings.get("blocks_within_noise")
     click.echo(
-        f"{method}: {scores.samples} x {seq_len} tokens, {scores.tokens} tokens through the model"
-        f"{'' if scores.wall_time_s is None else f' in {scores.wall_time_s:.1f} s'}; wrote {path}"
+        f"{method}{' (debiased)' if scores.settings.get('debias') else ''}: {scores.samples} x {seq_len} tokens,"
+        f" {scores.tokens} tokens through the model"
+        f"{'' if scores.wall_time_s is None else f' in {scores.wall_time_s:.1f} s'}"
+        f"{'' if within is None else f'; {within} of {scores.num_blocks} blocks within noise'}; wrote {path}"
     )

@@ -44,12 +44,22 @@ def accumulate_grad_moments(moments: GradMoments, grad: torch.Tensor) -> None:
 class DiagFisherBlock:
     """Finalised diagonal-Fisher statistics of one block.
 
+    With N sequences, g = (1/N) sum_n g_n the mean gradient, F = (1/N) sum_n g_n^2 the
+    uncentred second moment and S^2 = N (F - g^2) / (N - 1) the unbiased per-weight variance,
+    E[g_i^2] = mu_i^2 + s_i^2 / N (mu = E g_n, s^2 = Var g_n), so at fixed weights w_i the
+    noise contributes sum_i w_i s_i^2 / N to sum_i w_i g_i^2, estimated without bias by
+    sum_i w_i S_i^2 / N = sum_i w_i (F_i - g_i^2) / (N - 1): the noise floor.
+
     Attributes:
         zeta2: sum_i g_i^2 / (F_i + lambda).
         grad_sq_norm: ||g||^2 of the mean gradient g.
         fisher_trace: trace F = (1/N) sum_n ||g_n||^2.
         effective_dim: sum_i F_i / (F_i + lambda), the expected zeta2 * N of pure noise.
         damping: lambda used.
+        noise_floor: sum_i (F_i - g_i^2) / ((N - 1)(F_i + lambda)), zeta2's noise floor
+            (weights 1 / (F_i + lambda) held fixed); None when N < 2.
+        grad_noise_floor: (trace F - ||g||^2) / (N - 1) = trace(Cov) / N, ||g||^2's noise
+            floor; None when N < 2.
     """
 
     zeta2: float
@@ -57,6 +67,19 @@ class DiagFisherBlock:
     fisher_trace: float
     effective_dim: float
     damping: float
+    noise_floor: float | None = None
+    grad_noise_floor: float | None = None
+
+    @property
+    def zeta2_debiased(self) -> float | None:
+        """zeta2 - noise_floor = (N zeta2 - effective_dim) / (N - 1): unbiased for
+        sum_i mu_i^2 / (F_i + lambda) at fixed weights (may be negative)."""
+        return None if self.noise_floor is None else self.zeta2 - self.noise_floor
+
+    @property
+    def grad_sq_norm_debiased(self) -> float | None:
+        """||g||^2 - grad_noise_floor = (N ||g||^2 - trace F) / (N - 1), unbiased for ||mu||^2."""
+        return None if self.grad_noise_floor is None else self.grad_sq_norm - self.grad_noise_floor
 
 
 def finalize_diag_fisher(
@@ -65,25 +88,33 @@ def finalize_diag_fisher(
     """zeta2 = g^T (diag F + lambda I)^-1 g for one block from its Linears' moments.
 
     Args:
-        moments: the block's per-Linear moments, summed over all N sequences.
+        moments: the block's per-Linear moments, summed over all N sequences (one gradient
+            per sequence: the floors assume the squares are per-sequence).
         num_samples: N.
         damping: delta (relative: lambda = delta * mean F) or lambda (absolute).
         damping_mode: ``"relative"`` or ``"absolute"``.
     """
+    n = num_samples
     n_params = sum(m.total.numel() for m in moments)
-    trace = sum(float(m.squares.sum(dtype=torch.float64)) for m in moments) / num_samples
+    trace = sum(float(m.squares.sum(dtype=torch.float64)) for m in moments) / n
     lam = damping * trace / n_params if damping_mode == "relative" else damping
-    zeta2 = grad_sq = eff = 0.0
+    zeta2 = grad_sq = eff = floor = grad_floor = 0.0
     for m in moments:
-        g = m.total.double() / num_samples
-        f = m.squares.double() / num_samples
+        g = m.total.double() / n
+        f = m.squares.double() / n
         denom = f + lam
         if lam == 0:  # undamped: a weight with no gradient contributes nothing
             denom = torch.where(f > 0, f, torch.ones_like(f))
-        zeta2 += float((g * g / denom).sum())
-        grad_sq += float((g * g).sum())
+        g2 = g * g
+        var = (f - g2).clamp_min(0)  # N/(N-1) x this is the unbiased variance; >= 0 up to rounding
+        zeta2 += float((g2 / denom).sum())
+        grad_sq += float(g2.sum())
         eff += float((f / denom).sum())
-    return DiagFisherBlock(zeta2, grad_sq, trace, eff, lam)
+        floor += float((var / denom).sum())
+        grad_floor += float(var.sum())
+    if n < 2:
+        return DiagFisherBlock(zeta2, grad_sq, trace, eff, lam)
+    return DiagFisherBlock(zeta2, grad_sq, trace, eff, lam, floor / (n - 1), grad_floor / (n - 1))
 
 
 # ---- K-FAC factors: A = E[a a^T] over tokens, G = E_n[sum_t s s^T] -------------------------

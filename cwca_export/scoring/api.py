@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from cwca_export.scores import LayerScores
-from cwca_export.scoring.registry import get_estimator
+from cwca_export.scores import NOISE_SNR_THRESHOLD, LayerScores, warn_if_within_noise, within_noise
+from cwca_export.scoring.registry import ESTIMATORS, get_estimator
 
 
 def score(
@@ -37,6 +37,7 @@ def score(
     max_memory: dict[Any, Any] | None = None,
     trust_remote_code: bool = False,
     options: dict[str, Any] | None = None,
+    debias: bool = False,
     progress: bool = True,
     record_wall_time: bool = True,
 ) -> LayerScores:
@@ -71,11 +72,20 @@ def score(
         max_memory: per-device caps for ``device_map``.
         trust_remote_code: allow the folder's own modelling code.
         options: estimator-specific options (see each estimator's ``options``).
+        debias: score with max(zeta2 - noise_floor, 0), unbiased for the noise-free score
+            before the clip, instead of the raw zeta2 (kept in ``stats["zeta2_biased"]``);
+            for the methods with a ``debias`` option (fisher, gradnorm); needs N >= 2.
         progress: show a tqdm bar (tokens/s) on the main process.
         record_wall_time: write the wall time; off for byte-identical reruns.
 
     Returns:
-        The :class:`~cwca_export.scores.LayerScores`, not yet saved.
+        The :class:`~cwca_export.scores.LayerScores`, not yet saved. Methods with a noise
+        floor record ``stats["noise_floor"]`` and ``stats["snr"]``, and
+        ``settings["blocks_within_noise"]`` counts the blocks with snr below
+        :data:`~cwca_export.scores.NOISE_SNR_THRESHOLD` (None for the other methods).
+
+    Warns:
+        ScoreNoiseWarning: more than half of the blocks are within noise (main process only).
 
     Example:
         >>> from cwca_export.scoring import score
@@ -91,6 +101,13 @@ def score(
     from cwca_export.versions import library_versions
 
     estimator = get_estimator(method)
+    if debias or (options or {}).get("debias"):
+        if "debias" not in estimator.options:
+            supported = sorted(name for name, e in ESTIMATORS.items() if "debias" in e.options)
+            raise ValueError(
+                f"debias: method {method!r} has no debiased estimate; methods with one: {', '.join(supported)}"
+            )
+        options = {**(options or {}), "debias": True}
     unknown = sorted(set(options or {}) - set(estimator.options))
     if unknown:
         raise ValueError(f"method {method!r} has no options {unknown}; it takes {sorted(estimator.options) or 'none'}")
@@ -118,6 +135,8 @@ def score(
         data, tokenizer if tokenizer is not None else folder_tokenizer, num_samples=num_samples,
         seq_len=seq_len, seed=seed, held_out=held_out, allow_fewer=allow_fewer, text_field=text_field,
     )
+    if resolved.get("debias") and calib.num_samples < 2:
+        raise ValueError(f"debias: needs at least 2 calibration sequences, got {calib.num_samples}")
     if estimator.needs_held_out and calib.held_out is None:
         raise ValueError(f"method {method!r} needs a held-out split; pass held_out > 0")
     blocks = find_blocks(net)
@@ -150,6 +169,14 @@ def score(
     n_params = [b.n_params for b in blocks]
     stats = dict(estimate.stats)
     stats["zeta2_noise_ratio"] = [z * calib.num_samples / n for z, n in zip(estimate.zeta2, n_params, strict=True)]
+    noise: dict[str, Any] = {"blocks_within_noise": None}
+    if "snr" in stats:
+        noise["blocks_within_noise"] = (
+            warn_if_within_noise(stats["snr"], method=method, samples=calib.num_samples,
+                                 debiased=bool(resolved.get("debias", False)))
+            if accelerator.is_main_process else sum(within_noise(stats["snr"]))
+        )
+        noise["noise_snr_threshold"] = NOISE_SNR_THRESHOLD
     settings = {
         "num_samples": calib.num_samples,
         "seq_len": calib.seq_len,
@@ -163,6 +190,8 @@ def score(
         "processes": world,
         "tokens_available": calib.tokens_available,
         "options": resolved,
+        "debias": bool(resolved.get("debias", False)),
+        **noise,
         **estimate.settings,
     }
     config = getattr(net, "config", None)

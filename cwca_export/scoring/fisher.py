@@ -7,9 +7,17 @@ One pass accumulates sum_n g_n and sum_n g_n^2 per weight; from them
 - ``obd``: zeta2_k = sum_i F_i theta_i^2, the second-order loss increase of zeroing the block
   (Optimal Brain Damage saliency with the Fisher for the Hessian).
 
-All three record the same raw statistics, enough to debias later: with N sequences,
-E||g||^2 = ||mu||^2 + tr(Cov)/N, so ``(N ||g||^2 - tr F) / (N - 1)`` is unbiased for ||mu||^2,
-and ``(N zeta2 - effective_dim) / (N - 1)`` does the same for the Fisher zeta2 at fixed lambda.
+Noise: with N sequences, mu = E g_n and s_i^2 = Var g_{n,i}, E[g_i^2] = mu_i^2 + s_i^2 / N, so
+fisher and gradnorm (quadratic in the mean gradient g) sit on a noise floor even where mu = 0.
+Both record ``noise_floor`` = sum_i w_i (F_i - g_i^2) / (N - 1) (w_i = 1 / (F_i + lambda_k) for
+fisher, 1 for gradnorm; the weights held fixed), an unbiased estimate of sum_i w_i s_i^2 / N,
+``zeta2_debiased`` = zeta2 - noise_floor, unbiased for sum_i w_i mu_i^2, and ``snr`` =
+zeta2_debiased / noise_floor (:func:`cwca_export.scores.signal_to_noise`). Option ``debias``
+scores with max(zeta2_debiased, 0) and keeps the raw value in ``zeta2_biased``.
+
+obd has no such floor: sum_i F_i theta_i^2 is a mean of per-sequence saliencies
+sum_i g_{n,i}^2 theta_i^2, unbiased for its expectation at any N (its error shrinks like
+1/sqrt(N) instead), so it records neither ``noise_floor`` nor ``snr``.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from cwca_export.blocks import weight_out_in
+from cwca_export.scores import signal_to_noise
 from cwca_export.scoring.accumulators import (
     DiagFisherBlock,
     GradMoments,
@@ -56,32 +65,59 @@ def diag_fisher(run: ScoringRun, moments: list[dict[str, GradMoments]]) -> list[
 
 def gradient_stats(run: ScoringRun, fisher: list[DiagFisherBlock]) -> dict[str, list[float]]:
     """The raw per-block statistics every gradient estimator records."""
-    n = run.num_samples
     stats = {
         "grad_sq_norm": [b.grad_sq_norm for b in fisher],
         "fisher_trace": [b.fisher_trace for b in fisher],
         "fisher_effective_dim": [b.effective_dim for b in fisher],
         "damping": [b.damping for b in fisher],
     }
-    if n > 1:
-        stats["grad_sq_norm_debiased"] = [(n * b.grad_sq_norm - b.fisher_trace) / (n - 1) for b in fisher]
+    if run.num_samples > 1:
+        stats["grad_sq_norm_debiased"] = [b.grad_sq_norm_debiased for b in fisher]
     return stats
 
 
-@register_estimator("fisher", summary="diagonal empirical Fisher, damped: g^T (F + lambda I)^-1 g")
+def noisy_estimate(
+    run: ScoringRun, raw: list[float], floors: list[float | None], stats: dict[str, list[float]]
+) -> Estimate:
+    """An estimate whose raw scores sit on a noise floor: record the floor, debias on request.
+
+    Adds ``noise_floor``, ``zeta2_debiased`` (raw - floor) and ``snr`` to ``stats`` when N > 1;
+    with ``run.options["debias"]`` the scores are max(zeta2_debiased, 0) and the raw ones go
+    to ``stats["zeta2_biased"]``.
+    """
+    debias = bool(run.options.get("debias", False))
+    if run.num_samples < 2:
+        if debias:
+            raise ValueError(f"debias: needs at least 2 calibration sequences, got {run.num_samples}")
+        return Estimate(zeta2=list(raw), stats=stats)
+    floors = [float(f) for f in floors]
+    debiased = [z - f for z, f in zip(raw, floors, strict=True)]
+    stats["noise_floor"] = floors
+    stats["zeta2_debiased"] = debiased
+    stats["snr"] = [signal_to_noise(z, f) for z, f in zip(raw, floors, strict=True)]
+    if not debias:
+        return Estimate(zeta2=list(raw), stats=stats)
+    stats["zeta2_biased"] = list(raw)
+    return Estimate(zeta2=[max(d, 0.0) for d in debiased], stats=stats)
+
+
+_DEBIAS = {"debias": False}  # score with max(zeta2 - noise_floor, 0) instead of zeta2
+
+
+@register_estimator(
+    "fisher", summary="diagonal empirical Fisher, damped: g^T (F + lambda I)^-1 g", options=_DEBIAS
+)
 def fisher(run: ScoringRun) -> Estimate:
     blocks = diag_fisher(run, collect_grad_moments(run))
-    stats = gradient_stats(run, blocks)
-    n = run.num_samples
-    if n > 1:
-        stats["zeta2_debiased"] = [(n * b.zeta2 - b.effective_dim) / (n - 1) for b in blocks]
-    return Estimate(zeta2=[b.zeta2 for b in blocks], stats=stats)
+    return noisy_estimate(run, [b.zeta2 for b in blocks], [b.noise_floor for b in blocks], gradient_stats(run, blocks))
 
 
-@register_estimator("gradnorm", summary="identity curvature: ||g_k||^2, the loud-floor baseline")
+@register_estimator("gradnorm", summary="identity curvature: ||g_k||^2, the loud-floor baseline", options=_DEBIAS)
 def gradnorm(run: ScoringRun) -> Estimate:
     blocks = diag_fisher(run, collect_grad_moments(run))
-    return Estimate(zeta2=[b.grad_sq_norm for b in blocks], stats=gradient_stats(run, blocks))
+    return noisy_estimate(
+        run, [b.grad_sq_norm for b in blocks], [b.grad_noise_floor for b in blocks], gradient_stats(run, blocks)
+    )
 
 
 @register_estimator("obd", summary="Optimal Brain Damage saliency sum_i F_i theta_i^2")
