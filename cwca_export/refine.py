@@ -72,6 +72,7 @@ def refine_exchange(
     max_evals: int = 60,
     moves_per_round: int = 4,
     tol: float = 0.0,
+    start_loss: float | None = None,
 ) -> Refinement:
     """Greedy, measured exchange of sparsity between blocks, within an evaluation budget.
 
@@ -79,13 +80,14 @@ def refine_exchange(
         x0: the starting ratios (e.g. the one-dual plan); sum(n * x0) is kept throughout.
         n: prunable weights per block.
         measure: whole-plan loss of a ratio vector (lower is better), e.g. a
-            :class:`cwca_export.damage.PlanLoss`.
+            :class:`cwca_export.plan_probe.PlanLoss`.
         lo, hi: per-block bounds.
         step: sparsity moved per exchange, in units of the receiving block's ratio.
         min_step: the smallest step tried before stopping.
         max_evals: measurements allowed, the starting plan's included (>= 2).
         moves_per_round: exchanges tried after each round of marginals.
         tol: a move is kept when it lowers the loss by more than this.
+        start_loss: the starting plan's loss when already measured (saves one measurement).
 
     Returns:
         The :class:`Refinement`; never worse than the starting plan on the measure.
@@ -109,7 +111,7 @@ def refine_exchange(
         raise ValueError("x0: the starting plan lies outside the bounds")
     start = time.perf_counter()
     budget = _Budget(measure, max_evals)
-    loss = start_loss = budget(x)
+    loss = start_loss = budget(x) if start_loss is None else float(start_loss)
     accepted: list[tuple[int, int, float]] = []
     history: list[float] = []
     while budget.left > 1 and step >= min_step:
@@ -166,3 +168,108 @@ def choose_by_loss(candidates: Mapping[str, Sequence[float]], measure: Measure) 
         raise ValueError("candidates: nothing to choose from")
     losses = {name: float(measure(np.asarray(x, dtype=np.float64))) for name, x in candidates.items()}
     return min(losses, key=losses.__getitem__), losses
+
+
+def candidate_plans(
+    scores,
+    sparsity: float,
+    *,
+    kappas: Sequence[float] = (1.0, 0.5, 0.25),
+    bands: Sequence[float | None] = (None, 0.2, 0.1, 0.05),
+    lo: float = 0.0,
+    hi: float = 0.95,
+) -> dict[str, object]:
+    """The small grid a tuned plan is chosen from, by name: uniform plus every rule setting.
+
+    Scores with measured damage curves give ``damage`` plans per band; other scores give
+    MDL plans (DESIGN 2.2) per kappa and band. Uniform is always a candidate, so a tuned
+    plan is never worse than uniform on the calibration loss.
+    """
+    from cwca_export.plan import Plan, plan_from_damage, plan_pruning
+
+    plans: dict[str, object] = {}
+    k = scores.num_blocks
+    plans["uniform"] = Plan("prune", x=[sparsity] * k, q=scores.qualities().tolist(), n_params=list(scores.n_params),
+                            lo=[lo] * k, hi=[hi] * k, block_names=list(scores.block_names),
+                            parameters={"sparsity": sparsity, "rule": "uniform"}, model=dict(scores.model))
+    curves = any(name.startswith("damage@") for name in scores.stats)
+    for band in bands:
+        b_lo, b_hi = (lo, hi) if band is None else (max(lo, sparsity - band), min(hi, sparsity + band))
+        suffix = "" if band is None else f"-band{band:g}"
+        if curves:
+            plans[f"damage{suffix}"] = plan_from_damage(scores, sparsity, lo=b_lo, hi=b_hi)
+        else:
+            for kappa in kappas:
+                plans[f"cwca-k{kappa:g}{suffix}"] = plan_pruning(scores, sparsity, kappa=kappa, lo=b_lo, hi=b_hi)
+    return plans
+
+
+def refine_plan(
+    model,
+    scores,
+    sparsity: float,
+    data,
+    *,
+    method: str = "wanda",
+    tune: bool = True,
+    max_evals: int = 40,
+    lo: float = 0.0,
+    hi: float = 0.95,
+    band: float | None = None,
+    batch_size: int = 8,
+):
+    """A pruning plan for ``model``: closed-form first, then corrected on whole-plan losses.
+
+    Args:
+        model: the dense causal LM the plan is for (restored before returning).
+        scores: its :class:`~cwca_export.scores.LayerScores` (measured damage recommended).
+        sparsity: global target.
+        data: calibration ids ``(N, L)`` or a ``CalibrationData``.
+        method: the pruner the plan will be applied with (its loss is what is measured).
+        tune: choose the starting plan (rule setting, kappa, band) by calibration loss from
+            :func:`candidate_plans`; otherwise start from the closed form with ``band``.
+        max_evals: whole-plan forwards for tuning and refinement together.
+        lo, hi, band: bounds; ``band`` keeps every block within [S - band, S + band].
+        batch_size: sequences per forward.
+
+    Returns:
+        The :class:`~cwca_export.plan.Plan`, with ``parameters["refinement"]`` recording the
+        start, the forwards spent, the moves kept and the calibration losses.
+    """
+    import dataclasses
+
+    from cwca_export.plan_probe import PlanLoss
+
+    ids = getattr(data, "input_ids", data)
+    if band is not None:
+        lo, hi = max(lo, sparsity - band), min(hi, sparsity + band)
+    bands = (None, 0.2, 0.1, 0.05) if band is None else (None,)
+    plans = candidate_plans(scores, sparsity, lo=lo, hi=hi, bands=bands)
+    if not tune:
+        plans = {name: p for name, p in plans.items() if name in ("damage", "cwca-k1")}
+    if max_evals < len(plans) + 2:
+        raise ValueError(f"max_evals {max_evals}: tuning alone measures {len(plans)} plans; allow more")
+    measure = PlanLoss(model, ids, method=method, batch_size=batch_size)
+    began = time.perf_counter()
+    try:
+        best, losses = choose_by_loss({name: p.x for name, p in plans.items()}, measure)
+        start = plans[best]
+        result = refine_exchange(start.x, start.n_params, measure, lo=start.lo, hi=start.hi,
+                                 max_evals=max_evals - len(plans), start_loss=losses[best])
+    finally:
+        measure.close()
+    record = {
+        "method": method,
+        "start": best,
+        "candidates": losses,
+        "dense_loss": measure.dense_loss,
+        "calib_loss_start": result.start_loss,
+        "calib_loss": result.loss,
+        "forwards": len(plans) + result.evaluations,
+        "moves": [list(m) for m in result.accepted],
+        "wall_time_s": round(time.perf_counter() - began, 2),
+    }
+    return dataclasses.replace(
+        start, x=[float(v) for v in result.x],
+        parameters={**start.parameters, "refinement": record},
+    )

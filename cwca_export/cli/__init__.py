@@ -51,10 +51,11 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from cwca_export.cli import compress, demo, eval, export, inspect, not_built, plan, report, score
+    from cwca_export.cli import compress, demo, eval, export, inspect, not_built, plan, refine, report, score
 
     cli.add_command(score.score)
     cli.add_command(plan.plan)
+    cli.add_command(refine.refine)
     cli.add_command(compress.compress)
     cli.add_command(inspect.inspect)
     cli.add_command(export.export)

@@ -6,6 +6,7 @@ each name to its entry. The accumulators they share are pure functions in
 """
 
 from cwca_export.scoring import baselines, exact, fisher, kfac, layerif  # noqa: F401  (registration)
+from cwca_export.scoring import damage as _damage  # noqa: F401  (registration: measured damage)
 from cwca_export.scoring.api import score
 from cwca_export.scoring.registry import ESTIMATORS, Estimate, Estimator, register_estimator
 

@@ -1,0 +1,746 @@
+"""Measured damage: the calibration-loss increase of compressing one block alone.
+
+A score that needs no curvature model: for every decoder block k and a few probe points p,
+compress block k alone at p with the method that will really be used, run the rest of the
+model and record ``D_k(p) = loss(block k compressed) - loss(dense)`` (mean next-token
+cross-entropy over the calibration tokens, nats/token).
+
+How it is computed (:func:`measure_damage`):
+
+1. one dense forward of the whole model records, with a pre-hook on every block, what each
+   block receives: its hidden states per batch (kept on ``cache_device``) and its other
+   arguments (mask, positions, rotary tables), once per batch shape. The cache holds
+   ``K x N x L x hidden`` values, e.g. 12 x 32 x 128 x 192 fp32 = 36 MiB for the demo model;
+   a 7B model at 128 x 2048 tokens needs 128 GiB in bf16, so pass ``cache_device="cpu"``
+   or fewer tokens there. The same pass gives the dense loss and checks that the model's
+   tail (final norm, ``lm_head``, logit scaling) is reproduced exactly;
+2. per block k, data-aware methods first run the dense block over its cached inputs to get
+   each Linear's input statistic (exactly what layer-by-layer ``compress`` sees for block k
+   when the blocks before it stay dense);
+3. per point p, a copy of block k is compressed by the method's own code and blocks
+   k..K-1 run from block k's cached inputs, then the tail; the original block is never
+   touched. A probe of block k costs (K - k) / K of a forward (``forward_fraction``).
+
+Pruning methods (``magnitude``, ``wanda``, ``sparsegpt``, ``width``, any registered
+``prune`` method) take p as rho_k through their registered per-block handler. Low-rank
+methods (``lowrank``, ``asvd``) take p as the fraction of each Linear's rank removed: every
+Linear ``(m, n)`` of the block becomes rank-r factors, r = max(1, round((1 - p) min(m, n))),
+from :func:`cwca_export.compression.lowrank.svd_factors` /
+:func:`~cwca_export.compression.lowrank.whitened_svd_factors`, whether or not that rank
+saves weights (the curve is about quality, the planner does the counting).
+
+Under data parallelism each process measures its own share of the sequences; pass
+``reduce`` (an in-place all-reduce sum, e.g. ``ScoringRun.reduce_sum``) and the statistics
+and loss sums are summed across processes, so every process returns the same curves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from cwca_export.blocks import Block, find_blocks, weight_out_in
+from cwca_export.compression.sequential import _hooks
+from cwca_export.compression.sequential import _run_block as _run_block_as_is
+
+if TYPE_CHECKING:
+    from cwca_export.plan import Plan
+    from cwca_export.scores import LayerScores
+
+Reduce = Callable[[list[torch.Tensor]], None]
+
+STAT_PREFIX = "damage@"
+BASE_STAT = "damage_base_loss"
+_LOGIT_CHUNK = 1 << 26  # logits materialised at once by the tail, in elements (256 MiB fp32)
+
+
+# ---------------------------------------------------------------- the curves
+
+
+def point_key(point: float) -> str:
+    """The stats key of one probe point: ``damage@0.5``."""
+    return f"{STAT_PREFIX}{point:g}"
+
+
+@dataclass
+class DamageCurves:
+    """Per-block measured damage at a few probe points.
+
+    Attributes:
+        method: the compressor probed: ``magnitude | wanda | sparsegpt | lowrank | asvd``
+            (or any registered method).
+        points: probe points, ascending: rho (fraction removed) for pruners; for
+            ``lowrank`` / ``asvd`` the fraction of each Linear's rank removed (bigger = more
+            compression, the same direction as rho).
+        loss_increase: ``[block][point]``: mean calibration CE with only that block
+            compressed, minus ``base_loss``.
+        base_loss: dense mean calibration loss (nats/token).
+        n_params: prunable weights per measured block; block_names: their module paths.
+        probes: block-alone probes run (blocks x points).
+        forward_fraction: probe compute relative to full forwards: the mean over probes of
+            (K - k) / K (block k of K runs blocks k..K-1).
+        wall_time_s: wall time of the whole measurement (dense pass and statistics included).
+        block_indices: index of each measured block in the model.
+        num_blocks: K, the model's block count.
+    """
+
+    method: str
+    points: list[float]
+    loss_increase: list[list[float]]
+    base_loss: float
+    n_params: list[int]
+    block_names: list[str]
+    probes: int
+    forward_fraction: float
+    wall_time_s: float
+    block_indices: list[int] = field(default_factory=list)
+    num_blocks: int = 0
+
+    def __post_init__(self) -> None:
+        self.points = [float(p) for p in self.points]
+        if not self.block_indices:
+            self.block_indices = list(range(len(self.loss_increase)))
+        if not self.num_blocks:
+            self.num_blocks = len(self.loss_increase)
+        for name in ("n_params", "block_names", "block_indices"):
+            if len(getattr(self, name)) != len(self.loss_increase):
+                raise ValueError(
+                    f"DamageCurves: {name} has {len(getattr(self, name))} entries,"
+                    f" loss_increase {len(self.loss_increase)}"
+                )
+        for row in self.loss_increase:
+            if len(row) != len(self.points):
+                raise ValueError(
+                    f"DamageCurves: a block has {len(row)} values for {len(self.points)} points"
+                )
+
+    @property
+    def damage(self) -> list[list[float]]:
+        """Alias of ``loss_increase`` (``(K, P)``, what :mod:`cwca_export.curve_solver` takes)."""
+        return self.loss_increase
+
+    def at(self, point: float) -> list[float]:
+        """Every block's loss increase at one of the probe points."""
+        return [row[self._point_index(point)] for row in self.loss_increase]
+
+    def _point_index(self, point: float) -> int:
+        for i, p in enumerate(self.points):
+            if math.isclose(p, float(point), rel_tol=1e-9, abs_tol=1e-12):
+                return i
+        raise ValueError(f"point {point:g} was not probed; the points are {self.points}")
+
+    def stats(self) -> dict[str, list[float]]:
+        """Per-block stats as the ``damage`` estimator writes them in scores.json."""
+        out = {point_key(p): self.at(p) for p in self.points}
+        out[BASE_STAT] = [self.base_loss] * len(self.loss_increase)
+        return out
+
+    def settings(self) -> dict[str, Any]:
+        """The measurement's settings as the ``damage`` estimator records them."""
+        return {
+            "points": list(self.points),
+            "pruner": self.method,
+            "probes": self.probes,
+            "forward_fraction": self.forward_fraction,
+            "probe_time_s": self.wall_time_s,
+        }
+
+    def to_scores(self, at: float = 0.5, **fields: Any) -> LayerScores:
+        """A :class:`~cwca_export.scores.LayerScores` with zeta2 = max(D_k(at), 0).
+
+        Only for curves over every block of a model. ``fields`` fill the other LayerScores
+        fields (``samples``, ``model``, ``data_hash``, ...).
+        """
+        from cwca_export.scores import LayerScores
+
+        if self.block_indices != list(range(self.num_blocks)):
+            raise ValueError(
+                "to_scores: these curves cover only some blocks; scores need every block"
+            )
+        settings = {**self.settings(), "at": float(at), **fields.pop("settings", {})}
+        return LayerScores(
+            method="damage",
+            zeta2=[max(v, 0.0) for v in self.at(at)],
+            n_params=list(self.n_params),
+            block_names=list(self.block_names),
+            stats={**self.stats(), **fields.pop("stats", {})},
+            settings=settings,
+            **fields,
+        )
+
+    @classmethod
+    def from_scores(cls, scores: LayerScores) -> DamageCurves:
+        """Rebuild the curves from scores written by the ``damage`` estimator (scores.json)."""
+        settings = scores.settings
+        points = settings.get("points")
+        if points is None:
+            points = sorted(
+                float(key[len(STAT_PREFIX) :])
+                for key in scores.stats
+                if key.startswith(STAT_PREFIX)
+            )
+        missing = [point_key(p) for p in points if point_key(p) not in scores.stats]
+        if not points or missing or BASE_STAT not in scores.stats:
+            raise ValueError(
+                f"scores of method {scores.method!r} hold no measured damage curves"
+                f" (missing {missing or [BASE_STAT] if points else 'damage@* stats'});"
+                " hint: cwca-export score MODEL --method damage"
+            )
+        columns = [scores.stats[point_key(p)] for p in points]
+        pruner = settings.get("pruner") or settings.get("options", {}).get("pruner", "unknown")
+        return cls(
+            method=str(pruner),
+            points=[float(p) for p in points],
+            loss_increase=[[float(c[k]) for c in columns] for k in range(scores.num_blocks)],
+            base_loss=float(scores.stats[BASE_STAT][0]),
+            n_params=list(scores.n_params),
+            block_names=list(scores.block_names),
+            probes=int(settings.get("probes", scores.num_blocks * len(points))),
+            forward_fraction=float(settings.get("forward_fraction", 0.0)),
+            wall_time_s=float(settings.get("probe_time_s", scores.wall_time_s or 0.0)),
+        )
+
+
+# ---------------------------------------------------------------- the model's tail
+
+
+@dataclass
+class _Tail:
+    """Final norm (+ OPT's project_out), lm_head and logit scaling: block outputs -> logits."""
+
+    norm: nn.Module
+    head: nn.Module
+    project_out: nn.Module | None = None
+    softcap: float | None = None
+    scale: float | None = None  # logits * scale (Cohere's logit_scale)
+    divide: float | None = None  # logits / divide (Granite's logits_scaling)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        h = self.norm(hidden)
+        if self.project_out is not None:
+            h = self.project_out(h)
+        logits = self.head(h.to(_device_of(self.head, h.device)))
+        if self.scale is not None:
+            logits = logits * self.scale
+        if self.divide is not None:
+            logits = logits / self.divide
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_norm", "norm_f")
+
+
+def final_norm(model: nn.Module, blocks: list[Block] | None = None) -> nn.Module:
+    """The decoder's final norm: Llama-family ``model.model.norm``, GPT-2 ``transformer.ln_f``.
+
+    It is looked up on the module that owns the block list, under the names transformers
+    uses (``norm``, ``ln_f``, ``final_layer_norm``, ``final_norm``, ``norm_f``).
+
+    Raises:
+        ValueError: none found; measured damage cannot run the model's tail.
+    """
+    blocks = blocks if blocks is not None else find_blocks(model)
+    list_path = blocks[0].name.rpartition(".")[0]
+    owner_path = list_path.rpartition(".")[0]
+    owner = model.get_submodule(owner_path) if owner_path else model
+    for name in _NORM_NAMES:
+        found = getattr(owner, name, None)
+        if isinstance(found, nn.Module):
+            return found
+    raise ValueError(
+        f"{type(model).__name__}: found no final norm on {owner_path or 'the model'}"
+        f" (looked for {', '.join(_NORM_NAMES)}); measured damage needs to run the model's"
+        " tail after the last block; hint: supported layouts are Llama, Mistral, Qwen2, Phi-3,"
+        " Gemma, GPT-2, OPT and GPT-NeoX"
+    )
+
+
+def _tail(model: nn.Module, blocks: list[Block]) -> _Tail:
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(
+            f"{type(model).__name__}: no output embeddings (lm_head) to compute a loss with"
+        )
+    norm = final_norm(model, blocks)
+    owner_path = blocks[0].name.rpartition(".")[0].rpartition(".")[0]
+    owner = model.get_submodule(owner_path) if owner_path else model
+    config = getattr(model, "config", None)
+    scale = getattr(model, "logit_scale", None)
+    divide = getattr(config, "logits_scaling", None)
+    return _Tail(
+        norm=norm,
+        head=head,
+        project_out=getattr(owner, "project_out", None),
+        softcap=getattr(config, "final_logit_softcapping", None),
+        scale=float(scale) if isinstance(scale, (int, float)) else None,
+        divide=float(divide) if isinstance(divide, (int, float)) and divide != 1 else None,
+    )
+
+
+def _ce_sum(tail: _Tail, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token CE over a batch ``hidden (B, L, H)``, ``ids (B, L)``; fp64 scalar."""
+    batch, length = ids.shape
+    vocab = int(weight_out_in(tail.head).shape[0])
+    rows = max(1, _LOGIT_CHUNK // max(1, length * vocab))
+    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    for start in range(0, batch, rows):
+        logits = tail(hidden[start : start + rows])
+        total = total + _token_ce_sum(logits, ids[start : start + rows]).to(total.device)
+    return total
+
+
+def _token_ce_sum(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    targets = ids[:, 1:].reshape(-1).to(logits.device)
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets, reduction="sum"
+    ).double()
+
+
+# ---------------------------------------------------------------- cached block inputs
+
+
+@dataclass
+class _Cache:
+    """Every block's inputs: ``hidden[k][j]`` per batch j, ``shared[k][(B, L)]`` other args."""
+
+    hidden: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    shared: dict[int, dict[tuple[int, int], tuple[tuple[Any, ...], dict[str, Any]]]] = field(
+        default_factory=dict
+    )
+
+    def args(self, k: int, hidden: torch.Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return self.shared[k][tuple(hidden.shape[:2])]
+
+
+def _device_of(module: nn.Module, default: torch.device | None = None) -> torch.device:
+    for p in module.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return default if default is not None else torch.device("cpu")
+
+
+def _run_block(module: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    return _run_block_as_is(module, hidden.to(_device_of(module, hidden.device)), args, kwargs)
+
+
+@torch.no_grad()
+def _capture(
+    model: nn.Module,
+    blocks: list[Block],
+    first: int,
+    batches: list[torch.Tensor],
+    tail: _Tail,
+    cache_device: torch.device | None,
+) -> tuple[_Cache, float, float, int]:
+    """The dense pass: cache blocks first..K-1's inputs; dense loss sums two ways."""
+    cache = _Cache()
+    last_out: list[torch.Tensor] = []
+
+    def pre_hook(k: int):
+        def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            if args:
+                hidden, rest = args[0], args[1:]
+            else:
+                kwargs = dict(kwargs)
+                hidden, rest = kwargs.pop("hidden_states"), ()
+            target = cache_device or hidden.device
+            cache.hidden.setdefault(k, []).append(hidden.detach().to(target, copy=True))
+            cache.shared.setdefault(k, {}).setdefault(tuple(hidden.shape[:2]), (rest, kwargs))
+
+        return hook
+
+    def post_hook(_m: nn.Module, _args: tuple, out: Any) -> None:
+        last_out.append((out[0] if isinstance(out, tuple) else out).detach())
+
+    handles = [
+        b.module.register_forward_pre_hook(pre_hook(b.index), with_kwargs=True)
+        for b in blocks[first:]
+    ]
+    handles.append(blocks[-1].module.register_forward_hook(post_hook))
+    model_sum = tail_sum = 0.0
+    tokens = 0
+    try:
+        for batch in batches:
+            out = model(input_ids=batch, use_cache=False)
+            model_sum += float(_token_ce_sum(out.logits, batch))
+            tail_sum += float(_ce_sum(tail, last_out.pop(), batch))
+            tokens += batch.shape[0] * (batch.shape[1] - 1)
+            del out
+    finally:
+        for handle in handles:
+            handle.remove()
+    return cache, model_sum, tail_sum, tokens
+
+
+# ---------------------------------------------------------------- probes
+
+
+def _reduce_states(states: dict[str, Any], reduce: Reduce | None) -> None:
+    """Sum statistic accumulators across processes, in place (tensors and Gram matrices)."""
+    if reduce is None:
+        return
+    from cwca_export.compression.stats import Gram
+
+    for state in states.values():
+        if isinstance(state, torch.Tensor):
+            reduce([state])
+        elif isinstance(state, Gram):
+            tokens = torch.tensor(
+                [float(state.tokens)], dtype=torch.float64, device=state.total.device
+            )
+            reduce([state.total, tokens])
+            state.tokens = int(round(float(tokens.item())))
+        else:
+            raise TypeError(f"cannot sum a {type(state).__name__} statistic across processes")
+
+
+@torch.no_grad()
+def _block_stats(
+    block: Block, statistic: Any, cache: _Cache, reduce: Reduce | None
+) -> dict[str, torch.Tensor]:
+    """Each Linear's input statistic from the dense block over its cached inputs."""
+    device = _device_of(block.module)
+    with _hooks(block, statistic, device) as states:
+        for hidden in cache.hidden.get(block.index, []):
+            _run_block(block.module, hidden, *cache.args(block.index, hidden))
+    _reduce_states(states, reduce)
+    return {rel: statistic.finalize(state) for rel, state in states.items()}
+
+
+def _copy_block(block: Block) -> Block:
+    """A deep copy of the block's module, with its Linears looked up in the copy."""
+    module = copy.deepcopy(block.module)
+    linears = {
+        path: module.get_submodule(path[len(block.name) + 1 :]) for path in block.linears
+    }
+    return Block(index=block.index, name=block.name, module=module, linears=linears)
+
+
+def probe_rank(out_features: int, in_features: int, point: float) -> int:
+    """The rank a low-rank probe at ``point`` keeps: max(1, round((1 - point) min(m, n))).
+
+    Example:
+        >>> probe_rank(64, 32, 0.75), probe_rank(64, 32, 1.0)
+        (8, 1)
+    """
+    return max(1, int(round((1.0 - point) * min(out_features, in_features))))
+
+
+def _factor_fn(method: str, options: dict[str, Any]):
+    from cwca_export.compression import lowrank
+
+    if method == "asvd":
+        return lambda w, stat, r: lowrank.whitened_svd_factors(w, stat, r, damp=options["damp"])
+    if method == "lowrank":
+        return lambda w, _stat, r: lowrank.svd_factors(w, r)
+    raise ValueError(
+        f"measured damage knows the low-rank probes of 'lowrank' and 'asvd', not {method!r}"
+    )
+
+
+class _Prober:
+    """Builds the compressed copy of a block at each point, for one method."""
+
+    def __init__(self, method: str, options: dict[str, Any] | None) -> None:
+        from cwca_export.compression import STATISTICS, get_method
+
+        self.spec = get_method(method)
+        self.method = method
+        resolved = self.spec.resolve(dict(options or {}))
+        if self.spec.program == "prune" and self.spec.prepare is not None:
+            resolved = self.spec.prepare(resolved, None)
+        self.options = resolved
+        stat_name = self.spec.statistic(resolved)
+        self.statistic = None if stat_name is None else STATISTICS[stat_name]
+        self.lowrank = self.spec.program == "allocate"
+        self.factors = _factor_fn(method, resolved) if self.lowrank else None
+
+    def prepare(
+        self, block: Block, stats: dict[str, torch.Tensor] | None, points: list[float]
+    ) -> Any:
+        """Per-block work shared by every point: low-rank factors at the largest rank needed."""
+        if not self.lowrank:
+            return None
+        factors = {}
+        for path, linear in block.linears.items():
+            rel = path[len(block.name) + 1 :]
+            w = weight_out_in(linear)
+            r_max = max(probe_rank(*w.shape, p) for p in points)
+            factors[rel] = self.factors(w, None if stats is None else stats[rel], r_max)
+        return factors
+
+    @torch.no_grad()
+    def compressed(self, block: Block, point: float, stats: dict | None, shared: Any) -> nn.Module:
+        from cwca_export.compression import lowrank
+        from cwca_export.compression.registry import BlockJob
+
+        probe = _copy_block(block)
+        if not self.lowrank:
+            self.spec.apply_block(BlockJob(probe, float(point), stats, dict(self.options)))
+            return probe.module
+        for path, linear in probe.linears.items():
+            rel = path[len(block.name) + 1 :]
+            a, b = shared[rel]
+            r = probe_rank(*weight_out_in(linear).shape, point)
+            parent_path, _, child = rel.rpartition(".")
+            parent = probe.module.get_submodule(parent_path) if parent_path else probe.module
+            setattr(parent, child, lowrank.factorised_linear(linear, a[:r], b[:, :r]))
+        return probe.module
+
+
+def _ids(data: Any) -> torch.Tensor:
+    from cwca_export.compression import _input_ids
+
+    ids = _input_ids(data)
+    if ids is None:
+        raise ValueError("measured damage needs calibration token ids (N, L)")
+    if ids.shape[1] < 2:
+        raise ValueError(f"sequences of {ids.shape[1]} token(s): the loss needs at least 2")
+    return ids
+
+
+def _points(points: Sequence[float] | str) -> list[float]:
+    if isinstance(points, str):
+        try:
+            values = [float(p) for p in points.replace(" ", "").split(",") if p]
+        except ValueError:
+            raise ValueError(
+                f"points {points!r}: expected comma-separated numbers, e.g. 0.3,0.5,0.7"
+            ) from None
+    else:
+        values = [float(p) for p in points]
+    if not values:
+        raise ValueError("points: give at least one probe point")
+    if any(not 0.0 <= p <= 1.0 for p in values):
+        raise ValueError(f"points {values}: each must lie in [0, 1]")
+    if len(set(values)) != len(values):
+        raise ValueError(f"points {values}: repeated point")
+    return sorted(values)
+
+
+def _block_list(all_blocks: list[Block], blocks: Sequence[int | Block] | None) -> list[Block]:
+    if blocks is None:
+        return list(all_blocks)
+    chosen = []
+    for b in blocks:
+        index = b.index if isinstance(b, Block) else int(b)
+        if not 0 <= index < len(all_blocks):
+            raise ValueError(
+                f"block {index} does not exist (the model has {len(all_blocks)} blocks)"
+            )
+        chosen.append(all_blocks[index])
+    return sorted({b.index: b for b in chosen}.values(), key=lambda b: b.index)
+
+
+@contextlib.contextmanager
+def _on(model: nn.Module, device: torch.device | str | None) -> Iterator[torch.device]:
+    """Eval mode, and the model on ``device`` (if given) for the duration."""
+    was_training = model.training
+    model.eval()
+    home = _device_of(model)
+    target = torch.device(device) if device is not None else home
+    if target != home:
+        model.to(target)
+    try:
+        yield target
+    finally:
+        if target != home:
+            model.to(home)
+        model.train(was_training)
+
+
+def _input_device(model: nn.Module, default: torch.device) -> torch.device:
+    return _device_of(model.get_input_embeddings(), default)
+
+
+@torch.no_grad()
+def measure_damage(
+    model: nn.Module,
+    input_ids: Any,
+    *,
+    method: str = "wanda",
+    points: Sequence[float] | str = (0.3, 0.5, 0.7, 0.9),
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    blocks: Sequence[int | Block] | None = None,
+    progress: bool = False,
+    options: dict[str, Any] | None = None,
+    cache_device: torch.device | str | None = None,
+    reduce: Reduce | None = None,
+    check_tail: bool = True,
+) -> DamageCurves:
+    """Measure each block's calibration-loss increase when compressed alone (module doc).
+
+    Args:
+        model: a transformers causal LM; it is left unchanged (probes compress copies of
+            one block at a time).
+        input_ids: calibration ids ``(N, L)`` (int tensor or CalibrationData); this
+            process's share under data parallelism.
+        method: a registered compression method: a pruner (points are rho) or ``lowrank`` /
+            ``asvd`` (points are the fraction of each Linear's rank removed).
+        points: probe points in [0, 1] (or a comma-separated string).
+        batch_size: sequences per forward.
+        device: where to run (the model moves there and back); default: where it is.
+        blocks: indices of the blocks to measure; default all.
+        progress: a tqdm bar over probes.
+        options: the method's options (``nm="2:4"``, ``damp``, ``block_size``, ...).
+        cache_device: where cached block inputs live (``"cpu"`` for big models); default
+            where each block's inputs were produced.
+        reduce: in-place all-reduce sum across processes (data parallelism), or None.
+        check_tail: compare the dense loss of the reproduced tail (final norm, lm_head) with
+            the model's own logits, and raise if they differ.
+
+    Returns:
+        The :class:`DamageCurves` of the measured blocks.
+
+    Example:
+        >>> curves = measure_damage(model, calib.input_ids, method="wanda")  # doctest: +SKIP
+        >>> curves.at(0.5)  # doctest: +SKIP
+    """
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    ids = _ids(input_ids)
+    pts = _points(points)
+    if batch_size < 1:
+        raise ValueError(f"batch_size {batch_size}: must be >= 1")
+    prober = _Prober(method, options)
+    all_blocks = find_blocks(model)
+    chosen = _block_list(all_blocks, blocks)
+    k_total = len(all_blocks)
+    tail = _tail(model, all_blocks)
+    cache_dev = torch.device(cache_device) if cache_device is not None else None
+    probes = 0
+    fraction = 0.0
+    with _on(model, device) as dev:
+        in_dev = _input_device(model, dev)
+        batches = [b.to(in_dev) for b in ids.split(batch_size)] if ids.shape[0] else []
+        first = chosen[0].index if chosen else k_total
+        cache, model_sum, base_sum, tokens = _capture(
+            model, all_blocks, first, batches, tail, cache_dev
+        )
+        sums = torch.zeros(len(chosen) * len(pts) + 3, dtype=torch.float64, device=dev)
+        bar = tqdm(total=len(chosen) * len(pts), desc=f"damage ({method})", unit="probe",
+                   disable=not progress, leave=False)
+        try:
+            for bi, block in enumerate(chosen):
+                k = block.index
+                stats = None
+                if prober.statistic is not None:
+                    stats = _block_stats(block, prober.statistic, cache, reduce)
+                shared = prober.prepare(block, stats, pts)
+                for pi, p in enumerate(pts):
+                    probe = prober.compressed(block, p, stats, shared)
+                    total = torch.zeros((), dtype=torch.float64, device=dev)
+                    for j, hidden in enumerate(cache.hidden.get(k, [])):
+                        h = _run_block(probe, hidden, *cache.args(k, hidden))
+                        for i in range(k + 1, k_total):
+                            h = _run_block(all_blocks[i].module, h, *cache.args(i, h))
+                        total += _ce_sum(tail, h, batches[j]).to(dev)
+                    sums[bi * len(pts) + pi] = total
+                    del probe
+                    probes += 1
+                    fraction += (k_total - k) / k_total
+                    bar.update(1)
+                del stats, shared
+        finally:
+            bar.close()
+        sums[-3:] = torch.tensor(
+            [base_sum, model_sum, float(tokens)], dtype=torch.float64, device=dev
+        )
+        if reduce is not None:
+            reduce([sums])
+    sums = sums.cpu()
+    base_sum, model_sum, tokens_all = (float(v) for v in sums[-3:])
+    if tokens_all <= 0:
+        raise ValueError("measured damage: no calibration tokens")
+    base = base_sum / tokens_all
+    if check_tail:
+        _check_tail(model, base, model_sum / tokens_all)
+    losses = sums[:-3].reshape(len(chosen), len(pts)) / tokens_all
+    increase = (losses - base).tolist()
+    return DamageCurves(
+        method=method,
+        points=pts,
+        loss_increase=[[float(v) for v in row] for row in increase],
+        base_loss=base,
+        n_params=[b.n_params for b in chosen],
+        block_names=[b.name for b in chosen],
+        probes=probes,
+        forward_fraction=fraction / probes if probes else 0.0,
+        wall_time_s=round(time.perf_counter() - start, 3),
+        block_indices=[b.index for b in chosen],
+        num_blocks=k_total,
+    )
+
+
+def _check_tail(model: nn.Module, tail_loss: float, model_loss: float) -> None:
+    dtype = next(model.parameters()).dtype
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    if abs(tail_loss - model_loss) > tol * max(1.0, abs(model_loss)):
+        raise RuntimeError(
+            f"{type(model).__name__}: the reproduced tail (final norm + lm_head) gives loss"
+            f" {tail_loss:.6f}, the model's own forward {model_loss:.6f}; this architecture does"
+            " more after its last block than measured damage knows (check_tail=False to skip)"
+        )
+
+
+# ---------------------------------------------------------------- whole-model losses
+
+
+@torch.no_grad()
+def calibration_loss(model: nn.Module, input_ids: Any, *, batch_size: int = 8) -> float:
+    """Mean next-token CE over every predicted calibration token (labels = inputs shifted).
+
+    Example:
+        >>> calibration_loss(model, calib.input_ids)  # doctest: +SKIP
+        3.42
+    """
+    ids = _ids(input_ids)
+    if batch_size < 1:
+        raise ValueError(f"batch_size {batch_size}: must be >= 1")
+    with _on(model, None) as dev:
+        in_dev = _input_device(model, dev)
+        total, tokens = 0.0, 0
+        for batch in ids.split(batch_size):
+            batch = batch.to(in_dev)
+            logits = model(input_ids=batch, use_cache=False).logits
+            total += float(_token_ce_sum(logits, batch))
+            tokens += batch.shape[0] * (batch.shape[1] - 1)
+    return total / tokens
+
+
+def plan_loss(
+    model: nn.Module,
+    plan: Plan,
+    input_ids: Any,
+    *,
+    method: str = "wanda",
+    batch_size: int = 8,
+    **compress_options: Any,
+) -> float:
+    """Calibration loss of the whole plan: compress a deep copy, return its mean CE loss.
+
+    ``compress_options`` go to :func:`cwca_export.compress` (``sequential``, ``device``,
+    ``nm``, ``rank_step``, ``check_fingerprint``, ...); layer by layer is the default.
+    The model itself is not changed; the copy costs one model's memory meanwhile.
+    """
+    from cwca_export.compression import compress
+
+    ids = _ids(input_ids)
+    work = copy.deepcopy(model)
+    try:
+        compress(work, plan, method=method, data=ids, batch_size=batch_size, **compress_options)
+        return calibration_loss(work, ids, batch_size=batch_size)
+    finally:
+        del work

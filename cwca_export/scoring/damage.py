@@ -1,0 +1,50 @@
+"""``damage``: measured single-block damage as a score (no curvature model).
+
+zeta2_k = max(D_k(at), 0), D_k(p) the calibration-loss increase of compressing block k alone
+at probe point p with ``pruner`` (see :mod:`cwca_export.damage`); every probe point's D_k is
+recorded as ``damage@p`` so a planner can read whole curves back with
+:meth:`cwca_export.damage.DamageCurves.from_scores`.
+"""
+
+from __future__ import annotations
+
+import math
+
+from cwca_export.scoring.passes import ScoringRun
+from cwca_export.scoring.registry import Estimate, register_estimator
+
+
+@register_estimator(
+    "damage",
+    summary="measured loss increase of compressing each block alone (forward probes only)",
+    options={"pruner": "wanda", "points": "0.3,0.5,0.7,0.9", "at": 0.5},
+    per_sequence=False,
+)
+def damage(run: ScoringRun) -> Estimate:
+    # imported here: cwca_export.damage imports compression, which imports this package
+    from cwca_export.damage import _points, measure_damage
+
+    pruner = str(run.options["pruner"])
+    points = _points(run.options["points"])
+    try:
+        at = float(run.options["at"])
+    except (TypeError, ValueError):
+        raise ValueError(f"damage option at={run.options['at']!r}: expected a number") from None
+    if not any(math.isclose(at, p, rel_tol=1e-9, abs_tol=1e-12) for p in points):
+        raise ValueError(f"damage option at={at:g} must be one of the probe points {points}")
+    with run.accelerator.autocast():
+        curves = measure_damage(
+            run.model,
+            run.calibration,
+            method=pruner,
+            points=points,
+            batch_size=run.batch_size,
+            progress=run.progress and run.accelerator.is_main_process,
+            reduce=run.reduce_sum if run.accelerator.num_processes > 1 else None,
+        )
+    run.passes += int(run.calibration.shape[0])  # the dense pass; probes are in the settings
+    return Estimate(
+        zeta2=[max(v, 0.0) for v in curves.at(at)],
+        stats=curves.stats(),
+        settings=curves.settings(),
+    )

@@ -1,0 +1,103 @@
+"""PlanLoss against compressing a fresh copy with the public compress() and a full forward."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from cwca_export.compression import compress
+from cwca_export.plan_probe import PlanLoss
+from compress_plans import make_plan
+from helpers import tiny_model
+
+
+def _reference_loss(model, ids):
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, :-1]
+    return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)))
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_plan_loss_equals_compressing_a_copy(method):
+    model = tiny_model("llama", num_hidden_layers=3).eval()
+    ids = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    measure = PlanLoss(model, ids, method=method, batch_size=2)
+    assert measure.dense_loss == pytest.approx(_reference_loss(model, ids), rel=1e-5)
+    for rho in ([0.5, 0.2, 0.7], [0.3, 0.2, 0.0], [0.5, 0.2, 0.7]):  # revisits hit the cache
+        dense = _dense_copy(model, before)
+        expected = compress(dense, make_plan(dense, "prune", rho), method=method, data=ids, sequential=False)
+        assert measure(rho) == pytest.approx(_reference_loss(expected, ids), rel=1e-5)
+    assert measure.evaluations == 3
+    measure.close()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def _dense_copy(model, state):
+    fresh = copy.deepcopy(model)
+    fresh.load_state_dict(state)
+    return fresh
+
+
+def test_plan_loss_refuses_allocation_methods_and_wrong_lengths():
+    model = tiny_model("llama", num_hidden_layers=2).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    with pytest.raises(ValueError, match="allocation"):
+        PlanLoss(model, ids, method="lowrank")
+    measure = PlanLoss(model, ids, method="magnitude")
+    with pytest.raises(ValueError, match="2 blocks"):
+        measure([0.5])
+
+
+def test_refine_plan_on_a_tiny_model_beats_its_start_and_is_reproducible_by_compress():
+    from cwca_export.refine import refine_plan
+    from cwca_export.scoring import score
+
+    model = tiny_model("llama", num_hidden_layers=3).eval()
+    ids = torch.randint(0, model.config.vocab_size, (6, 16), generator=torch.Generator().manual_seed(1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    damage = score(model, ids, method="damage", options={"pruner": "magnitude"}, progress=False,
+                   num_samples=6, seq_len=16)
+    plan = refine_plan(model, damage, 0.5, ids, method="magnitude", max_evals=20)
+    record = plan.parameters["refinement"]
+    assert plan.global_sparsity == pytest.approx(0.5)
+    assert record["forwards"] <= 20
+    assert record["calib_loss"] <= min(record["candidates"].values()) + 1e-12
+    assert record["candidates"]["uniform"] >= record["calib_loss"]
+    dense = _dense_copy(model, before)
+    pruned = compress(dense, plan, method="magnitude", data=ids, sequential=False)
+    assert record["calib_loss"] == pytest.approx(_reference_loss(pruned, ids), rel=1e-5)
+    for name, value in model.state_dict().items():  # the model comes back dense
+        assert torch.equal(value, before[name]), name
+
+
+def test_refine_cli_writes_a_plan_that_compress_accepts(tmp_path):
+    from click.testing import CliRunner
+    from helpers import sample_text, save_tiny_model
+
+    from cwca_export.cli import cli
+    from cwca_export.plan import Plan
+
+    model_dir = save_tiny_model("llama", tmp_path / "m", num_hidden_layers=3)
+    text = tmp_path / "calib.txt"
+    text.write_text(sample_text() * 4)
+    runner = CliRunner()
+    common = ["--data", str(text), "--samples", "4", "--seq-len", "16"]
+    res = runner.invoke(cli, ["score", str(model_dir), *common, "--method", "damage", "--option", "pruner=magnitude",
+                              "--out", str(tmp_path / "damage.json"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(cli, ["refine", str(model_dir), "--scores", str(tmp_path / "damage.json"), "--sparsity", "0.5",
+                              "--method", "magnitude", *common, "--max-evals", "12", "--out", str(tmp_path / "p.json")])
+    assert res.exit_code == 0, res.output
+    assert "forwards" in res.output
+    plan = Plan.load(tmp_path / "p.json")
+    assert plan.global_sparsity == pytest.approx(0.5) and plan.parameters["refinement"]["forwards"] <= 12
+    res = runner.invoke(cli, ["compress", str(model_dir), "--plan", str(tmp_path / "p.json"), "--method", "magnitude",
+                              "--out", str(tmp_path / "small")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(cli, ["refine", str(model_dir), "--scores", str(tmp_path / "damage.json"), "--sparsity", "0.5",
+                              "--method", "magnitude", *common, "--max-evals", "3", "--out", str(tmp_path / "q.json")])
+    assert res.exit_code == 1 and "max_evals" in res.output and not (tmp_path / "q.json").exists()
