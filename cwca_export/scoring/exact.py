@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cwca_export.blocks import is_conv1d
 from cwca_export.scoring.fisher import collect_grad_moments, diag_fisher, gradient_stats
@@ -29,6 +30,14 @@ def hessian_vector_products(run: ScoringRun, vectors: dict[int, Vec]) -> dict[in
     """(1/N) sum_n H_kk^(n) v_k for every block k in ``vectors``, summed over processes."""
     weights = {k: [m.weight for m in run.blocks[k].linears.values()] for k in vectors}
     out = {k: [torch.zeros_like(v) for v in vec] for k, vec in vectors.items()}
+    # Fused SDPA kernels (flash / memory-efficient) have no double backward; the math one does.
+    with sdpa_kernel([SDPBackend.MATH]):
+        _accumulate_hvp(run, vectors, weights, out)
+    run.reduce_sum([t for vec in out.values() for t in vec])
+    return {k: [t / run.num_samples for t in vec] for k, vec in out.items()}
+
+
+def _accumulate_hvp(run: ScoringRun, vectors: dict[int, Vec], weights: dict[int, Vec], out: dict[int, Vec]) -> None:
     for _, loss in run.losses(desc="scoring: Hessian-vector products"):
         flat = [w for k in vectors for w in weights[k]]
         grads = torch.autograd.grad(loss, flat, create_graph=True)
@@ -40,8 +49,6 @@ def hessian_vector_products(run: ScoringRun, vectors: dict[int, Vec]) -> dict[in
             hv = torch.autograd.grad(inner, weights[k], retain_graph=True)
             for acc, h in zip(out[k], hv, strict=True):
                 acc.add_(h.detach().float().to(acc.device))
-    run.reduce_sum([t for vec in out.values() for t in vec])
-    return {k: [t / run.num_samples for t in vec] for k, vec in out.items()}
 
 
 @register_estimator(
