@@ -139,6 +139,7 @@ def score(
         raise ValueError(f"debias: needs at least 2 calibration sequences, got {calib.num_samples}")
     if estimator.needs_held_out and calib.held_out is None:
         raise ValueError(f"method {method!r} needs a held-out split; pass held_out > 0")
+    _refuse_offloaded(net)
     blocks = find_blocks(net)
     # Without an accelerator device, accelerate forms the gloo group under torchrun only
     # when told it runs on the CPU.
@@ -216,6 +217,21 @@ def score(
         versions=library_versions(),
         wall_time_s=round(wall, 3) if record_wall_time else None,
     )
+
+
+def _refuse_offloaded(net: nn.Module) -> None:
+    """Weights accelerate offloaded (kept on ``meta``, streamed in by hooks) get no gradient.
+
+    Scoring them would silently give zero gains (seen with ``max_memory`` forcing offload),
+    so it is refused; a device_map spreading resident weights over several devices works.
+    """
+    offloaded = [name for name, p in net.named_parameters() if p.device.type == "meta"]
+    if offloaded:
+        raise ValueError(
+            f"{len(offloaded)} weights are offloaded by accelerate (e.g. {offloaded[0]}), and offloaded"
+            " weights receive no gradients, so their scores would be zero; hint: raise max_memory until"
+            " every weight is resident on some device, or use gradient_checkpointing / fewer --seq-len"
+        )
 
 
 def _dtype(name: str) -> torch.dtype:
