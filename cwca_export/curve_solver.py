@@ -24,7 +24,7 @@ from typing import Literal
 
 import numpy as np
 
-from cwca_export.solver import SolverResult, _bisect, _bounds, _vector
+from cwca_export.solver import SolverResult, _bisect, _bounds, _vector, pruning_mass
 
 CurveForm = Literal["piecewise", "power"]
 _MIN_EXPONENT = 1.05  # a power fit flatter than this is not convex enough to price
@@ -172,15 +172,7 @@ def solve_pruning_curves(
     target = float(target)
     if not np.isfinite(target) or target < 0:
         raise ValueError(f"target: must be a finite non-negative fraction, got {target!r}")
-    total = n_v.sum()
-    need = target * total
-    reach_lo, reach_hi = float(n_v @ lo_v), float(n_v @ hi_v)
-    slack = 1e-12 * total
-    if need < reach_lo - slack or need > reach_hi + slack:
-        raise ValueError(
-            f"target: global sparsity {target:g} is not reachable; with these bounds the"
-            f" reachable range is [{reach_lo / total:.6g}, {reach_hi / total:.6g}]"
-        )
+    _total, need, _reach_lo, _reach_hi, slack = pruning_mass(n_v, lo_v, hi_v, target)
     if form == "piecewise":
         rho, dual, steps = _fill_segments(p, d, n_v, lo_v, hi_v, need)
     elif form == "power":

@@ -134,6 +134,20 @@ def _bisect(
 # ----------------------------------------------------------------------------- pruning
 
 
+def pruning_mass(n_v: np.ndarray, lo_v: np.ndarray, hi_v: np.ndarray, target: float):
+    """(total, need, reach_lo, reach_hi, slack) of a global-sparsity target; refuses unreachable ones."""
+    total = n_v.sum()
+    need = target * total
+    reach_lo, reach_hi = float(n_v @ lo_v), float(n_v @ hi_v)
+    slack = 1e-12 * total
+    if need < reach_lo - slack or need > reach_hi + slack:
+        raise ValueError(
+            f"target: global sparsity {target:g} is not reachable; with these bounds the"
+            f" reachable range is [{reach_lo / total:.6g}, {reach_hi / total:.6g}]"
+        )
+    return total, need, reach_lo, reach_hi, slack
+
+
 def pruning_objective(
     rho: ArrayLike, q: ArrayLike, *, eta: float = 2.0, kappa: float = 1.0, psi: Psi = "quadratic"
 ) -> float:
@@ -201,15 +215,7 @@ def solve_pruning(
 
     w = eta * np.power(q_v, kappa)
     free_w = w > 0
-    total = n_v.sum()
-    need = target * total
-    reach_lo, reach_hi = float(n_v @ lo_v), float(n_v @ hi_v)
-    slack = 1e-12 * total
-    if need < reach_lo - slack or need > reach_hi + slack:
-        raise ValueError(
-            f"target: global sparsity {target:g} is not reachable; with these bounds the"
-            f" reachable range is [{reach_lo / total:.6g}, {reach_hi / total:.6g}]"
-        )
+    total, need, reach_lo, reach_hi, slack = pruning_mass(n_v, lo_v, hi_v, target)
 
     def rho_at(lam: float) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
