@@ -427,3 +427,8 @@ def _make_plan(program, scores, q, result, lo_v, hi_v, cost_v, params) -> Plan:
         model=dict(scores.model),
         versions=library_versions(),
     )
+
+
+# ---------------------------------------------------------------- rank plans from measured damage
+
+RankShapes = Sequence[Sequence[tuple[int, int]]]

@@ -105,3 +105,126 @@ class PlanLoss:
             self._restore(k)
         self._applied = [0.0] * len(self.blocks)
         self._pruned.clear()
+
+
+class RankPlanLoss:
+    """Whole-plan calibration loss of an allocation plan (ranks) for ``lowrank`` / ``asvd``.
+
+    The :class:`PlanLoss` of rank plans: the dense per-Linear statistics (``asvd``'s input
+    covariance) come from one pass of the dense model, every Linear is factorised once at
+    the largest rank that still shrinks it, and a plan costs swapping in each changed block's
+    factors (sliced to the block's rank, as ``compress`` builds them) plus one forward. Like
+    ``compress``, a block's Linears share the rank units * rank_step and a Linear that rank
+    would not shrink stays dense. ``RankPlanLoss(units)`` equals the loss of
+    ``compress(copy, plan, method=..., sequential=False)`` on the same ids; the model's own
+    Linears are put back by :meth:`close`.
+
+    The cached factors hold at most one more copy of the blocks' weights (in their dtype).
+
+    Args:
+        model: the dense causal LM; its block Linears are swapped in place while measuring.
+        input_ids: calibration ids ``(N, L)``.
+        method: ``lowrank`` or ``asvd``.
+        rank_step: rank of one plan unit.
+        batch_size: sequences per forward.
+        **options: the method's other options (``damp`` for ``asvd``).
+
+    Example:
+        >>> measure = RankPlanLoss(model, calib.input_ids, method="asvd")  # doctest: +SKIP
+        >>> measure([4] * 12), measure.evaluations  # doctest: +SKIP
+        (4.12, 1)
+    """
+
+    def __init__(self, model: nn.Module, input_ids: torch.Tensor, *, method: str = "lowrank",
+                 rank_step: int = 8, batch_size: int = 8, **options: Any) -> None:
+        from types import SimpleNamespace
+
+        from cwca_export.compression import lowrank
+        from cwca_export.damage import _factor_fn
+
+        spec = get_method(method)
+        if spec.program != "allocate":
+            raise ValueError(f"method {method!r} reads pruning plans; RankPlanLoss measures allocation plans")
+        if method not in ("lowrank", "asvd"):
+            raise ValueError(f"RankPlanLoss knows the factors of 'lowrank' and 'asvd', not {method!r}")
+        self.model, self.input_ids, self.batch_size = model, input_ids, batch_size
+        self.method = method
+        resolved = spec.resolve({**options, "rank_step": rank_step})
+        self._options = spec.prepare(resolved, SimpleNamespace(parameters={})) if spec.prepare else resolved
+        self.rank_step = int(self._options["rank_step"])
+        self.blocks = find_blocks(model)
+        stat_name = spec.statistic(self._options)
+        stats: list[dict[str, torch.Tensor] | None] = [None] * len(self.blocks)
+        if stat_name is not None:
+            was_training = model.training
+            model.eval()
+            stats = [row["stats"] for row in run_whole_model(
+                model, self.blocks, lambda _block, s: {"stats": s},
+                statistic=STATISTICS[stat_name], input_ids=input_ids, batch_size=batch_size,
+            )]
+            model.train(was_training)
+        factor = _factor_fn(method, self._options)
+        self._dense: list[dict[str, nn.Module]] = []
+        self._factors: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
+        for k, block in enumerate(self.blocks):
+            dense, factors = {}, {}
+            for path, linear in block.linears.items():
+                rel = path[len(block.name) + 1:]
+                w = weight_out_in(linear)
+                m, n = w.shape
+                top = (m * n - 1) // (m + n)  # the largest rank that shrinks it: r (m + n) < m n
+                dense[rel] = linear
+                if top >= 1:
+                    a, b = factor(w, None if stats[k] is None else stats[k][rel], top)
+                    factors[rel] = (a[:top].to(w.dtype), b[:, :top].to(w.dtype))
+            self._dense.append(dense)
+            self._factors.append(factors)
+            stats[k] = None  # the statistics are done with once factorised
+        self._lowrank = lowrank
+        self._applied: list[int | None] = [None] * len(self.blocks)  # None: dense
+        self._closed = False
+        self.evaluations = 0
+        self.dense_loss = calibration_loss(model, input_ids, batch_size=batch_size)
+
+    def _set(self, k: int, rel: str, module: nn.Module) -> None:
+        root = self.blocks[k].module
+        parent_path, _, child = rel.rpartition(".")
+        setattr(root.get_submodule(parent_path) if parent_path else root, child, module)
+
+    @torch.no_grad()
+    def _apply(self, k: int, units: int | None) -> None:
+        rank = None if units is None else units * self.rank_step
+        for rel, linear in self._dense[k].items():
+            m, n = weight_out_in(linear).shape
+            if rank is None or not self._lowrank.shrinks(m, n, rank):
+                self._set(k, rel, linear)
+                continue
+            a, b = self._factors[k][rel]
+            self._set(k, rel, self._lowrank.factorised_linear(linear, a[:rank], b[:, :rank]))
+        self._applied[k] = units
+
+    def __call__(self, units: Sequence[float] | np.ndarray) -> float:
+        """Calibration loss (nats per token) of the model factorised by ``units`` (one per block)."""
+        if self._closed:
+            raise RuntimeError("RankPlanLoss: closed (its factors are dropped); make a new one")
+        values = [float(u) for u in np.asarray(units, dtype=np.float64).reshape(-1)]
+        if len(values) != len(self.blocks):
+            raise ValueError(f"units: {len(values)} values for {len(self.blocks)} blocks")
+        whole = []
+        for k, u in enumerate(values):
+            if abs(u - round(u)) > 1e-9 or round(u) < 1:
+                raise ValueError(f"{self.blocks[k].name}: {u} units; a rank plan needs whole units >= 1")
+            whole.append(int(round(u)))
+        for k, u in enumerate(whole):
+            if u != self._applied[k]:
+                self._apply(k, u)
+        self.evaluations += 1
+        return calibration_loss(self.model, self.input_ids, batch_size=self.batch_size)
+
+    def close(self) -> None:
+        """Put the model's own Linears back and drop the cached factors."""
+        for k in range(len(self.blocks)):
+            if self._applied[k] is not None:
+                self._apply(k, None)
+        self._factors = [{} for _ in self.blocks]
+        self._closed = True

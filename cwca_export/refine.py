@@ -273,3 +273,220 @@ def refine_plan(
         start, x=[float(v) for v in result.x],
         parameters={**start.parameters, "refinement": record},
     )
+
+
+# ---------------------------------------------------------------- ranks (allocation plans)
+
+
+def refine_unit_exchange(
+    x0: Sequence[float],
+    kept: Callable[[int, int], float],
+    budget: float,
+    measure: Measure,
+    *,
+    lo: Sequence[float],
+    hi: Sequence[float],
+    step: int = 1,
+    max_evals: int = 60,
+    moves_per_round: int = 4,
+    tol: float = 0.0,
+    start_loss: float | None = None,
+) -> Refinement:
+    """Measured exchange of whole units between blocks; kept weights never exceed ``budget``.
+
+    The integer counterpart of :func:`refine_exchange` for allocation plans (ranks), where
+    a unit's weight cost differs between blocks and with the units (Linears that stay dense):
+
+    1. marginals: price ``step`` units less in every block (one more step where a block is
+       at its lower bound), the measured loss change per weight freed;
+    2. exchanges: take ``step`` units from a block whose marginal is low and give the
+       weights freed to one whose marginal is high, as many whole units as they buy; a move
+       is kept only when the measured whole-plan loss drops; when no move in a round helps
+       the step halves, down to one unit.
+
+    Args:
+        x0: starting units (whole numbers), within ``lo`` / ``hi`` and the budget.
+        kept: ``kept(block, units)``: weights block keeps at that many units (increasing).
+        budget: the most weights all blocks may keep together.
+        measure: whole-plan loss of a units vector, e.g. a
+            :class:`cwca_export.plan_probe.RankPlanLoss`.
+        lo, hi: per-block bounds in units.
+        step: units taken per exchange at first.
+        max_evals, moves_per_round, tol, start_loss: as in :func:`refine_exchange`.
+
+    Returns:
+        The :class:`Refinement` (x in units); never worse than the start on the measure. Its
+        ``accepted`` moves are ``(from_block, to_block, step)``: ``step`` units taken from
+        ``from_block``, the weights they freed given to ``to_block``.
+
+    Example:
+        >>> loss = lambda e: float(np.sum(np.array([1.0, 4.0]) / np.asarray(e)))
+        >>> r = refine_unit_exchange([4, 4], lambda k, e: e, 8, loss, lo=[1, 1], hi=[8, 8], max_evals=30)
+        >>> r.x.tolist(), r.loss < r.start_loss
+        ([3.0, 5.0], True)
+    """
+    e = np.rint(np.asarray(x0, dtype=np.float64)).astype(np.int64)
+    k = e.size
+    lo_v = np.rint(np.broadcast_to(np.asarray(lo, dtype=np.float64), (k,))).astype(np.int64)
+    hi_v = np.rint(np.broadcast_to(np.asarray(hi, dtype=np.float64), (k,))).astype(np.int64)
+    if max_evals < 2:
+        raise ValueError(f"max_evals {max_evals}: needs at least 2 (the start and one move)")
+    if int(step) != step or step < 1:
+        raise ValueError(f"step {step}: a whole number of units >= 1")
+    step = int(step)
+    if np.any(np.abs(np.asarray(x0, dtype=np.float64) - e) > 1e-9):
+        raise ValueError("x0: units must be whole numbers")
+    if np.any(e < lo_v) or np.any(e > hi_v):
+        raise ValueError("x0: the starting plan lies outside the bounds")
+
+    def spent_of(units: np.ndarray) -> float:
+        return float(sum(kept(i, int(u)) for i, u in enumerate(units)))
+
+    spent = spent_of(e)
+    if spent > budget:
+        raise ValueError(f"x0: keeps {spent:g} weights, over the budget {budget:g}")
+    start = time.perf_counter()
+    evals = _Budget(lambda units: measure(units.astype(np.float64)), max_evals)
+    loss = start_loss = evals(e) if start_loss is None else float(start_loss)
+    accepted: list[tuple[int, int, float]] = []
+    history: list[float] = []
+    while evals.left > 1 and step >= 1:
+        priced = [j for j in range(k) if e[j] - step >= lo_v[j] or e[j] + step <= hi_v[j]]
+        if not priced or evals.left <= len(priced):
+            break
+        marginal = np.full(k, np.nan)
+        for j in priced:
+            y = e.copy()
+            if e[j] - step >= lo_v[j]:  # loss added per weight freed by giving up `step` units
+                y[j] -= step
+                marginal[j] = (evals(y) - loss) / (kept(j, int(e[j])) - kept(j, int(y[j])))
+            else:  # at the lower bound: loss saved per weight added by `step` more
+                y[j] += step
+                marginal[j] = (loss - evals(y)) / (kept(j, int(y[j])) - kept(j, int(e[j])))
+        gainers = [i for i in range(k) if e[i] < hi_v[i] and np.isfinite(marginal[i])]
+        losers = [j for j in range(k) if e[j] - step >= lo_v[j] and np.isfinite(marginal[j])]
+        pairs = [(i, j) for i in gainers for j in losers if i != j and marginal[i] > marginal[j]]
+        pairs.sort(key=lambda p: marginal[p[1]] - marginal[p[0]])
+        tried, improved, moved = 0, False, set()
+        for i, j in pairs:
+            if tried >= moves_per_round or evals.left < 1:
+                break
+            if i in moved or j in moved:
+                continue
+            y = e.copy()
+            y[j] -= step
+            room = budget - spent + kept(j, int(e[j])) - kept(j, int(y[j]))
+            gain = 0
+            while e[i] + gain + 1 <= hi_v[i] and kept(i, int(e[i] + gain + 1)) - kept(i, int(e[i])) <= room:
+                gain += 1
+            if gain < 1:
+                continue
+            y[i] += gain
+            tried += 1
+            trial = evals(y)
+            if trial < loss - tol:
+                e, loss = y, trial
+                spent = spent_of(e)
+                accepted.append((j, i, float(step)))
+                history.append(loss)
+                moved.update((i, j))
+                improved = True
+        if not improved:
+            step //= 2
+    return Refinement(
+        x=e.astype(np.float64), loss=loss, start_loss=start_loss, evaluations=evals.spent,
+        accepted=accepted, wall_time_s=time.perf_counter() - start, history=history,
+    )
+
+
+def refine_ranks(
+    model,
+    scores,
+    budget_fraction: float,
+    data,
+    *,
+    method: str = "lowrank",
+    rank_step: int = 8,
+    max_evals: int = 40,
+    tune: bool = True,
+    form: str = "piecewise",
+    lo: float = 0.0,
+    hi: float = 0.95,
+    step_units: int | None = None,
+    batch_size: int = 8,
+    **options,
+):
+    """A rank plan for ``model``: measured damage in closed form, then corrected on whole plans.
+
+    Args:
+        model: the dense causal LM the plan is for (its Linears are put back before returning).
+        scores: ``damage`` scores measured with ``pruner=lowrank`` or ``asvd``.
+        budget_fraction: fraction of the blocks' Linear weights kept (see
+            :func:`cwca_export.rank_plans.plan_ranks_from_damage`); never exceeded.
+        data: calibration ids ``(N, L)`` or a ``CalibrationData``.
+        method: ``lowrank`` or ``asvd``, the method the plan will be applied with.
+        rank_step: rank of one plan unit.
+        max_evals: whole-plan forwards for choosing the start and refining together.
+        tune: also measure the uniform plan at the same budget and start from the better one
+            (so the result is never worse than uniform on the calibration loss).
+        form: the curve model of the closed form (``piecewise`` or ``power``).
+        lo, hi: bounds on each block's rank-removal fraction.
+        step_units: units taken per exchange at first; default about 5% of a block's rank.
+        batch_size: sequences per forward.
+        **options: the method's options (``damp`` for ``asvd``).
+
+    Returns:
+        The allocation :class:`~cwca_export.plan.Plan` (units), ``parameters["refinement"]``
+        recording the start, the forwards spent, the moves kept and the calibration losses;
+        ``parameters["kept_params"]`` / ``["kept_fraction"]`` are the refined plan's.
+    """
+    import dataclasses
+
+    from cwca_export.rank_plans import kept_parameters, linear_shapes, plan_ranks_from_damage, plan_ranks_uniform
+    from cwca_export.plan_probe import RankPlanLoss
+
+    ids = getattr(data, "input_ids", data)
+    shapes = linear_shapes(model)
+    plans = {"damage": plan_ranks_from_damage(scores, budget_fraction, shapes=shapes, rank_step=rank_step,
+                                              form=form, lo=lo, hi=hi)}
+    if tune:
+        plans["uniform"] = plan_ranks_uniform(scores, budget_fraction, shapes=shapes, rank_step=rank_step,
+                                              lo=lo, hi=hi)
+    if max_evals < len(plans) + 2:
+        raise ValueError(f"max_evals {max_evals}: choosing the start alone measures {len(plans)} plans; allow more")
+    total = float(sum(scores.n_params))
+    budget = float(budget_fraction) * total
+
+    def kept(block: int, units: int) -> float:
+        return float(kept_parameters(shapes[block], units * rank_step))
+
+    if step_units is None:
+        full = float(np.median([max(min(m, n) for m, n in block) for block in shapes]))
+        step_units = max(1, int(round(0.05 * full / rank_step)))
+    measure = RankPlanLoss(model, ids, method=method, rank_step=rank_step, batch_size=batch_size, **options)
+    began = time.perf_counter()
+    try:
+        best, losses = choose_by_loss({name: p.x for name, p in plans.items()}, measure)
+        start = plans[best]
+        result = refine_unit_exchange(start.x, kept, budget, measure, lo=start.lo, hi=start.hi,
+                                      step=step_units, max_evals=max_evals - len(plans),
+                                      start_loss=losses[best])
+    finally:
+        measure.close()
+    kept_total = int(sum(kept(i, int(u)) for i, u in enumerate(result.x)))
+    record = {
+        "method": method,
+        "start": best,
+        "candidates": losses,
+        "dense_loss": measure.dense_loss,
+        "calib_loss_start": result.start_loss,
+        "calib_loss": result.loss,
+        "forwards": len(plans) + result.evaluations,
+        "moves": [list(m) for m in result.accepted],
+        "wall_time_s": round(time.perf_counter() - began, 2),
+    }
+    return dataclasses.replace(
+        start, x=[float(v) for v in result.x],
+        parameters={**start.parameters, "kept_params": kept_total, "kept_fraction": kept_total / total,
+                    "refinement": record},
+    )

@@ -70,7 +70,8 @@ def _table(plan) -> str:
     "--hi",
     type=float,
     default=None,
-    help="Upper bound for every block [default: 0.95 for prune, unbounded for allocate].",
+    help="Upper bound for every block [default: 0.95 for prune, unbounded for allocate]; for"
+    " allocate --rule damage, --lo / --hi / --bounds bound the fraction of rank removed (default 0.95).",
 )
 @click.option(
     "--bounds",
@@ -104,7 +105,32 @@ def _table(plan) -> str:
     show_default=True,
     help="prune: cwca = the MDL program on q_k; damage = measured per-block curves (scores from"
     " --method damage); band = the OWL / LayerIF linear map into [S - band, S + band];"
-    " auto = damage when the scores hold curves, else cwca.",
+    " auto = damage when the scores hold curves, else cwca. allocate: cwca = the value program"
+    " with --budget; damage = ranks from low-rank damage curves (--option pruner=lowrank or asvd)"
+    " with --budget-fraction; auto = damage when --budget-fraction is given (or the scores hold"
+    " low-rank curves and no --budget), else cwca.",
+)
+@click.option(
+    "--budget-fraction",
+    type=float,
+    default=None,
+    help="allocate, rule damage: fraction of the blocks' Linear weights the factorised model keeps,"
+    " sum_k sum_l min(r_k (m_l + n_l), m_l n_l) <= F * sum_k n_k (never exceeded).",
+)
+@click.option(
+    "--rank-step",
+    type=int,
+    default=8,
+    show_default=True,
+    help="allocate, rule damage: rank of one plan unit (recorded in the plan for compress).",
+)
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="allocate, rule damage: the model folder whose config gives each Linear's shape"
+    " [default: the scores' model path]; no weights are read.",
 )
 @click.option(
     "--band",
@@ -118,7 +144,7 @@ def _table(plan) -> str:
     type=click.Choice(["piecewise", "power"]),
     default="piecewise",
     show_default=True,
-    help="prune, rule damage: convex piecewise-linear envelope of the probes, or a rho^b fit.",
+    help="rule damage: convex piecewise-linear envelope of the probes, or a rho^b fit.",
 )
 @click.option("--tau", type=float, default=0.05, show_default=True, help="Quality floor: tau * median q.")
 @click.option(
@@ -131,7 +157,7 @@ def _table(plan) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON instead of a table.")
 def plan(
     scores_path, program, sparsity, budget, lo, hi, bounds, eta, kappa, psi, gamma, beta, alpha, cost,
-    integer, rule, band, form, tau, out, as_json,
+    integer, rule, budget_fraction, rank_step, model_path, band, form, tau, out, as_json,
 ) -> None:
     """Solve the pruning or capacity-allocation program from SCORES (a scores.json).
 
@@ -142,20 +168,23 @@ def plan(
       cwca-export plan scores.json --program allocate --budget 96 --lo 4 --hi 64
       cwca-export plan damage.json --sparsity 0.7 --band 0.2      # measured curves, OWL-style band
       cwca-export plan owl.json --sparsity 0.7 --rule band --band 0.08   # the OWL baseline
+      cwca-export plan lowrank-damage.json --program allocate --budget-fraction 0.6 --rank-step 8
     """
     from cwca_export.plan import plan_allocation, plan_band, plan_from_damage, plan_pruning
     from cwca_export.scores import LayerScores
 
     if program == "prune" and sparsity is None:
         raise click.UsageError("--program prune needs --sparsity (e.g. --sparsity 0.5)")
-    if program == "allocate" and budget is None:
-        raise click.UsageError("--program allocate needs --budget (e.g. --budget 96)")
     if program == "prune" and budget is not None:
         raise click.UsageError("--budget belongs to --program allocate; use --sparsity")
+    if program == "prune" and budget_fraction is not None:
+        raise click.UsageError("--budget-fraction belongs to --program allocate; use --sparsity")
     if program == "allocate" and sparsity is not None:
-        raise click.UsageError("--sparsity belongs to --program prune; use --budget")
+        raise click.UsageError("--sparsity belongs to --program prune; use --budget or --budget-fraction")
     lo_blocks, hi_blocks = parse_bounds(bounds)
     scores = LayerScores.load(scores_path)
+    if program == "allocate":
+        rule = _allocate_rule(rule, scores, budget, budget_fraction)
     if program == "prune":
         hi = 0.95 if hi is None else hi
         if rule == "auto":
@@ -178,6 +207,21 @@ def plan(
             f" dual {result.dual:.4g}; objective {result.objective:.6g};"
             f" {result.iterations} dual evaluations"
         )
+    elif rule == "damage":
+        from cwca_export.rank_plans import linear_shapes, plan_ranks_from_damage
+
+        shapes = linear_shapes(_shapes_folder(model_path, scores))
+        result = plan_ranks_from_damage(
+            scores, budget_fraction, shapes=shapes, rank_step=rank_step, form=form, lo=lo,
+            hi=0.95 if hi is None else hi, lo_blocks=lo_blocks, hi_blocks=hi_blocks,
+        )
+        total = sum(result.n_params)
+        kept = result.parameters["kept_params"]
+        summary = (
+            f"rule damage; kept {kept:,} of {total:,} block weights ({kept / total:.4f}, budget"
+            f" {budget_fraction:g}); rank = units * {rank_step}; dual {result.dual:.4g};"
+            f" modelled damage {result.objective:.6g}"
+        )
     else:
         result = plan_allocation(
             scores, budget, cost=cost, gamma=gamma, beta=beta, alpha=alpha, lo=lo,
@@ -196,3 +240,38 @@ def plan(
     click.echo(_table(result))
     click.echo(summary)
     click.echo(f"scores: {scores.method} ({scores.num_blocks} blocks); wrote {path}")
+
+
+def _allocate_rule(rule: str, scores, budget: float | None, budget_fraction: float | None) -> str:
+    """The allocation rule: cwca (value program, --budget) or damage (ranks, --budget-fraction)."""
+    if rule == "band":
+        raise click.UsageError("--rule band is a pruning rule; --program allocate takes cwca or damage")
+    if budget is not None and budget_fraction is not None:
+        raise click.UsageError("--budget (rule cwca) and --budget-fraction (rule damage): give one")
+    if rule == "auto":
+        curves = any(name.startswith("damage@") for name in scores.stats)
+        pruner = scores.settings.get("pruner") or scores.settings.get("options", {}).get("pruner")
+        low_rank = curves and pruner in ("lowrank", "asvd")
+        rule = "damage" if budget_fraction is not None or (low_rank and budget is None) else "cwca"
+    if rule == "damage" and budget_fraction is None:
+        raise click.UsageError("--program allocate --rule damage needs --budget-fraction (e.g. 0.6)")
+    if rule == "cwca" and budget is None:
+        raise click.UsageError("--program allocate needs --budget (e.g. --budget 96)")
+    if rule == "cwca" and budget_fraction is not None:
+        raise click.UsageError("--budget-fraction belongs to --rule damage; rule cwca takes --budget")
+    return rule
+
+
+def _shapes_folder(model_path: str | None, scores) -> str:
+    """Where the Linear shapes come from: --model, else the folder the scores were made from."""
+    if model_path is not None:
+        return model_path
+    from pathlib import Path
+
+    recorded = scores.model.get("name_or_path") or ""
+    if recorded and (Path(recorded) / "config.json").is_file():
+        return recorded
+    raise click.UsageError(
+        "--rule damage for ranks needs each Linear's shape: pass --model MODEL_DIR (the scored"
+        f" model's folder; the scores record {recorded!r}, which is not a local folder)"
+    )
