@@ -101,3 +101,29 @@ def test_refine_cli_writes_a_plan_that_compress_accepts(tmp_path):
     res = runner.invoke(cli, ["refine", str(model_dir), "--scores", str(tmp_path / "damage.json"), "--sparsity", "0.5",
                               "--method", "magnitude", *common, "--max-evals", "3", "--out", str(tmp_path / "q.json")])
     assert res.exit_code == 1 and "max_evals" in res.output and not (tmp_path / "q.json").exists()
+
+
+def test_refine_cli_plans_ranks_and_refuses_mixed_knobs(tmp_path):
+    from click.testing import CliRunner
+    from helpers import sample_text, save_tiny_model
+
+    from cwca_export.cli import cli
+    from cwca_export.plan import Plan
+
+    model_dir = save_tiny_model("llama", tmp_path / "m", num_hidden_layers=3)
+    text = tmp_path / "calib.txt"
+    text.write_text(sample_text() * 4)
+    runner = CliRunner()
+    common = ["--data", str(text), "--samples", "4", "--seq-len", "16"]
+    res = runner.invoke(cli, ["score", str(model_dir), *common, "--method", "damage", "--option", "pruner=lowrank",
+                              "--out", str(tmp_path / "lr.json"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(cli, ["refine", str(model_dir), "--scores", str(tmp_path / "lr.json"), "--method", "lowrank",
+                              "--budget-fraction", "0.6", "--rank-step", "2", *common, "--max-evals", "10",
+                              "--out", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    plan = Plan.load(tmp_path / "r.json")
+    assert plan.program == "allocate" and plan.parameters["kept_fraction"] <= 0.6
+    res = runner.invoke(cli, ["refine", str(model_dir), "--scores", str(tmp_path / "lr.json"), "--method", "lowrank",
+                              "--sparsity", "0.5", *common, "--out", str(tmp_path / "bad.json")])
+    assert res.exit_code == 2 and "--budget-fraction" in res.output and not (tmp_path / "bad.json").exists()

@@ -9,11 +9,14 @@ import click
 @click.argument("model_dir", metavar="MODEL_DIR", type=click.Path(exists=True, file_okay=False))
 @click.option("--scores", "scores_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="scores.json of MODEL_DIR; measured damage (score --method damage) recommended.")
-@click.option("--sparsity", type=float, required=True, help="Global sparsity, a fraction of all block weights.")
+@click.option("--sparsity", type=float, default=None, help="Pruning plans: global sparsity, a fraction of all block weights.")
+@click.option("--budget-fraction", type=float, default=None,
+              help="Rank plans (--method lowrank|asvd): fraction of the blocks' Linear weights kept.")
+@click.option("--rank-step", type=int, default=8, show_default=True, help="Rank plans: rank of one plan unit.")
 @click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Calibration text (.txt or .jsonl), the same kind the scores used.")
-@click.option("--method", type=click.Choice(["magnitude", "wanda", "sparsegpt"]), default="wanda",
-              show_default=True, help="The pruner the plan will be applied with; its loss is measured.")
+@click.option("--method", type=click.Choice(["magnitude", "wanda", "sparsegpt", "lowrank", "asvd"]), default="wanda",
+              show_default=True, help="The method the plan will be applied with; its loss is measured.")
 @click.option("--samples", type=int, default=32, show_default=True, help="Calibration sequences.")
 @click.option("--seq-len", type=int, default=128, show_default=True, help="Tokens per sequence.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the choice of sequences.")
@@ -26,8 +29,8 @@ import click
 @click.option("--hi", type=float, default=0.95, show_default=True, help="Upper bound for every block.")
 @click.option("--out", type=click.Path(dir_okay=False), default="plan.json", show_default=True,
               help="Where to write the plan (atomically).")
-def refine(model_dir, scores_path, sparsity, data_path, method, samples, seq_len, seed, max_evals, tune,
-           band, lo, hi, out) -> None:
+def refine(model_dir, scores_path, sparsity, budget_fraction, rank_step, data_path, method, samples, seq_len,
+           seed, max_evals, tune, band, lo, hi, out) -> None:
     """Plan SPARSITY for MODEL_DIR: closed form first, then exchanges kept only when the loss drops.
 
     Damage is not additive across blocks, so the separable one-dual plan skews too much; this
@@ -39,22 +42,34 @@ def refine(model_dir, scores_path, sparsity, data_path, method, samples, seq_len
       cwca-export score ./llama --data calib.txt --method damage --option pruner=wanda --out damage.json
       cwca-export refine ./llama --scores damage.json --sparsity 0.7 --data calib.txt --method wanda
       cwca-export compress ./llama --plan plan.json --method wanda --data calib.txt --out llama-70
+      cwca-export refine ./llama --scores lr.json --budget-fraction 0.6 --data calib.txt --method asvd
     """
     from cwca_export.data import calibration_data
     from cwca_export.loading import load_model
-    from cwca_export.refine import refine_plan
+    from cwca_export.refine import refine_plan, refine_ranks
     from cwca_export.scores import LayerScores
 
+    ranks = method in ("lowrank", "asvd")
+    if ranks and (budget_fraction is None or sparsity is not None):
+        raise click.UsageError(f"--method {method} plans ranks: give --budget-fraction (not --sparsity)")
+    if not ranks and (sparsity is None or budget_fraction is not None):
+        raise click.UsageError(f"--method {method} prunes: give --sparsity (not --budget-fraction)")
+    if ranks and band is not None:
+        raise click.UsageError("--band applies to pruning plans; bound rank plans with --lo / --hi")
     scores = LayerScores.load(scores_path)
     model, tokenizer = load_model(model_dir)
     model.eval()
     calib = calibration_data(data_path, tokenizer, num_samples=samples, seq_len=seq_len, seed=seed)
-    plan = refine_plan(model, scores, sparsity, calib, method=method, tune=tune, max_evals=max_evals,
-                       lo=lo, hi=hi, band=band)
+    if ranks:
+        plan = refine_ranks(model, scores, budget_fraction, calib, method=method, rank_step=rank_step,
+                            max_evals=max_evals, tune=tune, lo=lo, hi=hi)
+    else:
+        plan = refine_plan(model, scores, sparsity, calib, method=method, tune=tune, max_evals=max_evals,
+                           lo=lo, hi=hi, band=band)
     plan.check(model)
     path = plan.save(out)
     r = plan.parameters["refinement"]
-    click.echo(" ".join(f"{x:.3f}" for x in plan.x))
+    click.echo(" ".join(f"{x:g}" if ranks else f"{x:.3f}" for x in plan.x))
     click.echo(
         f"start {r['start']}; calibration loss {r['calib_loss_start']:.4f} -> {r['calib_loss']:.4f}"
         f" (dense {r['dense_loss']:.4f}); {len(r['moves'])} moves kept; {r['forwards']} forwards"
