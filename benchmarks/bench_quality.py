@@ -212,12 +212,16 @@ def run(args) -> None:
                  if m in ("fisher", "kfac", "exact", "gradnorm", "obd", "debiased128")}
         meta = out.with_suffix(".meta.json")
         previous = json.loads(meta.read_text()) if meta.exists() else {}
-        previous[str(seed)] = {"noise_ratio": noise, "cost": ctx.cost}
+        entry = previous.setdefault(str(seed), {"noise_ratio": {}, "cost": {}})
+        entry["noise_ratio"].update(noise)  # a rerun adding allocators keeps what earlier runs found
+        entry["cost"].update(ctx.cost)
         meta.write_text(json.dumps(previous, indent=1))
 
 
 def table(args) -> None:
     rows = [json.loads(line) for line in Path(args.out).read_text().splitlines()]
+    rows = [r for r in rows if r["allocator"] in args.allocators and r["pruner"] in args.pruners
+            and r["sparsity"] in args.sparsities and r["seed"] in args.seeds]
     by = {}
     for r in rows:
         by.setdefault((r["pruner"], r["sparsity"], r["allocator"]), []).append(r["perplexity"])
@@ -263,7 +267,8 @@ def table(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench_quality.jsonl")
-    parser.add_argument("--seeds", default="0", type=lambda s: [int(v) for v in s.split(",")])
+    parser.add_argument("--seeds", default="0", type=lambda s: [int(v) for v in s.split(",")],
+                        help="calibration seeds to run (with --table: to show)")
     parser.add_argument("--pruners", default="magnitude,wanda,sparsegpt", type=lambda s: s.split(","))
     parser.add_argument("--sparsities", default="0.3,0.5,0.7", type=lambda s: [float(v) for v in s.split(",")])
     parser.add_argument("--allocators", default=",".join(ALL), type=lambda s: s.split(","))
