@@ -258,21 +258,26 @@ def refine_plan(
                                  max_evals=max_evals - len(plans), start_loss=losses[best])
     finally:
         measure.close()
-    record = {
+    record = _refinement_record(method, best, losses, measure, result, len(plans), began)
+    return dataclasses.replace(
+        start, x=[float(v) for v in result.x],
+        parameters={**start.parameters, "refinement": record},
+    )
+
+
+def _refinement_record(method, best, losses, measure, result, measured_starts, began) -> dict:
+    """What ``parameters["refinement"]`` records: the start, its rivals, the forwards, the losses."""
+    return {
         "method": method,
         "start": best,
         "candidates": losses,
         "dense_loss": measure.dense_loss,
         "calib_loss_start": result.start_loss,
         "calib_loss": result.loss,
-        "forwards": len(plans) + result.evaluations,
+        "forwards": measured_starts + result.evaluations,
         "moves": [list(m) for m in result.accepted],
         "wall_time_s": round(time.perf_counter() - began, 2),
     }
-    return dataclasses.replace(
-        start, x=[float(v) for v in result.x],
-        parameters={**start.parameters, "refinement": record},
-    )
 
 
 # ---------------------------------------------------------------- ranks (allocation plans)
@@ -474,17 +479,7 @@ def refine_ranks(
     finally:
         measure.close()
     kept_total = int(sum(kept(i, int(u)) for i, u in enumerate(result.x)))
-    record = {
-        "method": method,
-        "start": best,
-        "candidates": losses,
-        "dense_loss": measure.dense_loss,
-        "calib_loss_start": result.start_loss,
-        "calib_loss": result.loss,
-        "forwards": len(plans) + result.evaluations,
-        "moves": [list(m) for m in result.accepted],
-        "wall_time_s": round(time.perf_counter() - began, 2),
-    }
+    record = _refinement_record(method, best, losses, measure, result, len(plans), began)
     return dataclasses.replace(
         start, x=[float(v) for v in result.x],
         parameters={**start.parameters, "kept_params": kept_total, "kept_fraction": kept_total / total,
