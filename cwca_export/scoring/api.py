@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -139,7 +140,13 @@ def score(
         raise ValueError(f"debias: needs at least 2 calibration sequences, got {calib.num_samples}")
     if estimator.needs_held_out and calib.held_out is None:
         raise ValueError(f"method {method!r} needs a held-out split; pass held_out > 0")
-    _refuse_offloaded(net)
+    _refuse_offloaded(net, estimator)
+    if not gradient_checkpointing and any(p.device.type == "meta" for p in net.parameters()):
+        warnings.warn(
+            "weights are offloaded but gradient checkpointing is off: autograd keeps every streamed-in"
+            " weight until the backward, so the backward holds them all at once; hint:"
+            " gradient_checkpointing=True (--gradient-checkpointing)", stacklevel=2,
+        )
     blocks = find_blocks(net)
     # Without an accelerator device, accelerate forms the gloo group under torchrun only
     # when told it runs on the CPU.
@@ -219,18 +226,41 @@ def score(
     )
 
 
-def _refuse_offloaded(net: nn.Module) -> None:
-    """Weights accelerate offloaded (kept on ``meta``, streamed in by hooks) get no gradient.
+def _refuse_offloaded(net: nn.Module, estimator) -> None:
+    """Refuse placements the estimators cannot score; offloaded block Linears are streamed.
 
-    Scoring them would silently give zero gains (seen with ``max_memory`` forcing offload),
-    so it is refused; a device_map spreading resident weights over several devices works.
+    Weights accelerate offloads (kept on ``meta``, streamed in by its hooks) are fine for the
+    gradient-moment estimators, kfac, layerif and owl (see :mod:`cwca_export.scoring.passes`);
+    estimators registered with ``needs_resident`` (exact, damage) need every weight resident,
+    and so does a weight no offload hook streams in.
     """
-    offloaded = [name for name, p in net.named_parameters() if p.device.type == "meta"]
-    if offloaded:
+    from cwca_export.scoring.passes import offload_sources
+
+    sources = offload_sources(net)
+    offloaded = [
+        f"{prefix}.{name}" if prefix else name
+        for prefix, module in net.named_modules()
+        for name, p in module.named_parameters(recurse=False)
+        if p.device.type == "meta"
+    ]
+    if not offloaded:
+        return
+    hint = "hint: raise max_memory until every weight is resident on some device"
+    if estimator.needs_resident:
         raise ValueError(
-            f"{len(offloaded)} weights are offloaded by accelerate (e.g. {offloaded[0]}), and offloaded"
-            " weights receive no gradients, so their scores would be zero; hint: raise max_memory until"
-            " every weight is resident on some device, or use gradient_checkpointing / fewer --seq-len"
+            f"method {estimator.name!r} cannot score offloaded weights ({len(offloaded)} offloaded by accelerate,"
+            f" e.g. {offloaded[0]}): {estimator.needs_resident}; {hint}"
+        )
+    orphans = [
+        f"{prefix}.{name}" if prefix else name
+        for prefix, module in net.named_modules()
+        for name, p in module.named_parameters(recurse=False)
+        if p.device.type == "meta" and id(module) not in sources
+    ]
+    if orphans:
+        raise ValueError(
+            f"{len(orphans)} weights are on the meta device with no accelerate offload hook to stream them in"
+            f" (e.g. {orphans[0]}), so they cannot be scored; {hint}, or load the model with its weights"
         )
 
 

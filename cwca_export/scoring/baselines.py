@@ -36,7 +36,7 @@ def owl(run: ScoringRun) -> Estimate:
     threshold = float(run.options["owl_threshold"])
     ratios = [
         finalize_owl_ratio(
-            [weight_out_in(m).to(run.device) for m in block.linears.values()],
+            [run.weight(m).to(run.device) for m in block.linears.values()],
             list(norms[block.index].values()),
             run.num_samples,
             threshold,

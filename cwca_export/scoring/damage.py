@@ -19,6 +19,7 @@ from cwca_export.scoring.registry import Estimate, register_estimator
     summary="measured loss increase of compressing each block alone (forward probes only)",
     options={"pruner": "wanda", "points": "0.3,0.5,0.7,0.9", "at": 0.5},
     per_sequence=False,
+    needs_resident="it deep-copies and compresses each block, and a copy of an offloaded block has no weights",
 )
 def damage(run: ScoringRun) -> Estimate:
     # imported here: cwca_export.damage imports compression, which imports this package

@@ -55,6 +55,8 @@ def _accumulate_hvp(run: ScoringRun, vectors: dict[int, Vec], weights: dict[int,
     "exact",
     summary="true damped block Hessian via Hessian-vector products and conjugate gradients",
     options={"cg_max_iter": 100, "cg_tol": 1e-6},
+    needs_resident="Hessian-vector products differentiate twice through the weights, which offloaded"
+    " weights never hold",
 )
 def exact(run: ScoringRun) -> Estimate:
     moments = collect_grad_moments(run)

@@ -127,7 +127,7 @@ def obd(run: ScoringRun) -> Estimate:
     for block, block_moments in zip(run.blocks, moments, strict=True):
         total = 0.0
         for name, module in block.linears.items():
-            theta = weight_out_in(module).detach().to(run.device, torch.float64)
+            theta = run.weight(module).detach().to(run.device, torch.float64)
             f = block_moments[name].squares.double() / run.num_samples
             total += float((f * theta * theta).sum())
         saliency.append(total)

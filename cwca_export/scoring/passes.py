@@ -11,6 +11,14 @@ The pass is the only place that runs the model. Estimators hand it callbacks:
 
 Under data parallelism each process walks its own shard and estimators sum their
 accumulators with :meth:`ScoringRun.reduce_sum`.
+
+Offloaded weights (accelerate ``device_map`` / ``max_memory``: a Linear's weight lives on
+``meta`` and its offload hook streams it in for each forward) never hold a gradient. For
+them the taps rebuild it as s^T a from the layer's input a ``(tokens, in)`` and output
+gradient s ``(tokens, out)`` and hand it to ``on_grad`` like any other; the input
+embeddings' output is made to require grad so the backward reaches every block.
+:meth:`ScoringRun.weight` reads an offloaded weight's real values from the offload store
+(obd's theta, owl's |W|).
 """
 
 from __future__ import annotations
@@ -60,6 +68,14 @@ class ScoringRun:
     batch_size: int = 1
     progress: bool = True
     passes: int = field(default=0, init=False)  # sequences through the model, all passes
+    # id(Linear) -> (offload store, key of its weight) for block Linears whose weight is streamed
+    streamed: dict[int, tuple[Any, str]] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        sources = offload_sources(self.model)
+        for _, _, module in self.linears():
+            if module._parameters["weight"].device.type == "meta" and id(module) in sources:
+                self.streamed[id(module)] = sources[id(module)]
 
     @property
     def device(self) -> torch.device:
@@ -107,18 +123,24 @@ class ScoringRun:
         from tqdm.auto import tqdm
 
         data = self._split(split)
-        weights = [m.weight for _, _, m in self.linears()]
+        # streamed weights stay frozen: their gradients are rebuilt by the taps, and a copy
+        # that required grad would keep a gradient alive per layer until the step ends
+        weights = [m.weight for _, _, m in self.linears() if id(m) not in self.streamed]
         saved = {p: p.requires_grad for p in self.model.parameters()}
         checkpointing = bool(getattr(self.model, "is_gradient_checkpointing", False))
         bar = tqdm(
             total=int(data.numel()), unit="tok", unit_scale=True, desc=f"{desc} ({split})",
             disable=not (self.progress and self.accelerator.is_main_process), leave=False,
         )
+        handle = None
         try:
             for p in saved:
                 p.requires_grad_(False)
             for w in weights:
                 w.requires_grad_(True)
+            if self.streamed:
+                # nothing upstream of a streamed block may require grad: start the graph here
+                handle = self.model.get_input_embeddings().register_forward_hook(_require_grad)
             if checkpointing:
                 # transformers checkpoints a block only in training mode; flag the blocks
                 # alone so attention and dropout submodules stay in eval mode.
@@ -134,6 +156,8 @@ class ScoringRun:
                 bar.update(batch.numel())
         finally:
             bar.close()
+            if handle is not None:
+                handle.remove()
             for p, flag in saved.items():
                 p.requires_grad_(flag)
             if checkpointing:
@@ -178,6 +202,43 @@ class ScoringRun:
                 bar.update(batch.numel())
         bar.close()
 
+    def weight(self, module: nn.Module) -> torch.Tensor:
+        """A block Linear's weight ``(out, in)`` with its real values, also when it is offloaded.
+
+        An offloaded weight is read from accelerate's offload store (CPU memory or disk), one
+        weight per call; estimators that need theta (obd, owl) read it through here.
+        """
+        from cwca_export.blocks import weight_out_in
+
+        if id(module) not in self.streamed:
+            return weight_out_in(module)
+        store, key = self.streamed[id(module)]
+        real = store[key].detach().to(module._parameters["weight"].dtype)
+        return real.t() if is_conv1d(module) else real
+
+
+def offload_sources(model: nn.Module) -> dict[int, tuple[Any, str]]:
+    """``id(module) -> (offload store, key of its weight)`` for modules accelerate streams in.
+
+    Covers a hook on the module itself and a hook on an ancestor that places its submodules.
+    """
+    sources: dict[int, tuple[Any, str]] = {}
+    for _, module in model.named_modules():
+        hook = getattr(module, "_hf_hook", None)
+        for h in getattr(hook, "hooks", (hook,)):  # a SequentialHook chains several
+            if h is None or not getattr(h, "offload", False) or getattr(h, "weights_map", None) is None:
+                continue
+            subs = module.named_modules() if getattr(h, "place_submodules", False) else [("", module)]
+            for prefix, sub in subs:
+                sources.setdefault(id(sub), (h.weights_map, f"{prefix}.weight" if prefix else "weight"))
+    return sources
+
+
+def _require_grad(module: nn.Module, args: tuple, output: Any) -> Any:
+    if isinstance(output, torch.Tensor) and not output.requires_grad:
+        return output.detach().requires_grad_(True)
+    return None
+
 
 @contextlib.contextmanager
 def _taps(
@@ -186,6 +247,10 @@ def _taps(
     """Install the hooks; yields ``end_step()``, to call once a batch's backward is done."""
     handles = []
     seen: set[int] = set()  # Linears already tapped this step: checkpointing re-runs forwards
+    # streamed Linears: their gradient s^T a needs a and s, whichever arrives second builds it
+    inputs: dict[int, torch.Tensor] = {}  # a (tokens, in) waiting for its s
+    output_grads: dict[int, torch.Tensor] = {}  # s (tokens, out) waiting for its a
+    checkpointing = bool(getattr(run.model, "is_gradient_checkpointing", False))
 
     def deliver_grad(k: int, name: str, module: nn.Module):
         def hook(p: torch.Tensor) -> None:
@@ -196,7 +261,39 @@ def _taps(
 
         return hook
 
-    def forward_tap(k: int, name: str):
+    def rebuild(k: int, name: str, s: torch.Tensor, a: torch.Tensor) -> None:
+        with torch.no_grad():
+            g = s.float().t() @ a.to(s.device).float()  # (out, in), Linear and Conv1D alike
+        on_grad(k, name, g)
+
+    def capture_input(k: int, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            # without checkpointing a comes from the step's forward; with it, from the
+            # recompute in the backward (the first forward keeps nothing, as checkpointing wants)
+            if (id(module) in seen) != checkpointing:
+                return
+            a = args[0].detach()
+            a = a.reshape(-1, a.shape[-1])
+            s = output_grads.pop(id(module), None)
+            if s is None:
+                inputs[id(module)] = a
+            else:
+                rebuild(k, name, s, a)
+
+        return hook
+
+    def forward_tap(k: int, name: str, streamed: bool):
+        def on_s(module: nn.Module, s: torch.Tensor) -> None:
+            s = s.detach().reshape(-1, s.shape[-1])
+            if on_output_grad is not None:
+                on_output_grad(k, name, s.float())
+            if streamed:
+                a = inputs.pop(id(module), None)
+                if a is None:
+                    output_grads[id(module)] = s
+                else:
+                    rebuild(k, name, s, a)
+
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             if id(module) in seen:
                 return
@@ -204,19 +301,27 @@ def _taps(
             if on_input is not None:
                 a = args[0].detach()
                 on_input(k, name, a.reshape(-1, a.shape[-1]).float())  # (tokens, in)
-            if on_output_grad is not None and output.requires_grad:
-                output.register_hook(
-                    lambda s: on_output_grad(k, name, s.detach().reshape(-1, s.shape[-1]).float())
-                )
+            if (on_output_grad is not None or streamed) and output.requires_grad:
+                output.register_hook(lambda s: on_s(module, s))
 
         return hook
 
+    def end_step() -> None:
+        seen.clear()
+        inputs.clear()
+        output_grads.clear()
+
     try:
         for k, name, module in run.linears():
-            handles.append(module.weight.register_post_accumulate_grad_hook(deliver_grad(k, name, module)))
-            if on_input is not None or on_output_grad is not None:
-                handles.append(module.register_forward_hook(forward_tap(k, name)))
-        yield seen.clear
+            streamed = on_grad is not None and id(module) in run.streamed
+            if id(module) not in run.streamed:
+                handles.append(module.weight.register_post_accumulate_grad_hook(deliver_grad(k, name, module)))
+            if streamed:
+                handles.append(module.register_forward_pre_hook(capture_input(k, name)))
+            if on_input is not None or on_output_grad is not None or streamed:
+                handles.append(module.register_forward_hook(forward_tap(k, name, streamed)))
+        yield end_step
     finally:
+        end_step()
         for handle in handles:
             handle.remove()

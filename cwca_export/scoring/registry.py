@@ -42,6 +42,7 @@ class Estimator:
         per_sequence: needs each sequence's own gradient, so one sequence per backward.
         needs_held_out: needs a held-out split (LayerIF).
         summary: one line for ``--help`` and docs.
+        needs_resident: why the estimator cannot run on weights accelerate offloads, or None.
     """
 
     name: str
@@ -50,6 +51,7 @@ class Estimator:
     per_sequence: bool
     needs_held_out: bool
     summary: str
+    needs_resident: str | None = None
 
 
 ESTIMATORS: dict[str, Estimator] = {}
@@ -63,6 +65,7 @@ def register_estimator(
     options: dict[str, Any] | None = None,
     per_sequence: bool = True,
     needs_held_out: bool = False,
+    needs_resident: str | None = None,
 ) -> Callable[[Callable[[ScoringRun], Estimate]], Callable[[ScoringRun], Estimate]]:
     """Register ``fn(run) -> Estimate`` under ``name``; duplicate or malformed names are refused.
 
@@ -86,6 +89,7 @@ def register_estimator(
             per_sequence=per_sequence,
             needs_held_out=needs_held_out,
             summary=summary,
+            needs_resident=needs_resident,
         )
         return fn
 
