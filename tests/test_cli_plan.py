@@ -1,4 +1,4 @@
-"""`cwca-export plan` and the verbs that are not built yet, through click's runner."""
+"""`cwca-export plan` and `inspect`, through click's runner."""
 
 from __future__ import annotations
 
@@ -103,9 +103,3 @@ def test_inspect_model_folder_reads_no_weights(tmp_path):
     # per block: q 16x16, k/v 8x16, o 16x16, gate/up 32x16, down 16x32
     assert info["blocks"] == 3
     assert info["block_params"] == [2 * 256 + 2 * 128 + 3 * 512] * 3
-
-
-def test_unbuilt_verbs_say_so_and_fail():
-    r = CliRunner().invoke(cli, ["run", "recipe.yaml"])
-    assert r.exit_code == 2
-    assert "not built yet" in r.output

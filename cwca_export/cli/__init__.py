@@ -51,7 +51,7 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from cwca_export.cli import compress, demo, eval, export, inspect, not_built, plan, refine, report, score
+    from cwca_export.cli import compress, demo, eval, export, inspect, plan, refine, report, run, score
 
     cli.add_command(score.score)
     cli.add_command(plan.plan)
@@ -62,8 +62,7 @@ def _register() -> None:
     cli.add_command(eval.eval_command)
     cli.add_command(demo.demo)
     cli.add_command(report.report)
-    for command in not_built.COMMANDS:
-        cli.add_command(command)
+    cli.add_command(run.run)
 
 
 _register()
