@@ -173,6 +173,7 @@ def make_plan(ctx: Context, allocator: str, pruner: str, sparsity: float, max_ev
 
 
 def run(args) -> None:
+    from cwca_export.blocks import find_blocks
     from cwca_export.compression import compress
     from cwca_export.plan import Plan
 
@@ -194,10 +195,10 @@ def run(args) -> None:
                     x, extra = make_plan(ctx, allocator, pruner, sparsity, args.max_evals)
                     plan_seconds = time.perf_counter() - began
                     model = copy.deepcopy(ctx.model)
-                    blocks = ctx.score("owl")
+                    blocks = find_blocks(ctx.model)
                     plan = Plan("prune", x=list(map(float, x)), q=[1.0 / len(x)] * len(x),
-                                n_params=blocks.n_params, lo=[0.0] * len(x), hi=[1.0] * len(x),
-                                block_names=blocks.block_names)
+                                n_params=[b.n_params for b in blocks], lo=[0.0] * len(x), hi=[1.0] * len(x),
+                                block_names=[b.name for b in blocks])
                     compress(model, plan, method=pruner, data=ctx.calib, check_fingerprint=False)
                     if dense is None:
                         dense = ctx.perplexity(ctx.model)

@@ -19,20 +19,32 @@ class SchemaError(ValueError):
     """A scores or plan file that this version cannot read."""
 
 
-def write_json_atomic(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
-    """Write ``payload`` so that ``path`` holds either the old content or the whole new one."""
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` so that ``path`` holds either the old content or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(payload, indent=2, sort_keys=False, allow_nan=False) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # readable like any new file (mkstemp makes it 0600)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_json_atomic(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` as indented JSON, atomically (see :func:`write_bytes_atomic`)."""
+    text = json.dumps(payload, indent=2, sort_keys=False, allow_nan=False) + "\n"
+    return write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def read_versioned(path: str | os.PathLike, type_name: str, supported: int) -> dict[str, Any]:

@@ -20,6 +20,7 @@ still solved through one dual variable (the price of a pruned weight):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -30,7 +31,7 @@ CurveForm = Literal["piecewise", "power"]
 _MIN_EXPONENT = 1.05  # a power fit flatter than this is not convex enough to price
 _MAX_EXPONENT = 12.0
 
-__all__ = ["CurveForm", "convex_envelope", "fit_power", "solve_pruning_curves", "curve_value"]
+__all__ = ["CurveForm", "convex_envelope", "curve_function", "curve_value", "fit_power", "lower_hull", "solve_pruning_curves"]
 
 
 def _check_curves(points, damage) -> tuple[np.ndarray, np.ndarray]:
@@ -69,18 +70,29 @@ def convex_envelope(points, damage) -> tuple[np.ndarray, np.ndarray]:
     y = np.concatenate([np.zeros((d.shape[0], 1)), d], axis=1)
     env = np.empty_like(y)
     for k, row in enumerate(y):  # P is a handful of probes: a monotone-chain hull per block
-        hull: list[int] = []
-        for j in range(x.size):
-            while len(hull) >= 2:
-                a, b = hull[-2], hull[-1]
-                # b lies on or above the chord a -> j: not on the lower envelope
-                if (row[b] - row[a]) * (x[j] - x[a]) >= (row[j] - row[a]) * (x[b] - x[a]):
-                    hull.pop()
-                else:
-                    break
-            hull.append(j)
+        hull = lower_hull(x, row)
         env[k] = np.interp(x, x[hull], row[hull])
     return x, env
+
+
+def lower_hull(x: np.ndarray, y: np.ndarray) -> list[int]:
+    """Indices of the lower convex hull of points ``(x, y)`` given in increasing ``x`` (monotone chain).
+
+    Example:
+        >>> lower_hull(np.array([0.0, 1.0, 2.0]), np.array([0.0, 2.0, 2.0]))
+        [0, 2]
+    """
+    hull: list[int] = []
+    for j in range(x.size):
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # b lies on or above the chord a -> j: not on the lower envelope
+            if (y[b] - y[a]) * (x[j] - x[a]) >= (y[j] - y[a]) * (x[b] - x[a]):
+                hull.pop()
+            else:
+                break
+        hull.append(j)
+    return hull
 
 
 def fit_power(points, damage) -> tuple[np.ndarray, np.ndarray]:
@@ -113,20 +125,31 @@ def fit_power(points, damage) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
+def curve_function(points, damage, *, form: CurveForm = "piecewise") -> Callable[[int, np.ndarray], np.ndarray]:
+    """``f(k, rho)``: block k's modelled damage at ratios ``rho`` under ``form``.
+
+    ``piecewise``: the convex envelope, extended past the last probe with its last slope;
+    ``power``: the a_k rho^b_k fit.
+    """
+    if form == "piecewise":
+        x, env = convex_envelope(points, damage)
+
+        def piecewise(k: int, rho: np.ndarray) -> np.ndarray:
+            last = (env[k, -1] - env[k, -2]) / (x[-1] - x[-2])
+            return np.interp(rho, x, env[k]) + np.maximum(np.asarray(rho) - x[-1], 0.0) * last
+
+        return piecewise
+    if form == "power":
+        a, b = fit_power(points, damage)
+        return lambda k, rho: a[k] * np.power(rho, b[k])
+    raise ValueError(f"form: expected 'piecewise' or 'power', got {form!r}")
+
+
 def curve_value(rho, points, damage, *, form: CurveForm = "piecewise") -> np.ndarray:
     """Each block's modelled damage D_k(rho_k) under ``form`` (what the solver minimises)."""
     r = np.asarray(rho, dtype=np.float64)
-    if form == "piecewise":
-        x, env = convex_envelope(points, damage)
-        out = np.empty(env.shape[0])
-        for k in range(env.shape[0]):
-            last = (env[k, -1] - env[k, -2]) / (x[-1] - x[-2])
-            out[k] = np.interp(r[k], x, env[k]) + max(r[k] - x[-1], 0.0) * last
-        return out
-    if form == "power":
-        a, b = fit_power(points, damage)
-        return a * np.power(r, b)
-    raise ValueError(f"form: expected 'piecewise' or 'power', got {form!r}")
+    f = curve_function(points, damage, form=form)
+    return np.array([float(f(k, r[k])) for k in range(r.size)])
 
 
 def solve_pruning_curves(

@@ -50,14 +50,13 @@ from torch import nn
 from cwca_export.blocks import Block, find_blocks, weight_out_in
 from cwca_export.compression.sequential import _hooks
 from cwca_export.compression.sequential import _run_block as _run_block_as_is
+from cwca_export.plan import DAMAGE_PREFIX
 
 if TYPE_CHECKING:
     from cwca_export.plan import Plan
-    from cwca_export.scores import LayerScores
 
 Reduce = Callable[[list[torch.Tensor]], None]
 
-STAT_PREFIX = "damage@"
 BASE_STAT = "damage_base_loss"
 _LOGIT_CHUNK = 1 << 26  # logits materialised at once by the tail, in elements (256 MiB fp32)
 
@@ -67,7 +66,7 @@ _LOGIT_CHUNK = 1 << 26  # logits materialised at once by the tail, in elements (
 
 def point_key(point: float) -> str:
     """The stats key of one probe point: ``damage@0.5``."""
-    return f"{STAT_PREFIX}{point:g}"
+    return f"{DAMAGE_PREFIX}{point:g}"
 
 
 @dataclass
@@ -122,11 +121,6 @@ class DamageCurves:
                     f"DamageCurves: a block has {len(row)} values for {len(self.points)} points"
                 )
 
-    @property
-    def damage(self) -> list[list[float]]:
-        """Alias of ``loss_increase`` (``(K, P)``, what :mod:`cwca_export.curve_solver` takes)."""
-        return self.loss_increase
-
     def at(self, point: float) -> list[float]:
         """Every block's loss increase at one of the probe points."""
         return [row[self._point_index(point)] for row in self.loss_increase]
@@ -152,61 +146,6 @@ class DamageCurves:
             "forward_fraction": self.forward_fraction,
             "probe_time_s": self.wall_time_s,
         }
-
-    def to_scores(self, at: float = 0.5, **fields: Any) -> LayerScores:
-        """A :class:`~cwca_export.scores.LayerScores` with zeta2 = max(D_k(at), 0).
-
-        Only for curves over every block of a model. ``fields`` fill the other LayerScores
-        fields (``samples``, ``model``, ``data_hash``, ...).
-        """
-        from cwca_export.scores import LayerScores
-
-        if self.block_indices != list(range(self.num_blocks)):
-            raise ValueError(
-                "to_scores: these curves cover only some blocks; scores need every block"
-            )
-        settings = {**self.settings(), "at": float(at), **fields.pop("settings", {})}
-        return LayerScores(
-            method="damage",
-            zeta2=[max(v, 0.0) for v in self.at(at)],
-            n_params=list(self.n_params),
-            block_names=list(self.block_names),
-            stats={**self.stats(), **fields.pop("stats", {})},
-            settings=settings,
-            **fields,
-        )
-
-    @classmethod
-    def from_scores(cls, scores: LayerScores) -> DamageCurves:
-        """Rebuild the curves from scores written by the ``damage`` estimator (scores.json)."""
-        settings = scores.settings
-        points = settings.get("points")
-        if points is None:
-            points = sorted(
-                float(key[len(STAT_PREFIX) :])
-                for key in scores.stats
-                if key.startswith(STAT_PREFIX)
-            )
-        missing = [point_key(p) for p in points if point_key(p) not in scores.stats]
-        if not points or missing or BASE_STAT not in scores.stats:
-            raise ValueError(
-                f"scores of method {scores.method!r} hold no measured damage curves"
-                f" (missing {missing or [BASE_STAT] if points else 'damage@* stats'});"
-                " hint: cwca-export score MODEL --method damage"
-            )
-        columns = [scores.stats[point_key(p)] for p in points]
-        pruner = settings.get("pruner") or settings.get("options", {}).get("pruner", "unknown")
-        return cls(
-            method=str(pruner),
-            points=[float(p) for p in points],
-            loss_increase=[[float(c[k]) for c in columns] for k in range(scores.num_blocks)],
-            base_loss=float(scores.stats[BASE_STAT][0]),
-            n_params=list(scores.n_params),
-            block_names=list(scores.block_names),
-            probes=int(settings.get("probes", scores.num_blocks * len(points))),
-            forward_fraction=float(settings.get("forward_fraction", 0.0)),
-            wall_time_s=float(settings.get("probe_time_s", scores.wall_time_s or 0.0)),
-        )
 
 
 # ---------------------------------------------------------------- the model's tail

@@ -73,7 +73,8 @@ def run_demo(
     from cwca_export.exporter.api import export
     from cwca_export.loading import load_model
     from cwca_export.plan import plan_pruning
-    from cwca_export.report import build_report, write_bytes_atomic
+    from cwca_export._jsonio import write_bytes_atomic
+    from cwca_export.report import build_report
     from cwca_export.scoring import score
 
     out = Path(out_dir)

@@ -68,6 +68,7 @@ def run_lm_eval(
         >>> run_lm_eval("small", "hellaswag", limit=100)["results"]  # doctest: +SKIP
     """
     from cwca_export.evaluate import is_artifact
+    from cwca_export.loading import is_compressed_folder
 
     path = Path(path)
     names = parse_tasks(tasks)
@@ -80,13 +81,18 @@ def run_lm_eval(
     if not (path / "config.json").is_file():
         raise ValueError(f"{path}: no config.json; hint: pass a Hugging Face model folder")
     lm_eval = import_lm_eval()
-    kwargs: dict[str, Any] = {
-        "model": "hf",
-        "model_args": f"pretrained={path}",
-        "tasks": names,
-        "batch_size": batch_size,
-        "log_samples": False,
-    }
+    kwargs: dict[str, Any] = {"tasks": names, "batch_size": batch_size, "log_samples": False}
+    if is_compressed_folder(path):
+        # per-block shapes differ from the config's, so lm-eval's own from_pretrained cannot
+        # rebuild the model: load it here and hand lm-eval the model object
+        from lm_eval.models.huggingface import HFLM
+
+        from cwca_export.loading import load_model
+
+        model, tokenizer = load_model(path)
+        kwargs["model"] = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    else:
+        kwargs.update(model="hf", model_args=f"pretrained={path}")
     if limit is not None:
         kwargs["limit"] = limit
     if num_fewshot is not None:

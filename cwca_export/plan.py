@@ -247,7 +247,7 @@ def plan_pruning(
     lo_v = _per_block("lo", lo, k, lo_blocks)
     hi_v = _per_block("hi", hi, k, hi_blocks)
     result = solver.solve_pruning(q, scores.n_params, sparsity, eta=eta, kappa=kappa, lo=lo_v, hi=hi_v, psi=psi)
-    params = {"sparsity": sparsity, "eta": eta, "kappa": kappa, "psi": psi, "tau": tau}
+    params = {"sparsity": sparsity, "rule": "cwca", "eta": eta, "kappa": kappa, "psi": psi, "tau": tau}
     return _make_plan("prune", scores, q, result, lo_v, hi_v, None, params)
 
 
@@ -303,13 +303,29 @@ def plan_allocation(
     return _make_plan("allocate", scores, q, result, lo_v, hi_v, cost_v, params)
 
 
+DAMAGE_PREFIX = "damage@"  # the stats key of a measured damage curve's probe: damage@0.5
+
+
+def has_damage_curves(scores: LayerScores) -> bool:
+    """Whether the scores hold measured damage curves (the ``damage`` estimator's stats)."""
+    return any(name.startswith(DAMAGE_PREFIX) for name in scores.stats)
+
+
+def damage_pruner(scores: LayerScores) -> str | None:
+    """The compression method the damage curves were measured with (None if not recorded)."""
+    settings = scores.settings
+    return settings.get("pruner") or settings.get("options", {}).get("pruner")
+
+
 def damage_curves(scores: LayerScores) -> tuple[np.ndarray, np.ndarray]:
     """The measured damage curves a ``damage`` scores file holds: ``(points, damage[K, P])``.
 
     Raises:
         ValueError: the scores hold no ``damage@RATIO`` statistics (another estimator).
     """
-    found = sorted((float(name.partition("@")[2]), name) for name in scores.stats if name.startswith("damage@"))
+    found = sorted(
+        (float(name.removeprefix(DAMAGE_PREFIX)), name) for name in scores.stats if name.startswith(DAMAGE_PREFIX)
+    )
     if not found:
         raise ValueError(
             f"scores from method {scores.method!r} hold no measured damage curves;"
@@ -402,6 +418,50 @@ def plan_band(
     result = solver.SolverResult(rho, 0.5 * (a + b), 0.0, 200)  # a rule, not a program: no objective
     params = {"sparsity": sparsity, "rule": "band", "width": width}
     return _make_plan("prune", scores, scores.qualities(), result, np.full(k, lo), np.full(k, hi), None, params)
+
+
+def plan_by_rule(
+    scores: LayerScores,
+    sparsity: float,
+    *,
+    rule: str = "auto",
+    band: float | None = None,
+    lo: float = 0.0,
+    hi: float = 0.95,
+    lo_blocks: Mapping[int, float] | None = None,
+    hi_blocks: Mapping[int, float] | None = None,
+    form: CurveForm = "piecewise",
+    **program: Any,
+) -> Plan:
+    """A pruning plan by rule name, as ``cwca-export plan`` and recipes choose it.
+
+    Args:
+        rule: ``cwca`` (:func:`plan_pruning`), ``damage`` (:func:`plan_from_damage`), ``band``
+            (:func:`plan_band` with half-width ``band``), or ``auto``: damage when the
+            scores hold measured curves, else cwca.
+        band: for cwca and damage, keeps every block within [S - band, S + band].
+        lo, hi, lo_blocks, hi_blocks: bounds; form: the damage curves' model.
+        **program: the MDL program's settings for cwca (``eta``, ``kappa``, ``psi``, ``tau``).
+
+    Example:
+        >>> s = LayerScores("gradnorm", zeta2=[3.0, 1.0, 1.0], n_params=[100, 100, 100])
+        >>> [round(r, 3) for r in plan_by_rule(s, 0.5, band=0.1).x]
+        [0.4, 0.55, 0.55]
+    """
+    if rule == "auto":
+        rule = "damage" if has_damage_curves(scores) else "cwca"
+    if rule == "band":
+        if band is None:
+            raise ValueError("rule band needs a half-width; hint: --band 0.08 (OWL) or 0.3 (LayerIF)")
+        return plan_band(scores, sparsity, width=band, lo=lo, hi=hi)
+    if band is not None:
+        lo, hi = max(lo, sparsity - band), min(hi, sparsity + band)
+    bounds = dict(lo=lo, hi=hi, lo_blocks=lo_blocks, hi_blocks=hi_blocks)
+    if rule == "damage":
+        return plan_from_damage(scores, sparsity, form=form, **bounds)
+    if rule == "cwca":
+        return plan_pruning(scores, sparsity, **program, **bounds)
+    raise ValueError(f"rule {rule!r}: choose auto, cwca, damage or band")
 
 
 def _make_plan(program, scores, q, result, lo_v, hi_v, cost_v, params) -> Plan:

@@ -24,6 +24,22 @@ from cwca_export.compression.stats import STATISTICS
 from cwca_export.damage import calibration_loss
 
 
+def _dense_stats(model: nn.Module, blocks, stat_name: str | None, input_ids: torch.Tensor,
+                 batch_size: int) -> list[dict[str, torch.Tensor] | None]:
+    """Every block's per-Linear input statistic from one pass of the dense model (None: no data)."""
+    if stat_name is None:
+        return [None] * len(blocks)
+    was_training = model.training
+    model.eval()
+    try:
+        return [row["stats"] for row in run_whole_model(
+            model, blocks, lambda _block, stats: {"stats": stats},
+            statistic=STATISTICS[stat_name], input_ids=input_ids, batch_size=batch_size,
+        )]
+    finally:
+        model.train(was_training)
+
+
 class PlanLoss:
     """Whole-plan calibration loss for one pruning method; the model is restored by :meth:`close`.
 
@@ -55,16 +71,7 @@ class PlanLoss:
         self._dense = [
             {path: weight_out_in(m).detach().clone() for path, m in b.linears.items()} for b in self.blocks
         ]
-        stat_name = spec.statistic(self._options)
-        self._stats: list[dict[str, torch.Tensor] | None] = [None] * len(self.blocks)
-        if stat_name is not None:
-            was_training = model.training
-            model.eval()
-            self._stats = [row["stats"] for row in run_whole_model(
-                model, self.blocks, lambda _block, stats: {"stats": stats},
-                statistic=STATISTICS[stat_name], input_ids=input_ids, batch_size=batch_size,
-            )]
-            model.train(was_training)
+        self._stats = _dense_stats(model, self.blocks, spec.statistic(self._options), input_ids, batch_size)
         self._pruned: dict[tuple[int, float], dict[str, torch.Tensor]] = {}
         self._applied = [0.0] * len(self.blocks)
         self.evaluations = 0
@@ -153,16 +160,7 @@ class RankPlanLoss:
         self._options = spec.prepare(resolved, SimpleNamespace(parameters={})) if spec.prepare else resolved
         self.rank_step = int(self._options["rank_step"])
         self.blocks = find_blocks(model)
-        stat_name = spec.statistic(self._options)
-        stats: list[dict[str, torch.Tensor] | None] = [None] * len(self.blocks)
-        if stat_name is not None:
-            was_training = model.training
-            model.eval()
-            stats = [row["stats"] for row in run_whole_model(
-                model, self.blocks, lambda _block, s: {"stats": s},
-                statistic=STATISTICS[stat_name], input_ids=input_ids, batch_size=batch_size,
-            )]
-            model.train(was_training)
+        stats = _dense_stats(model, self.blocks, spec.statistic(self._options), input_ids, batch_size)
         factor = _factor_fn(method, self._options)
         self._dense: list[dict[str, nn.Module]] = []
         self._factors: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []

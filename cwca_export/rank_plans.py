@@ -18,8 +18,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from cwca_export import solver
-from cwca_export.curve_solver import CurveForm
-from cwca_export.plan import Plan, _make_plan, _per_block, damage_curves
+from cwca_export.curve_solver import CurveForm, curve_function, lower_hull
+from cwca_export.plan import Plan, _make_plan, _per_block, damage_curves, damage_pruner
 from cwca_export.scores import LayerScores
 
 _RANK_PRUNERS = ("lowrank", "asvd")
@@ -106,8 +106,7 @@ class _RankBlock:
 
 
 def _rank_pruner(scores: LayerScores) -> str:
-    settings = scores.settings
-    pruner = settings.get("pruner") or settings.get("options", {}).get("pruner")
+    pruner = damage_pruner(scores)
     if pruner not in _RANK_PRUNERS:
         raise ValueError(
             f"rank plans need damage curves measured with a low-rank method, but these scores were"
@@ -142,38 +141,6 @@ def _rank_blocks(scores: LayerScores, shapes: Any, rank_step: int) -> list[_Rank
     return blocks
 
 
-def _curve_function(points: np.ndarray, damage: np.ndarray, form: CurveForm):
-    """``f(k, p_array)``: block k's modelled damage, as :func:`~cwca_export.curve_solver.curve_value`."""
-    from cwca_export.curve_solver import convex_envelope, fit_power
-
-    if form == "piecewise":
-        x, env = convex_envelope(points, damage)
-
-        def piecewise(k: int, p: np.ndarray) -> np.ndarray:
-            last = (env[k, -1] - env[k, -2]) / (x[-1] - x[-2])
-            return np.interp(p, x, env[k]) + np.maximum(p - x[-1], 0.0) * last
-
-        return piecewise
-    if form == "power":
-        a, b = fit_power(points, damage)
-        return lambda k, p: a[k] * np.power(p, b[k])
-    raise ValueError(f"form: expected 'piecewise' or 'power', got {form!r}")
-
-
-def _lower_hull(cost: np.ndarray, value: np.ndarray) -> list[int]:
-    """Indices of the lower convex hull of points sorted by increasing ``cost``."""
-    hull: list[int] = []
-    for j in range(cost.size):
-        while len(hull) >= 2:
-            a, b = hull[-2], hull[-1]
-            if (value[b] - value[a]) * (cost[j] - cost[a]) >= (value[j] - value[a]) * (cost[b] - cost[a]):
-                hull.pop()
-            else:
-                break
-        hull.append(j)
-    return hull
-
-
 class UnitChoice(NamedTuple):
     """What :func:`solve_unit_options` chose.
 
@@ -194,7 +161,7 @@ class UnitChoice(NamedTuple):
 
 def _hull_segments(kept: np.ndarray, dmg: np.ndarray) -> list[tuple[float, int, int]]:
     """(rate, a, b) per segment of the lower hull from option 0 with damage saved per weight >= 0."""
-    hull = _lower_hull(kept, dmg)
+    hull = lower_hull(kept, dmg)
     out = []
     for a, b in zip(hull[:-1], hull[1:], strict=True):
         rate = (dmg[a] - dmg[b]) / (kept[b] - kept[a])
@@ -458,7 +425,7 @@ def plan_ranks_from_damage(
     fraction = float(budget_fraction)
     if not (np.isfinite(fraction) and 0 < fraction <= 1):
         raise ValueError(f"budget_fraction {budget_fraction!r}: the fraction of block weights kept, in (0, 1]")
-    curve = _curve_function(points, damage, form)
+    curve = curve_function(points, damage, form=form)
     ranges = [b.unit_range(lo_v[i], hi_v[i]) for i, b in enumerate(blocks)]
     for i, (u_lo, u_hi) in enumerate(ranges):
         if u_hi < u_lo:

@@ -214,9 +214,7 @@ def run_recipe(
         options = dict(recipe.compress.options)
         if plan.program == "allocate":
             options.setdefault("rank_step", recipe.plan.rank_step)
-        needs_data = recipe.compress.method not in ("magnitude", "lowrank")
-        compressed = compress(model, plan, method=recipe.compress.method, data=calib if needs_data else None,
-                              **options)
+        compressed = compress(model, plan, method=recipe.compress.method, data=calib, **options)  # data-free methods ignore it
         save_compressed(compressed, work / "compressed", tokenizer=tokenizer)
         timings["compress"] = round(time.perf_counter() - began, 1)
 
@@ -248,12 +246,10 @@ def run_recipe(
 
 
 def _plan(recipe: Recipe, model, scores, calib):
-    from cwca_export.plan import plan_band, plan_from_damage, plan_pruning
-
     p = recipe.plan
     if p.program == "allocate":
-        from cwca_export.refine import refine_ranks
         from cwca_export.rank_plans import plan_ranks_from_damage
+        from cwca_export.refine import refine_ranks
 
         if p.refine:
             return refine_ranks(model, scores, p.budget_fraction, calib, method=recipe.compress.method,
@@ -264,19 +260,9 @@ def _plan(recipe: Recipe, model, scores, calib):
 
         return refine_plan(model, scores, p.sparsity, calib, method=recipe.compress.method,
                            max_evals=p.max_evals, lo=p.lo, hi=p.hi, band=p.band)
-    rule = p.rule
-    if rule == "auto":
-        rule = "damage" if any(name.startswith("damage@") for name in scores.stats) else "cwca"
-    if rule == "band":
-        if p.band is None:
-            raise ValueError("plan: rule band needs band (OWL uses 0.08, LayerIF 0.3)")
-        return plan_band(scores, p.sparsity, width=p.band, lo=p.lo, hi=p.hi)
-    lo, hi = (p.lo, p.hi) if p.band is None else (max(p.lo, p.sparsity - p.band), min(p.hi, p.sparsity + p.band))
-    if rule == "damage":
-        return plan_from_damage(scores, p.sparsity, lo=lo, hi=hi)
-    if rule == "cwca":
-        return plan_pruning(scores, p.sparsity, kappa=p.kappa, lo=lo, hi=hi)
-    raise ValueError(f"plan: rule {p.rule!r}; choose auto, cwca, damage or band")
+    from cwca_export.plan import plan_by_rule
+
+    return plan_by_rule(scores, p.sparsity, rule=p.rule, band=p.band, lo=p.lo, hi=p.hi, kappa=p.kappa)
 
 
 def _export(step: ExportStep, model, plan, tokenizer, out: Path, echo):

@@ -185,22 +185,22 @@ def candidate_plans(
     MDL plans (DESIGN 2.2) per kappa and band. Uniform is always a candidate, so a tuned
     plan is never worse than uniform on the calibration loss.
     """
-    from cwca_export.plan import Plan, plan_from_damage, plan_pruning
+    from cwca_export.plan import Plan, has_damage_curves, plan_by_rule
 
     plans: dict[str, object] = {}
     k = scores.num_blocks
     plans["uniform"] = Plan("prune", x=[sparsity] * k, q=scores.qualities().tolist(), n_params=list(scores.n_params),
                             lo=[lo] * k, hi=[hi] * k, block_names=list(scores.block_names),
                             parameters={"sparsity": sparsity, "rule": "uniform"}, model=dict(scores.model))
-    curves = any(name.startswith("damage@") for name in scores.stats)
+    curves = has_damage_curves(scores)
     for band in bands:
-        b_lo, b_hi = (lo, hi) if band is None else (max(lo, sparsity - band), min(hi, sparsity + band))
         suffix = "" if band is None else f"-band{band:g}"
+        common = dict(band=band, lo=lo, hi=hi)
         if curves:
-            plans[f"damage{suffix}"] = plan_from_damage(scores, sparsity, lo=b_lo, hi=b_hi)
+            plans[f"damage{suffix}"] = plan_by_rule(scores, sparsity, rule="damage", **common)
         else:
             for kappa in kappas:
-                plans[f"cwca-k{kappa:g}{suffix}"] = plan_pruning(scores, sparsity, kappa=kappa, lo=b_lo, hi=b_hi)
+                plans[f"cwca-k{kappa:g}{suffix}"] = plan_by_rule(scores, sparsity, rule="cwca", kappa=kappa, **common)
     return plans
 
 

@@ -17,7 +17,6 @@ import cwca_export
 from cwca_export.blocks import find_blocks, model_fingerprint, weight_out_in
 from cwca_export.cli import cli
 from cwca_export.damage import (
-    DamageCurves,
     calibration_loss,
     final_norm,
     measure_damage,
@@ -25,7 +24,7 @@ from cwca_export.damage import (
     probe_rank,
 )
 from cwca_export.data import calibration_data
-from cwca_export.plan import Plan
+from cwca_export.plan import Plan, damage_curves
 from cwca_export.scores import LayerScores
 from cwca_export.scoring import score
 
@@ -146,17 +145,14 @@ def test_estimator_records_every_point_and_round_trips_through_scores_json(ids, 
 
     direct = measure_damage(model, ids, method="magnitude", points=(0.2, 0.6), batch_size=3)
     loaded = LayerScores.load(result.save(tmp_path / "damage.json"))
-    curves = DamageCurves.from_scores(loaded)
-    assert curves.method == "magnitude" and curves.points == [0.2, 0.6] and curves.probes == 6
-    assert curves.block_names == direct.block_names and curves.n_params == direct.n_params
-    assert curves.base_loss == pytest.approx(direct.base_loss, abs=1e-9)
-    for a, b in zip(curves.loss_increase, direct.loss_increase, strict=True):
+    points, damage = damage_curves(loaded)
+    assert points.tolist() == [0.2, 0.6] and loaded.settings["probes"] == 6
+    assert loaded.block_names == direct.block_names and loaded.n_params == direct.n_params
+    assert loaded.stats["damage_base_loss"][0] == pytest.approx(direct.base_loss, abs=1e-9)
+    for a, b in zip(damage.tolist(), direct.loss_increase, strict=True):
         assert a == pytest.approx(b, abs=1e-9)
-    again = direct.to_scores(at=0.6)
-    assert again.zeta2 == pytest.approx(result.zeta2, abs=1e-9) and again.method == "damage"
-    assert DamageCurves.from_scores(again).loss_increase == direct.loss_increase
     with pytest.raises(ValueError, match="no measured damage curves"):
-        DamageCurves.from_scores(LayerScores("gradnorm", zeta2=[1.0, 2.0, 3.0], n_params=[1, 1, 1]))
+        damage_curves(LayerScores("gradnorm", zeta2=[1.0, 2.0, 3.0], n_params=[1, 1, 1]))
 
 
 def test_estimator_refuses_bad_options():
@@ -206,8 +202,9 @@ def test_cli_scores_damage_with_options(tmp_path):
         "--batch-size", "2", "--out", str(out), "--no-progress",
     ])
     assert result.exit_code == 0, result.output
-    curves = DamageCurves.from_scores(LayerScores.load(out))
-    assert curves.method == "magnitude" and curves.points == [0.5, 0.9] and curves.probes == 4
+    loaded = LayerScores.load(out)
+    assert damage_curves(loaded)[0].tolist() == [0.5, 0.9]
+    assert loaded.settings["pruner"] == "magnitude" and loaded.settings["probes"] == 4
     bad = CliRunner().invoke(cli, ["score", str(folder), "--data", str(calib), "--option", "x"])
     assert bad.exit_code != 0 and "KEY=VALUE" in bad.output
 

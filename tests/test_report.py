@@ -362,6 +362,41 @@ def test_lm_eval_bridge_calls_simple_evaluate_on_the_torch_folder(tmp_path, monk
     assert report["results"]["hellaswag"]["acc,none"] == 0.25 and "samples" not in report
 
 
+def test_lm_eval_bridge_hands_compressed_folders_over_as_loaded_models(tmp_path, monkeypatch):
+    """A compressed folder's shapes differ from its config: lm-eval must get the loaded model."""
+    import types
+
+    from helpers import shrink_mlp, tiny_model
+
+    from cwca_export.compression import save_compressed
+    from cwca_export.compression.saving import record_step
+
+    model = tiny_model("llama", num_hidden_layers=2)
+    shrink_mlp(model, 0, 16)
+    record_step(model, {"method": "width"})
+    save_compressed(model, tmp_path / "narrow")
+    built, calls = [], []
+
+    class HFLM:
+        def __init__(self, pretrained, tokenizer=None, batch_size=1):
+            built.append(pretrained)
+
+    def simple_evaluate(**kwargs):
+        calls.append(kwargs)
+        return {"results": {}}
+
+    fake = types.SimpleNamespace(simple_evaluate=simple_evaluate)
+    monkeypatch.setitem(sys.modules, "lm_eval", fake)
+    monkeypatch.setitem(sys.modules, "lm_eval.models", types.SimpleNamespace())
+    monkeypatch.setitem(sys.modules, "lm_eval.models.huggingface", types.SimpleNamespace(HFLM=HFLM))
+    from cwca_export.lm_eval_bridge import run_lm_eval
+
+    run_lm_eval(tmp_path / "narrow", "arc_easy")
+    (loaded,) = built
+    assert loaded.model.layers[0].mlp.up_proj.out_features == 16  # the compressed shapes, rebuilt
+    assert isinstance(calls[0]["model"], HFLM) and "model_args" not in calls[0]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium")
 def test_report_renders_in_headless_chromium(tmp_path):

@@ -170,7 +170,7 @@ def plan(
       cwca-export plan owl.json --sparsity 0.7 --rule band --band 0.08   # the OWL baseline
       cwca-export plan lowrank-damage.json --program allocate --budget-fraction 0.6 --rank-step 8
     """
-    from cwca_export.plan import plan_allocation, plan_band, plan_from_damage, plan_pruning
+    from cwca_export.plan import plan_allocation, plan_by_rule
     from cwca_export.scores import LayerScores
 
     if program == "prune" and sparsity is None:
@@ -186,21 +186,13 @@ def plan(
     if program == "allocate":
         rule = _allocate_rule(rule, scores, budget, budget_fraction)
     if program == "prune":
-        hi = 0.95 if hi is None else hi
-        if rule == "auto":
-            rule = "damage" if any(name.startswith("damage@") for name in scores.stats) else "cwca"
-        if rule == "band":
-            if band is None:
-                raise click.UsageError("--rule band needs --band (OWL uses 0.08, LayerIF 0.3)")
-            result = plan_band(scores, sparsity, width=band, lo=lo, hi=hi)
-        else:
-            if band is not None:
-                lo, hi = max(lo, sparsity - band), min(hi, sparsity + band)
-            common = dict(lo=lo, hi=hi, lo_blocks=lo_blocks, hi_blocks=hi_blocks)
-            if rule == "damage":
-                result = plan_from_damage(scores, sparsity, form=form, **common)
-            else:
-                result = plan_pruning(scores, sparsity, eta=eta, kappa=kappa, psi=psi, tau=tau, **common)
+        if rule == "band" and band is None:
+            raise click.UsageError("--rule band needs --band (OWL uses 0.08, LayerIF 0.3)")
+        result = plan_by_rule(
+            scores, sparsity, rule=rule, band=band, lo=lo, hi=0.95 if hi is None else hi,
+            lo_blocks=lo_blocks, hi_blocks=hi_blocks, form=form, eta=eta, kappa=kappa, psi=psi, tau=tau,
+        )
+        rule = result.parameters["rule"]
         summary = (
             f"rule {rule}; "
             f"global sparsity {result.global_sparsity:.6f} (target {sparsity:g});"
@@ -249,9 +241,9 @@ def _allocate_rule(rule: str, scores, budget: float | None, budget_fraction: flo
     if budget is not None and budget_fraction is not None:
         raise click.UsageError("--budget (rule cwca) and --budget-fraction (rule damage): give one")
     if rule == "auto":
-        curves = any(name.startswith("damage@") for name in scores.stats)
-        pruner = scores.settings.get("pruner") or scores.settings.get("options", {}).get("pruner")
-        low_rank = curves and pruner in ("lowrank", "asvd")
+        from cwca_export.plan import damage_pruner, has_damage_curves
+
+        low_rank = has_damage_curves(scores) and damage_pruner(scores) in ("lowrank", "asvd")
         rule = "damage" if budget_fraction is not None or (low_rank and budget is None) else "cwca"
     if rule == "damage" and budget_fraction is None:
         raise click.UsageError("--program allocate --rule damage needs --budget-fraction (e.g. 0.6)")

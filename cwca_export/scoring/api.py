@@ -140,8 +140,7 @@ def score(
         raise ValueError(f"debias: needs at least 2 calibration sequences, got {calib.num_samples}")
     if estimator.needs_held_out and calib.held_out is None:
         raise ValueError(f"method {method!r} needs a held-out split; pass held_out > 0")
-    _refuse_offloaded(net, estimator)
-    if not gradient_checkpointing and any(p.device.type == "meta" for p in net.parameters()):
+    if _refuse_offloaded(net, estimator) and not gradient_checkpointing:
         warnings.warn(
             "weights are offloaded but gradient checkpointing is off: autograd keeps every streamed-in"
             " weight until the backward, so the backward holds them all at once; hint:"
@@ -226,8 +225,8 @@ def score(
     )
 
 
-def _refuse_offloaded(net: nn.Module, estimator) -> None:
-    """Refuse placements the estimators cannot score; offloaded block Linears are streamed.
+def _refuse_offloaded(net: nn.Module, estimator) -> bool:
+    """Refuse placements the estimators cannot score; True when block Linears are streamed.
 
     Weights accelerate offloads (kept on ``meta``, streamed in by its hooks) are fine for the
     gradient-moment estimators, kfac, layerif and owl (see :mod:`cwca_export.scoring.passes`);
@@ -236,32 +235,28 @@ def _refuse_offloaded(net: nn.Module, estimator) -> None:
     """
     from cwca_export.scoring.passes import offload_sources
 
-    sources = offload_sources(net)
     offloaded = [
-        f"{prefix}.{name}" if prefix else name
+        (f"{prefix}.{name}" if prefix else name, module)
         for prefix, module in net.named_modules()
         for name, p in module.named_parameters(recurse=False)
         if p.device.type == "meta"
     ]
     if not offloaded:
-        return
+        return False
     hint = "hint: raise max_memory until every weight is resident on some device"
     if estimator.needs_resident:
         raise ValueError(
             f"method {estimator.name!r} cannot score offloaded weights ({len(offloaded)} offloaded by accelerate,"
-            f" e.g. {offloaded[0]}): {estimator.needs_resident}; {hint}"
+            f" e.g. {offloaded[0][0]}): {estimator.needs_resident}; {hint}"
         )
-    orphans = [
-        f"{prefix}.{name}" if prefix else name
-        for prefix, module in net.named_modules()
-        for name, p in module.named_parameters(recurse=False)
-        if p.device.type == "meta" and id(module) not in sources
-    ]
+    sources = offload_sources(net)
+    orphans = [name for name, module in offloaded if id(module) not in sources]
     if orphans:
         raise ValueError(
             f"{len(orphans)} weights are on the meta device with no accelerate offload hook to stream them in"
             f" (e.g. {orphans[0]}), so they cannot be scored; {hint}, or load the model with its weights"
         )
+    return True
 
 
 def _dtype(name: str) -> torch.dtype:

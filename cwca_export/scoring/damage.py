@@ -3,7 +3,7 @@
 zeta2_k = max(D_k(at), 0), D_k(p) the calibration-loss increase of compressing block k alone
 at probe point p with ``pruner`` (see :mod:`cwca_export.damage`); every probe point's D_k is
 recorded as ``damage@p`` so a planner can read whole curves back with
-:meth:`cwca_export.damage.DamageCurves.from_scores`.
+:func:`cwca_export.plan.damage_curves`.
 """
 
 from __future__ import annotations
