@@ -546,14 +546,79 @@ def measure_damage(
         >>> curves = measure_damage(model, calib.input_ids, method="wanda")  # doctest: +SKIP
         >>> curves.at(0.5)  # doctest: +SKIP
     """
+    start = time.perf_counter()
+    pts = _points(points)
+    prober = _Prober(method, options)
+
+    def probes_of(block: Block, cache: BlockInputs) -> Callable[[int], nn.Module]:
+        stats = None
+        if prober.statistic is not None:
+            stats = _block_stats(block, prober.statistic, cache, reduce)
+        shared = prober.prepare(block, stats, pts)
+        return lambda pi: prober.compressed(block, pts[pi], stats, shared)
+
+    run = probe_blocks(
+        model, input_ids, probes_of, len(pts), batch_size=batch_size, device=device, blocks=blocks,
+        progress=progress, desc=f"damage ({method})", cache_device=cache_device, reduce=reduce,
+        check_tail=check_tail,
+    )
+    return DamageCurves(
+        method=method,
+        points=pts,
+        loss_increase=run.increase,
+        base_loss=run.base_loss,
+        n_params=[b.n_params for b in run.blocks],
+        block_names=[b.name for b in run.blocks],
+        probes=run.probes,
+        forward_fraction=run.forward_fraction,
+        wall_time_s=round(time.perf_counter() - start, 3),
+        block_indices=[b.index for b in run.blocks],
+        num_blocks=run.num_blocks,
+    )
+
+
+BlockInputs = _Cache  # what a probe factory receives: every block's cached inputs
+
+
+@dataclass
+class BlockProbes:
+    """Result of :func:`probe_blocks`: ``increase[i][v]``, the loss increase of variant v of
+    ``blocks[i]`` alone, over ``base_loss`` (nats/token)."""
+
+    blocks: list[Block]
+    increase: list[list[float]]
+    base_loss: float
+    probes: int
+    forward_fraction: float
+    num_blocks: int
+
+
+def probe_blocks(
+    model: nn.Module,
+    input_ids: Any,
+    probes_of: Callable[[Block, BlockInputs], Callable[[int], nn.Module]],
+    variants: int,
+    *,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    blocks: Sequence[int | Block] | None = None,
+    progress: bool = False,
+    desc: str = "probes",
+    cache_device: torch.device | str | None = None,
+    reduce: Reduce | None = None,
+    check_tail: bool = True,
+) -> BlockProbes:
+    """The probe loop behind measured damage, for any per-block change.
+
+    ``probes_of(block, inputs)`` returns ``variant(v) -> module``: a changed copy of the
+    block (pruned, factorised, quantized...) for v in ``range(variants)``; each runs from the
+    block's cached inputs through the rest of the model (module doc).
+    """
     from tqdm.auto import tqdm
 
-    start = time.perf_counter()
     ids = _ids(input_ids)
-    pts = _points(points)
     if batch_size < 1:
         raise ValueError(f"batch_size {batch_size}: must be >= 1")
-    prober = _Prober(method, options)
     all_blocks = find_blocks(model)
     chosen = _block_list(all_blocks, blocks)
     k_total = len(all_blocks)
@@ -568,30 +633,26 @@ def measure_damage(
         cache, model_sum, base_sum, tokens = _capture(
             model, all_blocks, first, batches, tail, cache_dev
         )
-        sums = torch.zeros(len(chosen) * len(pts) + 3, dtype=torch.float64, device=dev)
-        bar = tqdm(total=len(chosen) * len(pts), desc=f"damage ({method})", unit="probe",
-                   disable=not progress, leave=False)
+        sums = torch.zeros(len(chosen) * variants + 3, dtype=torch.float64, device=dev)
+        bar = tqdm(total=len(chosen) * variants, desc=desc, unit="probe", disable=not progress, leave=False)
         try:
             for bi, block in enumerate(chosen):
                 k = block.index
-                stats = None
-                if prober.statistic is not None:
-                    stats = _block_stats(block, prober.statistic, cache, reduce)
-                shared = prober.prepare(block, stats, pts)
-                for pi, p in enumerate(pts):
-                    probe = prober.compressed(block, p, stats, shared)
+                variant = probes_of(block, cache)
+                for vi in range(variants):
+                    probe = variant(vi)
                     total = torch.zeros((), dtype=torch.float64, device=dev)
                     for j, hidden in enumerate(cache.hidden.get(k, [])):
                         h = _run_block(probe, hidden, *cache.args(k, hidden))
                         for i in range(k + 1, k_total):
                             h = _run_block(all_blocks[i].module, h, *cache.args(i, h))
                         total += _ce_sum(tail, h, batches[j]).to(dev)
-                    sums[bi * len(pts) + pi] = total
+                    sums[bi * variants + vi] = total
                     del probe
                     probes += 1
                     fraction += (k_total - k) / k_total
                     bar.update(1)
-                del stats, shared
+                del variant
         finally:
             bar.close()
         sums[-3:] = torch.tensor(
@@ -606,19 +667,13 @@ def measure_damage(
     base = base_sum / tokens_all
     if check_tail:
         _check_tail(model, base, model_sum / tokens_all)
-    losses = sums[:-3].reshape(len(chosen), len(pts)) / tokens_all
-    increase = (losses - base).tolist()
-    return DamageCurves(
-        method=method,
-        points=pts,
-        loss_increase=[[float(v) for v in row] for row in increase],
+    losses = sums[:-3].reshape(len(chosen), variants) / tokens_all
+    return BlockProbes(
+        blocks=chosen,
+        increase=[[float(v) for v in row] for row in (losses - base).tolist()],
         base_loss=base,
-        n_params=[b.n_params for b in chosen],
-        block_names=[b.name for b in chosen],
         probes=probes,
         forward_fraction=fraction / probes if probes else 0.0,
-        wall_time_s=round(time.perf_counter() - start, 3),
-        block_indices=[b.index for b in chosen],
         num_blocks=k_total,
     )
 

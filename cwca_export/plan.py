@@ -379,6 +379,8 @@ def plan_band(
     width: float,
     lo: float = 0.0,
     hi: float = 1.0,
+    lo_blocks: Mapping[int, float] | None = None,
+    hi_blocks: Mapping[int, float] | None = None,
 ) -> Plan:
     """The heuristics' linear map: scores min-max scaled into ratios in [S - width, S + width].
 
@@ -398,13 +400,17 @@ def plan_band(
         raise ValueError(f"sparsity {sparsity:g}: needs lo <= sparsity <= hi within [0, 1] (lo {lo:g}, hi {hi:g})")
     z = np.asarray(scores.zeta2, dtype=np.float64)
     n = np.asarray(scores.n_params, dtype=np.float64)
+    lo_v = _per_block("lo", lo, z.size, lo_blocks)
+    hi_v = _per_block("hi", hi, z.size, hi_blocks)
+    if float(n @ lo_v) > sparsity * n.sum() + 1e-9 or float(n @ hi_v) < sparsity * n.sum() - 1e-9:
+        raise ValueError(f"sparsity {sparsity:g} is not reachable within the per-block bounds; hint: widen --bounds")
     span = z.max() - z.min()
     unit = (z - z.min()) / span if span > 0 else np.full(z.size, 0.5)
     raw = sparsity + width * (1.0 - 2.0 * unit)
     need = sparsity * n.sum()
 
     def excess(offset: float) -> float:
-        return float(n @ np.clip(raw + offset, lo, hi) - need)
+        return float(n @ np.clip(raw + offset, lo_v, hi_v) - need)
 
     a, b = -1.0 - width, 1.0 + width  # excess(a) <= 0 <= excess(b)
     for _ in range(200):
@@ -413,11 +419,10 @@ def plan_band(
             a = m
         else:
             b = m
-    rho = np.clip(raw + 0.5 * (a + b), lo, hi)
-    k = z.size
+    rho = np.clip(raw + 0.5 * (a + b), lo_v, hi_v)
     result = solver.SolverResult(rho, 0.5 * (a + b), 0.0, 200)  # a rule, not a program: no objective
     params = {"sparsity": sparsity, "rule": "band", "width": width}
-    return _make_plan("prune", scores, scores.qualities(), result, np.full(k, lo), np.full(k, hi), None, params)
+    return _make_plan("prune", scores, scores.qualities(), result, lo_v, hi_v, None, params)
 
 
 def plan_by_rule(
@@ -450,18 +455,55 @@ def plan_by_rule(
     """
     if rule == "auto":
         rule = "damage" if has_damage_curves(scores) else "cwca"
+    made = {
+        "rule": rule, "band": band, "lo": lo, "hi": hi, "form": form,
+        "lo_blocks": {str(i): float(v) for i, v in (lo_blocks or {}).items()},
+        "hi_blocks": {str(i): float(v) for i, v in (hi_blocks or {}).items()},
+        "program": dict(program),
+    }
     if rule == "band":
         if band is None:
             raise ValueError("rule band needs a half-width; hint: --band 0.08 (OWL) or 0.3 (LayerIF)")
-        return plan_band(scores, sparsity, width=band, lo=lo, hi=hi)
-    if band is not None:
-        lo, hi = max(lo, sparsity - band), min(hi, sparsity + band)
-    bounds = dict(lo=lo, hi=hi, lo_blocks=lo_blocks, hi_blocks=hi_blocks)
-    if rule == "damage":
-        return plan_from_damage(scores, sparsity, form=form, **bounds)
-    if rule == "cwca":
-        return plan_pruning(scores, sparsity, **program, **bounds)
-    raise ValueError(f"rule {rule!r}: choose auto, cwca, damage or band")
+        plan = plan_band(scores, sparsity, width=band, lo=lo, hi=hi, lo_blocks=lo_blocks, hi_blocks=hi_blocks)
+    elif rule in ("damage", "cwca"):
+        if band is not None:
+            lo, hi = max(lo, sparsity - band), min(hi, sparsity + band)
+        bounds = dict(lo=lo, hi=hi, lo_blocks=lo_blocks, hi_blocks=hi_blocks)
+        if rule == "damage":
+            plan = plan_from_damage(scores, sparsity, form=form, **bounds)
+        else:
+            plan = plan_pruning(scores, sparsity, **program, **bounds)
+    else:
+        raise ValueError(f"rule {rule!r}: choose auto, cwca, damage or band")
+    plan.parameters["made_by"] = {**made, "scores": scores_snapshot(scores)}
+    return plan
+
+
+def scores_snapshot(scores: LayerScores) -> dict[str, Any]:
+    """What a rule reads from its scores, kept in the plan so it can be re-solved at another
+    target without the scores file (docs/design.md 3.5): gains, damage curves, the pruner."""
+    return {
+        "method": scores.method,
+        "zeta2": [float(v) for v in scores.zeta2],
+        "stats": {k: [float(v) for v in vals] for k, vals in scores.stats.items() if k.startswith(DAMAGE_PREFIX)},
+        "settings": {k: scores.settings[k] for k in ("pruner", "options") if k in scores.settings},
+    }
+
+
+def scores_from_snapshot(plan: Plan) -> LayerScores:
+    """The :class:`LayerScores` a plan was made from, rebuilt from its snapshot."""
+    made = plan.parameters.get("made_by") or {}
+    snap = made.get("scores")
+    if not snap:
+        raise ValueError(
+            "the plan does not record the scores it was made from (made before this version, or by"
+            " hand); hint: re-run `cwca-export plan SCORES ...` to write a plan that can be re-solved"
+        )
+    return LayerScores(
+        snap["method"], zeta2=list(snap["zeta2"]), n_params=list(plan.n_params),
+        block_names=list(plan.block_names), stats=dict(snap["stats"]), settings=dict(snap["settings"]),
+        model=dict(plan.model),
+    )
 
 
 def _make_plan(program, scores, q, result, lo_v, hi_v, cost_v, params) -> Plan:

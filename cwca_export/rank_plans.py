@@ -19,7 +19,7 @@ import numpy as np
 
 from cwca_export import solver
 from cwca_export.curve_solver import CurveForm, curve_function, lower_hull
-from cwca_export.plan import Plan, _make_plan, _per_block, damage_curves, damage_pruner
+from cwca_export.plan import Plan, _make_plan, _per_block, damage_curves, damage_pruner, scores_snapshot
 from cwca_export.scores import LayerScores
 
 _RANK_PRUNERS = ("lowrank", "asvd")
@@ -357,6 +357,10 @@ def _polish_options(kept_v, dmg_v, at, room, max_rounds: int = 1000) -> tuple[li
     return at, moves
 
 
+def _bound_json(value: float | Sequence[float]) -> float | list[float]:
+    return float(value) if np.ndim(value) == 0 else [float(v) for v in value]
+
+
 def plan_ranks_from_damage(
     scores: LayerScores,
     budget_fraction: float,
@@ -467,6 +471,12 @@ def plan_ranks_from_damage(
         "p_hi": float(hi_v.max()),
         "kept_params": kept_total,
         "kept_fraction": kept_total / total,
+        "made_by": {
+            "rule": "damage", "form": form, "lo": _bound_json(lo), "hi": _bound_json(hi),
+            "lo_blocks": {str(i): float(v) for i, v in (lo_blocks or {}).items()},
+            "hi_blocks": {str(i): float(v) for i, v in (hi_blocks or {}).items()},
+            "scores": scores_snapshot(scores),
+        },
     }
     lo_units = np.array([r[0] for r in ranges], dtype=np.float64)
     hi_units = np.array([r[1] for r in ranges], dtype=np.float64)
@@ -535,6 +545,7 @@ def plan_ranks_uniform(
         "rank_step": int(rank_step),
         "kept_params": kept_total,
         "kept_fraction": kept_total / total,
+        "made_by": {"rule": "uniform", "lo": float(lo), "hi": float(hi), "scores": scores_snapshot(scores)},
     }
     return _make_plan(
         "allocate", scores, scores.qualities(), result,

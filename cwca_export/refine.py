@@ -191,7 +191,9 @@ def candidate_plans(
     k = scores.num_blocks
     plans["uniform"] = Plan("prune", x=[sparsity] * k, q=scores.qualities().tolist(), n_params=list(scores.n_params),
                             lo=[lo] * k, hi=[hi] * k, block_names=list(scores.block_names),
-                            parameters={"sparsity": sparsity, "rule": "uniform"}, model=dict(scores.model))
+                            parameters={"sparsity": sparsity, "rule": "uniform",
+                                        "made_by": {"rule": "uniform", "lo": lo, "hi": hi}},
+                            model=dict(scores.model))
     curves = has_damage_curves(scores)
     for band in bands:
         suffix = "" if band is None else f"-band{band:g}"

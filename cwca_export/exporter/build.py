@@ -33,6 +33,9 @@ class ExportSettings:
         external_data_threshold: graph bytes above which weights go to ``model.onnx_data``.
         measure: workload and repetitions for memory and latency.
         new_tokens: greedy tokens compared against torch.
+        precision: a per-layer precision plan, group name (``model.layers.3``, ``embed``,
+            ``head``) -> storage format (``int4-b128``...; see :mod:`cwca_export.precision`),
+            applied per node and checked in the final graph. Excludes ``quantize``.
     """
 
     backend: str = "optimum"
@@ -43,16 +46,19 @@ class ExportSettings:
     external_data_threshold: int = pp.PROTOBUF_LIMIT
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     new_tokens: int = 8
+    precision: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
-        if self.dtype == "fp16" and self.quantize is not None:
+        if self.dtype == "fp16" and (self.quantize is not None or self.precision):
             raise ValueError("fp16 and int8/int4 quantization do not combine; hint: pick one of them")
+        if self.quantize is not None and self.precision:
+            raise ValueError("a precision plan and --quantize do not combine; hint: pick one of them")
         if self.optimize is not None and self.optimize not in pp.OPT_LEVELS:
             raise ValueError(f"optimize: level {self.optimize!r}: choose one of {pp.OPT_LEVELS}")
 
     @property
     def scheme(self) -> str:
-        return scheme_of(self.dtype, self.quantize)
+        return "mixed" if self.precision else scheme_of(self.dtype, self.quantize)
 
 
 @dataclass
@@ -143,6 +149,11 @@ def _postprocess(model: Any, folder: Path, settings: ExportSettings) -> dict[str
         quantize(current, work / f"{q.method}.onnx", q, excluded)
         current = work / f"{q.method}.onnx"
         steps.append(q.method)
+    precision = None
+    if settings.precision:
+        precision = _apply_precision(model, current, work / "mixed.onnx", settings.precision)
+        current = work / "mixed.onnx"
+        steps.append("mixed")
     raw_external = pp.external_files(raw)
     external = pp.graph_bytes(current) > settings.external_data_threshold
     if steps or raw_external or external:
@@ -158,9 +169,45 @@ def _postprocess(model: Any, folder: Path, settings: ExportSettings) -> dict[str
         "optimize": settings.optimize,
         "dtype": settings.dtype,
         "quantize": None if q is None else {**q.to_dict(), "excluded_node_names": excluded},
+        "precision": precision,
         "external_data": external,
         "external_data_threshold": settings.external_data_threshold,
     }
+
+
+def _apply_precision(model: Any, src: Path, dst: Path, groups: dict[str, str]) -> dict[str, Any]:
+    """Quantize each group's weight nodes to its planned format; check the graph got them."""
+    import onnx
+
+    from cwca_export.precision import StorageFormat, precision_groups
+
+    known = {g.name: g for g in precision_groups(model)}
+    unknown = sorted(set(groups) - set(known))
+    if unknown:
+        raise ValueError(f"precision plan: unknown group(s) {unknown}; the model has {sorted(known)}")
+    graph = onnx.load(str(src), load_external_data=False)
+    pp.untie_head(graph)
+    nodes = pp.weight_nodes(graph)
+    planned: dict[str, Any] = {}
+    for name, fmt in groups.items():
+        group = known[name]
+        path = group.name if group.kind == "block" else group.modules[0]
+        hits = pp.nodes_of_module(nodes, path)
+        if not hits and fmt != "fp32":
+            raise ValueError(f"precision plan: group {name} ({path}) matches no weight node in the exported graph")
+        for node in hits:
+            planned[node] = StorageFormat.parse(fmt)
+    pp.quantize_mixed(src, dst, planned)
+    found = pp.graph_formats(dst)
+    expected = {node: pp.canonical_format(f.name) for node, f in planned.items()}
+    wrong = {n: (f, found.get(n)) for n, f in expected.items() if found.get(n) != f}
+    if wrong:
+        first = next(iter(wrong.items()))
+        raise VerificationError(
+            f"precision plan not applied: {len(wrong)} node(s) differ, e.g. {first[0]} planned {first[1][0]},"
+            f" found {first[1][1]}; nothing was written"
+        )
+    return {"groups": dict(groups), "nodes": expected, "verified_in_graph": True}
 
 
 def build_candidate(model: Any, tokenizer: Any, folder: Path, settings: ExportSettings) -> Candidate:
@@ -179,13 +226,24 @@ def build_candidate(model: Any, tokenizer: Any, folder: Path, settings: ExportSe
     raw_bytes = pp.graph_bytes(raw)
     verification = {"fp32": _verify(model, raw, folder, settings, "fp32", True, backend)}
     postprocess = _postprocess(model, folder, settings)
-    if postprocess["steps"]:
+    if settings.precision:
+        from cwca_export.precision import StorageFormat, quantized_weights
+
+        assignment = {g: StorageFormat.parse(f) for g, f in settings.precision.items()}
+        with quantized_weights(model, assignment):
+            verification["final"] = _verify(model, raw, folder, settings, "mixed", False, backend)
+    elif postprocess["steps"]:
         verification["final"] = _verify(model, raw, folder, settings, settings.scheme, False, backend)
     files = file_inventory(folder)
     measurement = measure_runtime(raw, settings.measure)
     scheme = settings.scheme
     excluded = (postprocess["quantize"] or {}).get("excluded_node_names", [])
-    weights = weight_bytes(model, scheme, settings.quantize, exclude=excluded)
+    if settings.precision:
+        from cwca_export.precision import artifact_weight_bytes
+
+        weights = artifact_weight_bytes(model, settings.precision)
+    else:
+        weights = weight_bytes(model, scheme, settings.quantize, exclude=excluded)
     graph = pp.graph_bytes(raw)
     prediction = {
         "scheme": scheme,

@@ -8,6 +8,7 @@ models over the 2 GB protobuf limit pass). The final :func:`save_layout` writes
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -223,3 +224,191 @@ def save_layout(src: Path, dst: Path, threshold: int = PROTOBUF_LIMIT) -> None:
         )
     else:
         onnx.save_model(model, str(dst))
+
+
+# ---------------------------------------------------------------- per-node formats (precision plans)
+
+MIXED_OPS = ("MatMulNBits", "GatherBlockQuantized")
+
+
+def _initializers(graph: Any) -> dict[str, Any]:
+    return {init.name: init for init in graph.initializer}
+
+
+def untie_head(model: Any) -> list[str]:
+    """Give every MatMul that reads a transposed initializer its own (transposed) initializer.
+
+    Exporters of tied-embedding models compute the head's weight as ``Transpose(embedding)``
+    at run time; weight quantizers only rewrite MatMuls whose weight is an initializer.
+    Returns the MatMul node names rewired. Dead nodes are removed by :func:`prune_dead`.
+    """
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = _initializers(graph)
+    producers = {out: node for node in graph.node for out in node.output}
+    rewired = []
+    for node in graph.node:
+        if node.op_type != "MatMul" or len(node.input) < 2:
+            continue
+        source = producers.get(node.input[1])
+        if source is None or source.op_type != "Transpose" or source.input[0] not in inits:
+            continue
+        perm = next((list(a.ints) for a in source.attribute if a.name == "perm"), None)
+        value = numpy_helper.to_array(inits[source.input[0]])
+        value = value.transpose(perm) if perm else value.T
+        name = f"{source.input[0]}.untied_for.{node.name.strip('/').replace('/', '.')}"
+        graph.initializer.append(numpy_helper.from_array(value.copy(), name))
+        node.input[1] = name
+        rewired.append(node.name)
+    return rewired
+
+
+def prune_dead(model: Any) -> None:
+    """Remove nodes whose outputs nothing reads, then initializers nothing reads (in place)."""
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = {i for node in graph.node for i in node.input} | outputs
+        dead = [n for n in graph.node if not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    used = {i for node in graph.node for i in node.input}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+    for value in [v for v in graph.input if v.name not in used and v.name in {i.name for i in graph.initializer}]:
+        graph.input.remove(value)
+
+
+def weight_nodes(model: Any) -> dict[str, str]:
+    """Node name -> op type of every MatMul / Gather whose weight is an initializer."""
+    graph = model.graph
+    inits = _initializers(graph)
+    found = {}
+    for node in graph.node:
+        if node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in inits:
+            found[node.name] = node.op_type
+        elif node.op_type == "Gather" and node.input and node.input[0] in inits and len(inits[node.input[0]].dims) == 2:
+            found[node.name] = node.op_type
+    return found
+
+
+def nodes_of_module(node_names: Iterable[str], module_path: str) -> list[str]:
+    """Of ``node_names``, those the exporter nested under ``module_path``
+    (``model.layers.0`` matches ``/model/layers.0/mlp/up_proj/MatMul``)."""
+    key = f".{module_path.strip('.')}."
+    return [n for n in node_names if key in _scope(n)]
+
+
+def quantize_mixed(src: Path, dst: Path, node_formats: dict[str, Any]) -> dict[str, str]:
+    """Store each node's weight in its own format (``MatMulNBits``, ``GatherBlockQuantized``,
+    dynamic int8 ``MatMulInteger`` / uint8 ``Gather``).
+
+    Args:
+        src, dst: graph in and out (``src`` must already be untied where the plan needs it:
+            :func:`untie_head`).
+        node_formats: node name -> :class:`cwca_export.precision.StorageFormat` (fp32 nodes
+            may be listed or left out).
+
+    One ONNX Runtime ``MatMulNBitsQuantizer`` pass per distinct block format quantizes exactly
+    the nodes planned for it (every other weight node excluded), then one ``quantize_dynamic``
+    pass the dynamic int8 nodes. Returns the planned node -> format name map that
+    :func:`graph_formats` must find in ``dst``.
+    """
+    import tempfile
+
+    import onnx
+
+    require_onnxruntime()
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = onnx.load(str(src))
+    before = weight_nodes(model)
+    # untie only when a tied head or its table changes format (an fp32 pair stays one tensor)
+    if any(not f.is_float and before.get(n, "Gather") == "Gather" for n, f in node_formats.items()):
+        untie_head(model)
+        prune_dead(model)
+    candidates = weight_nodes(model)
+    node_formats = {n: f for n, f in node_formats.items() if n in candidates or not f.is_float}
+    unknown = sorted(set(node_formats) - set(candidates))
+    if unknown:
+        raise ValueError(f"precision plan names nodes without a constant weight: {unknown[:3]}")
+    blockwise: dict[Any, list[str]] = {}
+    dynamic: list[str] = []
+    for name, fmt in node_formats.items():
+        if fmt.dynamic:
+            dynamic.append(name)
+        elif not fmt.is_float:
+            blockwise.setdefault(fmt, []).append(name)
+    quant_logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    root = logging.getLogger()
+    levels = quant_logger.level, root.level
+    quant_logger.setLevel(logging.ERROR)  # one INFO line per node; an opset warning per pass
+    root.setLevel(logging.ERROR)  # quantize_dynamic asks for a pre-processing script on the root logger
+    try:
+        for fmt, names in blockwise.items():
+            gathers = [n for n in names if candidates[n] == "Gather"]
+            if gathers and fmt.bits != 4:
+                raise ValueError(f"{fmt.name}: embeddings take int8 or 4-bit formats only (ONNX Runtime's quantizers)")
+            exclude = [n for n in weight_nodes(model) if n not in names]
+            quantizer = MatMulNBitsQuantizer(
+                model, bits=fmt.bits, block_size=fmt.block_size, is_symmetric=fmt.symmetric,
+                nodes_to_exclude=exclude, op_types_to_quantize=("MatMul", "Gather") if gathers else ("MatMul",),
+            )
+            quantizer.process()
+            model = quantizer.model.model
+        prune_dead(model)
+        if dynamic:
+            with tempfile.TemporaryDirectory(dir=dst.parent) as scratch:
+                step = Path(scratch) / "blockwise.onnx"
+                _save(model, step)
+                quantize_dynamic(
+                    step, dst, weight_type=QuantType.QInt8, nodes_to_quantize=dynamic,
+                    op_types_to_quantize=["MatMul", "Gather"], use_external_data_format=True,
+                    extra_options={"WeightSymmetric": True},
+                )
+        else:
+            _save(model, dst)
+    finally:
+        quant_logger.setLevel(levels[0])
+        root.setLevel(levels[1])
+    return {name: fmt.name for name, fmt in node_formats.items()}
+
+
+def graph_formats(model_path: Path) -> dict[str, str]:
+    """Original node name -> storage format of every weight node in a final graph, read from
+    the graph itself: ``MatMulNBits`` / ``GatherBlockQuantized`` attributes (bits, block size,
+    zero points), ``MatMulInteger`` and Gathers of 8-bit tables (dynamic ``int8``), or fp32."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    inits = _initializers(graph)
+    eight_bit = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+    found = {}
+    for node in graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type in MIXED_OPS:
+            base = re.sub(r"_Q\d+$", "", node.name)
+            bits = int(attrs.get("bits", 4))
+            asym = len(node.input) > 3 and bool(node.input[3])  # zero points: input 3 of both ops
+            found[base] = f"int{bits}-b{int(attrs['block_size'])}" + ("-asym" if asym else "")
+        elif node.op_type == "MatMulInteger" and node.input[1] in inits:
+            found[re.sub(r"_quant$", "", node.name)] = "int8"
+        elif node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in inits:
+            found[node.name] = "fp32"
+        elif node.op_type == "Gather" and node.input and node.input[0] in inits and len(inits[node.input[0]].dims) == 2:
+            found[node.name] = "int8" if inits[node.input[0]].data_type in eight_bit else "fp32"
+    return found
+
+
+def canonical_format(name: str) -> str:
+    """``int4`` -> ``int4-b32``: the name :func:`graph_formats` reports for a format."""
+    if name in ("fp32", "int8"):
+        return name
+    match = re.match(r"^int(\d)(?:-b(\d+))?(-asym)?$", name)
+    if not match:
+        return name
+    return f"int{match.group(1)}-b{match.group(2) or 32}{match.group(3) or ''}"

@@ -17,7 +17,9 @@ from cwca_export.exporter.session import DecoderSession, position_ids
 # relative RMS logit error accepted per artifact dtype: fp32 is exact up to kernel
 # reassociation; fp16 and weight quantization change the numbers by design (measured on
 # tiny random models: fp16 ~0.5%, int8 ~3%, int4 ~8%), so these catch broken graphs, not noise
-TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2, "int8": 0.12, "int4": 0.3}
+TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2, "int8": 0.12, "int4": 0.3, "mixed": 1e-3}
+# "mixed" (a per-layer precision plan) is compared with torch computing with the same
+# de-quantized weights (cwca_export.precision.quantized_weights), so only kernel round-off remains
 
 
 class VerificationError(ValueError):

@@ -1,0 +1,630 @@
+"""Precision as a planned, per-layer dimension (docs/design.md 5).
+
+Every decoder block (all its Linears together), the token embedding and the LM head is a
+*group* that ONNX Runtime can store in one of several formats:
+
+- ``fp32``: as exported;
+- ``int8``: ONNX Runtime's dynamic int8 (``quantize_dynamic``): int8 weights with one
+  scale per tensor, activations quantized to uint8 per call (``MatMulInteger``; CPU only);
+  an embedding table becomes uint8 with one scale and zero point;
+- ``int4-bB`` / ``int8-bB`` (block size B, ``-asym`` with zero points): weight-only
+  ``MatMulNBits``, block-wise along the input dimension, one fp32 scale per block (and packed
+  zero points when asymmetric); an embedding table becomes a 4-bit ``GatherBlockQuantized``
+  (ONNX Runtime's quantizer writes 4-bit Gathers only), blocks along the hidden dimension.
+
+For each group and format we know the exact bytes (:meth:`StorageFormat.matmul_bytes`,
+:meth:`StorageFormat.gather_bytes`) and measure the calibration-loss increase of that group
+alone in that format (:func:`measure_precision_damage`, the measured-damage probes of
+:mod:`cwca_export.damage` with the group's weights replaced by what ONNX Runtime will
+compute with, :func:`fake_quantize`). A cheaper estimate, the diagonal-Fisher-weighted
+quantization error 1/2 sum_i F_ii (w_i - q(w_i))^2 (HAWQ-style), is
+:func:`fisher_precision_estimate`. :func:`solve_precision` then chooses one format per group,
+least total damage under a byte budget, exactly (a multiple-choice knapsack solved by
+:func:`cwca_export.rank_plans.solve_unit_options`).
+
+The plan is applied per node by :func:`cwca_export.exporter.postprocess.quantize_mixed` and
+checked in the exported graph by :func:`cwca_export.exporter.postprocess.graph_formats`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import re
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cwca_export.blocks import find_blocks, is_conv1d
+
+DEFAULT_FORMATS = ("fp32", "int8", "int4-b128", "int4-b128-asym", "int4-b32", "int4-b32-asym")
+# int8-bB (8-bit MatMulNBits) is offered but not by default: on the CPU provider of ONNX Runtime
+# 1.31 it decoded 3x slower than dynamic int8 at equal bytes (BENCHMARKS.md, "Budgets").
+_FORMAT = re.compile(r"^int(?P<bits>[48])(?:-b(?P<block>\d+))?(?P<asym>-asym)?$")
+_DYNAMIC_RANGE = 127  # quantize_dynamic's symmetric int8 weights: scale = max|w| / 127
+
+
+@dataclass(frozen=True)
+class StorageFormat:
+    """One way ONNX Runtime stores a weight.
+
+    Attributes:
+        name: ``fp32``, ``int8``, ``int4``, ``int4-b128``, ``int4-b32-asym``, ...
+        bits: 32 (float) or 8 / 4 (``MatMulNBits``).
+        block_size: weights sharing one scale, along the input (MatMul) or hidden (Gather) axis.
+        symmetric: no zero points (ONNX Runtime's symmetric RTN: scale = signed max / -2^(bits-1)).
+    """
+
+    name: str
+    bits: int
+    block_size: int = 32
+    symmetric: bool = True
+    dynamic: bool = False
+
+    @classmethod
+    def parse(cls, name: str) -> StorageFormat:
+        """``"int4-b128-asym"`` -> StorageFormat(bits=4, block_size=128, symmetric=False).
+
+        Example:
+            >>> StorageFormat.parse("int4-b128-asym")
+            StorageFormat(name='int4-b128-asym', bits=4, block_size=128, symmetric=False)
+        """
+        if name == "fp32":
+            return cls("fp32", 32)
+        if name == "int8":
+            return cls("int8", 8, 0, True, True)
+        match = _FORMAT.match(name)
+        if not match:
+            raise ValueError(
+                f"precision format {name!r}: use fp32, int8 or int4 with an optional block size and"
+                " zero points, e.g. int4-b128-asym; hint: --formats fp32,int8,int4-b128"
+            )
+        block = int(match.group("block") or 32)
+        if block < 16 or block & (block - 1):
+            raise ValueError(f"precision format {name!r}: block size must be a power of two >= 16")
+        return cls(name, int(match.group("bits")), block, match.group("asym") is None)
+
+    @property
+    def is_float(self) -> bool:
+        return self.bits == 32
+
+    def matmul_bytes(self, out_features: int, in_features: int) -> int:
+        """Bytes of a MatMul weight ``(in, out)`` in this format, as ``MatMulNBits`` stores it:
+        packed values N x blocks x ceil(block * bits / 8), fp32 scales N x blocks, and for
+        asymmetric formats zero points packed N x ceil(blocks * bits / 8)."""
+        if self.is_float:
+            return 4 * out_features * in_features
+        if self.dynamic:
+            return out_features * in_features + 4 + 1  # int8 values, one fp32 scale, one zero point
+        blocks = math.ceil(in_features / self.block_size)
+        per = 8 // self.bits
+        values = out_features * blocks * math.ceil(self.block_size / per)
+        scales = 4 * out_features * blocks
+        zeros = 0 if self.symmetric else out_features * math.ceil(blocks / per)
+        return values + scales + zeros
+
+    def gather_bytes(self, rows: int, dim: int) -> int:
+        """Bytes of an embedding table ``(rows, dim)`` as ``GatherBlockQuantized`` stores it
+        (4-bit only: int4 / uint4 values, fp32 scales, uint4 zero points when asymmetric)."""
+        if self.is_float:
+            return 4 * rows * dim
+        if self.dynamic:
+            return rows * dim + 4 + 1  # uint8 values, one fp32 scale, one zero point
+        if self.bits != 4:
+            raise ValueError(f"{self.name}: ONNX Runtime's quantizer writes 4-bit Gathers only")
+        blocks = math.ceil(dim / self.block_size)
+        zeros = 0 if self.symmetric else math.ceil(rows * blocks / 2)
+        return math.ceil(rows * dim / 2) + 4 * rows * blocks + zeros
+
+
+def parse_formats(text: str | Sequence[str]) -> list[StorageFormat]:
+    """Formats from ``"fp32,int8,int4-b128"`` (fp32 is always included)."""
+    names = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
+    formats = [StorageFormat.parse(n) for n in dict.fromkeys(["fp32", *names])]
+    return formats
+
+
+@torch.no_grad()
+def fake_quantize(weight: torch.Tensor, fmt: StorageFormat) -> torch.Tensor:
+    """What ONNX Runtime computes with after quantizing ``weight`` ``(rows, K)`` block-wise along
+    its last axis (K): the de-quantized values, in the weight's dtype.
+
+    Round to nearest as ONNX Runtime's RTN quantizer does it: symmetric blocks scale by the
+    signed largest-magnitude value over -2^(bits-1) and clip to [-2^(bits-1), 2^(bits-1) - 1];
+    asymmetric blocks span [min(w, 0), max(w, 0)] in 2^bits - 1 steps around a rounded zero point.
+    """
+    if fmt.is_float:
+        return weight.clone()
+    if fmt.dynamic:
+        return _per_tensor(weight, symmetric=True)
+    rows, k = weight.shape
+    block = fmt.block_size
+    blocks = math.ceil(k / block)
+    w = weight.detach().to(torch.float32)
+    if blocks * block != k:
+        w = torch.nn.functional.pad(w, (0, blocks * block - k))
+    w = w.reshape(rows, blocks, block)
+    levels = 2 ** fmt.bits
+    if fmt.symmetric:
+        hi, lo = w.amax(-1, keepdim=True), w.amin(-1, keepdim=True)
+        signed_max = torch.where(hi.abs() > lo.abs(), hi, lo)
+        scale = signed_max / -(levels // 2)
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+        q = torch.where(scale == 0, torch.zeros_like(w), (w / safe).round().clamp(-(levels // 2), levels // 2 - 1))
+        out = q * scale
+    else:
+        lo = w.amin(-1, keepdim=True).clamp(max=0)
+        hi = w.amax(-1, keepdim=True).clamp(min=0)
+        scale = (hi - lo) / (levels - 1)
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+        zero = torch.where(scale == 0, torch.full_like(scale, levels // 2), (-lo / safe).round().clamp(0, levels - 1))
+        q = torch.where(scale == 0, zero, (w / safe + zero).round().clamp(0, levels - 1))
+        out = (q - zero) * scale
+    return out.reshape(rows, blocks * block)[:, :k].to(weight.dtype)
+
+
+def _per_tensor(x: torch.Tensor, *, symmetric: bool) -> torch.Tensor:
+    """One scale for the whole tensor, as ONNX Runtime's dynamic quantization computes it:
+    symmetric int8 weights (scale = max|x| / 127, zero point 0), or asymmetric uint8
+    (``DynamicQuantizeLinear``: range [min(x, 0), max(x, 0)] in 255 steps, rounded zero point)."""
+    v = x.detach().to(torch.float32)
+    if symmetric:
+        scale = v.abs().max() / _DYNAMIC_RANGE
+        if scale == 0:
+            return x.clone()
+        return ((v / scale).round().clamp(-_DYNAMIC_RANGE, _DYNAMIC_RANGE) * scale).to(x.dtype)
+    lo, hi = v.min().clamp(max=0), v.max().clamp(min=0)
+    scale = (hi - lo) / 255
+    if scale == 0:
+        return x.clone()
+    zero = (-lo / scale).round().clamp(0, 255)
+    return (((v / scale).round() + zero).clamp(0, 255) - zero).mul(scale).to(x.dtype)
+
+
+def fake_quantize_table(weight: torch.Tensor, fmt: StorageFormat) -> torch.Tensor:
+    """An embedding table ``(rows, dim)`` as ONNX Runtime's Gather will read it: uint8 with one
+    scale and zero point (``int8``), or 4-bit blocks along ``dim`` (``int4-bB``)."""
+    if fmt.dynamic:
+        return _per_tensor(weight, symmetric=False)
+    return fake_quantize(weight, fmt)
+
+
+def _quantize_input(_module: nn.Module, args: tuple) -> tuple:
+    return (_per_tensor(args[0], symmetric=False), *args[1:])
+
+
+def quantize_linear_(linear: nn.Module, fmt: StorageFormat) -> list[Any]:
+    """Make ``linear`` compute as ONNX Runtime will in ``fmt``, in place: its weight replaced by
+    the de-quantized one and, for dynamic int8, its input quantized per call (a pre-hook,
+    returned so the caller can remove it)."""
+    with torch.no_grad():
+        linear.weight.copy_(fake_quantize(linear.weight, fmt))
+    return [linear.register_forward_pre_hook(_quantize_input)] if fmt.dynamic else []
+
+
+# ---------------------------------------------------------------- groups
+
+
+@dataclass
+class PrecisionGroup:
+    """Weights that share one format: a decoder block's Linears, the embedding, or the head.
+
+    Attributes:
+        name: ``model.layers.3``, ``embed`` or ``head``.
+        kind: ``block``, ``embed`` or ``head``.
+        modules: module paths of the weights (Linears; the embedding module).
+        shapes: ``(out, in)`` per Linear, ``(rows, dim)`` for the embedding.
+    """
+
+    name: str
+    kind: str
+    modules: list[str]
+    shapes: list[tuple[int, int]]
+
+    def bytes(self, fmt: StorageFormat) -> int:
+        if self.kind == "embed":
+            return sum(fmt.gather_bytes(r, d) for r, d in self.shapes)
+        return sum(fmt.matmul_bytes(o, i) for o, i in self.shapes)
+
+    def allows(self, fmt: StorageFormat) -> bool:
+        return fmt.is_float or self.kind != "embed" or fmt.bits == 4 or fmt.dynamic
+
+
+def precision_groups(model: nn.Module) -> list[PrecisionGroup]:
+    """The groups of ``model``: one per decoder block, then ``embed`` and ``head``.
+
+    Only ``nn.Linear`` weights join a block's group: GPT-2's ``Conv1D`` exports as ``Gemm``,
+    which ``MatMulNBits`` does not rewrite, and factorised Linears join as their two factors.
+    """
+    groups = []
+    for block in find_blocks(model):
+        paths, shapes = [], []
+        for path, module in block.module.named_modules(prefix=block.name):
+            if isinstance(module, nn.Linear) and not is_conv1d(module):
+                paths.append(path)
+                shapes.append(tuple(module.weight.shape))
+        groups.append(PrecisionGroup(block.name, "block", paths, shapes))
+    embed = model.get_input_embeddings()
+    embed_path = _path_of(model, embed)
+    groups.append(PrecisionGroup("embed", "embed", [embed_path], [tuple(embed.weight.shape)]))
+    head = model.get_output_embeddings()
+    if isinstance(head, nn.Linear):
+        groups.append(PrecisionGroup("head", "head", [_path_of(model, head)], [tuple(head.weight.shape)]))
+    return groups
+
+
+def _path_of(model: nn.Module, module: nn.Module) -> str:
+    return next(path for path, m in model.named_modules() if m is module)
+
+
+@contextlib.contextmanager
+def quantized_weights(model: nn.Module, assignment: dict[str, StorageFormat]) -> Iterator[nn.Module]:
+    """``model`` computing with the formats of ``assignment`` (group name -> format), restored after.
+
+    Tied embeddings are handled as ONNX Runtime sees them after untying: the head and the
+    embedding each get their own format (the head through a forward hook on its own copy of
+    the weight, the embedding by swapping its table in).
+    """
+    groups = {g.name: g for g in precision_groups(model)}
+    saved: list[tuple[nn.Parameter, torch.Tensor]] = []
+    handles: list[Any] = []
+    try:
+        with torch.no_grad():
+            embed = model.get_input_embeddings()
+            head = model.get_output_embeddings()
+            tied = head is not None and head.weight is embed.weight
+            head_fmt = assignment.get("head") or StorageFormat.parse("fp32")
+            embed_fmt = assignment.get("embed") or StorageFormat.parse("fp32")
+            if not head_fmt.is_float or (tied and not embed_fmt.is_float):
+                handles.append(_head_hook(head, head_fmt))
+            if not embed_fmt.is_float:
+                saved.append((embed.weight, embed.weight.detach().clone()))
+                embed.weight.copy_(fake_quantize_table(embed.weight, embed_fmt))
+            for name, fmt in assignment.items():
+                if fmt.is_float or name in ("head", "embed"):
+                    continue
+                for path in groups[name].modules:
+                    linear = model.get_submodule(path)
+                    saved.append((linear.weight, linear.weight.detach().clone()))
+                    handles += quantize_linear_(linear, fmt)
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for param, original in reversed(saved):
+                param.copy_(original)
+
+
+def _head_hook(head: nn.Module, fmt: StorageFormat) -> Any:
+    """Replace ``head``'s output by one computed from its own (quantized) copy of the weight."""
+    weight = fake_quantize(head.weight, fmt)
+    bias = head.bias
+
+    def hook(_m: nn.Module, args: tuple, _out: Any) -> torch.Tensor:
+        x = _per_tensor(args[0], symmetric=False) if fmt.dynamic else args[0]
+        return torch.nn.functional.linear(x, weight.to(x.dtype), bias)
+
+    return head.register_forward_hook(hook)
+
+
+# ---------------------------------------------------------------- measuring and estimating
+
+
+@dataclass
+class PrecisionDamage:
+    """Per group, per format: the loss increase (nats/token) and the bytes.
+
+    Attributes:
+        groups: group names, in :func:`precision_groups` order.
+        formats: format names (``fp32`` first).
+        damage: ``damage[g][f]``; None where the format does not apply to the group.
+        bytes: ``bytes[g][f]``; None where the format does not apply.
+        base_loss: the dense calibration loss.
+        estimator: ``measured`` or ``fisher``.
+        wall_time_s: time spent.
+    """
+
+    groups: list[str]
+    formats: list[str]
+    damage: list[list[float | None]]
+    bytes: list[list[int | None]]
+    base_loss: float
+    estimator: str = "measured"
+    wall_time_s: float = 0.0
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "estimator": self.estimator, "groups": self.groups, "formats": self.formats,
+            "damage": self.damage, "bytes": self.bytes, "base_loss": self.base_loss,
+            "wall_time_s": self.wall_time_s, "settings": self.settings,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PrecisionDamage:
+        return cls(data["groups"], data["formats"], data["damage"], data["bytes"], data["base_loss"],
+                   data.get("estimator", "measured"), data.get("wall_time_s", 0.0), data.get("settings", {}))
+
+
+def _ids(data: Any) -> torch.Tensor:
+    ids = getattr(data, "input_ids", data)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise ValueError("calibration data: expected token ids (N, L); hint: pass --data FILE")
+    return ids
+
+
+def _byte_table(groups: list[PrecisionGroup], formats: list[StorageFormat]) -> list[list[int | None]]:
+    return [[g.bytes(f) if g.allows(f) else None for f in formats] for g in groups]
+
+
+@torch.no_grad()
+def measure_precision_damage(
+    model: nn.Module,
+    input_ids: Any,
+    formats: Sequence[StorageFormat | str] = DEFAULT_FORMATS,
+    *,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> PrecisionDamage:
+    """The calibration-loss increase of storing each group alone in each format.
+
+    Blocks run as measured-damage probes (a copy of the block with quantized weights, then
+    the rest of the model from its cached inputs, :func:`cwca_export.damage.probe_blocks`);
+    the embedding and the head cost one full forward per format.
+    """
+    from cwca_export.damage import calibration_loss, probe_blocks
+
+    start = time.perf_counter()
+    fmts = [f if isinstance(f, StorageFormat) else StorageFormat.parse(f) for f in formats]
+    if not fmts or not fmts[0].is_float:
+        fmts = [StorageFormat.parse("fp32"), *[f for f in fmts if not f.is_float]]
+    ids = _ids(input_ids)
+    groups = precision_groups(model)
+    block_groups = [g for g in groups if g.kind == "block"]
+
+    def probes_of(block: Any, _inputs: Any):
+        group = block_groups[block.index]
+
+        def variant(v: int) -> nn.Module:
+            probe = copy.deepcopy(block.module)
+            if not fmts[v].is_float:
+                for path in group.modules:
+                    quantize_linear_(probe.get_submodule(path[len(block.name) + 1:]), fmts[v])
+            return probe
+
+        return variant
+
+    run = probe_blocks(model, ids, probes_of, len(fmts), batch_size=batch_size, progress=progress,
+                       desc="precision probes")
+    damage: list[list[float | None]] = [list(row) for row in run.increase]
+    for g in groups[len(block_groups):]:
+        row: list[float | None] = []
+        for f in fmts:
+            if f.is_float:
+                row.append(0.0)
+            elif not g.allows(f):
+                row.append(None)
+            else:
+                with quantized_weights(model, {g.name: f}):
+                    row.append(calibration_loss(model, ids, batch_size=batch_size) - run.base_loss)
+        damage.append(row)
+    for row in damage:
+        row[0] = 0.0  # fp32 is the model itself (probe noise is float round-off only)
+    return PrecisionDamage(
+        groups=[g.name for g in groups], formats=[f.name for f in fmts], damage=damage,
+        bytes=_byte_table(groups, fmts), base_loss=run.base_loss, estimator="measured",
+        wall_time_s=round(time.perf_counter() - start, 3),
+        settings={"samples": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "batch_size": batch_size},
+    )
+
+
+def fisher_precision_estimate(
+    model: nn.Module,
+    input_ids: Any,
+    formats: Sequence[StorageFormat | str] = DEFAULT_FORMATS,
+) -> PrecisionDamage:
+    """The curvature estimate: 1/2 sum_i F_ii (w_i - q(w_i))^2 per group and format.
+
+    F is the empirical diagonal Fisher of the mean per-token loss: per calibration sequence
+    of L tokens, the gradient g of its mean token loss gives F ~ L * E[g^2] (token gradients
+    taken as independent). One backward per sequence; no probes.
+    """
+    start = time.perf_counter()
+    fmts = [f if isinstance(f, StorageFormat) else StorageFormat.parse(f) for f in formats]
+    if not fmts or not fmts[0].is_float:
+        fmts = [StorageFormat.parse("fp32"), *[f for f in fmts if not f.is_float]]
+    ids = _ids(input_ids)
+    groups = precision_groups(model)
+    params = {path: model.get_submodule(path).weight for g in groups for path in g.modules}
+    fisher = {path: torch.zeros_like(p, dtype=torch.float32) for path, p in params.items()}
+    was_training = model.training
+    model.eval()
+    requires = {path: p.requires_grad for path, p in params.items()}
+    try:
+        for p in params.values():
+            p.requires_grad_(True)
+        for row in ids:
+            seq = row[None]
+            model.zero_grad(set_to_none=True)
+            loss = model(input_ids=seq, labels=seq, use_cache=False).loss
+            loss.backward()
+            for path, p in params.items():
+                if p.grad is not None:
+                    fisher[path] += p.grad.detach().float() ** 2
+        tokens = ids.shape[1] - 1
+        for path in fisher:
+            fisher[path] *= tokens / ids.shape[0]
+    finally:
+        model.zero_grad(set_to_none=True)
+        for path, p in params.items():
+            p.requires_grad_(requires[path])
+        model.train(was_training)
+    damage: list[list[float | None]] = []
+    with torch.no_grad():
+        for g in groups:
+            row: list[float | None] = []
+            for f in fmts:
+                if not g.allows(f):
+                    row.append(None)
+                    continue
+                total = 0.0
+                for path in g.modules:
+                    w = params[path].detach()
+                    err = w - (fake_quantize_table(w, f) if g.kind == "embed" else fake_quantize(w, f))
+                    total += 0.5 * float((fisher[path] * err.float() ** 2).sum())
+                row.append(total)
+            damage.append(row)
+    return PrecisionDamage(
+        groups=[g.name for g in groups], formats=[f.name for f in fmts], damage=damage,
+        bytes=_byte_table(groups, fmts), base_loss=float("nan"), estimator="fisher",
+        wall_time_s=round(time.perf_counter() - start, 3),
+        settings={"samples": int(ids.shape[0]), "seq_len": int(ids.shape[1])},
+    )
+
+
+# ---------------------------------------------------------------- the integer program
+
+
+@dataclass
+class PrecisionPlan:
+    """One format per group, and what the solver saw.
+
+    Attributes:
+        formats: group name -> format name.
+        weight_bytes: the planned weights' bytes (groups only; norms and biases not counted).
+        predicted_damage: the sum of the groups' damage (additive model).
+        budget_bytes: the weight-byte budget solved for (None: not solved under a budget).
+        exact: the solver proved the choice optimal for the additive model.
+    """
+
+    formats: dict[str, str]
+    weight_bytes: int
+    predicted_damage: float
+    budget_bytes: int | None = None
+    exact: bool = True
+
+    def assignment(self) -> dict[str, StorageFormat]:
+        return {g: StorageFormat.parse(f) for g, f in self.formats.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"formats": self.formats, "weight_bytes": self.weight_bytes,
+                "predicted_damage": self.predicted_damage, "budget_bytes": self.budget_bytes, "exact": self.exact}
+
+    def label(self) -> str:
+        """A short description: ``int4-b128 x12, embed int4-b32, head int8``."""
+        counts: dict[str, int] = {}
+        for g, f in self.formats.items():
+            if g not in ("embed", "head"):
+                counts[f] = counts.get(f, 0) + 1
+        blocks = ", ".join(f"{f} x{n}" for f, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+        return f"blocks {blocks}; embed {self.formats.get('embed', 'fp32')}; head {self.formats.get('head', 'fp32')}"
+
+
+def uniform_precision(damage: PrecisionDamage, fmt: str, *, embed: str | None = None, head: str | None = None) -> PrecisionPlan:
+    """Every block in ``fmt`` (the embedding and head in ``embed`` / ``head``, default fp32)."""
+    j = damage.formats.index(fmt)
+    chosen, spent, total = {}, 0, 0.0
+    for g, name in enumerate(damage.groups):
+        f = {"embed": embed, "head": head}.get(name, fmt) if name in ("embed", "head") else fmt
+        f = f or "fp32"
+        jj = damage.formats.index(f) if f != fmt else j
+        if damage.bytes[g][jj] is None:
+            raise ValueError(f"format {f} does not apply to {name}")
+        chosen[name] = f
+        spent += int(damage.bytes[g][jj])
+        total += float(damage.damage[g][jj])
+    return PrecisionPlan(chosen, spent, total)
+
+
+def solve_precision(damage: PrecisionDamage, budget_bytes: float, *, allowed: Sequence[str] | None = None) -> PrecisionPlan:
+    """Least total damage with the groups' weight bytes <= ``budget_bytes``, one format each.
+
+    Exact over the additive model (each group's measured damage alone, summed): options that
+    another option of the same group beats in both bytes and damage are dropped, the rest go
+    to the branch-and-bound of :func:`cwca_export.rank_plans.solve_unit_options`.
+
+    Raises:
+        ValueError: not even the smallest format of every group fits.
+    """
+    from cwca_export.rank_plans import solve_unit_options
+
+    keep = set(allowed) if allowed is not None else set(damage.formats)
+    options: list[list[tuple[int, float, str]]] = []
+    for g, name in enumerate(damage.groups):
+        rows = sorted(
+            (int(b), float(d), f) for b, d, f in zip(damage.bytes[g], damage.damage[g], damage.formats, strict=True)
+            if b is not None and d is not None and (f in keep or f == "fp32")
+        )
+        frontier: list[tuple[int, float, str]] = []
+        for b, d, f in rows:  # Pareto: more bytes only for less damage
+            if frontier and b == frontier[-1][0]:
+                if d < frontier[-1][1]:
+                    frontier[-1] = (b, d, f)
+                continue
+            if not frontier or d < frontier[-1][1]:
+                frontier.append((b, d, f))
+        options.append(frontier)
+    least = sum(opt[0][0] for opt in options)
+    if least > budget_bytes:
+        raise ValueError(
+            f"weights need at least {least} bytes in the smallest formats ({', '.join(sorted(keep))}),"
+            f" over the {int(budget_bytes)} left for them; hint: compress structure further (--plan with"
+            " --method width|lowrank|asvd) or raise --max-memory"
+        )
+    choice = solve_unit_options([[b for b, _, _ in o] for o in options], [[d for _, d, _ in o] for o in options],
+                                float(budget_bytes))
+    formats = {name: options[g][j][2] for g, (name, j) in enumerate(zip(damage.groups, choice.index, strict=True))}
+    spent = sum(options[g][j][0] for g, j in enumerate(choice.index))
+    total = sum(options[g][j][1] for g, j in enumerate(choice.index))
+    return PrecisionPlan(formats, int(spent), float(total), int(budget_bytes), choice.exact)
+
+
+def rescale_bytes(damage: PrecisionDamage, model: nn.Module) -> PrecisionDamage:
+    """The same measured damage with bytes recomputed for ``model``'s (compressed) shapes."""
+    groups = precision_groups(model)
+    if [g.name for g in groups] != damage.groups:
+        raise ValueError("the model's precision groups differ from the measured ones")
+    fmts = [StorageFormat.parse(f) for f in damage.formats]
+    return PrecisionDamage(damage.groups, damage.formats, damage.damage, _byte_table(groups, fmts),
+                           damage.base_loss, damage.estimator, damage.wall_time_s, damage.settings)
+
+
+def artifact_weight_bytes(model: nn.Module, formats: dict[str, str]) -> int:
+    """Bytes of every parameter in an artifact whose groups are stored as ``formats`` (group
+    name -> format; missing groups fp32): the groups' weights in their formats (a tied
+    embedding and head count twice, as the untied graph stores them) plus every other
+    parameter in fp32, counted once."""
+    groups = precision_groups(model)
+    in_groups: set[int] = set()
+    total = 0
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied_float = (head is not None and head.weight is embed.weight
+                  and formats.get("embed", "fp32") == "fp32" and formats.get("head", "fp32") == "fp32")
+    for g in groups:
+        if tied_float and g.kind == "head":
+            continue  # the graph keeps one tensor for a tied pair left in fp32
+        total += g.bytes(StorageFormat.parse(formats.get(g.name, "fp32")))
+        for path in g.modules:
+            in_groups.add(model.get_submodule(path).weight.data_ptr())
+    seen: set[int] = set()
+    for p in model.parameters():
+        ptr = p.data_ptr()
+        if ptr in seen or ptr in in_groups:
+            continue
+        seen.add(ptr)
+        total += 4 * p.numel()
+    return total
+
+
+def rank_correlation(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rho (scipy), for comparing an estimate with measured damage."""
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(np.asarray(a), np.asarray(b)).statistic)

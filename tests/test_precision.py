@@ -1,0 +1,245 @@
+"""Per-layer precision: formats checked against ONNX Runtime's own quantizers, byte counts against
+the written initializers, the integer program against brute force, probes against full forwards."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cwca_export.precision import (
+    PrecisionDamage,
+    StorageFormat,
+    artifact_weight_bytes,
+    fake_quantize,
+    fake_quantize_table,
+    fisher_precision_estimate,
+    measure_precision_damage,
+    precision_groups,
+    quantize_linear_,
+    quantized_weights,
+    solve_precision,
+)
+from helpers import tiny_model
+
+FORMATS = ["int8", "int4-b32", "int4-b32-asym", "int4-b16", "int4-b64-asym", "int8-b32", "int8-b128-asym"]
+
+
+def _two_node_graph(tmp_path, w, e):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n = w.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"], name="/mm/MatMul"),
+         helper.make_node("Gather", ["E", "ids"], ["z"], name="/emb/Gather")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", k]),
+         helper.make_tensor_value_info("ids", TensorProto.INT64, [e.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", n]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, list(e.shape))],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(e, "E")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "a.onnx"
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_fake_quantization_is_what_onnx_runtime_computes(tmp_path, name):
+    """De-quantized weights from ONNX Runtime's own quantizer (an identity input reads them out)."""
+    import onnxruntime as ort
+
+    from cwca_export.exporter.postprocess import graph_formats, quantize_mixed
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((96, 40)).astype(np.float32)  # K = 96: a partial block at 64
+    w[:, 3] = 0  # an all-zero column (scale 0)
+    e = (rng.standard_normal((50, 64)) + 0.3).astype(np.float32)
+    fmt = StorageFormat.parse(name)
+    plan = {"/mm/MatMul": fmt}
+    if fmt.bits == 4 or fmt.dynamic:
+        plan["/emb/Gather"] = fmt
+    quantize_mixed(_two_node_graph(tmp_path, w, e), tmp_path / "q.onnx", plan)
+    assert graph_formats(tmp_path / "q.onnx") == {
+        "/mm/MatMul": fmt.name,
+        "/emb/Gather": fmt.name if "/emb/Gather" in plan else "fp32",
+    }
+    session = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    if fmt.dynamic:  # activations are quantized per call: compare a product
+        x = rng.standard_normal((5, 96)).astype(np.float32)
+        y, z = session.run(None, {"x": x, "ids": np.arange(50)})
+        linear = torch.nn.Linear(96, 40, bias=False)
+        linear.weight.data = torch.from_numpy(w.T.copy())
+        quantize_linear_(linear, fmt)
+        ref = linear(torch.from_numpy(x)).detach().numpy()
+        assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
+        assert np.abs(y - x @ w).max() > 1e-3 * np.abs(ref).max()  # it did quantize
+    else:
+        y, z = session.run(None, {"x": np.eye(96, dtype=np.float32), "ids": np.arange(50)})
+        ref = fake_quantize(torch.from_numpy(w.T.copy()), fmt).numpy().T
+        np.testing.assert_array_equal(y, ref)
+    if "/emb/Gather" in plan:
+        np.testing.assert_allclose(z, fake_quantize_table(torch.from_numpy(e), fmt).numpy(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_byte_counts_equal_the_initializers_written(tmp_path, name):
+    import onnx
+    from onnx import numpy_helper
+
+    from cwca_export.exporter.postprocess import quantize_mixed
+
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((96, 40)).astype(np.float32)
+    e = rng.standard_normal((50, 64)).astype(np.float32)
+    fmt = StorageFormat.parse(name)
+    plan = {"/mm/MatMul": fmt}
+    gather = fmt.bits == 4 or fmt.dynamic
+    if gather:
+        plan["/emb/Gather"] = fmt
+    quantize_mixed(_two_node_graph(tmp_path, w, e), tmp_path / "q.onnx", plan)
+    model = onnx.load(tmp_path / "q.onnx")
+    sizes = {}
+    for init in model.graph.initializer:
+        data = init.raw_data if init.raw_data else numpy_helper.to_array(init).tobytes()
+        sizes[init.name] = len(data)
+    table = sum(v for k, v in sizes.items() if k.startswith("E"))
+    matmul = sum(v for k, v in sizes.items() if not k.startswith("E"))
+    assert matmul == fmt.matmul_bytes(40, 96)
+    assert table == (fmt.gather_bytes(50, 64) if gather else 4 * 50 * 64)
+
+
+def test_format_names_and_errors():
+    assert StorageFormat.parse("int4") == StorageFormat("int4", 4, 32, True)
+    assert StorageFormat.parse("int4-b128-asym").symmetric is False
+    assert StorageFormat.parse("int8").dynamic
+    for bad in ("int3", "int4-b24", "fp8", "int4-b8"):
+        with pytest.raises(ValueError, match="--formats|power of two"):
+            StorageFormat.parse(bad)
+    with pytest.raises(ValueError, match="4-bit Gathers"):
+        StorageFormat.parse("int8-b32").gather_bytes(10, 64)
+
+
+def _brute(damage: PrecisionDamage, budget: float):
+    best = (math.inf, None)
+    rows = [[(b, d, f) for b, d, f in zip(damage.bytes[g], damage.damage[g], damage.formats, strict=True) if b is not None]
+            for g in range(len(damage.groups))]
+    for combo in itertools.product(*rows):
+        if sum(c[0] for c in combo) <= budget:
+            total = sum(c[1] for c in combo)
+            if total < best[0] - 1e-12:
+                best = (total, combo)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_solver_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    formats = ["fp32", "int8", "int4-b128", "int4-b32"]
+    groups = [f"g{i}" for i in range(5)]
+    bytes_ = [[int(v) for v in sorted(rng.integers(10, 400, 4), reverse=True)] for _ in groups]
+    damage = [[0.0, *sorted(rng.random(3) * rng.random())] for _ in groups]
+    for row in bytes_:
+        if rng.random() < 0.3:
+            row[2] = row[1]  # equal bytes: the solver keeps the better one
+    table = PrecisionDamage(groups, formats, damage, bytes_, 3.0)
+    least = sum(min(r) for r in bytes_)
+    budget = float(rng.uniform(least, sum(max(r) for r in bytes_)))
+    plan = solve_precision(table, budget)
+    expected, _ = _brute(table, budget)
+    assert plan.weight_bytes <= budget
+    assert plan.predicted_damage == pytest.approx(expected, abs=1e-12)
+    with pytest.raises(ValueError, match="--max-memory"):
+        solve_precision(table, least - 1)
+
+
+def test_groups_and_artifact_bytes_of_a_tied_model():
+    model = tiny_model("llama", tie_word_embeddings=True)
+    groups = precision_groups(model)
+    assert [g.name for g in groups] == ["model.layers.0", "model.layers.1", "embed", "head"]
+    assert groups[0].shapes == [tuple(m.weight.shape) for n, m in model.named_modules()
+                                if n.startswith("model.layers.0.") and isinstance(m, torch.nn.Linear)]
+    fp32 = 4 * sum(p.numel() for p in model.parameters())  # tied weights counted once
+    assert artifact_weight_bytes(model, {}) == fp32
+    emb = model.get_input_embeddings().weight.numel()
+    int4 = StorageFormat.parse("int4-b32")
+    untied = artifact_weight_bytes(model, {"embed": "int4-b32"})
+    assert untied == fp32 - 4 * emb + int4.gather_bytes(*model.get_input_embeddings().weight.shape) + 4 * emb
+
+
+def _copy_quantized_loss(model, ids, assignment):
+    """Independent reference: a deep copy whose weights are replaced, untied, and a full forward."""
+    import copy
+
+    from cwca_export.damage import calibration_loss
+
+    work = copy.deepcopy(model)
+    groups = {g.name: g for g in precision_groups(work)}
+    hooks = []
+    with torch.no_grad():
+        if "head" in assignment or "embed" in assignment:
+            head = work.get_output_embeddings()
+            head.weight = torch.nn.Parameter(head.weight.detach().clone())  # untie
+        for name, fmt in assignment.items():
+            for path in groups[name].modules:
+                module = work.get_submodule(path)
+                if name == "embed":
+                    module.weight.copy_(fake_quantize_table(module.weight, fmt))
+                else:
+                    hooks += quantize_linear_(module, fmt)
+    return calibration_loss(work, ids, batch_size=4)
+
+
+def test_probes_equal_full_forwards_of_quantized_copies():
+    from cwca_export.damage import calibration_loss
+
+    model = tiny_model("llama", num_hidden_layers=3, tie_word_embeddings=True)
+    ids = torch.randint(0, model.config.vocab_size, (6, 24), generator=torch.Generator().manual_seed(0))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    table = measure_precision_damage(model, ids, ["int8", "int4-b16", "int4-b16-asym"], batch_size=4)
+    base = calibration_loss(model, ids, batch_size=4)
+    assert table.formats == ["fp32", "int8", "int4-b16", "int4-b16-asym"]
+    for g, name in enumerate(table.groups):
+        for f, fmt in enumerate(table.formats[1:], start=1):
+            expected = _copy_quantized_loss(model, ids, {name: StorageFormat.parse(fmt)}) - base
+            assert table.damage[g][f] == pytest.approx(expected, abs=2e-5), (name, fmt)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # model untouched
+    # the context manager computes the same loss as the independent copy, and restores
+    plan = {"model.layers.1": StorageFormat.parse("int4-b16"), "embed": StorageFormat.parse("int8"),
+            "head": StorageFormat.parse("int4-b16-asym")}
+    with quantized_weights(model, plan):
+        inside = calibration_loss(model, ids, batch_size=4)
+    assert inside == pytest.approx(_copy_quantized_loss(model, ids, plan), abs=2e-5)
+    assert calibration_loss(model, ids, batch_size=4) == pytest.approx(base, abs=1e-7)
+
+
+def test_fisher_estimate_against_autograd_per_sequence():
+    model = tiny_model("llama")
+    ids = torch.randint(0, model.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(1))
+    est = fisher_precision_estimate(model, ids, ["int4-b16"])
+    path = precision_groups(model)[0].modules[0]
+    weight = model.get_submodule(path).weight
+    fisher = torch.zeros_like(weight)
+    for row in ids:
+        grad, = torch.autograd.grad(model(input_ids=row[None], labels=row[None]).loss, weight)
+        fisher += grad ** 2
+    fisher *= (ids.shape[1] - 1) / ids.shape[0]
+    err = weight.detach() - fake_quantize(weight.detach(), StorageFormat.parse("int4-b16"))
+    one = 0.5 * float((fisher * err ** 2).sum())
+    assert est.damage[0][0] == 0.0 and est.damage[0][1] >= one  # a block sums its Linears
+    others = 0.0
+    for p in precision_groups(model)[0].modules[1:]:
+        w = model.get_submodule(p).weight
+        f = torch.zeros_like(w)
+        for row in ids:
+            g, = torch.autograd.grad(model(input_ids=row[None], labels=row[None]).loss, w)
+            f += g ** 2
+        f *= (ids.shape[1] - 1) / ids.shape[0]
+        others += 0.5 * float((f * (w.detach() - fake_quantize(w.detach(), StorageFormat.parse("int4-b16"))) ** 2).sum())
+    assert est.damage[0][1] == pytest.approx(one + others, rel=1e-4)
