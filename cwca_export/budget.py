@@ -70,6 +70,8 @@ class Budget:
 
     Attributes:
         max_memory: bytes; disk bytes and session resident bytes must both fit. None: no limit.
+        max_disk: bytes of the artifact's files alone (what a download or a flash partition
+            holds). None: no limit.
         max_latency_ms: p50 ms per decoded token at ``batch``. None: no limit.
         max_prefill_ms: p50 ms for a prefill of ``prompt_len`` tokens at ``batch``. None: no limit.
         ep: ONNX Runtime execution provider, ``"cpu"`` or ``"cuda"``.
@@ -80,6 +82,7 @@ class Budget:
     """
 
     max_memory: int | None = None
+    max_disk: int | None = None
     max_latency_ms: float | None = None
     max_prefill_ms: float | None = None
     ep: str = "cpu"
@@ -100,7 +103,7 @@ class Budget:
                 f"budget: context {self.context} must exceed prompt_len {self.prompt_len}"
                 " (the decode step runs over the full context)"
             )
-        for name in ("max_memory", "max_latency_ms", "max_prefill_ms"):
+        for name in ("max_memory", "max_disk", "max_latency_ms", "max_prefill_ms"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"budget: {name} must be positive, got {value}")
@@ -108,7 +111,7 @@ class Budget:
     @property
     def has_limits(self) -> bool:
         """True when any limit is set (a search runs); False when only the workload is given."""
-        return any(v is not None for v in (self.max_memory, self.max_latency_ms, self.max_prefill_ms))
+        return any(v is not None for v in (self.max_memory, self.max_disk, self.max_latency_ms, self.max_prefill_ms))
 
     def check(self, disk_bytes: int, resident_bytes: int | None, latency_ms: dict[str, Any]) -> dict[str, Any]:
         """Which limits the measured numbers meet: ``{"met": bool, "checks": [...]}``."""
@@ -118,6 +121,8 @@ class Budget:
             if resident_bytes is None:
                 raise ValueError("max_memory needs the resident memory, which this OS does not report (Linux /proc)")
             checks.append(_limit("resident_bytes", resident_bytes, self.max_memory))
+        if self.max_disk is not None:
+            checks.append(_limit("disk_bytes", disk_bytes, self.max_disk))
         if self.max_latency_ms is not None:
             checks.append(_limit("decode_p50_ms", latency_ms["decode"]["p50"], self.max_latency_ms))
         if self.max_prefill_ms is not None:

@@ -43,7 +43,7 @@ from torch import nn
 
 from cwca_export.blocks import find_blocks, is_conv1d
 
-DEFAULT_FORMATS = ("fp32", "int8", "int4-b128", "int4-b128-asym", "int4-b32", "int4-b32-asym")
+DEFAULT_FORMATS = ("fp32", "int8", "int4-b128-asym", "int4-b32")  # the densest and the finest 4-bit
 # int8-bB (8-bit MatMulNBits) is offered but not by default: on the CPU provider of ONNX Runtime
 # 1.31 it decoded 3x slower than dynamic int8 at equal bytes (BENCHMARKS.md, "Budgets").
 _FORMAT = re.compile(r"^int(?P<bits>[48])(?:-b(?P<block>\d+))?(?P<asym>-asym)?$")
@@ -596,30 +596,32 @@ def rescale_bytes(damage: PrecisionDamage, model: nn.Module) -> PrecisionDamage:
                            damage.base_loss, damage.estimator, damage.wall_time_s, damage.settings)
 
 
+def other_weight_bytes(model: nn.Module) -> int:
+    """fp32 bytes of the parameters outside every group (norms, biases, position tables)."""
+    in_groups = {model.get_submodule(p).weight.data_ptr() for g in precision_groups(model) for p in g.modules}
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        ptr = p.data_ptr()
+        if ptr not in seen and ptr not in in_groups:
+            seen.add(ptr)
+            total += 4 * p.numel()
+    return total
+
+
 def artifact_weight_bytes(model: nn.Module, formats: dict[str, str]) -> int:
     """Bytes of every parameter in an artifact whose groups are stored as ``formats`` (group
     name -> format; missing groups fp32): the groups' weights in their formats (a tied
     embedding and head count twice, as the untied graph stores them) plus every other
     parameter in fp32, counted once."""
-    groups = precision_groups(model)
-    in_groups: set[int] = set()
-    total = 0
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied_float = (head is not None and head.weight is embed.weight
                   and formats.get("embed", "fp32") == "fp32" and formats.get("head", "fp32") == "fp32")
-    for g in groups:
+    total = other_weight_bytes(model)
+    for g in precision_groups(model):
         if tied_float and g.kind == "head":
             continue  # the graph keeps one tensor for a tied pair left in fp32
         total += g.bytes(StorageFormat.parse(formats.get(g.name, "fp32")))
-        for path in g.modules:
-            in_groups.add(model.get_submodule(path).weight.data_ptr())
-    seen: set[int] = set()
-    for p in model.parameters():
-        ptr = p.data_ptr()
-        if ptr in seen or ptr in in_groups:
-            continue
-        seen.add(ptr)
-        total += 4 * p.numel()
     return total
 
 

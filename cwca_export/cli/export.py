@@ -51,8 +51,32 @@ def _summary(art) -> list[str]:
         checks = ", ".join(
             f"{c['name']} {c['measured']:.4g} <= {c['limit']:.4g}" for c in budget["checks"]
         )
-        lines.append(f"budget met: {checks}; {len(budget['search']['trials'])} candidate(s) measured")
+        search = budget["search"]
+        priced = sum(1 for c in search.get("candidates", []) if c.get("calib_loss") is not None)
+        lines.append(f"budget met: {checks}; {priced} candidate(s) priced, {len(search['trials'])} built and measured")
+        chosen = search.get("chosen") or {}
+        if chosen.get("storage"):
+            lines.append(f"chosen: {chosen['storage']} at structure level t={chosen['t']:g}; {search.get('why') or ''}")
+    precision = post.get("precision")
+    if precision:
+        lines.append(f"per-layer precision: {len(precision['nodes'])} weight nodes in their planned formats (read back from the graph)")
     return lines
+
+
+def _read_precision(path: str) -> dict[str, str]:
+    """Group -> format from ``{"formats": {...}}`` (or a bare mapping), formats checked."""
+    from cwca_export.precision import StorageFormat
+
+    try:
+        data = json.loads(open(path, encoding="utf-8").read())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise click.BadParameter(f"{path}: not a JSON file ({exc})", param_hint="--precision") from None
+    formats = data.get("formats", data) if isinstance(data, dict) else None
+    if not isinstance(formats, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in formats.items()):
+        raise click.BadParameter(f"{path}: expected {{\"formats\": {{group: format}}}}", param_hint="--precision")
+    for value in formats.values():
+        StorageFormat.parse(value)
+    return formats
 
 
 @click.command("export")
@@ -69,9 +93,15 @@ def _summary(art) -> list[str]:
 @click.option("--exclude", multiple=True, metavar="NAME", help="Node name or module path kept in float when quantizing; repeatable.")
 @click.option("--exclude-layers", metavar="I,J-K", help="Decoder blocks kept in float when quantizing, e.g. 0,5-7.")
 @click.option("--block-size", type=int, default=32, show_default=True, help="int4: weights per scale.")
+@click.option("--formats", metavar="LIST",
+              help="Storage formats a budget search may give each layer [default: fp32,int8,int4-b128-asym,int4-b32].")
+@click.option("--precision", "precision_path", type=click.Path(exists=True, dir_okay=False),
+              help="Per-layer precision plan (JSON {\"formats\": {group: format}}, e.g. a manifest's chosen candidate).")
+@click.option("--levels", type=int, default=5, show_default=True, help="Structure levels a budget search tries with --plan.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), help="Artifact float dtype (fp16 for GPU providers) [default: fp32].")
 @click.option("--optimize", type=click.Choice(["basic", "extended", "all"]), help="Offline ONNX Runtime graph optimisation.")
 @click.option("--max-memory", metavar="SIZE", help="Disk and resident limit: 1.5GiB, 300MB or bytes.")
+@click.option("--max-disk", metavar="SIZE", help="Limit on the artifact's bytes on disk alone (download, flash).")
 @click.option("--max-latency-ms", type=float, help="Limit on p50 ms per decoded token.")
 @click.option("--max-prefill-ms", type=float, help="Limit on p50 ms for the prefill of --prompt-len tokens.")
 @click.option("--ep", type=click.Choice(["cpu", "cuda"]), help="ONNX Runtime execution provider [default: cpu].")
@@ -88,15 +118,20 @@ def _summary(art) -> list[str]:
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder (atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export(
-    model_dir, out, backend, plan_path, method, data, samples, seq_len, quantize, exclude, exclude_layers, block_size, dtype,
-    optimize, max_memory, max_latency_ms, max_prefill_ms, ep, batch, prompt_len, context, hardware,
+    model_dir, out, backend, plan_path, method, data, samples, seq_len, quantize, exclude, exclude_layers, block_size,
+    formats, precision_path, levels, dtype,
+    optimize, max_memory, max_disk, max_latency_ms, max_prefill_ms, ep, batch, prompt_len, context, hardware,
     no_kv_cache, opset, external_data_threshold, runs, warmup, threads, overwrite, as_json,
 ) -> None:
     """Export MODEL_DIR (a saved HF causal LM) to a verified ONNX artifact.
 
     The artifact is checked in ONNX Runtime against the torch model (logits and greedy
     tokens), measured (disk, resident memory, latency) and described in cwca_manifest.json.
-    With --max-memory / --max-latency-ms the least compression that meets them is searched.
+    With --max-memory / --max-disk / --max-latency-ms one search finds the artifact with the
+    lowest calibration loss that measurement proves within them: structure levels of --plan
+    (re-made by the plan's own rule) x per-layer storage formats (an exact byte-budget program on
+    measured per-layer damage), finalists built and measured. Unstructured and N:M sparsity
+    cannot meet a budget (ONNX Runtime runs them dense) and are refused with one.
 
     \b
     Examples:
@@ -113,6 +148,7 @@ def export(
 
     limits = {
         "max_memory": parse_size(max_memory) if max_memory else None,
+        "max_disk": parse_size(max_disk) if max_disk else None,
         "max_latency_ms": max_latency_ms, "max_prefill_ms": max_prefill_ms,
         "ep": ep, "dtype": dtype, "batch": batch, "prompt_len": prompt_len, "context": context,
     }
@@ -133,6 +169,17 @@ def export(
     if opset is not None:
         options["opset"] = opset
     plan = Plan.load(plan_path) if plan_path else None
+    if method and budget.has_limits:
+        from cwca_export.compression.registry import get_method
+        from cwca_export.exporter.search import dense_storage_message
+
+        if get_method(method).dense_storage:
+            raise click.UsageError(dense_storage_message(method))
+    precision = None
+    if precision_path:
+        precision = _read_precision(precision_path)
+        if quantize:
+            raise click.UsageError("--precision and --quantize do not combine; hint: pick one of them")
     if not as_json:
         click.echo(f"exporting {model_dir} with backend {backend} ...", err=True)
     model, tokenizer = load_model(model_dir)
@@ -145,7 +192,7 @@ def export(
         model, plan, out, backend=backend, quantize=quantize_config, budget=budget, tokenizer=tokenizer,
         method=method, optimize=optimize, backend_options=options, compress_options=compress_options,
         external_data_threshold=parse_size(external_data_threshold), overwrite=overwrite,
-        warmup=warmup, runs=runs, threads=threads,
+        warmup=warmup, runs=runs, threads=threads, precision=precision, formats=formats, levels=levels,
     )
     if as_json:
         click.echo(json.dumps(artifact.manifest, indent=2))

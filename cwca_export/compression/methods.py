@@ -88,6 +88,7 @@ _SPARSITY_OPTIONS = {"nm": None, "head_sparsity": None}
 @register_method(
     "magnitude",
     program="prune",
+    dense_storage=True,
     summary="remove each Linear's smallest |W| (no data needed)",
     options=_SPARSITY_OPTIONS,
     finish=_prune_head,
@@ -105,6 +106,7 @@ def _magnitude(job: BlockJob) -> dict[str, Any]:
 @register_method(
     "wanda",
     program="prune",
+    dense_storage=True,
     summary="remove |W_ij| * ||X_j|| smallest within each output row (Sun et al. 2023)",
     options=_SPARSITY_OPTIONS,
     statistic="input_norms",
@@ -123,6 +125,7 @@ def _wanda(job: BlockJob) -> dict[str, Any]:
 @register_method(
     "sparsegpt",
     program="prune",
+    dense_storage=True,
     summary="prune with OBS weight updates from H = X^T X (Frantar & Alistarh 2023)",
     options={**_SPARSITY_OPTIONS, "block_size": 128, "damp": 0.01},
     statistic="hessian",

@@ -56,6 +56,8 @@ class CompressionMethod:
         prepare: optional ``prepare(options, plan) -> options`` that validates the resolved
             options and fills plan-dependent ones, before any block is touched.
         summary: one line for ``--help`` and docs.
+        dense_storage: the method only writes zeros into dense tensors (unstructured, N:M):
+            ONNX Runtime stores and runs them dense, so it changes no artifact bytes or latency.
     """
 
     name: str
@@ -66,6 +68,7 @@ class CompressionMethod:
     finish: Callable[[torch.nn.Module, Mapping[str, Any]], dict[str, Any]] | None
     prepare: Callable[[dict[str, Any], Any], dict[str, Any]] | None
     summary: str
+    dense_storage: bool = False
 
     def resolve(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Defaults overridden by ``given``; an unknown option names the accepted ones."""
@@ -91,6 +94,7 @@ def register_method(
     statistic: str | None | Callable[[Mapping[str, Any]], str | None] = None,
     finish: Callable[[torch.nn.Module, Mapping[str, Any]], dict[str, Any]] | None = None,
     prepare: Callable[[dict[str, Any], Any], dict[str, Any]] | None = None,
+    dense_storage: bool = False,
 ) -> Callable[[Callable[[BlockJob], dict[str, Any]]], Callable[[BlockJob], dict[str, Any]]]:
     """Register ``apply_block(job) -> report row`` under ``name``.
 
@@ -121,6 +125,7 @@ def register_method(
             finish=finish,
             prepare=prepare,
             summary=summary,
+            dense_storage=dense_storage,
         )
         return fn
 

@@ -119,6 +119,10 @@ def export(
     runs: int = 10,
     threads: int = 0,
     new_tokens: int = 8,
+    precision: dict[str, str] | None = None,
+    formats: Any = None,
+    calibration: Any = None,
+    levels: int = 5,
 ) -> Artifact:
     """Export ``model`` to ONNX, verify it against torch, measure it, and write it atomically.
 
@@ -148,6 +152,12 @@ def export(
         overwrite: replace an existing ``out_dir`` (atomically); otherwise it is an error.
         warmup, runs, threads: latency measurement settings.
         new_tokens: greedy tokens compared with torch.
+        precision: a per-layer precision plan (group -> format, see :mod:`cwca_export.precision`),
+            applied per node and checked in the graph; excludes ``quantize``.
+        formats: the storage formats a budget search may plan (default: all CPU formats).
+        calibration: token ids pricing a budget search's candidates (default: the ``data`` of
+            ``compress_options``, else shipped text through ``tokenizer``).
+        levels: structure levels a budget search tries (with ``method`` and ``plan``).
 
     Returns:
         The committed :class:`Artifact`.
@@ -157,6 +167,12 @@ def export(
         BudgetError: no setting meets the budget; the message gives the smallest reachable.
     """
     budget = budget or Budget()
+    if method is not None and budget.has_limits:
+        from cwca_export.compression.registry import get_method
+        from cwca_export.exporter.search import dense_storage_message
+
+        if get_method(method).dense_storage:
+            raise ValueError(dense_storage_message(method))
     _check_model(model)
     settings = ExportSettings(
         backend=backend,
@@ -170,13 +186,15 @@ def export(
             warmup=warmup, runs=runs, threads=threads,
         ),
         new_tokens=new_tokens,
+        precision=dict(precision) if precision else None,
     )
     with Staging(out_dir, overwrite=overwrite) as staging:
         if budget.has_limits:
             from cwca_export.exporter.search import fit_budget
 
             candidate, search, plan = fit_budget(
-                model, plan, tokenizer, settings, budget, staging, method, compress_options=compress_options
+                model, plan, tokenizer, settings, budget, staging, method, compress_options=compress_options,
+                calibration=calibration, formats=formats, levels=levels,
             )
         else:
             compressed = apply_plan(model, plan, method, **(compress_options or {})) if method else model

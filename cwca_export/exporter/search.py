@@ -1,41 +1,44 @@
-"""Fitting a budget: the least compression whose measured artifact meets every limit.
+"""Fitting a budget: the lowest-loss artifact that measurement proves within every limit.
 
-Two knobs, searched in this order:
+One search per budget (docs/design.md 6):
 
-1. the storage ladder, least lossy first: the budget's dtype, then int8 (CPU only: ONNX
-   Runtime has no CUDA kernels for dynamic int8), then int4 ``MatMulNBits``; a fixed
-   ``quantize`` pins it to one rung;
-2. within a rung, when a plan and a structured compression method are given, a global
-   compression level t in [0, 1] (t = 0: the model as given; t = 1: the most the plan's
-   bounds allow): the plan is re-solved for the global target at t and applied.
+1. the model as given is built and measured (the reference); if it meets the budget it ships;
+2. candidates are (structure level) x (precision plan). Structure levels t in [0, 1] move the
+   plan's global target by the plan's own rule (:mod:`cwca_export.plan_scaling`); at each level
+   the precision plans are: the level in fp32, each storage format for every block (with the
+   embedding and head in fp32, and with them quantized too), and the byte-budget optimum of
+   :func:`cwca_export.precision.solve_precision` on the measured per-group damage;
+3. every candidate is priced by predicted bytes (exact weight bytes plus the reference's graph
+   overhead; resident memory linear in disk bytes, refitted on every artifact measured) and,
+   when predicted to fit, by its measured calibration loss (the whole candidate computed in
+   torch exactly as ONNX Runtime will store it);
+4. finalists, lowest loss first, are built and measured (disk, resident memory, latency); the
+   first that meets every limit ships. A finalist over the latency limit rules out the untried
+   ones that are not at least 10% smaller. The manifest records every candidate and why the
+   winner won.
 
-Per rung: the t = 0 artifact is built and measured; if it fails, the t = 1 artifact is; if
-that fails too, the next rung. Otherwise t is bisected against the memory prediction (disk:
-exact weight bytes from shapes plus the graph overhead measured at t = 0; resident: linear in
-weight bytes through the two measured artifacts), and then against measured latency and
-memory between that t and 1. The chosen artifact is always one that was measured to pass.
-If none passes, :class:`BudgetError` states the smallest memory and latency measured.
+With ``--quantize`` fixed, or an fp16 artifact, the storage is not searched: candidates are the
+structure levels in that storage, priced by the structured model's calibration loss.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import shutil
+import time
 from typing import Any, Protocol
 
 import numpy as np
 
 from cwca_export.budget import Budget, format_size
 from cwca_export.exporter.build import Candidate, ExportSettings, build_candidate
-from cwca_export.exporter.postprocess import QuantizeConfig
-from cwca_export.exporter.predict import SizePredictor, weight_bytes
 
-_T_TOLERANCE = 1 / 64  # bisection resolution of the compression level
-_MAX_MEASURED_STEPS = 3  # builds spent bisecting on measurement within one rung
+MAX_BUILDS = 6  # artifacts built and measured after the reference
+LATENCY_SHRINK = 0.9  # after a latency miss, only candidates this much smaller are tried
 
 
 class BudgetError(ValueError):
-    """No setting meets the budget; the message states the smallest memory and latency measured."""
+    """No candidate meets the budget; the message states the smallest memory and latency measured."""
 
 
 class Knob(Protocol):
@@ -47,70 +50,60 @@ class Knob(Protocol):
 
 
 class PlanKnob:
-    """Re-solves ``plan`` for a global target and applies it with ``cwca_export.compress``.
+    """Moves ``plan`` to the target at level t by its own rule and applies it to a copy.
 
-    Pruning plans move the global sparsity from the plan's lower bounds (t = 0: the model as
-    given) to its upper bounds (t = 1); allocation plans move the unit budget from the plan's
-    own budget down to the lower bounds.
+    t = 0 is the model as given; t = 1 the most the plan's bounds allow (pruning: the upper
+    bounds' weighted mean; rank plans: the lower unit bounds' kept fraction; unit budgets: the
+    lower bounds' cost). Unstructured and N:M methods are refused: ONNX Runtime stores and
+    runs their zeros dense, so no level changes bytes or latency.
     """
 
     def __init__(self, model: Any, plan: Any, method: str, compress_options: dict[str, Any] | None = None) -> None:
+        from cwca_export.compression.registry import get_method
         from cwca_export.exporter.api import apply_plan
+        from cwca_export.plan_scaling import target_of, target_range
 
         if plan is None:
             raise ValueError(f"method {method!r} needs a plan; hint: pass --plan plan.json")
+        spec = get_method(method)
+        if spec.dense_storage:
+            raise ValueError(dense_storage_message(method))
         self.model, self.plan, self.method = model, plan, method
         self.compress_options = dict(compress_options or {})
         self._apply = apply_plan
-        self.name = "global sparsity" if plan.program == "prune" else "unit budget"
-        n = np.asarray(plan.n_params, dtype=np.float64)
-        lo, hi = np.asarray(plan.lo), np.asarray(plan.hi)
-        if plan.program == "prune":
-            self.start, self.stop = float(n @ lo / n.sum()), float(n @ hi / n.sum())
-        else:
-            cost = np.asarray(plan.cost)
-            self.start, self.stop = float(plan.parameters["budget"]), float(cost @ lo)
+        kind, _ = target_of(plan)
+        self.name = {"sparsity": "global sparsity", "kept_fraction": "kept fraction", "budget": "unit budget"}[kind]
+        self.start, self.stop = target_range(plan, model)
+        self._made: dict[float, tuple[Any, Any]] = {}
 
     def target(self, t: float) -> float:
-        """The global target (sparsity or unit budget) at level t."""
+        """The global target (sparsity, kept fraction or unit budget) at level t."""
         return self.start + t * (self.stop - self.start)
 
     def make(self, t: float) -> tuple[Any, Any]:
-        from cwca_export import solver
+        from cwca_export.plan_scaling import rescale_plan
 
         if t == 0:
             return self.model, None
-        p = self.plan
-        if p.program == "prune":
-            kw = p.parameters
-            result = solver.solve_pruning(
-                p.q, p.n_params, self.target(t), eta=kw.get("eta", 2.0), kappa=kw.get("kappa", 1.0),
-                lo=p.lo, hi=p.hi, psi=kw.get("psi", "quadratic"),
-            )
-            params = {**kw, "sparsity": self.target(t)}
-        else:
-            kw = p.parameters
-            result = solver.solve_allocation(
-                p.q, p.cost, self.target(t), gamma=kw.get("gamma", 0.9), beta=kw.get("beta", 2.0),
-                alpha=kw.get("alpha", 0.5), lo=p.lo, hi=p.hi, integer=kw.get("integer", True),
-            )
-            params = {**kw, "budget": self.target(t)}
-        plan_t = dataclasses.replace(
-            p, x=[float(v) for v in result.x], parameters=params, dual=result.dual,
-            objective=result.objective, iterations=result.iterations,
-        )
-        return self._apply(self.model, plan_t, self.method, **self.compress_options), plan_t
+        if t not in self._made:
+            plan_t = rescale_plan(self.plan, self.target(t), shapes=self.model)
+            self._made[t] = (self._apply(self.model, plan_t, self.method, **self.compress_options), plan_t)
+        return self._made[t]
+
+    def forget(self, keep: float | None = None) -> None:
+        """Drop cached compressed copies (all but level ``keep``) to bound memory."""
+        self._made = {t: v for t, v in self._made.items() if t == keep}
 
 
-def storage_ladder(budget: Budget, fixed: QuantizeConfig | None) -> list[tuple[str, QuantizeConfig | None]]:
-    """(dtype, quantization) rungs to try, least lossy first."""
-    if fixed is not None:
-        return [("fp32", fixed)]
-    rungs: list[tuple[str, QuantizeConfig | None]] = [(budget.dtype, None)]
-    if budget.ep == "cpu":
-        rungs.append(("fp32", QuantizeConfig("int8")))
-    rungs.append(("fp32", QuantizeConfig("int4")))
-    return rungs
+def dense_storage_message(method: str) -> str:
+    """Why a budget cannot be met by unstructured or N:M sparsity, and what to use instead."""
+    return (
+        f"--method {method} with a budget: ONNX Runtime stores and runs unstructured and N:M zeros"
+        " dense, so the artifact's bytes, memory and latency do not change; hint: shrink it with"
+        " --method width (MLP channels / heads) or --method lowrank|asvd (ranks) and a matching --plan,"
+        " let the search choose per-layer precision (no --method), or drop --max-memory /"
+        " --max-disk / --max-latency-ms to export the sparse model as is"
+    )
 
 
 def _measured(c: Candidate) -> dict[str, Any]:
@@ -123,101 +116,260 @@ def _measured(c: Candidate) -> dict[str, Any]:
     }
 
 
-class _Search:
-    def __init__(self, tokenizer: Any, budget: Budget, staging: Any, knob: Knob | None) -> None:
-        self.tokenizer, self.budget, self.staging, self.knob = tokenizer, budget, staging, knob
-        self.trials: list[dict[str, Any]] = []
-        self.made: dict[int, tuple[dict[str, Any], Any]] = {}  # id(candidate) -> (trial, plan)
+@dataclasses.dataclass
+class _Option:
+    """One candidate: a structure level and a storage (precision plan, or fixed settings)."""
 
-    def build(
-        self, model: Any, plan: Any, settings: ExportSettings, t: float, predicted: dict[str, Any] | None = None
-    ) -> tuple[Candidate, bool]:
-        candidate = build_candidate(model, self.tokenizer, self.staging.new_folder(), settings)
+    t: float
+    target: float | None
+    label: str
+    formats: dict[str, str] | None  # group -> format; None: the settings' own storage
+    predicted_disk: int
+    predicted_resident: int | None = None
+    weight_bytes: int = 0
+    calib_loss: float | None = None
+    predicted_damage: float | None = None
+    status: str = "priced"
+    measured: dict[str, Any] | None = None
+    met: bool | None = None
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "t": self.t, "target": self.target, "storage": self.label, "formats": self.formats,
+            "predicted": {"disk_bytes": self.predicted_disk, "resident_bytes": self.predicted_resident,
+                          "weight_bytes": self.weight_bytes, "damage_sum": self.predicted_damage},
+            "calib_loss": self.calib_loss, "status": self.status, "measured": self.measured, "met": self.met,
+        }
+
+
+class _ResidentModel:
+    """Resident bytes as a + b * disk bytes, fitted on the artifacts measured so far."""
+
+    def __init__(self) -> None:
+        self.points: list[tuple[float, float]] = []
+
+    def add(self, disk: int, resident: int | None) -> None:
+        if resident is not None:
+            self.points.append((float(disk), float(resident)))
+
+    def __call__(self, disk: int) -> int | None:
+        if not self.points:
+            return None
+        xs = np.array([p[0] for p in self.points])
+        ys = np.array([p[1] for p in self.points])
+        if len(self.points) == 1 or np.ptp(xs) < 1e-6 * max(xs.max(), 1.0):
+            return int(ys[0] - xs[0] + disk)  # one artifact: runtime overhead constant
+        b, a = np.polyfit(xs, ys, 1)
+        return int(a + max(b, 0.0) * disk)
+
+
+def calibration_ids(tokenizer: Any, compress_options: dict[str, Any], calibration: Any, vocab: int) -> tuple[Any, str]:
+    """Token ids that price a search's candidates, and where they came from."""
+    import torch
+
+    data = calibration if calibration is not None else compress_options.get("data")
+    if data is not None:
+        return getattr(data, "input_ids", data), "--data"
+    if tokenizer is not None:
+        from importlib.resources import files
+
+        from cwca_export.data import calibration_data
+
+        text = (files("cwca_export") / "assets" / "text" / "train.txt").read_text(encoding="utf-8")[:400_000]
+        ids = calibration_data([text], tokenizer, num_samples=8, seq_len=128, seed=0, allow_fewer=True).input_ids
+        return ids, "shipped Python documentation text (pass --data for your domain)"
+    ids = torch.randint(0, vocab, (8, 64), generator=torch.Generator().manual_seed(0))
+    return ids, "random tokens (no tokenizer and no --data: losses rank candidates only roughly)"
+
+
+class _Search:
+    def __init__(self, model, plan, tokenizer, settings, budget, staging, knob, calib, calib_source, formats, levels):
+        self.model, self.plan, self.tokenizer = model, plan, tokenizer
+        self.settings, self.budget, self.staging, self.knob = settings, budget, staging, knob
+        self.calib, self.calib_source = calib, calib_source
+        self.formats, self.levels = formats, levels
+        self.options: list[_Option] = []
+        self.trials: list[dict[str, Any]] = []
+        self.resident = _ResidentModel()
+        self.plans: dict[float, Any] = {0.0: None}
+        self.table = None
+        self.timings: dict[str, float] = {}
+
+    # -------------------------------------------------------------- building
+    def build(self, model: Any, settings: ExportSettings, option: _Option) -> tuple[Candidate | None, bool]:
+        from cwca_export.exporter.verify import VerificationError
+
+        try:
+            candidate = build_candidate(model, self.tokenizer, self.staging.new_folder(), settings)
+        except VerificationError as exc:  # a candidate that fails verification is recorded, not fatal
+            option.status = f"failed verification: {str(exc).split(';')[0]}"
+            return None, False
         check = self.budget.check(
             candidate.disk_bytes, candidate.measurement["resident_bytes"], candidate.measurement["latency_ms"]
         )
-        trial = {
-            "dtype": settings.dtype,
-            "quantize": None if settings.quantize is None else settings.quantize.method,
-            "t": t,
-            "target": None if not isinstance(self.knob, PlanKnob) else self.knob.target(t),
-            "predicted": predicted,
-            "measured": _measured(candidate),
-            "met": check["met"],
-        }
-        self.trials.append(trial)
-        self.made[id(candidate)] = (trial, plan)
+        option.measured, option.met = _measured(candidate), check["met"]
+        option.status = "built: met the budget" if check["met"] else "built: " + ", ".join(
+            f"{c['name']} {c['measured']:.4g} > {c['limit']:.4g}" for c in check["checks"] if not c["met"])
+        self.resident.add(candidate.disk_bytes, candidate.measurement["resident_bytes"])
+        self.trials.append(option.record())
         return candidate, check["met"]
 
-    @staticmethod
-    def discard(candidate: Candidate) -> None:
-        shutil.rmtree(candidate.folder, ignore_errors=True)
+    # -------------------------------------------------------------- pricing
+    def memory_cap(self) -> float:
+        """Largest predicted disk bytes that fit every memory limit (resident through its model)."""
+        b = self.budget
+        caps = [float(v) for v in (b.max_disk, b.max_memory) if v is not None]
+        if b.max_memory is not None and self.resident.points:
+            at0, at1 = self.resident(0), self.resident(1 << 30)
+            slope = (at1 - at0) / (1 << 30)
+            if slope > 0:
+                caps.append((b.max_memory - at0) / slope)
+            elif at0 > b.max_memory:
+                caps.append(-1.0)
+        return min(caps) if caps else float("inf")
 
-    def rung(self, model: Any, settings: ExportSettings) -> Candidate | None:
-        """The least compression passing on this storage rung, or None."""
-        c0, ok = self.build(model, None, settings, 0.0)
-        if ok:
-            return c0
-        if self.knob is None:
-            self.discard(c0)
-            return None
-        model1, plan1 = self.knob.make(1.0)
-        c1, ok = self.build(model1, plan1, settings, 1.0)
-        if not ok:
-            self.discard(c0)
-            self.discard(c1)
-            return None
-        predicted_t, prediction = 0.5, None
-        if self.budget.max_memory is not None:
-            predicted_t, prediction = self._predict_t(c0, c1, settings)
-        self.discard(c0)
-        lo, hi, best = 0.0, 1.0, c1  # lo: measured to fail; hi: measured to pass (best)
-        probe = predicted_t
-        for _ in range(_MAX_MEASURED_STEPS):
-            if hi - lo <= _T_TOLERANCE or not lo < probe < hi:
-                break
-            model_t, plan_t = self.knob.make(probe)
-            from_prediction = prediction if probe == predicted_t else None
-            candidate, ok = self.build(model_t, plan_t, settings, probe, from_prediction)
+    def storage_options(self, model_t: Any, t: float, target: float | None, ref: Candidate) -> list[_Option]:
+        from cwca_export.exporter.predict import weight_bytes
+        from cwca_export.precision import artifact_weight_bytes, other_weight_bytes, rescale_bytes, solve_precision
+
+        overhead = ref.prediction["overhead_bytes"]
+        side = ref.disk_bytes - ref.graph_bytes
+        if self.table is None:  # fixed storage
+            weights = weight_bytes(model_t, self.settings.scheme, self.settings.quantize,
+                                   exclude=(ref.postprocess["quantize"] or {}).get("excluded_node_names", []))
+            label = self.settings.quantize.method if self.settings.quantize else self.settings.dtype
+            return [_Option(t, target, label, None, overhead + weights + side, weight_bytes=weights)]
+        fp32_overhead = ref.prediction["fp32_overhead_bytes"]
+        table = rescale_bytes(self.table, model_t)
+        plans: dict[str, dict[str, str]] = {"fp32": {}}
+        for f in self.formats:
+            if f == "fp32":
+                continue
+            plans[f"blocks {f}"] = {g: f for g in table.groups if g not in ("embed", "head")}
+            embed_f = f if f == "int8" or f.startswith("int4") else "int4-b32"
+            plans[f"all {f}"] = {**plans[f"blocks {f}"], "embed": embed_f, "head": f}
+        others = other_weight_bytes(model_t)
+        cap = self.memory_cap()
+        full = artifact_weight_bytes(model_t, {})
+        caps = [cap * s for s in (1.0, 0.9, 0.8)] if np.isfinite(cap) else [full * s for s in (0.4, 0.25, 0.18, 0.14)]
+        for c in caps:
+            try:
+                solved = solve_precision(table, c - fp32_overhead - side - others)
+            except ValueError:
+                continue
+            plans[f"planned for {format_size(c)}"] = solved.formats
+        options, seen = [], set()
+        for label, formats in plans.items():
+            formats = {g: f for g, f in formats.items() if f != "fp32"}
+            key = tuple(sorted(formats.items()))
+            if key in seen:
+                continue
+            seen.add(key)
+            weights = artifact_weight_bytes(model_t, formats)
+            damage = sum(table.damage[table.groups.index(g)][table.formats.index(f)] for g, f in formats.items())
+            options.append(_Option(t, target, label, formats or None,
+                                   (fp32_overhead if formats else overhead) + weights + side,
+                                   weight_bytes=weights, predicted_damage=float(damage)))
+        return options
+
+    def fits_predicted(self, option: _Option) -> bool:
+        option.predicted_resident = self.resident(option.predicted_disk)
+        b = self.budget
+        if b.max_disk is not None and option.predicted_disk > b.max_disk:
+            return False
+        if b.max_memory is not None:
+            worst = max(option.predicted_disk, option.predicted_resident or 0)
+            if worst > b.max_memory * 1.05:  # resident is a model: keep near misses for measurement
+                return False
+        return True
+
+    def price(self, option: _Option, model_t: Any, structure_loss: float) -> None:
+        from cwca_export.damage import calibration_loss
+        from cwca_export.precision import StorageFormat, quantized_weights
+
+        if not option.formats:
+            option.calib_loss = structure_loss
+            return
+        assignment = {g: StorageFormat.parse(f) for g, f in option.formats.items()}
+        with quantized_weights(model_t, assignment):
+            option.calib_loss = calibration_loss(model_t, self.calib, batch_size=8)
+
+    # -------------------------------------------------------------- the search
+    def run(self, ref: Candidate) -> tuple[Candidate | None, _Option | None]:
+        from cwca_export.damage import calibration_loss
+
+        began = time.perf_counter()
+        levels = [0.0] if self.knob is None else [i / (self.levels - 1) for i in range(self.levels)]
+        for t in levels:
+            try:
+                model_t, plan_t = self.knob.make(t) if self.knob is not None else (self.model, None)
+            except ValueError as exc:
+                self.options.append(_Option(t, None, "unreachable", None, 0, status=f"skipped: {exc}"))
+                continue
+            self.plans[t] = plan_t
+            target = self.knob.target(t) if isinstance(self.knob, PlanKnob) else None
+            structure_loss = None
+            for option in self.storage_options(model_t, t, target, ref):
+                self.options.append(option)
+                if not self.fits_predicted(option):
+                    option.status = "predicted over the memory limits"
+                    continue
+                if structure_loss is None:
+                    structure_loss = calibration_loss(model_t, self.calib, batch_size=8)
+                self.price(option, model_t, structure_loss)
+        self.timings["pricing_s"] = round(time.perf_counter() - began, 2)
+        priced = sorted((o for o in self.options if o.calib_loss is not None), key=lambda o: (o.calib_loss, o.predicted_disk))
+        latency_ceiling = None
+        builds = 0
+        for option in priced:
+            if option.t == 0.0 and not option.formats:
+                option.status = "the model as given: built first (the reference), over the budget"
+                continue
+            if latency_ceiling is not None and option.predicted_disk > latency_ceiling:
+                option.status = "not built: not 10% smaller than a candidate over the latency limit"
+                continue
+            if builds >= MAX_BUILDS:
+                option.status = "not built: build limit reached"
+                continue
+            builds += 1
+            model_t, _ = self.knob.make(option.t) if (self.knob is not None and option.t) else (self.model, None)
+            settings = dataclasses.replace(self.settings, precision=option.formats) if option.formats else self.settings
+            candidate, ok = self.build(model_t, settings, option)
             if ok:
-                self.discard(best)
-                best, hi = candidate, probe
-                if from_prediction is not None:
-                    break  # memory was predicted not to fit below this level
-            else:
-                self.discard(candidate)
-                lo = probe
-            probe = (lo + hi) / 2
-        return best
+                for other in priced:
+                    if other.status == "priced":
+                        other.status = "not built: a lower-loss candidate met the budget"
+                return candidate, option
+            if candidate is not None:
+                if option.measured and self._over_latency(option.measured):
+                    latency_ceiling = LATENCY_SHRINK * option.measured["disk_bytes"]
+                shutil.rmtree(candidate.folder, ignore_errors=True)
+        return None, None
 
-    def _predict_t(self, c0: Candidate, c1: Candidate, settings: ExportSettings) -> tuple[float, dict[str, Any]]:
-        """Smallest t whose predicted disk and resident bytes fit max_memory (bisection)."""
-        excluded = (c0.postprocess["quantize"] or {}).get("excluded_node_names", [])
-        predictor = SizePredictor.calibrate(c0.model, c0.graph_bytes, settings.scheme, settings.quantize, excluded)
-        side_files = c0.disk_bytes - c0.graph_bytes  # config and tokenizer: independent of t
-        w0 = weight_bytes(c0.model, settings.scheme, settings.quantize, exclude=excluded)
-        w1 = weight_bytes(c1.model, settings.scheme, settings.quantize, exclude=excluded)
-        r0, r1 = c0.measurement["resident_bytes"], c1.measurement["resident_bytes"]
+    def _over_latency(self, measured: dict[str, Any]) -> bool:
+        b = self.budget
+        return bool((b.max_latency_ms is not None and measured["decode_p50_ms"] > b.max_latency_ms)
+                    or (b.max_prefill_ms is not None and measured["prefill_p50_ms"] > b.max_prefill_ms))
 
-        def predict(t: float) -> dict[str, Any]:
-            model_t, _ = self.knob.make(t)
-            w = weight_bytes(model_t, settings.scheme, settings.quantize, exclude=excluded)
-            resident = r0 + (r1 - r0) * (w - w0) / (w1 - w0) if w1 != w0 else r1
-            return {"disk_bytes": predictor.predict(model_t) + side_files, "resident_bytes": int(resident)}
-
-        def fits(p: dict[str, Any]) -> bool:
-            return max(p["disk_bytes"], p["resident_bytes"]) <= self.budget.max_memory
-
-        lo, hi = 0.0, 1.0
-        best = predict(1.0)
-        while hi - lo > _T_TOLERANCE:
-            mid = (lo + hi) / 2
-            p = predict(mid)
-            if fits(p):
-                hi, best = mid, p
-            else:
-                lo = mid
-        return hi, {**best, "overhead_bytes": predictor.overhead}
+    def record(self, chosen: _Option | None) -> dict[str, Any]:
+        options = sorted(self.options, key=lambda o: (o.calib_loss is None, o.calib_loss or 0.0))
+        why = None
+        if chosen is not None and chosen.calib_loss is not None:
+            lower = [o for o in self.options if o.calib_loss is not None and o.calib_loss < chosen.calib_loss]
+            why = (f"lowest calibration loss ({chosen.calib_loss:.5g}) among the candidates measured to meet the"
+                   f" budget; {len(lower)} candidate(s) with lower loss were built and missed a limit")
+        elif chosen is not None:
+            why = "the model as given meets the budget"
+        return {
+            "knob": None if self.knob is None else self.knob.name,
+            "calibration": self.calib_source,
+            "precision_damage": None if self.table is None else self.table.to_dict(),
+            "candidates": [o.record() for o in options],
+            "trials": self.trials,
+            "chosen": None if chosen is None else chosen.record(),
+            "why": why,
+            "timings": self.timings,
+        }
 
     def error(self) -> BudgetError:
         def memory(trial: dict[str, Any]) -> float:
@@ -225,7 +377,7 @@ class _Search:
             return max(m["disk_bytes"], m["resident_bytes"] or 0)
 
         def label(trial: dict[str, Any]) -> str:
-            return f"{trial['quantize'] or trial['dtype']}, t={trial['t']:g}"
+            return f"{trial['storage']}, t={trial['t']:g}"
 
         small = min(self.trials, key=memory)
         fast = min(self.trials, key=lambda tr: tr["measured"]["decode_p50_ms"])
@@ -234,18 +386,35 @@ class _Search:
         limits = []
         if b.max_memory is not None:
             limits.append(f"memory {format_size(b.max_memory)}")
+        if b.max_disk is not None:
+            limits.append(f"disk {format_size(b.max_disk)}")
         if b.max_latency_ms is not None:
             limits.append(f"decode {b.max_latency_ms:g} ms")
         if b.max_prefill_ms is not None:
             limits.append(f"prefill {b.max_prefill_ms:g} ms")
-        more = "" if self.knob is not None else " or give a plan and --method to compress further"
+        more = "" if self.knob is not None else " or give --plan and --method width|lowrank|asvd to compress structure too"
+        priced = sum(1 for o in self.options if o.calib_loss is not None)
         return BudgetError(
             f"no setting meets the budget ({', '.join(limits)} at batch {b.batch}, prompt {b.prompt_len},"
-            f" context {b.context}, {b.ep}); smallest reachable: memory {format_size(memory(small))}"
+            f" context {b.context}, {b.ep}); {len(self.options)} candidate(s) considered, {priced} predicted"
+            f" to fit, {len(self.trials)} built; smallest measured: memory {format_size(memory(small))}"
             f" ({label(small)}), decode p50 {fast['measured']['decode_p50_ms']:.3g} ms ({label(fast)}),"
             f" prefill p50 {quick['measured']['prefill_p50_ms']:.3g} ms ({label(quick)});"
             f" hint: relax the budget{more}"
         )
+
+
+def search_formats(budget: Budget, settings: ExportSettings, formats: Any = None) -> list[str] | None:
+    """The storage formats a search may plan, or None when storage is fixed (``--quantize``,
+    fp16). Dynamic int8 has CPU kernels only."""
+    from cwca_export.precision import DEFAULT_FORMATS, parse_formats
+
+    if settings.quantize is not None or budget.dtype != "fp32" or settings.precision:
+        return None
+    names = [f.name for f in parse_formats(formats if formats is not None else DEFAULT_FORMATS)]
+    if budget.ep != "cpu":
+        names = [n for n in names if n != "int8"]
+    return names
 
 
 def fit_budget(
@@ -259,28 +428,61 @@ def fit_budget(
     *,
     knob: Knob | None = None,
     compress_options: dict[str, Any] | None = None,
+    calibration: Any = None,
+    formats: Any = None,
+    levels: int = 5,
+    precision_damage: Any = None,
 ) -> tuple[Candidate, dict[str, Any], Any]:
-    """The least-compressed measured candidate that meets ``budget``.
+    """The lowest-loss measured candidate that meets ``budget`` (module doc).
 
     Args:
         model, plan, tokenizer: as for :func:`~cwca_export.exporter.api.export`.
-        settings: export settings; ``dtype`` and ``quantize`` are the search's to choose
-            unless ``settings.quantize`` is fixed.
+        settings: export settings; storage is the search's to choose unless ``settings.quantize``
+            is fixed or the budget's dtype is fp16.
         budget: limits and workload.
         staging: the :class:`~cwca_export.exporter._atomic.Staging` that owns scratch folders.
         method: compression method applying ``plan``; with a plan it makes a :class:`PlanKnob`.
         knob: any other global compression level (overrides ``method``).
+        compress_options: for ``method`` (``data=`` calibration ids are also the search's).
+        calibration: token ids ``(N, L)`` that price candidates (default: ``compress_options["data"]``,
+            else the shipped text through ``tokenizer``).
+        formats: storage formats to plan (default :data:`cwca_export.precision.DEFAULT_FORMATS`).
+        levels: structure levels tried, evenly spaced in [0, 1] (with a knob).
+        precision_damage: a measured :class:`~cwca_export.precision.PrecisionDamage` to reuse.
 
     Returns:
         ``(candidate, search record for the manifest, plan of the chosen candidate)``.
     """
+    from cwca_export.precision import measure_precision_damage
+
+    compress_options = dict(compress_options or {})
     if knob is None and method is not None:
         knob = PlanKnob(model, plan, method, compress_options)
-    search = _Search(tokenizer, budget, staging, knob)
-    for dtype, quantize in storage_ladder(budget, settings.quantize):
-        chosen = search.rung(model, dataclasses.replace(settings, dtype=dtype, quantize=quantize))
-        if chosen is not None:
-            trial, chosen_plan = search.made[id(chosen)]
-            record = {"knob": None if knob is None else knob.name, "trials": search.trials, "chosen": trial}
-            return chosen, record, chosen_plan if chosen_plan is not None else plan
-    raise search.error()
+    if levels < 2:
+        raise ValueError(f"levels {levels}: a structure search needs at least 2; hint: --levels 9")
+    calib, source = calibration_ids(tokenizer, compress_options, calibration, model.config.vocab_size)
+    names = search_formats(budget, settings, formats)
+    search = _Search(model, plan, tokenizer, settings, budget, staging, knob, calib, source, names or [], levels)
+    began = time.perf_counter()
+    fixed = settings.quantize.method if settings.quantize else settings.dtype
+    reference_option = _Option(0.0, knob.target(0.0) if isinstance(knob, PlanKnob) else None,
+                               "as given" if names is not None else fixed, None, 0, status="reference")
+    reference, ok = search.build(model, settings, reference_option)
+    if reference is None:
+        raise BudgetError(f"the model as given does not export: {reference_option.status}")
+    search.options.append(reference_option)
+    if ok:
+        return reference, search.record(reference_option), plan
+    if names is not None:
+        t0 = time.perf_counter()
+        search.table = precision_damage or measure_precision_damage(model, calib, names, batch_size=8)
+        search.timings["precision_damage_s"] = round(time.perf_counter() - t0, 2)
+    chosen_candidate, chosen = search.run(reference)
+    search.timings["total_s"] = round(time.perf_counter() - began, 2)
+    shutil.rmtree(reference.folder, ignore_errors=True)
+    if isinstance(knob, PlanKnob):
+        knob.forget()
+    if chosen_candidate is None:
+        raise search.error()
+    chosen_plan = search.plans.get(chosen.t, plan) if chosen.t else plan
+    return chosen_candidate, search.record(chosen), chosen_plan
