@@ -379,11 +379,15 @@ def plan_band(
     width: float,
     lo: float = 0.0,
     hi: float = 1.0,
+    lo_blocks: Mapping[int, float] | None = None,
+    hi_blocks: Mapping[int, float] | None = None,
 ) -> Plan:
     """The heuristics' linear map: scores min-max scaled into ratios in [S - width, S + width].
 
     The highest-scoring block gets S - width, the lowest S + width, then one offset (found by
     bisection, so clipping to [lo, hi] keeps the target) makes the weighted mean exactly S.
+    ``lo_blocks`` / ``hi_blocks`` override single blocks' bounds, as in :func:`plan_pruning`:
+    a capped block is clipped and the others absorb the difference.
     OWL (``owl`` scores, width = lambda = 0.08) and LayerIF (``layerif`` scores, its min-max
     map with epsilon = width) are this rule.
 
@@ -398,13 +402,21 @@ def plan_band(
         raise ValueError(f"sparsity {sparsity:g}: needs lo <= sparsity <= hi within [0, 1] (lo {lo:g}, hi {hi:g})")
     z = np.asarray(scores.zeta2, dtype=np.float64)
     n = np.asarray(scores.n_params, dtype=np.float64)
+    k = z.size
+    lo_v = _per_block("lo", lo, k, lo_blocks)
+    hi_v = _per_block("hi", hi, k, hi_blocks)
+    if np.any(lo_v > hi_v) or not (n @ lo_v <= sparsity * n.sum() <= n @ hi_v):
+        raise ValueError(
+            f"sparsity {sparsity:g}: the per-block bounds allow only"
+            f" [{n @ lo_v / n.sum():.4g}, {n @ hi_v / n.sum():.4g}]; hint: loosen --bounds, --lo or --hi"
+        )
     span = z.max() - z.min()
     unit = (z - z.min()) / span if span > 0 else np.full(z.size, 0.5)
     raw = sparsity + width * (1.0 - 2.0 * unit)
     need = sparsity * n.sum()
 
     def excess(offset: float) -> float:
-        return float(n @ np.clip(raw + offset, lo, hi) - need)
+        return float(n @ np.clip(raw + offset, lo_v, hi_v) - need)
 
     a, b = -1.0 - width, 1.0 + width  # excess(a) <= 0 <= excess(b)
     for _ in range(200):
@@ -413,11 +425,10 @@ def plan_band(
             a = m
         else:
             b = m
-    rho = np.clip(raw + 0.5 * (a + b), lo, hi)
-    k = z.size
+    rho = np.clip(raw + 0.5 * (a + b), lo_v, hi_v)
     result = solver.SolverResult(rho, 0.5 * (a + b), 0.0, 200)  # a rule, not a program: no objective
     params = {"sparsity": sparsity, "rule": "band", "width": width}
-    return _make_plan("prune", scores, scores.qualities(), result, np.full(k, lo), np.full(k, hi), None, params)
+    return _make_plan("prune", scores, scores.qualities(), result, lo_v, hi_v, None, params)
 
 
 def plan_by_rule(
@@ -453,7 +464,7 @@ def plan_by_rule(
     if rule == "band":
         if band is None:
             raise ValueError("rule band needs a half-width; hint: --band 0.08 (OWL) or 0.3 (LayerIF)")
-        return plan_band(scores, sparsity, width=band, lo=lo, hi=hi)
+        return plan_band(scores, sparsity, width=band, lo=lo, hi=hi, lo_blocks=lo_blocks, hi_blocks=hi_blocks)
     if band is not None:
         lo, hi = max(lo, sparsity - band), min(hi, sparsity + band)
     bounds = dict(lo=lo, hi=hi, lo_blocks=lo_blocks, hi_blocks=hi_blocks)
