@@ -9,7 +9,7 @@ held-out text the plans never saw (``assets/text/heldout.txt``, 32,768 tokens in
 Allocators (``--allocators``, comma-separated; default: all):
 
 - ``uniform``: rho_k = S.
-- ``cwca-<method>-k<kappa>``: the MDL program of DESIGN 2.2 on ``method`` scores (fisher,
+- ``cwca-<method>-k<kappa>``: the MDL program of docs/design.md 2.2 on ``method`` scores (fisher,
   kfac, exact with CG capped at 10 iterations, gradnorm, obd), psi = rho^2, hi 0.95: the paper's recipe.
 - ``cwca-debiased128-k0.25``: the same on debiased diagonal-Fisher scores from 128 sequences.
 - ``owl``: OWL's outlier ratio (M = 5) through the band map, lambda = 0.08.

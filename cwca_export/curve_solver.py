@@ -1,6 +1,6 @@
 """Pruning plans from measured per-block damage curves, in closed form.
 
-NumPy only. The pruning program of DESIGN 2.2 prices block k at eta q_k^kappa psi(rho_k)
+NumPy only. The pruning program of docs/design.md 2.2 prices block k at eta q_k^kappa psi(rho_k)
 with one psi for every block. Measured single-block damage D_k(rho) (the calibration-loss
 increase of compressing block k alone, see :mod:`cwca_export.damage`) says both how much a
 block matters and how fast its damage grows (on small Llamas like rho^4 to rho^5.6, not

@@ -38,7 +38,7 @@ class DemoConfig:
         prompt_len, context: the latency workload.
     """
 
-    method: str = "gradnorm"  # ranks blocks like measured damage on small models (DESIGN 2.1)
+    method: str = "gradnorm"  # ranks blocks like measured damage on small models (docs/design.md 2.1)
     sparsity: float = 0.3
     hi: float = 0.6
     quantize: str | None = "int8"

@@ -37,7 +37,7 @@ class Plan:
         program: ``"prune"`` (x = rho_k, the fraction of block k's weights to remove) or
             ``"allocate"`` (x = e_k, capacity units: rank steps, experts, LoRA rank units).
         x: the per-block solution.
-        q: the qualities the solver saw (floored, DESIGN 2.1).
+        q: the qualities the solver saw (floored, docs/design.md 2.1).
         n_params: prunable weights n_k per block, as scored (checked against the model).
         lo, hi: the per-block bounds used.
         cost: per-unit cost c_k (allocation only).
@@ -227,7 +227,7 @@ def plan_pruning(
     psi: solver.Psi = "quadratic",
     tau: float = DEFAULT_Q_FLOOR_TAU,
 ) -> Plan:
-    """Solve the pruning program (DESIGN 2.2) for a global sparsity.
+    """Solve the pruning program (docs/design.md 2.2) for a global sparsity.
 
     Args:
         scores: per-block scores; their floored qualities drive the plan.
@@ -235,7 +235,7 @@ def plan_pruning(
         eta, kappa, psi: the program's cost eta q^kappa psi(rho).
         lo, hi: bounds on every block's rho; ``lo_blocks`` / ``hi_blocks`` override single
             blocks (e.g. ``hi_blocks={0: 0.3}`` protects the first block).
-        tau: the quality floor of DESIGN 2.1.
+        tau: the quality floor of docs/design.md 2.1.
 
     Example:
         >>> s = LayerScores("gradnorm", zeta2=[3.0, 1.0, 1.0], n_params=[100, 100, 100])
@@ -266,7 +266,7 @@ def plan_allocation(
     integer: bool = True,
     tau: float = DEFAULT_Q_FLOOR_TAU,
 ) -> Plan:
-    """Solve the capacity allocation program (DESIGN 2.3) for a total budget.
+    """Solve the capacity allocation program (docs/design.md 2.3) for a total budget.
 
     Args:
         scores: per-block scores; their floored qualities drive the plan.
@@ -275,7 +275,7 @@ def plan_allocation(
         gamma, beta, alpha: value gamma q^beta log(1 + e) - alpha e per block.
         lo, hi, lo_blocks, hi_blocks: bounds on units, as in :func:`plan_pruning`.
         integer: whole units (ranks, experts); the default.
-        tau: the quality floor of DESIGN 2.1.
+        tau: the quality floor of docs/design.md 2.1.
 
     Example:
         >>> s = LayerScores("gradnorm", zeta2=[3.0, 1.0], n_params=[100, 100])

@@ -1,4 +1,4 @@
-"""Closed-form solvers for the two convex MDL programs of DESIGN 2.2 and 2.3.
+"""Closed-form solvers for the two convex MDL programs of docs/design.md 2.2 and 2.3.
 
 Pure NumPy (no torch import). Each program's KKT conditions give every layer's value as a
 clipped, monotone function of one dual variable lambda; we find lambda by bisection over
@@ -484,7 +484,7 @@ def _greedy_units(g, c, alpha, lo, hi, budget) -> tuple[np.ndarray, float, int]:
 
 @dataclass(frozen=True)
 class TransferRegret:
-    """How much a plan solved on source qualities loses on the target domain (DESIGN 2.4).
+    """How much a plan solved on source qualities loses on the target domain (docs/design.md 2.4).
 
     Attributes:
         delta: ||q_source - q_target||_2.
