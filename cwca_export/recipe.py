@@ -2,7 +2,7 @@
 
 A recipe names a model, calibration text, a scoring method, a plan (program, target, rule,
 optional refinement), a compression method, and optionally an export budget and a held-out
-evaluation. It is validated whole before any step runs (docs/design.md 5.5):
+evaluation. It is validated whole before any step runs (docs/design.md 6.5):
 
 - types: pydantic models with ``extra="forbid"`` and strict types (a bool is not an int, a list
   is not a number); the JSON Schema shipped as ``cwca_export/schemas/recipe.schema.json`` is
