@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from cwca_export.backends import UnsupportedModelError, register_backend
 from cwca_export.backends._files import save_side_files
 

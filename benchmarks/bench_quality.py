@@ -45,8 +45,8 @@ SCORE_METHODS = {"fisher": {}, "kfac": {}, "exact": {"cg_max_iter": 10}, "gradno
                  "owl": {"owl_threshold": 5.0}, "layerif": {}}
 POINTS = (0.1, 0.3, 0.5, 0.7, 0.9)
 ALL = ["uniform", "owl", "layerif", "cwca-fisher-k1", "cwca-fisher-k0.25", "cwca-kfac-k1", "cwca-kfac-k0.25",
-       "cwca-exact-k1", "cwca-exact-k0.25", "cwca-gradnorm-k1", "cwca-obd-k1", "cwca-debiased128-k0.25", "oracle", "damage-power",
-       "damage-piecewise", "refined", "default"]
+       "cwca-exact-k1", "cwca-exact-k0.25", "cwca-gradnorm-k1", "cwca-obd-k1", "cwca-debiased128-k0.25", "oracle",
+       "damage-power", "damage-piecewise", "refined", "default"]
 
 
 def _needs(allocator: str) -> str | None:

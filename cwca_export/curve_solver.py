@@ -31,7 +31,9 @@ CurveForm = Literal["piecewise", "power"]
 _MIN_EXPONENT = 1.05  # a power fit flatter than this is not convex enough to price
 _MAX_EXPONENT = 12.0
 
-__all__ = ["CurveForm", "convex_envelope", "curve_function", "curve_value", "fit_power", "lower_hull", "solve_pruning_curves"]
+__all__ = [
+    "CurveForm", "convex_envelope", "curve_function", "curve_value", "fit_power", "lower_hull", "solve_pruning_curves",
+]
 
 
 def _check_curves(points, damage) -> tuple[np.ndarray, np.ndarray]:

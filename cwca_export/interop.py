@@ -30,10 +30,12 @@ def block_linear_names(model_path: str | os.PathLike) -> list[list[str]]:
     Example:
         >>> import tempfile
         >>> from transformers import LlamaConfig
-        >>> folder = tempfile.mkdtemp()
-        >>> LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        ...             num_attention_heads=2, num_key_value_heads=1, vocab_size=64).save_pretrained(folder)
-        >>> block_linear_names(folder)[1][:2]
+        >>> config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        ...                      num_attention_heads=2, num_key_value_heads=1, vocab_size=64)
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     config.save_pretrained(folder)
+        ...     names = block_linear_names(folder)
+        >>> names[1][:2]
         ['model.layers.1.self_attn.q_proj', 'model.layers.1.self_attn.k_proj']
     """
     import torch

@@ -222,7 +222,8 @@ class Recipe(_Strict):
                 raise ValueError(f"{where}: export.backend: {self.export.backend!r} is not registered; allowed:"
                                  f" {', '.join(backends)}; fix: --set export.backend=optimum")
             hardware = self.export.hardware
-            if hardware is not None and not Path(hardware).is_file() and not (PROFILE_DIR / f"{hardware}.yaml").is_file():
+            known = hardware is None or Path(hardware).is_file() or (PROFILE_DIR / f"{hardware}.yaml").is_file()
+            if not known:
                 raise ValueError(f"{where}: export.hardware: no profile {hardware!r}; allowed:"
                                  f" {', '.join(available_profiles())} or a YAML path;"
                                  " fix: --set export.hardware=cpu-2core-24gb")
@@ -262,7 +263,10 @@ def json_schema() -> dict[str, Any]:
 
 
 def write_schema(path: str | os.PathLike = SCHEMA_PATH) -> Path:
-    """Regenerate the shipped schema file: ``python -c 'from cwca_export.recipe import write_schema; write_schema()'``."""
+    """Regenerate the shipped schema file (run after changing the recipe models).
+
+    ``python -c 'from cwca_export.recipe import write_schema; write_schema()'``
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(json_schema(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -462,7 +466,8 @@ def run_recipe(
         options = dict(recipe.compress.options)
         if plan.program == "allocate":
             options.setdefault("rank_step", recipe.plan.rank_step)
-        compressed = compress(model, plan, method=recipe.compress.method, data=calib, **options)  # data-free methods ignore it
+        # data-free methods ignore data
+        compressed = compress(model, plan, method=recipe.compress.method, data=calib, **options)
         save_compressed(compressed, work / "compressed", tokenizer=tokenizer)
         timings["compress"] = round(time.perf_counter() - began, 1)
 

@@ -447,8 +447,8 @@ def refine_ranks(
     """
     import dataclasses
 
-    from cwca_export.rank_plans import kept_parameters, linear_shapes, plan_ranks_from_damage, plan_ranks_uniform
     from cwca_export.plan_probe import RankPlanLoss
+    from cwca_export.rank_plans import kept_parameters, linear_shapes, plan_ranks_from_damage, plan_ranks_uniform
 
     ids = getattr(data, "input_ids", data)
     shapes = linear_shapes(model)

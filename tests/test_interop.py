@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from helpers import save_tiny_model, sample_text, tiny_model, tiny_tokenizer
+from helpers import sample_text, save_tiny_model, tiny_model, tiny_tokenizer
 
 from cwca_export.cli import cli
 from cwca_export.plan import Plan

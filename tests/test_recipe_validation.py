@@ -78,8 +78,10 @@ def _run(*args):
         ({"score": {"method": "damage", "options": {"prunr": "wanda"}}},
          ["score.options: unknown option(s) prunr; allowed: at, points, pruner"]),
         ({"compress": {"method": "wandaa"}}, ["compress.method: 'wandaa' is not a compression method", "sparsegpt"]),
-        ({"compress": {"method": "asvd"}}, ["compress.method: 'asvd' applies allocate plans", "--set compress.method="]),
-        ({"compress": {"method": "magnitude", "options": {"n_m": "2:4"}}}, ["compress.options: unknown option(s) n_m"]),
+        ({"compress": {"method": "asvd"}},
+         ["compress.method: 'asvd' applies allocate plans", "--set compress.method="]),
+        ({"compress": {"method": "magnitude", "options": {"n_m": "2:4"}}},
+         ["compress.options: unknown option(s) n_m"]),
         ({"export": {"backend": "tflite"}}, ["export.backend: 'tflite' is not registered", "onnx, optimum"]),
         ({"export": {"hardware": "pdp-11"}}, ["export.hardware: no profile 'pdp-11'", "jetson-orin-8gb"]),
         ({"model": "no-such-model"}, ["model:", "not a local model folder", "--set model="]),
@@ -166,8 +168,9 @@ def test_shipped_schema_is_generated_from_the_models():
 
 
 def test_shipped_schema_is_in_the_package_data():
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     assert "schemas/*.json" in pyproject["tool"]["setuptools"]["package-data"]["cwca_export"]
