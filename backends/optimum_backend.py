@@ -2,7 +2,7 @@
 
 The folder it writes loads with ``optimum.onnxruntime.ORTModelForCausalLM``. Models the
 exporter refuses (no built-in OnnxConfig: Mixtral, Starcoder2) or exports into an artifact
-that breaks in ONNX Runtime (Phi-3 with grouped KV heads, DESIGN 3) raise
+that breaks in ONNX Runtime (Phi-3 with grouped KV heads, docs/design.md 3.3) raise
 :class:`UnsupportedModelError` naming ``--backend onnx`` instead of producing a bad artifact.
 """
 
@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from cwca_export.backends import UnsupportedModelError, register_backend
 from cwca_export.backends._files import save_side_files
 

@@ -76,7 +76,8 @@ def time_optimum_export(model: nn.Module, repeats: int) -> float:
 def _machine() -> str:
     cores = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
     cpu = next(
-        (ln.split(":", 1)[1].strip() for ln in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+        (ln.split(":", 1)[1].strip()
+         for ln in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
          if ln.startswith("Model name")),
         platform.processor() or "unknown CPU",
     )
@@ -108,14 +109,16 @@ def main() -> None:
         rows.append((label, art))
     # budget: halfway between the dense fp32 and dense int8 peaks, so the search must act
     limit = (rows[0][1].resident_bytes + rows[1][1].resident_bytes) // 2
-    fitted = cwca_export.export(dense, None, work / "fitted", budget=Budget(max_memory=limit, **WORKLOAD), runs=args.runs)
+    fitted = cwca_export.export(dense, None, work / "fitted", budget=Budget(max_memory=limit, **WORKLOAD),
+                                runs=args.runs)
     chosen = fitted.manifest["budget"]["search"]["chosen"]
     rows.append((f"budget-fitted (<= {format_size(limit)}: {chosen['quantize'] or chosen['dtype']})", fitted))
 
     lines = [
         "# Export benchmark",
         "",
-        f"Command: `{Path(sys.executable).name} benchmarks/bench_export.py --repeats {args.repeats} --runs {args.runs}`",
+        f"Command: `{Path(sys.executable).name} benchmarks/bench_export.py --repeats {args.repeats}"
+        f" --runs {args.runs}`",
         f"Machine: {_machine()} (shared with other jobs: latencies are indicative)",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in library_versions().items()),
         f"Model: Llama from config {CONFIG} ({sum(p.numel() for p in dense.parameters()):,} parameters);"

@@ -9,7 +9,7 @@ held-out text the plans never saw (``assets/text/heldout.txt``, 32,768 tokens in
 Allocators (``--allocators``, comma-separated; default: all):
 
 - ``uniform``: rho_k = S.
-- ``cwca-<method>-k<kappa>``: the MDL program of DESIGN 2.2 on ``method`` scores (fisher,
+- ``cwca-<method>-k<kappa>``: the MDL program of docs/design.md 2.2 on ``method`` scores (fisher,
   kfac, exact with CG capped at 10 iterations, gradnorm, obd), psi = rho^2, hi 0.95: the paper's recipe.
 - ``cwca-debiased128-k0.25``: the same on debiased diagonal-Fisher scores from 128 sequences.
 - ``owl``: OWL's outlier ratio (M = 5) through the band map, lambda = 0.08.
@@ -45,8 +45,8 @@ SCORE_METHODS = {"fisher": {}, "kfac": {}, "exact": {"cg_max_iter": 10}, "gradno
                  "owl": {"owl_threshold": 5.0}, "layerif": {}}
 POINTS = (0.1, 0.3, 0.5, 0.7, 0.9)
 ALL = ["uniform", "owl", "layerif", "cwca-fisher-k1", "cwca-fisher-k0.25", "cwca-kfac-k1", "cwca-kfac-k0.25",
-       "cwca-exact-k1", "cwca-exact-k0.25", "cwca-gradnorm-k1", "cwca-obd-k1", "cwca-debiased128-k0.25", "oracle", "damage-power",
-       "damage-piecewise", "refined", "default"]
+       "cwca-exact-k1", "cwca-exact-k0.25", "cwca-gradnorm-k1", "cwca-obd-k1", "cwca-debiased128-k0.25", "oracle",
+       "damage-power", "damage-piecewise", "refined", "default"]
 
 
 def _needs(allocator: str) -> str | None:

@@ -31,7 +31,8 @@ def _build(args):
         num_key_value_heads=args.hidden // 64, max_position_embeddings=args.seq_len,
     )
     model = LlamaForCausalLM(config).eval()
-    ids = torch.randint(0, args.vocab, (args.samples + args.samples // 4, args.seq_len), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, args.vocab, (args.samples + args.samples // 4, args.seq_len),
+                        generator=torch.Generator().manual_seed(0))
     return model, ids
 
 
@@ -137,7 +138,8 @@ def main() -> None:
         peak = None if method == "bare" else _predicted_peak_mb(r, bare)
         predicted = "" if peak is None else f"{peak:.1f}"
         print(f"| {method} | {r['seconds']:.2f} | {r['seconds'] / bare['seconds']:.2f} |"
-              f" {r['peak_above_model_mb']:.1f} | {r['peak_above_model_mb'] / bare['peak_above_model_mb']:.2f} | {predicted} |")
+              f" {r['peak_above_model_mb']:.1f} | {r['peak_above_model_mb'] / bare['peak_above_model_mb']:.2f} |"
+              f" {predicted} |")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Time the closed-form solvers against scipy.optimize on the same instances.
 
-DESIGN 2.2-2.3 promises O(K log 1/eps) dual bisection in pure NumPy; this script checks the
+docs/design.md 2.2-2.3 promises O(K log 1/eps) dual bisection in pure NumPy; this script checks the
 claim against a general-purpose solver (SLSQP, with trust-constr where SLSQP reports failure)
 at K = 8 ... 65536 layers, and prints a markdown table of times, objective gaps and constraint
 residuals. Run it from the repository root::

@@ -1,6 +1,6 @@
 """Hardware budgets: memory and latency limits, the workload they apply to, hardware profiles.
 
-A :class:`Budget` is checked on measured numbers of the artifact (DESIGN 4):
+A :class:`Budget` is checked on measured numbers of the artifact (docs/design.md 4):
 
 - memory: the artifact's bytes on disk and the ONNX Runtime session's resident bytes at
   ``batch`` sequences and ``context`` tokens (KV cache included) must both fit ``max_memory``;
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import os
 import re
-from importlib.resources import files
 from dataclasses import asdict, dataclass, fields, replace
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 

@@ -1,6 +1,6 @@
 """Pruning plans from measured per-block damage curves, in closed form.
 
-NumPy only. The pruning program of DESIGN 2.2 prices block k at eta q_k^kappa psi(rho_k)
+NumPy only. The pruning program of docs/design.md 2.2 prices block k at eta q_k^kappa psi(rho_k)
 with one psi for every block. Measured single-block damage D_k(rho) (the calibration-loss
 increase of compressing block k alone, see :mod:`cwca_export.damage`) says both how much a
 block matters and how fast its damage grows (on small Llamas like rho^4 to rho^5.6, not
@@ -31,7 +31,9 @@ CurveForm = Literal["piecewise", "power"]
 _MIN_EXPONENT = 1.05  # a power fit flatter than this is not convex enough to price
 _MAX_EXPONENT = 12.0
 
-__all__ = ["CurveForm", "convex_envelope", "curve_function", "curve_value", "fit_power", "lower_hull", "solve_pruning_curves"]
+__all__ = [
+    "CurveForm", "convex_envelope", "curve_function", "curve_value", "fit_power", "lower_hull", "solve_pruning_curves",
+]
 
 
 def _check_curves(points, damage) -> tuple[np.ndarray, np.ndarray]:

@@ -38,7 +38,7 @@ class DemoConfig:
         prompt_len, context: the latency workload.
     """
 
-    method: str = "gradnorm"  # ranks blocks like measured damage on small models (DESIGN 2.1)
+    method: str = "gradnorm"  # ranks blocks like measured damage on small models (docs/design.md 2.1)
     sparsity: float = 0.3
     hi: float = 0.6
     quantize: str | None = "int8"
@@ -66,6 +66,7 @@ def run_demo(
         >>> report = run_demo("demo-out")  # doctest: +SKIP
         >>> report["rows"]["compressed"]["perplexity"]  # doctest: +SKIP
     """
+    from cwca_export._jsonio import write_bytes_atomic
     from cwca_export.budget import Budget
     from cwca_export.compression import compress, save_compressed
     from cwca_export.data import calibration_data, load_texts
@@ -73,7 +74,6 @@ def run_demo(
     from cwca_export.exporter.api import export
     from cwca_export.loading import load_model
     from cwca_export.plan import plan_pruning
-    from cwca_export._jsonio import write_bytes_atomic
     from cwca_export.report import build_report
     from cwca_export.scoring import score
 

@@ -37,7 +37,7 @@ class Plan:
         program: ``"prune"`` (x = rho_k, the fraction of block k's weights to remove) or
             ``"allocate"`` (x = e_k, capacity units: rank steps, experts, LoRA rank units).
         x: the per-block solution.
-        q: the qualities the solver saw (floored, DESIGN 2.1).
+        q: the qualities the solver saw (floored, docs/design.md 2.1).
         n_params: prunable weights n_k per block, as scored (checked against the model).
         lo, hi: the per-block bounds used.
         cost: per-unit cost c_k (allocation only).
@@ -227,7 +227,7 @@ def plan_pruning(
     psi: solver.Psi = "quadratic",
     tau: float = DEFAULT_Q_FLOOR_TAU,
 ) -> Plan:
-    """Solve the pruning program (DESIGN 2.2) for a global sparsity.
+    """Solve the pruning program (docs/design.md 2.2) for a global sparsity.
 
     Args:
         scores: per-block scores; their floored qualities drive the plan.
@@ -235,7 +235,7 @@ def plan_pruning(
         eta, kappa, psi: the program's cost eta q^kappa psi(rho).
         lo, hi: bounds on every block's rho; ``lo_blocks`` / ``hi_blocks`` override single
             blocks (e.g. ``hi_blocks={0: 0.3}`` protects the first block).
-        tau: the quality floor of DESIGN 2.1.
+        tau: the quality floor of docs/design.md 2.1.
 
     Example:
         >>> s = LayerScores("gradnorm", zeta2=[3.0, 1.0, 1.0], n_params=[100, 100, 100])
@@ -266,7 +266,7 @@ def plan_allocation(
     integer: bool = True,
     tau: float = DEFAULT_Q_FLOOR_TAU,
 ) -> Plan:
-    """Solve the capacity allocation program (DESIGN 2.3) for a total budget.
+    """Solve the capacity allocation program (docs/design.md 2.3) for a total budget.
 
     Args:
         scores: per-block scores; their floored qualities drive the plan.
@@ -275,7 +275,7 @@ def plan_allocation(
         gamma, beta, alpha: value gamma q^beta log(1 + e) - alpha e per block.
         lo, hi, lo_blocks, hi_blocks: bounds on units, as in :func:`plan_pruning`.
         integer: whole units (ranks, experts); the default.
-        tau: the quality floor of DESIGN 2.1.
+        tau: the quality floor of docs/design.md 2.1.
 
     Example:
         >>> s = LayerScores("gradnorm", zeta2=[3.0, 1.0], n_params=[100, 100])
@@ -386,6 +386,8 @@ def plan_band(
 
     The highest-scoring block gets S - width, the lowest S + width, then one offset (found by
     bisection, so clipping to [lo, hi] keeps the target) makes the weighted mean exactly S.
+    ``lo_blocks`` / ``hi_blocks`` override single blocks' bounds, as in :func:`plan_pruning`:
+    a capped block is clipped and the others absorb the difference.
     OWL (``owl`` scores, width = lambda = 0.08) and LayerIF (``layerif`` scores, its min-max
     map with epsilon = width) are this rule.
 
@@ -400,10 +402,14 @@ def plan_band(
         raise ValueError(f"sparsity {sparsity:g}: needs lo <= sparsity <= hi within [0, 1] (lo {lo:g}, hi {hi:g})")
     z = np.asarray(scores.zeta2, dtype=np.float64)
     n = np.asarray(scores.n_params, dtype=np.float64)
-    lo_v = _per_block("lo", lo, z.size, lo_blocks)
-    hi_v = _per_block("hi", hi, z.size, hi_blocks)
-    if float(n @ lo_v) > sparsity * n.sum() + 1e-9 or float(n @ hi_v) < sparsity * n.sum() - 1e-9:
-        raise ValueError(f"sparsity {sparsity:g} is not reachable within the per-block bounds; hint: widen --bounds")
+    k = z.size
+    lo_v = _per_block("lo", lo, k, lo_blocks)
+    hi_v = _per_block("hi", hi, k, hi_blocks)
+    if np.any(lo_v > hi_v) or not (n @ lo_v <= sparsity * n.sum() <= n @ hi_v):
+        raise ValueError(
+            f"sparsity {sparsity:g}: the per-block bounds allow only"
+            f" [{n @ lo_v / n.sum():.4g}, {n @ hi_v / n.sum():.4g}]; hint: loosen --bounds, --lo or --hi"
+        )
     span = z.max() - z.min()
     unit = (z - z.min()) / span if span > 0 else np.full(z.size, 0.5)
     raw = sparsity + width * (1.0 - 2.0 * unit)

@@ -2,10 +2,19 @@
 
 A recipe names a model, calibration text, a scoring method, a plan (program, target, rule,
 optional refinement), a compression method, and optionally an export budget and a held-out
-evaluation. Loading is strict: an unknown key, a missing required key or a wrong type is a
-one-line error naming it. Relative paths are relative to the recipe file; ``@assets/...``
+evaluation. It is validated whole before any step runs (docs/design.md 6.5):
+
+- types: pydantic models with ``extra="forbid"`` and strict types (a bool is not an int, a list
+  is not a number); the JSON Schema shipped as ``cwca_export/schemas/recipe.schema.json`` is
+  generated from the same models;
+- names: the model folder and data files exist, the scoring method, compression method and
+  export backend are registered (their options too), the hardware profile exists.
+
+Every error is one line with the key path, what is allowed and a fix written as a
+``--set key.path=VALUE`` flag. Relative paths are relative to the recipe file; ``@assets/...``
 names a file shipped inside the package (``@assets/demo-llama``, ``@assets/text/train.txt``).
-The output folder appears complete or not at all.
+The output folder appears complete or not at all; scores are cached by model fingerprint, data
+hash and scorer settings, so a recipe that changes only the plan does not re-score.
 
 Example recipe::
 
@@ -22,153 +31,381 @@ Example recipe::
 
 from __future__ import annotations
 
+import difflib
+import hashlib
 import json
 import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "recipe.schema.json"
+ASSETS = Path(__file__).resolve().parent / "assets"
 
 
-@dataclass(frozen=True)
-class ScoreStep:
-    method: str = "fisher"
-    options: dict[str, Any] = field(default_factory=dict)
-    debias: bool = False
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-@dataclass(frozen=True)
-class PlanStep:
-    program: str = "prune"
-    sparsity: float | None = None  # prune
-    budget_fraction: float | None = None  # allocate: fraction of block Linear weights kept
-    rank_step: int = 8
-    rule: str = "auto"  # prune: auto | cwca | damage | band
-    kappa: float = 1.0
-    band: float | None = None
-    lo: float = 0.0
-    hi: float = 0.95
-    refine: bool = False  # measured whole-plan refinement (cwca_export.refine)
-    max_evals: int = 40
+class ScoreStep(_Strict):
+    """How blocks are scored (``cwca-export score``)."""
+
+    method: str = Field("fisher", description="a registered scoring method", examples=["gradnorm"])
+    options: dict[str, Any] = Field(default_factory=dict, description="the method's options",
+                                    examples=[{"pruner": "wanda"}])
+    debias: bool = Field(False, description="subtract the noise floor (fisher, gradnorm)", examples=[True])
 
 
-@dataclass(frozen=True)
-class CompressStep:
-    method: str = "wanda"
-    options: dict[str, Any] = field(default_factory=dict)
+class PlanStep(_Strict):
+    """Which program is solved, for what target, and whether it is refined on whole plans."""
+
+    program: Literal["prune", "allocate"] = Field("prune", examples=["prune"])
+    sparsity: float | None = Field(None, ge=0, le=1, description="prune: global sparsity", examples=[0.5])
+    budget_fraction: float | None = Field(None, gt=0, le=1, description="allocate: fraction of block"
+                                          " Linear weights kept", examples=[0.6])
+    rank_step: int = Field(8, ge=1, description="allocate: rank of one plan unit", examples=[8])
+    rule: Literal["auto", "cwca", "damage", "band"] = Field("auto", description="prune: planning rule",
+                                                            examples=["damage"])
+    kappa: float = Field(1.0, gt=0, description="prune, rule cwca: quality exponent", examples=[0.5])
+    band: float | None = Field(None, ge=0, le=1, description="keep every block within S +- band",
+                               examples=[0.1])
+    lo: float = Field(0.0, ge=0, le=1, description="lower bound of every block", examples=[0.0])
+    hi: float = Field(0.95, ge=0, le=1, description="upper bound of every block", examples=[0.9])
+    refine: bool = Field(False, description="correct the plan on measured whole-plan losses", examples=[True])
+    max_evals: int = Field(40, ge=2, description="refine: whole-plan measurements allowed", examples=[40])
+
+    @model_validator(mode="after")
+    def _one_target(self) -> PlanStep:
+        if self.program == "prune" and (self.sparsity is None or self.budget_fraction is not None):
+            raise ValueError("program prune takes sparsity (not budget_fraction); fix: --set plan.sparsity=0.5")
+        if self.program == "allocate" and (self.budget_fraction is None or self.sparsity is not None):
+            raise ValueError(
+                "program allocate takes budget_fraction (not sparsity); fix: --set plan.budget_fraction=0.6"
+            )
+        if self.program == "allocate" and self.rule == "band":
+            raise ValueError("rule band is a pruning rule; fix: --set plan.rule=auto")
+        if self.lo > self.hi:
+            raise ValueError(f"lo {self.lo:g} > hi {self.hi:g}; fix: --set plan.lo=0")
+        return self
 
 
-@dataclass(frozen=True)
-class ExportStep:
-    backend: str = "optimum"
-    quantize: str | None = None
-    hardware: str | None = None
-    max_memory: str | int | None = None
-    max_latency_ms: float | None = None
-    ep: str | None = None
+class CompressStep(_Strict):
+    """How the plan is applied (``cwca-export compress``)."""
+
+    method: str = Field("wanda", description="a registered compression method", examples=["wanda"])
+    options: dict[str, Any] = Field(default_factory=dict, description="the method's options",
+                                    examples=[{"nm": "2:4"}])
 
 
-@dataclass(frozen=True)
-class EvalStep:
-    data: str
-    seq_len: int = 256
-    max_tokens: int | None = None
+class ExportStep(_Strict):
+    """ONNX export under an optional budget (``cwca-export export``)."""
+
+    backend: str = Field("optimum", description="a registered export backend", examples=["onnx"])
+    quantize: Literal["int8", "int4"] | None = Field(None, examples=["int8"])
+    hardware: str | None = Field(None, description="a hardware profile name or YAML path",
+                                 examples=["cpu-2core-24gb"])
+    max_memory: str | int | None = Field(None, description="bytes, or a size such as 300MiB",
+                                         examples=["300MiB"])
+    max_latency_ms: float | None = Field(None, gt=0, description="p50 ms per decoded token", examples=[20.0])
+    ep: Literal["cpu", "cuda"] | None = Field(None, examples=["cpu"])
+
+    @field_validator("max_memory")
+    @classmethod
+    def _size(cls, value: str | int | None) -> str | int | None:
+        if value is not None:
+            from cwca_export.budget import parse_size
+
+            if isinstance(value, bool) or parse_size(value) <= 0:
+                raise ValueError("expected a positive size such as 300MiB")
+        return value
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """A parsed recipe; paths are absolute."""
+class EvalStep(_Strict):
+    """Held-out perplexity of the result (``cwca-export eval``)."""
 
-    model: str
-    data: str
-    score: ScoreStep
+    data: str = Field(description="held-out text (.txt or .jsonl)", examples=["heldout.txt"])
+    seq_len: int = Field(256, ge=2, examples=[256])
+    max_tokens: int | None = Field(None, ge=2, examples=[16384])
+
+
+class Recipe(_Strict):
+    """A whole recipe; after :meth:`load` / :meth:`from_dict` its paths are absolute."""
+
+    model: str = Field(description="model folder (config.json + safetensors)", examples=["./my-llama"])
+    data: str = Field(description="calibration text (.txt or .jsonl)", examples=["calib.txt"])
+    samples: int = Field(32, ge=1, description="calibration sequences", examples=[32])
+    seq_len: int = Field(128, ge=2, description="tokens per calibration sequence", examples=[128])
+    seed: int = Field(0, ge=0, examples=[0])
+    score: ScoreStep = Field(default_factory=ScoreStep)
     plan: PlanStep
     compress: CompressStep
-    samples: int = 32
-    seq_len: int = 128
-    seed: int = 0
     export: ExportStep | None = None
     eval: EvalStep | None = None
-    source: str = ""
+    source: str = Field("", exclude=True, description="where the recipe was read from (not a recipe key)")
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Recipe:
-        """Read and check a recipe file (strict: unknown keys are errors)."""
+    def load(cls, path: str | os.PathLike, *, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+        """Read, override (``key.path=VALUE`` strings, as ``--set`` takes them) and check a recipe."""
         path = Path(path)
         try:
-            body = yaml.safe_load(path.read_text())
+            body = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
             raise ValueError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        for item in overrides:
+            body = apply_override(body, item, source=str(path))
         return cls.from_dict(body, base=path.parent, source=str(path))
 
     @classmethod
-    def from_dict(cls, body: Any, *, base: Path = Path("."), source: str = "recipe") -> Recipe:
+    def from_dict(cls, body: Any, *, base: Path = Path("."), source: str = "recipe", check_names: bool = True
+                  ) -> Recipe:
+        """Validate a parsed recipe: types, then (``check_names``) every name it uses."""
         if not isinstance(body, dict):
             raise ValueError(f"{source}: a recipe is a mapping of keys (model, data, score, plan, compress, ...)")
-        steps = {"score": ScoreStep, "plan": PlanStep, "compress": CompressStep, "export": ExportStep, "eval": EvalStep}
-        top = {f.name for f in fields(cls)} - {"source"}
-        _unknown(body, top, source)
-        for key in ("model", "data", "plan", "compress"):
-            if key not in body:
-                raise ValueError(f"{source}: missing required key {key!r}")
-        kwargs: dict[str, Any] = {}
-        for key, value in body.items():
-            if key in steps:
-                if value is None and key in ("export", "eval"):
-                    continue
-                if not isinstance(value, dict):
-                    raise ValueError(f"{source}: {key!r} must be a mapping, got {type(value).__name__}")
-                _unknown(value, {f.name for f in fields(steps[key])}, f"{source}: {key}")
-                try:
-                    kwargs[key] = steps[key](**value)
-                except TypeError as exc:
-                    raise ValueError(f"{source}: {key}: {exc}") from None
-            else:
-                kwargs[key] = value
-        kwargs.setdefault("score", ScoreStep())
-        kwargs["model"] = _resolve(base, kwargs["model"])
-        kwargs["data"] = _resolve(base, kwargs["data"])
-        if "eval" in kwargs:
-            kwargs["eval"] = EvalStep(_resolve(base, kwargs["eval"].data), kwargs["eval"].seq_len, kwargs["eval"].max_tokens)
-        recipe = cls(source=source, **kwargs)
-        recipe._check(source)
+        if "source" in body:
+            raise ValueError(f"{source}: source: unknown key; allowed: {', '.join(_keys(cls))}")
+        try:
+            recipe = cls.model_validate(body)
+        except ValidationError as exc:
+            raise ValueError(_one_line(exc, source)) from None
+        recipe = recipe.model_copy(update={
+            "source": source,
+            "model": _resolve(base, recipe.model),
+            "data": _resolve(base, recipe.data),
+            "eval": None if recipe.eval is None else recipe.eval.model_copy(
+                update={"data": _resolve(base, recipe.eval.data)}),
+        })
+        if check_names:
+            recipe.check_names()
         return recipe
 
-    def _check(self, source: str) -> None:
-        plan = self.plan
-        if plan.program == "prune":
-            if plan.sparsity is None or plan.budget_fraction is not None:
-                raise ValueError(f"{source}: plan: program prune takes sparsity (not budget_fraction)")
-        elif plan.program == "allocate":
-            if plan.budget_fraction is None or plan.sparsity is not None:
-                raise ValueError(f"{source}: plan: program allocate takes budget_fraction (not sparsity)")
-        else:
-            raise ValueError(f"{source}: plan: program {plan.program!r}; choose prune or allocate")
-        for name in ("samples", "seq_len"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{source}: {name} must be a positive integer")
+    def check_names(self) -> None:
+        """Every file, registry name and option the recipe uses exists: before any step runs."""
+        where = self.source or "recipe"
+        if not (Path(self.model) / "config.json").is_file():
+            raise ValueError(f"{where}: model: {self.model} is not a local model folder (no config.json);"
+                             " fix: --set model=PATH_TO_MODEL_DIR")
         if not Path(self.data).is_file():
-            raise ValueError(f"{source}: data {self.data} is not a file")
+            raise ValueError(f"{where}: data: {self.data} is not a file; fix: --set data=PATH_TO_CALIB.txt")
+        if self.eval is not None and not Path(self.eval.data).is_file():
+            raise ValueError(f"{where}: eval.data: {self.eval.data} is not a file;"
+                             " fix: --set eval.data=PATH_TO_HELDOUT.txt")
+        from cwca_export.compression.registry import METHODS
+        from cwca_export.scoring.registry import ESTIMATORS
+
+        estimator = ESTIMATORS.get(self.score.method)
+        if estimator is None:
+            raise ValueError(f"{where}: score.method: {self.score.method!r} is not a scoring method; allowed:"
+                             f" {', '.join(sorted(ESTIMATORS))}; fix: --set score.method=gradnorm")
+        _check_options(where, "score.options", self.score.options, estimator.options)
+        method = METHODS.get(self.compress.method)
+        if method is None:
+            raise ValueError(f"{where}: compress.method: {self.compress.method!r} is not a compression method;"
+                             f" allowed: {', '.join(sorted(METHODS))}; fix: --set compress.method=wanda")
+        if method.program != self.plan.program:
+            fitting = sorted(n for n, m in METHODS.items() if m.program == self.plan.program)
+            raise ValueError(f"{where}: compress.method: {self.compress.method!r} applies {method.program} plans,"
+                             f" plan.program is {self.plan.program}; allowed: {', '.join(fitting)};"
+                             f" fix: --set compress.method={fitting[0]}")
+        options = {k: v for k, v in self.compress.options.items() if k != "rank_step"}
+        _check_options(where, "compress.options", options, method.options)
+        if self.export is not None:
+            from cwca_export.backends import available_backends
+            from cwca_export.budget import PROFILE_DIR, available_profiles
+
+            backends = available_backends()
+            if self.export.backend not in backends:
+                raise ValueError(f"{where}: export.backend: {self.export.backend!r} is not registered; allowed:"
+                                 f" {', '.join(backends)}; fix: --set export.backend=optimum")
+            hardware = self.export.hardware
+            known = hardware is None or Path(hardware).is_file() or (PROFILE_DIR / f"{hardware}.yaml").is_file()
+            if not known:
+                raise ValueError(f"{where}: export.hardware: no profile {hardware!r}; allowed:"
+                                 f" {', '.join(available_profiles())} or a YAML path;"
+                                 " fix: --set export.hardware=cpu-2core-24gb")
+
+    def describe(self) -> list[str]:
+        """The validated steps, one line each (``run --dry-run``)."""
+        p = self.plan
+        target = f"sparsity {p.sparsity:g}" if p.program == "prune" else (
+            f"budget_fraction {p.budget_fraction:g}, rank_step {p.rank_step}")
+        lines = [
+            f"recipe {self.source or '(in memory)'}: valid",
+            f"model {self.model}",
+            f"data {self.data}: {self.samples} x {self.seq_len} tokens, seed {self.seed}",
+            f"[score] {self.score.method} {json.dumps(self.score.options)}" + (" debias" if self.score.debias else ""),
+            f"[plan] {p.program}, {target}, rule {p.rule}, bounds [{p.lo:g}, {p.hi:g}]"
+            + (f", band {p.band:g}" if p.band is not None else "")
+            + (f", refined within {p.max_evals} forwards" if p.refine else ""),
+            f"[compress] {self.compress.method} {json.dumps(self.compress.options)}",
+        ]
+        if self.export is not None:
+            e = self.export
+            limits = ", ".join(f"{k} {v}" for k, v in (("hardware", e.hardware), ("max_memory", e.max_memory),
+                               ("max_latency_ms", e.max_latency_ms), ("ep", e.ep)) if v is not None)
+            lines.append(f"[export] {e.backend}, {e.quantize or 'no quantization'}" + (f", {limits}" if limits else ""))
+        if self.eval is not None:
+            lines.append(f"[eval] {self.eval.data}, windows of {self.eval.seq_len}"
+                         + (f", first {self.eval.max_tokens} tokens" if self.eval.max_tokens else ""))
+        return lines
 
 
-def _unknown(body: dict, known: set[str], where: str) -> None:
-    extra = sorted(set(body) - known)
-    if extra:
-        raise ValueError(f"{where}: unknown key(s) {extra}; known: {sorted(known)}")
+def json_schema() -> dict[str, Any]:
+    """The recipe's JSON Schema, generated from the pydantic models (shipped as SCHEMA_PATH)."""
+    schema = Recipe.model_json_schema()
+    schema["properties"].pop("source", None)
+    schema["title"] = "cwca-export recipe"
+    return schema
 
 
-def _resolve(base: Path, value: Any) -> str:
+def write_schema(path: str | os.PathLike = SCHEMA_PATH) -> Path:
+    """Regenerate the shipped schema file (run after changing the recipe models).
+
+    ``python -c 'from cwca_export.recipe import write_schema; write_schema()'``
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(json_schema(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
+def apply_override(body: Any, item: str, *, source: str = "recipe") -> dict[str, Any]:
+    """Set ``key.path=VALUE`` (VALUE parsed as YAML) in a recipe mapping; returns the new mapping.
+
+    Example:
+        >>> apply_override({"plan": {"sparsity": 0.5}}, "plan.sparsity=0.7")
+        {'plan': {'sparsity': 0.7}}
+        >>> apply_override({}, "export.quantize=int8")
+        {'export': {'quantize': 'int8'}}
+    """
+    key, sep, raw = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        raise ValueError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. --set plan.sparsity=0.6")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise ValueError(f"--set {item!r}: the value is not valid YAML; quote it, e.g. --set {key}='...'") from None
+    if not isinstance(body, dict):
+        raise ValueError(f"{source}: a recipe is a mapping of keys (model, data, score, plan, compress, ...)")
+    result = dict(body)
+    node = result
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = {}
+        elif not isinstance(child, dict):
+            where = ".".join(parts[: depth + 1])
+            raise ValueError(f"--set {item!r}: {where} is a {type(child).__name__}, not a mapping")
+        node[part] = child = dict(child)
+        node = child
+    node[parts[-1]] = value
+    return result
+
+
+def _keys(model: type[BaseModel]) -> list[str]:
+    return [name for name in model.model_fields if name != "source"]
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that holds the key at ``loc`` (for listing the keys allowed there)."""
+    model: Any = Recipe
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            continue  # union / tagged branches pydantic adds to loc
+        annotation = field.annotation
+        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type)
+                      and issubclass(a, BaseModel)]
+        if not candidates:
+            return None
+        model = candidates[0]
+    return model
+
+
+def _example(loc: tuple) -> str:
+    model = _model_at(loc)
+    field = model.model_fields.get(loc[-1]) if model is not None and isinstance(loc[-1], str) else None
+    examples = getattr(field, "examples", None) or ["VALUE"]
+    value = examples[0]
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _one_line(exc: ValidationError, source: str) -> str:
+    """The first validation error as one line: key path, what is allowed, and a --set fix."""
+    errors = exc.errors(include_url=False)
+    err = errors[0]
+    loc = tuple(p for p in err["loc"] if isinstance(p, str))
+    loc = tuple(p for p in loc if p not in ("str", "int", "float", "bool", "dict"))
+    path = ".".join(loc) or "(top level)"
+    kind = err["type"]
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    if kind == "extra_forbidden":
+        model = _model_at(loc)
+        keys = _keys(model) if model is not None else []
+        close = difflib.get_close_matches(loc[-1], keys, n=1)
+        fix = f"; fix: --set {'.'.join((*loc[:-1], close[0]))}={_example((*loc[:-1], close[0]))}" if close else ""
+        allowed = ", ".join(keys) or "see recipes/README.md"
+        return f"{source}: {path}: unknown key; allowed here: {allowed}{fix}{more}"
+    if kind == "missing":
+        return f"{source}: {path}: missing required key; fix: --set {path}={_example(loc)}{more}"
+    if kind == "value_error":
+        return f"{source}: {path}: {err['msg'].removeprefix('Value error, ')}{more}"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        model = _model_at((*loc, "_"))
+        keys = _keys(model) if model is not None else []
+        mapping = f"{{{keys[0]}: {_example((*loc, keys[0]))}}}" if keys else "{}"
+        return (
+            f"{source}: {path}: must be a mapping, got {type(err['input']).__name__} {err['input']!r};"
+            f" fix: --set '{path}={mapping}'{more}"
+        )
+    got = err.get("input")
+    got_text = f"{got!r} ({type(got).__name__})" if not isinstance(got, dict) else "a mapping"
+    return f"{source}: {path}: {err['msg']}, got {got_text}; fix: --set {path}={_example(loc)}{more}"
+
+
+def _check_options(where: str, path: str, given: dict[str, Any], accepted: dict[str, Any]) -> None:
+    unknown = sorted(set(given) - set(accepted))
+    if unknown:
+        allowed = ", ".join(sorted(accepted)) or "none"
+        raise ValueError(f"{where}: {path}: unknown option(s) {', '.join(unknown)}; allowed: {allowed}")
+
+
+def _resolve(base: Path, value: str) -> str:
     """A path relative to the recipe; ``@assets/...`` names the files shipped in the package."""
-    if not isinstance(value, str):
-        raise ValueError(f"expected a path or model id, got {value!r}")
     if value.startswith("@assets/"):
-        return str(Path(__file__).resolve().parent / "assets" / value.removeprefix("@assets/"))
-    candidate = base / value
-    return str(candidate.resolve()) if candidate.exists() or value.startswith(".") else value
+        return str(ASSETS / value.removeprefix("@assets/"))
+    return str((base / value).resolve())
+
+
+# ---------------------------------------------------------------- score cache
+
+
+def default_cache_dir() -> Path:
+    """``$CWCA_CACHE_DIR``, else ``$XDG_CACHE_HOME/cwca-export``, else ``~/.cache/cwca-export``."""
+    if os.environ.get("CWCA_CACHE_DIR"):
+        return Path(os.environ["CWCA_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "cwca-export"
+
+
+def score_cache_key(fingerprint: str, data_hash: str, recipe: Recipe) -> str:
+    """sha256 of what determines a scores file: model fingerprint, data hash, scorer settings."""
+    settings = {
+        "fingerprint": fingerprint,
+        "data_hash": data_hash,
+        "method": recipe.score.method,
+        "options": recipe.score.options,
+        "debias": recipe.score.debias,
+        "samples": recipe.samples,
+        "seq_len": recipe.seq_len,
+        "seed": recipe.seed,
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def run_recipe(
@@ -177,17 +414,22 @@ def run_recipe(
     *,
     overwrite: bool = False,
     echo: Callable[[str], None] = print,
+    cache_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Carry out ``recipe`` into ``out_dir``; returns the run summary (also ``run.json``).
 
     The folder is built beside ``out_dir`` and renamed into place only when every step has
-    succeeded (an export that misses its budget fails the run and leaves nothing).
+    succeeded (an export that misses its budget fails the run and leaves nothing). With
+    ``cache_dir``, scores are read from and written to ``cache_dir/scores/<key>.json``, the
+    key being :func:`score_cache_key`: a recipe that changes only the plan does not re-score.
     """
+    from cwca_export import scoring
+    from cwca_export.blocks import model_fingerprint
     from cwca_export.compression import compress, save_compressed
     from cwca_export.data import calibration_data
     from cwca_export.exporter._atomic import Staging
     from cwca_export.loading import load_model
-    from cwca_export.scoring import score
+    from cwca_export.scores import LayerScores
 
     timings: dict[str, float] = {}
     with Staging(out_dir, overwrite=overwrite) as staging:
@@ -198,8 +440,18 @@ def run_recipe(
         model.eval()
         calib = calibration_data(recipe.data, tokenizer, num_samples=recipe.samples, seq_len=recipe.seq_len,
                                  seed=recipe.seed)
-        scores = score(model, calib, method=recipe.score.method, options=recipe.score.options,
-                       debias=recipe.score.debias, progress=False)
+        cached = None
+        if cache_dir is not None:
+            key = score_cache_key(model_fingerprint(model), calib.data_hash, recipe)
+            cached = Path(cache_dir) / "scores" / f"{key}.json"
+        if cached is not None and cached.is_file():
+            echo(f"[score] cached: {cached}")
+            scores = LayerScores.load(cached)
+        else:
+            scores = scoring.score(model, calib, method=recipe.score.method, options=recipe.score.options,
+                                   debias=recipe.score.debias, progress=False)
+            if cached is not None:
+                scores.save(cached)
         scores.save(work / "scores.json")
         timings["score"] = round(time.perf_counter() - began, 1)
 
@@ -214,7 +466,8 @@ def run_recipe(
         options = dict(recipe.compress.options)
         if plan.program == "allocate":
             options.setdefault("rank_step", recipe.plan.rank_step)
-        compressed = compress(model, plan, method=recipe.compress.method, data=calib, **options)  # data-free methods ignore it
+        # data-free methods ignore data
+        compressed = compress(model, plan, method=recipe.compress.method, data=calib, **options)
         save_compressed(compressed, work / "compressed", tokenizer=tokenizer)
         timings["compress"] = round(time.perf_counter() - began, 1)
 

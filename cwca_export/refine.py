@@ -1,6 +1,6 @@
 """Interaction-aware refinement: correct a separable plan with measurements of whole plans.
 
-The one-dual plans (DESIGN 2.2, :mod:`cwca_export.curve_solver`) add up single-block damage.
+The one-dual plans (docs/design.md 2.2, :mod:`cwca_export.curve_solver`) add up single-block damage.
 Real damage is not additive: a whole plan's loss increase over the sum of its blocks' alone
 is about 0.5-0.6 for uniform plans and 1.1-2.0 for skewed ones at 70% sparsity on small
 Llamas, so a separable program skews too much. Refinement measures the loss of whole plans
@@ -182,7 +182,7 @@ def candidate_plans(
     """The small grid a tuned plan is chosen from, by name: uniform plus every rule setting.
 
     Scores with measured damage curves give ``damage`` plans per band; other scores give
-    MDL plans (DESIGN 2.2) per kappa and band. Uniform is always a candidate, so a tuned
+    MDL plans (docs/design.md 2.2) per kappa and band. Uniform is always a candidate, so a tuned
     plan is never worse than uniform on the calibration loss.
     """
     from cwca_export.plan import Plan, has_damage_curves, plan_by_rule
@@ -449,8 +449,8 @@ def refine_ranks(
     """
     import dataclasses
 
-    from cwca_export.rank_plans import kept_parameters, linear_shapes, plan_ranks_from_damage, plan_ranks_uniform
     from cwca_export.plan_probe import RankPlanLoss
+    from cwca_export.rank_plans import kept_parameters, linear_shapes, plan_ranks_from_damage, plan_ranks_uniform
 
     ids = getattr(data, "input_ids", data)
     shapes = linear_shapes(model)

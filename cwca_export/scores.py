@@ -1,7 +1,7 @@
 """`LayerScores`: per-block gains as the scorer measured them, and their qualities q_k.
 
 NumPy only. The scorer writes every raw number it has (zeta2, ||g||^2, trace F, ...) so a
-plan can be re-solved without re-scoring; `qualities()` is where DESIGN 2.1's floor lives.
+plan can be re-solved without re-scoring; `qualities()` is where docs/design.md 2.1's floor lives.
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ class LayerScores:
         return None if snr is None else within_noise(snr, threshold)
 
     def qualities(self, tau: float = DEFAULT_Q_FLOOR_TAU) -> np.ndarray:
-        """The floored qualities q_k of DESIGN 2.1 (see :func:`qualities`)."""
+        """The floored qualities q_k of docs/design.md 2.1 (see :func:`qualities`)."""
         return qualities(np.asarray(self.zeta2), tau)
 
     def to_dict(self) -> dict[str, Any]:

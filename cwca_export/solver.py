@@ -1,4 +1,4 @@
-"""Closed-form solvers for the two convex MDL programs of DESIGN 2.2 and 2.3.
+"""Closed-form solvers for the two convex MDL programs of docs/design.md 2.2 and 2.3.
 
 Pure NumPy (no torch import). Each program's KKT conditions give every layer's value as a
 clipped, monotone function of one dual variable lambda; we find lambda by bisection over
@@ -219,10 +219,7 @@ def solve_pruning(
 
     def rho_at(lam: float) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            if psi == "quadratic":
-                raw = lam * n_v / (2.0 * w)
-            else:
-                raw = 1.0 - w / (lam * n_v)
+            raw = lam * n_v / (2.0 * w) if psi == "quadratic" else 1.0 - w / (lam * n_v)
         # q = 0: the cost does not depend on rho, so any positive price pushes it to hi.
         raw = np.where(free_w, raw, np.inf if lam > 0 else -np.inf)
         return np.clip(raw, lo_v, hi_v)
@@ -232,10 +229,7 @@ def solve_pruning(
 
     # The price at which every layer sits at hi; beyond it nothing changes.
     with np.errstate(divide="ignore"):
-        if psi == "quadratic":
-            lam_top = 2.0 * w * hi_v / n_v
-        else:
-            lam_top = w / ((1.0 - hi_v) * n_v)
+        lam_top = 2.0 * w * hi_v / n_v if psi == "quadratic" else w / ((1.0 - hi_v) * n_v)
     lam_max = float(lam_top[free_w].max()) if free_w.any() else 0.0
 
     if need <= reach_lo + slack:
@@ -484,7 +478,7 @@ def _greedy_units(g, c, alpha, lo, hi, budget) -> tuple[np.ndarray, float, int]:
 
 @dataclass(frozen=True)
 class TransferRegret:
-    """How much a plan solved on source qualities loses on the target domain (DESIGN 2.4).
+    """How much a plan solved on source qualities loses on the target domain (docs/design.md 2.4).
 
     Attributes:
         delta: ||q_source - q_target||_2.

@@ -103,3 +103,48 @@ def test_inspect_model_folder_reads_no_weights(tmp_path):
     # per block: q 16x16, k/v 8x16, o 16x16, gate/up 32x16, down 16x32
     assert info["blocks"] == 3
     assert info["block_params"] == [2 * 256 + 2 * 128 + 3 * 512] * 3
+
+
+def test_band_rule_honours_per_block_bounds(tmp_path):
+    """Issue 13: `--rule band --bounds 0:0.3` ignored the bounds (block 0 got 0.58)."""
+    s = LayerScores("owl", zeta2=[1.0, 2.0, 3.0], n_params=[10, 10, 10],
+                    block_names=[f"model.layers.{i}" for i in range(3)])
+    scores = s.save(tmp_path / "owl.json")
+    out = tmp_path / "plan.json"
+    r = _invoke("plan", scores, "--sparsity", 0.5, "--rule", "band", "--band", 0.08,
+                "--bounds", "0:0.3", "--out", out)
+    assert r.exit_code == 0, r.output
+    plan = Plan.load(out)
+    # block 0 has the lowest score, so the map gives it S + band = 0.58 unless capped;
+    # capped at 0.3 it leaves 0.2 * 10 weights to the others, which shift by one offset:
+    # 0.5 + 0.08 * (1 - 2 u_k) + c with u = (0, .5, 1) and (0.5 + c) + (0.42 + c) = 1.2
+    assert plan.x[0] == pytest.approx(0.3)
+    assert plan.hi[0] == 0.3
+    assert plan.x[1] == pytest.approx(0.64, abs=1e-9) and plan.x[2] == pytest.approx(0.56, abs=1e-9)
+    assert np.mean(plan.x) == pytest.approx(0.5, abs=1e-12)
+
+
+def test_band_rule_infeasible_bounds_is_one_line(tmp_path):
+    s = LayerScores("owl", zeta2=[1.0, 2.0], n_params=[10, 10], block_names=["a.0", "a.1"])
+    scores = s.save(tmp_path / "owl.json")
+    r = CliRunner().invoke(cli, ["plan", str(scores), "--sparsity", "0.5", "--rule", "band", "--band", "0.1",
+                                 "--bounds", "0-1:0.3", "--out", str(tmp_path / "p.json")])
+    assert r.exit_code == 1
+    assert "--bounds" in r.output and r.output.strip().count("\n") == 0
+
+
+def test_inspect_compressed_folder_reports_its_own_shapes(tmp_path):
+    """Issue 13: inspect on a compressed folder reported the dense per-block weight counts."""
+    from helpers import factorise, shrink_mlp, tiny_model
+
+    from cwca_export.compression.saving import save_compressed
+
+    model = tiny_model("llama")  # hidden 32, MLP 64, 4 query / 2 KV heads of 8
+    shrink_mlp(model, 0, 16)
+    factorise(model, "model.layers.1.self_attn.q_proj", 4)
+    folder = save_compressed(model, tmp_path / "narrow")
+    r = _invoke("inspect", folder, "--json")
+    info = json.loads(r.output)
+    attention = 2 * 32 * 32 + 2 * 16 * 32  # q, o + k, v
+    dense = attention + 3 * 64 * 32
+    assert info["block_params"] == [attention + 3 * 16 * 32, dense - 32 * 32 + 2 * 4 * 32]

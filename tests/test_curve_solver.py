@@ -92,7 +92,7 @@ def test_piecewise_brute_force_grid():
     grid = np.linspace(0, 0.9, 9001)
     partner = (0.4 * n.sum() - n[0] * grid) / n[1]
     ok = (partner >= 0) & (partner <= 0.9)
-    costs = [curve_value([r0, r1], POINTS, damage).sum() for r0, r1 in zip(grid[ok], partner[ok])]
+    costs = [curve_value([r0, r1], POINTS, damage).sum() for r0, r1 in zip(grid[ok], partner[ok], strict=True)]
     assert res.objective <= min(costs) + 1e-9
 
 

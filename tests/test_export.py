@@ -13,10 +13,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from cwca_export.backends import UnsupportedModelError
 from helpers import factorise, sample_text, save_tiny_model, shrink_mlp, tiny_model, tiny_tokenizer
 
 import cwca_export
-from cwca_export.backends import UnsupportedModelError
 from cwca_export.budget import Budget
 from cwca_export.exporter import VerificationError
 from cwca_export.exporter._atomic import Staging
@@ -110,7 +110,9 @@ def test_manifest_records_files_hashes_versions_and_measurements(llama_optimum):
     assert m["backend"]["name"] == "optimum" and m["plan"] is None and m["budget"] is None
     assert m["model"]["architecture"] == "LlamaForCausalLM" and m["model"]["zero_fraction"] == 0
     meas = m["measurement"]
-    assert meas["workload"] == {"ep": "cpu", "batch": 1, "prompt_len": 8, "context": 24, "warmup": 1, "runs": 3, "threads": 0}
+    assert meas["workload"] == {
+        "ep": "cpu", "batch": 1, "prompt_len": 8, "context": 24, "warmup": 1, "runs": 3, "threads": 0,
+    }
     assert meas["resident_bytes"] > 0 and "VmHWM" in meas["resident_method"]
     assert meas["kv_cache_bytes"] == 2 * 2 * (1 * 2 * 24 * 8 * 4)  # layers * (k, v) * B * heads * ctx * hd * fp32
     for shape in ("prefill", "decode"):
@@ -128,7 +130,8 @@ def test_heterogeneous_widths_and_factorised_linears_export_and_generate(mistral
     model, art = mistral_compressed
     m = art.manifest
     assert m["verification"]["fp32"]["generation"]["runtime_equal"] is True
-    assert sorted(m["model"]["factorised_linears"]) == ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    factorised = sorted(m["model"]["factorised_linears"])
+    assert factorised == ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
     kinds = {row["kind"]: row for row in m["savings"]}
     assert kinds["structured width"]["latency"] is True and kinds["low-rank factorisation"]["disk"] is True
     graph = onnx.load(str(art.model_path), load_external_data=False).graph
@@ -324,7 +327,8 @@ def test_cli_errors_are_one_line(tmp_path):
 @pytest.mark.parametrize("backend", ["optimum", "onnx"])
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gpt2"])
 def test_every_family_exports_with_every_backend(tmp_path, family, backend):
-    art = cwca_export.export(tiny_model(family), None, tmp_path / "a", backend=backend, tokenizer=tiny_tokenizer(), **FAST)
+    art = cwca_export.export(tiny_model(family), None, tmp_path / "a", backend=backend, tokenizer=tiny_tokenizer(),
+                             **FAST)
     assert art.manifest["verification"]["fp32"]["generation"]["passed"]
     assert art.parity["rel_rms"] < 1e-4
 
@@ -344,8 +348,9 @@ def test_quantized_optimum_artifacts(tmp_path, family, method):
 
 
 def test_per_block_head_counts_are_refused_before_export(tmp_path):
-    from cwca_export import LayerScores, compress, find_blocks, plan_pruning
     from cwca_export.backends import UnsupportedModelError
+
+    from cwca_export import LayerScores, compress, find_blocks, plan_pruning
 
     model = tiny_model("llama")
     blocks = find_blocks(model)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from cwca_export.backends import UnsupportedModelError
 from helpers import tiny_model
 
 import cwca_export
-from cwca_export.backends import UnsupportedModelError
 from cwca_export.budget import Budget
 from cwca_export.exporter.session import DecoderSession, make_session
 

@@ -117,9 +117,8 @@ def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(

@@ -6,11 +6,11 @@ import copy
 
 import pytest
 import torch
+from compress_plans import make_plan
+from helpers import tiny_model
 
 from cwca_export.compression import compress
 from cwca_export.plan_probe import PlanLoss
-from compress_plans import make_plan
-from helpers import tiny_model
 
 
 def _reference_loss(model, ids):

@@ -8,12 +8,14 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from compress_plans import make_plan
+from helpers import tiny_model
 from torch import nn
 
-from compress_plans import make_plan
 from cwca_export.blocks import find_blocks
 from cwca_export.compression import compress
 from cwca_export.curve_solver import curve_value
+from cwca_export.plan_probe import RankPlanLoss
 from cwca_export.rank_plans import (
     kept_parameters,
     linear_shapes,
@@ -21,10 +23,8 @@ from cwca_export.rank_plans import (
     plan_ranks_uniform,
     solve_unit_options,
 )
-from cwca_export.plan_probe import RankPlanLoss
 from cwca_export.refine import refine_ranks, refine_unit_exchange
 from cwca_export.scores import LayerScores
-from helpers import tiny_model
 
 POINTS = [0.25, 0.5, 0.75, 0.9]
 
@@ -77,7 +77,7 @@ def ids(model):
 def test_kept_parameters_count_what_compress_keeps(model, units):
     shapes = linear_shapes(model)
     work = compress(copy.deepcopy(model), make_plan(model, "allocate", units, rank_step=4), method="lowrank")
-    assert _block_weights(work) == [kept_parameters(s, u * 4) for s, u in zip(shapes, units)]
+    assert _block_weights(work) == [kept_parameters(s, u * 4) for s, u in zip(shapes, units, strict=True)]
     assert _block_weights(model) == [b.n_params for b in find_blocks(model)]
 
 
@@ -88,13 +88,13 @@ def test_the_kept_weight_budget_holds_on_the_compressed_model(model, fraction):
     budget = fraction * sum(scores.n_params)
     assert plan.program == "allocate" and plan.parameters["rank_step"] == 4
     assert plan.parameters["rule"] == "damage" and plan.parameters["exact"] is True
-    assert all(float(x).is_integer() and lo <= x <= hi for x, lo, hi in zip(plan.x, plan.lo, plan.hi))
+    assert all(float(x).is_integer() and lo <= x <= hi for x, lo, hi in zip(plan.x, plan.lo, plan.hi, strict=True))
     work = compress(copy.deepcopy(model), plan, method="lowrank")  # rank_step read from the plan
     kept = sum(_block_weights(work))
     assert kept <= budget and kept == plan.parameters["kept_params"]
     # damage falls with every unit, so no block could take one more unit within the budget
     shapes = linear_shapes(model)
-    for shape, x, hi in zip(shapes, plan.x, plan.hi):
+    for shape, x, hi in zip(shapes, plan.x, plan.hi, strict=True):
         if x < hi:
             assert kept - kept_parameters(shape, int(x) * 4) + kept_parameters(shape, int(x + 1) * 4) > budget
 
@@ -117,13 +117,13 @@ def _brute_force(shapes, points, damage, fraction, step, form, lo_units, hi_unit
     n = [sum(m * k for m, k in s) for s in shapes]
     full = [max(min(m, k) for m, k in s) for s in shapes]
     best = np.inf
-    for combo in itertools.product(*(range(int(a), int(b) + 1) for a, b in zip(lo_units, hi_units))):
-        kept = [kept_parameters(s, e * step) for s, e in zip(shapes, combo)]
+    for combo in itertools.product(*(range(int(a), int(b) + 1) for a, b in zip(lo_units, hi_units, strict=True))):
+        kept = [kept_parameters(s, e * step) for s, e in zip(shapes, combo, strict=True)]
         if sum(kept) > fraction * sum(n):
             continue
-        p = np.array([max(0.0, 1 - e * step / r) for e, r in zip(combo, full)])
+        p = np.array([max(0.0, 1 - e * step / r) for e, r in zip(combo, full, strict=True)])
         d = curve_value(p, points, damage, form=form)
-        best = min(best, sum(0.0 if kk >= nn else v for v, kk, nn in zip(d, kept, n)))
+        best = min(best, sum(0.0 if kk >= nn else v for v, kk, nn in zip(d, kept, n, strict=True)))
     return best
 
 
@@ -146,7 +146,7 @@ def test_the_solution_matches_brute_force(seed):
         plan = plan_ranks_from_damage(scores, fraction, shapes=shapes, rank_step=step, form=form)
         expected = _brute_force(shapes, POINTS, damage, fraction, step, form, plan.lo, plan.hi)
         assert plan.objective == pytest.approx(expected, abs=1e-12), (seed, case)
-        kept = sum(kept_parameters(s, int(e) * step) for s, e in zip(shapes, plan.x))
+        kept = sum(kept_parameters(s, int(e) * step) for s, e in zip(shapes, plan.x, strict=True))
         assert kept == plan.parameters["kept_params"] <= fraction * sum(scores.n_params)
         assert plan.parameters["exact"] and plan.dual >= 0
         checked += 1
@@ -169,10 +169,10 @@ def test_a_large_problem_falls_back_with_a_gap_bound():
     exact = solve_unit_options(kept, damage, 600)
     capped = solve_unit_options(kept, damage, 600, max_frontier=1)
     assert exact.exact and exact.gap_bound == 0
-    value = lambda index: sum(d[j] for d, j in zip(damage, index))  # noqa: E731
+    value = lambda index: sum(d[j] for d, j in zip(damage, index, strict=True))  # noqa: E731
     assert not capped.exact and value(capped.index) - capped.gap_bound <= value(exact.index) + 1e-12
     assert value(exact.index) <= value(capped.index) + 1e-12
-    assert sum(c[j] for c, j in zip(kept, capped.index)) <= 600
+    assert sum(c[j] for c, j in zip(kept, capped.index, strict=True)) <= 600
 
 
 def test_refusals_say_what_to_do(model):
@@ -282,11 +282,11 @@ def test_refine_ranks_on_a_tiny_model(model, ids):
 
 def test_cli_plans_ranks_that_compress_applies_within_budget(tmp_path):
     from click.testing import CliRunner
+    from helpers import sample_text, save_tiny_model
 
     import cwca_export
     from cwca_export.cli import cli
     from cwca_export.plan import Plan
-    from helpers import sample_text, save_tiny_model
 
     folder = save_tiny_model("llama", tmp_path / "m", num_hidden_layers=3)
     text = tmp_path / "calib.txt"

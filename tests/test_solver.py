@@ -1,7 +1,7 @@
-"""The closed-form solvers of DESIGN 2.2-2.4, checked against references that share no code.
+"""The closed-form solvers of docs/design.md 2.2-2.4, checked against references that share no code.
 
 A convex program's solution is certified by its KKT conditions, so most tests recompute the
-per-layer marginal ratios from the formulas in DESIGN and check them against the reported dual.
+per-layer marginal ratios from the formulas in docs/design.md 2 and check them against the reported dual.
 Randomised instances are compared with scipy.optimize (SLSQP, trust-constr as a fallback), the
 integer allocation with an exact dynamic programme, and the real 7B score profiles in
 ``shared/reference/layer-scores`` serve as realistic inputs. Objectives are recomputed here from
@@ -49,7 +49,7 @@ MISTRAL_LINEARS = {
 
 
 def ref_prune_cost(rho: np.ndarray, w: np.ndarray, psi: str) -> float:
-    """sum_k w_k psi(rho_k), written from DESIGN 2.2 (a zero weight contributes nothing)."""
+    """sum_k w_k psi(rho_k), written from docs/design.md 2.2 (a zero weight contributes nothing)."""
     if psi == "quadratic":
         return float(np.sum(w * rho**2))
     safe = np.where(w > 0, rho, 0.0)
@@ -64,7 +64,7 @@ def ref_prune_grad(rho: np.ndarray, w: np.ndarray, psi: str) -> np.ndarray:
 
 
 def ref_alloc_value(e: np.ndarray, g: np.ndarray, alpha: np.ndarray) -> float:
-    """sum_k g_k log(1 + e_k) - alpha_k e_k, written from DESIGN 2.3."""
+    """sum_k g_k log(1 + e_k) - alpha_k e_k, written from docs/design.md 2.3."""
     return float(np.sum(g * np.log(1.0 + e) - alpha * e))
 
 

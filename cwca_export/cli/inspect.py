@@ -40,17 +40,26 @@ def _describe_json(path: Path) -> dict:
 
 
 def _describe_model(path: Path) -> dict:
-    """Map blocks on an empty (meta-device) copy: no weights are read."""
+    """Map blocks on an empty (meta-device) copy: no weights are read.
+
+    A compressed folder's config records each block's narrowed widths and factorised
+    Linears (``cwca_compression``); the empty copy is given those shapes first, so the
+    counts are the folder's, not the dense model's it came from.
+    """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from cwca_export.blocks import find_blocks
+    from cwca_export.compression.saving import COMPRESSION_KEY, apply_structure
 
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
+    record = getattr(config, COMPRESSION_KEY, None)
+    if isinstance(record, dict):
+        apply_structure(model, record["blocks"])
     blocks = find_blocks(model)
-    return {
+    info = {
         "type": "model",
         "architecture": type(model).__name__,
         "blocks": len(blocks),
@@ -58,6 +67,9 @@ def _describe_model(path: Path) -> dict:
         "block_params": [b.n_params for b in blocks],
         "linears": sorted({name.rsplit(".", 1)[-1] for name in blocks[0].linears}),
     }
+    if isinstance(record, dict):
+        info["compression"] = [step.get("method") for step in record.get("steps", [])]
+    return info
 
 
 @click.command()
@@ -71,6 +83,7 @@ def inspect(path: str, as_json: bool) -> None:
       cwca-export inspect plan.json
       cwca-export inspect scores.json --json
       cwca-export inspect ./my-llama      # blocks and prunable weights, no weights loaded
+      cwca-export inspect ./narrow        # a compressed folder: its narrowed / factorised shapes
     """
     target = Path(path)
     info = _describe_model(target) if target.is_dir() else _describe_json(target)

@@ -122,14 +122,16 @@ def _table(plan) -> str:
     type=int,
     default=8,
     show_default=True,
-    help="allocate, rule damage: rank of one plan unit (recorded in the plan for compress).",
+    help="allocate, rule damage: rank of one plan unit (recorded in the plan for compress);"
+    " with --peft-config: the LoRA rank of one unit.",
 )
 @click.option(
     "--model",
     "model_path",
     type=click.Path(exists=True, file_okay=False),
     default=None,
-    help="allocate, rule damage: the model folder whose config gives each Linear's shape"
+    help="allocate, rule damage or --peft-config: the model folder whose config gives each Linear's"
+    " shape (and name)"
     " [default: the scores' model path]; no weights are read.",
 )
 @click.option(
@@ -154,10 +156,43 @@ def _table(plan) -> str:
     show_default=True,
     help="Where to write the plan (written atomically).",
 )
+@click.option(
+    "--peft-config",
+    "peft_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="allocate: also write DIR/adapter_config.json, a peft LoraConfig giving every Linear of"
+    " block k rank units_k * --rank-step (rank_pattern / alpha_pattern); needs --model or a"
+    " local scored model folder, and the peft extra.",
+)
+@click.option(
+    "--peft-alpha-ratio",
+    type=float,
+    default=2.0,
+    show_default=True,
+    help="--peft-config: lora_alpha = ratio * rank in every block (equal alpha / r scaling).",
+)
+@click.option(
+    "--llmcompressor-recipe",
+    "llmc_recipe",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="prune: also write an llm-compressor recipe YAML whose pruning modifier takes the"
+    " per-block sparsity list (targets: the decoder blocks).",
+)
+@click.option(
+    "--llmcompressor-modifier",
+    "llmc_modifier",
+    type=click.Choice(["SparseGPTModifier", "WandaPruningModifier"]),
+    default="SparseGPTModifier",
+    show_default=True,
+    help="--llmcompressor-recipe: the modifier the recipe uses.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON instead of a table.")
 def plan(
     scores_path, program, sparsity, budget, lo, hi, bounds, eta, kappa, psi, gamma, beta, alpha, cost,
-    integer, rule, budget_fraction, rank_step, model_path, band, form, tau, out, as_json,
+    integer, rule, budget_fraction, rank_step, model_path, band, form, tau, out, peft_dir,
+    peft_alpha_ratio, llmc_recipe, llmc_modifier, as_json,
 ) -> None:
     """Solve the pruning or capacity-allocation program from SCORES (a scores.json).
 
@@ -169,6 +204,9 @@ def plan(
       cwca-export plan damage.json --sparsity 0.7 --band 0.2      # measured curves, OWL-style band
       cwca-export plan owl.json --sparsity 0.7 --rule band --band 0.08   # the OWL baseline
       cwca-export plan lowrank-damage.json --program allocate --budget-fraction 0.6 --rank-step 8
+      cwca-export plan scores.json --program allocate --budget 96 --model ./my-llama \\
+          --peft-config lora/ --rank-step 4      # LoRA ranks for recovery fine-tuning
+      cwca-export plan scores.json --sparsity 0.5 --llmcompressor-recipe sparsity.yaml
     """
     from cwca_export.plan import plan_allocation, plan_by_rule
     from cwca_export.scores import LayerScores
@@ -181,6 +219,10 @@ def plan(
         raise click.UsageError("--budget-fraction belongs to --program allocate; use --sparsity")
     if program == "allocate" and sparsity is not None:
         raise click.UsageError("--sparsity belongs to --program prune; use --budget or --budget-fraction")
+    if program == "prune" and peft_dir is not None:
+        raise click.UsageError("--peft-config writes LoRA ranks from --program allocate; use --llmcompressor-recipe")
+    if program == "allocate" and llmc_recipe is not None:
+        raise click.UsageError("--llmcompressor-recipe writes sparsity from --program prune; use --peft-config")
     lo_blocks, hi_blocks = parse_bounds(bounds)
     scores = LayerScores.load(scores_path)
     if program == "allocate":
@@ -225,6 +267,14 @@ def plan(
             f"spent {spent:g} of budget {budget:g}; dual {result.dual:.4g};"
             f" objective {result.objective:.6g}; {result.iterations} dual evaluations"
         )
+    if peft_dir is not None and rule == "damage":
+        raise click.UsageError(
+            "--peft-config: rule damage's units are ranks a factorisation keeps, not adapter ranks;"
+            " use --rule cwca --budget N"
+        )
+    # the side files first: a refusal there (no peft, a folder with weights) leaves no plan behind
+    extra = _write_interop(result, scores, peft_dir, peft_alpha_ratio, rank_step, model_path, llmc_recipe,
+                           llmc_modifier)
     path = result.save(out)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
@@ -232,6 +282,26 @@ def plan(
     click.echo(_table(result))
     click.echo(summary)
     click.echo(f"scores: {scores.method} ({scores.num_blocks} blocks); wrote {path}")
+    for line in extra:
+        click.echo(line)
+
+
+def _write_interop(result, scores, peft_dir, alpha_ratio, rank_step, model_path, llmc_recipe, llmc_modifier):
+    """The plan in peft's and llm-compressor's formats, when asked; one line per file written."""
+    from cwca_export import interop
+
+    lines = []
+    if peft_dir is not None:
+        written = interop.write_peft_config(
+            result, peft_dir, model_path=_shapes_folder(model_path, scores, flag="--peft-config"),
+            rank_step=rank_step, alpha_ratio=alpha_ratio,
+        )
+        ranks = interop.lora_ranks(result, rank_step)
+        lines.append(f"peft LoraConfig: ranks {ranks} (units * {rank_step}); wrote {written}")
+    if llmc_recipe is not None:
+        written = interop.write_llmcompressor_recipe(result, llmc_recipe, modifier=llmc_modifier)
+        lines.append(f"llm-compressor recipe ({llmc_modifier}): wrote {written}")
+    return lines
 
 
 def _allocate_rule(rule: str, scores, budget: float | None, budget_fraction: float | None) -> str:
@@ -254,7 +324,7 @@ def _allocate_rule(rule: str, scores, budget: float | None, budget_fraction: flo
     return rule
 
 
-def _shapes_folder(model_path: str | None, scores) -> str:
+def _shapes_folder(model_path: str | None, scores, flag: str = "--rule damage for ranks") -> str:
     """Where the Linear shapes come from: --model, else the folder the scores were made from."""
     if model_path is not None:
         return model_path
@@ -264,6 +334,6 @@ def _shapes_folder(model_path: str | None, scores) -> str:
     if recorded and (Path(recorded) / "config.json").is_file():
         return recorded
     raise click.UsageError(
-        "--rule damage for ranks needs each Linear's shape: pass --model MODEL_DIR (the scored"
+        f"{flag} needs each Linear's shape: pass --model MODEL_DIR (the scored"
         f" model's folder; the scores record {recorded!r}, which is not a local folder)"
     )

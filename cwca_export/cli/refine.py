@@ -9,7 +9,8 @@ import click
 @click.argument("model_dir", metavar="MODEL_DIR", type=click.Path(exists=True, file_okay=False))
 @click.option("--scores", "scores_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="scores.json of MODEL_DIR; measured damage (score --method damage) recommended.")
-@click.option("--sparsity", type=float, default=None, help="Pruning plans: global sparsity, a fraction of all block weights.")
+@click.option("--sparsity", type=float, default=None,
+              help="Pruning plans: global sparsity, a fraction of all block weights.")
 @click.option("--budget-fraction", type=float, default=None,
               help="Rank plans (--method lowrank|asvd): fraction of the blocks' Linear weights kept.")
 @click.option("--rank-step", type=int, default=8, show_default=True, help="Rank plans: rank of one plan unit.")

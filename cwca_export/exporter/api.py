@@ -23,6 +23,7 @@ from cwca_export.exporter.manifest import MANIFEST_NAME, build_manifest
 from cwca_export.exporter.measure import MeasureConfig
 from cwca_export.exporter.postprocess import PROTOBUF_LIMIT, QuantizeConfig
 
+
 @dataclass(frozen=True)
 class Artifact:
     """A verified artifact folder and its manifest.

@@ -1,7 +1,7 @@
 """``cwca_manifest.json``: what an artifact is, how it was made, and what was measured.
 
 Besides provenance (plan, versions, hashes) it states which savings are real on ONNX Runtime
-(DESIGN 3): unstructured zeros buy nothing there, while narrower blocks, factorised Linears,
+(docs/design.md 3.2): unstructured zeros buy nothing there, while narrower blocks, factorised Linears,
 quantization and fp16 shrink bytes and, on the right provider, time.
 """
 

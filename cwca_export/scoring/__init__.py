@@ -1,4 +1,4 @@
-"""Per-block curvature scores zeta2_k (DESIGN 2.1): ``score(model, data, method=...)``.
+"""Per-block curvature scores zeta2_k (docs/design.md 2.1): ``score(model, data, method=...)``.
 
 Estimators live one concept per module and register by name on import; ``ESTIMATORS`` maps
 each name to its entry. The accumulators they share are pure functions in

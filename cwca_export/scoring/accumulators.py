@@ -217,7 +217,9 @@ def accumulate_input_norms(norms: torch.Tensor, a: torch.Tensor) -> None:
     norms.add_((a * a).sum(dim=0))
 
 
-def finalize_owl_ratio(weights: list[torch.Tensor], norms: list[torch.Tensor], num_samples: int, threshold: float) -> float:
+def finalize_owl_ratio(
+    weights: list[torch.Tensor], norms: list[torch.Tensor], num_samples: int, threshold: float
+) -> float:
     """OWL's layerwise outlier ratio: the fraction of Wanda metrics above threshold x their mean.
 
     The metric |W_ij| * sqrt(||X_j||^2 / N) is pooled over the block's Linears, as OWL does.
