@@ -527,23 +527,9 @@ class PrecisionPlan:
         return f"blocks {blocks}; embed {self.formats.get('embed', 'fp32')}; head {self.formats.get('head', 'fp32')}"
 
 
-def uniform_precision(damage: PrecisionDamage, fmt: str, *, embed: str | None = None, head: str | None = None) -> PrecisionPlan:
-    """Every block in ``fmt`` (the embedding and head in ``embed`` / ``head``, default fp32)."""
-    j = damage.formats.index(fmt)
-    chosen, spent, total = {}, 0, 0.0
-    for g, name in enumerate(damage.groups):
-        f = {"embed": embed, "head": head}.get(name, fmt) if name in ("embed", "head") else fmt
-        f = f or "fp32"
-        jj = damage.formats.index(f) if f != fmt else j
-        if damage.bytes[g][jj] is None:
-            raise ValueError(f"format {f} does not apply to {name}")
-        chosen[name] = f
-        spent += int(damage.bytes[g][jj])
-        total += float(damage.damage[g][jj])
-    return PrecisionPlan(chosen, spent, total)
-
-
-def solve_precision(damage: PrecisionDamage, budget_bytes: float, *, allowed: Sequence[str] | None = None) -> PrecisionPlan:
+def solve_precision(
+    damage: PrecisionDamage, budget_bytes: float, *, allowed: Sequence[str] | None = None
+) -> PrecisionPlan:
     """Least total damage with the groups' weight bytes <= ``budget_bytes``, one format each.
 
     Exact over the additive model (each group's measured damage alone, summed): options that
@@ -557,7 +543,7 @@ def solve_precision(damage: PrecisionDamage, budget_bytes: float, *, allowed: Se
 
     keep = set(allowed) if allowed is not None else set(damage.formats)
     options: list[list[tuple[int, float, str]]] = []
-    for g, name in enumerate(damage.groups):
+    for g in range(len(damage.groups)):
         rows = sorted(
             (int(b), float(d), f) for b, d, f in zip(damage.bytes[g], damage.damage[g], damage.formats, strict=True)
             if b is not None and d is not None and (f in keep or f == "fp32")

@@ -11,7 +11,8 @@ from cwca_export.plan_scaling import rescale_plan, target_of, target_range
 from cwca_export.scores import LayerScores
 
 N = [100, 200, 100, 300]
-CURVES = {"damage@0.3": [0.01, 0.2, 0.05, 0.02], "damage@0.6": [0.05, 0.9, 0.3, 0.1], "damage@0.9": [0.3, 3.0, 1.5, 0.5]}
+CURVES = {"damage@0.3": [0.01, 0.2, 0.05, 0.02], "damage@0.6": [0.05, 0.9, 0.3, 0.1],
+          "damage@0.9": [0.3, 3.0, 1.5, 0.5]}
 
 
 def _scores(method="damage"):

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_model
 
 from cwca_export.precision import (
     PrecisionDamage,
@@ -23,7 +24,6 @@ from cwca_export.precision import (
     quantized_weights,
     solve_precision,
 )
-from helpers import tiny_model
 
 FORMATS = ["int8", "int4-b32", "int4-b32-asym", "int4-b16", "int4-b64-asym", "int8-b32", "int8-b128-asym"]
 
@@ -128,8 +128,8 @@ def test_format_names_and_errors():
 
 def _brute(damage: PrecisionDamage, budget: float):
     best = (math.inf, None)
-    rows = [[(b, d, f) for b, d, f in zip(damage.bytes[g], damage.damage[g], damage.formats, strict=True) if b is not None]
-            for g in range(len(damage.groups))]
+    rows = [[(b, d, f) for b, d, f in zip(damage.bytes[g], damage.damage[g], damage.formats, strict=True)
+             if b is not None] for g in range(len(damage.groups))]
     for combo in itertools.product(*rows):
         if sum(c[0] for c in combo) <= budget:
             total = sum(c[1] for c in combo)
@@ -241,5 +241,6 @@ def test_fisher_estimate_against_autograd_per_sequence():
             g, = torch.autograd.grad(model(input_ids=row[None], labels=row[None]).loss, w)
             f += g ** 2
         f *= (ids.shape[1] - 1) / ids.shape[0]
-        others += 0.5 * float((f * (w.detach() - fake_quantize(w.detach(), StorageFormat.parse("int4-b16"))) ** 2).sum())
+        q = fake_quantize(w.detach(), StorageFormat.parse("int4-b16"))
+        others += 0.5 * float((f * (w.detach() - q) ** 2).sum())
     assert est.damage[0][1] == pytest.approx(one + others, rel=1e-4)

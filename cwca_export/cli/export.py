@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -68,7 +69,7 @@ def _read_precision(path: str) -> dict[str, str]:
     from cwca_export.precision import StorageFormat
 
     try:
-        data = json.loads(open(path, encoding="utf-8").read())
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise click.BadParameter(f"{path}: not a JSON file ({exc})", param_hint="--precision") from None
     formats = data.get("formats", data) if isinstance(data, dict) else None

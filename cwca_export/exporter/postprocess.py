@@ -288,9 +288,9 @@ def weight_nodes(model: Any) -> dict[str, str]:
     inits = _initializers(graph)
     found = {}
     for node in graph.node:
-        if node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in inits:
-            found[node.name] = node.op_type
-        elif node.op_type == "Gather" and node.input and node.input[0] in inits and len(inits[node.input[0]].dims) == 2:
+        matmul = node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in inits
+        table = node.op_type == "Gather" and bool(node.input) and node.input[0] in inits
+        if matmul or (table and len(inits[node.input[0]].dims) == 2):
             found[node.name] = node.op_type
     return found
 

@@ -318,7 +318,8 @@ class _Search:
                     structure_loss = calibration_loss(model_t, self.calib, batch_size=8)
                 self.price(option, model_t, structure_loss)
         self.timings["pricing_s"] = round(time.perf_counter() - began, 2)
-        priced = sorted((o for o in self.options if o.calib_loss is not None), key=lambda o: (o.calib_loss, o.predicted_disk))
+        priced = sorted((o for o in self.options if o.calib_loss is not None),
+                        key=lambda o: (o.calib_loss, o.predicted_disk))
         latency_ceiling = None
         builds = 0
         for option in priced:
@@ -392,7 +393,8 @@ class _Search:
             limits.append(f"decode {b.max_latency_ms:g} ms")
         if b.max_prefill_ms is not None:
             limits.append(f"prefill {b.max_prefill_ms:g} ms")
-        more = "" if self.knob is not None else " or give --plan and --method width|lowrank|asvd to compress structure too"
+        more = "" if self.knob is not None else (
+            " or give --plan and --method width|lowrank|asvd to compress structure too")
         priced = sum(1 for o in self.options if o.calib_loss is not None)
         return BudgetError(
             f"no setting meets the budget ({', '.join(limits)} at batch {b.batch}, prompt {b.prompt_len},"
