@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from cwca_export.cli.guard import guards_output
+
 
 @click.command()
 @click.option("--out", type=click.Path(file_okay=False), default="cwca-demo", show_default=True,
@@ -19,6 +21,7 @@ import click
 @click.option("--max-latency-ms", type=float, default=50.0, show_default=True,
               help="Budget: decode p50 per token at batch 1, context 128.")
 @click.option("--overwrite", is_flag=True, help="Replace the contents of --out.")
+@guards_output(inputs={})
 def demo(out, method, sparsity, quantize, max_memory, max_latency_ms, overwrite) -> None:
     """Score, plan, compress, export and verify the shipped 12-block Llama, then compare.
 

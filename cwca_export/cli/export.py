@@ -6,6 +6,8 @@ import json
 
 import click
 
+from cwca_export.cli.guard import guards_output
+
 
 def parse_layers(text: str | None) -> tuple[int, ...]:
     """Block indices from ``"0,5-7"``.
@@ -87,6 +89,7 @@ def _summary(art) -> list[str]:
 @click.option("--threads", type=int, default=0, show_default=True, help="ONNX Runtime intra-op threads (0: its default).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder (atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@guards_output(inputs={"model_dir": "MODEL_DIR", "plan_path": "--plan", "data": "--data"})
 def export(
     model_dir, out, backend, plan_path, method, data, samples, seq_len, quantize, exclude, exclude_layers, block_size, dtype,
     optimize, max_memory, max_latency_ms, max_prefill_ms, ep, batch, prompt_len, context, hardware,

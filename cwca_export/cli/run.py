@@ -6,6 +6,8 @@ import json
 
 import click
 
+from cwca_export.cli.guard import guards_output
+
 
 @click.command()
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path(exists=True, dir_okay=False))
@@ -13,6 +15,7 @@ import click
               help="Output folder: scores, plan, compressed model, artifact, report (written atomically).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder (atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
+@guards_output(inputs={"recipe_path": "RECIPE"})
 def run(recipe_path, out, overwrite, as_json) -> None:
     """Run RECIPE, a YAML file naming the model, data and every step (see recipes/README.md).
 
