@@ -60,6 +60,22 @@ def scratch_folder(dest: Path, kind: str = "partial") -> Path:
     return folder
 
 
+def apply_umask(folder: Path) -> None:
+    """Give ``folder`` and everything in it the modes a plain ``mkdir`` / ``open`` would have.
+
+    Libraries that write through private temporary files (safetensors, mkstemp) leave them
+    0600; an output should be as readable as the user's umask allows.
+    """
+    mask = current_umask()
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            os.chmod(path, 0o777 & ~mask)
+        else:
+            os.chmod(path, (0o666 | (path.stat().st_mode & 0o111)) & ~mask)
+
+
 def scratch_file(dest: Path) -> tuple[int, Path]:
     """An open descriptor and path of a new hidden file beside ``dest`` (mode 0600 until chmod)."""
     fd, name = tempfile.mkstemp(prefix=_prefix(dest), suffix=".tmp", dir=dest.parent)

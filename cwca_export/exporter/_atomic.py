@@ -20,7 +20,7 @@ from types import TracebackType
 
 from cwca_export.interrupts import deferred_signals
 from cwca_export.outputs import check_output, write_inventory
-from cwca_export.scratch import OLD_CONTENT, clean_stale, scratch_folder
+from cwca_export.scratch import OLD_CONTENT, apply_umask, clean_stale, scratch_folder
 
 
 class Staging:
@@ -66,6 +66,7 @@ class Staging:
     def commit(self, folder: Path) -> Path:
         """Record ``folder``'s files, then move it to the destination, replacing an old artifact only when allowed."""
         write_inventory(folder)
+        apply_umask(folder)
         with deferred_signals():
             self._check_destination()
             if self.out_dir.exists():
