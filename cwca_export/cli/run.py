@@ -15,7 +15,7 @@ from cwca_export.cli.guard import guards_output
               help="Output folder: scores, plan, compressed model, artifact, report (written atomically).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder (atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
-@guards_output(inputs={"recipe_path": "RECIPE"})
+@guards_output(inputs={"recipe_path": "RECIPE"}, overwrite=None)  # run_recipe checks the rest (its model, data)
 def run(recipe_path, out, overwrite, as_json) -> None:
     """Run RECIPE, a YAML file naming the model, data and every step (see recipes/README.md).
 
