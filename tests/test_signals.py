@@ -181,3 +181,12 @@ def test_sigkill_leaves_a_partial_that_the_next_run_cleans(model, calib, tmp_pat
                           cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert not stale.exists() and live.is_dir() and users.is_dir()
+
+
+def test_sigterm_demo_leaves_no_half_built_folder(tmp_path):
+    proc = _start("demo", "--out", "demo", cwd=tmp_path)
+    _wait_for(proc, lambda: (tmp_path / "demo" / "scores.json").exists())  # past its first step
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

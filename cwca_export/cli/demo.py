@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import click
 
 from cwca_export.cli.guard import guards_output
@@ -43,4 +46,13 @@ def demo(out, method, sparsity, quantize, max_memory, max_latency_ms, overwrite)
         max_memory=parse_size(max_memory),
         max_latency_ms=max_latency_ms,
     )
-    run_demo(out, config, overwrite=overwrite, echo=click.echo)
+    fresh = not os.path.lexists(out)
+    try:
+        run_demo(out, config, overwrite=overwrite, echo=click.echo)
+    except BaseException:  # an error or a signal leaves no half-built demo folder behind
+        if fresh:
+            from cwca_export.interrupts import deferred_signals
+
+            with deferred_signals():
+                shutil.rmtree(out, ignore_errors=True)
+        raise
