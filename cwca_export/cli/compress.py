@@ -157,7 +157,7 @@ def _table(step: dict[str, Any]) -> str:
     is_flag=True,
     help="Apply a plan whose model fingerprint differs (same shapes).",
 )
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder (atomically).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder cwca-export wrote (atomically; never one holding other files).")
 @click.option(
     "--json",
     "as_json",

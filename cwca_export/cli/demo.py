@@ -23,7 +23,7 @@ from cwca_export.cli.guard import guards_output
               help="Budget: disk and resident bytes of the compressed artifact.")
 @click.option("--max-latency-ms", type=float, default=50.0, show_default=True,
               help="Budget: decode p50 per token at batch 1, context 128.")
-@click.option("--overwrite", is_flag=True, help="Replace the contents of --out.")
+@click.option("--overwrite", is_flag=True, help="Rewrite an earlier demo folder (never one holding files the tool did not write).")
 @guards_output(inputs={})
 def demo(out, method, sparsity, quantize, max_memory, max_latency_ms, overwrite) -> None:
     """Score, plan, compress, export and verify the shipped 12-block Llama, then compare.

@@ -87,7 +87,7 @@ def _summary(art) -> list[str]:
 @click.option("--runs", type=int, default=10, show_default=True, help="Timed runs per latency measurement.")
 @click.option("--warmup", type=int, default=3, show_default=True, help="Untimed runs before timing.")
 @click.option("--threads", type=int, default=0, show_default=True, help="ONNX Runtime intra-op threads (0: its default).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder (atomically).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder cwca-export wrote (atomically; never one holding other files).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @guards_output(inputs={"model_dir": "MODEL_DIR", "plan_path": "--plan", "data": "--data"})
 def export(

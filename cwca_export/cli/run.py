@@ -13,7 +13,7 @@ from cwca_export.cli.guard import guards_output
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Output folder: scores, plan, compressed model, artifact, report (written atomically).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder (atomically).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder cwca-export wrote (atomically; never one holding other files).")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 @guards_output(inputs={"recipe_path": "RECIPE"}, overwrite=None)  # run_recipe checks the rest (its model, data)
 def run(recipe_path, out, overwrite, as_json) -> None:

@@ -33,7 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from cwca_export.outputs import file_inventory  # the artifact's file list; build.py imports it from here
+from cwca_export.outputs import (
+    file_inventory as file_inventory,  # re-exported: build.py imports it here
+)
 
 # glibc gives threads their own malloc arenas; which thread allocates what during session
 # creation then decides whether the peak lands on one of two values ~5 MB apart (measured on a

@@ -128,7 +128,7 @@ class ScoreCheckpoint:
                 " hint: rerun with the same options, or without --resume to start afresh"
             )
         with safe_open(str(self.path), framework="pt") as fh:
-            self._tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+            self._tensors = {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118 (a safetensors handle)
         self._saved = header["passes"]
 
     def restore(self, index: int, state: Any, total: int) -> int:
