@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,25 +19,30 @@ class SchemaError(ValueError):
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` so that ``path`` holds either the old content or the whole new one."""
+    """Write ``data`` so that ``path`` holds either the old content or the whole new one.
+
+    The bytes go to a hidden scratch file beside ``path`` (:mod:`cwca_export.scratch`), removed
+    on any error or interrupt; one a killed process left is cleaned by the next write here.
+    """
+    from cwca_export.interrupts import deferred_signals
+    from cwca_export.scratch import clean_stale, current_umask, scratch_file
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    clean_stale(path.parent)
+    tmp: Path | None = None
     try:
+        with deferred_signals():  # the scratch file is always either unborn or ours to remove
+            fd, tmp = scratch_file(path)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())  # readable like any new file (mkstemp makes it 0600)
+        os.chmod(tmp, 0o666 & ~current_umask())  # readable like any new file (mkstemp makes it 0600)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def write_json_atomic(path: str | os.PathLike, payload: dict[str, Any]) -> Path:

@@ -73,6 +73,7 @@ def run_demo(
     from cwca_export.evaluate import ort_logits_fn, perplexity_from_logits, tokenize_text, torch_logits_fn
     from cwca_export.exporter.api import export
     from cwca_export.loading import load_model
+    from cwca_export.outputs import write_inventory
     from cwca_export.plan import plan_pruning
     from cwca_export.report import build_report
     from cwca_export.scoring import score
@@ -150,6 +151,7 @@ def run_demo(
     }
     write_bytes_atomic(out / "report.json", (json.dumps(report, indent=2, default=str) + "\n").encode())
     page = build_report(out)
+    write_inventory(out)  # the record that lets --overwrite and inspect --verify know these files
     echo(format_table(rows))
     echo(f"artifact: {artifact.path}\nreport:   {out / 'report.json'}\nhtml:     {page}")
     return report

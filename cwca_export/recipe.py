@@ -429,8 +429,14 @@ def run_recipe(
     from cwca_export.data import calibration_data
     from cwca_export.exporter._atomic import Staging
     from cwca_export.loading import load_model
+    from cwca_export.outputs import check_output
     from cwca_export.scores import LayerScores
 
+    check_output(out_dir, overwrite=overwrite, flag="--out", inputs=[
+        ("model", recipe.model), ("data", recipe.data),
+        ("recipe", recipe.source if recipe.source and Path(recipe.source).is_file() else None),
+        ("eval data", recipe.eval.data if recipe.eval is not None else None),
+    ])
     timings: dict[str, float] = {}
     with Staging(out_dir, overwrite=overwrite) as staging:
         work = staging.new_folder()

@@ -261,21 +261,29 @@ def test_failed_verification_leaves_no_folder(tmp_path, llama, monkeypatch):
 
 
 def test_existing_folder_is_kept_on_failure_and_replaced_whole_on_success(tmp_path, llama, monkeypatch):
+    from cwca_export.outputs import UnsafeOutputError
+
     target = tmp_path / "art"
     target.mkdir()
-    (target / "old.txt").write_text("old artifact")
+    (target / "old.txt").write_text("not the tool's")
     with pytest.raises(FileExistsError, match="--overwrite"):
         cwca_export.export(llama, None, target, backend="onnx", **FAST)
+    with pytest.raises(UnsafeOutputError, match="did not write .old.txt"):  # --overwrite replaces only our output
+        cwca_export.export(llama, None, target, backend="onnx", overwrite=True, **FAST)
+    (target / "old.txt").unlink()
+    target.rmdir()
+    first = cwca_export.export(llama, None, target, backend="onnx", **FAST)
+    before = {p.name: p.read_bytes() for p in first.path.iterdir()}
     import cwca_export.exporter.build as build
 
     real = build.measure_runtime
     monkeypatch.setattr(build, "measure_runtime", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("disk full")))
     with pytest.raises(RuntimeError, match="disk full"):
         cwca_export.export(llama, None, target, backend="onnx", overwrite=True, **FAST)
-    assert [p.name for p in target.iterdir()] == ["old.txt"] and _leftovers(tmp_path) == []
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before and _leftovers(tmp_path) == []
     monkeypatch.setattr(build, "measure_runtime", real)
     art = cwca_export.export(llama, None, target, backend="onnx", overwrite=True, **FAST)
-    assert not (target / "old.txt").exists() and (art.path / "model.onnx").is_file()
+    assert (art.path / "model.onnx").is_file() and art.manifest["created"] >= first.manifest["created"]
     assert _leftovers(tmp_path) == []
 
 

@@ -54,6 +54,11 @@ def test_run_carries_out_every_step_and_writes_a_complete_folder(setup):
     assert summary["eval"]["runtime"].startswith("onnxruntime") and summary["eval"]["perplexity"] > 1
     manifest = json.loads((out / "artifact" / "cwca_manifest.json").read_text())
     assert [b["rho"] for b in manifest["plan"]["blocks"]] == pytest.approx(plan.x)
+    # the run folder records every file it holds; rebuilding its report keeps the record true
+    assert (out / "cwca_files.json").is_file() and (out / "compressed" / "cwca_files.json").is_file()
+    for args in (["inspect", "--verify", str(out)], ["report", str(out)], ["inspect", "--verify", str(out)]):
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code == 0, res.output
 
 
 def test_refined_damage_plan_through_a_recipe(setup):

@@ -17,13 +17,22 @@ _EXPECTED = (ValueError, OSError, KeyError, ImportError)
 
 
 class _Group(click.Group):
-    """Turns the library's errors into one ``Error: ...`` line and exit code 1."""
+    """Turns the library's errors into one ``Error: ...`` line and exit code 1, and an interrupt
+    into exit code 130 (SIGINT) or 143 (SIGTERM)."""
 
     def invoke(self, ctx: click.Context):
+        from cwca_export.interrupts import Terminated, exit_code
+
         try:
             return super().invoke(ctx)
         except click.exceptions.Exit:
             raise
+        except (KeyboardInterrupt, Terminated) as exc:  # everything on the way out has cleaned up
+            if os.environ.get("CWCA_DEBUG"):
+                raise
+            signal_name = "SIGINT" if isinstance(exc, KeyboardInterrupt) else "SIGTERM"
+            click.echo(f"Interrupted ({signal_name}): stopped; no partial output was left", err=True)
+            ctx.exit(exit_code(exc))
         except _EXPECTED as exc:
             if os.environ.get("CWCA_DEBUG"):
                 raise
@@ -70,4 +79,7 @@ _register()
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
+    from cwca_export.interrupts import install_handlers
+
+    install_handlers()
     cli.main(args=argv if argv is not None else sys.argv[1:], prog_name="cwca-export")

@@ -8,6 +8,8 @@ from typing import Any
 
 import click
 
+from cwca_export.cli.guard import guards_output
+
 # Names only, so --help needs no torch; compress() checks the name against the registry.
 _METHODS = ["magnitude", "wanda", "sparsegpt", "width", "lowrank", "asvd"]
 
@@ -155,13 +157,15 @@ def _table(step: dict[str, Any]) -> str:
     is_flag=True,
     help="Apply a plan whose model fingerprint differs (same shapes).",
 )
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder (atomically).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing --out folder cwca-export wrote (atomically; never one holding other files).")
 @click.option(
     "--json",
     "as_json",
     is_flag=True,
     help="Print the compression report as JSON instead of a table.",
 )
+@guards_output(inputs={"model_dir": "MODEL_DIR", "plan_path": "--plan", "data_path": "--data"})
 def compress(
     model_dir,
     plan_path,

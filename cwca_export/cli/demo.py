@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import click
+
+from cwca_export.cli.guard import guards_output
 
 
 @click.command()
@@ -18,7 +23,9 @@ import click
               help="Budget: disk and resident bytes of the compressed artifact.")
 @click.option("--max-latency-ms", type=float, default=50.0, show_default=True,
               help="Budget: decode p50 per token at batch 1, context 128.")
-@click.option("--overwrite", is_flag=True, help="Replace the contents of --out.")
+@click.option("--overwrite", is_flag=True,
+              help="Rewrite an earlier demo folder (never one holding files the tool did not write).")
+@guards_output(inputs={})
 def demo(out, method, sparsity, quantize, max_memory, max_latency_ms, overwrite) -> None:
     """Score, plan, compress, export and verify the shipped 12-block Llama, then compare.
 
@@ -40,4 +47,13 @@ def demo(out, method, sparsity, quantize, max_memory, max_latency_ms, overwrite)
         max_memory=parse_size(max_memory),
         max_latency_ms=max_latency_ms,
     )
-    run_demo(out, config, overwrite=overwrite, echo=click.echo)
+    fresh = not os.path.lexists(out)
+    try:
+        run_demo(out, config, overwrite=overwrite, echo=click.echo)
+    except BaseException:  # an error or a signal leaves no half-built demo folder behind
+        if fresh:
+            from cwca_export.interrupts import deferred_signals
+
+            with deferred_signals():
+                shutil.rmtree(out, ignore_errors=True)
+        raise

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from cwca_export.cli.guard import guards_output
+
 
 def parse_layers(text: str | None) -> tuple[int, ...]:
     """Block indices from ``"0,5-7"``.
@@ -116,8 +118,9 @@ def _read_precision(path: str) -> dict[str, str]:
 @click.option("--runs", type=int, default=10, show_default=True, help="Timed runs per latency measurement.")
 @click.option("--warmup", type=int, default=3, show_default=True, help="Untimed runs before timing.")
 @click.option("--threads", type=int, default=0, show_default=True, help="ONNX Runtime intra-op threads (0: its default).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder (atomically).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder cwca-export wrote (atomically; never one holding other files).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@guards_output(inputs={"model_dir": "MODEL_DIR", "plan_path": "--plan", "data": "--data"})
 def export(
     model_dir, out, backend, plan_path, method, data, samples, seq_len, quantize, exclude, exclude_layers, block_size,
     formats, precision_path, levels, dtype,

@@ -72,11 +72,33 @@ def _describe_model(path: Path) -> dict:
     return info
 
 
+def _verify(folder: Path, as_json: bool) -> None:
+    """One line per file missing, changed or added against the folder's record; exit 1 if any."""
+    from cwca_export.outputs import read_record, verify_folder
+
+    if not folder.is_dir():
+        raise click.UsageError(f"--verify checks a folder written by cwca-export; {folder} is a file")
+    record, rows = read_record(folder)
+    problems = verify_folder(folder)
+    if as_json:
+        click.echo(json.dumps({"folder": str(folder), "record": record.name, "files": len(rows), "problems": problems},
+                              indent=2))
+    else:
+        for line in problems:
+            click.echo(line)
+        if not problems:
+            click.echo(f"ok: {len(rows)} files match {record.name}")
+    if problems:
+        click.get_current_context().exit(1)
+
+
 @click.command()
 @click.argument("path", type=click.Path(exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def inspect(path: str, as_json: bool) -> None:
-    """Summarise a scores.json, a plan.json or a Hugging Face model folder.
+@click.option("--verify", is_flag=True,
+              help="Check a folder cwca-export wrote against its record of sha256 hashes; exit 1 on any difference.")
+def inspect(path: str, as_json: bool, verify: bool) -> None:
+    """Summarise a scores.json, a plan.json or a Hugging Face model folder, or verify an output folder.
 
     \b
     Examples:
@@ -84,8 +106,12 @@ def inspect(path: str, as_json: bool) -> None:
       cwca-export inspect scores.json --json
       cwca-export inspect ./my-llama      # blocks and prunable weights, no weights loaded
       cwca-export inspect ./narrow        # a compressed folder: its narrowed / factorised shapes
+      cwca-export inspect --verify ./artifact   # every file still as the tool wrote it?
     """
     target = Path(path)
+    if verify:
+        _verify(target, as_json)
+        return
     info = _describe_model(target) if target.is_dir() else _describe_json(target)
     if as_json:
         click.echo(json.dumps(info, indent=2))

@@ -7,6 +7,8 @@ import math
 
 import click
 
+from cwca_export.cli.guard import guards_output
+
 
 def parse_bounds(specs: tuple[str, ...]) -> tuple[dict[int, float], dict[int, float]]:
     """Parse ``BLOCKS:HI`` or ``BLOCKS:LO:HI`` (BLOCKS = ``3`` or ``0-3``) into per-block overrides.
@@ -189,6 +191,8 @@ def _table(plan) -> str:
     help="--llmcompressor-recipe: the modifier the recipe uses.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON instead of a table.")
+@guards_output(inputs={"scores_path": "SCORES", "model_path": "--model"}, kind="file", json_types={"Plan"},
+               overwrite=None)
 def plan(
     scores_path, program, sparsity, budget, lo, hi, bounds, eta, kappa, psi, gamma, beta, alpha, cost,
     integer, rule, budget_fraction, rank_step, model_path, band, form, tau, out, peft_dir,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from cwca_export.cli.guard import guards_output
+
 
 @click.command()
 @click.argument("model_dir", metavar="MODEL_DIR", type=click.Path(exists=True, file_okay=False))
@@ -30,6 +32,8 @@ import click
 @click.option("--hi", type=float, default=0.95, show_default=True, help="Upper bound for every block.")
 @click.option("--out", type=click.Path(dir_okay=False), default="plan.json", show_default=True,
               help="Where to write the plan (atomically).")
+@guards_output(inputs={"model_dir": "MODEL_DIR", "scores_path": "--scores", "data_path": "--data"},
+               kind="file", json_types={"Plan"}, overwrite=None)
 def refine(model_dir, scores_path, sparsity, budget_fraction, rank_step, data_path, method, samples, seq_len,
            seed, max_evals, tune, band, lo, hi, out) -> None:
     """Plan SPARSITY for MODEL_DIR: closed form first, then exchanges kept only when the loss drops.

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
+
+
+def _written_by_report(page: Path) -> bool:
+    """report.html as build_report writes it (its figure element); layers.png goes with it."""
+    try:
+        head = page.read_bytes()[:1 << 20]
+    except OSError:
+        return False
+    return head.startswith(b"<!DOCTYPE html>") and b'<img id="layers-figure"' in head
 
 
 @click.command()
@@ -18,8 +29,13 @@ def report(folder) -> None:
       cwca-export report cwca-demo
       cwca-export report ./run-7        # a folder holding plan.json, scores.json, artifact/
     """
-    from cwca_export.report import FIGURE_NAME, build_report
+    from cwca_export.outputs import check_output, refresh_record
+    from cwca_export.report import FIGURE_NAME, HTML_NAME, build_report
 
+    ours = _written_by_report(Path(folder) / HTML_NAME)
+    for name in (HTML_NAME, FIGURE_NAME):  # never replace a page or figure the tool did not write
+        check_output(Path(folder) / name, kind="file", recognise=lambda _: ours, flag="DIR")
     page = build_report(folder)
+    refresh_record(folder, [HTML_NAME, FIGURE_NAME])
     click.echo(f"figure: {page.with_name(FIGURE_NAME)}")
     click.echo(f"report: {page}")

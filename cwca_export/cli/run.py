@@ -6,6 +6,8 @@ import json
 
 import click
 
+from cwca_export.cli.guard import guards_output
+
 
 @click.command()
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path(exists=True, dir_okay=False))
@@ -21,9 +23,11 @@ import click
               help="Where scores are cached by model fingerprint, data hash and scorer settings"
               " [default: $CWCA_CACHE_DIR or ~/.cache/cwca-export].")
 @click.option("--no-cache", is_flag=True, help="Always score; neither read nor write the cache.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder (atomically).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing --out folder cwca-export wrote (atomically; never one holding other files).")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary (with --dry-run: the"
               " validated recipe) as JSON.")
+@guards_output(inputs={"recipe_path": "RECIPE"}, overwrite=None)  # run_recipe checks the rest (its model, data)
 def run(recipe_path, out, overrides, dry_run, cache_dir, no_cache, overwrite, as_json) -> None:
     """Run RECIPE, a YAML file naming the model, data and every step (see recipes/README.md).
 

@@ -7,6 +7,8 @@ import warnings
 
 import click
 
+from cwca_export.cli.guard import guards_output
+
 # Names only, so --help needs no torch; score() checks the name against the registry.
 _METHODS = ["fisher", "kfac", "exact", "gradnorm", "obd", "layerif", "owl", "uniform", "damage"]
 
@@ -64,11 +66,17 @@ def _table(scores) -> str:
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--out", type=click.Path(dir_okay=False), default="scores.json", show_default=True,
               help="Where to write the scores (atomically; only the main process writes).")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Save the accumulators every N sequences to OUT.checkpoint (atomically; removed when done).")
+@click.option("--resume", is_flag=True,
+              help="Continue from OUT.checkpoint of an interrupted run with the same options (same scores).")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON instead of a table.")
+@guards_output(inputs={"model_dir": "MODEL_DIR", "data_path": "--data"}, kind="file",
+               json_types={"LayerScores"}, overwrite=None)
 def score(
     model_dir, data_path, method, samples, seq_len, seed, held_out, damping, absolute_damping, batch_size,
     method_options, text_field, allow_fewer, dtype, mixed_precision, cpu, gradient_checkpointing, device_map,
-    max_memory, debias, trust_remote_code, no_wall_time, no_progress, out, as_json,
+    max_memory, debias, trust_remote_code, no_wall_time, no_progress, out, checkpoint_every, resume, as_json,
 ) -> None:
     """Score every decoder block of MODEL_DIR (a local checkpoint folder) on calibration text.
 
@@ -77,9 +85,12 @@ def score(
       cwca-export score models/llama --data calib.txt --samples 128 --seq-len 512
       cwca-export score models/llama --data c4.jsonl --method kfac --batch-size 4 --out kfac.json
       torchrun --nproc_per_node 2 -m cwca_export score models/llama --data calib.txt --cpu
+      cwca-export score models/llama --data calib.txt --checkpoint-every 16 --resume  # survive kills
     """
     from cwca_export.scores import ScoreNoiseWarning
     from cwca_export.scoring import score as run_score
+
+    checkpoint = _checkpoint_file(out, checkpoint_every, resume)
 
     caps = {}
     for spec in max_memory:
@@ -107,7 +118,8 @@ def score(
                 mixed_precision=mixed_precision, cpu=cpu, gradient_checkpointing=gradient_checkpointing,
                 device_map=device_map, max_memory=caps or None, trust_remote_code=trust_remote_code,
                 debias=debias, progress=not no_progress, record_wall_time=not no_wall_time,
-                options=options or None,
+                options=options or None, checkpoint=checkpoint, checkpoint_every=checkpoint_every or 0,
+                resume=resume,
             )
     finally:
         for w in caught:
@@ -120,6 +132,8 @@ def score(
         if dist.get_rank() != 0:  # every process holds the same reduced scores; one writes
             return
     path = scores.save(out)
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)  # the scores are safe: the checkpoint has done its job
     if as_json:
         click.echo(json.dumps(scores.to_dict(), indent=2))
     else:
@@ -127,6 +141,25 @@ def score(
         _summary(scores, method, seq_len, path)
     for message in noise:  # one line each on stderr, after the scores
         click.echo(f"Warning: {' '.join(message.split())}", err=True)
+
+
+def _checkpoint_file(out: str, every: int | None, resume: bool):
+    """The checkpoint beside ``out`` when asked for; refuses a file there the tool did not write."""
+    from cwca_export.scoring.checkpoint import checkpoint_path, read_checkpoint_header
+
+    if resume and every is None:
+        raise click.UsageError("--resume continues a checkpoint: give --checkpoint-every N as well")
+    if every is None:
+        return None
+    path = checkpoint_path(out)
+    if path.exists() and read_checkpoint_header(path) is None:
+        raise click.UsageError(
+            f"{path} exists and is not a checkpoint cwca-export wrote; it is kept; pass another --out")
+    if path.exists() and not resume:
+        click.echo(f"Note: starting afresh and replacing {path} (pass --resume to continue it)", err=True)
+    elif resume and not path.exists():
+        click.echo(f"Note: no checkpoint at {path}; starting from the beginning", err=True)
+    return path
 
 
 def _summary(scores, method: str, seq_len: int, path) -> None:

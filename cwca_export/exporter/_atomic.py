@@ -1,19 +1,26 @@
 """Atomic artifact folders: build beside the destination, rename into place on success.
 
-Work happens in hidden sibling folders of the destination (same filesystem, so the final
-``os.rename`` is atomic). On any failure they are removed and the destination is untouched.
-Replacing an existing folder (``overwrite``) renames the old one aside, renames the new one
-in, then deletes the old: the destination is always either the complete old artifact or the
-complete new one (and absent only between two renames), never a mixture.
+Work happens in hidden scratch folders beside the destination (:mod:`cwca_export.scratch`:
+same filesystem, so the final ``os.rename`` is atomic). On any failure, SIGINT or SIGTERM
+they are removed and the destination is untouched; ones a killed process left are cleaned
+when the next run writes beside them. Replacing an existing folder (``overwrite``) renames the
+old one aside, renames the new one in, then deletes the old: the destination is always either
+the complete old artifact or the complete new one (and absent only between two renames, with
+signals held), never a mixture. Only a folder whose every file the tool recorded may be
+replaced (:func:`cwca_export.outputs.check_output`), and every committed folder carries such a
+record (``cwca_files.json``, or the export manifest).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from types import TracebackType
+
+from cwca_export.interrupts import deferred_signals
+from cwca_export.outputs import check_output, write_inventory
+from cwca_export.scratch import OLD_CONTENT, apply_umask, clean_stale, scratch_folder
 
 
 class Staging:
@@ -27,7 +34,7 @@ class Staging:
         ...     _ = (folder / "model.onnx").write_bytes(b"graph")
         ...     path = staging.commit(folder)
         >>> sorted(p.name for p in out.iterdir())
-        ['model.onnx']
+        ['cwca_files.json', 'model.onnx']
     """
 
     def __init__(self, out_dir: str | os.PathLike, *, overwrite: bool = False) -> None:
@@ -42,39 +49,45 @@ class Staging:
             raise FileExistsError(
                 f"{self.out_dir} already exists; hint: pass overwrite=True (--overwrite) or another --out"
             )
+        check_output(self.out_dir, overwrite=self.overwrite)
 
     def __enter__(self) -> Staging:
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(self.out_dir.parent)
         return self
 
     def new_folder(self) -> Path:
         """An empty hidden folder beside the destination, removed at exit unless committed."""
-        folder = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", suffix=".partial", dir=self.out_dir.parent))
-        self._folders.append(folder)
+        with deferred_signals():  # registered before a signal can leave it unowned
+            folder = scratch_folder(self.out_dir)
+            self._folders.append(folder)
         return folder
 
     def commit(self, folder: Path) -> Path:
-        """Move ``folder`` to the destination, replacing an old artifact only when allowed."""
-        self._check_destination()
-        if self.out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", suffix=".old", dir=self.out_dir.parent))
-            os.rename(self.out_dir, old / "artifact")
-            try:
-                os.rename(folder, self.out_dir)
-            except BaseException:
-                os.rename(old / "artifact", self.out_dir)
-                raise
-            finally:
+        """Record ``folder``'s files, then move it to the destination, replacing an old artifact only when allowed."""
+        write_inventory(folder)
+        apply_umask(folder)
+        with deferred_signals():
+            self._check_destination()
+            if self.out_dir.exists():
+                old = scratch_folder(self.out_dir, "old")
                 self._folders.append(old)
-        else:
-            os.rename(folder, self.out_dir)
-        self._folders.remove(folder)
-        self.committed = True
+                os.rename(self.out_dir, old / OLD_CONTENT)
+                try:
+                    os.rename(folder, self.out_dir)
+                except BaseException:
+                    os.rename(old / OLD_CONTENT, self.out_dir)
+                    raise
+            else:
+                os.rename(folder, self.out_dir)
+            self._folders.remove(folder)
+            self.committed = True
         return self.out_dir
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        for folder in self._folders:
-            shutil.rmtree(folder, ignore_errors=True)
-        self._folders.clear()
+        with deferred_signals():  # a second Ctrl-C must not stop the cleaning half-way
+            for folder in self._folders:
+                shutil.rmtree(folder, ignore_errors=True)
+            self._folders.clear()

@@ -1,4 +1,4 @@
-"""Measured numbers of an artifact: disk bytes and hashes, session memory, latency.
+"""Measured numbers of an artifact: disk bytes and hashes (:func:`file_inventory`), session memory, latency.
 
 Memory and latency run in a fresh Python process (``python -m cwca_export.exporter.measure``)
 so that torch, the exporter and earlier sessions do not pollute the numbers.
@@ -22,7 +22,6 @@ context for it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -33,6 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from cwca_export.outputs import (
+    file_inventory as file_inventory,  # re-exported: build.py imports it here
+)
 
 # glibc gives threads their own malloc arenas; which thread allocates what during session
 # creation then decides whether the peak lands on one of two values ~5 MB apart (measured on a
@@ -66,21 +69,6 @@ class MeasureConfig:
     warmup: int = 3
     runs: int = 10
     threads: int = 0
-
-
-def file_inventory(folder: Path, *, exclude: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-    """Every file under ``folder`` (relative path, bytes, sha256), sorted by path."""
-    rows = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        rel = path.relative_to(folder).as_posix()
-        if rel in exclude:
-            continue
-        digest = hashlib.sha256()
-        with path.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-        rows.append({"path": rel, "bytes": path.stat().st_size, "sha256": digest.hexdigest()})
-    return rows
 
 
 def measure_runtime(model_path: Path, config: MeasureConfig, *, timeout_s: float = 600) -> dict[str, Any]:

@@ -41,6 +41,9 @@ def score(
     debias: bool = False,
     progress: bool = True,
     record_wall_time: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
 ) -> LayerScores:
     """Score every decoder block of a causal LM on calibration data.
 
@@ -78,6 +81,13 @@ def score(
             for the methods with a ``debias`` option (fisher, gradnorm); needs N >= 2.
         progress: show a tqdm bar (tokens/s) on the main process.
         record_wall_time: write the wall time; off for byte-identical reruns.
+        checkpoint: a file to save the accumulators in, atomically, every ``checkpoint_every``
+            sequences (:mod:`cwca_export.scoring.checkpoint`); the caller removes it once the
+            scores are saved. One process only; methods whose passes all hand their state
+            (fisher, gradnorm, obd, kfac, owl, layerif, uniform).
+        checkpoint_every: sequences between saves (needed with ``checkpoint``).
+        resume: go on from ``checkpoint`` if it exists (a checkpoint of another run is an
+            error); the scores equal those of an uninterrupted run.
 
     Returns:
         The :class:`~cwca_export.scores.LayerScores`, not yet saved. Methods with a noise
@@ -153,6 +163,16 @@ def score(
     if getattr(net, "hf_device_map", None) is None:
         net.to(accelerator.device)
     rank, world = accelerator.process_index, accelerator.num_processes
+    saver = None
+    if checkpoint is not None:
+        saver = _checkpoint(checkpoint, checkpoint_every, resume, estimator, world, {
+            "method": method, "options": resolved, "num_samples": calib.num_samples, "seq_len": calib.seq_len,
+            "seed": seed, "held_out": 0 if calib.held_out is None else int(calib.held_out.shape[0]),
+            "damping": float(damping), "damping_mode": damping_mode, "batch_size": batch_size,
+            "mixed_precision": mixed_precision, "gradient_checkpointing": gradient_checkpointing,
+            "dtype": str(next(net.parameters()).dtype), "fingerprint": model_fingerprint(net),
+            "data_hash": calib.data_hash,
+        })
     run = ScoringRun(
         model=net,
         blocks=blocks,
@@ -166,6 +186,7 @@ def score(
         accelerator=accelerator,
         batch_size=batch_size,
         progress=progress,
+        checkpoint=saver,
     )
     start = time.perf_counter()
     estimate = estimator.run(run)
@@ -223,6 +244,20 @@ def score(
         versions=library_versions(),
         wall_time_s=round(wall, 3) if record_wall_time else None,
     )
+
+
+def _checkpoint(path, every: int, resume: bool, estimator, world: int, identity: dict[str, Any]):
+    from cwca_export.scoring.checkpoint import ScoreCheckpoint
+
+    if not estimator.resumable:
+        resumable = sorted(name for name, e in ESTIMATORS.items() if e.resumable)
+        raise ValueError(
+            f"checkpoint: method {estimator.name!r} cannot be checkpointed (not all of its passes keep saveable"
+            f" accumulators); methods that can: {', '.join(resumable)}; hint: run it without --checkpoint-every"
+        )
+    if world > 1:
+        raise ValueError("checkpoint: one process only; hint: drop --checkpoint-every under torchrun")
+    return ScoreCheckpoint(path, every, identity, resume=resume)
 
 
 def _refuse_offloaded(net: nn.Module, estimator) -> bool:

@@ -22,6 +22,7 @@ from cwca_export.scoring.registry import Estimate, register_estimator
     summary="OWL outlier ratio of the Wanda metric |W| * ||X|| (forward only)",
     options={"owl_threshold": 5.0},
     per_sequence=False,
+    resumable=True,
 )
 def owl(run: ScoringRun) -> Estimate:
     norms = [
@@ -31,6 +32,7 @@ def owl(run: ScoringRun) -> Estimate:
     run.forward_pass(
         on_input=lambda k, name, a: accumulate_input_norms(norms[k][name], a.to(run.device)),
         desc="scoring: input norms",
+        state=norms,
     )
     run.reduce_sum([x for block in norms for x in block.values()])
     threshold = float(run.options["owl_threshold"])
@@ -46,6 +48,8 @@ def owl(run: ScoringRun) -> Estimate:
     return Estimate(zeta2=ratios, stats={"owl_outlier_ratio": ratios})
 
 
-@register_estimator("uniform", summary="equal scores: every block counts the same", per_sequence=False)
+@register_estimator(
+    "uniform", summary="equal scores: every block counts the same", per_sequence=False, resumable=True
+)
 def uniform(run: ScoringRun) -> Estimate:
     return Estimate(zeta2=[1.0] * len(run.blocks))

@@ -50,6 +50,7 @@ def collect_grad_moments(
         split,
         on_grad=lambda k, name, g: accumulate_grad_moments(moments[k][name], g.to(run.device)),
         desc="scoring: gradient moments",
+        state=moments,
     )
     run.reduce_sum([t for block in moments for m in block.values() for t in (m.total, m.squares) if t is not None])
     return moments
@@ -105,14 +106,16 @@ _DEBIAS = {"debias": False}  # score with max(zeta2 - noise_floor, 0) instead of
 
 
 @register_estimator(
-    "fisher", summary="diagonal empirical Fisher, damped: g^T (F + lambda I)^-1 g", options=_DEBIAS
+    "fisher", summary="diagonal empirical Fisher, damped: g^T (F + lambda I)^-1 g", options=_DEBIAS, resumable=True
 )
 def fisher(run: ScoringRun) -> Estimate:
     blocks = diag_fisher(run, collect_grad_moments(run))
     return noisy_estimate(run, [b.zeta2 for b in blocks], [b.noise_floor for b in blocks], gradient_stats(run, blocks))
 
 
-@register_estimator("gradnorm", summary="identity curvature: ||g_k||^2, the loud-floor baseline", options=_DEBIAS)
+@register_estimator(
+    "gradnorm", summary="identity curvature: ||g_k||^2, the loud-floor baseline", options=_DEBIAS, resumable=True
+)
 def gradnorm(run: ScoringRun) -> Estimate:
     blocks = diag_fisher(run, collect_grad_moments(run))
     return noisy_estimate(
@@ -120,7 +123,7 @@ def gradnorm(run: ScoringRun) -> Estimate:
     )
 
 
-@register_estimator("obd", summary="Optimal Brain Damage saliency sum_i F_i theta_i^2")
+@register_estimator("obd", summary="Optimal Brain Damage saliency sum_i F_i theta_i^2", resumable=True)
 def obd(run: ScoringRun) -> Estimate:
     moments = collect_grad_moments(run)
     saliency = []

@@ -28,6 +28,7 @@ from cwca_export.scoring.registry import Estimate, register_estimator
     "kfac",
     summary="K-FAC: per Linear (A kron G + lambda I)^-1 in the eigenbasis",
     per_sequence=False,
+    resumable=True,
 )
 def kfac(run: ScoringRun) -> Estimate:
     factors, moments = [], []
@@ -40,6 +41,7 @@ def kfac(run: ScoringRun) -> Estimate:
         on_input=lambda k, name, a: accumulate_kfac_input(factors[k][name], a.to(run.device)),
         on_output_grad=lambda k, name, s: accumulate_kfac_output_grad(factors[k][name], s.to(run.device)),
         desc="scoring: K-FAC factors",
+        state=[factors, moments],
     )
     tokens = torch.tensor(
         [float(f.tokens) for block in factors for f in block.values()], dtype=torch.float64, device=run.device

@@ -27,6 +27,7 @@ from cwca_export.scoring.registry import Estimate, register_estimator
     "layerif",
     summary="LayerIF: DataInf influence of calibration samples on a held-out split",
     needs_held_out=True,
+    resumable=True,
 )
 def layerif(run: ScoringRun) -> Estimate:
     if run.damping == 0:
@@ -52,7 +53,7 @@ def layerif(run: ScoringRun) -> Estimate:
             terms[k] += datainf_term(float(current[0, k]), float(current[1, k]), float(current[2, k]), lam[k])
         current.zero_()
 
-    run.gradient_pass(on_grad=on_grad, on_batch_end=on_batch_end, desc="scoring: DataInf products")
+    run.gradient_pass(on_grad=on_grad, on_batch_end=on_batch_end, desc="scoring: DataInf products", state=terms)
     run.reduce_sum([terms])
     influence = []
     for k in range(k_blocks):

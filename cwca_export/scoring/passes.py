@@ -53,6 +53,8 @@ class ScoringRun:
         accelerator: the ``accelerate.Accelerator`` driving devices and mixed precision.
         batch_size: sequences per forward/backward (1 for per-sequence estimators).
         progress: show a tqdm bar on the main process.
+        checkpoint: saves the passes' accumulators (``state=``) every N sequences and
+            restores them on resume; every pass of a checkpointed run must hand its state.
     """
 
     model: nn.Module
@@ -67,7 +69,9 @@ class ScoringRun:
     accelerator: Any
     batch_size: int = 1
     progress: bool = True
+    checkpoint: Any = None  # a cwca_export.scoring.checkpoint.ScoreCheckpoint, or None
     passes: int = field(default=0, init=False)  # sequences through the model, all passes
+    pass_count: int = field(default=0, init=False)  # passes begun, to match them with a checkpoint
     # id(Linear) -> (offload store, key of its weight) for block Linears whose weight is streamed
     streamed: dict[int, tuple[Any, str]] = field(default_factory=dict, init=False, repr=False)
 
@@ -113,12 +117,38 @@ class ScoringRun:
             raise ValueError(f"this method needs a {split} split; pass held_out > 0")
         return data
 
-    def losses(self, split: str = "calibration", *, desc: str = "scoring") -> Iterator[tuple[list[int], torch.Tensor]]:
+    def begin_pass(self, split: str, state: Any) -> tuple[int, int]:
+        """Number a new pass; with a checkpoint, restore ``state`` and say where to go on.
+
+        Returns ``(pass index, sequences already done)``; done equal to the split's size means
+        the whole pass was restored and nothing is left to run.
+        """
+        index = self.pass_count
+        self.pass_count += 1
+        if self.checkpoint is None:
+            return index, 0
+        if state is None:
+            raise ValueError(
+                "this estimator keeps accumulators the checkpoint cannot save; run without --checkpoint-every")
+        total = int(self._split(split).shape[0])
+        done = self.checkpoint.restore(index, state, total)
+        self.passes += done  # those sequences went through the model in the interrupted run
+        return index, done
+
+    def end_batch(self, index: int, done: int) -> None:
+        """A batch of pass ``index`` is accumulated: ``done`` sequences so far (checkpoints)."""
+        if self.checkpoint is not None:
+            self.checkpoint.progress(index, done)
+
+    def losses(
+        self, split: str = "calibration", *, desc: str = "scoring", skip: int = 0
+    ) -> Iterator[tuple[list[int], torch.Tensor]]:
         """Yield ``(local sample indices, summed per-sequence loss)`` for each batch of ``split``.
 
         Block Linear weights require grad during the loop and nothing else does; the caller
         runs the backward it needs. The loss of a batch is sum_n l_n, each l_n the mean
-        next-token cross-entropy of sequence n, so gradients are per-sequence sums.
+        next-token cross-entropy of sequence n, so gradients are per-sequence sums. ``skip``
+        sequences at the start are left out (a resumed pass).
         """
         from tqdm.auto import tqdm
 
@@ -146,7 +176,8 @@ class ScoringRun:
                 # alone so attention and dropout submodules stay in eval mode.
                 for block in self.blocks:
                     block.module.training = True
-            for start in range(0, data.shape[0], self.batch_size):
+            bar.update(skip * data.shape[1])
+            for start in range(skip, data.shape[0], self.batch_size):
                 batch = data[start : start + self.batch_size].to(self.input_device)  # (B, L)
                 with self.accelerator.autocast():
                     out = self.model(input_ids=batch, labels=batch, use_cache=False)
@@ -173,33 +204,45 @@ class ScoringRun:
         on_output_grad: GradFn | None = None,
         on_batch_end: Callable[[list[int]], None] | None = None,
         desc: str = "scoring",
+        state: Any = None,
     ) -> None:
-        """Forward and backward every batch of ``split``, feeding the taps; see the module doc."""
+        """Forward and backward every batch of ``split``, feeding the taps; see the module doc.
+
+        ``state``: the accumulators the callbacks add to, saved and restored by a checkpoint.
+        """
+        index, done = self.begin_pass(split, state)
+        if done == int(self._split(split).shape[0]):
+            return
         with _taps(self, on_grad, on_input, on_output_grad) as end_step:
-            for indices, loss in self.losses(split, desc=desc):
+            for indices, loss in self.losses(split, desc=desc, skip=done):
                 loss.backward()
                 end_step()
                 if on_batch_end is not None:
                     on_batch_end(indices)
+                self.end_batch(index, indices[-1] + 1)
 
     @torch.no_grad()
-    def forward_pass(self, split: str = "calibration", *, on_input: GradFn, desc: str = "scoring") -> None:
-        """Forward only (no graph), feeding ``on_input``."""
+    def forward_pass(
+        self, split: str = "calibration", *, on_input: GradFn, desc: str = "scoring", state: Any = None
+    ) -> None:
+        """Forward only (no graph), feeding ``on_input``; ``state`` as in :meth:`gradient_pass`."""
         from tqdm.auto import tqdm
 
         data = self._split(split)
+        index, done = self.begin_pass(split, state)
         bar = tqdm(
             total=int(data.numel()), unit="tok", unit_scale=True, desc=f"{desc} ({split})",
-            disable=not (self.progress and self.accelerator.is_main_process), leave=False,
+            disable=not (self.progress and self.accelerator.is_main_process), leave=False, initial=done * data.shape[1],
         )
         with _taps(self, None, on_input, None) as end_step:
-            for start in range(0, data.shape[0], self.batch_size):
+            for start in range(done, data.shape[0], self.batch_size):
                 batch = data[start : start + self.batch_size].to(self.input_device)
                 with self.accelerator.autocast():
                     self.model(input_ids=batch, use_cache=False)
                 end_step()
                 self.passes += batch.shape[0]
                 bar.update(batch.numel())
+                self.end_batch(index, start + batch.shape[0])
         bar.close()
 
     def weight(self, module: nn.Module) -> torch.Tensor:

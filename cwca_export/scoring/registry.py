@@ -43,6 +43,8 @@ class Estimator:
         needs_held_out: needs a held-out split (LayerIF).
         summary: one line for ``--help`` and docs.
         needs_resident: why the estimator cannot run on weights accelerate offloads, or None.
+        resumable: every pass hands its accumulators to the run (``state=``), so a checkpoint
+            can save them and a resumed run reaches the same scores.
     """
 
     name: str
@@ -52,6 +54,7 @@ class Estimator:
     needs_held_out: bool
     summary: str
     needs_resident: str | None = None
+    resumable: bool = False
 
 
 ESTIMATORS: dict[str, Estimator] = {}
@@ -66,6 +69,7 @@ def register_estimator(
     per_sequence: bool = True,
     needs_held_out: bool = False,
     needs_resident: str | None = None,
+    resumable: bool = False,
 ) -> Callable[[Callable[[ScoringRun], Estimate]], Callable[[ScoringRun], Estimate]]:
     """Register ``fn(run) -> Estimate`` under ``name``; duplicate or malformed names are refused.
 
@@ -90,6 +94,7 @@ def register_estimator(
             needs_held_out=needs_held_out,
             summary=summary,
             needs_resident=needs_resident,
+            resumable=resumable,
         )
         return fn
 

@@ -1,0 +1,56 @@
+"""SIGINT and SIGTERM as exceptions, so an interrupted run unwinds and cleans up like a failed one.
+
+Python already turns SIGINT into ``KeyboardInterrupt``; :func:`install_handlers` makes SIGTERM
+raise :class:`Terminated`. Both derive from ``BaseException`` only, so a library's
+``except Exception`` cannot swallow them, while every ``finally`` and ``with`` block on the
+way out runs: scratch folders and temporary files are removed and outputs stay absent or
+whole. The CLI exits with the shell's codes, 128 + the signal number (130 and 143).
+:func:`deferred_signals` holds both signals over the few renames that must not be split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+
+EXIT_SIGINT = 128 + int(signal.SIGINT)  # 130
+EXIT_SIGTERM = 128 + int(signal.SIGTERM)  # 143
+_HELD = {signal.SIGINT, signal.SIGTERM}
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived; raised wherever the main thread was, like ``KeyboardInterrupt``."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated(f"terminated by signal {signum}")
+
+
+def install_handlers() -> None:
+    """Make SIGTERM raise :class:`Terminated` in the main thread (a no-op elsewhere)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def exit_code(exc: BaseException) -> int | None:
+    """The conventional exit status for an interrupt, or None for any other exception."""
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_SIGINT
+    if isinstance(exc, Terminated):
+        return EXIT_SIGTERM
+    return None
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Block SIGINT and SIGTERM while the body runs; a signal that came meanwhile acts after it."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -1,0 +1,195 @@
+"""Real signals on real ``python -m cwca_export`` processes: nothing half-written, conventional exit
+codes, stale scratch of a killed run cleaned, and ``score --resume`` reaching the uninterrupted scores."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from helpers import sample_text, save_tiny_model
+
+from cwca_export.cli import cli
+from cwca_export.scoring.checkpoint import read_checkpoint_header
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+SAMPLES, SEQ_LEN = 48, 64
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return save_tiny_model("llama", tmp_path_factory.mktemp("models") / "llama")
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "calib.txt"
+    path.write_text(sample_text() * 6, encoding="utf-8")
+    return path
+
+
+def _start(*args: object, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "cwca_export", *map(str, args)], cwd=cwd, env=ENV,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _wait_for(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
+    end = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            pytest.fail(
+                f"the process ended (rc {proc.returncode}) before the moment to signal it: {proc.stderr.read()}")
+        if time.monotonic() > end:
+            proc.kill()
+            pytest.fail("timed out waiting for the moment to signal")
+        time.sleep(0.002)
+
+
+def _hidden(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def _score_args(model: Path, calib: Path, method: str, out: Path) -> list[object]:
+    return ["score", model, "--data", calib, "--samples", SAMPLES, "--seq-len", SEQ_LEN, "--method", method,
+            "--no-progress", "--no-wall-time", "--checkpoint-every", 3, "--out", out]
+
+
+@pytest.mark.parametrize(
+    ("method", "sig", "code", "in_pass"),
+    [
+        ("fisher", signal.SIGTERM, 143, 0),
+        ("kfac", signal.SIGINT, 130, 0),  # K-FAC keeps an integer token count beside its tensors
+        pytest.param("layerif", signal.SIGTERM, 143, 2, marks=pytest.mark.slow),  # third of three passes
+    ],
+)
+def test_signalled_score_resumes_to_the_uninterrupted_scores(model, calib, tmp_path, method, sig, code, in_pass):
+    from cwca_export.scoring import score
+
+    out = tmp_path / "scores.json"
+    checkpoint = tmp_path / "scores.json.checkpoint"
+    proc = _start(*_score_args(model, calib, method, out), cwd=tmp_path)
+
+    def saved_mid_pass() -> bool:
+        header = read_checkpoint_header(checkpoint) if checkpoint.exists() else None
+        return header is not None and len(header["passes"]) > in_pass
+
+    _wait_for(proc, saved_mid_pass)
+    proc.send_signal(signal.SIGSTOP)  # freeze it mid-run, so the signal cannot come after the end
+    header = read_checkpoint_header(checkpoint)
+    assert header is not None
+    current = header["passes"][-1]
+    assert 0 < current["done"] < current["total"]  # a real mid-pass checkpoint, not a finished run
+    proc.send_signal(sig)
+    proc.send_signal(signal.SIGCONT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert "Interrupted" in err and "Traceback" not in err
+    assert not out.exists() and _hidden(tmp_path) == []  # no scores, no temporary file
+    assert read_checkpoint_header(checkpoint) is not None  # the last checkpoint survived whole
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "cwca_export", *map(str, _score_args(model, calib, method, out)), "--resume"],
+        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert not checkpoint.exists()  # removed once the scores are saved
+    # the reference: one uninterrupted run of the same settings, in this process
+    reference = score(str(model), str(calib), method=method, num_samples=SAMPLES, seq_len=SEQ_LEN,
+                      progress=False, record_wall_time=False)
+    got = json.loads(out.read_text())
+    assert got["zeta2"] == pytest.approx(reference.zeta2, rel=1e-9, abs=0)
+    for name, values in reference.stats.items():
+        assert got["stats"][name] == pytest.approx(values, rel=1e-9, abs=1e-12), name
+    assert got["tokens"] == reference.tokens and got["samples"] == SAMPLES
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(model, calib, tmp_path):
+    out = tmp_path / "scores.json"
+    args = ["score", str(model), "--data", str(calib), "--samples", 6, "--seq-len", 32, "--no-progress",
+            "--checkpoint-every", 2, "--out", str(out)]
+    from cwca_export.scoring.checkpoint import ScoreCheckpoint
+
+    ScoreCheckpoint(tmp_path / "scores.json.checkpoint", 2, {"method": "other"}, resume=False).save()
+    result = CliRunner().invoke(cli, [*map(str, args), "--resume"])
+    assert result.exit_code == 1
+    assert "a checkpoint of another run" in result.output and len(result.output.strip().splitlines()) == 1
+    (tmp_path / "scores.json.checkpoint").write_text("my notes")
+    result = CliRunner().invoke(cli, [*map(str, args)])
+    assert result.exit_code == 2 and "not a checkpoint cwca-export wrote" in result.output
+    assert (tmp_path / "scores.json.checkpoint").read_text() == "my notes"
+
+
+def test_exact_cannot_checkpoint(model, calib, tmp_path):
+    result = CliRunner().invoke(cli, ["score", str(model), "--data", str(calib), "--samples", "2", "--seq-len", "16",
+                                      "--method", "exact", "--checkpoint-every", "1",
+                                      "--out", str(tmp_path / "s.json")])
+    assert result.exit_code == 1 and "cannot be checkpointed" in result.output and "--checkpoint-every" in result.output
+
+
+def _partials(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.name.endswith(".partial")]
+
+
+def test_sigterm_export_leaves_no_partial_folder(model, tmp_path):
+    proc = _start("export", model, "--out", "art", "--backend", "onnx", "--runs", 1, "--warmup", 0, cwd=tmp_path)
+    _wait_for(proc, lambda: bool(_partials(tmp_path)))
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither the artifact nor a hidden partial
+
+
+def test_sigint_run_leaves_no_partial_folder(model, calib, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": str(model), "data": str(calib), "samples": 4, "seq_len": 16, "score": {"method": "gradnorm"},
+        "plan": {"program": "prune", "sparsity": 0.5}, "compress": {"method": "magnitude"},
+        "export": {"backend": "onnx"},
+    }))
+    proc = _start("run", recipe, "--out", "run-out", cwd=tmp_path)
+    _wait_for(proc, lambda: any((p / "scores.json").exists() for p in _partials(tmp_path)))  # mid-pipeline
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
+
+
+def test_sigkill_leaves_a_partial_that_the_next_run_cleans(model, calib, tmp_path):
+    proc = _start("export", model, "--out", "art", "--backend", "onnx", "--runs", 1, "--warmup", 0, cwd=tmp_path)
+    _wait_for(proc, lambda: bool(_partials(tmp_path)))
+    proc.kill()  # SIGKILL: no handler runs, the partial folder stays
+    proc.communicate(timeout=60)
+    (stale,) = _partials(tmp_path)
+    assert f"-{proc.pid}-" in stale.name
+    # a live process's partial and a look-alike the user made are not the tool's to clean
+    from cwca_export.scratch import HOST_TAG
+
+    live = tmp_path / f".art.cwca-{HOST_TAG}-{os.getpid()}-abc.partial"
+    live.mkdir()
+    users = tmp_path / ".art.backup.partial"
+    users.mkdir()
+    scores = tmp_path / "scores.json"
+    done = subprocess.run([sys.executable, "-m", "cwca_export", "score", str(model), "--data", str(calib),
+                           "--samples", "2", "--seq-len", "16", "--no-progress", "--out", str(scores)],
+                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert not stale.exists() and live.is_dir() and users.is_dir()
+
+
+def test_sigterm_demo_leaves_no_half_built_folder(tmp_path):
+    proc = _start("demo", "--out", "demo", cwd=tmp_path)
+    _wait_for(proc, lambda: (tmp_path / "demo" / "scores.json").exists())  # past its first step
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
