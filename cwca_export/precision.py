@@ -131,13 +131,17 @@ def parse_formats(text: str | Sequence[str]) -> list[StorageFormat]:
 
 
 @torch.no_grad()
-def fake_quantize(weight: torch.Tensor, fmt: StorageFormat) -> torch.Tensor:
+def fake_quantize(weight: torch.Tensor, fmt: StorageFormat, *, kernel: str = "mlas") -> torch.Tensor:
     """What ONNX Runtime computes with after quantizing ``weight`` ``(rows, K)`` block-wise along
     its last axis (K): the de-quantized values, in the weight's dtype.
 
-    Round to nearest as ONNX Runtime's RTN quantizer does it: symmetric blocks scale by the
-    signed largest-magnitude value over -2^(bits-1) and clip to [-2^(bits-1), 2^(bits-1) - 1];
-    asymmetric blocks span [min(w, 0), max(w, 0)] in 2^bits - 1 steps around a rounded zero point.
+    Round to nearest as ONNX Runtime's RTN quantizers do it: symmetric blocks scale by the signed
+    largest-magnitude value over -2^(bits-1); asymmetric blocks span [min(w, 0), max(w, 0)] in
+    2^bits - 1 steps around a rounded zero point. The two quantizers round differently, and ties
+    are common in weights that were stored in fp16: ``kernel="mlas"`` (MatMul weights, MLAS's
+    C++ ``MlasQuantizeBlockwise``) multiplies by the reciprocal scale and rounds half up around
+    the zero point; ``kernel="numpy"`` (Gather tables, the quantizer's numpy path) divides and
+    rounds half to even.
     """
     if fmt.is_float:
         return weight.clone()
@@ -150,23 +154,49 @@ def fake_quantize(weight: torch.Tensor, fmt: StorageFormat) -> torch.Tensor:
     if blocks * block != k:
         w = torch.nn.functional.pad(w, (0, blocks * block - k))
     w = w.reshape(rows, blocks, block)
-    levels = 2 ** fmt.bits
-    if fmt.symmetric:
-        hi, lo = w.amax(-1, keepdim=True), w.amin(-1, keepdim=True)
-        signed_max = torch.where(hi.abs() > lo.abs(), hi, lo)
-        scale = signed_max / -(levels // 2)
-        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-        q = torch.where(scale == 0, torch.zeros_like(w), (w / safe).round().clamp(-(levels // 2), levels // 2 - 1))
-        out = q * scale
-    else:
-        lo = w.amin(-1, keepdim=True).clamp(max=0)
-        hi = w.amax(-1, keepdim=True).clamp(min=0)
-        scale = (hi - lo) / (levels - 1)
-        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-        zero = torch.where(scale == 0, torch.full_like(scale, levels // 2), (-lo / safe).round().clamp(0, levels - 1))
-        q = torch.where(scale == 0, zero, (w / safe + zero).round().clamp(0, levels - 1))
-        out = (q - zero) * scale
+    rounding = _mlas_blocks if kernel == "mlas" else _numpy_blocks
+    q, zero, scale = rounding(w, fmt.bits, fmt.symmetric)
+    out = (q - zero) * scale
     return out.reshape(rows, blocks * block)[:, :k].to(weight.dtype)
+
+
+def _block_range(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-block scale (and, asymmetric, the lower end of the range) as both quantizers set them."""
+    if symmetric:
+        hi, lo = w.amax(-1, keepdim=True), w.amin(-1, keepdim=True)
+        return torch.where(hi.abs() > lo.abs(), hi, lo) / -float(2 ** (bits - 1)), None
+    lo = w.amin(-1, keepdim=True).clamp(max=0)
+    hi = w.amax(-1, keepdim=True).clamp(min=0)
+    return (hi - lo) / (2 ** bits - 1), lo
+
+
+def _mlas_blocks(w: torch.Tensor, bits: int, symmetric: bool):
+    """MLAS: q = clamp(floor(w * (1 / scale) + zp + 1/2)), zp = 2^(bits-1) or round(-lo / scale)."""
+    top = 2 ** bits - 1
+    scale, lo = _block_range(w, bits, symmetric)
+    nonzero = scale != 0
+    safe = torch.where(nonzero, scale, torch.ones_like(scale))
+    if symmetric:
+        zero = torch.full_like(scale, float(2 ** (bits - 1)))
+    else:
+        zero = torch.where(nonzero, torch.floor(-lo / safe + 0.5), lo).clamp(0, top)
+    reciprocal = torch.where(nonzero, 1.0 / safe, torch.zeros_like(scale))
+    return torch.floor(w * reciprocal + zero + 0.5).clamp(0, top), zero, scale
+
+
+def _numpy_blocks(w: torch.Tensor, bits: int, symmetric: bool):
+    """The quantizer's numpy path: q = round_half_even(w / scale) (+ zp), zp = round(-lo / scale)."""
+    top, half = 2 ** bits - 1, 2 ** (bits - 1)
+    scale, lo = _block_range(w, bits, symmetric)
+    nonzero = scale != 0
+    safe = torch.where(nonzero, scale, torch.ones_like(scale))
+    if symmetric:
+        zero = torch.full_like(scale, float(half))
+        q = torch.where(nonzero, (w / safe).round(), torch.zeros_like(w)).clamp(-half, half - 1) + zero
+        return q, zero, scale
+    zero = torch.where(nonzero, (-lo / safe).round(), torch.full_like(scale, float(half))).clamp(0, top)
+    q = torch.where(nonzero, (w / safe + zero).round(), zero.expand_as(w)).clamp(0, top)
+    return q, zero, scale
 
 
 def _per_tensor(x: torch.Tensor, *, symmetric: bool) -> torch.Tensor:
@@ -192,7 +222,7 @@ def fake_quantize_table(weight: torch.Tensor, fmt: StorageFormat) -> torch.Tenso
     scale and zero point (``int8``), or 4-bit blocks along ``dim`` (``int4-bB``)."""
     if fmt.dynamic:
         return _per_tensor(weight, symmetric=False)
-    return fake_quantize(weight, fmt)
+    return fake_quantize(weight, fmt, kernel="numpy")
 
 
 def _quantize_input(_module: nn.Module, args: tuple) -> tuple:

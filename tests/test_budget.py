@@ -141,15 +141,17 @@ def test_cli_fits_a_memory_and_latency_budget_on_a_saved_folder(tmp_path):
     assert manifest["disk_bytes"] == measured["disk_bytes"] <= 22_000_000
     assert manifest["measurement"]["resident_bytes"] == measured["resident_bytes"] <= 22_000_000
     assert manifest["measurement"]["latency_ms"]["decode"]["p50"] == measured["decode_p50_ms"] <= 200
-    trials = budget["search"]["trials"]
-    assert trials[0]["quantize"] is None and not trials[0]["met"]  # fp32 does not fit
-    assert budget["search"]["chosen"]["quantize"] == manifest["postprocess"]["quantize"]["method"]
+    search = budget["search"]
+    assert search["trials"][0]["storage"] == "as given" and not search["trials"][0]["met"]  # fp32 does not fit
+    chosen = search["chosen"]
+    # the graph holds exactly the planned formats, read back from its nodes
+    assert manifest["postprocess"]["precision"]["groups"] == chosen["formats"]
+    assert manifest["postprocess"]["precision"]["verified_in_graph"] is True
 
 
 def test_infeasible_budget_states_the_smallest_reachable(tmp_path):
     budget = Budget(max_memory=parse_size("1MB"), max_latency_ms=1e-4, **WORKLOAD)
-    expected = r"smallest reachable: memory [\d.]+ MiB \((fp32|int8|int4), t=0\).*decode p50 [\d.e-]+ ms"
-    with pytest.raises(BudgetError, match=expected):
+    with pytest.raises(BudgetError, match=r"smallest measured: memory [\d.]+ MiB \(as given, t=0\).*decode p50 [\d.e-]+ ms"):
         cwca_export.export(tiny_model("llama"), None, tmp_path / "x", backend="onnx", budget=budget, runs=3, warmup=1)
     assert list(tmp_path.iterdir()) == []
 
@@ -175,19 +177,36 @@ class _WidthKnob:
         return model, None
 
 
-def test_width_search_bisects_on_the_memory_prediction(tmp_path):
+def test_search_ships_the_lowest_loss_candidate_measurement_proves_within_budget(tmp_path):
+    """Structure levels x precision plans: bytes predicted exactly, every lower-loss candidate that
+    was predicted to fit was built and missed, and the winner's loss is recomputed independently."""
+    import torch
+
+    from cwca_export.damage import calibration_loss
+    from cwca_export.precision import StorageFormat, quantized_weights
+
     model = tiny_model("llama", **MEDIUM)
-    budget = Budget(max_memory=parse_size("23MB"), **WORKLOAD)
+    ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    budget = Budget(max_disk=parse_size("3MB"), **WORKLOAD)
     settings = ExportSettings(backend="onnx", measure=MeasureConfig(prompt_len=8, context=24, runs=3, warmup=1))
+    knob = _WidthKnob(model)
     with Staging(tmp_path / "fitted") as staging:
-        candidate, record, _ = fit_budget(model, None, None, settings, budget, staging, knob=_WidthKnob(model))
+        candidate, record, _ = fit_budget(model, None, None, settings, budget, staging, knob=knob, calibration=ids,
+                                          levels=3)
         staging.commit(candidate.folder)
-    trials = record["trials"]
-    assert [t["t"] for t in trials[:2]] == [0.0, 1.0] and not trials[0]["met"] and trials[1]["met"]
     chosen = record["chosen"]
-    assert chosen["met"] and chosen["quantize"] is None and 0 < chosen["t"] < 1  # fp32, partly narrowed
-    assert chosen["measured"]["resident_bytes"] <= budget.max_memory
-    # the first bisection probe came from the prediction; its disk bytes were exact
-    (probe,) = [t for t in trials if t["predicted"] is not None]
-    measured = probe["measured"]["disk_bytes"]
-    assert abs(probe["predicted"]["disk_bytes"] - measured) <= 0.01 * measured
+    assert chosen["met"] and chosen["measured"]["disk_bytes"] <= budget.max_disk
+    for trial in record["trials"][1:]:  # the built candidates: disk bytes predicted within 1%
+        assert abs(trial["predicted"]["disk_bytes"] - trial["measured"]["disk_bytes"]) <= 0.01 * trial["measured"]["disk_bytes"]
+    priced = [c for c in record["candidates"] if c["calib_loss"] is not None]
+    assert len({c["t"] for c in priced}) >= 2 and any(c["formats"] for c in priced)  # both dimensions searched
+    for c in priced:
+        if c["calib_loss"] < chosen["calib_loss"]:
+            assert c["status"].startswith("built") or c["t"] == 0 and not c["formats"], c
+            assert not c["met"]
+    assert all(c["status"].startswith("predicted over") for c in record["candidates"]
+               if c["calib_loss"] is None and c["storage"] != "as given" and c["status"] != "reference")
+    # the loss the search priced the winner at is the loss of that structure in those formats
+    model_t, _ = knob.make(chosen["t"])
+    with quantized_weights(model_t, {g: StorageFormat.parse(f) for g, f in (chosen["formats"] or {}).items()}):
+        assert calibration_loss(model_t, ids) == pytest.approx(chosen["calib_loss"], rel=1e-6)

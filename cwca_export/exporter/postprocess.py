@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from cwca_export.ort import require_onnxruntime
 
 EXTERNAL_DATA_NAME = "model.onnx_data"
@@ -358,7 +360,8 @@ def quantize_mixed(src: Path, dst: Path, node_formats: dict[str, Any]) -> dict[s
                 model, bits=fmt.bits, block_size=fmt.block_size, is_symmetric=fmt.symmetric,
                 nodes_to_exclude=exclude, op_types_to_quantize=("MatMul", "Gather") if gathers else ("MatMul",),
             )
-            quantizer.process()
+            with np.errstate(divide="ignore", invalid="ignore"):  # its np.where divides by zero scales
+                quantizer.process()
             model = quantizer.model.model
         prune_dead(model)
         if dynamic:
