@@ -6,7 +6,6 @@ package (``cwca_export/assets``), so ``cwca-export demo`` needs no network and n
 
 from __future__ import annotations
 
-import copy
 import json
 import shlex
 import time
@@ -19,7 +18,7 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO_MODEL = ASSETS / "demo-llama"
 TRAIN_TEXT = ASSETS / "text" / "train.txt"
 HELDOUT_TEXT = ASSETS / "text" / "heldout.txt"
-_DEMO_OPTIONS = {"method", "sparsity", "quantize", "max_memory", "max_latency_ms"}  # `cwca-export demo`
+_DEMO_OPTIONS = {"sparsity", "max_disk_fraction", "max_latency_ms"}  # `cwca-export demo`
 
 
 @dataclass(frozen=True)
@@ -27,24 +26,23 @@ class DemoConfig:
     """What the demo does; the defaults run in a few minutes on 2 CPU cores.
 
     Attributes:
-        method: scoring estimator.
-        sparsity: global structured (MLP width) sparsity of the plan.
+        sparsity: global structured (MLP width) sparsity of the plan the budget search moves.
         hi: per-block cap on the width removed.
-        quantize: ONNX Runtime weight quantization of the compressed artifact (None: fp32).
-        max_memory: the budget the compressed artifact must meet (bytes; disk and resident).
+        max_disk_fraction: the artifact budget as a fraction of the dense fp32 artifact's bytes,
+            below what plain int8 (0.28x) and int4 reach.
         max_latency_ms: per-token decode p50 limit at batch 1 over ``context`` tokens.
-        samples, seq_len: calibration sequences for scoring and compression.
+        probes: the measured-damage probe points (fractions of each block's MLP width removed).
+        samples, seq_len: calibration sequences for scoring, compression and the search.
         eval_tokens: held-out tokens for perplexity (windows of ``eval_seq_len``).
         prompt_len, context: the latency workload.
     """
 
-    method: str = "gradnorm"  # ranks blocks like measured damage on small models (docs/design.md 2.1)
     sparsity: float = 0.3
     hi: float = 0.6
-    quantize: str | None = "int8"
-    max_memory: int | None = 48 * 2**20
+    max_disk_fraction: float = 0.15
     max_latency_ms: float | None = 50.0
-    samples: int = 32
+    probes: str = "0.2,0.4,0.6"
+    samples: int = 16
     seq_len: int = 128
     eval_tokens: int = 32_768
     eval_seq_len: int = 256
@@ -68,13 +66,12 @@ def run_demo(
     """
     from cwca_export._jsonio import write_bytes_atomic
     from cwca_export.budget import Budget
-    from cwca_export.compression import compress, save_compressed
     from cwca_export.data import calibration_data, load_texts
     from cwca_export.evaluate import ort_logits_fn, perplexity_from_logits, tokenize_text, torch_logits_fn
     from cwca_export.exporter.api import export
     from cwca_export.loading import load_model
     from cwca_export.outputs import write_inventory
-    from cwca_export.plan import plan_pruning
+    from cwca_export.plan import plan_by_rule
     from cwca_export.report import build_report
     from cwca_export.scoring import score
 
@@ -91,34 +88,35 @@ def run_demo(
     def done(name: str) -> None:
         timings[name] = round(time.perf_counter() - timings[name], 1)
 
-    step("score", f"scoring {Path(model_dir).name} with {config.method} on {config.samples} x {config.seq_len} tokens")
+    step("score", f"measuring each block's damage when its MLP is narrowed ({config.probes}) on"
+         f" {config.samples} x {config.seq_len} tokens")
     model, tokenizer = load_model(model_dir)
     model.eval()
     calib = calibration_data(TRAIN_TEXT, tokenizer, num_samples=config.samples, seq_len=config.seq_len, seed=0)
-    scores = score(model, calib, method=config.method, progress=False, record_wall_time=False)
+    scores = score(model, calib, method="damage", options={"pruner": "width", "points": config.probes},
+                   progress=False, record_wall_time=False)
     scores.save(out / "scores.json")
     done("score")
 
-    step("plan", f"planning {config.sparsity:.0%} structured MLP width (per-block cap {config.hi})")
-    plan = plan_pruning(scores, config.sparsity, hi=config.hi)
+    step("plan", f"planning {config.sparsity:.0%} MLP width on the measured curves (per-block cap {config.hi})")
+    plan = plan_by_rule(scores, config.sparsity, rule="damage", hi=config.hi)
     plan.save(out / "plan.json")
     done("plan")
 
-    step("compress", "removing MLP channels block by block (activation-weighted)")
-    compressed = compress(copy.deepcopy(model), plan, method="width", data=calib)
-    save_compressed(compressed, out / "compressed", tokenizer=tokenizer)
-    done("compress")
-
     budget_kw = dict(prompt_len=config.prompt_len, context=config.context)
-    step("export_dense", "exporting the dense model (optimum, fp32) as the baseline")
-    dense = export(model, None, out / "dense-artifact", tokenizer=tokenizer, overwrite=overwrite,
-                   budget=Budget(**budget_kw))
-    done("export_dense")
+    step("export_peers", "exporting the dense model as fp32, int8 and int4 (what a user tries first)")
+    peers = {}
+    for name, quantize in (("dense", None), ("dense-int8", "int8"), ("dense-int4", "int4")):
+        peers[name] = export(model, None, out / f"{name}-artifact", tokenizer=tokenizer, quantize=quantize,
+                             overwrite=overwrite, budget=Budget(**budget_kw))
+    done("export_peers")
 
-    step("export", f"exporting the compressed model ({config.quantize or 'fp32'}) under the budget")
-    budget = Budget(max_memory=config.max_memory, max_latency_ms=config.max_latency_ms, **budget_kw)
-    artifact = export(compressed, plan, out / "artifact", tokenizer=tokenizer, quantize=config.quantize,
-                      budget=budget, overwrite=overwrite)
+    max_disk = int(config.max_disk_fraction * peers["dense"].disk_bytes)
+    step("export", f"searching structure x per-layer precision for {config.max_disk_fraction:g}x of the dense"
+         f" bytes ({max_disk / 2**20:.2f} MiB), below plain int8 and int4")
+    budget = Budget(max_disk=max_disk, max_latency_ms=config.max_latency_ms, **budget_kw)
+    artifact = export(model, plan, out / "artifact", tokenizer=tokenizer, method="width", budget=budget,
+                      compress_options={"data": calib}, overwrite=overwrite)
     done("export")
 
     step("eval", f"held-out perplexity on {config.eval_tokens:,} tokens")
@@ -127,22 +125,23 @@ def run_demo(
     def ppl(fn) -> float:
         return perplexity_from_logits(fn, ids, seq_len=config.eval_seq_len, max_tokens=config.eval_tokens).perplexity
 
-    rows = {
-        "dense": _row(dense, ppl(torch_logits_fn(model)), ppl(ort_logits_fn(dense.path))),
-        "compressed": _row(artifact, ppl(torch_logits_fn(compressed)), ppl(ort_logits_fn(artifact.path))),
-    }
+    rows = {name: _row(art, ppl(ort_logits_fn(art.path))) for name, art in peers.items()}
+    rows["searched"] = _row(artifact, ppl(ort_logits_fn(artifact.path)))
+    rows["dense"]["perplexity_torch"] = ppl(torch_logits_fn(model))
     done("eval")
 
+    chosen = (artifact.manifest.get("budget") or {}).get("search", {}).get("chosen") or {}
     report = {
         "model": str(model_dir),
         "config": config.__dict__,
         "rows": rows,
         "budget": artifact.manifest.get("budget"),
+        "chosen": {"t": chosen.get("t"), "target_sparsity": chosen.get("target"), "storage": chosen.get("storage"),
+                   "formats": chosen.get("formats")},
         "paths": {
             "scores": str(out / "scores.json"),
             "plan": str(out / "plan.json"),
-            "compressed_model": str(out / "compressed"),
-            "dense_artifact": str(dense.path),
+            **{f"{name}_artifact": str(art.path) for name, art in peers.items()},
             "artifact": str(artifact.path),
             "html": str(out / "report.html"),
         },
@@ -153,6 +152,9 @@ def run_demo(
     page = build_report(out)
     write_inventory(out)  # the record that lets --overwrite and inspect --verify know these files
     echo(format_table(rows))
+    if chosen:
+        echo(f"searched: structure level t={chosen.get('t'):g} (MLP width sparsity {chosen.get('target') or 0:.3g}),"
+             f" storage {chosen.get('storage')}")
     echo(f"artifact: {artifact.path}\nreport:   {out / 'report.json'}\nhtml:     {page}")
     return report
 
@@ -165,14 +167,9 @@ def demo_commands(out: Path, config: DemoConfig, model_dir: str | Path = DEMO_MO
         return q(str(Path(out) / name))
 
     model, outq, train, heldout = q(str(model_dir)), q(str(out)), q(str(TRAIN_TEXT)), q(str(HELDOUT_TEXT))
-    calib = f"--data {train} --samples {config.samples} --seq-len {config.seq_len} --seed 0"
+    calib = f"--data {train} --samples {config.samples} --seq-len {config.seq_len}"
     workload = f"--prompt-len {config.prompt_len} --context {config.context}"
-    limits = ""
-    if config.max_memory is not None:
-        limits += f" --max-memory {config.max_memory}"
-    if config.max_latency_ms is not None:
-        limits += f" --max-latency-ms {config.max_latency_ms:g}"
-    quantize = f" --quantize {config.quantize}" if config.quantize else ""
+    latency = f" --max-latency-ms {config.max_latency_ms:g}" if config.max_latency_ms is not None else ""
     default = DemoConfig()
     hidden = {  # settings `cwca-export demo` has no option for
         k: v for k, v in config.__dict__.items()
@@ -184,53 +181,61 @@ def demo_commands(out: Path, config: DemoConfig, model_dir: str | Path = DEMO_MO
         args = ", ".join(f"{k}={v!r}" for k, v in hidden.items())
         demo = f"# Python: run_demo({str(out)!r}, DemoConfig({args}))"
     else:
-        demo = (f"cwca-export demo --out {outq} --method {config.method} --sparsity {config.sparsity:g}"
-                f" --quantize {config.quantize or 'none'}{limits}")
+        demo = (f"cwca-export demo --out {outq} --sparsity {config.sparsity:g}"
+                f" --max-disk-fraction {config.max_disk_fraction:g}{latency}")
     evals = [
         f"cwca-export eval {p} --data {heldout} --seq-len {config.eval_seq_len} --max-tokens {config.eval_tokens}"
-        for p in (model, at("dense-artifact"), at("compressed"), at("artifact"))
+        for p in (model, *(at(f"{n}-artifact") for n in ("dense", "dense-int8", "dense-int4")), at("artifact"))
     ]
     return [
         demo,
-        "# the same steps one by one:",
-        f"cwca-export score {model} {calib} --method {config.method} --no-wall-time --out {at('scores.json')}",
-        f"cwca-export plan {at('scores.json')} --program prune --sparsity {config.sparsity:g} --hi {config.hi:g}"
-        f" --out {at('plan.json')}",
-        f"cwca-export compress {model} --plan {at('plan.json')} --method width {calib} --out {at('compressed')}",
+        "# the same steps one by one (MAX_DISK: the fraction times the dense artifact's bytes):",
+        f"cwca-export score {model} {calib} --method damage --option pruner=width"
+        f" --option points={config.probes} --no-wall-time --out {at('scores.json')}",
+        f"cwca-export plan {at('scores.json')} --program prune --rule damage --sparsity {config.sparsity:g}"
+        f" --hi {config.hi:g} --out {at('plan.json')}",
         f"cwca-export export {model} --out {at('dense-artifact')} {workload}",
-        f"cwca-export export {at('compressed')} --plan {at('plan.json')} --out {at('artifact')}{quantize}"
-        f"{limits} {workload}",
+        f"cwca-export export {model} --quantize int8 --out {at('dense-int8-artifact')} {workload}",
+        f"cwca-export export {model} --quantize int4 --out {at('dense-int4-artifact')} {workload}",
+        f"cwca-export export {model} --plan {at('plan.json')} --method width {calib} --max-disk MAX_DISK{latency}"
+        f" --out {at('artifact')} {workload}",
         *evals,
         f"cwca-export report {outq}",
     ]
 
 
-def _row(artifact, torch_ppl: float, ort_ppl: float) -> dict[str, Any]:
+def _row(artifact, ort_ppl: float) -> dict[str, Any]:
     latency = artifact.latency_ms
     return {
         "disk_bytes": artifact.disk_bytes,
         "resident_bytes": artifact.resident_bytes,
         "prefill_ms_p50": latency["prefill"]["p50"],
         "decode_ms_p50": latency["decode"]["p50"],
-        "perplexity_torch": torch_ppl,
         "perplexity": ort_ppl,
     }
 
 
 def format_table(rows: dict[str, dict[str, Any]]) -> str:
-    """Dense and compressed side by side, with the compressed/dense ratio."""
+    """Every artifact side by side; sizes also as a fraction of the dense fp32 artifact."""
     from cwca_export.budget import format_size
 
-    dense, comp = rows["dense"], rows["compressed"]
-    lines = [f"{'':24}{'dense':>14}{'compressed':>14}{'ratio':>8}"]
+    names = list(rows)
+    dense = rows["dense"]
+    lines = [f"{'':24}" + "".join(f"{n:>14}" for n in names)]
     for key, label, fmt in (
         ("disk_bytes", "disk", format_size),
+        ("disk_bytes", "  of dense fp32", None),
         ("resident_bytes", "resident memory", format_size),
         ("prefill_ms_p50", "prefill p50 (ms)", lambda v: f"{v:.2f}"),
         ("decode_ms_p50", "decode p50 (ms/token)", lambda v: f"{v:.3f}"),
         ("perplexity", "held-out perplexity", lambda v: f"{v:.2f}"),
     ):
-        a, b = dense[key], comp[key]
-        ratio = f"{b / a:.2f}x" if a else "-"
-        lines.append(f"{label:24}{fmt(a):>14}{fmt(b):>14}{ratio:>8}")
+        cells = []
+        for n in names:
+            v = rows[n].get(key)
+            if fmt is None:
+                cells.append(f"{v / dense[key]:.3f}x" if v and dense[key] else "-")
+            else:
+                cells.append(fmt(v) if v is not None else "-")
+        lines.append(f"{label:24}" + "".join(f"{c:>14}" for c in cells))
     return "\n".join(lines)

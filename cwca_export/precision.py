@@ -123,6 +123,17 @@ class StorageFormat:
         return math.ceil(rows * dim / 2) + 4 * rows * blocks + zeros
 
 
+def default_formats(model: nn.Module | None = None) -> list[str]:
+    """fp32, dynamic int8, int4 in blocks of 32 and asymmetric int4 in the largest block of 128
+    or 64 that divides every Linear's input size (a partial block is padded to full size in
+    ``MatMulNBits``: block 128 on a 192-wide input stores 256 values per column)."""
+    if model is None:
+        return list(DEFAULT_FORMATS)
+    inputs = {i for g in precision_groups(model) for _, i in g.shapes}
+    block = next((b for b in (128, 64) if all(i % b == 0 for i in inputs)), 32)
+    return ["fp32", "int8", f"int4-b{block}-asym", "int4-b32"]
+
+
 def parse_formats(text: str | Sequence[str]) -> list[StorageFormat]:
     """Formats from ``"fp32,int8,int4-b128"`` (fp32 is always included)."""
     names = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]

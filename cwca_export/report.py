@@ -239,6 +239,61 @@ def render_figure(plan: Plan, scores: LayerScores | None, baselines: list[Baseli
     return buf.getvalue()
 
 
+def search_records(manifests: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The budget-search records (``budget.search``) of the manifests that have candidates."""
+    out = {}
+    for name, manifest in manifests.items():
+        search = ((manifest.get("budget") or {}).get("search") or {})
+        if search.get("candidates"):
+            out[name] = {**search, "limits": (manifest.get("budget") or {}).get("limits") or {}}
+    return out
+
+
+def render_frontier(search: dict[str, Any]) -> bytes:
+    """The budget search's frontier as PNG bytes: every priced candidate's predicted bytes
+    against its calibration loss, built ones at their measured bytes, the winner marked."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8.0, 5.0), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    groups = {"predicted to fit, not built": ("o", "#babdb6"), "built: met the budget": ("o", "#4e9a06"),
+              "built: missed a limit": ("x", "#cc0000"), "failed verification": ("s", "#ce5c00")}
+    points: dict[str, list[tuple[float, float]]] = {k: [] for k in groups}
+    for c in search["candidates"]:
+        if c.get("calib_loss") is None:
+            continue
+        status = c.get("status", "")
+        measured = c.get("measured") or {}
+        mib = (measured.get("disk_bytes") or c["predicted"]["disk_bytes"]) / 2**20
+        key = ("built: met the budget" if status.startswith("built: met") else
+               "built: missed a limit" if status.startswith("built") else
+               "failed verification" if status.startswith("failed") else "predicted to fit, not built")
+        points[key].append((mib, c["calib_loss"]))
+    for key, (marker, color) in groups.items():
+        if points[key]:
+            xs, ys = zip(*points[key], strict=True)
+            ax.scatter(xs, ys, marker=marker, color=color, label=f"{key} ({len(xs)})")
+    chosen = search.get("chosen") or {}
+    if chosen.get("calib_loss") is not None:
+        mib = (chosen.get("measured") or {}).get("disk_bytes", chosen["predicted"]["disk_bytes"]) / 2**20
+        ax.scatter([mib], [chosen["calib_loss"]], marker="*", s=250, color="#204a87", label="shipped", zorder=5)
+    limits = search.get("limits") or {}
+    for key in ("max_disk", "max_memory"):
+        if limits.get(key):
+            ax.axvline(limits[key] / 2**20, color="#555555", ls="--", lw=1,
+                       label=f"{key} {limits[key] / 2**20:.3g} MiB")
+    ax.set_xlabel("artifact MiB (measured where built, else predicted)")
+    ax.set_ylabel("calibration loss (nats/token)")
+    ax.set_title("budget search: candidates (structure level x precision plan)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
+
+
 # ---------------------------------------------------------------------------- commands
 
 
@@ -584,6 +639,7 @@ def render_html(inputs: ReportInputs, png: bytes, baselines: list[Baseline], com
         _plan_section(inputs, baselines),
         "<h2>Artifacts (cwca_manifest.json)</h2>",
         _manifest_section(inputs.manifests),
+        *_frontier_section(inputs.manifests),
         "<h2>Dense against compressed (report.json)</h2>",
         _demo_section(inputs.demo),
         "<h2>Commands</h2>",
@@ -600,6 +656,17 @@ def render_html(inputs: ReportInputs, png: bytes, baselines: list[Baseline], com
                  "</code>.</p>")
     parts.append("</body></html>\n")
     return "\n".join(parts)
+
+
+def _frontier_section(manifests: dict[str, dict[str, Any]]) -> list[str]:
+    parts = []
+    for name, search in search_records(manifests).items():
+        uri = "data:image/png;base64," + base64.b64encode(render_frontier(search)).decode("ascii")
+        parts.append(f"<h2>Budget search frontier ({_e(name)})</h2>")
+        parts.append(f'<img class="frontier" src="{uri}" alt="{_e("candidates: bytes against calibration loss")}">')
+        parts.append(f'<p class="note">{_e(search.get("why") or "")} Calibration: {_e(search.get("calibration"))}.'
+                     "</p>")
+    return parts
 
 
 def build_report(folder: str | os.PathLike) -> Path:

@@ -296,7 +296,7 @@ def test_demo_commands_parse_with_the_cli(tmp_path):
     from cwca_export.demo import DemoConfig, demo_commands
 
     out = tmp_path / "demo out"
-    for name in ("compressed", "dense-artifact", "artifact"):
+    for name in ("dense-artifact", "dense-int8-artifact", "dense-int4-artifact", "artifact"):
         (out / name).mkdir(parents=True)
     for name in ("scores.json", "plan.json"):
         (out / name).write_text("{}")

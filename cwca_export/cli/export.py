@@ -36,6 +36,8 @@ def _summary(art) -> list[str]:
     work = m["measurement"]["workload"]
     post = m["postprocess"]
     storage = post["quantize"]["method"] if post["quantize"] else post["dtype"]
+    if post.get("precision"):
+        storage = "per-layer precision"
     fp32 = m["verification"]["fp32"]
     parity = art.parity
     lat = art.latency_ms

@@ -230,8 +230,9 @@ def build_candidate(model: Any, tokenizer: Any, folder: Path, settings: ExportSe
         from cwca_export.precision import StorageFormat, quantized_weights
 
         assignment = {g: StorageFormat.parse(f) for g, f in settings.precision.items()}
+        kind = "mixed-dynamic" if any(f.dynamic for f in assignment.values()) else "mixed"
         with quantized_weights(model, assignment):
-            verification["final"] = _verify(model, raw, folder, settings, "mixed", False, backend)
+            verification["final"] = _verify(model, raw, folder, settings, kind, False, backend)
     elif postprocess["steps"]:
         verification["final"] = _verify(model, raw, folder, settings, settings.scheme, False, backend)
     files = file_inventory(folder)

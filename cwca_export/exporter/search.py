@@ -34,6 +34,7 @@ from cwca_export.budget import Budget, format_size
 from cwca_export.exporter.build import Candidate, ExportSettings, build_candidate
 
 MAX_BUILDS = 6  # artifacts built and measured after the reference
+REFINE_STEPS = 3  # bisection steps between grid levels for the least structure that fits
 LATENCY_SHRINK = 0.9  # after a latency miss, only candidates this much smaller are tried
 
 
@@ -251,7 +252,7 @@ class _Search:
         others = other_weight_bytes(model_t)
         cap = self.memory_cap()
         full = artifact_weight_bytes(model_t, {})
-        caps = [cap * s for s in (1.0, 0.9, 0.8)] if np.isfinite(cap) else [full * s for s in (0.4, 0.25, 0.18, 0.14)]
+        caps = [cap * s for s in (0.995, 0.9, 0.8)] if np.isfinite(cap) else [full * s for s in (0.4, 0.25, 0.18, 0.14)]
         for c in caps:
             try:
                 solved = solve_precision(table, c - fp32_overhead - side - others)
@@ -271,6 +272,16 @@ class _Search:
                                    (fp32_overhead if formats else overhead) + weights + side,
                                    weight_bytes=weights, predicted_damage=float(damage)))
         return options
+
+    def fits_corrected(self, option: _Option) -> bool:
+        """Whether ``option`` still fits once its prediction is shifted by the largest error seen
+        on a built artifact of the same kind (per-layer precision or not)."""
+        errors = [t["measured"]["disk_bytes"] - t["predicted"]["disk_bytes"] for t in self.trials[1:]
+                  if bool(t["formats"]) == bool(option.formats)]
+        if not errors:
+            return True
+        shifted = dataclasses.replace(option, predicted_disk=option.predicted_disk + max(0, max(errors)))
+        return self.fits_predicted(shifted)
 
     def fits_predicted(self, option: _Option) -> bool:
         option.predicted_resident = self.resident(option.predicted_disk)
@@ -300,23 +311,24 @@ class _Search:
 
         began = time.perf_counter()
         levels = [0.0] if self.knob is None else [i / (self.levels - 1) for i in range(self.levels)]
+        fits_at: dict[float, bool] = {}
         for t in levels:
-            try:
-                model_t, plan_t = self.knob.make(t) if self.knob is not None else (self.model, None)
-            except ValueError as exc:
-                self.options.append(_Option(t, None, "unreachable", None, 0, status=f"skipped: {exc}"))
-                continue
-            self.plans[t] = plan_t
-            target = self.knob.target(t) if isinstance(self.knob, PlanKnob) else None
-            structure_loss = None
-            for option in self.storage_options(model_t, t, target, ref):
-                self.options.append(option)
-                if not self.fits_predicted(option):
-                    option.status = "predicted over the memory limits"
-                    continue
-                if structure_loss is None:
-                    structure_loss = calibration_loss(model_t, self.calib, batch_size=8)
-                self.price(option, model_t, structure_loss)
+            fits_at[t] = self.add_level(t, ref, calibration_loss)
+        # the least structure whose most compact storage fits: bisect between grid levels on the
+        # predicted bytes (exact, no export), then price that level too
+        if self.knob is not None and np.isfinite(self.memory_cap()):
+            lo = max((t for t in levels if not fits_at.get(t)), default=None)
+            hi = min((t for t in levels if fits_at.get(t) and (lo is None or t > lo)), default=None)
+            if lo is not None and hi is not None:
+                for _ in range(REFINE_STEPS):
+                    mid = round((lo + hi) / 2, 6)
+                    if self.add_level(mid, ref, calibration_loss, price=False):
+                        hi = mid
+                    else:
+                        lo = mid
+                if hi not in fits_at:
+                    self.add_level(hi, ref, calibration_loss)
+                    fits_at[hi] = True
         self.timings["pricing_s"] = round(time.perf_counter() - began, 2)
         priced = sorted((o for o in self.options if o.calib_loss is not None),
                         key=lambda o: (o.calib_loss, o.predicted_disk))
@@ -332,6 +344,9 @@ class _Search:
             if builds >= MAX_BUILDS:
                 option.status = "not built: build limit reached"
                 continue
+            if not self.fits_corrected(option):
+                option.status = "not built: over the limits once corrected by the artifacts measured so far"
+                continue
             builds += 1
             model_t, _ = self.knob.make(option.t) if (self.knob is not None and option.t) else (self.model, None)
             settings = dataclasses.replace(self.settings, precision=option.formats) if option.formats else self.settings
@@ -346,6 +361,35 @@ class _Search:
                     latency_ceiling = LATENCY_SHRINK * option.measured["disk_bytes"]
                 shutil.rmtree(candidate.folder, ignore_errors=True)
         return None, None
+
+    def add_level(self, t: float, ref: Candidate, calibration_loss: Any, *, price: bool = True) -> bool:
+        """Add (and price) the storage options of structure level ``t``; whether any fits.
+
+        With ``price=False`` (bisection probes) nothing is recorded: only whether it fits."""
+        try:
+            model_t, plan_t = self.knob.make(t) if self.knob is not None else (self.model, None)
+        except ValueError as exc:
+            if price:
+                self.options.append(_Option(t, None, "unreachable", None, 0, status=f"skipped: {exc}"))
+            return False
+        target = self.knob.target(t) if isinstance(self.knob, PlanKnob) else None
+        options = self.storage_options(model_t, t, target, ref)
+        fits = [o for o in options if self.fits_predicted(o)]
+        if not price:
+            if isinstance(self.knob, PlanKnob):
+                self.knob.forget(keep=None if not fits else t)
+            return bool(fits)
+        self.plans[t] = plan_t
+        structure_loss = None
+        for option in options:
+            self.options.append(option)
+            if option not in fits:
+                option.status = "predicted over the memory limits"
+                continue
+            if structure_loss is None:
+                structure_loss = calibration_loss(model_t, self.calib, batch_size=8)
+            self.price(option, model_t, structure_loss)
+        return bool(fits)
 
     def _over_latency(self, measured: dict[str, Any]) -> bool:
         b = self.budget
@@ -406,14 +450,16 @@ class _Search:
         )
 
 
-def search_formats(budget: Budget, settings: ExportSettings, formats: Any = None) -> list[str] | None:
+def search_formats(
+    budget: Budget, settings: ExportSettings, formats: Any = None, model: Any = None
+) -> list[str] | None:
     """The storage formats a search may plan, or None when storage is fixed (``--quantize``,
     fp16). Dynamic int8 has CPU kernels only."""
-    from cwca_export.precision import DEFAULT_FORMATS, parse_formats
+    from cwca_export.precision import default_formats, parse_formats
 
     if settings.quantize is not None or budget.dtype != "fp32" or settings.precision:
         return None
-    names = [f.name for f in parse_formats(formats if formats is not None else DEFAULT_FORMATS)]
+    names = [f.name for f in parse_formats(formats if formats is not None else default_formats(model))]
     if budget.ep != "cpu":
         names = [n for n in names if n != "int8"]
     return names
@@ -463,7 +509,7 @@ def fit_budget(
     if levels < 2:
         raise ValueError(f"levels {levels}: a structure search needs at least 2; hint: --levels 9")
     calib, source = calibration_ids(tokenizer, compress_options, calibration, model.config.vocab_size)
-    names = search_formats(budget, settings, formats)
+    names = search_formats(budget, settings, formats, model)
     search = _Search(model, plan, tokenizer, settings, budget, staging, knob, calib, source, names or [], levels)
     began = time.perf_counter()
     fixed = settings.quantize.method if settings.quantize else settings.dtype

@@ -1,0 +1,96 @@
+"""Budgets keep how a plan was made, and refuse what ONNX Runtime cannot turn into savings."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from helpers import save_tiny_model, tiny_model
+
+import cwca_export
+from cwca_export.blocks import find_blocks
+from cwca_export.cli import cli
+from cwca_export.plan import Plan, plan_by_rule, plan_from_damage
+from cwca_export.scores import LayerScores
+
+WORKLOAD = ["--prompt-len", "8", "--context", "24", "--runs", "3", "--warmup", "1"]
+
+
+@pytest.mark.parametrize("method", ["wanda", "magnitude", "sparsegpt"])
+def test_a_budget_with_unstructured_sparsity_is_one_clear_error(tmp_path, method):
+    model_dir = save_tiny_model("llama", tmp_path / "m")
+    scores = LayerScores("gradnorm", zeta2=[1.0, 2.0], n_params=[b.n_params for b in find_blocks(tiny_model())])
+    plan_by_rule(scores, 0.5, rule="cwca").save(tmp_path / "plan.json")
+    r = CliRunner().invoke(cli, ["export", str(model_dir), "--plan", str(tmp_path / "plan.json"), "--method", method,
+                                 "--max-disk", "1MB", "--out", str(tmp_path / "a")])
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    line = r.output.strip().splitlines()[-1]
+    assert "dense" in line and "--method width" in line and "lowrank" in line and f"--method {method}" in line
+    assert not (tmp_path / "a").exists()
+
+
+def test_sparse_export_without_a_budget_says_the_effect_is_disk_only(tmp_path):
+    model = tiny_model("llama")
+    scores = LayerScores("gradnorm", zeta2=[1.0, 2.0], n_params=[b.n_params for b in find_blocks(model)])
+    plan = plan_by_rule(scores, 0.5, rule="cwca")
+    art = cwca_export.export(model, plan, tmp_path / "a", backend="onnx", method="magnitude",
+                             budget=cwca_export.Budget(prompt_len=8, context=24), runs=3, warmup=1)
+    (row,) = [r for r in art.manifest["savings"] if r["kind"] == "unstructured sparsity"]
+    assert row["effect"] == "disk-only" and not (row["memory"] or row["latency"] or row["disk"])
+    assert row["amount"] == pytest.approx(0.5, abs=0.05)
+
+
+def _rank_scores(model):
+    blocks = find_blocks(model)
+    return LayerScores("damage", zeta2=[1.0, 3.0], n_params=[b.n_params for b in blocks],
+                       block_names=[b.name for b in blocks], settings={"pruner": "lowrank"},
+                       stats={"damage@0.25": [0.01, 0.2], "damage@0.5": [0.05, 0.6], "damage@0.75": [0.2, 1.5],
+                              "damage@1": [0.9, 4.0]})
+
+
+def test_rank_plan_through_export_max_disk_moves_its_kept_fraction(tmp_path):
+    """A rank plan from damage (no unit budget) through the CLI budget search: each level is the
+    plan re-solved on its curves at a kept fraction, so the shipped plan equals that solve."""
+    from cwca_export.rank_plans import plan_ranks_from_damage
+
+    overrides = {"hidden_size": 64, "intermediate_size": 256}
+    model_dir = save_tiny_model("llama", tmp_path / "m", **overrides)
+    model = tiny_model("llama", **overrides)
+    scores = _rank_scores(model)
+    plan = plan_ranks_from_damage(scores, 0.9, shapes=model, rank_step=4)
+    plan.save(tmp_path / "ranks.json")
+    dense_bytes = 4 * sum(p.numel() for p in model.parameters())
+    r = CliRunner().invoke(cli, ["export", str(model_dir), "--backend", "onnx", "--plan", str(tmp_path / "ranks.json"),
+                                 "--method", "lowrank", "--max-disk", str(int(0.6 * dense_bytes)),
+                                 "--formats", "fp32", "--levels", "3", "--out", str(tmp_path / "a"), *WORKLOAD])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((tmp_path / "a" / "cwca_manifest.json").read_text())
+    search = manifest["budget"]["search"]
+    assert search["knob"] == "kept fraction"
+    chosen = search["chosen"]
+    assert chosen["t"] > 0 and chosen["target"] < 0.9
+    shipped = Plan.from_dict(manifest["plan"])
+    expected = plan_ranks_from_damage(scores, chosen["target"], shapes=model, rank_step=4)
+    assert shipped.x == expected.x and shipped.parameters["rule"] == "damage"
+    assert manifest["disk_bytes"] <= int(0.6 * dense_bytes)
+
+
+def test_damage_plan_in_a_budget_search_is_re_solved_on_its_curves(tmp_path):
+    from cwca_export.budget import Budget
+    from cwca_export.exporter.search import PlanKnob
+
+    model = tiny_model("llama", num_hidden_layers=3)
+    blocks = find_blocks(model)
+    scores = LayerScores("damage", zeta2=[1.0, 3.0, 2.0], n_params=[b.n_params for b in blocks],
+                         block_names=[b.name for b in blocks], settings={"pruner": "width"},
+                         stats={"damage@0.3": [0.01, 0.3, 0.05], "damage@0.6": [0.05, 0.9, 0.2],
+                                "damage@0.9": [0.3, 3.0, 0.9]})
+    plan = plan_by_rule(scores, 0.5, rule="damage", hi=0.9, band=0.3)
+    knob = PlanKnob(model, Plan.from_dict(plan.to_dict()), "width", {"multiple": 1, "importance": "magnitude"})
+    _, plan_t = knob.make(0.5)
+    target = knob.target(0.5)
+    reference = plan_from_damage(scores, target, lo=max(0.0, target - 0.3), hi=min(0.9, target + 0.3))
+    np.testing.assert_allclose(plan_t.x, reference.x, atol=1e-9)
+    assert Budget(max_disk=10).has_limits
