@@ -427,3 +427,36 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert extrema[0] < extrema[1]  # not one flat colour
     assert colours is None or len(colours) > 50  # text, table rules and the figure's colours
 
+
+
+def test_budget_search_frontier_is_plotted_from_the_manifest(tmp_path):
+    """Every priced candidate is a point; the page states why the shipped one won."""
+    folder, _ = _folder(tmp_path / "run")
+    manifest_path = folder / "artifact" / "cwca_manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+
+    def cand(t, disk, loss, status, measured=None):
+        return {"t": t, "target": t * 0.8, "storage": "all int4-b32", "formats": {"embed": "int4-b32"},
+                "predicted": {"disk_bytes": disk}, "calib_loss": loss, "status": status, "measured": measured,
+                "met": status.startswith("built: met")}
+
+    chosen = cand(0.5, 3_000_000, 3.4, "built: met the budget", {"disk_bytes": 3_010_000})
+    manifest["budget"] = {"limits": {"max_disk": 3_100_000}, "met": True, "search": {
+        "candidates": [cand(0.25, 3_200_000, 3.3, "built: disk_bytes 3.2e6 > 3.1e6", {"disk_bytes": 3_210_000}),
+                       chosen, cand(1.0, 2_000_000, 4.1, "not built: a lower-loss candidate met the budget"),
+                       {**cand(0.0, 9_000_000, None, "predicted over the memory limits")}],
+        "chosen": chosen, "why": "lowest calibration loss (3.4) among the candidates measured to meet the budget",
+        "calibration": "--data"}}
+    manifest_path.write_text(json.dumps(manifest))
+    build_report(folder)
+    page = (folder / HTML_NAME).read_text()
+    assert "Budget search frontier (artifact)" in page and "lowest calibration loss (3.4)" in page
+    from cwca_export.report import render_frontier, search_records
+
+    records = search_records({"artifact": manifest, "dense": _manifest(1, 1, None)})
+    assert list(records) == ["artifact"]
+    png = render_frontier(records["artifact"])
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(png))
+    assert image.format == "PNG" and image.size[0] > 400

@@ -124,6 +124,7 @@ def export(
     formats: Any = None,
     calibration: Any = None,
     levels: int = 5,
+    precision_estimate: str = "measured",
 ) -> Artifact:
     """Export ``model`` to ONNX, verify it against torch, measure it, and write it atomically.
 
@@ -159,6 +160,8 @@ def export(
         calibration: token ids pricing a budget search's candidates (default: the ``data`` of
             ``compress_options``, else shipped text through ``tokenizer``).
         levels: structure levels a budget search tries (with ``method`` and ``plan``).
+        precision_estimate: how a budget search prices each layer's formats: ``measured`` probes
+            or the ``fisher`` estimate.
 
     Returns:
         The committed :class:`Artifact`.
@@ -195,7 +198,7 @@ def export(
 
             candidate, search, plan = fit_budget(
                 model, plan, tokenizer, settings, budget, staging, method, compress_options=compress_options,
-                calibration=calibration, formats=formats, levels=levels,
+                calibration=calibration, formats=formats, levels=levels, estimator=precision_estimate,
             )
         else:
             compressed = apply_plan(model, plan, method, **(compress_options or {})) if method else model

@@ -151,7 +151,7 @@ def _postprocess(model: Any, folder: Path, settings: ExportSettings) -> dict[str
         steps.append(q.method)
     precision = None
     if settings.precision:
-        precision = _apply_precision(model, current, work / "mixed.onnx", settings.precision)
+        precision = apply_precision(model, current, work / "mixed.onnx", settings.precision)
         current = work / "mixed.onnx"
         steps.append("mixed")
     raw_external = pp.external_files(raw)
@@ -175,8 +175,10 @@ def _postprocess(model: Any, folder: Path, settings: ExportSettings) -> dict[str
     }
 
 
-def _apply_precision(model: Any, src: Path, dst: Path, groups: dict[str, str]) -> dict[str, Any]:
-    """Quantize each group's weight nodes to its planned format; check the graph got them."""
+def apply_precision(model: Any, src: Path, dst: Path, groups: dict[str, str]) -> dict[str, Any]:
+    """Quantize each group's weight nodes to its planned format; check the graph got them.
+
+    Returns the record the manifest keeps: groups, every planned node's format, verified."""
     import onnx
 
     from cwca_export.precision import StorageFormat, precision_groups

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import time
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -194,6 +195,7 @@ class _Search:
         self.resident = _ResidentModel()
         self.plans: dict[float, Any] = {0.0: None}
         self.table = None
+        self.node_overhead = 0.0  # graph bytes each quantized weight node adds (scales' names, attributes)
         self.timings: dict[str, float] = {}
 
     # -------------------------------------------------------------- building
@@ -231,7 +233,13 @@ class _Search:
 
     def storage_options(self, model_t: Any, t: float, target: float | None, ref: Candidate) -> list[_Option]:
         from cwca_export.exporter.predict import weight_bytes
-        from cwca_export.precision import artifact_weight_bytes, other_weight_bytes, rescale_bytes, solve_precision
+        from cwca_export.precision import (
+            artifact_weight_bytes,
+            other_weight_bytes,
+            precision_groups,
+            rescale_bytes,
+            solve_precision,
+        )
 
         overhead = ref.prediction["overhead_bytes"]
         side = ref.disk_bytes - ref.graph_bytes
@@ -242,6 +250,7 @@ class _Search:
             return [_Option(t, target, label, None, overhead + weights + side, weight_bytes=weights)]
         fp32_overhead = ref.prediction["fp32_overhead_bytes"]
         table = rescale_bytes(self.table, model_t)
+        nodes = {g.name: len(g.modules) for g in precision_groups(model_t)}
         plans: dict[str, dict[str, str]] = {"fp32": {}}
         for f in self.formats:
             if f == "fp32":
@@ -268,10 +277,38 @@ class _Search:
             seen.add(key)
             weights = artifact_weight_bytes(model_t, formats)
             damage = sum(table.damage[table.groups.index(g)][table.formats.index(f)] for g, f in formats.items())
-            options.append(_Option(t, target, label, formats or None,
-                                   (fp32_overhead if formats else overhead) + weights + side,
+            graph = overhead + weights if not formats else (
+                fp32_overhead + weights + self.node_overhead * sum(nodes[g] for g in formats))
+            options.append(_Option(t, target, label, formats or None, int(graph) + side,
                                    weight_bytes=weights, predicted_damage=float(damage)))
         return options
+
+    def calibrate_node_overhead(self, ref: Candidate) -> None:
+        """Graph bytes per quantized node beyond the weights, from quantizing the reference's
+        graph with every group in the most compact format (no export, no measurement)."""
+        import tempfile
+
+        from cwca_export.exporter import postprocess as pp
+        from cwca_export.exporter.build import apply_precision
+        from cwca_export.precision import artifact_weight_bytes, precision_groups
+
+        groups = precision_groups(self.model)
+        table = self.table
+        formats = {}
+        for g, name in enumerate(table.groups):
+            sizes = [(b, f) for b, f in zip(table.bytes[g], table.formats, strict=True) if b is not None]
+            formats[name] = min(sizes)[1]
+        formats = {g: f for g, f in formats.items() if f != "fp32"}
+        if not formats:
+            return
+        with tempfile.TemporaryDirectory(dir=ref.folder.parent) as scratch:
+            out = Path(scratch) / "calibrate.onnx"
+            apply_precision(self.model, ref.model_path, out, formats)
+            graph = pp.graph_bytes(out)
+        n = sum(len(g.modules) for g in groups if g.name in formats)
+        extra = graph - artifact_weight_bytes(self.model, formats) - ref.prediction["fp32_overhead_bytes"]
+        self.node_overhead = max(0.0, extra / n)
+        self.timings["node_overhead_bytes"] = round(self.node_overhead, 1)
 
     def fits_corrected(self, option: _Option) -> bool:
         """Whether ``option`` still fits once its prediction is shifted by the largest error seen
@@ -480,6 +517,7 @@ def fit_budget(
     formats: Any = None,
     levels: int = 5,
     precision_damage: Any = None,
+    estimator: str = "measured",
 ) -> tuple[Candidate, dict[str, Any], Any]:
     """The lowest-loss measured candidate that meets ``budget`` (module doc).
 
@@ -497,11 +535,16 @@ def fit_budget(
         formats: storage formats to plan (default :data:`cwca_export.precision.DEFAULT_FORMATS`).
         levels: structure levels tried, evenly spaced in [0, 1] (with a knob).
         precision_damage: a measured :class:`~cwca_export.precision.PrecisionDamage` to reuse.
+        estimator: per-group damage for the precision program: ``measured`` (probes) or
+            ``fisher`` (the Fisher-weighted quantization error, no probe forwards).
 
     Returns:
         ``(candidate, search record for the manifest, plan of the chosen candidate)``.
     """
-    from cwca_export.precision import measure_precision_damage
+    from cwca_export.precision import fisher_precision_estimate, measure_precision_damage
+
+    if estimator not in ("measured", "fisher"):
+        raise ValueError(f"precision estimator {estimator!r}: choose measured or fisher; hint: --precision-estimate")
 
     compress_options = dict(compress_options or {})
     if knob is None and method is not None:
@@ -523,7 +566,13 @@ def fit_budget(
         return reference, search.record(reference_option), plan
     if names is not None:
         t0 = time.perf_counter()
-        search.table = precision_damage or measure_precision_damage(model, calib, names, batch_size=8)
+        if precision_damage is not None:
+            search.table = precision_damage
+        elif estimator == "fisher":
+            search.table = fisher_precision_estimate(model, calib, names)
+        else:
+            search.table = measure_precision_damage(model, calib, names, batch_size=8)
+        search.calibrate_node_overhead(reference)
         search.timings["precision_damage_s"] = round(time.perf_counter() - t0, 2)
     chosen_candidate, chosen = search.run(reference)
     search.timings["total_s"] = round(time.perf_counter() - began, 2)
