@@ -401,6 +401,12 @@ def _ids(data: Any) -> torch.Tensor:
     return ids
 
 
+def _with_fp32_first(formats: Sequence[StorageFormat | str]) -> list[StorageFormat]:
+    """The formats parsed, fp32 first (every table's reference column), once."""
+    fmts = [f if isinstance(f, StorageFormat) else StorageFormat.parse(f) for f in formats]
+    return [StorageFormat.parse("fp32"), *[f for f in fmts if not f.is_float]]
+
+
 def _byte_table(groups: list[PrecisionGroup], formats: list[StorageFormat]) -> list[list[int | None]]:
     return [[g.bytes(f) if g.allows(f) else None for f in formats] for g in groups]
 
@@ -423,9 +429,7 @@ def measure_precision_damage(
     from cwca_export.damage import calibration_loss, probe_blocks
 
     start = time.perf_counter()
-    fmts = [f if isinstance(f, StorageFormat) else StorageFormat.parse(f) for f in formats]
-    if not fmts or not fmts[0].is_float:
-        fmts = [StorageFormat.parse("fp32"), *[f for f in fmts if not f.is_float]]
+    fmts = _with_fp32_first(formats)
     ids = _ids(input_ids)
     groups = precision_groups(model)
     block_groups = [g for g in groups if g.kind == "block"]
@@ -478,9 +482,7 @@ def fisher_precision_estimate(
     taken as independent). One backward per sequence; no probes.
     """
     start = time.perf_counter()
-    fmts = [f if isinstance(f, StorageFormat) else StorageFormat.parse(f) for f in formats]
-    if not fmts or not fmts[0].is_float:
-        fmts = [StorageFormat.parse("fp32"), *[f for f in fmts if not f.is_float]]
+    fmts = _with_fp32_first(formats)
     ids = _ids(input_ids)
     groups = precision_groups(model)
     params = {path: model.get_submodule(path).weight for g in groups for path in g.modules}

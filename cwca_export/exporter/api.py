@@ -125,6 +125,7 @@ def export(
     calibration: Any = None,
     levels: int = 5,
     precision_estimate: str = "measured",
+    search_options: dict[str, Any] | None = None,
 ) -> Artifact:
     """Export ``model`` to ONNX, verify it against torch, measure it, and write it atomically.
 
@@ -162,6 +163,8 @@ def export(
         levels: structure levels a budget search tries (with ``method`` and ``plan``).
         precision_estimate: how a budget search prices each layer's formats: ``measured`` probes
             or the ``fisher`` estimate.
+        search_options: further keywords for :func:`cwca_export.exporter.search.fit_budget`
+            (``precision_damage=`` a table to reuse, ``per_layer=False`` for uniform storage).
 
     Returns:
         The committed :class:`Artifact`.
@@ -199,6 +202,7 @@ def export(
             candidate, search, plan = fit_budget(
                 model, plan, tokenizer, settings, budget, staging, method, compress_options=compress_options,
                 calibration=calibration, formats=formats, levels=levels, estimator=precision_estimate,
+                **(search_options or {}),
             )
         else:
             compressed = apply_plan(model, plan, method, **(compress_options or {})) if method else model

@@ -195,6 +195,7 @@ class _Search:
         self.resident = _ResidentModel()
         self.plans: dict[float, Any] = {0.0: None}
         self.table = None
+        self.per_layer = True
         self.node_overhead = 0.0  # graph bytes each quantized weight node adds (scales' names, attributes)
         self.timings: dict[str, float] = {}
 
@@ -262,7 +263,7 @@ class _Search:
         cap = self.memory_cap()
         full = artifact_weight_bytes(model_t, {})
         caps = [cap * s for s in (0.995, 0.9, 0.8)] if np.isfinite(cap) else [full * s for s in (0.4, 0.25, 0.18, 0.14)]
-        for c in caps:
+        for c in caps if self.per_layer else ():
             try:
                 solved = solve_precision(table, c - fp32_overhead - side - others)
             except ValueError:
@@ -518,6 +519,7 @@ def fit_budget(
     levels: int = 5,
     precision_damage: Any = None,
     estimator: str = "measured",
+    per_layer: bool = True,
 ) -> tuple[Candidate, dict[str, Any], Any]:
     """The lowest-loss measured candidate that meets ``budget`` (module doc).
 
@@ -537,6 +539,8 @@ def fit_budget(
         precision_damage: a measured :class:`~cwca_export.precision.PrecisionDamage` to reuse.
         estimator: per-group damage for the precision program: ``measured`` (probes) or
             ``fisher`` (the Fisher-weighted quantization error, no probe forwards).
+        per_layer: False keeps every candidate's storage uniform (one format for all blocks,
+            the embedding and head in it or in fp32): the baseline the per-layer plans must beat.
 
     Returns:
         ``(candidate, search record for the manifest, plan of the chosen candidate)``.
@@ -554,6 +558,7 @@ def fit_budget(
     calib, source = calibration_ids(tokenizer, compress_options, calibration, model.config.vocab_size)
     names = search_formats(budget, settings, formats, model)
     search = _Search(model, plan, tokenizer, settings, budget, staging, knob, calib, source, names or [], levels)
+    search.per_layer = per_layer
     began = time.perf_counter()
     fixed = settings.quantize.method if settings.quantize else settings.dtype
     reference_option = _Option(0.0, knob.target(0.0) if isinstance(knob, PlanKnob) else None,
