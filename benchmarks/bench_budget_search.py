@@ -70,7 +70,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=None, help="held-out tokens (default: all)")
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--kinds", default="search,uniform,precision-only")
+    ap.add_argument("--kinds", default="search,uniform")
+    ap.add_argument("--uniform-budgets", default="0.15,0.12,0.1",
+                    help="budgets at which the uniform baseline runs (below every peer's smallest artifact)")
     ap.add_argument("--latency-factor", type=float, default=1.5,
                     help="also a budget of 0.2x bytes and this many times the dense decode p50 (0: none)")
     args = ap.parse_args()
@@ -82,7 +84,8 @@ def main() -> None:
     if scores_path.exists():
         scores = LayerScores.load(scores_path)
     else:
-        scores = score(model, calib, method="damage", options={"pruner": "width", "points": "0.2,0.4,0.6,0.8"})
+        scores = score(model, calib, method="damage",
+                       options={"pruner": "width", "points": "0.2,0.4,0.6,0.8", "at": 0.4})
         scores.save(scores_path)
     plans = {"search": plan_by_rule(scores, 0.3, rule="damage", hi=0.9),
              "uniform": plan_by_rule(scores, 0.3, rule="band", band=0.0, hi=0.9)}
@@ -108,6 +111,8 @@ def main() -> None:
         entry: dict = {"graph_budget_bytes": int(fraction * dense_graph), "max_disk": limit,
                        "max_latency_ms": latency}
         for kind in kinds:
+            if kind == "uniform" and (latency is not None or name not in args.uniform_budgets.split(",")):
+                continue
             plan = plans.get(kind)
             options = {"precision_damage": table, "per_layer": kind != "uniform"}
             began = time.perf_counter()

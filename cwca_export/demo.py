@@ -41,7 +41,7 @@ class DemoConfig:
     hi: float = 0.6
     max_disk_fraction: float = 0.15
     max_latency_ms: float | None = 50.0
-    probes: str = "0.2,0.4,0.6"
+    probes: str = "0.25,0.5,0.75"
     samples: int = 16
     seq_len: int = 128
     eval_tokens: int = 32_768
