@@ -7,9 +7,13 @@ from pathlib import Path
 
 import click
 
+from cwca_export.cli.options import loading_options
+
 
 def _describe_json(path: Path) -> dict:
-    data = json.loads(path.read_text(encoding="utf-8"))
+    from cwca_export.loading import read_json_object
+
+    data = read_json_object(path)
     kind = data.get("_type") if isinstance(data, dict) else None
     if kind == "LayerScores":
         from cwca_export.scores import LayerScores
@@ -30,25 +34,30 @@ def _describe_json(path: Path) -> dict:
         from cwca_export.plan import Plan
 
         p = Plan.from_dict(data, source=str(path))
+        p.check_bounds(str(path))
         out = {"type": kind, "program": p.program, "blocks": p.num_blocks, "parameters": p.parameters}
         if p.program == "prune":
             out["global_sparsity"] = p.global_sparsity
         out["x"] = p.x
         out["model"] = p.model
         return out
-    raise click.ClickException(f"{path}: not a scores or plan file (its _type is {kind!r})")
+    raise click.ClickException(
+        f"{path}: not a scores or plan file (its _type is {kind!r}); pass scores.json, plan.json or a model folder"
+    )
 
 
-def _describe_model(path: Path) -> dict:
-    """Map blocks on an empty (meta-device) copy: no weights are read."""
+def _describe_model(path: Path, trust_remote_code: bool, allow_pickle: bool) -> dict:
+    """Map blocks on an empty (meta-device) copy: the weights are checked, never read."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from cwca_export.blocks import find_blocks
+    from cwca_export.loading import check_model_folder
 
-    config = AutoConfig.from_pretrained(path)
+    check_model_folder(path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     blocks = find_blocks(model)
     return {
         "type": "model",
@@ -63,7 +72,8 @@ def _describe_model(path: Path) -> dict:
 @click.command()
 @click.argument("path", type=click.Path(exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def inspect(path: str, as_json: bool) -> None:
+@loading_options
+def inspect(path: str, as_json: bool, trust_remote_code: bool, allow_pickle: bool) -> None:
     """Summarise a scores.json, a plan.json or a Hugging Face model folder.
 
     \b
@@ -73,7 +83,10 @@ def inspect(path: str, as_json: bool) -> None:
       cwca-export inspect ./my-llama      # blocks and prunable weights, no weights loaded
     """
     target = Path(path)
-    info = _describe_model(target) if target.is_dir() else _describe_json(target)
+    if target.is_dir():
+        info = _describe_model(target, trust_remote_code, allow_pickle)
+    else:
+        info = _describe_json(target)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return

@@ -6,6 +6,8 @@ import json
 
 import click
 
+from cwca_export.cli.options import loading_options
+
 
 @click.command()
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path(exists=True, dir_okay=False))
@@ -13,7 +15,8 @@ import click
               help="Output folder: scores, plan, compressed model, artifact, report (written atomically).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder (atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
-def run(recipe_path, out, overwrite, as_json) -> None:
+@loading_options
+def run(recipe_path, out, overwrite, as_json, trust_remote_code, allow_pickle) -> None:
     """Run RECIPE, a YAML file naming the model, data and every step (see recipes/README.md).
 
     \b
@@ -24,6 +27,7 @@ def run(recipe_path, out, overwrite, as_json) -> None:
     from cwca_export.recipe import Recipe, run_recipe
 
     recipe = Recipe.load(recipe_path)
-    summary = run_recipe(recipe, out, overwrite=overwrite, echo=lambda m: click.echo(m, err=as_json))
+    summary = run_recipe(recipe, out, overwrite=overwrite, echo=lambda m: click.echo(m, err=as_json),
+                         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     if as_json:
         click.echo(json.dumps(summary, indent=2, default=str))
