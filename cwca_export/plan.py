@@ -253,7 +253,9 @@ def _per_block(
     arr = np.array(np.broadcast_to(np.asarray(value, dtype=np.float64), (k,)))
     for index, v in (overrides or {}).items():
         if not -k <= index < k:
-            raise ValueError(f"{name}: block {index} does not exist (the model has {k} blocks)")
+            raise ValueError(
+                f"{name}: block {index} does not exist (the model has {k} blocks, counted from 0); hint: fix --bounds"
+            )
         arr[index] = v
     return arr
 

@@ -108,7 +108,7 @@ def score(
         if "debias" not in estimator.options:
             supported = sorted(name for name, e in ESTIMATORS.items() if "debias" in e.options)
             raise ValueError(
-                f"debias: method {method!r} has no debiased estimate; methods with one: {', '.join(supported)}"
+                f"--debias: method {method!r} has no debiased estimate; pass --method {' or '.join(supported)}"
             )
         options = {**(options or {}), "debias": True}
     unknown = sorted(set(options or {}) - set(estimator.options))
