@@ -6,6 +6,7 @@ Each verb lives in its own module and imports heavy libraries inside its body, s
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -51,7 +52,13 @@ class _Group(click.Group):
             if os.environ.get("CWCA_DEBUG"):
                 raise
             message = str(exc)
-            if not isinstance(exc, (ValueError, OSError, KeyError, ImportError)) or not message.strip():
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                where = f" writing {exc.filename}" if exc.filename else ""
+                message = (f"no space left on the device{where}; outputs are replaced only when complete, so the"
+                           " previous one is intact; hint: free space or pass --out on another disk")
+            elif isinstance(exc, MemoryError):
+                message = "out of memory (MemoryError); hint: lower --batch-size, --samples or --seq-len"
+            elif not isinstance(exc, (ValueError, OSError, KeyError, ImportError)) or not message.strip():
                 # not one of the library's own refusals: say what broke and how to see more
                 first = message.strip().splitlines()[0] if message.strip() else ""
                 message = f"{type(exc).__name__}: {first} (set CWCA_DEBUG=1 for the traceback)"
