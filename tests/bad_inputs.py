@@ -451,6 +451,7 @@ def judge(world: World, case: Case, exit_code: int, stdout: str, stderr: str) ->
             problems.append(f"left {rel} behind")
     if marker_path(world.root).exists():
         problems.append("the folder's own code ran")
+        marker_path(world.root).unlink()  # so that the next case is judged on its own
     return Outcome(case, exit_code, stderr, tuple(problems))
 
 
