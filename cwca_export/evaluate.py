@@ -169,7 +169,12 @@ def check_target(
     """
     from pathlib import Path
 
-    from cwca_export.loading import check_lengths, check_model_folder, check_remote_code, read_config
+    from cwca_export.loading import (
+        check_lengths,
+        check_model_folder,
+        check_remote_code,
+        read_config,
+    )
 
     lengths = {"--seq-len": seq_len}
     if is_artifact(path):
@@ -202,9 +207,8 @@ def evaluate(
     Example:
         >>> evaluate("out/artifact", "heldout.txt", seq_len=256)["perplexity"]  # doctest: +SKIP
     """
-    from pathlib import Path
-
     import warnings
+    from pathlib import Path
 
     from cwca_export.data import load_texts
     from cwca_export.loading import load_tokenizer

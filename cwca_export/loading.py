@@ -24,7 +24,13 @@ from torch import nn
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # config keys that give the longest sequence a model's position embeddings cover, by family
-POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "n_ctx", "seq_length")
+POSITION_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_sequence_length",
+    "n_ctx",
+    "seq_length",
+)
 
 
 class ModelFolderError(ValueError):
@@ -48,7 +54,9 @@ def read_json_object(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:
-        raise ModelFolderError(f"{path}: not UTF-8 text (byte {exc.start}); the file is damaged") from None
+        raise ModelFolderError(
+            f"{path}: not UTF-8 text (byte {exc.start}); the file is damaged"
+        ) from None
     except json.JSONDecodeError as exc:
         raise ModelFolderError(
             f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); the file is truncated or damaged"
@@ -62,7 +70,9 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     """The parsed ``config.json`` of a local model folder."""
     path = Path(path)
     if not path.is_dir():
-        raise ModelFolderError(f"{path}: no such model folder (the tool never fetches from the Hub)")
+        raise ModelFolderError(
+            f"{path}: no such model folder (the tool never fetches from the Hub)"
+        )
     config = path / "config.json"
     if not config.is_file():
         raise ModelFolderError(
@@ -99,7 +109,9 @@ def check_remote_code(path: str | os.PathLike, trust_remote_code: bool) -> None:
         )
 
 
-def check_causal(config: dict[str, Any], source: str | os.PathLike, *, trust_remote_code: bool = False) -> str:
+def check_causal(
+    config: dict[str, Any], source: str | os.PathLike, *, trust_remote_code: bool = False
+) -> str:
     """The architecture name, when ``config`` describes a decoder-only causal LM; else refuse.
 
     Decided by ``architectures`` (one of them must be a class AutoModelForCausalLM builds) or,
@@ -151,7 +163,9 @@ def _check_safetensors(file: Path) -> None:
             handle.keys()
     except Exception as exc:  # the Rust SafetensorError has no stable Python base class
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelFolderError(f"{file}: not a readable safetensors file ({detail}); the file is truncated or damaged") from None
+        raise ModelFolderError(
+            f"{file}: not a readable safetensors file ({detail}); the file is truncated or damaged"
+        ) from None
 
 
 def weight_files(path: str | os.PathLike, *, allow_pickle: bool = False) -> list[Path]:
@@ -165,7 +179,9 @@ def weight_files(path: str | os.PathLike, *, allow_pickle: bool = False) -> list
         files = [path / name for name in sorted(set(map(str, weight_map.values())))]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise ModelFolderError(f"{index}: names {missing[0]}, which is not in the folder; the checkpoint is incomplete")
+            raise ModelFolderError(
+                f"{index}: names {missing[0]}, which is not in the folder; the checkpoint is incomplete"
+            )
     else:
         files = sorted(path.glob("*.safetensors"))
     if files:
@@ -195,7 +211,9 @@ def max_positions(config: dict[str, Any]) -> tuple[str, int] | None:
     return None
 
 
-def check_lengths(config: dict[str, Any], source: str | os.PathLike, lengths: dict[str, int | None]) -> None:
+def check_lengths(
+    config: dict[str, Any], source: str | os.PathLike, lengths: dict[str, int | None]
+) -> None:
     """Refuse a length (``{"--seq-len": 512}``) beyond the model's position embeddings."""
     limit = max_positions(config)
     if limit is None:
@@ -252,7 +270,9 @@ def load_tokenizer(path: str | os.PathLike, *, trust_remote_code: bool = False) 
         if (path / name).is_file():
             read_json_object(path / name)
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+        return AutoTokenizer.from_pretrained(
+            path, trust_remote_code=trust_remote_code, local_files_only=True
+        )
     except Exception as exc:  # tokenizers raises its own classes with messages that name no file
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelFolderError(f"{path}: the tokenizer does not load ({detail})") from None
@@ -301,7 +321,9 @@ def load_model(
             from cwca_export.compression.saving import load_compressed
 
             if device_map is not None or max_memory is not None:
-                raise ValueError("--device-map / --max-memory: a compressed folder loads on one device; drop them")
+                raise ValueError(
+                    "--device-map / --max-memory: a compressed folder loads on one device; drop them"
+                )
             model = load_compressed(path, dtype=dtype, trust_remote_code=trust_remote_code)
         else:
             model = AutoModelForCausalLM.from_pretrained(
@@ -316,7 +338,9 @@ def load_model(
         tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     if gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
-            raise ValueError(f"--gradient-checkpointing: {type(model).__name__} does not support it; drop the flag")
+            raise ValueError(
+                f"--gradient-checkpointing: {type(model).__name__} does not support it; drop the flag"
+            )
         # Non-reentrant checkpointing lets gradients reach weights when inputs need none.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.eval()  # scoring never wants dropout

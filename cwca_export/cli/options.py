@@ -28,8 +28,13 @@ class FiniteFloat(click.FloatRange):
         return rv
 
 
-def finite(min: float | None = None, max: float | None = None, *, min_open: bool = False,
-           max_open: bool = False) -> FiniteFloat:
+def finite(
+    min: float | None = None,
+    max: float | None = None,
+    *,
+    min_open: bool = False,
+    max_open: bool = False,
+) -> FiniteFloat:
     """A finite float option type, e.g. ``finite(0, 1, max_open=True)`` for a sparsity."""
     return FiniteFloat(min, max, min_open=min_open, max_open=max_open)
 
@@ -54,11 +59,13 @@ SIZE = Size()
 def loading_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """``--trust-remote-code`` and ``--allow-pickle``, for every verb that reads a model folder."""
     command = click.option(
-        "--allow-pickle", is_flag=True,
+        "--allow-pickle",
+        is_flag=True,
         help="Accept pickle weights (.bin, .pt, .pth, .ckpt) in a folder without safetensors;"
         " unpickling can run code, so only for files you trust.",
     )(command)
     return click.option(
-        "--trust-remote-code", is_flag=True,
+        "--trust-remote-code",
+        is_flag=True,
         help="Allow the model folder's own Python code (auto_map in its config); off by default.",
     )(command)
