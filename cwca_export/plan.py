@@ -205,6 +205,14 @@ class Plan:
         expected = self.model.get("fingerprint")
         if fingerprint and expected:
             actual = model_fingerprint(model)
+            made_in = self.model.get("dtype")
+            loaded = str(next(model.parameters()).dtype).removeprefix("torch.")
+            if actual != expected and made_in and made_in != loaded:
+                raise PlanMismatchError(
+                    f"model fingerprint {actual} differs from the plan's {expected}: the plan was made on"
+                    f" {made_in} weights and the model is loaded as {loaded}; hint: pass --dtype {made_in},"
+                    " or --no-fingerprint to apply anyway"
+                )
             if actual != expected:
                 raise PlanMismatchError(
                     f"model fingerprint {actual} differs from the plan's {expected}: same shapes,"

@@ -304,6 +304,8 @@ CASES: tuple[Case, ...] = (
     _c("refine-scores-truncated", _R.replace("@scores.json", "@scores-truncated.json"), "@scores-truncated.json"),
     _c("refine-data-not-utf8", _R.replace("@calib.txt", "@not-utf8.txt"), "@not-utf8.txt", "--data"),
     _c("refine-samples-zero", _R.replace("--samples 2", "--samples 0"), "--samples"),
+    _c("refine-too-few-evals-to-tune", _R.replace("--max-evals 2", "--max-evals 3").replace(" --method magnitude", " --method magnitude --tune"),
+       "--max-evals", "--no-tune"),
     # ---- compress
     _c("compress-no-plan", "compress @llama --method magnitude --out @out/c", "--plan", absent=("out/c",)),
     _c("compress-plan-truncated", _C.replace("@plan.json", "@plan-truncated.json"), "@plan-truncated.json", absent=("out/c",)),
@@ -316,6 +318,7 @@ CASES: tuple[Case, ...] = (
        "--no-fingerprint", absent=("out/c",)),
     _c("compress-plan-other-weights", _C.replace("compress @llama", "compress @llama-other"), "fingerprint",
        "--no-fingerprint", absent=("out/c",)),
+    _c("compress-plan-other-dtype", _C + " --dtype bfloat16", "bfloat16", "--dtype float32", absent=("out/c",)),
     _c("compress-plan-other-depth", _C.replace("compress @llama", "compress @llama-3"), "2 blocks", "3"),
     _c("compress-plan-wrong-program", _C.replace("@plan.json", "@plan-allocate.json"), "--program prune"),
     _c("compress-bert", _C.replace("compress @llama", "compress @bert"), "BertForMaskedLM", absent=("out/c",)),
