@@ -70,12 +70,12 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     """The parsed ``config.json`` of a local model folder."""
     path = Path(path)
     if not path.is_dir():
-        raise ModelFolderError(
-            f"{path}: no such model folder (the tool never fetches from the Hub)"
+        raise FileNotFoundError(
+            f"{path}: not a local model folder (it does not exist; the tool never fetches from the Hub)"
         )
     config = path / "config.json"
     if not config.is_file():
-        raise ModelFolderError(
+        raise FileNotFoundError(
             f"{path}: not a local model folder (no config.json); pass a folder written by"
             " save_pretrained (the tool never fetches from the Hub)"
         )
@@ -246,7 +246,8 @@ def check_model_folder(
         lengths: sequence lengths by CLI flag, each checked against the model's positions.
 
     Raises:
-        ModelFolderError: one line naming the file at fault and the fix.
+        FileNotFoundError: no folder, or no config.json in it.
+        ModelFolderError: anything else; one line naming the file at fault and the fix.
     """
     path = Path(path)
     config = read_config(path)

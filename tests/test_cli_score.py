@@ -64,8 +64,8 @@ def test_errors_are_one_line(folders, calib, tmp_path):
     missing = invoke(tmp_path / "nope", "--data", calib)
     assert missing.exit_code == 1
     assert missing.output.strip().splitlines() == [
-        f"Error: {tmp_path / 'nope'}: no such model folder (the tool never fetches from the Hub);"
-        " see `cwca-export score --help`"
+        f"Error: {tmp_path / 'nope'}: not a local model folder (it does not exist; the tool never fetches"
+        " from the Hub); see `cwca-export score --help`"
     ]
     short = invoke(folders["gpt2"], "--data", calib, "--samples", 500, "--seq-len", 64, "--out", tmp_path / "s.json")
     assert short.exit_code == 1 and len(short.output.strip().splitlines()) == 1
