@@ -14,6 +14,9 @@ import click
 
 from cwca_export import __version__
 
+# the library's own refusals: their message is the one line
+_REFUSALS = (ValueError, OSError, KeyError, ImportError)
+
 
 def one_line(message: str, command_path: str) -> str:
     """The first line of ``message``, with a pointer to the verb's --help when it names no flag."""
@@ -54,11 +57,16 @@ class _Group(click.Group):
             message = str(exc)
             if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
                 where = f" writing {exc.filename}" if exc.filename else ""
-                message = (f"no space left on the device{where}; outputs are replaced only when complete, so the"
-                           " previous one is intact; hint: free space or pass --out on another disk")
+                message = (
+                    f"no space left on the device{where}; outputs are swapped in only when"
+                    " complete, so a previous one is intact; hint: free space or pass --out on"
+                    " another disk"
+                )
             elif isinstance(exc, MemoryError):
-                message = "out of memory (MemoryError); hint: lower --batch-size, --samples or --seq-len"
-            elif not isinstance(exc, (ValueError, OSError, KeyError, ImportError)) or not message.strip():
+                message = (
+                    "out of memory (MemoryError); hint: lower --batch-size, --samples or --seq-len"
+                )
+            elif not isinstance(exc, _REFUSALS) or not message.strip():
                 # not one of the library's own refusals: say what broke and how to see more
                 first = message.strip().splitlines()[0] if message.strip() else ""
                 message = f"{type(exc).__name__}: {first} (set CWCA_DEBUG=1 for the traceback)"
@@ -68,7 +76,9 @@ class _Group(click.Group):
 
 
 def _verb(ctx: click.Context) -> str:
-    return f"{ctx.command_path} {ctx.invoked_subcommand}" if ctx.invoked_subcommand else ctx.command_path
+    if ctx.invoked_subcommand:
+        return f"{ctx.command_path} {ctx.invoked_subcommand}"
+    return ctx.command_path
 
 
 def _usage(exc: click.UsageError) -> click.ClickException:
