@@ -313,10 +313,10 @@ def test_demo_commands_parse_with_the_cli(tmp_path):
 
 
 def test_lm_eval_missing_is_one_line_naming_the_extra(tmp_path, monkeypatch):
+    from helpers import save_tiny_model
+
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` raises ImportError
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
+    model = save_tiny_model("llama", tmp_path / "model")
     r = CliRunner().invoke(cli, ["eval", str(model), "--lm-eval-tasks", "hellaswag,arc_easy"])
     assert r.exit_code == 1
     assert r.output.count("\n") == 1 and r.output.startswith("Error: ")
@@ -348,15 +348,15 @@ def test_lm_eval_bridge_calls_simple_evaluate_on_the_torch_folder(tmp_path, monk
         return {"results": {t: {"alias": t, "acc,none": np.float64(0.25)} for t in kwargs["tasks"]},
                 "versions": {"arc_easy": 1.0}, "samples": "not kept"}
 
+    from helpers import save_tiny_model
+
     monkeypatch.setitem(sys.modules, "lm_eval", types.SimpleNamespace(simple_evaluate=simple_evaluate))
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
+    model = save_tiny_model("llama", tmp_path / "model")
     r = CliRunner().invoke(cli, ["eval", str(model), "--lm-eval-tasks", "arc_easy, hellaswag", "--json"],
                            catch_exceptions=False)
     assert r.exit_code == 0, r.output
     (call,) = calls
-    assert call["model"] == "hf" and call["model_args"] == f"pretrained={model}"
+    assert call["model"] == "hf" and call["model_args"] == f"pretrained={model},trust_remote_code=False"
     assert call["tasks"] == ["arc_easy", "hellaswag"] and call["log_samples"] is False
     report = json.loads(r.output)["lm_eval"]
     assert report["results"]["hellaswag"]["acc,none"] == 0.25 and "samples" not in report
