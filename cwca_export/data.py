@@ -98,7 +98,9 @@ def _read_jsonl(path: Path, text_field: str) -> list[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg}); fix the line or pass another file to --data") from None
+                raise ValueError(
+                    f"{path}:{lineno}: not valid JSON ({exc.msg}); fix the line or pass another file to --data"
+                ) from None
             if not isinstance(record, dict) or text_field not in record:
                 keys = sorted(record) if isinstance(record, dict) else type(record).__name__
                 raise ValueError(

@@ -266,11 +266,13 @@ _KEEP = "cwca_export.compression.methods:_apply_keep"
 _LOSSES = "cwca_export.scoring.passes:ScoringRun.losses"
 
 SCENARIOS: tuple[Scenario, ...] = (
-    Scenario("score-exception-mid-pass", "score", _raise(_LOSSES, InjectedFault("scoring broke"), at=2, generator=True)),
+    Scenario("score-exception-mid-pass", "score",
+             _raise(_LOSSES, InjectedFault("scoring broke"), at=2, generator=True)),
     Scenario("score-out-of-memory", "score", _raise(_LOSSES, MemoryError(), at=1, generator=True)),
     Scenario("score-disk-full-at-once", "score", _disk(0)),
     Scenario("score-disk-full-mid-write", "score", _disk(600)),
-    Scenario("plan-solver-exception", "plan", _raise("cwca_export.solver:solve_pruning", InjectedFault("solver broke"))),
+    Scenario("plan-solver-exception", "plan",
+             _raise("cwca_export.solver:solve_pruning", InjectedFault("solver broke"))),
     Scenario("plan-disk-full-mid-write", "plan", _disk(300)),
     Scenario("refine-exception-mid-search", "refine", _raise(_KEEP, InjectedFault("pruning broke"), at=9)),
     Scenario("refine-disk-full", "refine", _disk(200)),
@@ -296,7 +298,8 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("run-disk-full", "run", _disk(100_000)),
     Scenario("report-disk-full-in-figure", "report", _disk(5_000)),
     Scenario("report-disk-full-after-figure", "report", _disk_after("layers.png")),
-    Scenario("report-figure-exception", "report", _raise("cwca_export.report:render_figure", InjectedFault("plot broke"))),
+    Scenario("report-figure-exception", "report",
+             _raise("cwca_export.report:render_figure", InjectedFault("plot broke"))),
 )
 
 

@@ -69,7 +69,8 @@ def test_errors_are_one_line(folders, calib, tmp_path):
     ]
     short = invoke(folders["gpt2"], "--data", calib, "--samples", 500, "--seq-len", 64, "--out", tmp_path / "s.json")
     assert short.exit_code == 1 and len(short.output.strip().splitlines()) == 1
-    assert f"Error: {calib}: calibration data has " in short.output and "500 samples x 64 tokens need 32000" in short.output
+    assert f"Error: {calib}: calibration data has " in short.output
+    assert "500 samples x 64 tokens need 32000" in short.output
     fewer = invoke(folders["gpt2"], "--data", calib, "--samples", 500, "--seq-len", 64, "--allow-fewer",
                    "--out", tmp_path / "s.json", "--no-progress")
     assert fewer.exit_code == 0, fewer.output

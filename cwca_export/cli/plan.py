@@ -68,7 +68,8 @@ def _table(plan) -> str:
     show_default=True,
     help="prune: per-block sparsity for a global target; allocate: per-block capacity units.",
 )
-@click.option("--sparsity", type=finite(0, 1, max_open=True), help="prune: global sparsity, a fraction of all block weights.")
+@click.option("--sparsity", type=finite(0, 1, max_open=True),
+              help="prune: global sparsity, a fraction of all block weights.")
 @click.option("--budget", type=finite(0, min_open=True), help="allocate: total cost, sum of cost * units.")
 @click.option("--lo", type=finite(0), default=0.0, show_default=True, help="Lower bound for every block.")
 @click.option(
@@ -96,7 +97,8 @@ def _table(plan) -> str:
 @click.option("--gamma", type=finite(0, min_open=True), default=0.9, show_default=True, help="allocate: value scale.")
 @click.option("--beta", type=finite(), default=2.0, show_default=True, help="allocate: quality exponent.")
 @click.option("--alpha", type=finite(0), default=0.5, show_default=True, help="allocate: per-unit penalty.")
-@click.option("--cost", type=finite(0, min_open=True), default=1.0, show_default=True, help="allocate: cost of one unit.")
+@click.option("--cost", type=finite(0, min_open=True), default=1.0, show_default=True,
+              help="allocate: cost of one unit.")
 @click.option(
     "--integer/--continuous",
     default=True,

@@ -139,8 +139,8 @@ def score(
         raise ValueError("dtype: a loaded model is scored in its own dtype; convert it first or pass a folder")
 
     net, folder_tokenizer = load_model(
-        model, dtype=dtype or "float32", trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, device_map=device_map,
-        max_memory=max_memory, gradient_checkpointing=gradient_checkpointing,
+        model, dtype=dtype or "float32", trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+        device_map=device_map, max_memory=max_memory, gradient_checkpointing=gradient_checkpointing,
     )
     if held_out is None:
         held_out = max(1, num_samples // 4) if estimator.needs_held_out else 0
