@@ -300,7 +300,9 @@ def test_demo_commands_parse_with_the_cli(tmp_path):
         (out / name).mkdir(parents=True)
     for name in ("scores.json", "plan.json"):
         (out / name).write_text("{}")
-    commands = demo_commands(out, DemoConfig())
+    assert any("--max-disk MAX_DISK" in c for c in demo_commands(out, DemoConfig()))  # before the dense one is measured
+    commands = demo_commands(out, DemoConfig(), max_disk=3_000_000)
+    assert any("--max-disk 3000000 " in c for c in commands)
     assert commands[0].startswith("cwca-export demo ") and commands[-1].startswith("cwca-export report ")
     for command in commands:
         if command.startswith("#"):
