@@ -117,7 +117,8 @@ class OptimumBackend:
         from cwca_export.exporter.session import PROVIDERS
 
         ort_model = ORTModelForCausalLM.from_pretrained(
-            out_dir, provider=PROVIDERS[ep][0], use_io_binding=False, local_files_only=True
+            out_dir, provider=PROVIDERS[ep][0], use_io_binding=False, local_files_only=True,
+            trust_remote_code=False,  # the artifact folder is the tool's own output: no code runs
         )
         out = ort_model.generate(
             input_ids=torch.from_numpy(input_ids),

@@ -58,8 +58,14 @@ def read_versioned(path: str | os.PathLike, type_name: str, supported: int) -> d
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SchemaError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise SchemaError(f"{path}: a folder, expected a {type_name} JSON file") from None
+    except UnicodeDecodeError as exc:
+        raise SchemaError(f"{path}: not UTF-8 text (byte {exc.start}); the file is damaged") from None
     except json.JSONDecodeError as exc:
-        raise SchemaError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        raise SchemaError(
+            f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); the file is truncated or damaged"
+        ) from None
     return check_versioned(data, type_name, supported, source=str(path))
 
 

@@ -13,6 +13,7 @@ and dtype; they load strictly, so a misspelt key is an error.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, fields, replace
@@ -93,20 +94,21 @@ class Budget:
 
     def __post_init__(self) -> None:
         if self.ep not in EPS:
-            raise ValueError(f"budget: ep {self.ep!r}: choose one of {EPS}")
+            raise ValueError(f"budget: ep {self.ep!r}: choose one of {EPS} (--ep)")
         if self.dtype not in DTYPES:
-            raise ValueError(f"budget: dtype {self.dtype!r}: choose one of {DTYPES}")
+            raise ValueError(f"budget: dtype {self.dtype!r}: choose one of {DTYPES} (--dtype)")
         if self.batch < 1 or self.prompt_len < 1:
-            raise ValueError("budget: batch and prompt_len must be >= 1")
+            raise ValueError("budget: --batch and --prompt-len must be >= 1")
         if self.context <= self.prompt_len:
             raise ValueError(
-                f"budget: context {self.context} must exceed prompt_len {self.prompt_len}"
+                f"budget: --context {self.context} must exceed --prompt-len {self.prompt_len}"
                 " (the decode step runs over the full context)"
             )
         for name in ("max_memory", "max_disk", "max_latency_ms", "max_prefill_ms"):
             value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"budget: {name} must be positive, got {value}")
+            if value is not None and not (math.isfinite(value) and value > 0):
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"budget: {flag} must be a positive finite number, got {value}")
 
     @property
     def has_limits(self) -> bool:
@@ -187,17 +189,23 @@ def load_profile(name_or_path: str | os.PathLike) -> HardwareProfile:
     if not path.is_file():
         raise ValueError(
             f"hardware profile {str(name_or_path)!r} not found; available: {', '.join(available_profiles())}"
-            " (or pass a path to a YAML file)"
+            " (or pass a path to a YAML file to --hardware)"
         )
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start}); pass a YAML profile to --hardware") from None
+    except yaml.YAMLError as exc:
+        first = " ".join(str(exc).split())
+        raise ValueError(f"{path}: not valid YAML ({first}); fix it or pass a shipped profile to --hardware") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a hardware profile is a YAML mapping")
+        raise ValueError(f"{path}: a hardware profile is a YAML mapping (--hardware)")
     known = {f.name for f in fields(HardwareProfile)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"{path}: unknown keys {unknown}; allowed: {sorted(known)}")
+        raise ValueError(f"{path}: unknown keys {unknown}; allowed: {sorted(known)} (--hardware)")
     missing = sorted(known - set(data) - {"name"})
     if missing:
-        raise ValueError(f"{path}: missing keys {missing}")
+        raise ValueError(f"{path}: missing keys {missing} (--hardware)")
     data.setdefault("name", path.stem)
     return HardwareProfile(**{**data, "memory": parse_size(data["memory"])})

@@ -65,13 +65,19 @@ def load_texts(source: str | os.PathLike | Sequence[str], *, text_field: str = "
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such calibration file")
-        if path.suffix == ".jsonl":
-            texts = _read_jsonl(path, text_field)
-        elif path.suffix == ".txt":
-            texts = [path.read_text(encoding="utf-8")]
-        else:
-            raise ValueError(f"{path}: calibration data must be a .txt or .jsonl file")
+            raise FileNotFoundError(f"{path}: no such calibration file; hint: check --data")
+        try:
+            if path.suffix == ".jsonl":
+                texts = _read_jsonl(path, text_field)
+            elif path.suffix == ".txt":
+                texts = [path.read_text(encoding="utf-8")]
+            else:
+                raise ValueError(f"{path}: calibration data must be a .txt or .jsonl file; hint: pass one to --data")
+        except UnicodeDecodeError as exc:
+            raise ValueError(
+                f"{path}: not UTF-8 text (byte {exc.start}); hint: re-encode it (iconv -t UTF-8)"
+                " and pass the new file to --data"
+            ) from None
     else:
         texts = list(source)
         bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
@@ -79,7 +85,7 @@ def load_texts(source: str | os.PathLike | Sequence[str], *, text_field: str = "
             raise ValueError(f"calibration texts: item {bad} is {type(texts[bad]).__name__}, not str")
     texts = [t for t in texts if t.strip()]
     if not texts:
-        raise ValueError(f"{_describe(source)}: no calibration text found")
+        raise ValueError(f"{_describe(source)}: no calibration text found; hint: pass a file with text to --data")
     return texts
 
 
@@ -92,7 +98,9 @@ def _read_jsonl(path: Path, text_field: str) -> list[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                raise ValueError(
+                    f"{path}:{lineno}: not valid JSON ({exc.msg}); fix the line or pass another file to --data"
+                ) from None
             if not isinstance(record, dict) or text_field not in record:
                 keys = sorted(record) if isinstance(record, dict) else type(record).__name__
                 raise ValueError(
@@ -101,7 +109,9 @@ def _read_jsonl(path: Path, text_field: str) -> list[str]:
                 )
             value = record[text_field]
             if not isinstance(value, str):
-                raise ValueError(f"{path}:{lineno}: field {text_field!r} is not a string")
+                raise ValueError(
+                    f"{path}:{lineno}: field {text_field!r} is not a string; hint: choose the field with --text-field"
+                )
             texts.append(value)
     return texts
 
@@ -200,14 +210,14 @@ def calibration_data(
         need = (num_samples + held_out) * seq_len
         split = f" + {held_out} held-out" if held_out else ""
         message = (
-            f"calibration data has {total} tokens ({windows} windows of {seq_len});"
+            f"{_describe(source)}: calibration data has {total} tokens ({windows} windows of {seq_len});"
             f" {num_samples}{split} samples x {seq_len} tokens need {need}"
         )
         if not allow_fewer:
-            raise ValueError(message + "; hint: add text, lower the samples or seq_len, or allow fewer")
+            raise ValueError(message + "; hint: add text, lower --samples or --seq-len, or pass --allow-fewer (score)")
         n = windows - held_out
         if n < 1:
-            raise ValueError(message + "; not even one calibration sample is left")
+            raise ValueError(message + "; not even one calibration sample is left; hint: lower --seq-len")
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(windows, generator=generator)[: n + held_out]
     chunks = stream[: windows * seq_len].view(windows, seq_len)  # (windows, L)

@@ -146,7 +146,7 @@ def run_demo(
             "html": str(out / "report.html"),
         },
         "seconds": timings,
-        "commands": demo_commands(out, config, model_dir),
+        "commands": demo_commands(out, config, model_dir, max_disk=max_disk),
     }
     write_bytes_atomic(out / "report.json", (json.dumps(report, indent=2, default=str) + "\n").encode())
     page = build_report(out)
@@ -159,8 +159,13 @@ def run_demo(
     return report
 
 
-def demo_commands(out: Path, config: DemoConfig, model_dir: str | Path = DEMO_MODEL) -> list[str]:
-    """The demo as one command, then the CLI commands equivalent to each of its steps."""
+def demo_commands(out: Path, config: DemoConfig, model_dir: str | Path = DEMO_MODEL, *,
+                  max_disk: int | None = None) -> list[str]:
+    """The demo as one command, then the CLI commands equivalent to each of its steps.
+
+    ``max_disk`` is the searched export's byte limit, known once the dense artifact is measured;
+    without it that command carries the placeholder ``MAX_DISK``.
+    """
     q = shlex.quote
 
     def at(name: str) -> str:
@@ -170,6 +175,7 @@ def demo_commands(out: Path, config: DemoConfig, model_dir: str | Path = DEMO_MO
     calib = f"--data {train} --samples {config.samples} --seq-len {config.seq_len}"
     workload = f"--prompt-len {config.prompt_len} --context {config.context}"
     latency = f" --max-latency-ms {config.max_latency_ms:g}" if config.max_latency_ms is not None else ""
+    disk = max_disk if max_disk is not None else "MAX_DISK"  # known once the dense artifact is measured
     default = DemoConfig()
     hidden = {  # settings `cwca-export demo` has no option for
         k: v for k, v in config.__dict__.items()
@@ -189,7 +195,7 @@ def demo_commands(out: Path, config: DemoConfig, model_dir: str | Path = DEMO_MO
     ]
     return [
         demo,
-        "# the same steps one by one (MAX_DISK: the fraction times the dense artifact's bytes):",
+        "# the same steps one by one (--max-disk: the fraction times the dense artifact's bytes):",
         f"cwca-export score {model} {calib} --method damage --option pruner=width"
         f" --option points={config.probes} --no-wall-time --out {at('scores.json')}",
         f"cwca-export plan {at('scores.json')} --program prune --rule damage --sparsity {config.sparsity:g}"
@@ -197,7 +203,7 @@ def demo_commands(out: Path, config: DemoConfig, model_dir: str | Path = DEMO_MO
         f"cwca-export export {model} --out {at('dense-artifact')} {workload}",
         f"cwca-export export {model} --quantize int8 --out {at('dense-int8-artifact')} {workload}",
         f"cwca-export export {model} --quantize int4 --out {at('dense-int4-artifact')} {workload}",
-        f"cwca-export export {model} --plan {at('plan.json')} --method width {calib} --max-disk MAX_DISK{latency}"
+        f"cwca-export export {model} --plan {at('plan.json')} --method width {calib} --max-disk {disk}{latency}"
         f" --out {at('artifact')} {workload}",
         *evals,
         f"cwca-export report {outq}",

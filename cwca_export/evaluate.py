@@ -17,6 +17,10 @@ import numpy as np
 LogitsFn = Callable[[np.ndarray], np.ndarray]  # (B, L) int64 ids -> (B, L, V) float logits
 
 
+class ShortEvaluationWarning(UserWarning):
+    """The held-out text is shorter than one window: the number rests on one short window."""
+
+
 @dataclass(frozen=True)
 class Perplexity:
     """Result of one perplexity evaluation.
@@ -155,6 +159,32 @@ def is_artifact(path) -> bool:
     return (Path(path) / "model.onnx").is_file()
 
 
+def check_target(
+    path: str, *, trust_remote_code: bool = False, allow_pickle: bool = False, seq_len: int | None = None
+) -> None:
+    """Refuse what :func:`evaluate` cannot honestly measure, before any text is read.
+
+    A model folder passes :func:`~cwca_export.loading.check_model_folder`; an artifact's
+    tokenizer code and its model's positions are checked the same way.
+    """
+    from pathlib import Path
+
+    from cwca_export.loading import (
+        check_lengths,
+        check_model_folder,
+        check_remote_code,
+        read_config,
+    )
+
+    lengths = {"--seq-len": seq_len}
+    if is_artifact(path):
+        check_remote_code(path, trust_remote_code)
+        if (Path(path) / "config.json").is_file():
+            check_lengths(read_config(path), path, lengths)
+    else:
+        check_model_folder(path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, lengths=lengths)
+
+
 def evaluate(
     path: str,
     data: str,
@@ -165,6 +195,8 @@ def evaluate(
     max_tokens: int | None = None,
     ep: str = "cpu",
     text_field: str = "text",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
 ) -> dict:
     """Held-out perplexity of a model folder (torch) or an ONNX artifact (ONNX Runtime).
 
@@ -175,15 +207,26 @@ def evaluate(
     Example:
         >>> evaluate("out/artifact", "heldout.txt", seq_len=256)["perplexity"]  # doctest: +SKIP
     """
+    import warnings
     from pathlib import Path
 
-    from transformers import AutoTokenizer
-
     from cwca_export.data import load_texts
+    from cwca_export.loading import load_tokenizer
 
+    check_target(path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, seq_len=seq_len)
     text = "\n\n".join(load_texts(data, text_field=text_field))
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    if tokenizer is None:
+        raise ValueError(f"{path}: no tokenizer (tokenizer.json) to read {data} with; save one beside the model")
     ids = tokenize_text(tokenizer, text)
+    available = ids.size if max_tokens is None else min(ids.size, max_tokens)
+    if available < seq_len:
+        warnings.warn(
+            f"{data}: only {available} tokens, fewer than one window of --seq-len {seq_len}; the perplexity"
+            " rests on one short window (pass more text to --data or a smaller --seq-len)",
+            ShortEvaluationWarning,
+            stacklevel=2,
+        )
     report: dict = {"path": str(path), "data": str(data)}
     if is_artifact(path):
         logits_fn = ort_logits_fn(path, ep=ep)
@@ -200,7 +243,7 @@ def evaluate(
     else:
         from cwca_export.loading import load_model
 
-        model, _ = load_model(path)
+        model, _ = load_model(path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         model.eval()
         logits_fn = torch_logits_fn(model)
         report["runtime"] = "torch"

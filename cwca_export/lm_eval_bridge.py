@@ -50,6 +50,7 @@ def run_lm_eval(
     num_fewshot: int | None = None,
     device: str | None = None,
     include_path: str | os.PathLike | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Run lm-eval-harness ``tasks`` on a Hugging Face model folder (torch).
 
@@ -60,6 +61,7 @@ def run_lm_eval(
         tasks: task names, a list or a comma-separated string.
         batch_size, limit, num_fewshot, device: passed to ``lm_eval.simple_evaluate``.
         include_path: a folder of your own task YAMLs (e.g. tasks reading local files).
+        trust_remote_code: allow the folder's own modelling code (never asked on stdin).
 
     Returns:
         ``{"path", "tasks", "results", "groups", "versions", "n-shot"}``, JSON-ready.
@@ -78,8 +80,9 @@ def run_lm_eval(
             " hint: pass the folder the artifact was exported from (e.g. the --out of"
             " `cwca-export compress`), or use `cwca-export eval ARTIFACT --data TEXT` for perplexity"
         )
-    if not (path / "config.json").is_file():
-        raise ValueError(f"{path}: no config.json; hint: pass a Hugging Face model folder")
+    from cwca_export.loading import check_model_folder
+
+    check_model_folder(path, trust_remote_code=trust_remote_code)  # lm-eval reads safetensors only
     lm_eval = import_lm_eval()
     kwargs: dict[str, Any] = {"tasks": names, "batch_size": batch_size, "log_samples": False}
     if is_compressed_folder(path):
@@ -89,10 +92,10 @@ def run_lm_eval(
 
         from cwca_export.loading import load_model
 
-        model, tokenizer = load_model(path)
+        model, tokenizer = load_model(path, trust_remote_code=trust_remote_code)
         kwargs["model"] = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     else:
-        kwargs.update(model="hf", model_args=f"pretrained={path}")
+        kwargs.update(model="hf", model_args=f"pretrained={path},trust_remote_code={trust_remote_code}")
     if limit is not None:
         kwargs["limit"] = limit
     if num_fewshot is not None:

@@ -140,6 +140,13 @@ class Plan:
             raise ValueError(f"{source}: plan blocks are incomplete (missing {exc})") from None
         if not rows:
             raise ValueError(f"{source}: plan has no blocks")
+        try:
+            return cls._from_columns(data, program, value, columns, cost, sol)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{source}: plan values are damaged ({exc})") from None
+
+    @classmethod
+    def _from_columns(cls, data, program, value, columns, cost, sol) -> Plan:
         return cls(
             program=program,
             x=[float(v) for v in columns[value]],
@@ -165,15 +172,20 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
-        return cls.from_dict(read_versioned(path, "Plan", PLAN_SCHEMA_VERSION), source=str(path))
+        """Read plan.json; a plan whose values leave their own bounds is refused."""
+        plan = cls.from_dict(read_versioned(path, "Plan", PLAN_SCHEMA_VERSION), source=str(path))
+        plan.check_bounds(str(path))
+        return plan
 
     # ---------------------------------------------------------------- fit to a model
 
-    def check(self, model: Any, *, fingerprint: bool = True) -> None:
+    def check(self, model: Any, *, fingerprint: bool = True, require_fingerprint: bool = False) -> None:
         """Raise PlanMismatchError unless this plan was made for ``model``'s blocks.
 
         Compares the block count, each block's prunable weights n_k and, when both sides
-        have one and ``fingerprint`` is set, the model fingerprint.
+        have one and ``fingerprint`` is set, the model fingerprint. ``require_fingerprint``
+        also refuses a plan that carries none (the CLI's default: a plan file of unknown
+        origin is applied only with ``--no-fingerprint``).
         """
         from cwca_export.blocks import find_blocks, model_fingerprint
 
@@ -181,22 +193,62 @@ class Plan:
         if len(blocks) != self.num_blocks:
             raise PlanMismatchError(
                 f"plan has {self.num_blocks} blocks but the model has {len(blocks)};"
-                " hint: re-run `cwca-export score` on this model"
+                " hint: re-run `cwca-export score` on this model, then `cwca-export plan`"
             )
         for block, n_plan in zip(blocks, self.n_params, strict=True):
             if block.n_params != n_plan:
                 raise PlanMismatchError(
                     f"{block.name}: plan expects {n_plan} prunable weights, the model has"
-                    f" {block.n_params}; hint: the plan was made for another model"
+                    f" {block.n_params}; hint: the plan was made for another model: re-run"
+                    " `cwca-export score` on this one"
                 )
         expected = self.model.get("fingerprint")
         if fingerprint and expected:
             actual = model_fingerprint(model)
+            made_in = self.model.get("dtype")
+            loaded = str(next(model.parameters()).dtype).removeprefix("torch.")
+            if actual != expected and made_in and made_in != loaded:
+                raise PlanMismatchError(
+                    f"model fingerprint {actual} differs from the plan's {expected}: the plan was made on"
+                    f" {made_in} weights and the model is loaded as {loaded}; hint: pass --dtype {made_in},"
+                    " or --no-fingerprint to apply anyway"
+                )
             if actual != expected:
                 raise PlanMismatchError(
                     f"model fingerprint {actual} differs from the plan's {expected}: same shapes,"
-                    " other weights; hint: re-score, or pass fingerprint=False to apply anyway"
+                    " other weights; hint: re-score this model, or pass --no-fingerprint to apply anyway"
                 )
+        elif require_fingerprint and not expected:
+            raise PlanMismatchError(
+                "the plan carries no model fingerprint, so nothing shows it was made for this model;"
+                " hint: make it with `cwca-export plan` from scores of this model, or pass --no-fingerprint"
+            )
+
+    def check_bounds(self, source: str = "plan") -> None:
+        """Raise ValueError unless every value lies within its own bounds (lo <= x <= hi).
+
+        A plan file is data the user can edit: a value outside its recorded bounds, a
+        non-finite value or a pruning ratio outside [0, 1) is refused before any model loads.
+        """
+        tol = 1e-6
+        for i in range(self.num_blocks):
+            x, lo, hi = self.x[i], self.lo[i], self.hi[i]
+            name = f"{source}: block {i} ({self.block_names[i]})"
+            if not (np.isfinite(x) and np.isfinite(lo)) or np.isnan(hi):
+                raise ValueError(f"{name}: non-finite value or bound (x {x}, lo {lo}, hi {hi}); the plan is damaged")
+            if lo > hi:
+                raise ValueError(f"{name}: lo {lo} > hi {hi}; hint: re-make the plan with `cwca-export plan --lo/--hi`")
+            if not lo - tol <= x <= hi + tol:
+                raise ValueError(
+                    f"{name}: {_VALUE_NAME[self.program]} {x} is outside its own bounds [{lo}, {hi}];"
+                    " hint: re-make the plan with `cwca-export plan --lo/--hi` instead of editing it"
+                )
+            if self.program == "prune" and not 0.0 <= x < 1.0:
+                raise ValueError(f"{name}: rho {x} is not in [0, 1); hint: re-make it with `cwca-export plan --hi`")
+            if self.program == "allocate" and x < 0:
+                raise ValueError(f"{name}: units {x} < 0; hint: re-make it with `cwca-export plan --lo`")
+            if self.n_params[i] <= 0:
+                raise ValueError(f"{name}: n_params {self.n_params[i]} must be > 0; the plan is damaged")
 
 
 def _json_float(v: float) -> float | str:
@@ -209,7 +261,9 @@ def _per_block(
     arr = np.array(np.broadcast_to(np.asarray(value, dtype=np.float64), (k,)))
     for index, v in (overrides or {}).items():
         if not -k <= index < k:
-            raise ValueError(f"{name}: block {index} does not exist (the model has {k} blocks)")
+            raise ValueError(
+                f"{name}: block {index} does not exist (the model has {k} blocks, counted from 0); hint: fix --bounds"
+            )
         arr[index] = v
     return arr
 

@@ -25,30 +25,30 @@ from cwca_export.scores import LayerScores
 _RANK_PRUNERS = ("lowrank", "asvd")
 
 
-def linear_shapes(model: Any) -> list[list[tuple[int, int]]]:
+def linear_shapes(model: Any, *, trust_remote_code: bool = False) -> list[list[tuple[int, int]]]:
     """``(out, in)`` of every Linear of every block, in block order.
 
     ``model`` is a loaded causal LM or a local checkpoint folder; a folder is instantiated
     from its ``config.json`` on the meta device (no weights are read). These are the shapes
-    :func:`plan_ranks_from_damage` prices ranks with.
+    :func:`plan_ranks_from_damage` prices ranks with. A folder's own modelling code runs
+    only with ``trust_remote_code``.
     """
     import torch
 
     from cwca_export.blocks import find_blocks, weight_out_in
 
     if isinstance(model, (str, os.PathLike)):
-        from cwca_export.loading import is_compressed_folder
+        from cwca_export.loading import check_model_folder, is_compressed_folder
 
         path = Path(model)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path}: not a local model folder (no config.json)")
+        check_model_folder(path, trust_remote_code=trust_remote_code, weights=False)  # only the config is read
         if is_compressed_folder(path):
-            raise ValueError(f"{path}: an already compressed model; plan ranks for the dense one")
+            raise ValueError(f"{path}: an already compressed model; plan ranks for the dense one (--model)")
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     return [
         [tuple(int(d) for d in weight_out_in(m).shape) for m in b.linears.values()]
         for b in find_blocks(model)

@@ -154,6 +154,8 @@ class Recipe(_Strict):
         path = Path(path)
         try:
             body = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}: not UTF-8 text (byte {exc.start}); pass a UTF-8 YAML recipe") from None
         except yaml.YAMLError as exc:
             raise ValueError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
         for item in overrides:
@@ -415,8 +417,13 @@ def run_recipe(
     overwrite: bool = False,
     echo: Callable[[str], None] = print,
     cache_dir: str | os.PathLike | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
 ) -> dict[str, Any]:
     """Carry out ``recipe`` into ``out_dir``; returns the run summary (also ``run.json``).
+
+    The model folder passes :func:`~cwca_export.loading.check_model_folder` (remote code and
+    pickle only when allowed, a causal LM, lengths within its positions) before anything runs.
 
     The folder is built beside ``out_dir`` and renamed into place only when every step has
     succeeded (an export that misses its budget fails the run and leaves nothing). With
@@ -428,7 +435,7 @@ def run_recipe(
     from cwca_export.compression import compress, save_compressed
     from cwca_export.data import calibration_data
     from cwca_export.exporter._atomic import Staging
-    from cwca_export.loading import load_model
+    from cwca_export.loading import check_model_folder, load_model
     from cwca_export.outputs import check_output
     from cwca_export.scores import LayerScores
 
@@ -437,12 +444,17 @@ def run_recipe(
         ("recipe", recipe.source if recipe.source and Path(recipe.source).is_file() else None),
         ("eval data", recipe.eval.data if recipe.eval is not None else None),
     ])
+    where = Path(recipe.source).name if recipe.source else "recipe"
+    lengths = {f"{where} seq_len": recipe.seq_len}
+    if recipe.eval is not None:
+        lengths[f"{where} eval.seq_len"] = recipe.eval.seq_len
+    check_model_folder(recipe.model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, lengths=lengths)
     timings: dict[str, float] = {}
     with Staging(out_dir, overwrite=overwrite) as staging:
         work = staging.new_folder()
         began = time.perf_counter()
         echo(f"[score] {recipe.score.method} on {recipe.samples} x {recipe.seq_len} tokens of {recipe.data}")
-        model, tokenizer = load_model(recipe.model)
+        model, tokenizer = load_model(recipe.model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         model.eval()
         calib = calibration_data(recipe.data, tokenizer, num_samples=recipe.samples, seq_len=recipe.seq_len,
                                  seed=recipe.seed)

@@ -104,7 +104,7 @@ def refine_exchange(
     lo_v = np.broadcast_to(np.asarray(lo, dtype=np.float64), (k,)).copy()
     hi_v = np.broadcast_to(np.asarray(hi, dtype=np.float64), (k,)).copy()
     if max_evals < 2:
-        raise ValueError(f"max_evals {max_evals}: needs at least 2 (the start and one move)")
+        raise ValueError(f"--max-evals {max_evals}: needs at least 2 (the start and one move)")
     if not 0 < min_step <= step:
         raise ValueError(f"step {step:g} / min_step {min_step:g}: need 0 < min_step <= step")
     if np.any(x < lo_v - 1e-9) or np.any(x > hi_v + 1e-9):
@@ -250,7 +250,10 @@ def refine_plan(
     if not tune:
         plans = {name: p for name, p in plans.items() if name in ("damage", "cwca-k1")}
     if max_evals < len(plans) + 2:
-        raise ValueError(f"max_evals {max_evals}: tuning alone measures {len(plans)} plans; allow more")
+        raise ValueError(
+            f"--max-evals {max_evals}: tuning alone measures {len(plans)} plans; pass --max-evals"
+            f" {len(plans) + 2} or more, or --no-tune"
+        )
     measure = PlanLoss(model, ids, method=method, batch_size=batch_size)
     began = time.perf_counter()
     try:
@@ -337,7 +340,7 @@ def refine_unit_exchange(
     lo_v = np.rint(np.broadcast_to(np.asarray(lo, dtype=np.float64), (k,))).astype(np.int64)
     hi_v = np.rint(np.broadcast_to(np.asarray(hi, dtype=np.float64), (k,))).astype(np.int64)
     if max_evals < 2:
-        raise ValueError(f"max_evals {max_evals}: needs at least 2 (the start and one move)")
+        raise ValueError(f"--max-evals {max_evals}: needs at least 2 (the start and one move)")
     if int(step) != step or step < 1:
         raise ValueError(f"step {step}: a whole number of units >= 1")
     step = int(step)
@@ -460,7 +463,10 @@ def refine_ranks(
         plans["uniform"] = plan_ranks_uniform(scores, budget_fraction, shapes=shapes, rank_step=rank_step,
                                               lo=lo, hi=hi)
     if max_evals < len(plans) + 2:
-        raise ValueError(f"max_evals {max_evals}: choosing the start alone measures {len(plans)} plans; allow more")
+        raise ValueError(
+            f"--max-evals {max_evals}: choosing the start alone measures {len(plans)} plans; pass"
+            f" --max-evals {len(plans) + 2} or more, or --no-tune"
+        )
     total = float(sum(scores.n_params))
     budget = float(budget_fraction) * total
 

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from helpers import save_tiny_model, tiny_model
 
 import cwca_export
-from cwca_export.blocks import find_blocks
+from cwca_export.blocks import find_blocks, model_fingerprint
 from cwca_export.cli import cli
 from cwca_export.plan import Plan, plan_by_rule, plan_from_damage
 from cwca_export.scores import LayerScores
@@ -43,9 +43,11 @@ def test_sparse_export_without_a_budget_says_the_effect_is_disk_only(tmp_path):
 
 
 def _rank_scores(model):
+    """Damage curves for ``model``'s blocks, carrying its fingerprint as scored ones do (export checks it)."""
     blocks = find_blocks(model)
     return LayerScores("damage", zeta2=[1.0, 3.0], n_params=[b.n_params for b in blocks],
                        block_names=[b.name for b in blocks], settings={"pruner": "lowrank"},
+                       model={"fingerprint": model_fingerprint(model)},
                        stats={"damage@0.25": [0.01, 0.2], "damage@0.5": [0.05, 0.6], "damage@0.75": [0.2, 1.5],
                               "damage@1": [0.9, 4.0]})
 

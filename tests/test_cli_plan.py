@@ -93,11 +93,21 @@ def test_inspect_plan(scores_file, tmp_path):
     assert info["type"] == "Plan" and info["global_sparsity"] == pytest.approx(0.4)
 
 
-def test_inspect_model_folder_reads_no_weights(tmp_path):
-    from transformers import LlamaConfig
+def test_inspect_model_folder_reads_no_weights(tmp_path, monkeypatch):
+    import safetensors.torch
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
-                num_key_value_heads=1, vocab_size=64).save_pretrained(tmp_path)
+    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=64)
+    config.save_pretrained(tmp_path)
+    r = _invoke("inspect", tmp_path, "--json")  # a config alone is not a model: no guessing
+    assert r.exit_code != 0 and "no weights" in r.output
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("inspect read the weights")
+
+    monkeypatch.setattr(safetensors.torch, "load_file", no_reading)
     r = _invoke("inspect", tmp_path, "--json")
     info = json.loads(r.output)
     # per block: q 16x16, k/v 8x16, o 16x16, gate/up 32x16, down 16x32

@@ -64,12 +64,13 @@ def test_errors_are_one_line(folders, calib, tmp_path):
     missing = invoke(tmp_path / "nope", "--data", calib)
     assert missing.exit_code == 1
     assert missing.output.strip().splitlines() == [
-        f"Error: {tmp_path / 'nope'}: not a local model folder (no config.json); hint: save the model with"
-        " save_pretrained, or download it first: scoring never fetches from the Hub"
+        f"Error: {tmp_path / 'nope'}: not a local model folder (it does not exist; the tool never fetches"
+        " from the Hub); see `cwca-export score --help`"
     ]
     short = invoke(folders["gpt2"], "--data", calib, "--samples", 500, "--seq-len", 64, "--out", tmp_path / "s.json")
     assert short.exit_code == 1 and len(short.output.strip().splitlines()) == 1
-    assert "Error: calibration data has " in short.output and "500 samples x 64 tokens need 32000" in short.output
+    assert f"Error: {calib}: calibration data has " in short.output
+    assert "500 samples x 64 tokens need 32000" in short.output
     fewer = invoke(folders["gpt2"], "--data", calib, "--samples", 500, "--seq-len", 64, "--allow-fewer",
                    "--out", tmp_path / "s.json", "--no-progress")
     assert fewer.exit_code == 0, fewer.output

@@ -205,7 +205,7 @@ def test_cli_scores_damage_with_options(tmp_path):
     loaded = LayerScores.load(out)
     assert damage_curves(loaded)[0].tolist() == [0.5, 0.9]
     assert loaded.settings["pruner"] == "magnitude" and loaded.settings["probes"] == 4
-    bad = CliRunner().invoke(cli, ["score", str(folder), "--data", str(calib), "--option", "x"])
+    bad = CliRunner().invoke(cli, ["score", str(folder), "--data", str(calib), "--seq-len", "16", "--option", "x"])
     assert bad.exit_code != 0 and "KEY=VALUE" in bad.output
 
 

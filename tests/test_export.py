@@ -323,7 +323,7 @@ def test_cli_errors_are_one_line(tmp_path):
 
     model_dir = save_tiny_model("llama", tmp_path / "tiny-llama")
     result = CliRunner().invoke(cli, ["export", str(model_dir), "--out", str(tmp_path / "o"), "--max-memory", "lots"])
-    assert result.exit_code == 1 and "Error: size 'lots'" in result.output
+    assert result.exit_code == 2 and "Error: Invalid value for '--max-memory': size 'lots'" in result.output
     result = CliRunner().invoke(cli, ["export", str(model_dir), "--out", str(tmp_path / "o"), "--exclude", "lm_head"])
     assert result.exit_code == 2 and "--quantize" in result.output
 

@@ -257,7 +257,7 @@ def test_score_noise_floor_matches_a_per_sequence_loop_and_debias_errors():
     assert "noise_floor" not in obd.stats and "snr" not in obd.stats
     assert obd.settings["blocks_within_noise"] is None and obd.within_noise() is None
 
-    refusal = r"debias: method 'kfac' has no debiased estimate; methods with one: fisher, gradnorm"
+    refusal = r"--debias: method 'kfac' has no debiased estimate; pass --method fisher or gradnorm"
     with pytest.raises(ValueError, match=refusal):
         score(model, data, method="kfac", debias=True)
     with pytest.raises(ValueError, match="at least 2 calibration sequences"):
@@ -297,5 +297,5 @@ def test_cli_records_noise_figures_warns_on_one_line_and_debiases(tmp_path):
                                        "--out", str(tmp_path / "k.json")])
     assert refused.exit_code == 1
     assert refused.output.strip().splitlines() == [
-        "Error: debias: method 'kfac' has no debiased estimate; methods with one: fisher, gradnorm"
+        "Error: --debias: method 'kfac' has no debiased estimate; pass --method fisher or gradnorm"
     ]

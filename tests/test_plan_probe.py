@@ -100,7 +100,7 @@ def test_refine_cli_writes_a_plan_that_compress_accepts(tmp_path):
     assert res.exit_code == 0, res.output
     res = runner.invoke(cli, ["refine", str(model_dir), "--scores", str(tmp_path / "damage.json"), "--sparsity", "0.5",
                               "--method", "magnitude", *common, "--max-evals", "3", "--out", str(tmp_path / "q.json")])
-    assert res.exit_code == 1 and "max_evals" in res.output and not (tmp_path / "q.json").exists()
+    assert res.exit_code == 1 and "--max-evals" in res.output and not (tmp_path / "q.json").exists()
 
 
 def test_refine_cli_plans_ranks_and_refuses_mixed_knobs(tmp_path):

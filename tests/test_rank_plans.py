@@ -273,7 +273,7 @@ def test_refine_ranks_on_a_tiny_model(model, ids):
     assert kept == plan.parameters["kept_params"] <= 0.6 * sum(scores.n_params)
     for name, value in model.state_dict().items():  # the model comes back dense
         assert torch.equal(value, before[name]), name
-    with pytest.raises(ValueError, match="max_evals"):
+    with pytest.raises(ValueError, match="--max-evals"):
         refine_ranks(model, scores, 0.6, ids, rank_step=4, max_evals=3)
 
 

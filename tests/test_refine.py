@@ -68,7 +68,7 @@ def test_a_flat_loss_accepts_nothing():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="max_evals"):
+    with pytest.raises(ValueError, match="--max-evals"):
         refine_exchange([0.5], [1], joint_loss, max_evals=1)
     with pytest.raises(ValueError, match="outside the bounds"):
         refine_exchange([0.99, 0.1], [1, 1], joint_loss, hi=0.95)

@@ -300,7 +300,9 @@ def test_demo_commands_parse_with_the_cli(tmp_path):
         (out / name).mkdir(parents=True)
     for name in ("scores.json", "plan.json"):
         (out / name).write_text("{}")
-    commands = demo_commands(out, DemoConfig())
+    assert any("--max-disk MAX_DISK" in c for c in demo_commands(out, DemoConfig()))  # before the dense one is measured
+    commands = demo_commands(out, DemoConfig(), max_disk=3_000_000)
+    assert any("--max-disk 3000000 " in c for c in commands)
     assert commands[0].startswith("cwca-export demo ") and commands[-1].startswith("cwca-export report ")
     for command in commands:
         if command.startswith("#"):
@@ -313,10 +315,10 @@ def test_demo_commands_parse_with_the_cli(tmp_path):
 
 
 def test_lm_eval_missing_is_one_line_naming_the_extra(tmp_path, monkeypatch):
+    from helpers import save_tiny_model
+
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` raises ImportError
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
+    model = save_tiny_model("llama", tmp_path / "model")
     r = CliRunner().invoke(cli, ["eval", str(model), "--lm-eval-tasks", "hellaswag,arc_easy"])
     assert r.exit_code == 1
     assert r.output.count("\n") == 1 and r.output.startswith("Error: ")
@@ -348,15 +350,15 @@ def test_lm_eval_bridge_calls_simple_evaluate_on_the_torch_folder(tmp_path, monk
         return {"results": {t: {"alias": t, "acc,none": np.float64(0.25)} for t in kwargs["tasks"]},
                 "versions": {"arc_easy": 1.0}, "samples": "not kept"}
 
+    from helpers import save_tiny_model
+
     monkeypatch.setitem(sys.modules, "lm_eval", types.SimpleNamespace(simple_evaluate=simple_evaluate))
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
+    model = save_tiny_model("llama", tmp_path / "model")
     r = CliRunner().invoke(cli, ["eval", str(model), "--lm-eval-tasks", "arc_easy, hellaswag", "--json"],
                            catch_exceptions=False)
     assert r.exit_code == 0, r.output
     (call,) = calls
-    assert call["model"] == "hf" and call["model_args"] == f"pretrained={model}"
+    assert call["model"] == "hf" and call["model_args"] == f"pretrained={model},trust_remote_code=False"
     assert call["tasks"] == ["arc_easy", "hellaswag"] and call["log_samples"] is False
     report = json.loads(r.output)["lm_eval"]
     assert report["results"]["hellaswag"]["acc,none"] == 0.25 and "samples" not in report

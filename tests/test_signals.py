@@ -188,7 +188,10 @@ def test_sigkill_leaves_a_partial_that_the_next_run_cleans(model, calib, tmp_pat
 
 def test_sigterm_demo_leaves_no_half_built_folder(tmp_path):
     proc = _start("demo", "--out", "demo", cwd=tmp_path)
-    _wait_for(proc, lambda: (tmp_path / "demo" / "scores.json").exists())  # past its first step
+    # the demo makes its folder first, then measures damage for a while: signal it mid-step
+    _wait_for(proc, lambda: (tmp_path / "demo").is_dir())
+    time.sleep(3)
+    assert proc.poll() is None, proc.stderr.read()
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err

@@ -6,6 +6,7 @@ Each verb lives in its own module and imports heavy libraries inside its body, s
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -13,12 +14,32 @@ import click
 
 from cwca_export import __version__
 
-_EXPECTED = (ValueError, OSError, KeyError, ImportError)
+# the library's own refusals: their message is the one line
+_REFUSALS = (ValueError, OSError, KeyError, ImportError)
+
+
+def one_line(message: str, command_path: str) -> str:
+    """The first line of ``message``, with a pointer to the verb's --help when it names no flag."""
+    command_path = " ".join(["cwca-export", *command_path.split()[1:]])  # click's prog name varies
+    text = " ".join(message.strip().splitlines()[0].split()) if message.strip() else "failed"
+    if "--" not in text:
+        text = f"{text.rstrip('.')}; see `{command_path} --help`"
+    return text
 
 
 class _Group(click.Group):
-    """Turns the library's errors into one ``Error: ...`` line and exit code 1, and an interrupt
-    into exit code 130 (SIGINT) or 143 (SIGTERM)."""
+    """Turns every error into one ``Error: ...`` line on stderr and a non-zero exit.
+
+    Usage errors (a bad or missing flag) keep click's exit code 2; library errors exit 1. An
+    exception class the library did not expect still prints one line (its type and message);
+    ``CWCA_DEBUG=1`` shows the traceback instead. An interrupt exits 130 (SIGINT) or 143 (SIGTERM).
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            raise _usage(exc) from None
 
     def invoke(self, ctx: click.Context):
         from cwca_export.interrupts import Terminated, exit_code
@@ -33,11 +54,47 @@ class _Group(click.Group):
             signal_name = "SIGINT" if isinstance(exc, KeyboardInterrupt) else "SIGTERM"
             click.echo(f"Interrupted ({signal_name}): stopped; no partial output was left", err=True)
             ctx.exit(exit_code(exc))
-        except _EXPECTED as exc:
+        except click.UsageError as exc:
+            raise _usage(exc) from None
+        except click.ClickException as exc:
+            path = exc.ctx.command_path if getattr(exc, "ctx", None) else _verb(ctx)
+            raise click.ClickException(one_line(exc.format_message(), path)) from None
+        except Exception as exc:
             if os.environ.get("CWCA_DEBUG"):
                 raise
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise click.ClickException(message) from None
+            message = str(exc)
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                where = f" writing {exc.filename}" if exc.filename else ""
+                message = (
+                    f"no space left on the device{where}; outputs are swapped in only when"
+                    " complete, so a previous one is intact; hint: free space or pass --out on"
+                    " another disk"
+                )
+            elif isinstance(exc, MemoryError):
+                message = (
+                    "out of memory (MemoryError); hint: lower --batch-size, --samples or --seq-len"
+                )
+            elif not isinstance(exc, _REFUSALS) or not message.strip():
+                # not one of the library's own refusals: say what broke and how to see more
+                first = message.strip().splitlines()[0] if message.strip() else ""
+                message = f"{type(exc).__name__}: {first} (set CWCA_DEBUG=1 for the traceback)"
+            elif isinstance(exc, KeyError) and exc.args:
+                message = f"missing key {exc.args[0]!r}"
+            raise click.ClickException(one_line(message, _verb(ctx))) from None
+
+
+def _verb(ctx: click.Context) -> str:
+    if ctx.invoked_subcommand:
+        return f"{ctx.command_path} {ctx.invoked_subcommand}"
+    return ctx.command_path
+
+
+def _usage(exc: click.UsageError) -> click.ClickException:
+    """click prints a usage error as usage, try-line and error: keep only the error, one line."""
+    path = exc.ctx.command_path if exc.ctx is not None else "cwca-export"
+    error = click.ClickException(one_line(exc.format_message(), path))
+    error.exit_code = exc.exit_code
+    return error
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

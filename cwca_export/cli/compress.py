@@ -9,27 +9,10 @@ from typing import Any
 import click
 
 from cwca_export.cli.guard import guards_output
+from cwca_export.cli.options import COUNT, finite, loading_options
 
 # Names only, so --help needs no torch; compress() checks the name against the registry.
 _METHODS = ["magnitude", "wanda", "sparsegpt", "width", "lowrank", "asvd"]
-
-
-def _load(model_dir: str, dtype: str) -> tuple[Any, Any]:
-    """A dense folder through load_model; a compressed one through load_compressed."""
-    from cwca_export.compression.saving import is_compressed_folder, load_compressed
-    from cwca_export.loading import load_model
-
-    if not is_compressed_folder(model_dir):
-        return load_model(model_dir, dtype=dtype)
-    from transformers import AutoTokenizer
-
-    model = load_compressed(model_dir, dtype=dtype)
-    has_tokenizer = any(
-        (Path(model_dir) / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")
-    )
-    return model, AutoTokenizer.from_pretrained(
-        model_dir, local_files_only=True
-    ) if has_tokenizer else None
 
 
 def _describe(row: dict[str, Any]) -> tuple[str, str]:
@@ -94,9 +77,9 @@ def _table(step: dict[str, Any]) -> str:
     help="Calibration text (.txt or .jsonl); needed by wanda, sparsegpt, asvd and width.",
 )
 @click.option(
-    "--samples", type=int, default=128, show_default=True, help="Calibration sequences N."
+    "--samples", type=COUNT, default=128, show_default=True, help="Calibration sequences N."
 )
-@click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per sequence L.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens per sequence L.")
 @click.option(
     "--seed", type=int, default=0, show_default=True, help="Seed for the choice of sequences."
 )
@@ -111,14 +94,14 @@ def _table(step: dict[str, Any]) -> str:
 )
 @click.option(
     "--head-sparsity",
-    type=float,
+    type=finite(0, 1, max_open=True),
     default=None,
     help="Sparsity methods: also magnitude-prune lm_head and embeddings to this ratio"
     " [default: untouched].",
 )
 @click.option(
     "--multiple",
-    type=int,
+    type=COUNT,
     default=None,
     help="width: round kept channels to a multiple of this [default: 8].",
 )
@@ -127,7 +110,7 @@ def _table(step: dict[str, Any]) -> str:
 )
 @click.option(
     "--rank-step",
-    type=int,
+    type=COUNT,
     default=None,
     help="lowrank/asvd: rank per plan unit [default: the plan's rank_step, else 8].",
 )
@@ -138,7 +121,7 @@ def _table(step: dict[str, Any]) -> str:
     " instead of block by block.",
 )
 @click.option(
-    "--batch-size", type=int, default=1, show_default=True, help="Sequences per forward pass."
+    "--batch-size", type=COUNT, default=1, show_default=True, help="Sequences per forward pass."
 )
 @click.option(
     "--device",
@@ -155,8 +138,9 @@ def _table(step: dict[str, Any]) -> str:
 @click.option(
     "--no-fingerprint",
     is_flag=True,
-    help="Apply a plan whose model fingerprint differs (same shapes).",
+    help="Apply a plan whose model fingerprint differs or is missing (same shapes).",
 )
+@loading_options
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing --out folder cwca-export wrote (atomically; never one holding other files).")
 @click.option(
@@ -186,6 +170,8 @@ def compress(
     device,
     dtype,
     no_fingerprint,
+    trust_remote_code,
+    allow_pickle,
     overwrite,
     as_json,
 ) -> None:
@@ -206,11 +192,14 @@ def compress(
     from cwca_export.compression import compress as run_compress
     from cwca_export.compression.saving import save_compressed
     from cwca_export.data import calibration_data
+    from cwca_export.loading import check_model_folder, load_model
     from cwca_export.plan import Plan
 
     if Path(out).exists() and not overwrite:
         raise click.UsageError(f"{out} already exists; pass --overwrite or another --out")
     plan = Plan.load(plan_path)
+    check_model_folder(model_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                       lengths={"--seq-len": seq_len if data_path is not None else None})
     given = {
         "nm": nm,
         "head_sparsity": head_sparsity,
@@ -219,7 +208,10 @@ def compress(
         "rank_step": rank_step,
     }
     options = {key: value for key, value in given.items() if value is not None}
-    model, tokenizer = _load(model_dir, dtype)
+    model, tokenizer = load_model(
+        model_dir, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+    )
+    plan.check(model, fingerprint=not no_fingerprint, require_fingerprint=not no_fingerprint)
     data = None
     if data_path is not None:
         data = calibration_data(

@@ -8,16 +8,17 @@ import shutil
 import click
 
 from cwca_export.cli.guard import guards_output
+from cwca_export.cli.options import finite
 
 
 @click.command()
 @click.option("--out", type=click.Path(file_okay=False), default="cwca-demo", show_default=True,
               help="Folder for scores, plan, compressed model, artifacts and report.")
-@click.option("--sparsity", type=float, default=0.3, show_default=True,
+@click.option("--sparsity", type=finite(0, 1, max_open=True), default=0.3, show_default=True,
               help="Global MLP-width sparsity of the plan the budget search moves.")
-@click.option("--max-disk-fraction", type=float, default=0.15, show_default=True,
+@click.option("--max-disk-fraction", type=finite(0, 1, min_open=True), default=0.15, show_default=True,
               help="Budget: the searched artifact's bytes as a fraction of the dense fp32 artifact's.")
-@click.option("--max-latency-ms", type=float, default=50.0, show_default=True,
+@click.option("--max-latency-ms", type=finite(0, min_open=True), default=50.0, show_default=True,
               help="Budget: decode p50 per token at batch 1, context 128.")
 @click.option("--overwrite", is_flag=True,
               help="Rewrite an earlier demo folder (never one holding files the tool did not write).")
@@ -38,9 +39,6 @@ def demo(out, sparsity, max_disk_fraction, max_latency_ms, overwrite) -> None:
     """
     from cwca_export.demo import DemoConfig, run_demo
 
-    if not 0 < max_disk_fraction <= 1:
-        raise click.BadParameter(f"{max_disk_fraction}: a fraction in (0, 1], e.g. 0.15",
-                                 param_hint="--max-disk-fraction")
     config = DemoConfig(sparsity=sparsity, max_disk_fraction=max_disk_fraction, max_latency_ms=max_latency_ms)
     fresh = not os.path.lexists(out)
     try:

@@ -6,16 +6,18 @@ import json
 
 import click
 
+from cwca_export.cli.options import COUNT, loading_options
+
 
 @click.command(name="eval")
 @click.argument("path", metavar="MODEL_DIR_OR_ARTIFACT", type=click.Path(exists=True, file_okay=False))
 @click.option("--data", type=click.Path(exists=True, dir_okay=False),
               help="Held-out text: .txt, or .jsonl with a text field (required unless --lm-eval-tasks).")
 @click.option("--text-field", default="text", show_default=True, help="JSON Lines field holding the text.")
-@click.option("--seq-len", type=int, default=256, show_default=True, help="Window length in tokens.")
-@click.option("--stride", type=int, default=None, help="Step between windows [default: --seq-len].")
-@click.option("--max-tokens", type=int, default=None, help="Evaluate only the first N tokens.")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Windows per forward.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True, help="Window length in tokens.")
+@click.option("--stride", type=COUNT, default=None, help="Step between windows [default: --seq-len].")
+@click.option("--max-tokens", type=click.IntRange(min=2), default=None, help="Evaluate only the first N tokens.")
+@click.option("--batch-size", type=COUNT, default=8, show_default=True, help="Windows per forward.")
 @click.option("--ep", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="ONNX Runtime execution provider (artifacts only).")
 @click.option("--lm-eval-tasks", "lm_eval_tasks", metavar="TASKS", default=None,
@@ -23,8 +25,9 @@ import click
 @click.option("--lm-eval-include", "lm_eval_include", type=click.Path(exists=True, file_okay=False),
               default=None, help="Folder of your own lm-eval task YAMLs (e.g. reading local data files).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@loading_options
 def eval_command(path, data, text_field, seq_len, stride, max_tokens, batch_size, ep, lm_eval_tasks,
-                 lm_eval_include, as_json) -> None:
+                 lm_eval_include, as_json, trust_remote_code, allow_pickle) -> None:
     """Measure held-out perplexity with one protocol for torch models and ONNX artifacts.
 
     \b
@@ -35,17 +38,34 @@ def eval_command(path, data, text_field, seq_len, stride, max_tokens, batch_size
     """
     if data is None and lm_eval_tasks is None:
         raise click.UsageError("give --data (held-out perplexity) or --lm-eval-tasks (lm-eval-harness)")
+    if stride is not None and stride > seq_len:
+        raise click.BadParameter(f"{stride} is longer than --seq-len {seq_len}; pass --stride {seq_len} or less",
+                                 param_hint="--stride")
+    from cwca_export.evaluate import check_target
+
+    check_target(path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, seq_len=seq_len)
     report: dict = {}
     if lm_eval_tasks is not None:
         from cwca_export.lm_eval_bridge import run_lm_eval
 
         # before the perplexity run, so a missing extra or an artifact path fails at once
-        lm_eval_report = run_lm_eval(path, lm_eval_tasks, include_path=lm_eval_include)
+        lm_eval_report = run_lm_eval(path, lm_eval_tasks, include_path=lm_eval_include,
+                                     trust_remote_code=trust_remote_code)
     if data is not None:
-        from cwca_export.evaluate import evaluate
+        import warnings
 
-        report = evaluate(path, data, seq_len=seq_len, stride=stride, batch_size=batch_size,
-                          max_tokens=max_tokens, ep=ep, text_field=text_field)
+        from cwca_export.evaluate import ShortEvaluationWarning, evaluate
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ShortEvaluationWarning)
+            report = evaluate(path, data, seq_len=seq_len, stride=stride, batch_size=batch_size,
+                              max_tokens=max_tokens, ep=ep, text_field=text_field,
+                              trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+        for w in caught:  # the short-data warning is one stderr line; others show as usual
+            if issubclass(w.category, ShortEvaluationWarning):
+                click.echo(f"Warning: {' '.join(str(w.message).split())}", err=True)
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
     if lm_eval_tasks is not None:
         report["lm_eval"] = lm_eval_report
     if as_json:

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from cwca_export.cli.guard import guards_output
+from cwca_export.cli.options import COUNT, SIZE, finite, loading_options
 
 
 def parse_layers(text: str | None) -> tuple[int, ...]:
@@ -92,42 +93,45 @@ def _read_precision(path: str) -> dict[str, str]:
 @click.option("--method", help="Compression method that applies --plan (and lets a budget search re-solve it).")
 @click.option("--data", type=click.Path(exists=True, dir_okay=False),
               help="Calibration text for --method width / wanda / sparsegpt / asvd.")
-@click.option("--samples", type=int, default=32, show_default=True, help="Calibration sequences for --data.")
-@click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per calibration sequence.")
+@click.option("--samples", type=COUNT, default=32, show_default=True, help="Calibration sequences for --data.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True, help="Tokens per calibration sequence.")
 @click.option("--quantize", type=click.Choice(["int8", "int4"]), help="ONNX Runtime weight quantization.")
 @click.option("--exclude", multiple=True, metavar="NAME", help="Node name or module path kept in float when quantizing; repeatable.")
 @click.option("--exclude-layers", metavar="I,J-K", help="Decoder blocks kept in float when quantizing, e.g. 0,5-7.")
-@click.option("--block-size", type=int, default=32, show_default=True, help="int4: weights per scale.")
+@click.option("--block-size", type=COUNT, default=32, show_default=True, help="int4: weights per scale.")
 @click.option("--formats", metavar="LIST",
               help="Storage formats a budget search may give each layer [default: fp32,int8,int4-b128-asym,int4-b32].")
 @click.option("--precision", "precision_path", type=click.Path(exists=True, dir_okay=False),
               help="Per-layer precision plan (JSON {\"formats\": {group: format}}, e.g. a manifest's chosen candidate).")
-@click.option("--levels", type=int, default=5, show_default=True, help="Structure levels a budget search tries with --plan.")
+@click.option("--levels", type=COUNT, default=5, show_default=True, help="Structure levels a budget search tries with --plan.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), help="Artifact float dtype (fp16 for GPU providers) [default: fp32].")
 @click.option("--optimize", type=click.Choice(["basic", "extended", "all"]), help="Offline ONNX Runtime graph optimisation.")
-@click.option("--max-memory", metavar="SIZE", help="Disk and resident limit: 1.5GiB, 300MB or bytes.")
-@click.option("--max-disk", metavar="SIZE", help="Limit on the artifact's bytes on disk alone (download, flash).")
-@click.option("--max-latency-ms", type=float, help="Limit on p50 ms per decoded token.")
-@click.option("--max-prefill-ms", type=float, help="Limit on p50 ms for the prefill of --prompt-len tokens.")
+@click.option("--max-memory", type=SIZE, metavar="SIZE", help="Disk and resident limit: 1.5GiB, 300MB or bytes.")
+@click.option("--max-disk", type=SIZE, metavar="SIZE", help="Limit on the artifact's bytes on disk alone (download, flash).")
+@click.option("--max-latency-ms", type=finite(0, min_open=True), help="Limit on p50 ms per decoded token.")
+@click.option("--max-prefill-ms", type=finite(0, min_open=True), help="Limit on p50 ms for the prefill of --prompt-len tokens.")
 @click.option("--ep", type=click.Choice(["cpu", "cuda"]), help="ONNX Runtime execution provider [default: cpu].")
-@click.option("--batch", type=int, help="Sequences per call for measurement [default: 1].")
-@click.option("--prompt-len", type=int, help="Prefill length for measurement [default: 32].")
-@click.option("--context", type=int, help="KV cache length at the measured decode step [default: 128].")
+@click.option("--batch", type=COUNT, help="Sequences per call for measurement [default: 1].")
+@click.option("--prompt-len", type=COUNT, help="Prefill length for measurement [default: 32].")
+@click.option("--context", type=click.IntRange(min=2), help="KV cache length at the measured decode step [default: 128].")
 @click.option("--hardware", metavar="PROFILE", help="Hardware profile (cpu-2core-24gb, jetson-orin-8gb, a10g-24gb, h100-80gb) or a YAML path.")
 @click.option("--no-kv-cache", is_flag=True, help="onnx backend: export logits only, without KV cache inputs.")
-@click.option("--opset", type=int, help="ONNX opset [default: the backend's].")
-@click.option("--external-data-threshold", default="2GiB", show_default=True, metavar="SIZE", help="Weights go to model.onnx_data above this graph size.")
-@click.option("--runs", type=int, default=10, show_default=True, help="Timed runs per latency measurement.")
-@click.option("--warmup", type=int, default=3, show_default=True, help="Untimed runs before timing.")
-@click.option("--threads", type=int, default=0, show_default=True, help="ONNX Runtime intra-op threads (0: its default).")
+@click.option("--opset", type=COUNT, help="ONNX opset [default: the backend's].")
+@click.option("--external-data-threshold", type=SIZE, default="2GiB", show_default=True, metavar="SIZE", help="Weights go to model.onnx_data above this graph size.")
+@click.option("--runs", type=COUNT, default=10, show_default=True, help="Timed runs per latency measurement.")
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed runs before timing.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="ONNX Runtime intra-op threads (0: its default).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder cwca-export wrote (atomically; never one holding other files).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@click.option("--no-fingerprint", is_flag=True, help="With --method: apply a --plan whose model fingerprint differs or is missing.")
+@loading_options
 @guards_output(inputs={"model_dir": "MODEL_DIR", "plan_path": "--plan", "data": "--data"})
 def export(
     model_dir, out, backend, plan_path, method, data, samples, seq_len, quantize, exclude, exclude_layers, block_size,
     formats, precision_path, levels, dtype,
     optimize, max_memory, max_disk, max_latency_ms, max_prefill_ms, ep, batch, prompt_len, context, hardware,
     no_kv_cache, opset, external_data_threshold, runs, warmup, threads, overwrite, as_json,
+    no_fingerprint, trust_remote_code, allow_pickle,
 ) -> None:
     """Export MODEL_DIR (a saved HF causal LM) to a verified ONNX artifact.
 
@@ -149,7 +153,7 @@ def export(
     from cwca_export.budget import Budget, parse_size
     from cwca_export.exporter.api import export as run_export
     from cwca_export.exporter.postprocess import QuantizeConfig
-    from cwca_export.loading import load_model
+    from cwca_export.loading import check_model_folder, load_model
     from cwca_export.plan import Plan
 
     limits = {
@@ -186,10 +190,16 @@ def export(
         precision = _read_precision(precision_path)
         if quantize:
             raise click.UsageError("--precision and --quantize do not combine; hint: pick one of them")
+    check_model_folder(model_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                       lengths={"--seq-len": seq_len if data else None, "--context": budget.context})
+    model, tokenizer = load_model(model_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    compress_options = {}
+    if plan is not None and method:  # the plan is applied here: it must fit this model
+        plan.check(model, fingerprint=not no_fingerprint, require_fingerprint=not no_fingerprint)
+        if no_fingerprint:
+            compress_options["check_fingerprint"] = False
     if not as_json:
         click.echo(f"exporting {model_dir} with backend {backend} ...", err=True)
-    model, tokenizer = load_model(model_dir)
-    compress_options = {}
     if data:
         from cwca_export.data import calibration_data
 

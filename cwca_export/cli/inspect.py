@@ -7,9 +7,13 @@ from pathlib import Path
 
 import click
 
+from cwca_export.cli.options import loading_options
+
 
 def _describe_json(path: Path) -> dict:
-    data = json.loads(path.read_text(encoding="utf-8"))
+    from cwca_export.loading import read_json_object
+
+    data = read_json_object(path)
     kind = data.get("_type") if isinstance(data, dict) else None
     if kind == "LayerScores":
         from cwca_export.scores import LayerScores
@@ -30,17 +34,20 @@ def _describe_json(path: Path) -> dict:
         from cwca_export.plan import Plan
 
         p = Plan.from_dict(data, source=str(path))
+        p.check_bounds(str(path))
         out = {"type": kind, "program": p.program, "blocks": p.num_blocks, "parameters": p.parameters}
         if p.program == "prune":
             out["global_sparsity"] = p.global_sparsity
         out["x"] = p.x
         out["model"] = p.model
         return out
-    raise click.ClickException(f"{path}: not a scores or plan file (its _type is {kind!r})")
+    raise click.ClickException(
+        f"{path}: not a scores or plan file (its _type is {kind!r}); pass scores.json, plan.json or a model folder"
+    )
 
 
-def _describe_model(path: Path) -> dict:
-    """Map blocks on an empty (meta-device) copy: no weights are read.
+def _describe_model(path: Path, trust_remote_code: bool, allow_pickle: bool) -> dict:
+    """Map blocks on an empty (meta-device) copy: the weights are checked, never read.
 
     A compressed folder's config records each block's narrowed widths and factorised
     Linears (``cwca_compression``); the empty copy is given those shapes first, so the
@@ -51,10 +58,12 @@ def _describe_model(path: Path) -> dict:
 
     from cwca_export.blocks import find_blocks
     from cwca_export.compression.saving import COMPRESSION_KEY, apply_structure
+    from cwca_export.loading import check_model_folder
 
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    check_model_folder(path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     record = getattr(config, COMPRESSION_KEY, None)
     if isinstance(record, dict):
         apply_structure(model, record["blocks"])
@@ -97,7 +106,8 @@ def _verify(folder: Path, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("--verify", is_flag=True,
               help="Check a folder cwca-export wrote against its record of sha256 hashes; exit 1 on any difference.")
-def inspect(path: str, as_json: bool, verify: bool) -> None:
+@loading_options
+def inspect(path: str, as_json: bool, verify: bool, trust_remote_code: bool, allow_pickle: bool) -> None:
     """Summarise a scores.json, a plan.json or a Hugging Face model folder, or verify an output folder.
 
     \b
@@ -112,7 +122,7 @@ def inspect(path: str, as_json: bool, verify: bool) -> None:
     if verify:
         _verify(target, as_json)
         return
-    info = _describe_model(target) if target.is_dir() else _describe_json(target)
+    info = _describe_model(target, trust_remote_code, allow_pickle) if target.is_dir() else _describe_json(target)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return

@@ -8,6 +8,7 @@ import math
 import click
 
 from cwca_export.cli.guard import guards_output
+from cwca_export.cli.options import COUNT, finite
 
 
 def parse_bounds(specs: tuple[str, ...]) -> tuple[dict[int, float], dict[int, float]]:
@@ -28,9 +29,11 @@ def parse_bounds(specs: tuple[str, ...]) -> tuple[dict[int, float], dict[int, fl
             start = int(first)
             stop = int(last) if last else start
             values = [float(p) for p in parts[1:]]
+            if not all(math.isfinite(v) and v >= 0 for v in values) or start < 0:
+                raise ValueError
         except ValueError:
             raise click.BadParameter(
-                f"{spec!r}: expected BLOCKS:HI or BLOCKS:LO:HI, e.g. 0:0.3 or 0-3:0.1:0.5",
+                f"{spec!r}: expected BLOCKS:HI or BLOCKS:LO:HI (finite, >= 0), e.g. 0:0.3 or 0-3:0.1:0.5",
                 param_hint="--bounds",
             ) from None
         if stop < start:
@@ -65,12 +68,13 @@ def _table(plan) -> str:
     show_default=True,
     help="prune: per-block sparsity for a global target; allocate: per-block capacity units.",
 )
-@click.option("--sparsity", type=float, help="prune: global sparsity, a fraction of all block weights.")
-@click.option("--budget", type=float, help="allocate: total cost, sum of cost * units.")
-@click.option("--lo", type=float, default=0.0, show_default=True, help="Lower bound for every block.")
+@click.option("--sparsity", type=finite(0, 1, max_open=True),
+              help="prune: global sparsity, a fraction of all block weights.")
+@click.option("--budget", type=finite(0, min_open=True), help="allocate: total cost, sum of cost * units.")
+@click.option("--lo", type=finite(0), default=0.0, show_default=True, help="Lower bound for every block.")
 @click.option(
     "--hi",
-    type=float,
+    type=finite(0),
     default=None,
     help="Upper bound for every block [default: 0.95 for prune, unbounded for allocate]; for"
     " allocate --rule damage, --lo / --hi / --bounds bound the fraction of rank removed (default 0.95).",
@@ -81,8 +85,8 @@ def _table(plan) -> str:
     metavar="BLOCKS:[LO:]HI",
     help="Per-block bounds, repeatable: 0:0.3 caps block 0 at 0.3; 0-3:0.1:0.5 sets lo and hi.",
 )
-@click.option("--eta", type=float, default=2.0, show_default=True, help="prune: cost weight eta.")
-@click.option("--kappa", type=float, default=1.0, show_default=True, help="prune: quality exponent; < 1 flattens.")
+@click.option("--eta", type=finite(0, min_open=True), default=2.0, show_default=True, help="prune: cost weight eta.")
+@click.option("--kappa", type=finite(0), default=1.0, show_default=True, help="prune: quality exponent; < 1 flattens.")
 @click.option(
     "--psi",
     type=click.Choice(["quadratic", "log"]),
@@ -90,10 +94,11 @@ def _table(plan) -> str:
     show_default=True,
     help="prune: damage curve rho^2 or -log(1 - rho).",
 )
-@click.option("--gamma", type=float, default=0.9, show_default=True, help="allocate: value scale.")
-@click.option("--beta", type=float, default=2.0, show_default=True, help="allocate: quality exponent.")
-@click.option("--alpha", type=float, default=0.5, show_default=True, help="allocate: per-unit penalty.")
-@click.option("--cost", type=float, default=1.0, show_default=True, help="allocate: cost of one unit.")
+@click.option("--gamma", type=finite(0, min_open=True), default=0.9, show_default=True, help="allocate: value scale.")
+@click.option("--beta", type=finite(), default=2.0, show_default=True, help="allocate: quality exponent.")
+@click.option("--alpha", type=finite(0), default=0.5, show_default=True, help="allocate: per-unit penalty.")
+@click.option("--cost", type=finite(0, min_open=True), default=1.0, show_default=True,
+              help="allocate: cost of one unit.")
 @click.option(
     "--integer/--continuous",
     default=True,
@@ -114,14 +119,14 @@ def _table(plan) -> str:
 )
 @click.option(
     "--budget-fraction",
-    type=float,
+    type=finite(0, 1, min_open=True),
     default=None,
     help="allocate, rule damage: fraction of the blocks' Linear weights the factorised model keeps,"
     " sum_k sum_l min(r_k (m_l + n_l), m_l n_l) <= F * sum_k n_k (never exceeded).",
 )
 @click.option(
     "--rank-step",
-    type=int,
+    type=COUNT,
     default=8,
     show_default=True,
     help="allocate, rule damage: rank of one plan unit (recorded in the plan for compress);"
@@ -138,7 +143,7 @@ def _table(plan) -> str:
 )
 @click.option(
     "--band",
-    type=float,
+    type=finite(0),
     default=None,
     help="prune: keep every block within [S - BAND, S + BAND] (OWL-style); the map's half-width"
     " for --rule band (OWL 0.08, LayerIF 0.3).",
@@ -150,7 +155,7 @@ def _table(plan) -> str:
     show_default=True,
     help="rule damage: convex piecewise-linear envelope of the probes, or a rho^b fit.",
 )
-@click.option("--tau", type=float, default=0.05, show_default=True, help="Quality floor: tau * median q.")
+@click.option("--tau", type=finite(0), default=0.05, show_default=True, help="Quality floor: tau * median q.")
 @click.option(
     "--out",
     type=click.Path(dir_okay=False),
@@ -169,7 +174,7 @@ def _table(plan) -> str:
 )
 @click.option(
     "--peft-alpha-ratio",
-    type=float,
+    type=finite(0, min_open=True),
     default=2.0,
     show_default=True,
     help="--peft-config: lora_alpha = ratio * rank in every block (equal alpha / r scaling).",
@@ -191,12 +196,14 @@ def _table(plan) -> str:
     help="--llmcompressor-recipe: the modifier the recipe uses.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON instead of a table.")
+@click.option("--trust-remote-code", is_flag=True,
+              help="With --model: allow the folder's own modelling code (auto_map in its config).")
 @guards_output(inputs={"scores_path": "SCORES", "model_path": "--model"}, kind="file", json_types={"Plan"},
                overwrite=None)
 def plan(
     scores_path, program, sparsity, budget, lo, hi, bounds, eta, kappa, psi, gamma, beta, alpha, cost,
     integer, rule, budget_fraction, rank_step, model_path, band, form, tau, out, peft_dir,
-    peft_alpha_ratio, llmc_recipe, llmc_modifier, as_json,
+    peft_alpha_ratio, llmc_recipe, llmc_modifier, as_json, trust_remote_code,
 ) -> None:
     """Solve the pruning or capacity-allocation program from SCORES (a scores.json).
 
@@ -248,7 +255,7 @@ def plan(
     elif rule == "damage":
         from cwca_export.rank_plans import linear_shapes, plan_ranks_from_damage
 
-        shapes = linear_shapes(_shapes_folder(model_path, scores))
+        shapes = linear_shapes(_shapes_folder(model_path, scores), trust_remote_code=trust_remote_code)
         result = plan_ranks_from_damage(
             scores, budget_fraction, shapes=shapes, rank_step=rank_step, form=form, lo=lo,
             hi=0.95 if hi is None else hi, lo_blocks=lo_blocks, hi_blocks=hi_blocks,

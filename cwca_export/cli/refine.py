@@ -5,37 +5,39 @@ from __future__ import annotations
 import click
 
 from cwca_export.cli.guard import guards_output
+from cwca_export.cli.options import COUNT, finite, loading_options
 
 
 @click.command()
 @click.argument("model_dir", metavar="MODEL_DIR", type=click.Path(exists=True, file_okay=False))
 @click.option("--scores", "scores_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="scores.json of MODEL_DIR; measured damage (score --method damage) recommended.")
-@click.option("--sparsity", type=float, default=None,
+@click.option("--sparsity", type=finite(0, 1, max_open=True), default=None,
               help="Pruning plans: global sparsity, a fraction of all block weights.")
-@click.option("--budget-fraction", type=float, default=None,
+@click.option("--budget-fraction", type=finite(0, 1, min_open=True), default=None,
               help="Rank plans (--method lowrank|asvd): fraction of the blocks' Linear weights kept.")
-@click.option("--rank-step", type=int, default=8, show_default=True, help="Rank plans: rank of one plan unit.")
+@click.option("--rank-step", type=COUNT, default=8, show_default=True, help="Rank plans: rank of one plan unit.")
 @click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Calibration text (.txt or .jsonl), the same kind the scores used.")
 @click.option("--method", type=click.Choice(["magnitude", "wanda", "sparsegpt", "lowrank", "asvd"]), default="wanda",
               show_default=True, help="The method the plan will be applied with; its loss is measured.")
-@click.option("--samples", type=int, default=32, show_default=True, help="Calibration sequences.")
-@click.option("--seq-len", type=int, default=128, show_default=True, help="Tokens per sequence.")
+@click.option("--samples", type=COUNT, default=32, show_default=True, help="Calibration sequences.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=128, show_default=True, help="Tokens per sequence.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the choice of sequences.")
-@click.option("--max-evals", type=int, default=40, show_default=True,
+@click.option("--max-evals", type=COUNT, default=40, show_default=True,
               help="Whole-plan forwards for tuning and refinement together.")
 @click.option("--tune/--no-tune", default=True, show_default=True,
               help="Choose the start (rule, kappa, band) by calibration loss among a small grid and uniform.")
-@click.option("--band", type=float, default=None, help="Keep every block within [S - BAND, S + BAND].")
-@click.option("--lo", type=float, default=0.0, show_default=True, help="Lower bound for every block.")
-@click.option("--hi", type=float, default=0.95, show_default=True, help="Upper bound for every block.")
+@click.option("--band", type=finite(0), default=None, help="Keep every block within [S - BAND, S + BAND].")
+@click.option("--lo", type=finite(0), default=0.0, show_default=True, help="Lower bound for every block.")
+@click.option("--hi", type=finite(0), default=0.95, show_default=True, help="Upper bound for every block.")
 @click.option("--out", type=click.Path(dir_okay=False), default="plan.json", show_default=True,
               help="Where to write the plan (atomically).")
+@loading_options
 @guards_output(inputs={"model_dir": "MODEL_DIR", "scores_path": "--scores", "data_path": "--data"},
                kind="file", json_types={"Plan"}, overwrite=None)
 def refine(model_dir, scores_path, sparsity, budget_fraction, rank_step, data_path, method, samples, seq_len,
-           seed, max_evals, tune, band, lo, hi, out) -> None:
+           seed, max_evals, tune, band, lo, hi, out, trust_remote_code, allow_pickle) -> None:
     """Plan SPARSITY for MODEL_DIR: closed form first, then exchanges kept only when the loss drops.
 
     Damage is not additive across blocks, so the separable one-dual plan skews too much; this
@@ -50,7 +52,7 @@ def refine(model_dir, scores_path, sparsity, budget_fraction, rank_step, data_pa
       cwca-export refine ./llama --scores lr.json --budget-fraction 0.6 --data calib.txt --method asvd
     """
     from cwca_export.data import calibration_data
-    from cwca_export.loading import load_model
+    from cwca_export.loading import check_model_folder, load_model
     from cwca_export.refine import refine_plan, refine_ranks
     from cwca_export.scores import LayerScores
 
@@ -62,7 +64,9 @@ def refine(model_dir, scores_path, sparsity, budget_fraction, rank_step, data_pa
     if ranks and band is not None:
         raise click.UsageError("--band applies to pruning plans; bound rank plans with --lo / --hi")
     scores = LayerScores.load(scores_path)
-    model, tokenizer = load_model(model_dir)
+    check_model_folder(model_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                       lengths={"--seq-len": seq_len})
+    model, tokenizer = load_model(model_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     model.eval()
     calib = calibration_data(data_path, tokenizer, num_samples=samples, seq_len=seq_len, seed=seed)
     if ranks:

@@ -7,6 +7,7 @@ import json
 import click
 
 from cwca_export.cli.guard import guards_output
+from cwca_export.cli.options import loading_options
 
 
 @click.command()
@@ -27,8 +28,10 @@ from cwca_export.cli.guard import guards_output
               help="Replace an existing --out folder cwca-export wrote (atomically; never one holding other files).")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary (with --dry-run: the"
               " validated recipe) as JSON.")
+@loading_options
 @guards_output(inputs={"recipe_path": "RECIPE"}, overwrite=None)  # run_recipe checks the rest (its model, data)
-def run(recipe_path, out, overrides, dry_run, cache_dir, no_cache, overwrite, as_json) -> None:
+def run(recipe_path, out, overrides, dry_run, cache_dir, no_cache, overwrite, as_json, trust_remote_code,
+        allow_pickle) -> None:
     """Run RECIPE, a YAML file naming the model, data and every step (see recipes/README.md).
 
     The whole recipe is validated before any step runs; scores are reused from the cache when
@@ -54,6 +57,6 @@ def run(recipe_path, out, overrides, dry_run, cache_dir, no_cache, overwrite, as
         raise click.UsageError("give --out DIR (or --dry-run to only validate)")
     cache = None if no_cache else (cache_dir or default_cache_dir())
     summary = run_recipe(recipe, out, overwrite=overwrite, echo=lambda m: click.echo(m, err=as_json),
-                         cache_dir=cache)
+                         cache_dir=cache, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     if as_json:
         click.echo(json.dumps(summary, indent=2, default=str))

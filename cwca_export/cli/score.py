@@ -8,6 +8,7 @@ import warnings
 import click
 
 from cwca_export.cli.guard import guards_output
+from cwca_export.cli.options import COUNT, finite
 
 # Names only, so --help needs no torch; score() checks the name against the registry.
 _METHODS = ["fisher", "kfac", "exact", "gradnorm", "obd", "layerif", "owl", "uniform", "damage"]
@@ -35,15 +36,15 @@ def _table(scores) -> str:
               help="Calibration text: a .txt file or a .jsonl file with one record per line.")
 @click.option("--method", type=click.Choice(_METHODS), default="fisher", show_default=True,
               help="Curvature estimator (see docs/scoring.md).")
-@click.option("--samples", type=int, default=128, show_default=True, help="Calibration sequences N.")
-@click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per sequence L.")
+@click.option("--samples", type=COUNT, default=128, show_default=True, help="Calibration sequences N.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens per sequence L.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the choice of sequences.")
-@click.option("--held-out", type=int, default=None,
+@click.option("--held-out", type=click.IntRange(min=0), default=None,
               help="Held-out sequences for layerif [default: samples // 4].")
-@click.option("--damping", type=float, default=0.1, show_default=True,
+@click.option("--damping", type=finite(0), default=0.1, show_default=True,
               help="delta: lambda_k = delta * mean curvature diagonal (or lambda with --absolute-damping).")
 @click.option("--absolute-damping", is_flag=True, help="Use --damping as lambda itself.")
-@click.option("--batch-size", type=int, default=1, show_default=True,
+@click.option("--batch-size", type=COUNT, default=1, show_default=True,
               help="Sequences per forward/backward (kfac, owl, damage; the others need 1).")
 @click.option("--option", "method_options", multiple=True, metavar="KEY=VALUE",
               help="Estimator option, repeatable: e.g. --option pruner=magnitude --option points=0.3,0.5,0.7"
@@ -62,6 +63,8 @@ def _table(scores) -> str:
 @click.option("--debias", is_flag=True,
               help="Score with max(zeta2 - noise floor, 0), the debiased estimate (fisher, gradnorm).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the folder's own modelling code.")
+@click.option("--allow-pickle", is_flag=True,
+              help="Accept pickle weights (.bin, .pt, .pth, .ckpt) in a folder without safetensors.")
 @click.option("--no-wall-time", is_flag=True, help="Leave wall time out (byte-identical reruns).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--out", type=click.Path(dir_okay=False), default="scores.json", show_default=True,
@@ -76,7 +79,8 @@ def _table(scores) -> str:
 def score(
     model_dir, data_path, method, samples, seq_len, seed, held_out, damping, absolute_damping, batch_size,
     method_options, text_field, allow_fewer, dtype, mixed_precision, cpu, gradient_checkpointing, device_map,
-    max_memory, debias, trust_remote_code, no_wall_time, no_progress, out, checkpoint_every, resume, as_json,
+    max_memory, debias, trust_remote_code, allow_pickle, no_wall_time, no_progress, out, checkpoint_every, resume,
+    as_json,
 ) -> None:
     """Score every decoder block of MODEL_DIR (a local checkpoint folder) on calibration text.
 
@@ -87,10 +91,13 @@ def score(
       torchrun --nproc_per_node 2 -m cwca_export score models/llama --data calib.txt --cpu
       cwca-export score models/llama --data calib.txt --checkpoint-every 16 --resume  # survive kills
     """
+    from cwca_export.loading import check_model_folder
     from cwca_export.scores import ScoreNoiseWarning
     from cwca_export.scoring import score as run_score
 
     checkpoint = _checkpoint_file(out, checkpoint_every, resume)
+    check_model_folder(model_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                       lengths={"--seq-len": seq_len})
 
     caps = {}
     for spec in max_memory:
@@ -117,7 +124,7 @@ def score(
                 damping_mode="absolute" if absolute_damping else "relative", batch_size=batch_size, dtype=dtype,
                 mixed_precision=mixed_precision, cpu=cpu, gradient_checkpointing=gradient_checkpointing,
                 device_map=device_map, max_memory=caps or None, trust_remote_code=trust_remote_code,
-                debias=debias, progress=not no_progress, record_wall_time=not no_wall_time,
+                allow_pickle=allow_pickle, debias=debias, progress=not no_progress, record_wall_time=not no_wall_time,
                 options=options or None, checkpoint=checkpoint, checkpoint_every=checkpoint_every or 0,
                 resume=resume,
             )

@@ -136,7 +136,7 @@ def compress(
     if stat_name is not None and input_ids is None:
         raise ValueError(
             f"method {method!r} needs calibration data (per-Linear {stat_name});"
-            " hint: pass data= (CLI: --data FILE)"
+            " hint: pass --data FILE (Python: data=)"
         )
     if batch_size < 1:
         raise ValueError(f"batch_size {batch_size}: must be >= 1")

@@ -192,7 +192,7 @@ def run_layer_by_layer(
     inputs = None
     if statistic is not None:
         if input_ids is None:
-            raise ValueError("this method needs calibration data; hint: pass data= (or --data)")
+            raise ValueError("this method needs calibration data; hint: pass --data FILE (Python: data=)")
         inputs = capture_block_inputs(
             model, blocks, input_ids, batch_size=batch_size, device=device
         )
@@ -237,7 +237,7 @@ def run_whole_model(
     all_stats: list[dict[str, torch.Tensor] | None] = [None] * len(blocks)
     if statistic is not None:
         if input_ids is None:
-            raise ValueError("this method needs calibration data; hint: pass data= (or --data)")
+            raise ValueError("this method needs calibration data; hint: pass --data FILE (Python: data=)")
         home = _device_of(model)
         model.to(device)
         with contextlib.ExitStack() as stack:

@@ -36,11 +36,11 @@ def parse_nm(spec: str | NM | None) -> NM | None:
             spec = (int(n_text), int(m_text))
         except ValueError:
             raise ValueError(
-                f"N:M pattern {spec!r}: expected N:M with integers, e.g. 2:4"
+                f"N:M pattern {spec!r}: expected N:M with integers, e.g. --nm 2:4"
             ) from None
     n, m = spec
     if not 0 < n < m:
-        raise ValueError(f"N:M pattern {n}:{m}: need 0 < N < M (keep N of every M weights)")
+        raise ValueError(f"N:M pattern {n}:{m}: need 0 < N < M (keep N of every M weights), e.g. --nm 2:4")
     return int(n), int(m)
 
 

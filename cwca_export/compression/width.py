@@ -219,7 +219,7 @@ def _head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 _PHI3_REFUSAL = (
     "Phi-3's fused qkv_proj splits q, k and v by the model-wide config head counts, so heads"
-    " cannot differ per block; hint: prune MLP width only (heads=False / no --heads)"
+    " cannot differ per block; hint: prune MLP width only (drop --heads; Python: heads=False)"
 )
 
 ATTENTION_LAYOUTS: list[AttentionLayout] = [

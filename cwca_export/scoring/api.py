@@ -37,6 +37,7 @@ def score(
     device_map: str | dict[str, Any] | None = None,
     max_memory: dict[Any, Any] | None = None,
     trust_remote_code: bool = False,
+    allow_pickle: bool = False,
     options: dict[str, Any] | None = None,
     debias: bool = False,
     progress: bool = True,
@@ -75,6 +76,7 @@ def score(
         device_map: accelerate placement for offload (e.g. ``"auto"``), with ``max_memory``.
         max_memory: per-device caps for ``device_map``.
         trust_remote_code: allow the folder's own modelling code.
+        allow_pickle: accept pickle weights (``.bin``) in a folder without safetensors.
         options: estimator-specific options (see each estimator's ``options``).
         debias: score with max(zeta2 - noise_floor, 0), unbiased for the noise-free score
             before the clip, instead of the raw zeta2 (kept in ``stats["zeta2_biased"]``);
@@ -116,7 +118,7 @@ def score(
         if "debias" not in estimator.options:
             supported = sorted(name for name, e in ESTIMATORS.items() if "debias" in e.options)
             raise ValueError(
-                f"debias: method {method!r} has no debiased estimate; methods with one: {', '.join(supported)}"
+                f"--debias: method {method!r} has no debiased estimate; pass --method {' or '.join(supported)}"
             )
         options = {**(options or {}), "debias": True}
     unknown = sorted(set(options or {}) - set(estimator.options))
@@ -137,8 +139,8 @@ def score(
         raise ValueError("dtype: a loaded model is scored in its own dtype; convert it first or pass a folder")
 
     net, folder_tokenizer = load_model(
-        model, dtype=dtype or "float32", trust_remote_code=trust_remote_code, device_map=device_map,
-        max_memory=max_memory, gradient_checkpointing=gradient_checkpointing,
+        model, dtype=dtype or "float32", trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+        device_map=device_map, max_memory=max_memory, gradient_checkpointing=gradient_checkpointing,
     )
     if held_out is None:
         held_out = max(1, num_samples // 4) if estimator.needs_held_out else 0
