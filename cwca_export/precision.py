@@ -73,7 +73,7 @@ class StorageFormat:
 
         Example:
             >>> StorageFormat.parse("int4-b128-asym")
-            StorageFormat(name='int4-b128-asym', bits=4, block_size=128, symmetric=False)
+            StorageFormat(name='int4-b128-asym', bits=4, block_size=128, symmetric=False, dynamic=False)
         """
         if name == "fp32":
             return cls("fp32", 32)
@@ -490,6 +490,7 @@ def fisher_precision_estimate(
     was_training = model.training
     model.eval()
     requires = {path: p.requires_grad for path, p in params.items()}
+    losses: list[float] = []
     try:
         for p in params.values():
             p.requires_grad_(True)
@@ -498,6 +499,7 @@ def fisher_precision_estimate(
             model.zero_grad(set_to_none=True)
             loss = model(input_ids=seq, labels=seq, use_cache=False).loss
             loss.backward()
+            losses.append(float(loss))
             for path, p in params.items():
                 if p.grad is not None:
                     fisher[path] += p.grad.detach().float() ** 2
@@ -526,7 +528,7 @@ def fisher_precision_estimate(
             damage.append(row)
     return PrecisionDamage(
         groups=[g.name for g in groups], formats=[f.name for f in fmts], damage=damage,
-        bytes=_byte_table(groups, fmts), base_loss=float("nan"), estimator="fisher",
+        bytes=_byte_table(groups, fmts), base_loss=float(np.mean(losses)), estimator="fisher",
         wall_time_s=round(time.perf_counter() - start, 3),
         settings={"samples": int(ids.shape[0]), "seq_len": int(ids.shape[1])},
     )

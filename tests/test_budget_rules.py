@@ -96,3 +96,18 @@ def test_damage_plan_in_a_budget_search_is_re_solved_on_its_curves(tmp_path):
     reference = plan_from_damage(scores, target, lo=max(0.0, target - 0.3), hi=min(0.9, target + 0.3))
     np.testing.assert_allclose(plan_t.x, reference.x, atol=1e-9)
     assert Budget(max_disk=10).has_limits
+
+
+def test_fisher_estimate_prices_the_precision_program_and_the_winner_is_still_measured(tmp_path):
+    import torch
+
+    model = tiny_model("llama", hidden_size=64, intermediate_size=256)
+    ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    dense = 4 * sum(p.numel() for p in model.parameters())
+    art = cwca_export.export(model, None, tmp_path / "a", backend="onnx", calibration=ids,
+                             budget=cwca_export.Budget(max_disk=int(0.5 * dense), prompt_len=8, context=24),
+                             precision_estimate="fisher", runs=3, warmup=1)
+    search = art.manifest["budget"]["search"]
+    assert search["precision_damage"]["estimator"] == "fisher"
+    assert art.disk_bytes <= int(0.5 * dense) and search["chosen"]["calib_loss"] is not None
+    assert art.manifest["postprocess"]["precision"]["groups"] == search["chosen"]["formats"]
