@@ -499,7 +499,7 @@ def fisher_precision_estimate(
             model.zero_grad(set_to_none=True)
             loss = model(input_ids=seq, labels=seq, use_cache=False).loss
             loss.backward()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             for path, p in params.items():
                 if p.grad is not None:
                     fisher[path] += p.grad.detach().float() ** 2
