@@ -8,6 +8,7 @@ that breaks in ONNX Runtime (Phi-3 with grouped KV heads, docs/design.md 3.3) ra
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,10 @@ class OptimumBackend:
             raise UnsupportedModelError(f"{reason}; {_HINT}")
         from optimum.exporters.onnx import onnx_export_from_model
 
+        chatter = logging.getLogger("optimum")  # e.g. "Found different candidate ONNX initializers" for tied heads
+        level = chatter.level
+        if not logging.getLogger("cwca_export").isEnabledFor(logging.DEBUG):
+            chatter.setLevel(logging.ERROR)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings on every shape read
             try:
@@ -104,6 +109,8 @@ class OptimumBackend:
                 raise UnsupportedModelError(
                     f"Optimum has no ONNX config for model type {model.config.model_type!r}; {_HINT}"
                 ) from None
+            finally:
+                chatter.setLevel(level)
         save_side_files(model, tokenizer, out_dir)
         return sorted(out_dir.iterdir())
 
