@@ -92,6 +92,10 @@ class PlanKnob:
             self._made[t] = (self._apply(self.model, plan_t, self.method, **self.compress_options), plan_t)
         return self._made[t]
 
+    def drop(self, t: float) -> None:
+        """Drop the cached compressed copy of level ``t``."""
+        self._made.pop(t, None)
+
     def forget(self, keep: float | None = None) -> None:
         """Drop cached compressed copies (all but level ``keep``) to bound memory."""
         self._made = {t: v for t, v in self._made.items() if t == keep}
@@ -349,24 +353,23 @@ class _Search:
 
         began = time.perf_counter()
         levels = [0.0] if self.knob is None else [i / (self.levels - 1) for i in range(self.levels)]
-        fits_at: dict[float, bool] = {}
-        for t in levels:
-            fits_at[t] = self.add_level(t, ref, calibration_loss)
-        # the least structure whose most compact storage fits: bisect between grid levels on the
-        # predicted bytes (exact, no export), then price that level too
+        # which levels have a storage that fits (bytes are exact: no forward, no export)
+        fits_at = {t: self.add_level(t, ref, calibration_loss, price=False) for t in levels}
+        # the least structure whose most compact storage fits: bisect between grid levels
         if self.knob is not None and np.isfinite(self.memory_cap()):
-            lo = max((t for t in levels if not fits_at.get(t)), default=None)
-            hi = min((t for t in levels if fits_at.get(t) and (lo is None or t > lo)), default=None)
+            lo = max((t for t in levels if not fits_at[t]), default=None)
+            hi = min((t for t in levels if fits_at[t] and (lo is None or t > lo)), default=None)
             if lo is not None and hi is not None:
                 for _ in range(REFINE_STEPS):
                     mid = round((lo + hi) / 2, 6)
-                    if self.add_level(mid, ref, calibration_loss, price=False):
-                        hi = mid
-                    else:
-                        lo = mid
-                if hi not in fits_at:
-                    self.add_level(hi, ref, calibration_loss)
-                    fits_at[hi] = True
+                    fits_at[mid] = self.add_level(mid, ref, calibration_loss, price=False)
+                    lo, hi = (lo, mid) if fits_at[mid] else (mid, hi)
+        # price from the least structure up; a uniform storage already priced at a lower level is
+        # not priced again higher up (more structure removed, same storage: no lower loss); the
+        # byte-budget plans are priced at every level (more structure leaves them more bytes)
+        priced_labels: set[str] = set()
+        for t in sorted(t for t, ok in fits_at.items() if ok or t in levels):
+            self.add_level(t, ref, calibration_loss, skip=priced_labels)
         self.timings["pricing_s"] = round(time.perf_counter() - began, 2)
         priced = sorted((o for o in self.options if o.calib_loss is not None),
                         key=lambda o: (o.calib_loss, o.predicted_disk))
@@ -400,10 +403,12 @@ class _Search:
                 shutil.rmtree(candidate.folder, ignore_errors=True)
         return None, None
 
-    def add_level(self, t: float, ref: Candidate, calibration_loss: Any, *, price: bool = True) -> bool:
+    def add_level(self, t: float, ref: Candidate, calibration_loss: Any, *, price: bool = True,
+                  skip: set[str] | None = None) -> bool:
         """Add (and price) the storage options of structure level ``t``; whether any fits.
 
-        With ``price=False`` (bisection probes) nothing is recorded: only whether it fits."""
+        With ``price=False`` nothing is recorded: only whether one fits. Options whose storage
+        label is in ``skip`` are recorded unpriced; the labels priced here are added to it."""
         try:
             model_t, plan_t = self.knob.make(t) if self.knob is not None else (self.model, None)
         except ValueError as exc:
@@ -414,8 +419,8 @@ class _Search:
         options = self.storage_options(model_t, t, target, ref)
         fits = [o for o in options if self.fits_predicted(o)]
         if not price:
-            if isinstance(self.knob, PlanKnob):
-                self.knob.forget(keep=None if not fits else t)
+            if isinstance(self.knob, PlanKnob) and not fits:
+                self.knob.drop(t)
             return bool(fits)
         self.plans[t] = plan_t
         structure_loss = None
@@ -424,6 +429,12 @@ class _Search:
             if option not in fits:
                 option.status = "predicted over the memory limits"
                 continue
+            uniform = not option.label.startswith("planned")  # one storage for every level
+            if skip is not None and uniform and option.label in skip:
+                option.status = "not priced: the same storage fits with less structure removed"
+                continue
+            if skip is not None and uniform:
+                skip.add(option.label)
             if structure_loss is None:
                 structure_loss = calibration_loss(model_t, self.calib, batch_size=8)
             self.price(option, model_t, structure_loss)
