@@ -68,6 +68,24 @@ FOLDER_FILES = (
     "tokenizer_config.json",
 )
 NNCF_GROUP = 64
+PRIORITY = (
+    "dense fp32",
+    "dense int8",
+    "dense int4",
+    "NNCF int4a g64 r1.00 AWQ+SE",
+    "NNCF int4s",
+    "ORT RTN int4 b32 +emb",
+    "ORT RTN int4 b128 +emb",
+    "ORT GPTQ int4 b32 +emb",
+    "NNCF int4a g64 r1.00",
+    "ORT GPTQ int4 b128 +emb",
+    "ORT HQQ int4 b32 +emb",
+    "ORT HQQ int4 b128 +emb",
+    "NNCF int4a g64 r0",
+    "ORT RTN",
+    "ORT GPTQ",
+    "ORT HQQ",
+)
 
 
 # ---------------------------------------------------------------- helpers
@@ -483,8 +501,21 @@ def main() -> int:
     parser.add_argument(
         "--tool", action="store_true", help="also run the tool's budget rows (tool_rows)"
     )
+    parser.add_argument(
+        "--table", action="store_true", help="only print the table of an existing --out"
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    if args.table:
+        doc = json.loads(args.out.read_text())
+        limits = {float(k.rstrip("x")): v for k, v in doc["budgets"].items()}
+        finish(doc["rows"], limits, doc["latency_budget"]["decode_p50_x_dense"])
+        print(
+            table(
+                doc["rows"], limits, doc["max_tokens"], doc["latency_budget"]["decode_p50_x_dense"]
+            )
+        )
+        return 0
     from cwca_export.exporter.measure import MeasureConfig
     from cwca_export.versions import library_versions
 
@@ -624,6 +655,12 @@ def main() -> int:
                 )
             )
 
+    # the rows that decide each budget first, so that a run cut short has measured them
+    plans.sort(
+        key=lambda plan: next(
+            (i for i, p in enumerate(PRIORITY) if plan[0].startswith(p)), len(PRIORITY)
+        )
+    )
     only = [p.strip() for p in args.only.split(",")] if args.only else None
     rows: list[dict[str, Any]] = []
 
@@ -716,7 +753,7 @@ def main() -> int:
 
     finish(rows, limits, args.latency_x)
     save()
-    print(table(rows, limits, max_tokens))
+    print(table(rows, limits, max_tokens, args.latency_x))
     return 0
 
 
@@ -731,7 +768,10 @@ def finish(rows: list[dict[str, Any]], limits: dict[float, int], latency_x: floa
         row["fits_latency"] = row["decode_p50_ms"] <= latency_x * dense["decode_p50_ms"]
 
 
-def table(rows: list[dict[str, Any]], limits: dict[float, int], max_tokens: int | None) -> str:
+def table(
+    rows: list[dict[str, Any]], limits: dict[float, int], max_tokens: int | None, latency_x: float
+) -> str:
+    """The markdown table of every row, then the best row per budget."""
     head = (
         "| row | MiB | x fp32 | ppl | damage | resident MiB | prefill p50 ms | decode p50 ms | fits bytes |"
         " fits latency |"
@@ -752,6 +792,16 @@ def table(rows: list[dict[str, Any]], limits: dict[float, int], max_tokens: int 
             f" {r['prefill_p50_ms']:.2f} | {r['decode_p50_ms']:.2f} | {', '.join(r.get('fits', [])) or '-'} |"
             f" {'yes' if r.get('fits_latency') else 'no'} |"
         )
+    dense = next((r for r in rows if r["name"] == "dense fp32" and "error" not in r), None)
+    fast = [r for r in rows if r.get("fits_latency")]
+    if dense is not None:
+        best = min(fast, key=lambda r: r["perplexity"])
+        lines += [
+            "",
+            f"Latency budget: decode p50 <= {latency_x:g} x dense fp32's"
+            f" = {latency_x * dense['decode_p50_ms']:.2f} ms; best that fits:"
+            f" {best['name']} ({best['perplexity']:.3f}, {best['damage_pct']:+.2f}%)",
+        ]
     lines.append("")
     lines.append("Best row per byte budget (lowest perplexity that fits):")
     for x in limits:
