@@ -92,7 +92,7 @@ PRIORITY = (
 
 
 def run_cli(*args: str) -> str:
-    """``cwca-export ARGS`` in a subprocess (this checkout's code); stdout, or raise with its last line."""
+    """``cwca-export ARGS`` in a subprocess (this checkout's code); stdout, or raise."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
         [sys.executable, "-m", "cwca_export", *args], capture_output=True, text=True, env=env
@@ -106,7 +106,7 @@ def run_cli(*args: str) -> str:
 
 
 def write_artifact(model: Any, dense_dir: Path, out: Path) -> Path:
-    """``out/model.onnx`` (self-contained, as the dense export is) plus the dense folder's config and tokenizer."""
+    """``out/model.onnx`` (self-contained, as the dense export) with the dense folder's tokenizer."""
     import onnx
 
     if out.exists():
@@ -130,7 +130,7 @@ def write_artifact(model: Any, dense_dir: Path, out: Path) -> Path:
 
 
 def untie_lm_head(model: Any) -> Any:
-    """Give ``/lm_head/MatMul`` its own initializer (the embedding, transposed) instead of a Transpose output.
+    """Give ``/lm_head/MatMul`` its own initializer: the embedding, transposed (no Transpose).
 
     The optimum export feeds lm_head from ``Transpose(model.embed_tokens.weight)``; a weight
     quantizer only rewrites MatMuls whose weight is a constant initializer, so tied, lm_head
@@ -164,7 +164,7 @@ def untie_lm_head(model: Any) -> Any:
 def calibration_feeds(
     dense_onnx: Path, texts: Path, samples: int, seq_len: int
 ) -> list[dict[str, np.ndarray]]:
-    """``samples`` windows of ``seq_len`` tokens from the start of ``texts``, as the dense graph's input dicts."""
+    """``samples`` windows of ``seq_len`` tokens from ``texts``, as the dense graph's inputs."""
     from transformers import AutoTokenizer
 
     from cwca_export.evaluate import tokenize_text
@@ -183,13 +183,13 @@ def calibration_feeds(
     return feeds
 
 
-# ---------------------------------------------------------------- builders (each returns an ONNX ModelProto)
+# ---------------------------------------------------------------- builders (ONNX ModelProto out)
 
 
 def ort_int4(
     dense_onnx: Path, algo: str, block: int, embed: bool, feeds: list[dict[str, np.ndarray]] | None
 ) -> tuple[Any, dict[str, Any]]:
-    """ONNX Runtime's MatMulNBitsQuantizer with RTN, HQQ or GPTQ; ``embed``: untied lm_head and GatherBlockQuantized."""
+    """ORT's MatMulNBitsQuantizer: RTN, HQQ or GPTQ; ``embed``: untied lm_head, quantized Gather."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader
     from onnxruntime.quantization.matmul_nbits_quantizer import (
@@ -259,7 +259,7 @@ def ort_int4(
 
 
 def pack_nbits_zero_points(model: Any) -> int:
-    """Pack MatMulNBits 4-bit zero points stored one per byte (N, blocks) into two per byte (N, ceil(blocks/2)).
+    """Pack MatMulNBits 4-bit zero points from one per byte (N, blocks) to two (N, ceil(blocks/2)).
 
     ONNX Runtime 1.31 checks zero_points against shape [N * ceil(blocks / 2)] or
     [N, ceil(blocks / 2)] and refuses NNCF's (N, blocks); element 2j goes in the low nibble
@@ -388,7 +388,7 @@ def measure_row(model_onnx: Path, config: Any) -> dict[str, Any]:
 
 
 def add_round(row: dict[str, Any], config: Any) -> None:
-    """One more memory and latency measurement of the row's artifact; p50s are the lowest over rounds."""
+    """One more memory and latency measurement of the row; p50s are the lowest over rounds."""
     got = row.setdefault("rounds", [])
     got.append(measure_row(Path(row["artifact"]) / "model.onnx", config))
     row["resident_bytes"] = got[0]["resident_bytes"]
@@ -397,7 +397,7 @@ def add_round(row: dict[str, Any], config: Any) -> None:
 
 
 def node_formats(model: Any) -> dict[str, int]:
-    """How many nodes of each weight-carrying kind the graph holds (what the peer really produced)."""
+    """Nodes of each weight-carrying kind in the graph (what the peer really produced)."""
     kinds = (
         "MatMul",
         "MatMulNBits",
@@ -436,7 +436,7 @@ def tool_rows(budgets: tuple[float, ...], dense_bytes: int, work: Path) -> list[
 def smallest_fitting_ratio(
     build: Callable[[float], Any], limit: int, step: float = 0.05
 ) -> tuple[float, int] | None:
-    """Smallest ratio on a ``step`` grid whose artifact fits ``limit`` bytes (bytes fall as the ratio rises)."""
+    """Smallest ratio on a ``step`` grid whose artifact fits ``limit`` bytes (bytes fall with it)."""
     import tempfile
 
     def size(ratio: float) -> int:
@@ -492,6 +492,13 @@ def main() -> int:
     )
     parser.add_argument("--runs", type=int, default=50, help="timed runs per latency shape")
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="ORT intra-op threads for latency (1: on a shared 2-core machine a second thread"
+        " spins against other processes and p50s swing several-fold; 0: ORT's default)",
+    )
+    parser.add_argument(
         "--rounds", type=int, default=2, help="measurement passes over all rows (p50: lowest)"
     )
     parser.add_argument("--only", default=None, help="comma-separated row-name prefixes to run")
@@ -522,7 +529,7 @@ def main() -> int:
     max_tokens = args.max_tokens or (4096 if args.quick else None)
     if args.quick:
         args.calib_samples, args.calib_seq_len = 8, 64
-    config = MeasureConfig(warmup=5, runs=args.runs)
+    config = MeasureConfig(warmup=5, runs=args.runs, threads=args.threads)
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
 
