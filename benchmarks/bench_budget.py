@@ -68,6 +68,7 @@ FOLDER_FILES = (
     "tokenizer_config.json",
 )
 NNCF_GROUP = 64
+MEASURED = ("rounds", "resident_bytes", "prefill_p50_ms", "decode_p50_ms", "decode_p90_ms")
 PRIORITY = (
     "dense fp32",
     "dense int8",
@@ -698,8 +699,11 @@ def main() -> int:
     for name, family, params, build in plans:
         if only and not any(name.startswith(p) for p in only) and name != "dense fp32":
             continue
-        if name in previous:
-            rows.append(previous[name])
+        if name in previous:  # built and evaluated before: measured again, in this run's config
+            row = {k: v for k, v in previous[name].items() if k not in MEASURED}
+            add_round(row, config)
+            rows.append(row)
+            print(f"{time.time() - started:7.0f}s {name}: kept from {args.out}", flush=True)
             continue
         folder = work / slug(name)
         row: dict[str, Any] = {"name": name, "family": family, "params": params}
