@@ -542,10 +542,12 @@ def main() -> int:
             return 2
 
     previous: dict[str, dict[str, Any]] = {}
+    old_search: dict[str, Any] = {}
     if args.resume and args.out.is_file():
         old = json.loads(args.out.read_text())
         if old.get("max_tokens") == max_tokens:
             previous = {r["name"]: r for r in old["rows"] if "error" not in r}
+            old_search = old.get("nncf_ratio_search") or {}
 
     started = time.time()
     dense_dir = work / "dense-fp32"
@@ -627,7 +629,13 @@ def main() -> int:
     )
     if wanted:
         for x, limit in limits.items():
-            found = smallest_fitting_ratio(lambda r: nncf_compress(dense_onnx, ratio=r)[0], limit)
+            if f"{x:.2f}x" in old_search:  # --resume: the sizes do not depend on the tokens
+                kept = old_search[f"{x:.2f}x"]
+                found = None if kept is None else (kept["ratio"], kept["bytes"])
+            else:
+                found = smallest_fitting_ratio(
+                    lambda r: nncf_compress(dense_onnx, ratio=r)[0], limit
+                )
             ratio_search[f"{x:.2f}x"] = (
                 None if found is None else {"ratio": found[0], "bytes": found[1]}
             )
