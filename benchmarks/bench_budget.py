@@ -107,7 +107,7 @@ def run_cli(*args: str) -> str:
 
 
 def write_artifact(model: Any, dense_dir: Path, out: Path) -> Path:
-    """``out/model.onnx`` (self-contained, as the dense export) with the dense folder's tokenizer."""
+    """``out/model.onnx`` (self-contained, like the dense export) and the dense tokenizer files."""
     import onnx
 
     if out.exists():
@@ -437,7 +437,7 @@ def tool_rows(budgets: tuple[float, ...], dense_bytes: int, work: Path) -> list[
 def smallest_fitting_ratio(
     build: Callable[[float], Any], limit: int, step: float = 0.05
 ) -> tuple[float, int] | None:
-    """Smallest ratio on a ``step`` grid whose artifact fits ``limit`` bytes (bytes fall with it)."""
+    """Smallest ratio on a ``step`` grid whose artifact fits ``limit`` bytes."""
     import tempfile
 
     def size(ratio: float) -> int:
@@ -736,9 +736,7 @@ def main() -> int:
             row.update(evaluate_row(model_onnx.parent, max_tokens))
             add_round(row, config)
         except Exception as exc:  # a peer that fails is a row with its reason, not a crash
-            row["error"] = (
-                f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
-            )
+            row["error"] = f"{type(exc).__name__}: {first_line(exc)}"
             if os.environ.get("CWCA_DEBUG") == "1":
                 traceback.print_exc()
         rows.append(row)
@@ -746,7 +744,8 @@ def main() -> int:
             f"{time.time() - started:7.0f}s {name}: "
             + (
                 row.get("error")
-                or f"{row['disk_bytes'] / 2**20:.2f} MiB ({row['x_dense']:.3f}x) ppl {row['perplexity']:.3f}"
+                or f"{row['disk_bytes'] / 2**20:.2f} MiB ({row['x_dense']:.3f}x)"
+                f" ppl {row['perplexity']:.3f}"
                 f" decode {row['decode_p50_ms']:.2f} ms"
             ),
             flush=True,
@@ -792,7 +791,8 @@ def table(
 ) -> str:
     """The markdown table of every row, then the best row per budget."""
     head = (
-        "| row | MiB | x fp32 | ppl | damage | resident MiB | prefill p50 ms | decode p50 ms | fits bytes |"
+        "| row | MiB | x fp32 | ppl | damage | resident MiB | prefill p50 ms | decode p50 ms |"
+        " fits bytes |"
         " fits latency |"
     )
     lines = [
@@ -806,9 +806,11 @@ def table(
             lines.append(f"| {r['name']} | failed: {r['error']} |" + " |" * 8)
             continue
         lines.append(
-            f"| {r['name']} | {r['disk_bytes'] / 2**20:.2f} | {r['x_dense']:.3f} | {r['perplexity']:.3f} |"
+            f"| {r['name']} | {r['disk_bytes'] / 2**20:.2f} | {r['x_dense']:.3f} |"
+            f" {r['perplexity']:.3f} |"
             f" {r.get('damage_pct', float('nan')):+.2f}% | {r['resident_bytes'] / 2**20:.1f} |"
-            f" {r['prefill_p50_ms']:.2f} | {r['decode_p50_ms']:.2f} | {', '.join(r.get('fits', [])) or '-'} |"
+            f" {r['prefill_p50_ms']:.2f} | {r['decode_p50_ms']:.2f} |"
+            f" {', '.join(r.get('fits', [])) or '-'} |"
             f" {'yes' if r.get('fits_latency') else 'no'} |"
         )
     dense = next((r for r in rows if r["name"] == "dense fp32" and "error" not in r), None)
@@ -836,6 +838,11 @@ def table(
             )
         )
     return "\n".join(lines)
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else ""
 
 
 def slug(name: str) -> str:
