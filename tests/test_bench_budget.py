@@ -33,7 +33,7 @@ def run(model, feeds):
 
 
 def nbits_model(n, k, block, q, scales, zero_points):
-    """y = x @ W.T with W held as MatMulNBits (B: uint8 [N, blocks, block/2]); zero points as given."""
+    """y = x @ W.T, W as MatMulNBits (B: uint8 [N, blocks, block/2]); zero points as given."""
     blocks = -(-k // block)
     padded = np.zeros((n, blocks * block), np.uint8)
     padded[:, :k] = q
@@ -74,7 +74,9 @@ def test_packed_zero_points_give_the_documented_dequantisation(k):
     assert bench.pack_nbits_zero_points(model) == 0  # already packed: left alone
 
     x = rng.standard_normal((1, k)).astype(np.float32)
-    weight = (q.astype(np.float32) - np.repeat(zp, block, axis=1)) * np.repeat(scales, block, axis=1)
+    weight = (q.astype(np.float32) - np.repeat(zp, block, axis=1)) * np.repeat(
+        scales, block, axis=1
+    )
     np.testing.assert_allclose(run(model, {"x": x}), x @ weight.T, rtol=1e-4, atol=1e-4)
 
 
