@@ -36,6 +36,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -518,6 +519,7 @@ def main() -> int:
         doc = json.loads(args.out.read_text())
         limits = {float(k.rstrip("x")): v for k, v in doc["budgets"].items()}
         finish(doc["rows"], limits, doc["latency_budget"]["decode_p50_x_dense"])
+        gptq_against_rtn(doc["rows"])
         print(
             table(
                 doc["rows"], limits, doc["max_tokens"], doc["latency_budget"]["decode_p50_x_dense"]
@@ -770,9 +772,46 @@ def main() -> int:
         save()
 
     finish(rows, limits, args.latency_x)
+    gptq_against_rtn(rows)
     save()
     print(table(rows, limits, max_tokens, args.latency_x))
     return 0
+
+
+def codes_differing(a: Path, b: Path) -> float:
+    """Fraction of MatMulNBits weight bytes that differ between two artifacts (nodes in order)."""
+    import onnx
+    from onnx import numpy_helper
+
+    def codes(path: Path) -> list[np.ndarray]:
+        model = onnx.load(str(path / "model.onnx"))
+        inits = {i.name: i for i in model.graph.initializer}
+        found = []
+        for node in model.graph.node:
+            if node.op_type == "MatMulNBits":
+                k = next(a.i for a in node.attribute if a.name == "K")
+                packed = numpy_helper.to_array(inits[node.input[1]])
+                # the bytes holding the K real weights of each column; the rest pads the last block
+                found.append(packed.reshape(packed.shape[0], -1)[:, : k // 2])
+        return found
+
+    left, right = codes(a), codes(b)
+    if len(left) != len(right) or any(x.shape != y.shape for x, y in zip(left, right, strict=True)):
+        return float("nan")
+    differ = sum(int((x != y).sum()) for x, y in zip(left, right, strict=True))
+    return differ / sum(x.size for x in left)
+
+
+def gptq_against_rtn(rows: list[dict[str, Any]]) -> None:
+    """Record how far each GPTQ row's 4-bit codes are from the RTN row with the same settings."""
+    by_name = {r["name"]: r for r in rows if "artifact" in r and "error" not in r}
+    for name, row in by_name.items():
+        rtn = by_name.get(name.replace("ORT GPTQ", "ORT RTN"))
+        if name.startswith("ORT GPTQ") and rtn is not None:
+            with contextlib.suppress(OSError):  # artifact folders deleted since the run
+                row["codes_differing_from_rtn"] = codes_differing(
+                    Path(row["artifact"]), Path(rtn["artifact"])
+                )
 
 
 def finish(rows: list[dict[str, Any]], limits: dict[float, int], latency_x: float) -> None:
@@ -823,6 +862,12 @@ def table(
             f" = {latency_x * dense['decode_p50_ms']:.2f} ms; best that fits:"
             f" {best['name']} ({best['perplexity']:.3f}, {best['damage_pct']:+.2f}%)",
         ]
+    for r in rows:
+        if "codes_differing_from_rtn" in r:
+            lines.append(
+                f"{r['name']}: {100 * r['codes_differing_from_rtn']:.3f}% of its 4-bit weight"
+                " bytes differ from the RTN row's"
+            )
     lines.append("")
     lines.append("Best row per byte budget (lowest perplexity that fits):")
     for x in limits:
