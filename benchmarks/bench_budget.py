@@ -503,7 +503,11 @@ def main() -> int:
     parser.add_argument(
         "--rounds", type=int, default=2, help="measurement passes over all rows (p50: lowest)"
     )
-    parser.add_argument("--only", default=None, help="comma-separated row-name prefixes to run")
+    parser.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated row-name prefixes to run (a trailing $: the exact name)",
+    )
     parser.add_argument(
         "--resume", action="store_true", help="keep rows already in --out with the same token count"
     )
@@ -707,7 +711,7 @@ def main() -> int:
         tmp.replace(args.out)
 
     for name, family, params, build in plans:
-        if only and not any(name.startswith(p) for p in only) and name != "dense fp32":
+        if only and not any(selects(p, name) for p in only) and name != "dense fp32":
             continue
         if name in previous:  # built and evaluated before: measured again, in this run's config
             row = {k: v for k, v in previous[name].items() if k not in MEASURED}
@@ -883,6 +887,11 @@ def table(
             )
         )
     return "\n".join(lines)
+
+
+def selects(pattern: str, name: str) -> bool:
+    """``--only`` matching: a prefix, or the exact name when the pattern ends with ``$``."""
+    return name == pattern[:-1] if pattern.endswith("$") else name.startswith(pattern)
 
 
 def first_line(exc: BaseException) -> str:
