@@ -509,6 +509,11 @@ def main() -> int:
         help="comma-separated row-name prefixes to run (a trailing $: the exact name)",
     )
     parser.add_argument(
+        "--remeasure",
+        action="store_true",
+        help="build nothing: measure the rows in --out again (implies --resume)",
+    )
+    parser.add_argument(
         "--resume", action="store_true", help="keep rows already in --out with the same token count"
     )
     parser.add_argument(
@@ -549,6 +554,7 @@ def main() -> int:
 
     previous: dict[str, dict[str, Any]] = {}
     old_search: dict[str, Any] = {}
+    args.resume = args.resume or args.remeasure
     if args.resume and args.out.is_file():
         old = json.loads(args.out.read_text())
         if old.get("max_tokens") == max_tokens:
@@ -683,6 +689,8 @@ def main() -> int:
             (i for i, p in enumerate(PRIORITY) if plan[0].startswith(p)), len(PRIORITY)
         )
     )
+    if args.remeasure:  # nothing built: the rows already in --out, measured again in one run
+        plans = [plan for plan in plans if plan[0] in previous]
     only = [p.strip() for p in args.only.split(",")] if args.only else None
     rows: list[dict[str, Any]] = []
 
