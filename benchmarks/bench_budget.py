@@ -554,11 +554,13 @@ def main() -> int:
 
     previous: dict[str, dict[str, Any]] = {}
     old_search: dict[str, Any] = {}
+    failed: dict[str, dict[str, Any]] = {}
     args.resume = args.resume or args.remeasure
     if args.resume and args.out.is_file():
         old = json.loads(args.out.read_text())
         if old.get("max_tokens") == max_tokens:
             previous = {r["name"]: r for r in old["rows"] if "error" not in r}
+            failed = {r["name"]: r for r in old["rows"] if "error" in r}
             old_search = old.get("nncf_ratio_search") or {}
 
     started = time.time()
@@ -690,7 +692,7 @@ def main() -> int:
         )
     )
     if args.remeasure:  # nothing built: the rows already in --out, measured again in one run
-        plans = [plan for plan in plans if plan[0] in previous]
+        plans = [plan for plan in plans if plan[0] in previous or plan[0] in failed]
     only = [p.strip() for p in args.only.split(",")] if args.only else None
     rows: list[dict[str, Any]] = []
 
@@ -720,6 +722,9 @@ def main() -> int:
 
     for name, family, params, build in plans:
         if only and not any(selects(p, name) for p in only) and name != "dense fp32":
+            continue
+        if args.remeasure and name in failed:  # its failure stands
+            rows.append(failed[name])
             continue
         if name in previous:  # built and evaluated before: measured again, in this run's config
             row = {k: v for k, v in previous[name].items() if k not in MEASURED}
