@@ -231,6 +231,7 @@ def compress(
         device=device,
         sequential=not whole_model,
         check_fingerprint=not no_fingerprint,
+        progress=not as_json,
         **options,
     )
     path = save_compressed(model, out, tokenizer=tokenizer, overwrite=overwrite)

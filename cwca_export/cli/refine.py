@@ -71,10 +71,10 @@ def refine(model_dir, scores_path, sparsity, budget_fraction, rank_step, data_pa
     calib = calibration_data(data_path, tokenizer, num_samples=samples, seq_len=seq_len, seed=seed)
     if ranks:
         plan = refine_ranks(model, scores, budget_fraction, calib, method=method, rank_step=rank_step,
-                            max_evals=max_evals, tune=tune, lo=lo, hi=hi)
+                            max_evals=max_evals, tune=tune, lo=lo, hi=hi, progress=True)
     else:
         plan = refine_plan(model, scores, sparsity, calib, method=method, tune=tune, max_evals=max_evals,
-                           lo=lo, hi=hi, band=band)
+                           lo=lo, hi=hi, band=band, progress=True)
     plan.check(model)
     path = plan.save(out)
     r = plan.parameters["refinement"]
