@@ -9,6 +9,7 @@ import click
 
 from cwca_export.cli.guard import guards_output
 from cwca_export.cli.options import COUNT, finite
+from cwca_export.cli.verbosity import warning_line
 
 # Names only, so --help needs no torch; score() checks the name against the registry.
 _METHODS = ["fisher", "kfac", "exact", "gradnorm", "obd", "layerif", "owl", "uniform", "damage"]
@@ -147,7 +148,7 @@ def score(
         click.echo(_table(scores))
         _summary(scores, method, seq_len, path)
     for message in noise:  # one line each on stderr, after the scores
-        click.echo(f"Warning: {' '.join(message.split())}", err=True)
+        warning_line(message)
 
 
 def _checkpoint_file(out: str, every: int | None, resume: bool):
