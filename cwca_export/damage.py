@@ -614,7 +614,7 @@ def probe_blocks(
     block (pruned, factorised, quantized...) for v in ``range(variants)``; each runs from the
     block's cached inputs through the rest of the model (module doc).
     """
-    from tqdm.auto import tqdm
+    from cwca_export.progress import bar as progress_bar
 
     ids = _ids(input_ids)
     if batch_size < 1:
@@ -634,7 +634,7 @@ def probe_blocks(
             model, all_blocks, first, batches, tail, cache_dev
         )
         sums = torch.zeros(len(chosen) * variants + 3, dtype=torch.float64, device=dev)
-        bar = tqdm(total=len(chosen) * variants, desc=desc, unit="probe", disable=not progress, leave=False)
+        bar = progress_bar(total=len(chosen) * variants, desc=desc, unit="probe", show=progress)
         try:
             for bi, block in enumerate(chosen):
                 k = block.index

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 _JOIN = "\n\n"  # documents are joined as paragraphs before tokenising, as wikitext is
 
@@ -223,6 +226,9 @@ def calibration_data(
     chunks = stream[: windows * seq_len].view(windows, seq_len)  # (windows, L)
     input_ids = chunks[order[:n]].clone()
     held = chunks[order[n:]].clone() if held_out else None
+    log.debug("calibration: %d x %d tokens (+%d held out) drawn with seed %d from %d windows of %s",
+              n, seq_len, held_out, seed, windows,
+              source if isinstance(source, (str, os.PathLike)) else type(source).__name__)
     return CalibrationData(
         input_ids=input_ids,
         held_out=held,

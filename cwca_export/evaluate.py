@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from cwca_export.progress import bar as progress_bar
+
 LogitsFn = Callable[[np.ndarray], np.ndarray]  # (B, L) int64 ids -> (B, L, V) float logits
 
 
@@ -68,6 +70,7 @@ def perplexity_from_logits(
     stride: int | None = None,
     batch_size: int = 8,
     max_tokens: int | None = None,
+    progress: bool = False,
 ) -> Perplexity:
     """Perplexity of a token stream under any model exposed as a logits function.
 
@@ -78,6 +81,7 @@ def perplexity_from_logits(
         stride: step between windows (default ``seq_len``: non-overlapping windows).
         batch_size: windows per call (only full-length windows are batched together).
         max_tokens: evaluate only the first ``max_tokens`` tokens.
+        progress: a bar over windows on stderr (shown on a terminal).
 
     Example:
         >>> uniform = lambda x: np.zeros((*x.shape, 10))
@@ -98,6 +102,7 @@ def perplexity_from_logits(
     by_len: dict[int, list[tuple[int, int, int]]] = {}
     for w in windows:
         by_len.setdefault(w[1] - w[0], []).append(w)
+    windows_bar = progress_bar(total=len(windows), desc="eval", unit="window", show=progress)
     for length, group in by_len.items():
         for i in range(0, len(group), batch_size):
             chunk = group[i : i + batch_size]
@@ -109,6 +114,8 @@ def perplexity_from_logits(
                 picked = logp[row, np.arange(length - 1), targets]
                 total -= float(picked[skip:].sum())
                 count += length - 1 - skip
+            windows_bar.update(len(chunk))
+    windows_bar.close()
     nll = total / count
     return Perplexity(math.exp(nll), nll, count, len(windows), seq_len, stride)
 
@@ -197,12 +204,14 @@ def evaluate(
     text_field: str = "text",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    progress: bool = False,
 ) -> dict:
     """Held-out perplexity of a model folder (torch) or an ONNX artifact (ONNX Runtime).
 
     Both go through :func:`perplexity_from_logits` on the same token stream, so a dense
     export's number matches its torch model's to the export's numerical tolerance. For an
     artifact, the measured memory and latency from its manifest are returned beside.
+    ``progress`` shows a bar over windows on stderr (on a terminal).
 
     Example:
         >>> evaluate("out/artifact", "heldout.txt", seq_len=256)["perplexity"]  # doctest: +SKIP
@@ -248,7 +257,8 @@ def evaluate(
         logits_fn = torch_logits_fn(model)
         report["runtime"] = "torch"
     result = perplexity_from_logits(
-        logits_fn, ids, seq_len=seq_len, stride=stride, batch_size=batch_size, max_tokens=max_tokens
+        logits_fn, ids, seq_len=seq_len, stride=stride, batch_size=batch_size, max_tokens=max_tokens,
+        progress=progress,
     )
     report.update(result.to_dict())
     return report

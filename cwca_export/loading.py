@@ -14,12 +14,15 @@ model's positions. Its errors are one line naming the file and the flag that fix
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -345,4 +348,6 @@ def load_model(
         # Non-reentrant checkpointing lets gradients reach weights when inputs need none.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.eval()  # scoring never wants dropout
+    log.debug("loaded %s (%s, %s parameters, dtype %s)", getattr(model, "name_or_path", "") or "a model",
+              type(model).__name__, f"{sum(p.numel() for p in model.parameters()):,}", next(model.parameters()).dtype)
     return model, tokenizer

@@ -485,7 +485,7 @@ def run_recipe(
         if plan.program == "allocate":
             options.setdefault("rank_step", recipe.plan.rank_step)
         # data-free methods ignore data
-        compressed = compress(model, plan, method=recipe.compress.method, data=calib, **options)
+        compressed = compress(model, plan, method=recipe.compress.method, data=calib, progress=True, **options)
         save_compressed(compressed, work / "compressed", tokenizer=tokenizer)
         timings["compress"] = round(time.perf_counter() - began, 1)
 
@@ -503,7 +503,7 @@ def run_recipe(
             echo(f"[eval] held-out perplexity on {recipe.eval.data}")
             target = work / ("artifact" if recipe.export is not None else "compressed")
             summary["eval"] = evaluate(str(target), recipe.eval.data, seq_len=recipe.eval.seq_len,
-                                       max_tokens=recipe.eval.max_tokens)
+                                       max_tokens=recipe.eval.max_tokens, progress=True)
             timings["eval"] = round(time.perf_counter() - began, 1)
         if recipe.source and Path(recipe.source).is_file():
             shutil.copyfile(recipe.source, work / "recipe.yaml")

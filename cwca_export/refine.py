@@ -28,6 +28,21 @@ import numpy as np
 Measure = Callable[[np.ndarray], float]
 
 
+class _Counted:
+    """``measure`` that ticks a progress bar of whole-plan forwards (at most ``max_evals``)."""
+
+    def __init__(self, measure: Measure, max_evals: int, show: bool) -> None:
+        from cwca_export.progress import bar
+
+        self.measure = measure
+        self.bar = bar(total=max_evals, desc="refine", unit="forward", show=show)
+
+    def __call__(self, x: np.ndarray) -> float:
+        loss = self.measure(x)
+        self.bar.update()
+        return loss
+
+
 @dataclass
 class Refinement:
     """What a refinement did.
@@ -219,6 +234,7 @@ def refine_plan(
     hi: float = 0.95,
     band: float | None = None,
     batch_size: int = 8,
+    progress: bool = False,
 ):
     """A pruning plan for ``model``: closed-form first, then corrected on whole-plan losses.
 
@@ -233,6 +249,7 @@ def refine_plan(
         max_evals: whole-plan forwards for tuning and refinement together.
         lo, hi, band: bounds; ``band`` keeps every block within [S - band, S + band].
         batch_size: sequences per forward.
+        progress: a bar over whole-plan forwards on stderr (shown on a terminal).
 
     Returns:
         The :class:`~cwca_export.plan.Plan`, with ``parameters["refinement"]`` recording the
@@ -255,13 +272,15 @@ def refine_plan(
             f" {len(plans) + 2} or more, or --no-tune"
         )
     measure = PlanLoss(model, ids, method=method, batch_size=batch_size)
+    counted = _Counted(measure, max_evals, progress)
     began = time.perf_counter()
     try:
-        best, losses = choose_by_loss({name: p.x for name, p in plans.items()}, measure)
+        best, losses = choose_by_loss({name: p.x for name, p in plans.items()}, counted)
         start = plans[best]
-        result = refine_exchange(start.x, start.n_params, measure, lo=start.lo, hi=start.hi,
+        result = refine_exchange(start.x, start.n_params, counted, lo=start.lo, hi=start.hi,
                                  max_evals=max_evals - len(plans), start_loss=losses[best])
     finally:
+        counted.bar.close()
         measure.close()
     record = _refinement_record(method, best, losses, measure, result, len(plans), began)
     return dataclasses.replace(
@@ -424,6 +443,7 @@ def refine_ranks(
     hi: float = 0.95,
     step_units: int | None = None,
     batch_size: int = 8,
+    progress: bool = False,
     **options,
 ):
     """A rank plan for ``model``: measured damage in closed form, then corrected on whole plans.
@@ -443,6 +463,7 @@ def refine_ranks(
         lo, hi: bounds on each block's rank-removal fraction.
         step_units: units taken per exchange at first; default about 5% of a block's rank.
         batch_size: sequences per forward.
+        progress: a bar over whole-plan forwards on stderr (shown on a terminal).
         **options: the method's options (``damp`` for ``asvd``).
 
     Returns:
@@ -477,14 +498,16 @@ def refine_ranks(
         full = float(np.median([max(min(m, n) for m, n in block) for block in shapes]))
         step_units = max(1, int(round(0.05 * full / rank_step)))
     measure = RankPlanLoss(model, ids, method=method, rank_step=rank_step, batch_size=batch_size, **options)
+    counted = _Counted(measure, max_evals, progress)
     began = time.perf_counter()
     try:
-        best, losses = choose_by_loss({name: p.x for name, p in plans.items()}, measure)
+        best, losses = choose_by_loss({name: p.x for name, p in plans.items()}, counted)
         start = plans[best]
-        result = refine_unit_exchange(start.x, kept, budget, measure, lo=start.lo, hi=start.hi,
+        result = refine_unit_exchange(start.x, kept, budget, counted, lo=start.lo, hi=start.hi,
                                       step=step_units, max_evals=max_evals - len(plans),
                                       start_loss=losses[best])
     finally:
+        counted.bar.close()
         measure.close()
     kept_total = int(sum(kept(i, int(u)) for i, u in enumerate(result.x)))
     record = _refinement_record(method, best, losses, measure, result, len(plans), began)

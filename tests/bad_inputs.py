@@ -267,7 +267,7 @@ CASES: tuple[Case, ...] = (
     _c("score-held-out-negative", _S + " --held-out -1", "--held-out"),
     _c("score-method-unknown", _S + " --method oracle", "--method"),
     _c("score-option-malformed", _S + " --option pruner", "--option"),
-    _c("score-max-memory-malformed", _S + " --device-map auto --max-memory lots", "--max-memory"),
+    _c("score-device-memory-malformed", _S + " --device-map auto --device-memory lots", "--device-memory"),
     _c("score-data-missing", _S.replace("@calib.txt", "@nothing.txt"), "@nothing.txt", "--data"),
     _c("score-data-not-utf8", _S.replace("@calib.txt", "@not-utf8.txt"), "@not-utf8.txt", "UTF-8", "--data"),
     _c("score-data-jsonl-not-utf8", _S.replace("@calib.txt", "@not-utf8.jsonl"), "@not-utf8.jsonl", "UTF-8"),

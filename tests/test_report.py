@@ -283,6 +283,14 @@ def test_cli_report_prints_both_paths(tmp_path):
     assert not list(folder.glob(".*.tmp"))  # atomic writes leave no temp file
 
 
+def test_cli_report_json_names_both_files(tmp_path):
+    folder, _ = _folder(tmp_path / "run")
+    r = CliRunner().invoke(cli, ["report", str(folder), "--json"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout) == {"figure": str(folder / FIGURE_NAME), "report": str(folder / HTML_NAME)}
+    assert (folder / FIGURE_NAME).read_bytes().startswith(PNG_MAGIC)
+
+
 def test_cli_report_without_a_plan_is_one_line(tmp_path):
     (tmp_path / "scores.json").write_text(json.dumps(_scores().to_dict()))
     r = CliRunner().invoke(cli, ["report", str(tmp_path)])

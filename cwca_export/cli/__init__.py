@@ -7,6 +7,7 @@ Each verb lives in its own module and imports heavy libraries inside its body, s
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import sys
 
@@ -34,6 +35,22 @@ class _Group(click.Group):
     exception class the library did not expect still prints one line (its type and message);
     ``CWCA_DEBUG=1`` shows the traceback instead. An interrupt exits 130 (SIGINT) or 143 (SIGTERM).
     """
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        """Register a verb with ``--verbose`` / ``--quiet`` (:mod:`cwca_export.cli.verbosity`)."""
+        from cwca_export.cli.verbosity import verbosity, verbosity_options
+
+        if cmd.callback is not None and not any(p.name == "verbose" for p in cmd.params):
+            cmd.params.extend(verbosity_options())
+            inner = cmd.callback
+
+            @functools.wraps(inner)
+            def callback(*args, verbose: bool = False, quiet: bool = False, **params):
+                with verbosity(verbose=verbose, quiet=quiet, machine_output=bool(params.get("as_json"))):
+                    return inner(*args, **params)
+
+            cmd.callback = callback
+        super().add_command(cmd, name)
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         try:

@@ -10,6 +10,7 @@ import click
 
 from cwca_export.cli.guard import guards_output
 from cwca_export.cli.options import COUNT, finite, loading_options
+from cwca_export.defaults import CALIBRATION_SAMPLES, CALIBRATION_SEQ_LEN
 
 # Names only, so --help needs no torch; compress() checks the name against the registry.
 _METHODS = ["magnitude", "wanda", "sparsegpt", "width", "lowrank", "asvd"]
@@ -77,9 +78,10 @@ def _table(step: dict[str, Any]) -> str:
     help="Calibration text (.txt or .jsonl); needed by wanda, sparsegpt, asvd and width.",
 )
 @click.option(
-    "--samples", type=COUNT, default=128, show_default=True, help="Calibration sequences N."
+    "--samples", type=COUNT, default=CALIBRATION_SAMPLES, show_default=True, help="Calibration sequences N."
 )
-@click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens per sequence L.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=CALIBRATION_SEQ_LEN, show_default=True,
+              help="Tokens per sequence L.")
 @click.option(
     "--seed", type=int, default=0, show_default=True, help="Seed for the choice of sequences."
 )
@@ -231,6 +233,7 @@ def compress(
         device=device,
         sequential=not whole_model,
         check_fingerprint=not no_fingerprint,
+        progress=not as_json,
         **options,
     )
     path = save_compressed(model, out, tokenizer=tokenizer, overwrite=overwrite)

@@ -22,8 +22,10 @@ from cwca_export.cli.options import finite
               help="Budget: decode p50 per token at batch 1, context 128.")
 @click.option("--overwrite", is_flag=True,
               help="Rewrite an earlier demo folder (never one holding files the tool did not write).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the report (report.json) on stdout; the step lines go to stderr.")
 @guards_output(inputs={})
-def demo(out, sparsity, max_disk_fraction, max_latency_ms, overwrite) -> None:
+def demo(out, sparsity, max_disk_fraction, max_latency_ms, overwrite, as_json) -> None:
     """The main job on the shipped 12-block Llama: a budget below what plain quantization reaches.
 
     Measures each block's damage when its MLP is narrowed, plans the width on those curves,
@@ -42,7 +44,8 @@ def demo(out, sparsity, max_disk_fraction, max_latency_ms, overwrite) -> None:
     config = DemoConfig(sparsity=sparsity, max_disk_fraction=max_disk_fraction, max_latency_ms=max_latency_ms)
     fresh = not os.path.lexists(out)
     try:
-        run_demo(out, config, overwrite=overwrite, echo=click.echo)
+        report = run_demo(out, config, overwrite=overwrite,
+                          echo=(lambda message: click.echo(message, err=True)) if as_json else click.echo)
     except BaseException:  # an error or a signal leaves no half-built demo folder behind
         if fresh:
             from cwca_export.interrupts import deferred_signals
@@ -50,3 +53,7 @@ def demo(out, sparsity, max_disk_fraction, max_latency_ms, overwrite) -> None:
             with deferred_signals():
                 shutil.rmtree(out, ignore_errors=True)
         raise
+    if as_json:
+        import json
+
+        click.echo(json.dumps(report, indent=2, default=str))

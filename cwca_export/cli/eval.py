@@ -60,12 +60,10 @@ def eval_command(path, data, text_field, seq_len, stride, max_tokens, batch_size
             warnings.simplefilter("always", ShortEvaluationWarning)
             report = evaluate(path, data, seq_len=seq_len, stride=stride, batch_size=batch_size,
                               max_tokens=max_tokens, ep=ep, text_field=text_field,
-                              trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-        for w in caught:  # the short-data warning is one stderr line; others show as usual
-            if issubclass(w.category, ShortEvaluationWarning):
-                click.echo(f"Warning: {' '.join(str(w.message).split())}", err=True)
-            else:
-                warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+                              trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                              progress=not as_json)
+        for w in caught:  # one stderr line each (cwca_export.cli.verbosity)
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
     if lm_eval_tasks is not None:
         report["lm_eval"] = lm_eval_report
     if as_json:

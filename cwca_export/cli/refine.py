@@ -6,6 +6,7 @@ import click
 
 from cwca_export.cli.guard import guards_output
 from cwca_export.cli.options import COUNT, finite, loading_options
+from cwca_export.defaults import REFINE_SAMPLES, REFINE_SEQ_LEN
 
 
 @click.command()
@@ -21,8 +22,10 @@ from cwca_export.cli.options import COUNT, finite, loading_options
               help="Calibration text (.txt or .jsonl), the same kind the scores used.")
 @click.option("--method", type=click.Choice(["magnitude", "wanda", "sparsegpt", "lowrank", "asvd"]), default="wanda",
               show_default=True, help="The method the plan will be applied with; its loss is measured.")
-@click.option("--samples", type=COUNT, default=32, show_default=True, help="Calibration sequences.")
-@click.option("--seq-len", type=click.IntRange(min=2), default=128, show_default=True, help="Tokens per sequence.")
+@click.option("--samples", type=COUNT, default=REFINE_SAMPLES, show_default=True,
+              help="Calibration sequences (fewer than score's: every measurement is a forward over them).")
+@click.option("--seq-len", type=click.IntRange(min=2), default=REFINE_SEQ_LEN, show_default=True,
+              help="Tokens per sequence.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the choice of sequences.")
 @click.option("--max-evals", type=COUNT, default=40, show_default=True,
               help="Whole-plan forwards for tuning and refinement together.")
@@ -33,11 +36,12 @@ from cwca_export.cli.options import COUNT, finite, loading_options
 @click.option("--hi", type=finite(0), default=0.95, show_default=True, help="Upper bound for every block.")
 @click.option("--out", type=click.Path(dir_okay=False), default="plan.json", show_default=True,
               help="Where to write the plan (atomically).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (as written to --out).")
 @loading_options
 @guards_output(inputs={"model_dir": "MODEL_DIR", "scores_path": "--scores", "data_path": "--data"},
                kind="file", json_types={"Plan"}, overwrite=None)
 def refine(model_dir, scores_path, sparsity, budget_fraction, rank_step, data_path, method, samples, seq_len,
-           seed, max_evals, tune, band, lo, hi, out, trust_remote_code, allow_pickle) -> None:
+           seed, max_evals, tune, band, lo, hi, out, as_json, trust_remote_code, allow_pickle) -> None:
     """Plan SPARSITY for MODEL_DIR: closed form first, then exchanges kept only when the loss drops.
 
     Damage is not additive across blocks, so the separable one-dual plan skews too much; this
@@ -71,12 +75,17 @@ def refine(model_dir, scores_path, sparsity, budget_fraction, rank_step, data_pa
     calib = calibration_data(data_path, tokenizer, num_samples=samples, seq_len=seq_len, seed=seed)
     if ranks:
         plan = refine_ranks(model, scores, budget_fraction, calib, method=method, rank_step=rank_step,
-                            max_evals=max_evals, tune=tune, lo=lo, hi=hi)
+                            max_evals=max_evals, tune=tune, lo=lo, hi=hi, progress=not as_json)
     else:
         plan = refine_plan(model, scores, sparsity, calib, method=method, tune=tune, max_evals=max_evals,
-                           lo=lo, hi=hi, band=band)
+                           lo=lo, hi=hi, band=band, progress=not as_json)
     plan.check(model)
     path = plan.save(out)
+    if as_json:
+        import json
+
+        click.echo(json.dumps(json.loads(path.read_text(encoding="utf-8")), indent=2))
+        return
     r = plan.parameters["refinement"]
     click.echo(" ".join(f"{x:g}" if ranks else f"{x:.3f}" for x in plan.x))
     click.echo(

@@ -18,7 +18,8 @@ def _written_by_report(page: Path) -> bool:
 
 @click.command()
 @click.argument("folder", metavar="DIR", type=click.Path(file_okay=False))
-def report(folder) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the paths written as JSON.")
+def report(folder, as_json) -> None:
     """Write DIR/layers.png and DIR/report.html from the files in DIR.
 
     DIR needs plan.json; scores.json, */cwca_manifest.json and report.json (from
@@ -37,5 +38,10 @@ def report(folder) -> None:
         check_output(Path(folder) / name, kind="file", recognise=lambda _: ours, flag="DIR")
     page = build_report(folder)
     refresh_record(folder, [HTML_NAME, FIGURE_NAME])
+    if as_json:
+        import json
+
+        click.echo(json.dumps({"figure": str(page.with_name(FIGURE_NAME)), "report": str(page)}, indent=2))
+        return
     click.echo(f"figure: {page.with_name(FIGURE_NAME)}")
     click.echo(f"report: {page}")

@@ -9,6 +9,8 @@ import click
 
 from cwca_export.cli.guard import guards_output
 from cwca_export.cli.options import COUNT, finite
+from cwca_export.cli.verbosity import warning_line
+from cwca_export.defaults import CALIBRATION_SAMPLES, CALIBRATION_SEQ_LEN
 
 # Names only, so --help needs no torch; score() checks the name against the registry.
 _METHODS = ["fisher", "kfac", "exact", "gradnorm", "obd", "layerif", "owl", "uniform", "damage"]
@@ -36,8 +38,9 @@ def _table(scores) -> str:
               help="Calibration text: a .txt file or a .jsonl file with one record per line.")
 @click.option("--method", type=click.Choice(_METHODS), default="fisher", show_default=True,
               help="Curvature estimator (see docs/scoring.md).")
-@click.option("--samples", type=COUNT, default=128, show_default=True, help="Calibration sequences N.")
-@click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens per sequence L.")
+@click.option("--samples", type=COUNT, default=CALIBRATION_SAMPLES, show_default=True, help="Calibration sequences N.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=CALIBRATION_SEQ_LEN, show_default=True,
+              help="Tokens per sequence L.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the choice of sequences.")
 @click.option("--held-out", type=click.IntRange(min=0), default=None,
               help="Held-out sequences for layerif [default: samples // 4].")
@@ -58,8 +61,10 @@ def _table(scores) -> str:
 @click.option("--cpu", is_flag=True, help="Stay on the CPU even when a GPU is present.")
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations to save memory.")
 @click.option("--device-map", default=None, help="accelerate placement for offload, e.g. auto.")
-@click.option("--max-memory", multiple=True, metavar="DEVICE=SIZE",
+@click.option("--device-memory", "max_memory", multiple=True, metavar="DEVICE=SIZE",
               help="Per-device cap with --device-map, repeatable: cpu=8GiB, 0=20GiB.")
+@click.option("--max-memory", "max_memory_alias", multiple=True, metavar="DEVICE=SIZE", hidden=True,
+              help="Deprecated spelling of --device-memory (export's --max-memory is a budget).")
 @click.option("--debias", is_flag=True,
               help="Score with max(zeta2 - noise floor, 0), the debiased estimate (fisher, gradnorm).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the folder's own modelling code.")
@@ -79,8 +84,8 @@ def _table(scores) -> str:
 def score(
     model_dir, data_path, method, samples, seq_len, seed, held_out, damping, absolute_damping, batch_size,
     method_options, text_field, allow_fewer, dtype, mixed_precision, cpu, gradient_checkpointing, device_map,
-    max_memory, debias, trust_remote_code, allow_pickle, no_wall_time, no_progress, out, checkpoint_every, resume,
-    as_json,
+    max_memory, max_memory_alias, debias, trust_remote_code, allow_pickle, no_wall_time, no_progress, out,
+    checkpoint_every, resume, as_json,
 ) -> None:
     """Score every decoder block of MODEL_DIR (a local checkpoint folder) on calibration text.
 
@@ -100,10 +105,12 @@ def score(
                        lengths={"--seq-len": seq_len})
 
     caps = {}
-    for spec in max_memory:
+    if max_memory_alias:
+        warning_line("score --max-memory is deprecated (export's --max-memory is a budget); pass --device-memory")
+    for spec, flag in [(s, "--device-memory") for s in max_memory] + [(s, "--max-memory") for s in max_memory_alias]:
         device, sep, size = spec.partition("=")
         if not sep or not size:
-            raise click.BadParameter(f"{spec!r}: expected DEVICE=SIZE, e.g. cpu=8GiB", param_hint="--max-memory")
+            raise click.BadParameter(f"{spec!r}: expected DEVICE=SIZE, e.g. cpu=8GiB", param_hint=flag)
         caps[int(device) if device.isdigit() else device] = size
     options = {}
     for spec in method_options:
@@ -147,7 +154,7 @@ def score(
         click.echo(_table(scores))
         _summary(scores, method, seq_len, path)
     for message in noise:  # one line each on stderr, after the scores
-        click.echo(f"Warning: {' '.join(message.split())}", err=True)
+        warning_line(message)
 
 
 def _checkpoint_file(out: str, every: int | None, resume: bool):

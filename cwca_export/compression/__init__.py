@@ -22,6 +22,7 @@ from cwca_export.compression.registry import METHODS, BlockJob, get_method, regi
 from cwca_export.compression.saving import load_compressed, save_compressed
 from cwca_export.compression.sequential import run_layer_by_layer, run_whole_model
 from cwca_export.compression.stats import STATISTICS
+from cwca_export.progress import bar as progress_bar
 
 __all__ = ["METHODS", "compress", "load_compressed", "register_method", "save_compressed"]
 
@@ -89,7 +90,7 @@ def compress(
             (default); False takes every block's statistics from one pass of the dense model.
         check_fingerprint: also compare the plan's model fingerprint (off to apply a plan to
             a re-trained copy of the same shapes).
-        progress: print one line per block.
+        progress: a bar over blocks on stderr (shown on a terminal; see :mod:`cwca_export.progress`).
         **options: method options, e.g. ``nm="2:4"``, ``head_sparsity=0.5`` (sparsity),
             ``multiple=8``, ``heads=True`` (width), ``rank_step=8`` (low rank).
 
@@ -146,23 +147,23 @@ def compress(
     def handler(block, stats):
         return spec.apply_block(BlockJob(block, float(plan.x[block.index]), stats, resolved))
 
-    def report(block) -> None:
-        print(f"compress {method}: block {block.index + 1}/{len(blocks)} done", flush=True)
+    blocks_bar = progress_bar(total=len(blocks), desc=f"compress ({method})", unit="block", show=progress)
 
     was_training = model.training
     model.eval()
     start = time.perf_counter()
     runner = run_layer_by_layer if sequential else run_whole_model
-    rows = runner(
-        model,
-        blocks,
-        handler,
-        statistic=None if stat_name is None else STATISTICS[stat_name],
-        input_ids=input_ids if stat_name is not None else None,
-        batch_size=batch_size,
-        device=device,
-        progress=report if progress else None,
-    )
+    with blocks_bar:
+        rows = runner(
+            model,
+            blocks,
+            handler,
+            statistic=None if stat_name is None else STATISTICS[stat_name],
+            input_ids=input_ids if stat_name is not None else None,
+            batch_size=batch_size,
+            device=device,
+            progress=lambda _block: blocks_bar.update(),
+        )
     extra = spec.finish(model, resolved) if spec.finish is not None else {}
     model.train(was_training)
     record_step(

@@ -33,6 +33,7 @@ import numpy as np
 
 from cwca_export.budget import Budget, format_size
 from cwca_export.exporter.build import Candidate, ExportSettings, build_candidate
+from cwca_export.progress import bar as progress_bar
 
 MAX_BUILDS = 6  # artifacts built and measured after the reference
 REFINE_STEPS = 3  # bisection steps between grid levels for the least structure that fits
@@ -202,6 +203,7 @@ class _Search:
         self.per_layer = True
         self.node_overhead = 0.0  # graph bytes each quantized weight node adds (scales' names, attributes)
         self.timings: dict[str, float] = {}
+        self.pricing = progress_bar(desc="search: pricing", unit="candidate", show=False)  # run() shows one
 
     # -------------------------------------------------------------- building
     def build(self, model: Any, settings: ExportSettings, option: _Option) -> tuple[Candidate | None, bool]:
@@ -352,6 +354,7 @@ class _Search:
         from cwca_export.damage import calibration_loss
 
         began = time.perf_counter()
+        self.pricing = progress_bar(desc="search: pricing", unit="candidate")
         levels = [0.0] if self.knob is None else [i / (self.levels - 1) for i in range(self.levels)]
         # which levels have a storage that fits (bytes are exact: no forward, no export)
         fits_at = {t: self.add_level(t, ref, calibration_loss, price=False) for t in levels}
@@ -370,7 +373,9 @@ class _Search:
         priced_labels: set[str] = set()
         for t in sorted(t for t, ok in fits_at.items() if ok or t in levels):
             self.add_level(t, ref, calibration_loss, skip=priced_labels)
+        self.pricing.close()
         self.timings["pricing_s"] = round(time.perf_counter() - began, 2)
+        builds_bar = progress_bar(total=MAX_BUILDS, desc="search: builds (at most)", unit="build")
         priced = sorted((o for o in self.options if o.calib_loss is not None),
                         key=lambda o: (o.calib_loss, o.predicted_disk))
         latency_ceiling = None
@@ -392,15 +397,18 @@ class _Search:
             model_t, _ = self.knob.make(option.t) if (self.knob is not None and option.t) else (self.model, None)
             settings = dataclasses.replace(self.settings, precision=option.formats) if option.formats else self.settings
             candidate, ok = self.build(model_t, settings, option)
+            builds_bar.update()
             if ok:
                 for other in priced:
                     if other.status == "priced":
                         other.status = "not built: a lower-loss candidate met the budget"
+                builds_bar.close()
                 return candidate, option
             if candidate is not None:
                 if option.measured and self._over_latency(option.measured):
                     latency_ceiling = LATENCY_SHRINK * option.measured["disk_bytes"]
                 shutil.rmtree(candidate.folder, ignore_errors=True)
+        builds_bar.close()
         return None, None
 
     def add_level(self, t: float, ref: Candidate, calibration_loss: Any, *, price: bool = True,
@@ -438,6 +446,7 @@ class _Search:
             if structure_loss is None:
                 structure_loss = calibration_loss(model_t, self.calib, batch_size=8)
             self.price(option, model_t, structure_loss)
+            self.pricing.update()
         return bool(fits)
 
     def _over_latency(self, measured: dict[str, Any]) -> bool:

@@ -150,7 +150,7 @@ class ScoringRun:
         next-token cross-entropy of sequence n, so gradients are per-sequence sums. ``skip``
         sequences at the start are left out (a resumed pass).
         """
-        from tqdm.auto import tqdm
+        from cwca_export.progress import bar as progress_bar
 
         data = self._split(split)
         # streamed weights stay frozen: their gradients are rebuilt by the taps, and a copy
@@ -158,9 +158,9 @@ class ScoringRun:
         weights = [m.weight for _, _, m in self.linears() if id(m) not in self.streamed]
         saved = {p: p.requires_grad for p in self.model.parameters()}
         checkpointing = bool(getattr(self.model, "is_gradient_checkpointing", False))
-        bar = tqdm(
+        bar = progress_bar(
             total=int(data.numel()), unit="tok", unit_scale=True, desc=f"{desc} ({split})",
-            disable=not (self.progress and self.accelerator.is_main_process), leave=False,
+            show=self.progress and self.accelerator.is_main_process,
         )
         handle = None
         try:
@@ -226,13 +226,13 @@ class ScoringRun:
         self, split: str = "calibration", *, on_input: GradFn, desc: str = "scoring", state: Any = None
     ) -> None:
         """Forward only (no graph), feeding ``on_input``; ``state`` as in :meth:`gradient_pass`."""
-        from tqdm.auto import tqdm
+        from cwca_export.progress import bar as progress_bar
 
         data = self._split(split)
         index, done = self.begin_pass(split, state)
-        bar = tqdm(
+        bar = progress_bar(
             total=int(data.numel()), unit="tok", unit_scale=True, desc=f"{desc} ({split})",
-            disable=not (self.progress and self.accelerator.is_main_process), leave=False, initial=done * data.shape[1],
+            show=self.progress and self.accelerator.is_main_process, initial=done * data.shape[1],
         )
         with _taps(self, None, on_input, None) as end_step:
             for start in range(done, data.shape[0], self.batch_size):
