@@ -269,16 +269,21 @@ class PrecisionGroup:
     shapes: list[tuple[int, int]]
 
     def bytes(self, fmt: StorageFormat) -> int:
-        if self.kind == "embed":
+        if self.kind in ("embed", "tied"):
             return sum(fmt.gather_bytes(r, d) for r, d in self.shapes)
         return sum(fmt.matmul_bytes(o, i) for o, i in self.shapes)
 
     def allows(self, fmt: StorageFormat) -> bool:
+        if self.kind == "tied":  # one table both read: fp32, or uint8 with a DequantizeLinear for the head
+            return fmt.is_float or fmt.dynamic
         return fmt.is_float or self.kind != "embed" or fmt.bits == 4 or fmt.dynamic
 
 
 def precision_groups(model: nn.Module) -> list[PrecisionGroup]:
-    """The groups of ``model``: one per decoder block, then ``embed`` and ``head``.
+    """The groups of ``model``: one per decoder block, then ``embed`` and ``head``; for a tied
+    embedding also ``tied``, the alternative to ``embed`` and ``head`` in which the head keeps
+    reading the embedding's table as stored (fp32, or the uint8 table of dynamic int8, as
+    ``quantize_dynamic`` leaves a tied head): a plan holds either ``tied`` or the other two.
 
     Only ``nn.Linear`` weights join a block's group: GPT-2's ``Conv1D`` exports as ``Gemm``,
     which ``MatMulNBits`` does not rewrite, and factorised Linears join as their two factors.
@@ -297,6 +302,8 @@ def precision_groups(model: nn.Module) -> list[PrecisionGroup]:
     head = model.get_output_embeddings()
     if isinstance(head, nn.Linear):
         groups.append(PrecisionGroup("head", "head", [_path_of(model, head)], [tuple(head.weight.shape)]))
+        if head.weight is embed.weight:
+            groups.append(PrecisionGroup("tied", "tied", [embed_path], [tuple(embed.weight.shape)]))
     return groups
 
 
@@ -320,6 +327,10 @@ def quantized_weights(model: nn.Module, assignment: dict[str, StorageFormat]) ->
             embed = model.get_input_embeddings()
             head = model.get_output_embeddings()
             tied = head is not None and head.weight is embed.weight
+            tied_fmt = assignment.get("tied")
+            if tied_fmt is not None and not tied_fmt.is_float:  # one uint8 table, both read it
+                saved.append((embed.weight, embed.weight.detach().clone()))
+                embed.weight.copy_(fake_quantize_table(embed.weight, tied_fmt))
             head_fmt = assignment.get("head") or StorageFormat.parse("fp32")
             embed_fmt = assignment.get("embed") or StorageFormat.parse("fp32")
             if not head_fmt.is_float or (tied and not embed_fmt.is_float):
@@ -328,7 +339,7 @@ def quantized_weights(model: nn.Module, assignment: dict[str, StorageFormat]) ->
                 saved.append((embed.weight, embed.weight.detach().clone()))
                 embed.weight.copy_(fake_quantize_table(embed.weight, embed_fmt))
             for name, fmt in assignment.items():
-                if fmt.is_float or name in ("head", "embed"):
+                if fmt.is_float or name in ("head", "embed", "tied"):
                     continue
                 for path in groups[name].modules:
                     linear = model.get_submodule(path)
@@ -522,7 +533,7 @@ def fisher_precision_estimate(
                 total = 0.0
                 for path in g.modules:
                     w = params[path].detach()
-                    err = w - (fake_quantize_table(w, f) if g.kind == "embed" else fake_quantize(w, f))
+                    err = w - (fake_quantize_table(w, f) if g.kind in ("embed", "tied") else fake_quantize(w, f))
                     total += 0.5 * float((fisher[path] * err.float() ** 2).sum())
                 row.append(total)
             damage.append(row)
@@ -584,11 +595,29 @@ def solve_precision(
     Raises:
         ValueError: not even the smallest format of every group fits.
     """
+    keep = set(allowed) if allowed is not None else set(damage.formats)
+    names = damage.groups
+    if "tied" not in names:
+        return _solve_groups(damage, list(range(len(names))), budget_bytes, keep)
+    # a tied embedding: the head reads the shared table ("tied"), or both are groups of their own
+    variants = [[g for g, n in enumerate(names) if n != "tied"],
+                [g for g, n in enumerate(names) if n not in ("embed", "head")]]
+    solved, errors = [], []
+    for indices in variants:
+        try:
+            solved.append(_solve_groups(damage, indices, budget_bytes, keep))
+        except ValueError as exc:
+            errors.append(exc)
+    if not solved:
+        raise errors[-1]
+    return min(solved, key=lambda p: (p.predicted_damage, p.weight_bytes))
+
+
+def _solve_groups(damage: PrecisionDamage, indices: list[int], budget_bytes: float, keep: set[str]) -> PrecisionPlan:
     from cwca_export.rank_plans import solve_unit_options
 
-    keep = set(allowed) if allowed is not None else set(damage.formats)
     options: list[list[tuple[int, float, str]]] = []
-    for g in range(len(damage.groups)):
+    for g in indices:
         rows = sorted(
             (int(b), float(d), f) for b, d, f in zip(damage.bytes[g], damage.damage[g], damage.formats, strict=True)
             if b is not None and d is not None and (f in keep or f == "fp32")
@@ -611,7 +640,8 @@ def solve_precision(
         )
     choice = solve_unit_options([[b for b, _, _ in o] for o in options], [[d for _, d, _ in o] for o in options],
                                 float(budget_bytes))
-    formats = {name: options[g][j][2] for g, (name, j) in enumerate(zip(damage.groups, choice.index, strict=True))}
+    groups = [damage.groups[g] for g in indices]
+    formats = {name: options[g][j][2] for g, (name, j) in enumerate(zip(groups, choice.index, strict=True))}
     spent = sum(options[g][j][0] for g, j in enumerate(choice.index))
     total = sum(options[g][j][1] for g, j in enumerate(choice.index))
     return PrecisionPlan(formats, int(spent), float(total), int(budget_bytes), choice.exact)
@@ -645,13 +675,13 @@ def artifact_weight_bytes(model: nn.Module, formats: dict[str, str]) -> int:
     name -> format; missing groups fp32): the groups' weights in their formats (a tied
     embedding and head count twice, as the untied graph stores them) plus every other
     parameter in fp32, counted once."""
-    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
-    tied_float = (head is not None and head.weight is embed.weight
-                  and formats.get("embed", "fp32") == "fp32" and formats.get("head", "fp32") == "fp32")
+    groups = precision_groups(model)
+    shared = any(g.kind == "tied" for g in groups) and (
+        "tied" in formats or (formats.get("embed", "fp32") == "fp32" and formats.get("head", "fp32") == "fp32"))
     total = other_weight_bytes(model)
-    for g in precision_groups(model):
-        if tied_float and g.kind == "head":
-            continue  # the graph keeps one tensor for a tied pair left in fp32
+    for g in groups:
+        if (g.kind == "tied") != shared and g.kind in ("tied", "embed", "head"):
+            continue  # a tied pair is one table (the tied group) or two (embed and head), never both
         total += g.bytes(StorageFormat.parse(formats.get(g.name, "fp32")))
     return total
 

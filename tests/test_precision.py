@@ -165,7 +165,7 @@ def test_solver_matches_brute_force(seed):
 def test_groups_and_artifact_bytes_of_a_tied_model():
     model = tiny_model("llama", tie_word_embeddings=True)
     groups = precision_groups(model)
-    assert [g.name for g in groups] == ["model.layers.0", "model.layers.1", "embed", "head"]
+    assert [g.name for g in groups] == ["model.layers.0", "model.layers.1", "embed", "head", "tied"]
     assert groups[0].shapes == [tuple(m.weight.shape) for n, m in model.named_modules()
                                 if n.startswith("model.layers.0.") and isinstance(m, torch.nn.Linear)]
     fp32 = 4 * sum(p.numel() for p in model.parameters())  # tied weights counted once
@@ -174,6 +174,30 @@ def test_groups_and_artifact_bytes_of_a_tied_model():
     int4 = StorageFormat.parse("int4-b32")
     untied = artifact_weight_bytes(model, {"embed": "int4-b32"})
     assert untied == fp32 - 4 * emb + int4.gather_bytes(*model.get_input_embeddings().weight.shape) + 4 * emb
+    # the tied alternative: one uint8 table that the head reads too
+    shared = artifact_weight_bytes(model, {"tied": "int8"})
+    assert shared == fp32 - 4 * emb + emb + 5
+
+
+def test_a_tied_int8_table_is_what_onnx_runtime_computes_and_stores_once(tmp_path):
+    """The head reads the embedding's uint8 table (Transpose, DequantizeLinear): exact against torch
+    computing with that table, and the fp32 table is gone from the graph."""
+    import onnx
+
+    from cwca_export.exporter.build import ExportSettings, build_candidate
+    from cwca_export.exporter.measure import MeasureConfig
+
+    model = tiny_model("llama", tie_word_embeddings=True, hidden_size=64, intermediate_size=128)
+    plan = {"model.layers.0": "int4-b32", "model.layers.1": "int8", "tied": "int8"}
+    settings = ExportSettings(backend="onnx", precision=plan, measure=MeasureConfig(prompt_len=8, context=24, runs=2,
+                                                                                    warmup=1))
+    (tmp_path / "a").mkdir()
+    c = build_candidate(model, None, tmp_path / "a", settings)
+    assert c.verification["final"]["parity"]["passed"]
+    graph = onnx.load(str(c.model_path), load_external_data=False).graph
+    tables = [i for i in graph.initializer if list(i.dims) == [model.config.vocab_size, 64]]
+    assert len(tables) == 1 and tables[0].data_type == onnx.TensorProto.UINT8
+    assert c.prediction["weights_bytes"] == artifact_weight_bytes(model, plan)
 
 
 def _copy_quantized_loss(model, ids, assignment):
@@ -192,7 +216,7 @@ def _copy_quantized_loss(model, ids, assignment):
         for name, fmt in assignment.items():
             for path in groups[name].modules:
                 module = work.get_submodule(path)
-                if name == "embed":
+                if name in ("embed", "tied"):  # tied: the one table both the embedding and the head read
                     module.weight.copy_(fake_quantize_table(module.weight, fmt))
                 else:
                     hooks += quantize_linear_(module, fmt)
@@ -210,6 +234,9 @@ def test_probes_equal_full_forwards_of_quantized_copies():
     assert table.formats == ["fp32", "int8", "int4-b16", "int4-b16-asym"]
     for g, name in enumerate(table.groups):
         for f, fmt in enumerate(table.formats[1:], start=1):
+            if name == "tied" and fmt != "int8":  # one table both read: fp32 or uint8 only
+                assert table.damage[g][f] is None and table.bytes[g][f] is None
+                continue
             expected = _copy_quantized_loss(model, ids, {name: StorageFormat.parse(fmt)}) - base
             assert table.damage[g][f] == pytest.approx(expected, abs=2e-5), (name, fmt)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # model untouched

@@ -199,7 +199,7 @@ def apply_precision(model: Any, src: Path, dst: Path, groups: dict[str, str]) ->
             raise ValueError(f"precision plan: group {name} ({path}) matches no weight node in the exported graph")
         for node in hits:
             planned[node] = StorageFormat.parse(fmt)
-    pp.quantize_mixed(src, dst, planned)
+    pp.quantize_mixed(src, dst, planned, untie="tied" not in groups)
     found = pp.graph_formats(dst)
     expected = {node: pp.canonical_format(f.name) for node, f in planned.items()}
     wrong = {n: (f, found.get(n)) for n, f in expected.items() if found.get(n) != f}

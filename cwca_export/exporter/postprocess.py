@@ -304,7 +304,7 @@ def nodes_of_module(node_names: Iterable[str], module_path: str) -> list[str]:
     return [n for n in node_names if key in _scope(n)]
 
 
-def quantize_mixed(src: Path, dst: Path, node_formats: dict[str, Any]) -> dict[str, str]:
+def quantize_mixed(src: Path, dst: Path, node_formats: dict[str, Any], *, untie: bool = True) -> dict[str, str]:
     """Store each node's weight in its own format (``MatMulNBits``, ``GatherBlockQuantized``,
     dynamic int8 ``MatMulInteger`` / uint8 ``Gather``).
 
@@ -313,6 +313,9 @@ def quantize_mixed(src: Path, dst: Path, node_formats: dict[str, Any]) -> dict[s
             :func:`untie_head`).
         node_formats: node name -> :class:`cwca_export.precision.StorageFormat` (fp32 nodes
             may be listed or left out).
+        untie: give a head that reads the embedding through a Transpose its own copy first
+            (:func:`untie_head`); False keeps one table: with the embedding in dynamic int8 the
+            head then reads the uint8 table through Transpose and DequantizeLinear.
 
     One ONNX Runtime ``MatMulNBitsQuantizer`` pass per distinct block format quantizes exactly
     the nodes planned for it (every other weight node excluded), then one ``quantize_dynamic``
@@ -330,7 +333,7 @@ def quantize_mixed(src: Path, dst: Path, node_formats: dict[str, Any]) -> dict[s
     model = onnx.load(str(src))
     before = weight_nodes(model)
     # untie only when a tied head or its table changes format (an fp32 pair stays one tensor)
-    if any(not f.is_float and before.get(n, "Gather") == "Gather" for n, f in node_formats.items()):
+    if untie and any(not f.is_float and before.get(n, "Gather") == "Gather" for n, f in node_formats.items()):
         untie_head(model)
         prune_dead(model)
     candidates = weight_nodes(model)
@@ -364,6 +367,10 @@ def quantize_mixed(src: Path, dst: Path, node_formats: dict[str, Any]) -> dict[s
                 quantizer.process()
             model = quantizer.model.model
         prune_dead(model)
+        if dynamic and not untie:  # the Transpose feeding a tied head moves the uint8 table as it is
+            tables = {model.graph.node[i].input[0] for i, node in enumerate(model.graph.node)
+                      if node.name in dynamic and node.op_type == "Gather"}
+            dynamic += [n.name for n in model.graph.node if n.op_type == "Transpose" and n.input[0] in tables]
         if dynamic:
             with tempfile.TemporaryDirectory(dir=dst.parent) as scratch:
                 step = Path(scratch) / "blockwise.onnx"

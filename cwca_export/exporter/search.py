@@ -262,9 +262,11 @@ class _Search:
         for f in self.formats:
             if f == "fp32":
                 continue
-            plans[f"blocks {f}"] = {g: f for g in table.groups if g not in ("embed", "head")}
+            plans[f"blocks {f}"] = {g: f for g in table.groups if g not in ("embed", "head", "tied")}
             embed_f = f if f == "int8" or f.startswith("int4") else "int4-b32"
             plans[f"all {f}"] = {**plans[f"blocks {f}"], "embed": embed_f, "head": f}
+            if "tied" in table.groups:  # the head reads the embedding's uint8 table, as plain int8 does
+                plans[f"blocks {f}, tied table int8"] = {**plans[f"blocks {f}"], "tied": "int8"}
         others = other_weight_bytes(model_t)
         cap = self.memory_cap()
         full = artifact_weight_bytes(model_t, {})
@@ -303,6 +305,8 @@ class _Search:
         table = self.table
         formats = {}
         for g, name in enumerate(table.groups):
+            if name == "tied":
+                continue  # the untied embedding and head calibrate more nodes
             sizes = [(b, f) for b, f in zip(table.bytes[g], table.formats, strict=True) if b is not None]
             formats[name] = min(sizes)[1]
         formats = {g: f for g, f in formats.items() if f != "fp32"}
