@@ -18,12 +18,14 @@ import click
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Windows per forward.")
 @click.option("--ep", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="ONNX Runtime execution provider (artifacts only).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where a torch model folder runs (auto: cuda when visible); artifacts use --ep.")
 @click.option("--lm-eval-tasks", "lm_eval_tasks", metavar="TASKS", default=None,
               help="Also run lm-eval-harness tasks, comma-separated (torch folders; needs the eval extra).")
 @click.option("--lm-eval-include", "lm_eval_include", type=click.Path(exists=True, file_okay=False),
               default=None, help="Folder of your own lm-eval task YAMLs (e.g. reading local data files).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def eval_command(path, data, text_field, seq_len, stride, max_tokens, batch_size, ep, lm_eval_tasks,
+def eval_command(path, data, text_field, seq_len, stride, max_tokens, batch_size, ep, device, lm_eval_tasks,
                  lm_eval_include, as_json) -> None:
     """Measure held-out perplexity with one protocol for torch models and ONNX artifacts.
 
@@ -44,8 +46,13 @@ def eval_command(path, data, text_field, seq_len, stride, max_tokens, batch_size
     if data is not None:
         from cwca_export.evaluate import evaluate
 
-        report = evaluate(path, data, seq_len=seq_len, stride=stride, batch_size=batch_size,
-                          max_tokens=max_tokens, ep=ep, text_field=text_field)
+        try:
+            report = evaluate(path, data, seq_len=seq_len, stride=stride, batch_size=batch_size,
+                              max_tokens=max_tokens, ep=ep, device=device, text_field=text_field)
+        except ValueError as err:
+            if "--device" not in str(err):
+                raise
+            raise click.UsageError(str(err)) from None
     if lm_eval_tasks is not None:
         report["lm_eval"] = lm_eval_report
     if as_json:
