@@ -219,6 +219,7 @@ def refine_plan(
     hi: float = 0.95,
     band: float | None = None,
     batch_size: int = 8,
+    probe_cache: int | None = None,
 ):
     """A pruning plan for ``model``: closed-form first, then corrected on whole-plan losses.
 
@@ -233,6 +234,8 @@ def refine_plan(
         max_evals: whole-plan forwards for tuning and refinement together.
         lo, hi, band: bounds; ``band`` keeps every block within [S - band, S + band].
         batch_size: sequences per forward.
+        probe_cache: bytes of pruned block copies kept between plans (least recently used
+            evicted, recomputed on a miss; same plan); default 2 GiB.
 
     Returns:
         The :class:`~cwca_export.plan.Plan`, with ``parameters["refinement"]`` recording the
@@ -251,7 +254,8 @@ def refine_plan(
         plans = {name: p for name, p in plans.items() if name in ("damage", "cwca-k1")}
     if max_evals < len(plans) + 2:
         raise ValueError(f"max_evals {max_evals}: tuning alone measures {len(plans)} plans; allow more")
-    measure = PlanLoss(model, ids, method=method, batch_size=batch_size)
+    cache = {} if probe_cache is None else {"cache_bytes": int(probe_cache)}
+    measure = PlanLoss(model, ids, method=method, batch_size=batch_size, **cache)
     began = time.perf_counter()
     try:
         best, losses = choose_by_loss({name: p.x for name, p in plans.items()}, measure)

@@ -30,12 +30,15 @@ from cwca_export.cli.guard import guards_output
 @click.option("--band", type=float, default=None, help="Keep every block within [S - BAND, S + BAND].")
 @click.option("--lo", type=float, default=0.0, show_default=True, help="Lower bound for every block.")
 @click.option("--hi", type=float, default=0.95, show_default=True, help="Upper bound for every block.")
+@click.option("--probe-cache", metavar="SIZE", default=None,
+              help="Pruning plans: memory for pruned block copies kept between measured plans"
+                   " (least recently used evicted and recomputed; same plan), e.g. 512MiB [default: 2GiB].")
 @click.option("--out", type=click.Path(dir_okay=False), default="plan.json", show_default=True,
               help="Where to write the plan (atomically).")
 @guards_output(inputs={"model_dir": "MODEL_DIR", "scores_path": "--scores", "data_path": "--data"},
                kind="file", json_types={"Plan"}, overwrite=None)
 def refine(model_dir, scores_path, sparsity, budget_fraction, rank_step, data_path, method, samples, seq_len,
-           seed, max_evals, tune, band, lo, hi, out) -> None:
+           seed, max_evals, tune, band, lo, hi, probe_cache, out) -> None:
     """Plan SPARSITY for MODEL_DIR: closed form first, then exchanges kept only when the loss drops.
 
     Damage is not additive across blocks, so the separable one-dual plan skews too much; this
@@ -49,6 +52,7 @@ def refine(model_dir, scores_path, sparsity, budget_fraction, rank_step, data_pa
       cwca-export compress ./llama --plan plan.json --method wanda --data calib.txt --out llama-70
       cwca-export refine ./llama --scores lr.json --budget-fraction 0.6 --data calib.txt --method asvd
     """
+    from cwca_export.budget import parse_size
     from cwca_export.data import calibration_data
     from cwca_export.loading import load_model
     from cwca_export.refine import refine_plan, refine_ranks
@@ -61,6 +65,12 @@ def refine(model_dir, scores_path, sparsity, budget_fraction, rank_step, data_pa
         raise click.UsageError(f"--method {method} prunes: give --sparsity (not --budget-fraction)")
     if ranks and band is not None:
         raise click.UsageError("--band applies to pruning plans; bound rank plans with --lo / --hi")
+    if ranks and probe_cache is not None:
+        raise click.UsageError("--probe-cache bounds pruned block copies; rank plans cache their factors once")
+    try:
+        cache_bytes = None if probe_cache is None else parse_size(probe_cache)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--probe-cache") from None
     scores = LayerScores.load(scores_path)
     model, tokenizer = load_model(model_dir)
     model.eval()
@@ -70,7 +80,7 @@ def refine(model_dir, scores_path, sparsity, budget_fraction, rank_step, data_pa
                             max_evals=max_evals, tune=tune, lo=lo, hi=hi)
     else:
         plan = refine_plan(model, scores, sparsity, calib, method=method, tune=tune, max_evals=max_evals,
-                           lo=lo, hi=hi, band=band)
+                           lo=lo, hi=hi, band=band, probe_cache=cache_bytes)
     plan.check(model)
     path = plan.save(out)
     r = plan.parameters["refinement"]
