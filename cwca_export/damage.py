@@ -11,10 +11,11 @@ How it is computed (:func:`measure_damage`):
    block receives: its hidden states per batch (kept on ``cache_device``) and its other
    arguments (mask, positions, rotary tables), once per batch shape. The cache holds
    ``K x N x L x hidden`` values, e.g. 12 x 32 x 128 x 192 fp32 = 36 MiB for the demo model;
-   a 7B model (32 blocks, hidden 4096) at 128 x 2048 tokens needs 64 GiB in bf16, so pass ``cache_device="cpu"``,
-   fewer tokens, or ``max_cache`` (bytes): then the blocks are probed in runs that fit it,
-   each run after its own dense pass caching only its blocks' inputs (same curves). The same pass gives the dense loss and checks that the model's
-   tail (final norm, ``lm_head``, logit scaling) is reproduced exactly;
+   a 7B model (32 blocks, hidden 4096) at 128 x 2048 tokens needs 64 GiB in bf16, so pass
+   ``cache_device="cpu"``, fewer tokens, or ``max_cache`` (bytes): then the blocks are
+   probed in runs that fit it, each run after its own dense pass caching only its blocks'
+   inputs (same curves; docs/memory.md). The first pass gives the dense loss and checks
+   that the model's tail (final norm, ``lm_head``, logit scaling) is reproduced exactly;
 2. per block k, data-aware methods first run the dense block over its cached inputs to get
    each Linear's input statistic (exactly what layer-by-layer ``compress`` sees for block k
    when the blocks before it stay dense);

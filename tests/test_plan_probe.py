@@ -104,7 +104,8 @@ def test_refine_cli_writes_a_plan_that_compress_accepts(tmp_path):
     assert small.x == plan.x
     assert small.parameters["refinement"]["calib_loss"] == plan.parameters["refinement"]["calib_loss"]
     res = runner.invoke(cli, ["refine", str(model_dir), "--scores", str(tmp_path / "damage.json"), "--sparsity", "0.5",
-                              "--method", "magnitude", *common, "--probe-cache", "lots", "--out", str(tmp_path / "b.json")])
+                              "--method", "magnitude", *common, "--probe-cache", "lots",
+                              "--out", str(tmp_path / "b.json")])
     assert res.exit_code == 2 and "--probe-cache" in res.output and not (tmp_path / "b.json").exists()
     res = runner.invoke(cli, ["compress", str(model_dir), "--plan", str(tmp_path / "p.json"), "--method", "magnitude",
                               "--out", str(tmp_path / "small")])
@@ -139,7 +140,8 @@ def test_refine_cli_plans_ranks_and_refuses_mixed_knobs(tmp_path):
                               "--sparsity", "0.5", *common, "--out", str(tmp_path / "bad.json")])
     assert res.exit_code == 2 and "--budget-fraction" in res.output and not (tmp_path / "bad.json").exists()
     res = runner.invoke(cli, ["refine", str(model_dir), "--scores", str(tmp_path / "lr.json"), "--method", "lowrank",
-                              "--budget-fraction", "0.6", "--probe-cache", "1GiB", *common, "--out", str(tmp_path / "c.json")])
+                              "--budget-fraction", "0.6", "--probe-cache", "1GiB", *common,
+                              "--out", str(tmp_path / "c.json")])
     assert res.exit_code == 2 and "--probe-cache" in res.output and not (tmp_path / "c.json").exists()
 
 
