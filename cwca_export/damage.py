@@ -250,6 +250,10 @@ def _token_ce_sum(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- cached block inputs
 
 
+class _StopPass(Exception):
+    """Ends a dense forward early, once the blocks whose inputs it caches have run."""
+
+
 @dataclass
 class _Cache:
     """Every block's inputs: ``hidden[k][j]`` per batch j, ``shared[k][(B, L)]`` other args."""
@@ -283,14 +287,21 @@ def _capture(
     tail: _Tail,
     cache_device: torch.device | None,
     keep: set[int] | None = None,
+    stop_at: int | None = None,
 ) -> tuple[_Cache, float, float, int]:
     """The dense pass: cache blocks first..K-1's inputs (hidden states only of the blocks in
-    ``keep``, default all; the other arguments of every block); dense loss sums two ways."""
+    ``keep``, default all; the other arguments of every block); dense loss sums two ways.
+
+    With ``stop_at``, each forward ends on reaching that block (nothing of it or later is
+    cached, no loss is summed): a later pass of a capped cache that needs only its window.
+    """
     cache = _Cache()
     last_out: list[torch.Tensor] = []
 
     def pre_hook(k: int):
         def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            if k == stop_at:
+                raise _StopPass
             if args:
                 hidden, rest = args[0], args[1:]
             else:
@@ -310,11 +321,16 @@ def _capture(
         b.module.register_forward_pre_hook(pre_hook(b.index), with_kwargs=True)
         for b in blocks[first:]
     ]
-    handles.append(blocks[-1].module.register_forward_hook(post_hook))
+    if stop_at is None:
+        handles.append(blocks[-1].module.register_forward_hook(post_hook))
     model_sum = tail_sum = 0.0
     tokens = 0
     try:
         for batch in batches:
+            if stop_at is not None:
+                with contextlib.suppress(_StopPass):
+                    model(input_ids=batch, use_cache=False)
+                continue
             out = model(input_ids=batch, use_cache=False)
             model_sum += float(_token_ce_sum(out.logits, batch))
             tail_sum += float(_ce_sum(tail, last_out.pop(), batch))
@@ -453,7 +469,9 @@ def _ids(data: Any) -> torch.Tensor:
     return ids
 
 
-def _points(points: Sequence[float] | str) -> list[float]:
+def _points(points: Sequence[float] | str | float) -> list[float]:
+    if isinstance(points, (int, float)):  # one point, e.g. ``--option points=0.5``
+        points = [points]
     if isinstance(points, str):
         try:
             values = [float(p) for p in points.replace(" ", "").split(",") if p]
@@ -653,15 +671,19 @@ def probe_blocks(
         bi = 0
         try:
             for wi, window in enumerate(windows):
-                cache = None  # the previous window's inputs go before the next are captured
-                first = window[0].index if window else k_total
                 keep = None if len(windows) == 1 else {b.index for b in window}
-                cache, w_model_sum, w_base_sum, w_tokens = _capture(
-                    model, all_blocks, first, batches, tail, cache_dev, keep
-                )
+                if wi == 0:  # the whole forward: the dense loss, and every later block's other args
+                    first = window[0].index if window else k_total
+                    cache, model_sum, base_sum, tokens = _capture(
+                        model, all_blocks, first, batches, tail, cache_dev, keep
+                    )
+                    shared = cache.shared
+                else:  # up to the window's last block only; the other args come from pass one
+                    cache = None  # the previous window's inputs go before the next are captured
+                    cache = _capture(model, all_blocks, window[0].index, batches, tail, cache_dev, keep,
+                                     stop_at=window[-1].index + 1)[0]
+                    cache.shared = shared
                 passes += 1
-                if wi == 0:
-                    model_sum, base_sum, tokens = w_model_sum, w_base_sum, w_tokens
                 for block in window:
                     k = block.index
                     variant = probes_of(block, cache)

@@ -288,3 +288,10 @@ def test_score_cli_max_cache_gives_the_same_scores(tmp_path):
     res = runner.invoke(cli, ["score", str(model_dir), "--data", str(text), "--samples", "4", "--seq-len", "16",
                               "--method", "fisher", "--max-cache", "1GiB", "--out", str(tmp_path / "d.json")])
     assert res.exit_code == 2 and "--max-cache" in res.output and not (tmp_path / "d.json").exists()
+
+
+def test_one_probe_point_may_be_a_bare_number():
+    # `--option points=0.5` parses as JSON to a float, not a list
+    from cwca_export.damage import _points
+
+    assert _points(0.5) == [0.5] and _points("0.7,0.3") == [0.3, 0.7]
