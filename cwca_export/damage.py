@@ -646,7 +646,7 @@ def probe_blocks(
 
     ``max_cache`` (bytes) caps the cached block inputs: the chosen blocks are probed in runs
     of ``max(1, max_cache // block_input_bytes)`` blocks, each run after a dense pass that
-    caches only its blocks' inputs (same results, one dense forward more per run).
+    caches only its blocks' inputs and stops after the run's last block (same results).
     """
     from tqdm.auto import tqdm
 
