@@ -187,15 +187,19 @@ def torch_logits_fn(model, *, device: str | None = None) -> LogitsFn:
 
 
 def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; ``cuda`` without one is refused."""
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; ``cuda`` (or ``cuda:N``) without
+    that GPU is refused."""
     import torch
 
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device {device!r}: choose cpu, cuda or auto")
+    kind, sep, index = device.partition(":")
+    if device not in ("auto", "cpu", "cuda") and not (kind == "cuda" and sep and index.isdigit()):
+        raise ValueError(f"--device {device!r}: pass --device cpu, --device cuda, --device cuda:N or --device auto")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is visible to torch; pass --device cpu")
+    if kind == "cuda":
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if visible <= (int(index) if index else 0):
+            raise ValueError(f"--device {device}: {visible} CUDA device(s) visible to torch; pass --device cpu")
     return device
 
 
@@ -278,7 +282,7 @@ def evaluate(
     export's number matches its torch model's to the export's numerical tolerance. For an
     artifact, the measured memory and latency from its manifest are returned beside.
     ``progress`` shows a bar over windows on stderr (on a terminal).
-    ``device`` (``cpu``, ``cuda``, ``auto``) places a torch model; an artifact runs on ``ep``.
+    ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``auto``) places a torch model; an artifact runs on ``ep``.
     Peak memory beyond the weights: one batch's logits (batch x seq_len x V in the model's
     dtype) plus ``chunk_tokens x V x 8`` bytes for the NLL (docs/memory.md).
 

@@ -20,8 +20,9 @@ from cwca_export.cli.options import COUNT, loading_options
 @click.option("--batch-size", type=COUNT, default=8, show_default=True, help="Windows per forward.")
 @click.option("--ep", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="ONNX Runtime execution provider (artifacts only).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="Where a torch model folder runs (auto: cuda when visible); artifacts use --ep.")
+@click.option("--device", default="auto", show_default=True,
+              help="Where a torch model folder runs: cpu, cuda, cuda:N or auto (cuda when visible);"
+                   " artifacts use --ep.")
 @click.option("--lm-eval-tasks", "lm_eval_tasks", metavar="TASKS", default=None,
               help="Also run lm-eval-harness tasks, comma-separated (torch folders; needs the eval extra).")
 @click.option("--lm-eval-include", "lm_eval_include", type=click.Path(exists=True, file_okay=False),
