@@ -11,9 +11,11 @@ How it is computed (:func:`measure_damage`):
    block receives: its hidden states per batch (kept on ``cache_device``) and its other
    arguments (mask, positions, rotary tables), once per batch shape. The cache holds
    ``K x N x L x hidden`` values, e.g. 12 x 32 x 128 x 192 fp32 = 36 MiB for the demo model;
-   a 7B model at 128 x 2048 tokens needs 128 GiB in bf16, so pass ``cache_device="cpu"``
-   or fewer tokens there. The same pass gives the dense loss and checks that the model's
-   tail (final norm, ``lm_head``, logit scaling) is reproduced exactly;
+   a 7B model (32 blocks, hidden 4096) at 128 x 2048 tokens needs 64 GiB in bf16, so pass
+   ``cache_device="cpu"``, fewer tokens, or ``max_cache`` (bytes): then the blocks are
+   probed in runs that fit it, each run after its own dense pass caching only its blocks'
+   inputs (same curves; docs/memory.md). The first pass gives the dense loss and checks
+   that the model's tail (final norm, ``lm_head``, logit scaling) is reproduced exactly;
 2. per block k, data-aware methods first run the dense block over its cached inputs to get
    each Linear's input statistic (exactly what layer-by-layer ``compress`` sees for block k
    when the blocks before it stay dense);
@@ -248,6 +250,10 @@ def _token_ce_sum(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- cached block inputs
 
 
+class _StopPass(Exception):
+    """Ends a dense forward early, once the blocks whose inputs it caches have run."""
+
+
 @dataclass
 class _Cache:
     """Every block's inputs: ``hidden[k][j]`` per batch j, ``shared[k][(B, L)]`` other args."""
@@ -280,20 +286,30 @@ def _capture(
     batches: list[torch.Tensor],
     tail: _Tail,
     cache_device: torch.device | None,
+    keep: set[int] | None = None,
+    stop_at: int | None = None,
 ) -> tuple[_Cache, float, float, int]:
-    """The dense pass: cache blocks first..K-1's inputs; dense loss sums two ways."""
+    """The dense pass: cache blocks first..K-1's inputs (hidden states only of the blocks in
+    ``keep``, default all; the other arguments of every block); dense loss sums two ways.
+
+    With ``stop_at``, each forward ends on reaching that block (nothing of it or later is
+    cached, no loss is summed): a later pass of a capped cache that needs only its window.
+    """
     cache = _Cache()
     last_out: list[torch.Tensor] = []
 
     def pre_hook(k: int):
         def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            if k == stop_at:
+                raise _StopPass
             if args:
                 hidden, rest = args[0], args[1:]
             else:
                 kwargs = dict(kwargs)
                 hidden, rest = kwargs.pop("hidden_states"), ()
-            target = cache_device or hidden.device
-            cache.hidden.setdefault(k, []).append(hidden.detach().to(target, copy=True))
+            if keep is None or k in keep:
+                target = cache_device or hidden.device
+                cache.hidden.setdefault(k, []).append(hidden.detach().to(target, copy=True))
             cache.shared.setdefault(k, {}).setdefault(tuple(hidden.shape[:2]), (rest, kwargs))
 
         return hook
@@ -305,11 +321,16 @@ def _capture(
         b.module.register_forward_pre_hook(pre_hook(b.index), with_kwargs=True)
         for b in blocks[first:]
     ]
-    handles.append(blocks[-1].module.register_forward_hook(post_hook))
+    if stop_at is None:
+        handles.append(blocks[-1].module.register_forward_hook(post_hook))
     model_sum = tail_sum = 0.0
     tokens = 0
     try:
         for batch in batches:
+            if stop_at is not None:
+                with contextlib.suppress(_StopPass):
+                    model(input_ids=batch, use_cache=False)
+                continue
             out = model(input_ids=batch, use_cache=False)
             model_sum += float(_token_ce_sum(out.logits, batch))
             tail_sum += float(_ce_sum(tail, last_out.pop(), batch))
@@ -448,7 +469,9 @@ def _ids(data: Any) -> torch.Tensor:
     return ids
 
 
-def _points(points: Sequence[float] | str) -> list[float]:
+def _points(points: Sequence[float] | str | float) -> list[float]:
+    if isinstance(points, (int, float)):  # one point, e.g. ``--option points=0.5``
+        points = [points]
     if isinstance(points, str):
         try:
             values = [float(p) for p in points.replace(" ", "").split(",") if p]
@@ -517,6 +540,7 @@ def measure_damage(
     cache_device: torch.device | str | None = None,
     reduce: Reduce | None = None,
     check_tail: bool = True,
+    max_cache: int | None = None,
 ) -> DamageCurves:
     """Measure each block's calibration-loss increase when compressed alone (module doc).
 
@@ -538,6 +562,9 @@ def measure_damage(
         reduce: in-place all-reduce sum across processes (data parallelism), or None.
         check_tail: compare the dense loss of the reproduced tail (final norm, lm_head) with
             the model's own logits, and raise if they differ.
+        max_cache: cap in bytes on the cached block inputs (``K x N x L x hidden`` values
+            otherwise); over it, blocks are probed in runs, each after its own dense pass
+            that caches only that run's inputs (same curves; :func:`probe_blocks`).
 
     Returns:
         The :class:`DamageCurves` of the measured blocks.
@@ -560,7 +587,7 @@ def measure_damage(
     run = probe_blocks(
         model, input_ids, probes_of, len(pts), batch_size=batch_size, device=device, blocks=blocks,
         progress=progress, desc=f"damage ({method})", cache_device=cache_device, reduce=reduce,
-        check_tail=check_tail,
+        check_tail=check_tail, max_cache=max_cache,
     )
     return DamageCurves(
         method=method,
@@ -591,6 +618,7 @@ class BlockProbes:
     probes: int
     forward_fraction: float
     num_blocks: int
+    dense_passes: int = 1
 
 
 def probe_blocks(
@@ -607,12 +635,18 @@ def probe_blocks(
     cache_device: torch.device | str | None = None,
     reduce: Reduce | None = None,
     check_tail: bool = True,
+    max_cache: int | None = None,
 ) -> BlockProbes:
     """The probe loop behind measured damage, for any per-block change.
 
     ``probes_of(block, inputs)`` returns ``variant(v) -> module``: a changed copy of the
     block (pruned, factorised, quantized...) for v in ``range(variants)``; each runs from the
-    block's cached inputs through the rest of the model (module doc).
+    block's cached inputs through the rest of the model (module doc). ``inputs`` holds the
+    hidden states of ``block`` (and of the other blocks of its window) only.
+
+    ``max_cache`` (bytes) caps the cached block inputs: the chosen blocks are probed in runs
+    of ``max(1, max_cache // block_input_bytes)`` blocks, each run after a dense pass that
+    caches only its blocks' inputs and stops after the run's last block (same results).
     """
     from cwca_export.progress import bar as progress_bar
 
@@ -624,35 +658,51 @@ def probe_blocks(
     k_total = len(all_blocks)
     tail = _tail(model, all_blocks)
     cache_dev = torch.device(cache_device) if cache_device is not None else None
-    probes = 0
+    if max_cache is not None and max_cache < 1:
+        raise ValueError(f"max_cache {max_cache}: must be >= 1 byte (None: cache every block)")
+    probes = passes = 0
     fraction = 0.0
     with _on(model, device) as dev:
         in_dev = _input_device(model, dev)
         batches = [b.to(in_dev) for b in ids.split(batch_size)] if ids.shape[0] else []
-        first = chosen[0].index if chosen else k_total
-        cache, model_sum, base_sum, tokens = _capture(
-            model, all_blocks, first, batches, tail, cache_dev
-        )
+        windows = cache_windows(chosen, block_input_bytes(model, ids), max_cache)
         sums = torch.zeros(len(chosen) * variants + 3, dtype=torch.float64, device=dev)
         bar = progress_bar(total=len(chosen) * variants, desc=desc, unit="probe", show=progress)
+        bi = 0
         try:
-            for bi, block in enumerate(chosen):
-                k = block.index
-                variant = probes_of(block, cache)
-                for vi in range(variants):
-                    probe = variant(vi)
-                    total = torch.zeros((), dtype=torch.float64, device=dev)
-                    for j, hidden in enumerate(cache.hidden.get(k, [])):
-                        h = _run_block(probe, hidden, *cache.args(k, hidden))
-                        for i in range(k + 1, k_total):
-                            h = _run_block(all_blocks[i].module, h, *cache.args(i, h))
-                        total += _ce_sum(tail, h, batches[j]).to(dev)
-                    sums[bi * variants + vi] = total
-                    del probe
-                    probes += 1
-                    fraction += (k_total - k) / k_total
-                    bar.update(1)
-                del variant
+            for wi, window in enumerate(windows):
+                keep = None if len(windows) == 1 else {b.index for b in window}
+                if wi == 0:  # the whole forward: the dense loss, and every later block's other args
+                    first = window[0].index if window else k_total
+                    cache, model_sum, base_sum, tokens = _capture(
+                        model, all_blocks, first, batches, tail, cache_dev, keep
+                    )
+                    shared = cache.shared
+                else:  # up to the window's last block only; the other args come from pass one
+                    cache = None  # the previous window's inputs go before the next are captured
+                    cache = _capture(model, all_blocks, window[0].index, batches, tail, cache_dev, keep,
+                                     stop_at=window[-1].index + 1)[0]
+                    cache.shared = shared
+                passes += 1
+                for block in window:
+                    k = block.index
+                    variant = probes_of(block, cache)
+                    for vi in range(variants):
+                        probe = variant(vi)
+                        total = torch.zeros((), dtype=torch.float64, device=dev)
+                        for j, hidden in enumerate(cache.hidden.get(k, [])):
+                            h = _run_block(probe, hidden, *cache.args(k, hidden))
+                            for i in range(k + 1, k_total):
+                                h = _run_block(all_blocks[i].module, h, *cache.args(i, h))
+                            total += _ce_sum(tail, h, batches[j]).to(dev)
+                        sums[bi * variants + vi] = total
+                        del probe
+                        probes += 1
+                        fraction += (k_total - k) / k_total
+                        bar.update(1)
+                    del variant
+                    bi += 1
+            del cache
         finally:
             bar.close()
         sums[-3:] = torch.tensor(
@@ -675,7 +725,24 @@ def probe_blocks(
         probes=probes,
         forward_fraction=fraction / probes if probes else 0.0,
         num_blocks=k_total,
+        dense_passes=passes,
     )
+
+
+def block_input_bytes(model: nn.Module, input_ids: Any) -> int:
+    """Bytes of one block's cached inputs: N x L x hidden x the embedding's element size."""
+    ids = _ids(input_ids)
+    emb = model.get_input_embeddings()
+    return int(ids.numel()) * int(emb.weight.shape[-1]) * emb.weight.element_size()
+
+
+def cache_windows(chosen: list[Block], per_block: int, max_cache: int | None) -> list[list[Block]]:
+    """The chosen blocks in runs whose cached inputs fit ``max_cache`` bytes (one dense pass
+    each; at least one block per run); all in one run when ``max_cache`` is None."""
+    if not chosen:
+        return [[]]
+    size = len(chosen) if max_cache is None else max(1, int(max_cache) // max(per_block, 1))
+    return [chosen[i : i + size] for i in range(0, len(chosen), size)]
 
 
 def _check_tail(model: nn.Module, tail_loss: float, model_loss: float) -> None:

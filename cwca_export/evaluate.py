@@ -9,14 +9,17 @@ ids to logits. Torch and ORT adapters supply that function, so their numbers are
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
 from cwca_export.progress import bar as progress_bar
 
-LogitsFn = Callable[[np.ndarray], np.ndarray]  # (B, L) int64 ids -> (B, L, V) float logits
+LogitsFn = Callable[[np.ndarray], Any]  # (B, L) int64 ids -> (B, L, V) float logits (numpy or torch)
+
+DEFAULT_CHUNK_TOKENS = 256  # positions per log-softmax: 256 x 128k vocabulary x 8 B = 256 MiB
 
 
 class ShortEvaluationWarning(UserWarning):
@@ -71,17 +74,21 @@ def perplexity_from_logits(
     batch_size: int = 8,
     max_tokens: int | None = None,
     progress: bool = False,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ) -> Perplexity:
     """Perplexity of a token stream under any model exposed as a logits function.
 
     Args:
-        logits_fn: maps an int64 array (B, L) to logits (B, L, V).
+        logits_fn: maps an int64 array (B, L) to logits (B, L, V): a numpy array or a torch
+            tensor (read in place, on its device, in its dtype).
         ids: 1-D token stream.
         seq_len: window length.
         stride: step between windows (default ``seq_len``: non-overlapping windows).
         batch_size: windows per call (only full-length windows are batched together).
         max_tokens: evaluate only the first ``max_tokens`` tokens.
         progress: a bar over windows on stderr (shown on a terminal).
+        chunk_tokens: positions whose log-softmax is taken at once (:func:`token_nll_sum`);
+            bounds the NLL's extra memory to about ``chunk_tokens x V x 8`` bytes.
 
     Example:
         >>> uniform = lambda x: np.zeros((*x.shape, 10))
@@ -107,36 +114,93 @@ def perplexity_from_logits(
         for i in range(0, len(group), batch_size):
             chunk = group[i : i + batch_size]
             x = np.stack([ids[s:e] for s, e, _ in chunk])
-            logits = np.asarray(logits_fn(x), dtype=np.float64)  # (B, L, V)
-            logp = logits - _logsumexp(logits)
-            for row, (_, _, skip) in enumerate(chunk):
-                targets = x[row, 1:]
-                picked = logp[row, np.arange(length - 1), targets]
-                total -= float(picked[skip:].sum())
-                count += length - 1 - skip
+            skips = [skip for _, _, skip in chunk]
+            total += token_nll_sum(logits_fn(x), x, skips, chunk_tokens=chunk_tokens)
+            count += sum(length - 1 - skip for skip in skips)
             windows_bar.update(len(chunk))
     windows_bar.close()
     nll = total / count
     return Perplexity(math.exp(nll), nll, count, len(windows), seq_len, stride)
 
 
-def _logsumexp(x: np.ndarray) -> np.ndarray:
-    m = x.max(axis=-1, keepdims=True)
-    return m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+def token_nll_sum(logits: Any, ids: np.ndarray, skips: Sequence[int] | None = None, *,
+                  chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> float:
+    """Summed next-token NLL (nats) of ``ids`` (B, L) under ``logits`` (B, L, V), in chunks.
+
+    Row b scores targets ``ids[b, 1 + skips[b]:]`` (position p predicts token p + 1). The
+    logits (numpy or torch, any float dtype, on any device) are read ``chunk_tokens``
+    positions at a time: each chunk is cast to float64, its log-softmax taken and the target
+    entries summed into a float64 scalar, so the extra memory is about
+    ``chunk_tokens x V x 8`` bytes (times a small constant for temporaries) whatever B and L,
+    never a float64 copy of the whole (B, L, V) array. The sum equals the naive float64
+    computation up to the order of summation.
+    """
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens {chunk_tokens}: must be >= 1")
+    ids = np.asarray(ids, dtype=np.int64)
+    rows, length = ids.shape
+    skips = [0] * rows if skips is None else list(skips)
+    if hasattr(logits, "detach"):  # a torch tensor: stay on its device
+        return _torch_nll_sum(logits, ids, skips, chunk_tokens)
+    total = 0.0
+    for b in range(rows):
+        for p0 in range(skips[b], length - 1, chunk_tokens):
+            p1 = min(p0 + chunk_tokens, length - 1)
+            part = np.asarray(logits[b, p0:p1], dtype=np.float64)  # (c, V): the only float64 copy
+            m = part.max(axis=-1)
+            lse = m + np.log(np.exp(part - m[:, None]).sum(axis=-1))
+            picked = part[np.arange(p1 - p0), ids[b, p0 + 1 : p1 + 1]]
+            total += float((lse - picked).sum())
+    return total
+
+
+def _torch_nll_sum(logits, ids: np.ndarray, skips: list[int], chunk_tokens: int) -> float:
+    import torch
+
+    with torch.no_grad():
+        targets = torch.from_numpy(ids).to(logits.device)
+        total = torch.zeros((), dtype=torch.float64, device=logits.device)
+        length = ids.shape[1]
+        for b in range(ids.shape[0]):
+            for p0 in range(skips[b], length - 1, chunk_tokens):
+                p1 = min(p0 + chunk_tokens, length - 1)
+                logp = torch.log_softmax(logits[b, p0:p1].double(), dim=-1)
+                total -= logp.gather(-1, targets[b, p0 + 1 : p1 + 1, None]).sum()
+        return float(total)
 
 
 def torch_logits_fn(model, *, device: str | None = None) -> LogitsFn:
-    """Adapter: a transformers causal LM (any device/dtype) as a logits function."""
+    """Adapter: a transformers causal LM (any device/dtype) as a logits function.
+
+    The logits come back as the model's own tensor, on its device and in its dtype: no
+    float32 or host copy of (B, L, V); :func:`token_nll_sum` reads them a chunk at a time.
+    """
     import torch
 
     device = device or str(next(model.parameters()).device)
 
     @torch.no_grad()
-    def fn(x: np.ndarray) -> np.ndarray:
-        out = model(input_ids=torch.from_numpy(x).to(device), use_cache=False)
-        return out.logits.float().cpu().numpy()
+    def fn(x: np.ndarray):
+        return model(input_ids=torch.from_numpy(x).to(device), use_cache=False).logits
 
     return fn
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; ``cuda`` (or ``cuda:N``) without
+    that GPU is refused."""
+    import torch
+
+    kind, sep, index = device.partition(":")
+    if device not in ("auto", "cpu", "cuda") and not (kind == "cuda" and sep and index.isdigit()):
+        raise ValueError(f"--device {device!r}: pass --device cpu, --device cuda, --device cuda:N or --device auto")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda":
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if visible <= (int(index) if index else 0):
+            raise ValueError(f"--device {device}: {visible} CUDA device(s) visible to torch; pass --device cpu")
+    return device
 
 
 def tokenize_text(tokenizer, text: str) -> np.ndarray:
@@ -146,7 +210,11 @@ def tokenize_text(tokenizer, text: str) -> np.ndarray:
 
 
 def ort_logits_fn(artifact_dir: str, *, ep: str = "cpu") -> LogitsFn:
-    """Adapter: an exported artifact (``model.onnx`` with the decoder contract) in ONNX Runtime."""
+    """Adapter: an exported artifact (``model.onnx`` with the decoder contract) in ONNX Runtime.
+
+    Only the ``logits`` output is fetched (no KV-cache outputs), as ONNX Runtime returns it
+    (no float32 re-copy when it already is float32).
+    """
     from pathlib import Path
 
     from cwca_export.exporter.session import DecoderSession, make_session
@@ -154,7 +222,7 @@ def ort_logits_fn(artifact_dir: str, *, ep: str = "cpu") -> LogitsFn:
     decoder = DecoderSession(make_session(Path(artifact_dir) / "model.onnx", ep))
 
     def fn(x: np.ndarray) -> np.ndarray:
-        return decoder.run(x, np.ones_like(x))[0]
+        return decoder.session.run(["logits"], decoder.feed(x, np.ones_like(x), None))[0]
 
     return fn
 
@@ -201,10 +269,12 @@ def evaluate(
     batch_size: int = 8,
     max_tokens: int | None = None,
     ep: str = "cpu",
+    device: str = "auto",
     text_field: str = "text",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     progress: bool = False,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ) -> dict:
     """Held-out perplexity of a model folder (torch) or an ONNX artifact (ONNX Runtime).
 
@@ -212,6 +282,9 @@ def evaluate(
     export's number matches its torch model's to the export's numerical tolerance. For an
     artifact, the measured memory and latency from its manifest are returned beside.
     ``progress`` shows a bar over windows on stderr (on a terminal).
+    ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``auto``) places a torch model; an artifact runs on ``ep``.
+    Peak memory beyond the weights: one batch's logits (batch x seq_len x V in the model's
+    dtype) plus ``chunk_tokens x V x 8`` bytes for the NLL (docs/memory.md).
 
     Example:
         >>> evaluate("out/artifact", "heldout.txt", seq_len=256)["perplexity"]  # doctest: +SKIP
@@ -252,13 +325,14 @@ def evaluate(
     else:
         from cwca_export.loading import load_model
 
+        target = resolve_device(device)
         model, _ = load_model(path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-        model.eval()
-        logits_fn = torch_logits_fn(model)
-        report["runtime"] = "torch"
+        model.to(target).eval()
+        logits_fn = torch_logits_fn(model, device=target)
+        report["runtime"] = "torch" if target == "cpu" else f"torch ({target})"
     result = perplexity_from_logits(
         logits_fn, ids, seq_len=seq_len, stride=stride, batch_size=batch_size, max_tokens=max_tokens,
-        progress=progress,
+        progress=progress, chunk_tokens=chunk_tokens,
     )
     report.update(result.to_dict())
     return report

@@ -3,13 +3,16 @@
 Refinement (:mod:`cwca_export.refine`) measures tens of whole plans. Compressing a fresh
 copy for each would repeat the statistics pass and every block's pruning; here the dense
 per-Linear statistics are taken once (the whole-model mode of :func:`cwca_export.compress`,
-``sequential=False``), each block's pruned weights are cached per ratio, and a plan costs a
-weight swap plus one forward over the calibration ids. ``PlanLoss(rho)`` equals the loss of
+``sequential=False``), each block's pruned weights are cached per ratio (least recently used
+first out, at most ``max_cached`` blocks, by default as many as fit ``cache_bytes``; a miss
+prunes the block again, with the same result), and a plan costs a weight swap plus one
+forward over the calibration ids. ``PlanLoss(rho)`` equals the loss of
 ``compress(copy, plan, method=..., sequential=False)`` on the same ids.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +25,8 @@ from cwca_export.compression.registry import BlockJob, get_method
 from cwca_export.compression.sequential import run_whole_model
 from cwca_export.compression.stats import STATISTICS
 from cwca_export.damage import calibration_loss
+
+DEFAULT_CACHE_BYTES = 2 * 1024**3  # pruned block copies kept by PlanLoss (``refine --probe-cache``)
 
 
 def _dense_stats(model: nn.Module, blocks, stat_name: str | None, input_ids: torch.Tensor,
@@ -48,7 +53,13 @@ class PlanLoss:
         input_ids: calibration ids ``(N, L)``.
         method: a pruning method (``magnitude``, ``wanda``, ``sparsegpt``).
         batch_size: sequences per forward.
+        max_cached: pruned block copies kept (least recently used evicted; 0 keeps none);
+            default: as many of the largest block as fit ``cache_bytes``, at least one.
+        cache_bytes: the byte budget behind the default ``max_cached``.
         **options: the method's options (e.g. ``nm="2:4"``).
+
+    Memory beyond the model: a dense copy of every block's Linear weights, the dense
+    statistics, and at most ``max_cached`` pruned block copies (docs/memory.md).
 
     Example:
         >>> measure = PlanLoss(model, calib.input_ids, method="wanda")  # doctest: +SKIP
@@ -57,7 +68,8 @@ class PlanLoss:
     """
 
     def __init__(self, model: nn.Module, input_ids: torch.Tensor, *, method: str = "wanda",
-                 batch_size: int = 8, **options: Any) -> None:
+                 batch_size: int = 8, max_cached: int | None = None,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, **options: Any) -> None:
         spec = get_method(method)
         if spec.program != "prune":
             raise ValueError(f"method {method!r} reads allocation plans; PlanLoss measures pruning plans")
@@ -72,19 +84,38 @@ class PlanLoss:
             {path: weight_out_in(m).detach().clone() for path, m in b.linears.items()} for b in self.blocks
         ]
         self._stats = _dense_stats(model, self.blocks, spec.statistic(self._options), input_ids, batch_size)
-        self._pruned: dict[tuple[int, float], dict[str, torch.Tensor]] = {}
+        if max_cached is None:
+            largest = max((sum(w.numel() * w.element_size() for w in d.values()) for d in self._dense), default=1)
+            max_cached = max(1, int(cache_bytes) // max(largest, 1))
+        if max_cached < 0:
+            raise ValueError(f"max_cached {max_cached}: must be >= 0")
+        self.max_cached = int(max_cached)
+        self.cache_misses = 0  # blocks pruned (first sight or after eviction)
+        self._pruned: OrderedDict[tuple[int, float], dict[str, torch.Tensor]] = OrderedDict()
         self._applied = [0.0] * len(self.blocks)
         self.evaluations = 0
         self.dense_loss = calibration_loss(model, input_ids, batch_size=batch_size)
 
     def _weights(self, k: int, rho: float) -> dict[str, torch.Tensor]:
         key = (k, round(float(rho), 9))
-        if key not in self._pruned:
-            block = self.blocks[k]
-            self._restore(k)
-            self._spec.apply_block(BlockJob(block, float(rho), self._stats[k], self._options))
-            self._pruned[key] = {p: weight_out_in(m).detach().clone() for p, m in block.linears.items()}
-        return self._pruned[key]
+        if key in self._pruned:
+            self._pruned.move_to_end(key)
+            return self._pruned[key]
+        block = self.blocks[k]
+        self._restore(k)
+        self._spec.apply_block(BlockJob(block, float(rho), self._stats[k], self._options))
+        weights = {p: weight_out_in(m).detach().clone() for p, m in block.linears.items()}
+        self.cache_misses += 1
+        if self.max_cached > 0:
+            while len(self._pruned) >= self.max_cached:
+                self._pruned.popitem(last=False)
+            self._pruned[key] = weights
+        return weights
+
+    @property
+    def cached(self) -> int:
+        """Pruned block copies held now (at most ``max_cached``)."""
+        return len(self._pruned)
 
     @torch.no_grad()
     def _load(self, k: int, weights: dict[str, torch.Tensor]) -> None:

@@ -235,6 +235,7 @@ def refine_plan(
     band: float | None = None,
     batch_size: int = 8,
     progress: bool = False,
+    probe_cache: int | None = None,
 ):
     """A pruning plan for ``model``: closed-form first, then corrected on whole-plan losses.
 
@@ -250,6 +251,8 @@ def refine_plan(
         lo, hi, band: bounds; ``band`` keeps every block within [S - band, S + band].
         batch_size: sequences per forward.
         progress: a bar over whole-plan forwards on stderr (shown on a terminal).
+        probe_cache: bytes of pruned block copies kept between plans (least recently used
+            evicted, recomputed on a miss; same plan); default 2 GiB.
 
     Returns:
         The :class:`~cwca_export.plan.Plan`, with ``parameters["refinement"]`` recording the
@@ -271,7 +274,8 @@ def refine_plan(
             f"--max-evals {max_evals}: tuning alone measures {len(plans)} plans; pass --max-evals"
             f" {len(plans) + 2} or more, or --no-tune"
         )
-    measure = PlanLoss(model, ids, method=method, batch_size=batch_size)
+    cache = {} if probe_cache is None else {"cache_bytes": int(probe_cache)}
+    measure = PlanLoss(model, ids, method=method, batch_size=batch_size, **cache)
     counted = _Counted(measure, max_evals, progress)
     began = time.perf_counter()
     try:

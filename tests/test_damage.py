@@ -230,3 +230,68 @@ def test_two_processes_under_torchrun_match_one_process(tmp_path):
     # float32 noise of other batch splits is ~1e-7; unsummed wanda statistics would differ by ~1e-4
     for name in ("damage@0.5", "damage@0.9", "damage_base_loss"):
         assert b.stats[name] == pytest.approx(a.stats[name], rel=0, abs=2e-6), name
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_capped_input_cache_gives_the_same_curves_in_several_passes(method, ids, monkeypatch):
+    import cwca_export.damage as damage_module
+    from cwca_export.damage import block_input_bytes
+
+    model = tiny_model("llama", num_hidden_layers=4)
+    full = measure_damage(model, ids, method=method, points=(0.3, 0.7), batch_size=4)
+    per_block = block_input_bytes(model, ids)
+    assert per_block == ids.numel() * model.config.hidden_size * 4
+    capture, passes, held = damage_module._capture, [], []
+
+    def counting_capture(*args, **kwargs):
+        out = capture(*args, **kwargs)
+        passes.append(1)
+        held.append(sum(h.numel() * h.element_size() for hs in out[0].hidden.values() for h in hs))
+        return out
+
+    monkeypatch.setattr(damage_module, "_capture", counting_capture)
+    for cap, runs in ((per_block, 4), (2 * per_block + 5, 2), (1, 4)):
+        passes.clear(), held.clear()
+        capped = measure_damage(model, ids, method=method, points=(0.3, 0.7), batch_size=4, max_cache=cap)
+        assert len(passes) == runs
+        assert max(held) <= max(cap, per_block)  # never more than the cap (or one block's inputs)
+        assert capped.base_loss == pytest.approx(full.base_loss, abs=1e-9)
+        for got, want in zip(capped.loss_increase, full.loss_increase, strict=True):
+            assert got == pytest.approx(want, abs=1e-6)
+    passes.clear()
+    part = measure_damage(model, ids, method=method, points=(0.3, 0.7), batch_size=4, blocks=[3, 1],
+                          max_cache=per_block)
+    assert len(passes) == 2
+    for row, k in zip(part.loss_increase, (1, 3), strict=True):
+        assert row == pytest.approx(full.loss_increase[k], abs=1e-6)
+
+
+def test_score_cli_max_cache_gives_the_same_scores(tmp_path):
+    model_dir = save_tiny_model("llama", tmp_path / "m", num_hidden_layers=3)
+    text = tmp_path / "calib.txt"
+    text.write_text(sample_text() * 4)
+    runner = CliRunner()
+    common = ["score", str(model_dir), "--data", str(text), "--samples", "4", "--seq-len", "16", "--method", "damage",
+              "--option", "pruner=magnitude", "--batch-size", "2", "--no-progress", "--no-wall-time"]
+    res = runner.invoke(cli, [*common, "--out", str(tmp_path / "a.json")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(cli, [*common, "--max-cache", "1KiB", "--out", str(tmp_path / "b.json")])
+    assert res.exit_code == 0, res.output
+    a, b = LayerScores.load(tmp_path / "a.json"), LayerScores.load(tmp_path / "b.json")
+    assert b.settings["options"]["max_cache"] == "1KiB"
+    assert b.zeta2 == pytest.approx(a.zeta2, abs=1e-6)
+    for key in a.stats:
+        if key.startswith("damage"):
+            assert b.stats[key] == pytest.approx(a.stats[key], abs=1e-6)
+    res = runner.invoke(cli, [*common, "--max-cache", "much", "--out", str(tmp_path / "c.json")])
+    assert res.exit_code == 2 and "--max-cache" in res.output and not (tmp_path / "c.json").exists()
+    res = runner.invoke(cli, ["score", str(model_dir), "--data", str(text), "--samples", "4", "--seq-len", "16",
+                              "--method", "fisher", "--max-cache", "1GiB", "--out", str(tmp_path / "d.json")])
+    assert res.exit_code == 2 and "--max-cache" in res.output and not (tmp_path / "d.json").exists()
+
+
+def test_one_probe_point_may_be_a_bare_number():
+    # `--option points=0.5` parses as JSON to a float, not a list
+    from cwca_export.damage import _points
+
+    assert _points(0.5) == [0.5] and _points("0.7,0.3") == [0.3, 0.7]

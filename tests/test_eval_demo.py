@@ -70,3 +70,27 @@ def test_demo_runs_end_to_end_on_the_shipped_model(tmp_path):
     for name in ("scores.json", "plan.json", "report.json", "artifact/cwca_manifest.json", "report.html"):
         assert (tmp_path / "demo" / name).is_file()
     assert "Budget search frontier" in (tmp_path / "demo" / "report.html").read_text()
+
+
+@pytest.mark.parametrize("chunk", [5, 31, 4096])
+def test_onnx_runtime_chunked_nll_equals_naive_float64(dense_pair, chunk):
+    import numpy as np
+
+    from cwca_export.evaluate import ort_logits_fn, perplexity_from_logits
+    from cwca_export.exporter.session import DecoderSession, make_session
+
+    _, artifact, _ = dense_pair
+    ids = np.random.default_rng(4).integers(0, 100, 70)
+    # reference: the decoder contract's logits of each 32-token window, all cast to float64 at once
+    decoder = DecoderSession(make_session(artifact / "model.onnx", "cpu"))
+    total, count = 0.0, 0
+    for start in range(0, 69, 32):
+        x = ids[None, start : start + 32]
+        logits = decoder.run(x, np.ones_like(x))[0][0].astype(np.float64)
+        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+            - logits.max(-1, keepdims=True)
+        total -= logp[np.arange(x.shape[1] - 1), x[0, 1:]].sum()
+        count += x.shape[1] - 1
+    result = perplexity_from_logits(ort_logits_fn(artifact), ids, seq_len=32, batch_size=2, chunk_tokens=chunk)
+    assert result.tokens == count == 67  # each window's first token is context only
+    assert result.nll == pytest.approx(total / count, rel=1e-9)

@@ -72,3 +72,55 @@ def test_bad_protocol_is_refused():
         perplexity_from_logits(lambda x: x, np.arange(10), seq_len=4, stride=5)
     with pytest.raises(ValueError, match="at least 2 tokens"):
         perplexity_from_logits(lambda x: x, np.arange(1), seq_len=4)
+
+
+def _naive_nll_sum(model, ids: torch.Tensor, seq_len: int, stride: int) -> tuple[float, int]:
+    """Every target once, in the first window whose end passes it, all in float64 at once."""
+    n, total, scored = ids.numel(), 0.0, set()
+    with torch.no_grad():
+        for start in range(0, n - 1, stride):
+            end = min(start + seq_len, n)
+            logp = torch.log_softmax(model(input_ids=ids[None, start:end]).logits[0].double(), -1)
+            for t in range(start + 1, end):
+                if t not in scored:
+                    scored.add(t)
+                    total -= logp[t - start - 1, ids[t]].item()
+            if end == n:
+                break
+    return total, len(scored)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 15, 16, 1000])
+def test_chunked_nll_equals_naive_float64(model, chunk):
+    # seq_len 16, stride 6: windows skip already-scored positions; chunks of 3, 7 do not divide 15
+    ids = torch.randint(0, 50, (53,), generator=torch.Generator().manual_seed(3))
+    total, count = _naive_nll_sum(model, ids, 16, 6)
+    torch_fn = torch_logits_fn(model)
+    numpy_fn = lambda x: torch_fn(x).numpy()  # float32 numpy, as ONNX Runtime returns logits  # noqa: E731
+    for fn in (torch_fn, numpy_fn):
+        result = perplexity_from_logits(fn, ids.numpy(), seq_len=16, stride=6, batch_size=2, chunk_tokens=chunk)
+        assert result.tokens == count == 52
+        assert result.nll == pytest.approx(total / count, rel=1e-9)
+
+
+def test_chunked_nll_memory_is_bounded_by_the_chunk():
+    import tracemalloc
+
+    from cwca_export.evaluate import token_nll_sum
+
+    rng = np.random.default_rng(0)
+    rows, length, vocab, chunk = 4, 64, 20_000, 8
+    logits = rng.standard_normal((rows, length, vocab), dtype=np.float32)  # 20 MB, allocated before
+    ids = rng.integers(0, vocab, (rows, length))
+    logp = torch.log_softmax(torch.from_numpy(logits).double(), -1)
+    expected = -float(logp[:, :-1].gather(-1, torch.from_numpy(ids[:, 1:, None])).sum())
+    del logp
+    tracemalloc.start()
+    try:
+        got = token_nll_sum(logits, ids, chunk_tokens=chunk)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert got == pytest.approx(expected, rel=1e-9)
+    # a float64 copy of the whole logits would be 41 MB; a chunk is 8 x 20k x 8 B = 1.3 MB
+    assert peak < 4 * chunk * vocab * 8, peak

@@ -95,6 +95,18 @@ def test_refine_cli_writes_a_plan_that_compress_accepts(tmp_path):
     assert "forwards" in res.output
     plan = Plan.load(tmp_path / "p.json")
     assert plan.global_sparsity == pytest.approx(0.5) and plan.parameters["refinement"]["forwards"] <= 12
+    # a probe cache too small for one block: every miss prunes again, the plan is the same
+    res = runner.invoke(cli, ["refine", str(model_dir), "--scores", str(tmp_path / "damage.json"), "--sparsity", "0.5",
+                              "--method", "magnitude", *common, "--max-evals", "12", "--probe-cache", "1KiB",
+                              "--out", str(tmp_path / "p1.json")])
+    assert res.exit_code == 0, res.output
+    small = Plan.load(tmp_path / "p1.json")
+    assert small.x == plan.x
+    assert small.parameters["refinement"]["calib_loss"] == plan.parameters["refinement"]["calib_loss"]
+    res = runner.invoke(cli, ["refine", str(model_dir), "--scores", str(tmp_path / "damage.json"), "--sparsity", "0.5",
+                              "--method", "magnitude", *common, "--probe-cache", "lots",
+                              "--out", str(tmp_path / "b.json")])
+    assert res.exit_code == 2 and "--probe-cache" in res.output and not (tmp_path / "b.json").exists()
     res = runner.invoke(cli, ["compress", str(model_dir), "--plan", str(tmp_path / "p.json"), "--method", "magnitude",
                               "--out", str(tmp_path / "small")])
     assert res.exit_code == 0, res.output
@@ -127,3 +139,36 @@ def test_refine_cli_plans_ranks_and_refuses_mixed_knobs(tmp_path):
     res = runner.invoke(cli, ["refine", str(model_dir), "--scores", str(tmp_path / "lr.json"), "--method", "lowrank",
                               "--sparsity", "0.5", *common, "--out", str(tmp_path / "bad.json")])
     assert res.exit_code == 2 and "--budget-fraction" in res.output and not (tmp_path / "bad.json").exists()
+    res = runner.invoke(cli, ["refine", str(model_dir), "--scores", str(tmp_path / "lr.json"), "--method", "lowrank",
+                              "--budget-fraction", "0.6", "--probe-cache", "1GiB", *common,
+                              "--out", str(tmp_path / "c.json")])
+    assert res.exit_code == 2 and "--probe-cache" in res.output and not (tmp_path / "c.json").exists()
+
+
+@pytest.mark.parametrize("method", ["magnitude", "sparsegpt"])
+def test_plan_loss_with_a_tiny_cache_gives_the_same_losses(method):
+    model = tiny_model("llama", num_hidden_layers=3).eval()
+    ids = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    plans = [[0.5, 0.2, 0.7], [0.3, 0.2, 0.0], [0.5, 0.6, 0.7], [0.3, 0.2, 0.7], [0.5, 0.2, 0.7], [0.4, 0.4, 0.4]]
+    capped = PlanLoss(model, ids, method=method, batch_size=2, max_cached=2)
+    losses = []
+    for rho in plans:
+        losses.append(capped(rho))
+        assert capped.cached <= 2
+    misses = capped.cache_misses
+    capped.close()
+    uncapped = PlanLoss(model, ids, method=method, batch_size=2, max_cached=10_000)
+    assert [uncapped(rho) for rho in plans] == losses  # exactly: a miss prunes the block again
+    # the uncapped cache prunes each (block, ratio) once: 8 distinct nonzero pairs; the cap forced more
+    assert uncapped.cache_misses == 8 and uncapped.cached == 8 and misses > 8
+    uncapped.close()
+
+
+def test_plan_loss_cache_budget_sets_the_cap():
+    model = tiny_model("llama", num_hidden_layers=2).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    from cwca_export.blocks import find_blocks
+
+    block = max(sum(m.weight.numel() * 4 for m in b.linears.values()) for b in find_blocks(model))
+    assert PlanLoss(model, ids, method="magnitude", cache_bytes=3 * block + 1).max_cached == 3
+    assert PlanLoss(model, ids, method="magnitude", cache_bytes=1).max_cached == 1

@@ -76,7 +76,7 @@ def _run(*args):
         ({"score": {"method": "fishr"}}, ["score.method: 'fishr' is not a scoring method", "fisher",
                                           "--set score.method="]),
         ({"score": {"method": "damage", "options": {"prunr": "wanda"}}},
-         ["score.options: unknown option(s) prunr; allowed: at, points, pruner"]),
+         ["score.options: unknown option(s) prunr; allowed: at, max_cache, points, pruner"]),
         ({"compress": {"method": "wandaa"}}, ["compress.method: 'wandaa' is not a compression method", "sparsegpt"]),
         ({"compress": {"method": "asvd"}},
          ["compress.method: 'asvd' applies allocate plans", "--set compress.method="]),

@@ -20,13 +20,16 @@ from cwca_export.cli.options import COUNT, loading_options
 @click.option("--batch-size", type=COUNT, default=8, show_default=True, help="Windows per forward.")
 @click.option("--ep", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="ONNX Runtime execution provider (artifacts only).")
+@click.option("--device", default="auto", show_default=True,
+              help="Where a torch model folder runs: cpu, cuda, cuda:N or auto (cuda when visible);"
+                   " artifacts use --ep.")
 @click.option("--lm-eval-tasks", "lm_eval_tasks", metavar="TASKS", default=None,
               help="Also run lm-eval-harness tasks, comma-separated (torch folders; needs the eval extra).")
 @click.option("--lm-eval-include", "lm_eval_include", type=click.Path(exists=True, file_okay=False),
               default=None, help="Folder of your own lm-eval task YAMLs (e.g. reading local data files).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @loading_options
-def eval_command(path, data, text_field, seq_len, stride, max_tokens, batch_size, ep, lm_eval_tasks,
+def eval_command(path, data, text_field, seq_len, stride, max_tokens, batch_size, ep, device, lm_eval_tasks,
                  lm_eval_include, as_json, trust_remote_code, allow_pickle) -> None:
     """Measure held-out perplexity with one protocol for torch models and ONNX artifacts.
 
@@ -58,10 +61,15 @@ def eval_command(path, data, text_field, seq_len, stride, max_tokens, batch_size
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ShortEvaluationWarning)
-            report = evaluate(path, data, seq_len=seq_len, stride=stride, batch_size=batch_size,
-                              max_tokens=max_tokens, ep=ep, text_field=text_field,
-                              trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                              progress=not as_json)
+            try:
+                report = evaluate(path, data, seq_len=seq_len, stride=stride, batch_size=batch_size,
+                                  max_tokens=max_tokens, ep=ep, device=device, text_field=text_field,
+                                  trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                                  progress=not as_json)
+            except ValueError as err:
+                if "--device" not in str(err):
+                    raise
+                raise click.UsageError(str(err)) from None
         for w in caught:  # one stderr line each (cwca_export.cli.verbosity)
             warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
     if lm_eval_tasks is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from cwca_export.cli.guard import guards_output
-from cwca_export.cli.options import COUNT, finite, loading_options
+from cwca_export.cli.options import COUNT, SIZE, finite, loading_options
 from cwca_export.defaults import REFINE_SAMPLES, REFINE_SEQ_LEN
 
 
@@ -34,6 +34,9 @@ from cwca_export.defaults import REFINE_SAMPLES, REFINE_SEQ_LEN
 @click.option("--band", type=finite(0), default=None, help="Keep every block within [S - BAND, S + BAND].")
 @click.option("--lo", type=finite(0), default=0.0, show_default=True, help="Lower bound for every block.")
 @click.option("--hi", type=finite(0), default=0.95, show_default=True, help="Upper bound for every block.")
+@click.option("--probe-cache", type=SIZE, metavar="SIZE", default=None,
+              help="Pruning plans: memory for pruned block copies kept between measured plans"
+                   " (least recently used evicted and recomputed; same plan), e.g. 512MiB [default: 2GiB].")
 @click.option("--out", type=click.Path(dir_okay=False), default="plan.json", show_default=True,
               help="Where to write the plan (atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (as written to --out).")
@@ -41,7 +44,7 @@ from cwca_export.defaults import REFINE_SAMPLES, REFINE_SEQ_LEN
 @guards_output(inputs={"model_dir": "MODEL_DIR", "scores_path": "--scores", "data_path": "--data"},
                kind="file", json_types={"Plan"}, overwrite=None)
 def refine(model_dir, scores_path, sparsity, budget_fraction, rank_step, data_path, method, samples, seq_len,
-           seed, max_evals, tune, band, lo, hi, out, as_json, trust_remote_code, allow_pickle) -> None:
+           seed, max_evals, tune, band, lo, hi, probe_cache, out, as_json, trust_remote_code, allow_pickle) -> None:
     """Plan SPARSITY for MODEL_DIR: closed form first, then exchanges kept only when the loss drops.
 
     Damage is not additive across blocks, so the separable one-dual plan skews too much; this
@@ -67,6 +70,8 @@ def refine(model_dir, scores_path, sparsity, budget_fraction, rank_step, data_pa
         raise click.UsageError(f"--method {method} prunes: give --sparsity (not --budget-fraction)")
     if ranks and band is not None:
         raise click.UsageError("--band applies to pruning plans; bound rank plans with --lo / --hi")
+    if ranks and probe_cache is not None:
+        raise click.UsageError("--probe-cache bounds pruned block copies; rank plans cache their factors once")
     scores = LayerScores.load(scores_path)
     check_model_folder(model_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                        lengths={"--seq-len": seq_len})
@@ -78,7 +83,7 @@ def refine(model_dir, scores_path, sparsity, budget_fraction, rank_step, data_pa
                             max_evals=max_evals, tune=tune, lo=lo, hi=hi, progress=not as_json)
     else:
         plan = refine_plan(model, scores, sparsity, calib, method=method, tune=tune, max_evals=max_evals,
-                           lo=lo, hi=hi, band=band, progress=not as_json)
+                           lo=lo, hi=hi, band=band, progress=not as_json, probe_cache=probe_cache)
     plan.check(model)
     path = plan.save(out)
     if as_json:

@@ -52,6 +52,9 @@ def _table(scores) -> str:
 @click.option("--option", "method_options", multiple=True, metavar="KEY=VALUE",
               help="Estimator option, repeatable: e.g. --option pruner=magnitude --option points=0.3,0.5,0.7"
                    " (damage), --option cg_max_iter=20 (exact).")
+@click.option("--max-cache", metavar="SIZE", default=None,
+              help="damage: cap on the cached block inputs (N x L x hidden per block), e.g. 8GiB; over it the"
+                   " blocks are probed in runs, one more dense pass each (same scores) [default: no cap].")
 @click.option("--text-field", default="text", show_default=True, help="JSON Lines field holding the text.")
 @click.option("--allow-fewer", is_flag=True, help="Score on fewer sequences when the data is too short.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
@@ -83,9 +86,9 @@ def _table(scores) -> str:
                json_types={"LayerScores"}, overwrite=None)
 def score(
     model_dir, data_path, method, samples, seq_len, seed, held_out, damping, absolute_damping, batch_size,
-    method_options, text_field, allow_fewer, dtype, mixed_precision, cpu, gradient_checkpointing, device_map,
-    max_memory, max_memory_alias, debias, trust_remote_code, allow_pickle, no_wall_time, no_progress, out,
-    checkpoint_every, resume, as_json,
+    method_options, max_cache, text_field, allow_fewer, dtype, mixed_precision, cpu, gradient_checkpointing,
+    device_map, max_memory, max_memory_alias, debias, trust_remote_code, allow_pickle, no_wall_time, no_progress,
+    out, checkpoint_every, resume, as_json,
 ) -> None:
     """Score every decoder block of MODEL_DIR (a local checkpoint folder) on calibration text.
 
@@ -121,6 +124,16 @@ def score(
             options[key] = json.loads(value)  # numbers and true/false; anything else stays text
         except ValueError:
             options[key] = value
+    if max_cache is not None:
+        from cwca_export.budget import parse_size
+
+        if method != "damage":
+            raise click.UsageError(f"--max-cache caps the damage probes' input cache; --method {method} has none")
+        try:
+            parse_size(max_cache)
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint="--max-cache") from None
+        options["max_cache"] = max_cache
     caught: list[warnings.WarningMessage] = []
     try:  # ScoreNoiseWarning becomes one stderr line below; every other warning shows as usual
         with warnings.catch_warnings(record=True) as caught:
