@@ -380,6 +380,11 @@ def quantize_mixed(src: Path, dst: Path, node_formats: dict[str, Any], *, untie:
                     op_types_to_quantize=["MatMul", "Gather"], use_external_data_format=True,
                     extra_options={"WeightSymmetric": True},
                 )
+                # it saves the shapes it inferred for every tensor (value_info): bytes that the other
+                # formats' graphs do not carry and ONNX Runtime infers again at load
+                quantized = onnx.load(str(dst))
+                quantized.graph.ClearField("value_info")
+                _save(quantized, dst)
         else:
             _save(model, dst)
     finally:
