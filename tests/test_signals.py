@@ -196,3 +196,23 @@ def test_sigterm_demo_leaves_no_half_built_folder(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_sigint_demo_overwrite_puts_the_earlier_demo_back(tmp_path):
+    """--overwrite moves the earlier demo aside; interrupted, the new one goes and the old returns."""
+    from cwca_export.outputs import write_inventory
+
+    old = tmp_path / "demo"
+    old.mkdir()
+    (old / "report.json").write_text('{"rows": {}}\n')
+    write_inventory(old)  # the tool's own earlier output, so --overwrite may replace it
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+    proc = _start("demo", "--out", "demo", "--overwrite", cwd=tmp_path)
+    _wait_for(proc, lambda: (tmp_path / "demo").is_dir() and not (tmp_path / "demo" / "report.json").exists())
+    time.sleep(3)
+    assert proc.poll() is None, proc.stderr.read()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == before

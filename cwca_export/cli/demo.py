@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import click
 
@@ -42,17 +43,28 @@ def demo(out, sparsity, max_disk_fraction, max_latency_ms, overwrite, as_json) -
     from cwca_export.demo import DemoConfig, run_demo
 
     config = DemoConfig(sparsity=sparsity, max_disk_fraction=max_disk_fraction, max_latency_ms=max_latency_ms)
+    from cwca_export.interrupts import deferred_signals
+    from cwca_export.scratch import OLD_CONTENT, scratch_folder
+
     fresh = not os.path.lexists(out)
+    aside = None
+    if not fresh and overwrite:  # the earlier demo moves aside, and comes back if this one fails
+        with deferred_signals():
+            aside = scratch_folder(Path(out), "old")
+            os.rename(out, aside / OLD_CONTENT)
     try:
         report = run_demo(out, config, overwrite=overwrite,
                           echo=(lambda message: click.echo(message, err=True)) if as_json else click.echo)
     except BaseException:  # an error or a signal leaves no half-built demo folder behind
-        if fresh:
-            from cwca_export.interrupts import deferred_signals
-
+        if fresh or aside is not None:
             with deferred_signals():
                 shutil.rmtree(out, ignore_errors=True)
+                if aside is not None:
+                    os.rename(aside / OLD_CONTENT, out)
+                    shutil.rmtree(aside, ignore_errors=True)
         raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
     if as_json:
         import json
 
