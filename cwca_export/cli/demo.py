@@ -14,7 +14,7 @@ from cwca_export.cli.options import finite
 
 @click.command()
 @click.option("--out", type=click.Path(file_okay=False), default="cwca-demo", show_default=True,
-              help="Folder for scores, plan, compressed model, artifacts and report.")
+              help="Folder for scores, plan, the four artifacts and the report.")
 @click.option("--sparsity", type=finite(0, 1, max_open=True), default=0.3, show_default=True,
               help="Global MLP-width sparsity of the plan the budget search moves.")
 @click.option("--max-disk-fraction", type=finite(0, 1, min_open=True), default=0.15, show_default=True,
@@ -22,7 +22,8 @@ from cwca_export.cli.options import finite
 @click.option("--max-latency-ms", type=finite(0, min_open=True), default=50.0, show_default=True,
               help="Budget: decode p50 per token at batch 1, context 128.")
 @click.option("--overwrite", is_flag=True,
-              help="Rewrite an earlier demo folder (never one holding files the tool did not write).")
+              help="Replace an earlier demo folder (put back if this run fails; never one holding files"
+              " the tool did not write).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the report (report.json) on stdout; the step lines go to stderr.")
 @guards_output(inputs={})
