@@ -8,8 +8,9 @@ rule read (``parameters["made_by"]``: the rule's arguments and a snapshot of the
 - ``band`` plans (OWL / LayerIF) keep their half-width and bounds;
 - ``cwca`` plans re-solve the MDL program with the same eta, kappa, psi and bounds;
 - ``uniform`` plans stay uniform;
-- refined plans are re-solved from the rule their refinement started from, then may be
-  refined again (:func:`refine_rescaled`) with the same method;
+- refined plans are re-solved from the rule their refinement started from; the measured
+  refinement is not redone here (``parameters["refine_with"]`` names its method and forwards,
+  for ``cwca-export refine`` to run again at the new target);
 - rank plans move their kept fraction (``budget_fraction``) on their curves; allocation plans
   of the MDL program move their unit budget.
 
@@ -162,26 +163,3 @@ def target_range(plan: Plan, shapes: Any = None) -> tuple[float, float]:
         least = sum(kept_parameters(b, int(u) * step) for b, u in zip(per_block, plan.lo, strict=True))
         return 1.0, float(least / n.sum())
     return value, float(np.asarray(plan.cost) @ np.asarray(plan.lo))
-
-
-def refine_rescaled(plan: Plan, model: Any, data: Any, *, max_evals: int | None = None, batch_size: int = 8) -> Plan:
-    """Refine a rescaled pruning plan again with the method its refinement used (measured
-    exchanges, :func:`cwca_export.refine.refine_exchange`). Plans that were never refined, and
-    rank plans, are returned unchanged."""
-    again = plan.parameters.get("refine_with")
-    if not again or plan.program != "prune":
-        return plan
-    from cwca_export.plan_probe import PlanLoss
-    from cwca_export.refine import refine_exchange
-
-    method = again.get("method") or "wanda"
-    evals = max_evals if max_evals is not None else max(4, int(again.get("forwards") or 16) // 2)
-    measure = PlanLoss(model, getattr(data, "input_ids", data), method=method, batch_size=batch_size)
-    try:
-        result = refine_exchange(plan.x, plan.n_params, measure, lo=plan.lo, hi=plan.hi, max_evals=evals)
-    finally:
-        measure.close()
-    record = {"method": method, "calib_loss_start": result.start_loss, "calib_loss": result.loss,
-              "forwards": result.evaluations, "moves": [list(m) for m in result.accepted]}
-    return dataclasses.replace(plan, x=[float(v) for v in result.x],
-                               parameters={**plan.parameters, "refinement": record})

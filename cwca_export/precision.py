@@ -44,8 +44,8 @@ from torch import nn
 from cwca_export.blocks import find_blocks, is_conv1d
 
 DEFAULT_FORMATS = ("fp32", "int8", "int4-b128-asym", "int4-b32")  # the densest and the finest 4-bit
-# int8-bB (8-bit MatMulNBits) is offered but not by default: on the CPU provider of ONNX Runtime
-# 1.31 it decoded 3x slower than dynamic int8 at equal bytes (BENCHMARKS.md, "Budgets").
+# int8-bB (8-bit MatMulNBits) is offered but not by default: it stores no fewer bytes than
+# dynamic int8, and its speed on the CPU provider is not benchmarked here.
 _FORMAT = re.compile(r"^int(?P<bits>[48])(?:-b(?P<block>\d+))?(?P<asym>-asym)?$")
 _DYNAMIC_RANGE = 127  # quantize_dynamic's symmetric int8 weights: scale = max|w| / 127
 
@@ -566,21 +566,9 @@ class PrecisionPlan:
     budget_bytes: int | None = None
     exact: bool = True
 
-    def assignment(self) -> dict[str, StorageFormat]:
-        return {g: StorageFormat.parse(f) for g, f in self.formats.items()}
-
     def to_dict(self) -> dict[str, Any]:
         return {"formats": self.formats, "weight_bytes": self.weight_bytes,
                 "predicted_damage": self.predicted_damage, "budget_bytes": self.budget_bytes, "exact": self.exact}
-
-    def label(self) -> str:
-        """A short description: ``int4-b128 x12, embed int4-b32, head int8``."""
-        counts: dict[str, int] = {}
-        for g, f in self.formats.items():
-            if g not in ("embed", "head"):
-                counts[f] = counts.get(f, 0) + 1
-        blocks = ", ".join(f"{f} x{n}" for f, n in sorted(counts.items(), key=lambda kv: -kv[1]))
-        return f"blocks {blocks}; embed {self.formats.get('embed', 'fp32')}; head {self.formats.get('head', 'fp32')}"
 
 
 def solve_precision(
@@ -684,10 +672,3 @@ def artifact_weight_bytes(model: nn.Module, formats: dict[str, str]) -> int:
             continue  # a tied pair is one table (the tied group) or two (embed and head), never both
         total += g.bytes(StorageFormat.parse(formats.get(g.name, "fp32")))
     return total
-
-
-def rank_correlation(a: Sequence[float], b: Sequence[float]) -> float:
-    """Spearman's rho (scipy), for comparing an estimate with measured damage."""
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(np.asarray(a), np.asarray(b)).statistic)

@@ -97,9 +97,9 @@ class PlanKnob:
         """Drop the cached compressed copy of level ``t``."""
         self._made.pop(t, None)
 
-    def forget(self, keep: float | None = None) -> None:
-        """Drop cached compressed copies (all but level ``keep``) to bound memory."""
-        self._made = {t: v for t, v in self._made.items() if t == keep}
+    def forget(self) -> None:
+        """Drop every cached compressed copy (the search is over)."""
+        self._made = {}
 
 
 def dense_storage_message(method: str) -> str:
@@ -159,15 +159,20 @@ class _ResidentModel:
         if resident is not None:
             self.points.append((float(disk), float(resident)))
 
-    def __call__(self, disk: int) -> int | None:
+    def line(self) -> tuple[float, float] | None:
+        """``(a, b)`` of resident = a + b * disk, or None before any measurement."""
         if not self.points:
             return None
         xs = np.array([p[0] for p in self.points])
         ys = np.array([p[1] for p in self.points])
         if len(self.points) == 1 or np.ptp(xs) < 1e-6 * max(xs.max(), 1.0):
-            return int(ys[0] - xs[0] + disk)  # one artifact: runtime overhead constant
+            return float(ys[0] - xs[0]), 1.0  # one artifact: runtime overhead constant
         b, a = np.polyfit(xs, ys, 1)
-        return int(a + max(b, 0.0) * disk)
+        return float(a), max(float(b), 0.0)
+
+    def __call__(self, disk: int) -> int | None:
+        fit = self.line()
+        return None if fit is None else int(fit[0] + fit[1] * disk)
 
 
 def calibration_ids(tokenizer: Any, compress_options: dict[str, Any], calibration: Any, vocab: int) -> tuple[Any, str]:
@@ -229,12 +234,12 @@ class _Search:
         """Largest predicted disk bytes that fit every memory limit (resident through its model)."""
         b = self.budget
         caps = [float(v) for v in (b.max_disk, b.max_memory) if v is not None]
-        if b.max_memory is not None and self.resident.points:
-            at0, at1 = self.resident(0), self.resident(1 << 30)
-            slope = (at1 - at0) / (1 << 30)
+        fit = self.resident.line() if b.max_memory is not None else None
+        if fit is not None:
+            a, slope = fit
             if slope > 0:
-                caps.append((b.max_memory - at0) / slope)
-            elif at0 > b.max_memory:
+                caps.append((b.max_memory - a) / slope)
+            elif a > b.max_memory:
                 caps.append(-1.0)
         return min(caps) if caps else float("inf")
 
