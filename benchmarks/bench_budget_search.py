@@ -27,6 +27,7 @@ import torch
 
 from cwca_export.budget import Budget
 from cwca_export.data import calibration_data
+from cwca_export.defaults import EXPORT_SAMPLES, EXPORT_SEQ_LEN
 from cwca_export.demo import DEMO_MODEL, HELDOUT_TEXT, TRAIN_TEXT
 from cwca_export.evaluate import evaluate
 from cwca_export.exporter import BudgetError
@@ -34,6 +35,7 @@ from cwca_export.exporter.api import export
 from cwca_export.loading import load_model
 from cwca_export.plan import plan_by_rule
 from cwca_export.precision import default_formats, measure_precision_damage
+from cwca_export.rounding import clip_transform, moments_for
 from cwca_export.scores import LayerScores
 from cwca_export.scoring import score
 from cwca_export.versions import library_versions
@@ -68,8 +70,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_budget_search.json"))
     ap.add_argument("--budgets", default=",".join(f"{b:g}" for b in BUDGETS))
     ap.add_argument("--max-tokens", type=int, default=None, help="held-out tokens (default: all)")
-    ap.add_argument("--samples", type=int, default=16)
-    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--samples", type=int, default=EXPORT_SAMPLES)
+    ap.add_argument("--seq-len", type=int, default=EXPORT_SEQ_LEN)
+    ap.add_argument("--rounding", choices=["clip", "rtn"], default="clip")
     ap.add_argument("--kinds", default="search,uniform")
     ap.add_argument("--uniform-budgets", default="0.15,0.12,0.1",
                     help="budgets at which the uniform baseline runs (below every peer's smallest artifact)")
@@ -90,7 +93,8 @@ def main() -> None:
     plans = {"search": plan_by_rule(scores, 0.3, rule="damage", hi=0.9),
              "uniform": plan_by_rule(scores, 0.3, rule="band", band=0.0, hi=0.9)}
     began = time.perf_counter()
-    table = measure_precision_damage(model, calib.input_ids, default_formats(model))
+    transform = clip_transform(moments_for(model, calib.input_ids)) if args.rounding == "clip" else None
+    table = measure_precision_damage(model, calib.input_ids, default_formats(model), transform=transform)
     table_seconds = time.perf_counter() - began
     workload = {"prompt_len": 32, "context": 128}
     dense = export(model, None, args.work / "dense", tokenizer=tok, budget=Budget(**workload), overwrite=True)
@@ -121,7 +125,7 @@ def main() -> None:
                              method="width" if plan is not None else None,
                              budget=Budget(max_disk=limit, max_latency_ms=latency, **workload),
                              compress_options={"data": calib}, calibration=calib.input_ids, overwrite=True,
-                             search_options=options)
+                             search_options=options, rounding=args.rounding)
                 entry[kind] = row(art, args.max_tokens, time.perf_counter() - began)
             except BudgetError as exc:
                 entry[kind] = {"error": str(exc)[:400], "search_seconds": round(time.perf_counter() - began, 1)}

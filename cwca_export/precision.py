@@ -33,7 +33,7 @@ import copy
 import math
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +48,8 @@ DEFAULT_FORMATS = ("fp32", "int8", "int4-b128-asym", "int4-b32")  # the densest 
 # dynamic int8, and its speed on the CPU provider is not benchmarked here.
 _FORMAT = re.compile(r"^int(?P<bits>[48])(?:-b(?P<block>\d+))?(?P<asym>-asym)?$")
 _DYNAMIC_RANGE = 127  # quantize_dynamic's symmetric int8 weights: scale = max|w| / 127
+WeightTransform = Callable[[str, torch.Tensor, "StorageFormat"], torch.Tensor]
+"""(Linear path, weight, format) -> the weight to quantize instead (data-aware rounding)."""
 
 
 @dataclass(frozen=True)
@@ -430,12 +432,15 @@ def measure_precision_damage(
     *,
     batch_size: int = 8,
     progress: bool = False,
+    transform: WeightTransform | None = None,
 ) -> PrecisionDamage:
     """The calibration-loss increase of storing each group alone in each format.
 
     Blocks run as measured-damage probes (a copy of the block with quantized weights, then
     the rest of the model from its cached inputs, :func:`cwca_export.damage.probe_blocks`);
-    the embedding and the head cost one full forward per format.
+    the embedding and the head cost one full forward per format. ``transform`` changes each
+    Linear's weight before it is quantized (data-aware rounding,
+    :func:`cwca_export.rounding.clip_transform`); it does not apply to embedding tables.
     """
     from cwca_export.damage import calibration_loss, probe_blocks
 
@@ -452,7 +457,10 @@ def measure_precision_damage(
             probe = copy.deepcopy(block.module)
             if not fmts[v].is_float:
                 for path in group.modules:
-                    quantize_linear_(probe.get_submodule(path[len(block.name) + 1:]), fmts[v])
+                    linear = probe.get_submodule(path[len(block.name) + 1:])
+                    if transform is not None:
+                        linear.weight.copy_(transform(path, linear.weight, fmts[v]))
+                    quantize_linear_(linear, fmts[v])
             return probe
 
         return variant
@@ -468,7 +476,7 @@ def measure_precision_damage(
             elif not g.allows(f):
                 row.append(None)
             else:
-                with quantized_weights(model, {g.name: f}):
+                with _transformed_head(model, g, f, transform), quantized_weights(model, {g.name: f}):
                     row.append(calibration_loss(model, ids, batch_size=batch_size) - run.base_loss)
         damage.append(row)
     for row in damage:
@@ -481,10 +489,30 @@ def measure_precision_damage(
     )
 
 
+@contextlib.contextmanager
+def _transformed_head(model: nn.Module, group: PrecisionGroup, fmt: StorageFormat,
+                      transform: WeightTransform | None) -> Iterator[None]:
+    """An untied head's weight passed through ``transform`` (restored after); else nothing."""
+    head = model.get_output_embeddings()
+    if transform is None or group.kind != "head" or head.weight is model.get_input_embeddings().weight:
+        yield
+        return
+    original = head.weight.detach().clone()
+    try:
+        with torch.no_grad():
+            head.weight.copy_(transform(group.modules[0], head.weight, fmt))
+        yield
+    finally:
+        with torch.no_grad():
+            head.weight.copy_(original)
+
+
 def fisher_precision_estimate(
     model: nn.Module,
     input_ids: Any,
     formats: Sequence[StorageFormat | str] = DEFAULT_FORMATS,
+    *,
+    transform: WeightTransform | None = None,
 ) -> PrecisionDamage:
     """The curvature estimate: 1/2 sum_i F_ii (w_i - q(w_i))^2 per group and format.
 
@@ -533,7 +561,11 @@ def fisher_precision_estimate(
                 total = 0.0
                 for path in g.modules:
                     w = params[path].detach()
-                    err = w - (fake_quantize_table(w, f) if g.kind in ("embed", "tied") else fake_quantize(w, f))
+                    if g.kind in ("embed", "tied"):
+                        err = w - fake_quantize_table(w, f)
+                    else:
+                        shown = w if transform is None or f.is_float else transform(path, w, f)
+                        err = w - fake_quantize(shown, f)
                     total += 0.5 * float((fisher[path] * err.float() ** 2).sum())
                 row.append(total)
             damage.append(row)

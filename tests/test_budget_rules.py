@@ -111,3 +111,30 @@ def test_fisher_estimate_prices_the_precision_program_and_the_winner_is_still_me
     assert search["precision_damage"]["estimator"] == "fisher"
     assert art.disk_bytes <= int(0.5 * dense) and search["chosen"]["calib_loss"] is not None
     assert art.manifest["postprocess"]["precision"]["groups"] == search["chosen"]["formats"]
+
+
+def test_plan_knob_holds_one_compressed_copy_at_a_time():
+    """The search's memory: the model plus one compressed copy, whatever levels it visits."""
+    import gc
+    import weakref
+
+    from cwca_export.exporter.search import PlanKnob
+
+    model = tiny_model("llama", num_hidden_layers=2)
+    blocks = find_blocks(model)
+    scores = LayerScores("gradnorm", zeta2=[1.0, 2.0], n_params=[b.n_params for b in blocks],
+                         block_names=[b.name for b in blocks])
+    plan = Plan.from_dict(plan_by_rule(scores, 0.3, rule="band", band=0.0).to_dict())
+    knob = PlanKnob(model, plan, "width", {"multiple": 1, "importance": "magnitude"})
+    alive = []
+    for t in (0.25, 0.5, 0.75, 0.5):
+        made, _ = knob.make(t)
+        alive.append(weakref.ref(made))
+        del made
+    gc.collect()
+    assert sum(r() is not None for r in alive) == 1
+    width = [m.mlp.down_proj.in_features for m in knob.make(0.5)[0].model.layers]
+    assert width == [m.mlp.down_proj.in_features for m in knob.make(0.5)[0].model.layers]  # same level: reused
+    knob.forget()
+    gc.collect()
+    assert all(r() is None for r in alive)

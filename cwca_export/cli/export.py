@@ -106,6 +106,9 @@ def _read_precision(path: str) -> dict[str, str]:
 @click.option("--levels", type=COUNT, default=5, show_default=True, help="Structure levels a budget search tries with --plan.")
 @click.option("--precision-estimate", type=click.Choice(["measured", "fisher"]), default="measured", show_default=True,
               help="How a budget search prices each layer's formats: measured probes or the Fisher-weighted error.")
+@click.option("--rounding", type=click.Choice(["clip", "rtn"]), default="clip", show_default=True,
+              help="How per-layer integer formats round: clip each weight block where the calibration inputs say it"
+                   " lowers the output error, or rtn (ONNX Runtime's plain round to nearest). --quantize is always rtn.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), help="Artifact float dtype (fp16 for GPU providers) [default: fp32].")
 @click.option("--optimize", type=click.Choice(["basic", "extended", "all"]), help="Offline ONNX Runtime graph optimisation.")
 @click.option("--max-memory", type=SIZE, metavar="SIZE", help="Disk and resident limit: 1.5GiB, 300MB or bytes.")
@@ -130,7 +133,7 @@ def _read_precision(path: str) -> dict[str, str]:
 @guards_output(inputs={"model_dir": "MODEL_DIR", "plan_path": "--plan", "data": "--data"})
 def export(
     model_dir, out, backend, plan_path, method, data, samples, seq_len, quantize, exclude, exclude_layers, block_size,
-    formats, precision_path, levels, precision_estimate, dtype,
+    formats, precision_path, levels, precision_estimate, rounding, dtype,
     optimize, max_memory, max_disk, max_latency_ms, max_prefill_ms, ep, batch, prompt_len, context, hardware,
     no_kv_cache, opset, external_data_threshold, runs, warmup, threads, overwrite, as_json,
     no_fingerprint, trust_remote_code, allow_pickle,
@@ -211,7 +214,7 @@ def export(
         method=method, optimize=optimize, backend_options=options, compress_options=compress_options,
         external_data_threshold=parse_size(external_data_threshold), overwrite=overwrite,
         warmup=warmup, runs=runs, threads=threads, precision=precision, formats=formats, levels=levels,
-        precision_estimate=precision_estimate,
+        precision_estimate=precision_estimate, rounding=rounding,
     )
     if as_json:
         click.echo(json.dumps(artifact.manifest, indent=2))

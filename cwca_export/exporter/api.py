@@ -126,6 +126,7 @@ def export(
     levels: int = 5,
     precision_estimate: str = "measured",
     search_options: dict[str, Any] | None = None,
+    rounding: str = "clip",
 ) -> Artifact:
     """Export ``model`` to ONNX, verify it against torch, measure it, and write it atomically.
 
@@ -165,6 +166,9 @@ def export(
             or the ``fisher`` estimate.
         search_options: further keywords for :func:`cwca_export.exporter.search.fit_budget`
             (``precision_damage=`` a table to reuse, ``per_layer=False`` for uniform storage).
+        rounding: how per-layer integer formats round: ``clip`` (default; blocks clipped where
+            the calibration inputs say it lowers the output error, :mod:`cwca_export.rounding`)
+            or ``rtn`` (ONNX Runtime's plain round to nearest). Fixed ``quantize`` is always RTN.
 
     Returns:
         The committed :class:`Artifact`.
@@ -194,6 +198,7 @@ def export(
         ),
         new_tokens=new_tokens,
         precision=dict(precision) if precision else None,
+        rounding=rounding,
     )
     with Staging(out_dir, overwrite=overwrite) as staging:
         if budget.has_limits:
@@ -206,7 +211,15 @@ def export(
             )
         else:
             compressed = apply_plan(model, plan, method, **(compress_options or {})) if method else model
-            candidate, search = build_candidate(compressed, tokenizer, staging.new_folder(), settings), None
+            moments = None
+            if settings.precision and rounding == "clip":
+                from cwca_export.exporter.search import calibration_ids
+                from cwca_export.rounding import moments_for
+
+                ids, _ = calibration_ids(tokenizer, compress_options or {}, calibration, model.config.vocab_size)
+                moments = moments_for(compressed, ids)
+            candidate = build_candidate(compressed, tokenizer, staging.new_folder(), settings, moments)
+            search = None
         manifest = _manifest(candidate, plan, budget, search)
         write_json_atomic(candidate.folder / MANIFEST_NAME, manifest)
         path = staging.commit(candidate.folder)

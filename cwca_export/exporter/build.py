@@ -18,6 +18,7 @@ from cwca_export.exporter.measure import MeasureConfig, file_inventory, measure_
 from cwca_export.exporter.predict import scheme_of, weight_bytes
 from cwca_export.exporter.session import DecoderSession, make_session
 from cwca_export.exporter.verify import VerificationError, check_generation, check_parity, sample_inputs
+from cwca_export.rounding import ROUNDINGS, clipped_weights
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,10 @@ class ExportSettings:
         precision: a per-layer precision plan, group name (``model.layers.3``, ``embed``,
             ``head``) -> storage format (``int4-b128``...; see :mod:`cwca_export.precision`),
             applied per node and checked in the final graph. Excludes ``quantize``.
+        rounding: how ``precision``'s integer formats round: ``rtn`` (ONNX Runtime's round to
+            nearest on the weights as they are) or ``clip`` (each block clipped first where the
+            calibration inputs say it lowers the output error, :mod:`cwca_export.rounding`;
+            :func:`build_candidate` then needs the inputs' moments).
     """
 
     backend: str = "optimum"
@@ -47,8 +52,11 @@ class ExportSettings:
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     new_tokens: int = 8
     precision: dict[str, str] | None = None
+    rounding: str = "rtn"
 
     def __post_init__(self) -> None:
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"rounding {self.rounding!r}: choose one of {ROUNDINGS}; hint: --rounding clip")
         if self.dtype == "fp16" and (self.quantize is not None or self.precision):
             raise ValueError("fp16 and int8/int4 quantization do not combine; hint: pick one of them")
         if self.quantize is not None and self.precision:
@@ -212,9 +220,28 @@ def apply_precision(model: Any, src: Path, dst: Path, groups: dict[str, str]) ->
     return {"groups": dict(groups), "nodes": expected, "verified_in_graph": True}
 
 
-def build_candidate(model: Any, tokenizer: Any, folder: Path, settings: ExportSettings) -> Candidate:
+def build_candidate(model: Any, tokenizer: Any, folder: Path, settings: ExportSettings,
+                    moments: dict[str, Any] | None = None) -> Candidate:
     """Export ``model`` into ``folder`` and prove it: fp32 parity and greedy tokens first, then
-    the post-processed graph's parity at its dtype tolerance, then disk, memory and latency."""
+    the post-processed graph's parity at its dtype tolerance, then disk, memory and latency.
+
+    With ``settings.rounding == "clip"`` and a precision plan, the weights are clipped for the
+    export and its checks (``moments``: the Linears' input moments,
+    :func:`cwca_export.rounding.moments_for`) and restored after."""
+    if not (settings.precision and settings.rounding == "clip"):
+        return _build(model, tokenizer, folder, settings)
+    if moments is None:
+        raise ValueError("rounding clip needs calibration statistics; hint: pass --data, or --rounding rtn")
+    from cwca_export.precision import StorageFormat
+
+    assignment = {g: StorageFormat.parse(f) for g, f in settings.precision.items()}
+    with clipped_weights(model, assignment, moments) as ratios:
+        candidate = _build(model, tokenizer, folder, settings)
+    candidate.postprocess["precision"]["rounding"] = {"method": "clip", "mean_clip_ratio": ratios}
+    return candidate
+
+
+def _build(model: Any, tokenizer: Any, folder: Path, settings: ExportSettings) -> Candidate:
     backend = get_backend(settings.backend)
     try:
         backend.export(model, tokenizer, folder, **settings.backend_options)

@@ -23,6 +23,7 @@ structure levels in that storage, priced by the structured model's calibration l
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import time
@@ -54,6 +55,9 @@ class Knob(Protocol):
 
 class PlanKnob:
     """Moves ``plan`` to the target at level t by its own rule and applies it to a copy.
+
+    Only the latest level's copy is kept (a level asked for again after another is compressed
+    again), so the search holds at most the model and one compressed copy (docs/memory.md).
 
     t = 0 is the model as given; t = 1 the most the plan's bounds allow (pruning: the upper
     bounds' weighted mean; rank plans: the lower unit bounds' kept fraction; unit budgets: the
@@ -90,6 +94,7 @@ class PlanKnob:
             return self.model, None
         if t not in self._made:
             plan_t = rescale_plan(self.plan, self.target(t), shapes=self.model)
+            self._made.clear()  # one compressed copy at a time: memory stays at twice the weights
             self._made[t] = (self._apply(self.model, plan_t, self.method, **self.compress_options), plan_t)
         return self._made[t]
 
@@ -186,9 +191,11 @@ def calibration_ids(tokenizer: Any, compress_options: dict[str, Any], calibratio
         from importlib.resources import files
 
         from cwca_export.data import calibration_data
+        from cwca_export.defaults import EXPORT_SAMPLES, EXPORT_SEQ_LEN
 
         text = (files("cwca_export") / "assets" / "text" / "train.txt").read_text(encoding="utf-8")[:400_000]
-        ids = calibration_data([text], tokenizer, num_samples=8, seq_len=128, seed=0, allow_fewer=True).input_ids
+        ids = calibration_data([text], tokenizer, num_samples=EXPORT_SAMPLES, seq_len=EXPORT_SEQ_LEN, seed=0,
+                               allow_fewer=True).input_ids
         return ids, "shipped Python documentation text (pass --data for your domain)"
     ids = torch.randint(0, vocab, (8, 64), generator=torch.Generator().manual_seed(0))
     return ids, "random tokens (no tokenizer and no --data: losses rank candidates only roughly)"
@@ -208,14 +215,16 @@ class _Search:
         self.per_layer = True
         self.node_overhead = 0.0  # graph bytes each quantized weight node adds (scales' names, attributes)
         self.timings: dict[str, float] = {}
+        self.moments: dict[float, Any] = {}
         self.pricing = progress_bar(desc="search: pricing", unit="candidate", show=False)  # run() shows one
 
     # -------------------------------------------------------------- building
     def build(self, model: Any, settings: ExportSettings, option: _Option) -> tuple[Candidate | None, bool]:
         from cwca_export.exporter.verify import VerificationError
 
+        moments = self.moments_at(option.t, model) if settings.precision else None
         try:
-            candidate = build_candidate(model, self.tokenizer, self.staging.new_folder(), settings)
+            candidate = build_candidate(model, self.tokenizer, self.staging.new_folder(), settings, moments)
         except VerificationError as exc:  # a candidate that fails verification is recorded, not fatal
             option.status = f"failed verification: {str(exc).split(';')[0]}"
             return None, False
@@ -355,8 +364,25 @@ class _Search:
             option.calib_loss = structure_loss
             return
         assignment = {g: StorageFormat.parse(f) for g, f in option.formats.items()}
-        with quantized_weights(model_t, assignment):
+        with self.rounded(model_t, option.t, assignment), quantized_weights(model_t, assignment):
             option.calib_loss = calibration_loss(model_t, self.calib, batch_size=8)
+
+    def moments_at(self, t: float, model_t: Any) -> dict[str, Any] | None:
+        """The calibration inputs' moments at structure level ``t`` (clip rounding only)."""
+        from cwca_export.rounding import moments_for
+
+        if self.settings.rounding != "clip":
+            return None
+        if t not in self.moments:
+            self.moments = {t: moments_for(model_t, self.calib)}  # one level at a time, as the knob
+        return self.moments[t]
+
+    def rounded(self, model_t: Any, t: float, assignment: dict[str, Any]) -> Any:
+        """The weights of ``model_t`` as the settings' rounding exports them, for pricing."""
+        from cwca_export.rounding import clipped_weights
+
+        moments = self.moments_at(t, model_t)
+        return contextlib.nullcontext() if moments is None else clipped_weights(model_t, assignment, moments)
 
     # -------------------------------------------------------------- the search
     def run(self, ref: Candidate) -> tuple[Candidate | None, _Option | None]:
@@ -475,6 +501,8 @@ class _Search:
         return {
             "knob": None if self.knob is None else self.knob.name,
             "calibration": self.calib_source,
+            "calibration_tokens": int(self.calib.shape[0] * self.calib.shape[1]),
+            "rounding": self.settings.rounding,
             "precision_damage": None if self.table is None else self.table.to_dict(),
             "candidates": [o.record() for o in options],
             "trials": self.trials,
@@ -575,6 +603,7 @@ def fit_budget(
         ``(candidate, search record for the manifest, plan of the chosen candidate)``.
     """
     from cwca_export.precision import fisher_precision_estimate, measure_precision_damage
+    from cwca_export.rounding import clip_transform
 
     if estimator not in ("measured", "fisher"):
         raise ValueError(f"precision estimator {estimator!r}: choose measured or fisher; hint: --precision-estimate")
@@ -600,12 +629,14 @@ def fit_budget(
         return reference, search.record(reference_option), plan
     if names is not None:
         t0 = time.perf_counter()
+        moments = search.moments_at(0.0, model)
+        transform = None if moments is None else clip_transform(moments)
         if precision_damage is not None:
             search.table = precision_damage
         elif estimator == "fisher":
-            search.table = fisher_precision_estimate(model, calib, names)
+            search.table = fisher_precision_estimate(model, calib, names, transform=transform)
         else:
-            search.table = measure_precision_damage(model, calib, names, batch_size=8)
+            search.table = measure_precision_damage(model, calib, names, batch_size=8, transform=transform)
         search.calibrate_node_overhead(reference)
         search.timings["precision_damage_s"] = round(time.perf_counter() - t0, 2)
     chosen_candidate, chosen = search.run(reference)
