@@ -65,7 +65,9 @@ def _summary(art) -> list[str]:
             lines.append(f"chosen: {chosen['storage']} at structure level t={chosen['t']:g}; {search.get('why') or ''}")
     precision = post.get("precision")
     if precision:
-        lines.append(f"per-layer precision: {len(precision['nodes'])} weight nodes in their planned formats (read back from the graph)")
+        rounding = (precision.get("rounding") or {}).get("method", "rtn")
+        lines.append(f"per-layer precision: {len(precision['nodes'])} weight nodes in their planned formats"
+                     f" (read back from the graph), rounding {rounding}")
     return lines
 
 
