@@ -71,7 +71,7 @@ def run_demo(
     from cwca_export.exporter.api import export
     from cwca_export.loading import load_model
     from cwca_export.outputs import write_inventory
-    from cwca_export.plan import plan_by_rule
+    from cwca_export.planning.plan import plan_by_rule
     from cwca_export.report import build_report
     from cwca_export.scoring import score
 

@@ -519,19 +519,19 @@ def run_recipe(
 def _plan(recipe: Recipe, model, scores, calib):
     p = recipe.plan
     if p.program == "allocate":
-        from cwca_export.rank_plans import plan_ranks_from_damage
-        from cwca_export.refine import refine_ranks
+        from cwca_export.planning.rank_plans import plan_ranks_from_damage
+        from cwca_export.planning.refine import refine_ranks
 
         if p.refine:
             return refine_ranks(model, scores, p.budget_fraction, calib, method=recipe.compress.method,
                                 rank_step=p.rank_step, max_evals=p.max_evals, lo=p.lo, hi=p.hi)
         return plan_ranks_from_damage(scores, p.budget_fraction, shapes=model, rank_step=p.rank_step, lo=p.lo, hi=p.hi)
     if p.refine:
-        from cwca_export.refine import refine_plan
+        from cwca_export.planning.refine import refine_plan
 
         return refine_plan(model, scores, p.sparsity, calib, method=recipe.compress.method,
                            max_evals=p.max_evals, lo=p.lo, hi=p.hi, band=p.band)
-    from cwca_export.plan import plan_by_rule
+    from cwca_export.planning.plan import plan_by_rule
 
     return plan_by_rule(scores, p.sparsity, rule=p.rule, band=p.band, lo=p.lo, hi=p.hi, kappa=p.kappa)
 

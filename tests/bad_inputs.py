@@ -61,7 +61,7 @@ def build_world(root: Path) -> World:
     import torch
     from transformers import BertConfig, BertForMaskedLM, T5Config
 
-    from cwca_export.plan import plan_pruning
+    from cwca_export.planning.plan import plan_pruning
     from cwca_export.scoring import score
 
     root.mkdir(parents=True, exist_ok=True)

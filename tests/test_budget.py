@@ -183,8 +183,8 @@ def test_search_ships_the_lowest_loss_candidate_measurement_proves_within_budget
     was predicted to fit was built and missed, and the winner's loss is recomputed independently."""
     import torch
 
-    from cwca_export.damage import calibration_loss
-    from cwca_export.precision import StorageFormat, quantized_weights
+    from cwca_export.planning.damage import calibration_loss
+    from cwca_export.planning.precision import StorageFormat, quantized_weights
 
     model = tiny_model("llama", **MEDIUM)
     ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))

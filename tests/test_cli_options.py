@@ -98,7 +98,7 @@ def test_refine_json_is_the_plan_it_wrote(tmp_path):
     from click.testing import CliRunner
     from helpers import sample_text, save_tiny_model
 
-    from cwca_export.plan import Plan
+    from cwca_export.planning.plan import Plan
     from cwca_export.scoring import score
 
     model = save_tiny_model("llama", tmp_path / "llama")

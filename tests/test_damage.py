@@ -16,15 +16,15 @@ from helpers import factorise, sample_text, save_tiny_model, tiny_model, tiny_to
 import cwca_export
 from cwca_export.blocks import find_blocks, model_fingerprint, weight_out_in
 from cwca_export.cli import cli
-from cwca_export.damage import (
+from cwca_export.data import calibration_data
+from cwca_export.planning.damage import (
     calibration_loss,
     final_norm,
     measure_damage,
     plan_loss,
     probe_rank,
 )
-from cwca_export.data import calibration_data
-from cwca_export.plan import Plan, damage_curves
+from cwca_export.planning.plan import Plan, damage_curves
 from cwca_export.scores import LayerScores
 from cwca_export.scoring import score
 
@@ -234,8 +234,8 @@ def test_two_processes_under_torchrun_match_one_process(tmp_path):
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_capped_input_cache_gives_the_same_curves_in_several_passes(method, ids, monkeypatch):
-    import cwca_export.damage as damage_module
-    from cwca_export.damage import block_input_bytes
+    import cwca_export.planning.damage as damage_module
+    from cwca_export.planning.damage import block_input_bytes
 
     model = tiny_model("llama", num_hidden_layers=4)
     full = measure_damage(model, ids, method=method, points=(0.3, 0.7), batch_size=4)
@@ -292,6 +292,6 @@ def test_score_cli_max_cache_gives_the_same_scores(tmp_path):
 
 def test_one_probe_point_may_be_a_bare_number():
     # `--option points=0.5` parses as JSON to a float, not a list
-    from cwca_export.damage import _points
+    from cwca_export.planning.damage import _points
 
     assert _points(0.5) == [0.5] and _points("0.7,0.3") == [0.3, 0.7]

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from cwca_export.cli import cli
-from cwca_export.plan import Plan, damage_curves, plan_band, plan_from_damage
+from cwca_export.planning.plan import Plan, damage_curves, plan_band, plan_from_damage
 from cwca_export.scores import LayerScores
 
 

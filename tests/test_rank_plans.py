@@ -14,16 +14,16 @@ from torch import nn
 
 from cwca_export.blocks import find_blocks
 from cwca_export.compression import compress
-from cwca_export.curve_solver import curve_value
-from cwca_export.plan_probe import RankPlanLoss
-from cwca_export.rank_plans import (
+from cwca_export.planning.curve_solver import curve_value
+from cwca_export.planning.plan_probe import RankPlanLoss
+from cwca_export.planning.rank_plans import (
     kept_parameters,
     linear_shapes,
     plan_ranks_from_damage,
     plan_ranks_uniform,
     solve_unit_options,
 )
-from cwca_export.refine import refine_ranks, refine_unit_exchange
+from cwca_export.planning.refine import refine_ranks, refine_unit_exchange
 from cwca_export.scores import LayerScores
 
 POINTS = [0.25, 0.5, 0.75, 0.9]
@@ -286,7 +286,7 @@ def test_cli_plans_ranks_that_compress_applies_within_budget(tmp_path):
 
     import cwca_export
     from cwca_export.cli import cli
-    from cwca_export.plan import Plan
+    from cwca_export.planning.plan import Plan
 
     folder = save_tiny_model("llama", tmp_path / "m", num_hidden_layers=3)
     text = tmp_path / "calib.txt"

@@ -195,7 +195,7 @@ def compress(
     from cwca_export.compression.saving import save_compressed
     from cwca_export.data import calibration_data
     from cwca_export.loading import check_model_folder, load_model
-    from cwca_export.plan import Plan
+    from cwca_export.planning.plan import Plan
 
     if Path(out).exists() and not overwrite:
         raise click.UsageError(f"{out} already exists; pass --overwrite or another --out")

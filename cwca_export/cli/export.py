@@ -71,7 +71,7 @@ def _summary(art) -> list[str]:
 
 def _read_precision(path: str) -> dict[str, str]:
     """Group -> format from ``{"formats": {...}}`` (or a bare mapping), formats checked."""
-    from cwca_export.precision import StorageFormat
+    from cwca_export.planning.precision import StorageFormat
 
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -156,7 +156,7 @@ def export(
     from cwca_export.exporter.api import export as run_export
     from cwca_export.exporter.postprocess import QuantizeConfig
     from cwca_export.loading import check_model_folder, load_model
-    from cwca_export.plan import Plan
+    from cwca_export.planning.plan import Plan
 
     limits = {
         "max_memory": parse_size(max_memory) if max_memory else None,

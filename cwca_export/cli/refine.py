@@ -60,7 +60,7 @@ def refine(model_dir, scores_path, sparsity, budget_fraction, rank_step, data_pa
     """
     from cwca_export.data import calibration_data
     from cwca_export.loading import check_model_folder, load_model
-    from cwca_export.refine import refine_plan, refine_ranks
+    from cwca_export.planning.refine import refine_plan, refine_ranks
     from cwca_export.scores import LayerScores
 
     ranks = method in ("lowrank", "asvd")

@@ -78,7 +78,7 @@ def compress(
 
     Args:
         model: a transformers causal LM; it is compressed in place (and left in eval mode).
-        plan: a :class:`~cwca_export.plan.Plan` made for this model.
+        plan: a :class:`~cwca_export.planning.plan.Plan` made for this model.
         method: a registered method (``cwca_export.compression.METHODS``).
         data: calibration ids, a :class:`~cwca_export.data.CalibrationData` or an int tensor
             ``(N, L)``; needed by ``wanda``, ``sparsegpt``, ``asvd`` and ``width`` with

@@ -138,7 +138,7 @@ def export(
 
     Args:
         model: a float32 transformers causal LM on the CPU (compressed or not).
-        plan: the :class:`~cwca_export.plan.Plan` behind the model, recorded in the manifest;
+        plan: the :class:`~cwca_export.planning.plan.Plan` behind the model, recorded in the manifest;
             with ``method`` it is applied (and re-solved during a budget search). None: none.
         out_dir: the artifact folder; it appears complete or not at all.
         backend: a registered backend, ``"optimum"`` (default) or ``"onnx"``.
@@ -155,7 +155,7 @@ def export(
         overwrite: replace an existing ``out_dir`` (atomically); otherwise it is an error.
         warmup, runs, threads: latency measurement settings.
         new_tokens: greedy tokens compared with torch.
-        precision: a per-layer precision plan (group -> format, see :mod:`cwca_export.precision`),
+        precision: a per-layer precision plan (group -> format, see :mod:`cwca_export.planning.precision`),
             applied per node and checked in the graph; excludes ``quantize``.
         formats: the storage formats a budget search may plan (default: all CPU formats).
         calibration: token ids pricing a budget search's candidates (default: the ``data`` of

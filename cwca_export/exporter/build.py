@@ -34,7 +34,7 @@ class ExportSettings:
         measure: workload and repetitions for memory and latency.
         new_tokens: greedy tokens compared against torch.
         precision: a per-layer precision plan, group name (``model.layers.3``, ``embed``,
-            ``head``) -> storage format (``int4-b128``...; see :mod:`cwca_export.precision`),
+            ``head``) -> storage format (``int4-b128``...; see :mod:`cwca_export.planning.precision`),
             applied per node and checked in the final graph. Excludes ``quantize``.
     """
 
@@ -181,7 +181,7 @@ def apply_precision(model: Any, src: Path, dst: Path, groups: dict[str, str]) ->
     Returns the record the manifest keeps: groups, every planned node's format, verified."""
     import onnx
 
-    from cwca_export.precision import StorageFormat, precision_groups
+    from cwca_export.planning.precision import StorageFormat, precision_groups
 
     known = {g.name: g for g in precision_groups(model)}
     unknown = sorted(set(groups) - set(known))
@@ -229,7 +229,7 @@ def build_candidate(model: Any, tokenizer: Any, folder: Path, settings: ExportSe
     verification = {"fp32": _verify(model, raw, folder, settings, "fp32", True, backend)}
     postprocess = _postprocess(model, folder, settings)
     if settings.precision:
-        from cwca_export.precision import StorageFormat, quantized_weights
+        from cwca_export.planning.precision import StorageFormat, quantized_weights
 
         assignment = {g: StorageFormat.parse(f) for g, f in settings.precision.items()}
         kind = "mixed-dynamic" if any(f.dynamic for f in assignment.values()) else "mixed"
@@ -242,7 +242,7 @@ def build_candidate(model: Any, tokenizer: Any, folder: Path, settings: ExportSe
     scheme = settings.scheme
     excluded = (postprocess["quantize"] or {}).get("excluded_node_names", [])
     if settings.precision:
-        from cwca_export.precision import artifact_weight_bytes
+        from cwca_export.planning.precision import artifact_weight_bytes
 
         weights = artifact_weight_bytes(model, settings.precision)
     else:

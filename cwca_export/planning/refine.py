@@ -1,6 +1,6 @@
 """Interaction-aware refinement: correct a separable plan with measurements of whole plans.
 
-The one-dual plans (docs/design.md 2.2, :mod:`cwca_export.curve_solver`) add up single-block damage.
+The one-dual plans (docs/design.md 2.2, :mod:`cwca_export.planning.curve_solver`) add up single-block damage.
 Real damage is not additive: a whole plan's loss increase over the sum of its blocks' alone
 is about 0.5-0.6 for uniform plans and 1.1-2.0 for skewed ones at 70% sparsity on small
 Llamas, so a separable program skews too much. Refinement measures the loss of whole plans
@@ -95,7 +95,7 @@ def refine_exchange(
         x0: the starting ratios (e.g. the one-dual plan); sum(n * x0) is kept throughout.
         n: prunable weights per block.
         measure: whole-plan loss of a ratio vector (lower is better), e.g. a
-            :class:`cwca_export.plan_probe.PlanLoss`.
+            :class:`cwca_export.planning.plan_probe.PlanLoss`.
         lo, hi: per-block bounds.
         step: sparsity moved per exchange, in units of the receiving block's ratio.
         min_step: the smallest step tried before stopping.
@@ -200,7 +200,7 @@ def candidate_plans(
     MDL plans (docs/design.md 2.2) per kappa and band. Uniform is always a candidate, so a tuned
     plan is never worse than uniform on the calibration loss.
     """
-    from cwca_export.plan import Plan, has_damage_curves, plan_by_rule
+    from cwca_export.planning.plan import Plan, has_damage_curves, plan_by_rule
 
     plans: dict[str, object] = {}
     k = scores.num_blocks
@@ -255,12 +255,12 @@ def refine_plan(
             evicted, recomputed on a miss; same plan); default 2 GiB.
 
     Returns:
-        The :class:`~cwca_export.plan.Plan`, with ``parameters["refinement"]`` recording the
+        The :class:`~cwca_export.planning.plan.Plan`, with ``parameters["refinement"]`` recording the
         start, the forwards spent, the moves kept and the calibration losses.
     """
     import dataclasses
 
-    from cwca_export.plan_probe import PlanLoss
+    from cwca_export.planning.plan_probe import PlanLoss
 
     ids = getattr(data, "input_ids", data)
     if band is not None:
@@ -342,7 +342,7 @@ def refine_unit_exchange(
         kept: ``kept(block, units)``: weights block keeps at that many units (increasing).
         budget: the most weights all blocks may keep together.
         measure: whole-plan loss of a units vector, e.g. a
-            :class:`cwca_export.plan_probe.RankPlanLoss`.
+            :class:`cwca_export.planning.plan_probe.RankPlanLoss`.
         lo, hi: per-block bounds in units.
         step: units taken per exchange at first.
         max_evals, moves_per_round, tol, start_loss: as in :func:`refine_exchange`.
@@ -456,7 +456,7 @@ def refine_ranks(
         model: the dense causal LM the plan is for (its Linears are put back before returning).
         scores: ``damage`` scores measured with ``pruner=lowrank`` or ``asvd``.
         budget_fraction: fraction of the blocks' Linear weights kept (see
-            :func:`cwca_export.rank_plans.plan_ranks_from_damage`); never exceeded.
+            :func:`cwca_export.planning.rank_plans.plan_ranks_from_damage`); never exceeded.
         data: calibration ids ``(N, L)`` or a ``CalibrationData``.
         method: ``lowrank`` or ``asvd``, the method the plan will be applied with.
         rank_step: rank of one plan unit.
@@ -471,14 +471,19 @@ def refine_ranks(
         **options: the method's options (``damp`` for ``asvd``).
 
     Returns:
-        The allocation :class:`~cwca_export.plan.Plan` (units), ``parameters["refinement"]``
+        The allocation :class:`~cwca_export.planning.plan.Plan` (units), ``parameters["refinement"]``
         recording the start, the forwards spent, the moves kept and the calibration losses;
         ``parameters["kept_params"]`` / ``["kept_fraction"]`` are the refined plan's.
     """
     import dataclasses
 
-    from cwca_export.plan_probe import RankPlanLoss
-    from cwca_export.rank_plans import kept_parameters, linear_shapes, plan_ranks_from_damage, plan_ranks_uniform
+    from cwca_export.planning.plan_probe import RankPlanLoss
+    from cwca_export.planning.rank_plans import (
+        kept_parameters,
+        linear_shapes,
+        plan_ranks_from_damage,
+        plan_ranks_uniform,
+    )
 
     ids = getattr(data, "input_ids", data)
     shapes = linear_shapes(model)

@@ -17,9 +17,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from cwca_export import solver
-from cwca_export.curve_solver import CurveForm, curve_function, lower_hull
-from cwca_export.plan import Plan, _make_plan, _per_block, damage_curves, damage_pruner, scores_snapshot
+from cwca_export.planning import solver
+from cwca_export.planning.curve_solver import CurveForm, curve_function, lower_hull
+from cwca_export.planning.plan import Plan, _make_plan, _per_block, damage_curves, damage_pruner, scores_snapshot
 from cwca_export.scores import LayerScores
 
 _RANK_PRUNERS = ("lowrank", "asvd")
@@ -244,7 +244,7 @@ def solve_unit_options(
     Each block lists its options in order of increasing ``kept`` (its units); option 0 of
     every block must fit together.
 
-    1. The one-dual solve of :mod:`cwca_export.curve_solver` on whole options: every block
+    1. The one-dual solve of :mod:`cwca_export.planning.curve_solver` on whole options: every block
        starts at option 0 and the segments of each block's lower convex hull in the
        (kept, damage) plane are bought in order of damage saved per kept weight, a segment
        that does not fit whole going as far as its options allow; moves between two blocks

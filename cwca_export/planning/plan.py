@@ -14,9 +14,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from cwca_export import solver
 from cwca_export._jsonio import check_versioned, read_versioned, warn_unknown, write_json_atomic
-from cwca_export.curve_solver import CurveForm, solve_pruning_curves
+from cwca_export.planning import solver
+from cwca_export.planning.curve_solver import CurveForm, solve_pruning_curves
 from cwca_export.scores import DEFAULT_Q_FLOOR_TAU, LayerScores
 from cwca_export.versions import library_versions
 
@@ -402,7 +402,7 @@ def plan_from_damage(
 ) -> Plan:
     """Minimise the total measured single-block damage at a global sparsity (one dual).
 
-    Each block keeps its own measured curve (see :mod:`cwca_export.curve_solver`) instead of
+    Each block keeps its own measured curve (see :mod:`cwca_export.planning.curve_solver`) instead of
     the common psi of :func:`plan_pruning`.
 
     Args:

@@ -2,7 +2,7 @@
 
 NumPy only. The pruning program of docs/design.md 2.2 prices block k at eta q_k^kappa psi(rho_k)
 with one psi for every block. Measured single-block damage D_k(rho) (the calibration-loss
-increase of compressing block k alone, see :mod:`cwca_export.damage`) says both how much a
+increase of compressing block k alone, see :mod:`cwca_export.planning.damage`) says both how much a
 block matters and how fast its damage grows (on small Llamas like rho^4 to rho^5.6, not
 rho^2), so here each block gets its own curve and the program becomes
 
@@ -25,7 +25,7 @@ from typing import Literal
 
 import numpy as np
 
-from cwca_export.solver import SolverResult, _bisect, _bounds, _vector, pruning_mass
+from cwca_export.planning.solver import SolverResult, _bisect, _bounds, _vector, pruning_mass
 
 CurveForm = Literal["piecewise", "power"]
 _MIN_EXPONENT = 1.05  # a power fit flatter than this is not convex enough to price

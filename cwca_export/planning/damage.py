@@ -52,10 +52,10 @@ from torch import nn
 from cwca_export.blocks import Block, find_blocks, weight_out_in
 from cwca_export.compression.sequential import _hooks
 from cwca_export.compression.sequential import _run_block as _run_block_as_is
-from cwca_export.plan import DAMAGE_PREFIX
+from cwca_export.planning.plan import DAMAGE_PREFIX
 
 if TYPE_CHECKING:
-    from cwca_export.plan import Plan
+    from cwca_export.planning.plan import Plan
 
 Reduce = Callable[[list[torch.Tensor]], None]
 
