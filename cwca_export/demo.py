@@ -64,11 +64,11 @@ def run_demo(
         >>> report = run_demo("demo-out")  # doctest: +SKIP
         >>> report["rows"]["compressed"]["perplexity"]  # doctest: +SKIP
     """
-    from cwca_export._jsonio import write_bytes_atomic
     from cwca_export.budget import Budget
     from cwca_export.data import calibration_data, load_texts
     from cwca_export.evaluate import ort_logits_fn, perplexity_from_logits, tokenize_text, torch_logits_fn
     from cwca_export.exporter.api import export
+    from cwca_export.jsonio import write_bytes_atomic
     from cwca_export.loading import load_model
     from cwca_export.outputs import write_inventory
     from cwca_export.planning.plan import plan_by_rule

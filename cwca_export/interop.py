@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from cwca_export._jsonio import write_bytes_atomic
+from cwca_export.jsonio import write_bytes_atomic
 from cwca_export.planning.plan import Plan
 
 LLMCOMPRESSOR_MODIFIERS = ("SparseGPTModifier", "WandaPruningModifier")

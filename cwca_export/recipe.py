@@ -431,10 +431,10 @@ def run_recipe(
     key being :func:`score_cache_key`: a recipe that changes only the plan does not re-score.
     """
     from cwca_export import scoring
+    from cwca_export.atomic import Staging
     from cwca_export.blocks import model_fingerprint
     from cwca_export.compression import compress, save_compressed
     from cwca_export.data import calibration_data
-    from cwca_export.exporter._atomic import Staging
     from cwca_export.loading import check_model_folder, load_model
     from cwca_export.outputs import check_output
     from cwca_export.scores import LayerScores

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from cwca_export._jsonio import write_bytes_atomic
+from cwca_export.jsonio import write_bytes_atomic
 from cwca_export.planning.plan import Plan
 from cwca_export.scores import LayerScores
 

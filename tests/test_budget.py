@@ -10,10 +10,10 @@ from cwca_export.backends import get_backend
 from helpers import factorise, save_tiny_model, shrink_mlp, tiny_model
 
 import cwca_export
+from cwca_export.atomic import Staging
 from cwca_export.budget import Budget, available_profiles, load_profile, parse_size
 from cwca_export.exporter import BudgetError
 from cwca_export.exporter import postprocess as pp
-from cwca_export.exporter._atomic import Staging
 from cwca_export.exporter.build import ExportSettings
 from cwca_export.exporter.measure import MeasureConfig
 from cwca_export.exporter.predict import SizePredictor, weight_bytes

@@ -292,6 +292,6 @@ def test_score_cli_max_cache_gives_the_same_scores(tmp_path):
 
 def test_one_probe_point_may_be_a_bare_number():
     # `--option points=0.5` parses as JSON to a float, not a list
-    from cwca_export.planning.damage import _points
+    from cwca_export.planning.damage import parse_points
 
-    assert _points(0.5) == [0.5] and _points("0.7,0.3") == [0.3, 0.7]
+    assert parse_points(0.5) == [0.5] and parse_points("0.7,0.3") == [0.3, 0.7]

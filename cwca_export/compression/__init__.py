@@ -11,6 +11,7 @@ Modules: ``registry`` (methods by name), ``methods`` (the registered methods), `
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any
 
@@ -22,22 +23,10 @@ from cwca_export.compression.registry import METHODS, BlockJob, get_method, regi
 from cwca_export.compression.saving import load_compressed, save_compressed
 from cwca_export.compression.sequential import run_layer_by_layer, run_whole_model
 from cwca_export.compression.stats import STATISTICS
+from cwca_export.data import calibration_ids
 from cwca_export.progress import bar as progress_bar
 
 __all__ = ["METHODS", "compress", "load_compressed", "register_method", "save_compressed"]
-
-
-def _input_ids(data: Any) -> torch.Tensor | None:
-    """Calibration ids ``(N, L)`` from CalibrationData, an int tensor or None."""
-    if data is None:
-        return None
-    ids = getattr(data, "input_ids", data)
-    if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.ndim != 2:
-        raise ValueError(
-            "data: expected CalibrationData or an integer tensor (N, L) of token ids;"
-            " hint: cwca_export.data.calibration_data(texts, tokenizer, num_samples=N, seq_len=L)"
-        )
-    return ids.long()
 
 
 def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
@@ -133,7 +122,7 @@ def compress(
     if spec.prepare is not None:
         resolved = spec.prepare(resolved, plan)
     stat_name = spec.statistic(resolved)
-    input_ids = _input_ids(data)
+    input_ids = calibration_ids(data)
     if stat_name is not None and input_ids is None:
         raise ValueError(
             f"method {method!r} needs calibration data (per-Linear {stat_name});"
@@ -191,3 +180,14 @@ def compress(
         },
     )
     return model
+
+
+def apply_plan(model: Any, plan: Any, method: str, **compress_options: Any) -> Any:
+    """A compressed copy of ``model`` (the original is untouched) through ``cwca_export.compress``.
+
+    ``compress_options`` go to :func:`cwca_export.compress` (``data=`` calibration for
+    methods that need activations, ``rank_step=``, ``nm=`` ...).
+    """
+    if plan is None:
+        raise ValueError(f"compression method {method!r} needs a plan; hint: pass --plan plan.json")
+    return compress(copy.deepcopy(model), plan, method=method, **compress_options)

@@ -8,20 +8,20 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cwca_export._jsonio import write_json_atomic
+from cwca_export.atomic import Staging
 from cwca_export.budget import Budget
-from cwca_export.exporter._atomic import Staging
+from cwca_export.compression import apply_plan
 from cwca_export.exporter.build import Candidate, ExportSettings, build_candidate
 from cwca_export.exporter.manifest import MANIFEST_NAME, build_manifest
 from cwca_export.exporter.measure import MeasureConfig
 from cwca_export.exporter.postprocess import PROTOBUF_LIMIT, QuantizeConfig
+from cwca_export.jsonio import write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -71,19 +71,6 @@ class Artifact:
         """Logit parity of the final graph against torch."""
         verification = self.manifest["verification"]
         return verification.get("final", verification["fp32"])["parity"]
-
-
-def apply_plan(model: Any, plan: Any, method: str, **compress_options: Any) -> Any:
-    """A compressed copy of ``model`` (the original is untouched) through ``cwca_export.compress``.
-
-    ``compress_options`` go to :func:`cwca_export.compress` (``data=`` calibration for
-    methods that need activations, ``rank_step=``, ``nm=`` ...).
-    """
-    if plan is None:
-        raise ValueError(f"compression method {method!r} needs a plan; hint: pass --plan plan.json")
-    from cwca_export.compression import compress
-
-    return compress(copy.deepcopy(model), plan, method=method, **compress_options)
 
 
 def _check_model(model: Any) -> None:

@@ -1,6 +1,6 @@
 """One candidate artifact: backend export, fp32 verification, post-processing, final checks, measurement.
 
-Everything happens inside a scratch folder that :class:`~cwca_export.exporter._atomic.Staging`
+Everything happens inside a scratch folder that :class:`~cwca_export.atomic.Staging`
 owns; the caller commits the folder or lets it vanish.
 """
 

@@ -62,8 +62,8 @@ class PlanKnob:
     """
 
     def __init__(self, model: Any, plan: Any, method: str, compress_options: dict[str, Any] | None = None) -> None:
+        from cwca_export.compression import apply_plan
         from cwca_export.compression.registry import get_method
-        from cwca_export.exporter.api import apply_plan
         from cwca_export.planning.plan_scaling import target_of, target_range
 
         if plan is None:
@@ -557,7 +557,7 @@ def fit_budget(
         settings: export settings; storage is the search's to choose unless ``settings.quantize``
             is fixed or the budget's dtype is fp16.
         budget: limits and workload.
-        staging: the :class:`~cwca_export.exporter._atomic.Staging` that owns scratch folders.
+        staging: the :class:`~cwca_export.atomic.Staging` that owns scratch folders.
         method: compression method applying ``plan``; with a plan it makes a :class:`PlanKnob`.
         knob: any other global compression level (overrides ``method``).
         compress_options: for ``method`` (``data=`` calibration ids are also the search's).

@@ -178,7 +178,6 @@ class RankPlanLoss:
         from types import SimpleNamespace
 
         from cwca_export.compression import lowrank
-        from cwca_export.planning.damage import _factor_fn
 
         spec = get_method(method)
         if spec.program != "allocate":
@@ -192,7 +191,7 @@ class RankPlanLoss:
         self.rank_step = int(self._options["rank_step"])
         self.blocks = find_blocks(model)
         stats = _dense_stats(model, self.blocks, spec.statistic(self._options), input_ids, batch_size)
-        factor = _factor_fn(method, self._options)
+        factor = lowrank.factor_function(method, self._options)
         self._dense: list[dict[str, nn.Module]] = []
         self._factors: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
         for k, block in enumerate(self.blocks):

@@ -19,7 +19,7 @@ import numpy as np
 
 from cwca_export.planning import solver
 from cwca_export.planning.curve_solver import CurveForm, curve_function, lower_hull
-from cwca_export.planning.plan import Plan, _make_plan, _per_block, damage_curves, damage_pruner, scores_snapshot
+from cwca_export.planning.plan import Plan, damage_curves, damage_pruner, make_plan, per_block_vector, scores_snapshot
 from cwca_export.scores import LayerScores
 
 _RANK_PRUNERS = ("lowrank", "asvd")
@@ -422,8 +422,8 @@ def plan_ranks_from_damage(
     points, damage = damage_curves(scores)
     blocks = _rank_blocks(scores, shapes, rank_step)
     k = scores.num_blocks
-    lo_v = _per_block("lo", lo, k, lo_blocks)
-    hi_v = _per_block("hi", hi, k, hi_blocks)
+    lo_v = per_block_vector("lo", lo, k, lo_blocks)
+    hi_v = per_block_vector("hi", hi, k, hi_blocks)
     if np.any(lo_v < 0) or np.any(hi_v > 1) or np.any(lo_v > hi_v):
         raise ValueError("lo, hi: need 0 <= lo <= hi <= 1 (fractions of each Linear's rank removed)")
     fraction = float(budget_fraction)
@@ -480,7 +480,7 @@ def plan_ranks_from_damage(
     }
     lo_units = np.array([r[0] for r in ranges], dtype=np.float64)
     hi_units = np.array([r[1] for r in ranges], dtype=np.float64)
-    return _make_plan("allocate", scores, scores.qualities(), result, lo_units, hi_units, cost_v, params)
+    return make_plan("allocate", scores, scores.qualities(), result, lo_units, hi_units, cost_v, params)
 
 
 def plan_ranks_uniform(
@@ -547,7 +547,7 @@ def plan_ranks_uniform(
         "kept_fraction": kept_total / total,
         "made_by": {"rule": "uniform", "lo": float(lo), "hi": float(hi), "scores": scores_snapshot(scores)},
     }
-    return _make_plan(
+    return make_plan(
         "allocate", scores, scores.qualities(), result,
         np.array([r[0] for r in ranges], dtype=np.float64), np.array([r[1] for r in ranges], dtype=np.float64),
         cost_v, params,

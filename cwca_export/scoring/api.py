@@ -297,6 +297,6 @@ def _refuse_offloaded(net: nn.Module, estimator) -> bool:
 
 
 def _dtype(name: str) -> torch.dtype:
-    from cwca_export.loading import resolve_dtype
+    from cwca_export.dtypes import resolve_dtype
 
     return resolve_dtype(name)
