@@ -196,7 +196,7 @@ def demo_commands(out: Path, config: DemoConfig, model_dir: str | Path = DEMO_MO
     return [
         demo,
         "# the same steps one by one (--max-disk: the fraction times the dense artifact's bytes):",
-        f"cwca-export score {model} {calib} --method damage --option pruner=width"
+        f"cwca-export score {model} {calib} --estimator damage --option pruner=width"
         f" --option points={config.probes} --no-wall-time --out {at('scores.json')}",
         f"cwca-export plan {at('scores.json')} --program prune --rule damage --sparsity {config.sparsity:g}"
         f" --hi {config.hi:g} --out {at('plan.json')}",

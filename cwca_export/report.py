@@ -329,7 +329,7 @@ def reconstruct_commands(inputs: ReportInputs) -> list[str]:
     if scores is not None:
         s = scores.settings
         model = scores.model.get("name_or_path") or "MODEL_DIR"
-        cmd = ["cwca-export", "score", _q(model), "--data", "CALIB.txt", "--method", scores.method]
+        cmd = ["cwca-export", "score", _q(model), "--data", "CALIB.txt", "--estimator", scores.method]
         if "num_samples" in s:
             cmd += ["--samples", str(s["num_samples"])]
         if "seq_len" in s:

@@ -197,7 +197,7 @@ def test_cli_scores_damage_with_options(tmp_path):
     calib.write_text(sample_text(), encoding="utf-8")
     out = tmp_path / "damage.json"
     result = CliRunner().invoke(cli, [
-        "score", str(folder), "--data", str(calib), "--method", "damage", "--option", "pruner=magnitude",
+        "score", str(folder), "--data", str(calib), "--estimator", "damage", "--option", "pruner=magnitude",
         "--option", "points=0.5,0.9", "--option", "at=0.9", "--samples", "4", "--seq-len", "24",
         "--batch-size", "2", "--out", str(out), "--no-progress",
     ])
@@ -213,8 +213,8 @@ def test_two_processes_under_torchrun_match_one_process(tmp_path):
     folder = save_tiny_model("llama", tmp_path / "llama")
     calib = tmp_path / "calib.txt"
     calib.write_text(sample_text(), encoding="utf-8")
-    common = [str(folder), "--data", str(calib), "--samples", "6", "--seq-len", "24", "--method", "damage",
-              "--option", "points=0.5,0.9", "--batch-size", "2", "--no-wall-time", "--no-progress", "--cpu"]
+    common = [str(folder), "--data", str(calib), "--samples", "6", "--seq-len", "24", "--estimator", "damage",
+              "--option", "points=0.5,0.9", "--batch-size", "2", "--no-wall-time", "--no-progress", "--device", "cpu"]
     one = CliRunner().invoke(cli, ["score", *common, "--out", str(tmp_path / "one.json")])
     assert one.exit_code == 0, one.output
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -271,7 +271,8 @@ def test_score_cli_max_cache_gives_the_same_scores(tmp_path):
     text = tmp_path / "calib.txt"
     text.write_text(sample_text() * 4)
     runner = CliRunner()
-    common = ["score", str(model_dir), "--data", str(text), "--samples", "4", "--seq-len", "16", "--method", "damage",
+    common = ["score", str(model_dir), "--data", str(text), "--samples", "4", "--seq-len", "16",
+              "--estimator", "damage",
               "--option", "pruner=magnitude", "--batch-size", "2", "--no-progress", "--no-wall-time"]
     res = runner.invoke(cli, [*common, "--out", str(tmp_path / "a.json")])
     assert res.exit_code == 0, res.output
@@ -286,7 +287,7 @@ def test_score_cli_max_cache_gives_the_same_scores(tmp_path):
     res = runner.invoke(cli, [*common, "--max-cache", "much", "--out", str(tmp_path / "c.json")])
     assert res.exit_code == 2 and "--max-cache" in res.output and not (tmp_path / "c.json").exists()
     res = runner.invoke(cli, ["score", str(model_dir), "--data", str(text), "--samples", "4", "--seq-len", "16",
-                              "--method", "fisher", "--max-cache", "1GiB", "--out", str(tmp_path / "d.json")])
+                              "--estimator", "fisher", "--max-cache", "1GiB", "--out", str(tmp_path / "d.json")])
     assert res.exit_code == 2 and "--max-cache" in res.output and not (tmp_path / "d.json").exists()
 
 

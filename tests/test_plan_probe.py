@@ -86,7 +86,7 @@ def test_refine_cli_writes_a_plan_that_compress_accepts(tmp_path):
     text.write_text(sample_text() * 4)
     runner = CliRunner()
     common = ["--data", str(text), "--samples", "4", "--seq-len", "16"]
-    res = runner.invoke(cli, ["score", str(model_dir), *common, "--method", "damage", "--option", "pruner=magnitude",
+    res = runner.invoke(cli, ["score", str(model_dir), *common, "--estimator", "damage", "--option", "pruner=magnitude",
                               "--out", str(tmp_path / "damage.json"), "--no-progress"])
     assert res.exit_code == 0, res.output
     res = runner.invoke(cli, ["refine", str(model_dir), "--scores", str(tmp_path / "damage.json"), "--sparsity", "0.5",
@@ -127,7 +127,7 @@ def test_refine_cli_plans_ranks_and_refuses_mixed_knobs(tmp_path):
     text.write_text(sample_text() * 4)
     runner = CliRunner()
     common = ["--data", str(text), "--samples", "4", "--seq-len", "16"]
-    res = runner.invoke(cli, ["score", str(model_dir), *common, "--method", "damage", "--option", "pruner=lowrank",
+    res = runner.invoke(cli, ["score", str(model_dir), *common, "--estimator", "damage", "--option", "pruner=lowrank",
                               "--out", str(tmp_path / "lr.json"), "--no-progress"])
     assert res.exit_code == 0, res.output
     res = runner.invoke(cli, ["refine", str(model_dir), "--scores", str(tmp_path / "lr.json"), "--method", "lowrank",

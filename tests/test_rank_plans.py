@@ -293,7 +293,7 @@ def test_cli_plans_ranks_that_compress_applies_within_budget(tmp_path):
     text.write_text(sample_text() * 4)
     runner = CliRunner()
     common = ["--data", str(text), "--samples", "4", "--seq-len", "16", "--no-progress"]
-    res = runner.invoke(cli, ["score", str(folder), *common, "--method", "damage", "--option", "pruner=lowrank",
+    res = runner.invoke(cli, ["score", str(folder), *common, "--estimator", "damage", "--option", "pruner=lowrank",
                               "--out", str(tmp_path / "lr.json")])
     assert res.exit_code == 0, res.output
     res = runner.invoke(cli, ["plan", str(tmp_path / "lr.json"), "--program", "allocate", "--budget-fraction", "0.6",
@@ -318,7 +318,7 @@ def test_cli_plans_ranks_that_compress_applies_within_budget(tmp_path):
     assert "spent" in res.output and "rule" not in Plan.load(tmp_path / "cwca.json").parameters
 
     # refusals: pruning curves, an unreachable budget, both budgets, no budget
-    res = runner.invoke(cli, ["score", str(folder), *common, "--method", "damage", "--option", "pruner=magnitude",
+    res = runner.invoke(cli, ["score", str(folder), *common, "--estimator", "damage", "--option", "pruner=magnitude",
                               "--out", str(tmp_path / "mag.json")])
     assert res.exit_code == 0, res.output
     for args, message in [

@@ -111,7 +111,7 @@ def _table(plan) -> str:
     default="auto",
     show_default=True,
     help="prune: cwca = the MDL program on q_k; damage = measured per-block curves (scores from"
-    " --method damage); band = the OWL / LayerIF linear map into [S - band, S + band];"
+    " --estimator damage); band = the OWL / LayerIF linear map into [S - band, S + band];"
     " auto = damage when the scores hold curves, else cwca. allocate: cwca = the value program"
     " with --budget; damage = ranks from low-rank damage curves (--option pruner=lowrank or asvd)"
     " with --budget-fraction; auto = damage when --budget-fraction is given (or the scores hold"

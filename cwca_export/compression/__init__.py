@@ -42,6 +42,56 @@ def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _checked_inputs(model: nn.Module, plan: Any, spec: Any, data: Any, options: dict[str, Any], *, batch_size: int,
+                    check_fingerprint: bool) -> tuple[dict[str, Any], str | None, torch.Tensor | None]:
+    """Resolved options, the statistic the method needs and the calibration ids, checked before any block changes."""
+    if plan.program != spec.program:
+        wanted = {
+            "prune": "a pruning plan (--program prune)",
+            "allocate": "an allocation plan (--program allocate)",
+        }
+        raise ValueError(
+            f"method {spec.name!r} reads {wanted[spec.program]}, but this plan's program is"
+            f" {plan.program!r}; hint: cwca-export plan ... --program {spec.program}"
+        )
+    plan.check(model, fingerprint=check_fingerprint)
+    resolved = spec.resolve(options)
+    if spec.prepare is not None:
+        resolved = spec.prepare(resolved, plan)
+    stat_name = spec.statistic(resolved)
+    input_ids = calibration_ids(data)
+    if stat_name is not None and input_ids is None:
+        raise ValueError(
+            f"method {spec.name!r} needs calibration data (per-Linear {stat_name});"
+            " hint: pass --data FILE (Python: data=)"
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size {batch_size}: must be >= 1")
+    return resolved, stat_name, input_ids
+
+
+def _step_record(spec: Any, resolved: dict[str, Any], plan: Any, data: Any, input_ids: torch.Tensor | None,
+                 rows: list, extra: dict[str, Any], *, sequential: bool, wall_time_s: float) -> dict[str, Any]:
+    """What ``model.config.cwca_compression`` records of one compression step."""
+    from cwca_export.versions import library_versions
+
+    return {
+        "method": spec.name,
+        "options": _jsonable(resolved),
+        "mode": "layer-by-layer" if sequential else "whole-model",
+        "plan": {"program": plan.program, "x": list(plan.x), "parameters": dict(plan.parameters)},
+        "data": None if input_ids is None else {
+            "samples": int(input_ids.shape[0]),
+            "seq_len": int(input_ids.shape[1]),
+            "data_hash": getattr(data, "data_hash", None),
+        },
+        "blocks": rows,
+        **extra,
+        "wall_time_s": wall_time_s,
+        "versions": library_versions(),
+    }
+
+
 def compress(
     model: nn.Module,
     plan: Any,
@@ -105,31 +155,10 @@ def compress(
     """
     from cwca_export.blocks import find_blocks
     from cwca_export.compression.saving import record_step
-    from cwca_export.versions import library_versions
 
     spec = get_method(method)
-    if plan.program != spec.program:
-        wanted = {
-            "prune": "a pruning plan (--program prune)",
-            "allocate": "an allocation plan (--program allocate)",
-        }
-        raise ValueError(
-            f"method {method!r} reads {wanted[spec.program]}, but this plan's program is"
-            f" {plan.program!r}; hint: cwca-export plan ... --program {spec.program}"
-        )
-    plan.check(model, fingerprint=check_fingerprint)
-    resolved = spec.resolve(options)
-    if spec.prepare is not None:
-        resolved = spec.prepare(resolved, plan)
-    stat_name = spec.statistic(resolved)
-    input_ids = calibration_ids(data)
-    if stat_name is not None and input_ids is None:
-        raise ValueError(
-            f"method {method!r} needs calibration data (per-Linear {stat_name});"
-            " hint: pass --data FILE (Python: data=)"
-        )
-    if batch_size < 1:
-        raise ValueError(f"batch_size {batch_size}: must be >= 1")
+    resolved, stat_name, input_ids = _checked_inputs(model, plan, spec, data, options, batch_size=batch_size,
+                                                     check_fingerprint=check_fingerprint)
 
     blocks = find_blocks(model)
 
@@ -155,30 +184,8 @@ def compress(
         )
     extra = spec.finish(model, resolved) if spec.finish is not None else {}
     model.train(was_training)
-    record_step(
-        model,
-        {
-            "method": method,
-            "options": _jsonable(resolved),
-            "mode": "layer-by-layer" if sequential else "whole-model",
-            "plan": {
-                "program": plan.program,
-                "x": list(plan.x),
-                "parameters": dict(plan.parameters),
-            },
-            "data": None
-            if input_ids is None or stat_name is None
-            else {
-                "samples": int(input_ids.shape[0]),
-                "seq_len": int(input_ids.shape[1]),
-                "data_hash": getattr(data, "data_hash", None),
-            },
-            "blocks": rows,
-            **extra,
-            "wall_time_s": round(time.perf_counter() - start, 3),
-            "versions": library_versions(),
-        },
-    )
+    record_step(model, _step_record(spec, resolved, plan, data, input_ids if stat_name is not None else None, rows,
+                                    extra, sequential=sequential, wall_time_s=round(time.perf_counter() - start, 3)))
     return model
 
 

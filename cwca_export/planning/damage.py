@@ -678,13 +678,7 @@ def probe_blocks(
                     variant = probes_of(block, cache)
                     for vi in range(variants):
                         probe = variant(vi)
-                        total = torch.zeros((), dtype=torch.float64, device=dev)
-                        for j, hidden in enumerate(cache.hidden.get(k, [])):
-                            h = _run_block(probe, hidden, *cache.args(k, hidden))
-                            for i in range(k + 1, k_total):
-                                h = _run_block(all_blocks[i].module, h, *cache.args(i, h))
-                            total += _ce_sum(tail, h, batches[j]).to(dev)
-                        sums[bi * variants + vi] = total
+                        sums[bi * variants + vi] = _probe_loss_sum(probe, k, cache, all_blocks, tail, batches, dev)
                         del probe
                         probes += 1
                         fraction += (k_total - k) / k_total
@@ -716,6 +710,19 @@ def probe_blocks(
         num_blocks=k_total,
         dense_passes=passes,
     )
+
+
+def _probe_loss_sum(
+    probe: nn.Module, k: int, cache: _Cache, all_blocks: list[Block], tail: _Tail, batches: list, dev: torch.device
+) -> torch.Tensor:
+    """Summed token loss with block ``k`` replaced by ``probe``, run from its cached inputs to the logits."""
+    total = torch.zeros((), dtype=torch.float64, device=dev)
+    for j, hidden in enumerate(cache.hidden.get(k, [])):
+        h = _run_block(probe, hidden, *cache.args(k, hidden))
+        for i in range(k + 1, len(all_blocks)):
+            h = _run_block(all_blocks[i].module, h, *cache.args(i, h))
+        total += _ce_sum(tail, h, batches[j]).to(dev)
+    return total
 
 
 def block_input_bytes(model: nn.Module, input_ids: Any) -> int:

@@ -384,7 +384,7 @@ def damage_curves(scores: LayerScores) -> tuple[np.ndarray, np.ndarray]:
     if not found:
         raise ValueError(
             f"scores from method {scores.method!r} hold no measured damage curves;"
-            " hint: cwca-export score MODEL --data FILE --method damage"
+            " hint: cwca-export score MODEL --data FILE --estimator damage"
         )
     points = np.array([p for p, _ in found])
     damage = np.array([scores.stats[name] for _, name in found], dtype=np.float64).T

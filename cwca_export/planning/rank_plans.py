@@ -111,7 +111,7 @@ def _rank_pruner(scores: LayerScores) -> str:
         raise ValueError(
             f"rank plans need damage curves measured with a low-rank method, but these scores were"
             f" measured with pruner {pruner!r} (there a point is a fraction of weights removed, not of"
-            " rank); hint: cwca-export score MODEL --data FILE --method damage --option pruner=lowrank"
+            " rank); hint: cwca-export score MODEL --data FILE --estimator damage --option pruner=lowrank"
             " (or pruner=asvd)"
         )
     return str(pruner)
@@ -361,6 +361,26 @@ def _bound_json(value: float | Sequence[float]) -> float | list[float]:
     return float(value) if np.ndim(value) == 0 else [float(v) for v in value]
 
 
+def _unit_options(
+    blocks: list, lo_v: np.ndarray, hi_v: np.ndarray, rank_step: int, curve: Any, n_params: Sequence[int]
+) -> tuple[list[tuple[int, int]], list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """Each block's unit range, its whole units, the weights each keeps and the modelled damage of each."""
+    ranges = [b.unit_range(lo_v[i], hi_v[i]) for i, b in enumerate(blocks)]
+    for i, (u_lo, u_hi) in enumerate(ranges):
+        if u_hi < u_lo:
+            raise ValueError(
+                f"block {i}: lo {lo_v[i]:g} / hi {hi_v[i]:g} leave no whole units at rank_step {rank_step}"
+            )
+    units = [np.arange(u_lo, u_hi + 1) for u_lo, u_hi in ranges]
+    kept = [np.array([b.kept(e) for e in u], dtype=np.float64) for b, u in zip(blocks, units, strict=True)]
+    modelled = []
+    for i, (b, u) in enumerate(zip(blocks, units, strict=True)):
+        d = curve(i, b.removed(u))
+        d[kept[i] >= n_params[i]] = 0.0  # a block left dense is not damaged
+        modelled.append(d)
+    return ranges, units, kept, modelled
+
+
 def plan_ranks_from_damage(
     scores: LayerScores,
     budget_fraction: float,
@@ -430,19 +450,7 @@ def plan_ranks_from_damage(
     if not (np.isfinite(fraction) and 0 < fraction <= 1):
         raise ValueError(f"budget_fraction {budget_fraction!r}: the fraction of block weights kept, in (0, 1]")
     curve = curve_function(points, damage, form=form)
-    ranges = [b.unit_range(lo_v[i], hi_v[i]) for i, b in enumerate(blocks)]
-    for i, (u_lo, u_hi) in enumerate(ranges):
-        if u_hi < u_lo:
-            raise ValueError(
-                f"block {i}: lo {lo_v[i]:g} / hi {hi_v[i]:g} leave no whole units at rank_step {rank_step}"
-            )
-    units = [np.arange(u_lo, u_hi + 1) for u_lo, u_hi in ranges]
-    kept = [np.array([b.kept(e) for e in u], dtype=np.float64) for b, u in zip(blocks, units, strict=True)]
-    modelled = []
-    for i, (b, u) in enumerate(zip(blocks, units, strict=True)):
-        d = curve(i, b.removed(u))
-        d[kept[i] >= scores.n_params[i]] = 0.0  # a block left dense is not damaged
-        modelled.append(d)
+    ranges, units, kept, modelled = _unit_options(blocks, lo_v, hi_v, rank_step, curve, scores.n_params)
     total = float(sum(scores.n_params))
     budget = fraction * total
     least = float(sum(c[0] for c in kept))

@@ -311,6 +311,54 @@ def _refinement_record(method, best, losses, measure, result, measured_starts, b
 # ---------------------------------------------------------------- ranks (allocation plans)
 
 
+def _whole_units(
+    x0: Sequence[float], lo: Sequence[float], hi: Sequence[float], step: float, max_evals: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """The start, bounds (integer vectors) and step of a unit exchange, checked."""
+    e = np.rint(np.asarray(x0, dtype=np.float64)).astype(np.int64)
+    k = e.size
+    lo_v = np.rint(np.broadcast_to(np.asarray(lo, dtype=np.float64), (k,))).astype(np.int64)
+    hi_v = np.rint(np.broadcast_to(np.asarray(hi, dtype=np.float64), (k,))).astype(np.int64)
+    if max_evals < 2:
+        raise ValueError(f"--max-evals {max_evals}: needs at least 2 (the start and one move)")
+    if int(step) != step or step < 1:
+        raise ValueError(f"step {step}: a whole number of units >= 1")
+    if np.any(np.abs(np.asarray(x0, dtype=np.float64) - e) > 1e-9):
+        raise ValueError("x0: units must be whole numbers")
+    if np.any(e < lo_v) or np.any(e > hi_v):
+        raise ValueError("x0: the starting plan lies outside the bounds")
+    return e, lo_v, hi_v, int(step)
+
+
+def _unit_marginals(
+    e: np.ndarray, loss: float, step: int, lo_v: np.ndarray, hi_v: np.ndarray,
+    kept: Callable[[int, int], float], evals: _Budget,
+) -> np.ndarray | None:
+    """Measured loss per weight of ``step`` units in each block (NaN: not priced); None when out of evaluations."""
+    k = e.size
+    priced = [j for j in range(k) if e[j] - step >= lo_v[j] or e[j] + step <= hi_v[j]]
+    if not priced or evals.left <= len(priced):
+        return None
+    marginal = np.full(k, np.nan)
+    for j in priced:
+        y = e.copy()
+        if e[j] - step >= lo_v[j]:  # loss added per weight freed by giving up `step` units
+            y[j] -= step
+            marginal[j] = (evals(y) - loss) / (kept(j, int(e[j])) - kept(j, int(y[j])))
+        else:  # at the lower bound: loss saved per weight added by `step` more
+            y[j] += step
+            marginal[j] = (loss - evals(y)) / (kept(j, int(y[j])) - kept(j, int(e[j])))
+    return marginal
+
+
+def _units_bought(i: int, e: np.ndarray, hi_v: np.ndarray, kept: Callable[[int, int], float], *, room: float) -> int:
+    """How many whole units block ``i`` can take within ``room`` weights and its upper bound."""
+    gain = 0
+    while e[i] + gain + 1 <= hi_v[i] and kept(i, int(e[i] + gain + 1)) - kept(i, int(e[i])) <= room:
+        gain += 1
+    return gain
+
+
 def refine_unit_exchange(
     x0: Sequence[float],
     kept: Callable[[int, int], float],
@@ -358,19 +406,8 @@ def refine_unit_exchange(
         >>> r.x.tolist(), r.loss < r.start_loss
         ([3.0, 5.0], True)
     """
-    e = np.rint(np.asarray(x0, dtype=np.float64)).astype(np.int64)
+    e, lo_v, hi_v, step = _whole_units(x0, lo, hi, step, max_evals)
     k = e.size
-    lo_v = np.rint(np.broadcast_to(np.asarray(lo, dtype=np.float64), (k,))).astype(np.int64)
-    hi_v = np.rint(np.broadcast_to(np.asarray(hi, dtype=np.float64), (k,))).astype(np.int64)
-    if max_evals < 2:
-        raise ValueError(f"--max-evals {max_evals}: needs at least 2 (the start and one move)")
-    if int(step) != step or step < 1:
-        raise ValueError(f"step {step}: a whole number of units >= 1")
-    step = int(step)
-    if np.any(np.abs(np.asarray(x0, dtype=np.float64) - e) > 1e-9):
-        raise ValueError("x0: units must be whole numbers")
-    if np.any(e < lo_v) or np.any(e > hi_v):
-        raise ValueError("x0: the starting plan lies outside the bounds")
 
     def spent_of(units: np.ndarray) -> float:
         return float(sum(kept(i, int(u)) for i, u in enumerate(units)))
@@ -384,18 +421,9 @@ def refine_unit_exchange(
     accepted: list[tuple[int, int, float]] = []
     history: list[float] = []
     while evals.left > 1 and step >= 1:
-        priced = [j for j in range(k) if e[j] - step >= lo_v[j] or e[j] + step <= hi_v[j]]
-        if not priced or evals.left <= len(priced):
+        marginal = _unit_marginals(e, loss, step, lo_v, hi_v, kept, evals)
+        if marginal is None:
             break
-        marginal = np.full(k, np.nan)
-        for j in priced:
-            y = e.copy()
-            if e[j] - step >= lo_v[j]:  # loss added per weight freed by giving up `step` units
-                y[j] -= step
-                marginal[j] = (evals(y) - loss) / (kept(j, int(e[j])) - kept(j, int(y[j])))
-            else:  # at the lower bound: loss saved per weight added by `step` more
-                y[j] += step
-                marginal[j] = (loss - evals(y)) / (kept(j, int(y[j])) - kept(j, int(e[j])))
         gainers = [i for i in range(k) if e[i] < hi_v[i] and np.isfinite(marginal[i])]
         losers = [j for j in range(k) if e[j] - step >= lo_v[j] and np.isfinite(marginal[j])]
         pairs = [(i, j) for i in gainers for j in losers if i != j and marginal[i] > marginal[j]]
@@ -408,10 +436,7 @@ def refine_unit_exchange(
                 continue
             y = e.copy()
             y[j] -= step
-            room = budget - spent + kept(j, int(e[j])) - kept(j, int(y[j]))
-            gain = 0
-            while e[i] + gain + 1 <= hi_v[i] and kept(i, int(e[i] + gain + 1)) - kept(i, int(e[i])) <= room:
-                gain += 1
+            gain = _units_bought(i, e, hi_v, kept, room=budget - spent + kept(j, int(e[j])) - kept(j, int(y[j])))
             if gain < 1:
                 continue
             y[i] += gain

@@ -164,6 +164,28 @@ def pruning_objective(
     raise ValueError(f"psi: expected 'quadratic' or 'log', got {psi!r}")
 
 
+def _pruning_inputs(
+    q: ArrayLike, n: ArrayLike, target: float, eta: float, kappa: float, lo: ArrayLike, hi: ArrayLike, psi: str
+) -> tuple[np.ndarray, np.ndarray, float, float, float, np.ndarray, np.ndarray]:
+    """The pruning program's inputs, checked: q, n, lo, hi as float64 vectors (one entry per layer)."""
+    q_v = per_layer_vector("q", q, None)
+    k = q_v.size
+    n_v = per_layer_vector("n", n, k)
+    if np.any(n_v == 0):
+        raise ValueError("n: every layer needs a positive number of prunable weights")
+    target = _scalar("target", target)
+    eta = _scalar("eta", eta, positive=True)
+    kappa = _scalar("kappa", kappa)
+    lo_v, hi_v = per_layer_bounds(lo, hi, k, allow_inf_hi=False)
+    if np.any(hi_v > 1):
+        raise ValueError("hi: a pruning ratio cannot exceed 1")
+    if psi not in ("quadratic", "log"):
+        raise ValueError(f"psi: expected 'quadratic' or 'log', got {psi!r}")
+    if psi == "log" and np.any(hi_v >= 1):
+        raise ValueError("hi: psi='log' has a barrier at rho = 1, so hi must be below 1")
+    return q_v, n_v, target, eta, kappa, lo_v, hi_v
+
+
 def solve_pruning(
     q: ArrayLike,
     n: ArrayLike,
@@ -198,21 +220,7 @@ def solve_pruning(
         >>> r.x.round(3).tolist()
         [0.29, 0.484, 0.726]
     """
-    q_v = per_layer_vector("q", q, None)
-    k = q_v.size
-    n_v = per_layer_vector("n", n, k)
-    if np.any(n_v == 0):
-        raise ValueError("n: every layer needs a positive number of prunable weights")
-    target = _scalar("target", target)
-    eta = _scalar("eta", eta, positive=True)
-    kappa = _scalar("kappa", kappa)
-    lo_v, hi_v = per_layer_bounds(lo, hi, k, allow_inf_hi=False)
-    if np.any(hi_v > 1):
-        raise ValueError("hi: a pruning ratio cannot exceed 1")
-    if psi not in ("quadratic", "log"):
-        raise ValueError(f"psi: expected 'quadratic' or 'log', got {psi!r}")
-    if psi == "log" and np.any(hi_v >= 1):
-        raise ValueError("hi: psi='log' has a barrier at rho = 1, so hi must be below 1")
+    q_v, n_v, target, eta, kappa, lo_v, hi_v = _pruning_inputs(q, n, target, eta, kappa, lo, hi, psi)
 
     w = eta * np.power(q_v, kappa)
     free_w = w > 0

@@ -62,7 +62,7 @@ class Estimator:
 
 ESTIMATORS: Registry[Estimator] = Registry(
     "scoring method",
-    flag="--method",
+    flag="--estimator",
     group="cwca_export.estimators",
     builtins=(
         "cwca_export.scoring.baselines",
