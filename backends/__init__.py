@@ -3,7 +3,8 @@
 This folder installs as ``cwca_export.backends``. Built-in backends (``optimum``, ``onnx``)
 register with :func:`register_backend` when their module is imported; third-party packages
 expose theirs under the entry-point group ``cwca_export.backends``
-(``name = "pkg.module:BackendClass"``). Both are loaded on first lookup.
+(``name = "pkg.module:BackendClass"``). Both are loaded on first lookup, by the registry pattern
+estimators and compression methods share (:class:`cwca_export.registry.Registry`).
 
 The artifact contract every backend meets, so that one verifier serves them all:
 
@@ -22,17 +23,27 @@ returning the greedy tokens its own runtime loader produces (Optimum's
 
 from __future__ import annotations
 
-import importlib
 import re
-from functools import lru_cache
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
+
+from cwca_export.registry import Registry
 
 ENTRY_POINT_GROUP = "cwca_export.backends"
 _BUILTIN_MODULES = ("cwca_export.backends.optimum_backend", "cwca_export.backends.onnx_backend")
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
-_REGISTRY: dict[str, type] = {}
+
+
+# built-ins register through the same decorator third parties use; their heavy imports
+# (optimum, torch.onnx) happen inside export(), so loading them stays light
+BACKENDS: Registry[type] = Registry(
+    "backend",
+    flag="--backend",
+    group=ENTRY_POINT_GROUP,
+    builtins=_BUILTIN_MODULES,
+    adopt=lambda name, cls: register_backend(name)(cls),
+    name_pattern=_NAME,
+)
 
 
 class UnsupportedModelError(ValueError):
@@ -69,12 +80,12 @@ def register_backend(name: str):
         raise ValueError(f"backend name {name!r}: use 1-32 lower-case letters, digits, '-' or '_'")
 
     def decorate(cls: type) -> type:
-        if name in _REGISTRY:
-            raise ValueError(f"backend {name!r} is already registered by {_REGISTRY[name].__module__}")
+        if name in BACKENDS:
+            raise ValueError(f"backend {name!r} is already registered by {BACKENDS[name].__module__}")
         if not callable(getattr(cls, "export", None)):
             raise TypeError(f"backend {name!r}: {cls.__name__} has no export() method")
         cls.name = name
-        _REGISTRY[name] = cls
+        BACKENDS.add(name, cls)
         return cls
 
     return decorate
@@ -82,32 +93,14 @@ def register_backend(name: str):
 
 def unregister_backend(name: str) -> None:
     """Remove a backend (for tests and plug-in reloads)."""
-    _REGISTRY.pop(name, None)
-
-
-@lru_cache(maxsize=1)
-def _load_entry_points() -> None:
-    # built-ins first, through the same decorator third parties use; their heavy imports
-    # (optimum, torch.onnx) happen inside export(), so this stays light
-    for module in _BUILTIN_MODULES:
-        importlib.import_module(module)
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in _REGISTRY:
-            continue
-        register_backend(ep.name)(ep.load())
+    BACKENDS.remove(name)
 
 
 def available_backends() -> list[str]:
     """Names of every registered backend, built-in and third-party."""
-    _load_entry_points()
-    return sorted(_REGISTRY)
+    return BACKENDS.names()
 
 
 def get_backend(name: str) -> Backend:
     """An instance of the backend registered as ``name``."""
-    _load_entry_points()
-    try:
-        return _REGISTRY[name]()
-    except KeyError:
-        known = ", ".join(sorted(_REGISTRY)) or "none installed"
-        raise ValueError(f"unknown backend {name!r}; available: {known}") from None
+    return BACKENDS.get(name)()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cwca_export.backends import register_backend
-from cwca_export.backends._files import save_side_files
+from cwca_export.backends.side_files import save_side_files
 
 DEFAULT_OPSET = 18
 

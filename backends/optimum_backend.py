@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 from cwca_export.backends import UnsupportedModelError, register_backend
-from cwca_export.backends._files import save_side_files
+from cwca_export.backends.side_files import save_side_files
 
 _TASK = "text-generation-with-past"
 _HINT = "hint: use --backend onnx (plain torch.onnx export with KV cache)"

@@ -33,9 +33,9 @@ from cwca_export.evaluate import evaluate
 from cwca_export.exporter import BudgetError
 from cwca_export.exporter.api import export
 from cwca_export.loading import load_model
-from cwca_export.plan import plan_by_rule
-from cwca_export.precision import default_formats, measure_precision_damage
-from cwca_export.rounding import clip_transform, moments_for
+from cwca_export.planning.plan import plan_by_rule
+from cwca_export.planning.precision import default_formats, measure_precision_damage
+from cwca_export.planning.rounding import clip_transform, moments_for
 from cwca_export.scores import LayerScores
 from cwca_export.scoring import score
 from cwca_export.versions import library_versions

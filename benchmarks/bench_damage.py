@@ -24,10 +24,10 @@ def main() -> None:
 
     import torch
 
-    from cwca_export.damage import calibration_loss, measure_damage
     from cwca_export.data import calibration_data
     from cwca_export.demo import DEMO_MODEL, TRAIN_TEXT
     from cwca_export.loading import load_model
+    from cwca_export.planning.damage import calibration_loss, measure_damage
 
     model, tokenizer = load_model(DEMO_MODEL)
     model.eval()

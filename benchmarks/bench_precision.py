@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from scipy.stats import pearsonr, spearmanr
 
-from cwca_export.damage import calibration_loss
 from cwca_export.data import calibration_data
 from cwca_export.demo import DEMO_MODEL, HELDOUT_TEXT, TRAIN_TEXT
 from cwca_export.loading import load_model
-from cwca_export.precision import (
+from cwca_export.planning.damage import calibration_loss
+from cwca_export.planning.precision import (
     StorageFormat,
     fisher_precision_estimate,
     measure_precision_damage,

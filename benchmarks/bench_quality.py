@@ -17,8 +17,8 @@ Allocators (``--allocators``, comma-separated; default: all):
 - ``oracle``: the MDL program fed the measured loss increase of pruning each block alone at S.
 - ``damage-power`` / ``damage-piecewise``: measured single-block curves, one-dual solve.
 - ``refined``: ``damage-piecewise`` corrected by measured exchange on whole plans
-  (:func:`cwca_export.refine.refine_exchange`, ``--max-evals`` calibration forwards).
-- ``default``: what ``cwca-export`` recommends (see README), :func:`cwca_export.refine.refine_plan`:
+  (:func:`cwca_export.planning.refine.refine_exchange`, ``--max-evals`` calibration forwards).
+- ``default``: what ``cwca-export`` recommends (see README), :func:`cwca_export.planning.refine.refine_plan`:
   the start chosen by calibration loss among uniform and ``damage-piecewise`` with bands
   none / 0.2 / 0.1 / 0.05, then refined; ``--max-evals`` forwards in all.
 
@@ -125,9 +125,9 @@ class Context:
 
 def make_plan(ctx: Context, allocator: str, pruner: str, sparsity: float, max_evals: int):
     """The plan's ratios and what it cost beyond scoring: (x, extra)."""
-    from cwca_export.plan import plan_band, plan_from_damage, plan_pruning
-    from cwca_export.plan_probe import PlanLoss
-    from cwca_export.refine import refine_exchange, refine_plan
+    from cwca_export.planning.plan import plan_band, plan_from_damage, plan_pruning
+    from cwca_export.planning.plan_probe import PlanLoss
+    from cwca_export.planning.refine import refine_exchange, refine_plan
     from cwca_export.scores import LayerScores
 
     k = ctx.model.config.num_hidden_layers
@@ -175,7 +175,7 @@ def make_plan(ctx: Context, allocator: str, pruner: str, sparsity: float, max_ev
 def run(args) -> None:
     from cwca_export.blocks import find_blocks
     from cwca_export.compression import compress
-    from cwca_export.plan import Plan
+    from cwca_export.planning.plan import Plan
 
     out = Path(args.out)
     done = set()

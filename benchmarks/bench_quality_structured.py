@@ -33,7 +33,7 @@ tokens, decode at context 128, batch 1, CPU, one intra-op thread, p50 of ``--run
   spends nothing, so the budget would not bind), ``damage`` on measured single-block damage
   of ``asvd`` at rank fraction removed 0.5,0.7,0.8: ``plan_ranks_from_damage`` (each block's
   own curve against its exact kept weights, units up to full rank; knob: the fraction of
-  block weights kept) when ``cwca_export.rank_plans`` (or ``cwca_export.plan``) has it,
+  block weights kept) when ``cwca_export.planning.rank_plans`` (or ``cwca_export.planning.plan``) has it,
   else :func:`plan_allocation` with zeta2 = damage@0.7 (knob: the unit budget).
 
 ``transfer``: the two domains of the corpus (PROVENANCE.md): ``library`` (the library
@@ -201,7 +201,7 @@ class Shapes:
 
 
 def _width_plan(ctx: Context, allocator: str, s: float):
-    from cwca_export.plan import plan_band, plan_from_damage, plan_pruning
+    from cwca_export.planning.plan import plan_band, plan_from_damage, plan_pruning
 
     if allocator == "uniform":
         return plan_band(ctx.score("gradnorm"), s, width=0.0, hi=WIDTH_HI)
@@ -223,7 +223,7 @@ def _uniform_units(k: int, budget: int) -> list[float]:
 
 
 def _rank_plan(ctx: Context, allocator: str, budget: int):
-    from cwca_export.plan import Plan, plan_allocation, plan_band
+    from cwca_export.planning.plan import Plan, plan_allocation, plan_band
 
     k = ctx.model.config.num_hidden_layers
     bounds = {"lo": UNITS_LO, "hi": UNITS_HI, "integer": True}
@@ -255,10 +255,10 @@ def _rank_plan(ctx: Context, allocator: str, budget: int):
 
 
 def _ranks_from_damage():
-    """``plan_ranks_from_damage`` from ``cwca_export.rank_plans`` (or ``.plan``), if present."""
+    """``plan_ranks_from_damage`` from ``cwca_export.planning.rank_plans`` (or ``.plan``), if present."""
     import importlib
 
-    for module in ("cwca_export.rank_plans", "cwca_export.plan"):
+    for module in ("cwca_export.planning.rank_plans", "cwca_export.planning.plan"):
         try:
             found = getattr(importlib.import_module(module), "plan_ranks_from_damage", None)
         except ImportError:
@@ -484,8 +484,8 @@ def _transfer_scores(ctx: Context, dom: Domain, method: str):
 
 def run_transfer(args) -> None:
     from cwca_export.compression import compress
-    from cwca_export.plan import plan_band, plan_pruning
-    from cwca_export.solver import transfer_regret
+    from cwca_export.planning.plan import plan_band, plan_pruning
+    from cwca_export.planning.solver import transfer_regret
 
     out = Path(args.out)
     rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []

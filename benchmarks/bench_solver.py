@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import scipy  # noqa: E402
 from scipy import optimize  # noqa: E402
 
-from cwca_export.solver import (  # noqa: E402
+from cwca_export.planning.solver import (  # noqa: E402
     allocation_objective,
     pruning_objective,
     solve_allocation,

@@ -235,3 +235,16 @@ def calibration_data(
         data_hash=_hash(input_ids, held),
         tokens_available=total,
     )
+
+
+def calibration_ids(data: Any) -> torch.Tensor | None:
+    """Calibration ids ``(N, L)`` from CalibrationData, an int tensor or None."""
+    if data is None:
+        return None
+    ids = getattr(data, "input_ids", data)
+    if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.ndim != 2:
+        raise ValueError(
+            "data: expected CalibrationData or an integer tensor (N, L) of token ids;"
+            " hint: cwca_export.data.calibration_data(texts, tokenizer, num_samples=N, seq_len=L)"
+        )
+    return ids.long()

@@ -64,14 +64,14 @@ def run_demo(
         >>> report = run_demo("demo-out")  # doctest: +SKIP
         >>> report["rows"]["compressed"]["perplexity"]  # doctest: +SKIP
     """
-    from cwca_export._jsonio import write_bytes_atomic
     from cwca_export.budget import Budget
     from cwca_export.data import calibration_data, load_texts
     from cwca_export.evaluate import ort_logits_fn, perplexity_from_logits, tokenize_text, torch_logits_fn
     from cwca_export.exporter.api import export
+    from cwca_export.jsonio import write_bytes_atomic
     from cwca_export.loading import load_model
     from cwca_export.outputs import write_inventory
-    from cwca_export.plan import plan_by_rule
+    from cwca_export.planning.plan import plan_by_rule
     from cwca_export.report import build_report
     from cwca_export.scoring import score
 
@@ -196,7 +196,7 @@ def demo_commands(out: Path, config: DemoConfig, model_dir: str | Path = DEMO_MO
     return [
         demo,
         "# the same steps one by one (--max-disk: the fraction times the dense artifact's bytes):",
-        f"cwca-export score {model} {calib} --method damage --option pruner=width"
+        f"cwca-export score {model} {calib} --estimator damage --option pruner=width"
         f" --option points={config.probes} --no-wall-time --out {at('scores.json')}",
         f"cwca-export plan {at('scores.json')} --program prune --rule damage --sparsity {config.sparsity:g}"
         f" --hi {config.hi:g} --out {at('plan.json')}",

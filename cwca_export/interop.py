@@ -16,8 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from cwca_export._jsonio import write_bytes_atomic
-from cwca_export.plan import Plan
+from cwca_export.jsonio import write_bytes_atomic
+from cwca_export.planning.plan import Plan
 
 LLMCOMPRESSOR_MODIFIERS = ("SparseGPTModifier", "WandaPruningModifier")
 

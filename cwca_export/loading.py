@@ -22,9 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from cwca_export.dtypes import resolve_dtype
+
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # config keys that give the longest sequence a model's position embeddings cover, by family
 POSITION_KEYS = (
@@ -38,18 +39,6 @@ POSITION_KEYS = (
 
 class ModelFolderError(ValueError):
     """A model folder the tool refuses; the message names the file and the flag that fixes it."""
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """Map ``"float32" | "bfloat16" | "float16"`` (or a torch dtype) to a torch dtype."""
-    if isinstance(dtype, torch.dtype):
-        if dtype not in DTYPES.values():
-            raise ValueError(f"dtype {dtype}: choose one of {sorted(DTYPES)}")
-        return dtype
-    try:
-        return DTYPES[dtype]
-    except KeyError:
-        raise ValueError(f"dtype {dtype!r}: choose one of {sorted(DTYPES)}") from None
 
 
 def read_json_object(path: Path) -> dict[str, Any]:

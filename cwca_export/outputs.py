@@ -64,7 +64,7 @@ def write_inventory(folder: str | os.PathLike) -> Path:
     A folder that already carries an export manifest is described by it and gets no second record.
     """
     from cwca_export import __version__
-    from cwca_export._jsonio import write_json_atomic
+    from cwca_export.jsonio import write_json_atomic
 
     folder = Path(folder)
     target = folder / INVENTORY_NAME
@@ -144,7 +144,7 @@ def _recorded(path: Path) -> bool:
 
 def refresh_record(folder: str | os.PathLike, names: Iterable[str]) -> None:
     """After rewriting ``names`` in a recorded folder, update their rows in ``cwca_files.json``."""
-    from cwca_export._jsonio import write_json_atomic
+    from cwca_export.jsonio import write_json_atomic
 
     path = Path(folder) / INVENTORY_NAME
     try:

@@ -199,12 +199,12 @@ class Recipe(_Strict):
         from cwca_export.compression.registry import METHODS
         from cwca_export.scoring.registry import ESTIMATORS
 
-        estimator = ESTIMATORS.get(self.score.method)
+        estimator = ESTIMATORS.get(self.score.method, None)
         if estimator is None:
             raise ValueError(f"{where}: score.method: {self.score.method!r} is not a scoring method; allowed:"
                              f" {', '.join(sorted(ESTIMATORS))}; fix: --set score.method=gradnorm")
         _check_options(where, "score.options", self.score.options, estimator.options)
-        method = METHODS.get(self.compress.method)
+        method = METHODS.get(self.compress.method, None)
         if method is None:
             raise ValueError(f"{where}: compress.method: {self.compress.method!r} is not a compression method;"
                              f" allowed: {', '.join(sorted(METHODS))}; fix: --set compress.method=wanda")
@@ -410,6 +410,45 @@ def score_cache_key(fingerprint: str, data_hash: str, recipe: Recipe) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _check_inputs(recipe: Recipe, out_dir: str | os.PathLike, *, overwrite: bool, trust_remote_code: bool,
+                  allow_pickle: bool) -> None:
+    """Refuse an output that is not ours to replace and a model folder the tool does not accept."""
+    from cwca_export.loading import check_model_folder
+    from cwca_export.outputs import check_output
+
+    check_output(out_dir, overwrite=overwrite, flag="--out", inputs=[
+        ("model", recipe.model), ("data", recipe.data),
+        ("recipe", recipe.source if recipe.source and Path(recipe.source).is_file() else None),
+        ("eval data", recipe.eval.data if recipe.eval is not None else None),
+    ])
+    where = Path(recipe.source).name if recipe.source else "recipe"
+    lengths = {f"{where} seq_len": recipe.seq_len}
+    if recipe.eval is not None:
+        lengths[f"{where} eval.seq_len"] = recipe.eval.seq_len
+    check_model_folder(recipe.model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, lengths=lengths)
+
+
+def _scores(recipe: Recipe, model: Any, calib: Any, cache_dir: str | os.PathLike | None,
+            echo: Callable[[str], None]) -> Any:
+    """The recipe's scores: from ``cache_dir`` when a run with the same key made them, else scored (and cached)."""
+    from cwca_export import scoring
+    from cwca_export.blocks import model_fingerprint
+    from cwca_export.scores import LayerScores
+
+    cached = None
+    if cache_dir is not None:
+        key = score_cache_key(model_fingerprint(model), calib.data_hash, recipe)
+        cached = Path(cache_dir) / "scores" / f"{key}.json"
+    if cached is not None and cached.is_file():
+        echo(f"[score] cached: {cached}")
+        return LayerScores.load(cached)
+    scores = scoring.score(model, calib, method=recipe.score.method, options=recipe.score.options,
+                           debias=recipe.score.debias, progress=False)
+    if cached is not None:
+        scores.save(cached)
+    return scores
+
+
 def run_recipe(
     recipe: Recipe,
     out_dir: str | os.PathLike,
@@ -430,25 +469,12 @@ def run_recipe(
     ``cache_dir``, scores are read from and written to ``cache_dir/scores/<key>.json``, the
     key being :func:`score_cache_key`: a recipe that changes only the plan does not re-score.
     """
-    from cwca_export import scoring
-    from cwca_export.blocks import model_fingerprint
+    from cwca_export.atomic import Staging
     from cwca_export.compression import compress, save_compressed
     from cwca_export.data import calibration_data
-    from cwca_export.exporter._atomic import Staging
-    from cwca_export.loading import check_model_folder, load_model
-    from cwca_export.outputs import check_output
-    from cwca_export.scores import LayerScores
+    from cwca_export.loading import load_model
 
-    check_output(out_dir, overwrite=overwrite, flag="--out", inputs=[
-        ("model", recipe.model), ("data", recipe.data),
-        ("recipe", recipe.source if recipe.source and Path(recipe.source).is_file() else None),
-        ("eval data", recipe.eval.data if recipe.eval is not None else None),
-    ])
-    where = Path(recipe.source).name if recipe.source else "recipe"
-    lengths = {f"{where} seq_len": recipe.seq_len}
-    if recipe.eval is not None:
-        lengths[f"{where} eval.seq_len"] = recipe.eval.seq_len
-    check_model_folder(recipe.model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, lengths=lengths)
+    _check_inputs(recipe, out_dir, overwrite=overwrite, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     timings: dict[str, float] = {}
     with Staging(out_dir, overwrite=overwrite) as staging:
         work = staging.new_folder()
@@ -458,18 +484,7 @@ def run_recipe(
         model.eval()
         calib = calibration_data(recipe.data, tokenizer, num_samples=recipe.samples, seq_len=recipe.seq_len,
                                  seed=recipe.seed)
-        cached = None
-        if cache_dir is not None:
-            key = score_cache_key(model_fingerprint(model), calib.data_hash, recipe)
-            cached = Path(cache_dir) / "scores" / f"{key}.json"
-        if cached is not None and cached.is_file():
-            echo(f"[score] cached: {cached}")
-            scores = LayerScores.load(cached)
-        else:
-            scores = scoring.score(model, calib, method=recipe.score.method, options=recipe.score.options,
-                                   debias=recipe.score.debias, progress=False)
-            if cached is not None:
-                scores.save(cached)
+        scores = _scores(recipe, model, calib, cache_dir, echo)
         scores.save(work / "scores.json")
         timings["score"] = round(time.perf_counter() - began, 1)
 
@@ -519,19 +534,19 @@ def run_recipe(
 def _plan(recipe: Recipe, model, scores, calib):
     p = recipe.plan
     if p.program == "allocate":
-        from cwca_export.rank_plans import plan_ranks_from_damage
-        from cwca_export.refine import refine_ranks
+        from cwca_export.planning.rank_plans import plan_ranks_from_damage
+        from cwca_export.planning.refine import refine_ranks
 
         if p.refine:
             return refine_ranks(model, scores, p.budget_fraction, calib, method=recipe.compress.method,
                                 rank_step=p.rank_step, max_evals=p.max_evals, lo=p.lo, hi=p.hi)
         return plan_ranks_from_damage(scores, p.budget_fraction, shapes=model, rank_step=p.rank_step, lo=p.lo, hi=p.hi)
     if p.refine:
-        from cwca_export.refine import refine_plan
+        from cwca_export.planning.refine import refine_plan
 
         return refine_plan(model, scores, p.sparsity, calib, method=recipe.compress.method,
                            max_evals=p.max_evals, lo=p.lo, hi=p.hi, band=p.band)
-    from cwca_export.plan import plan_by_rule
+    from cwca_export.planning.plan import plan_by_rule
 
     return plan_by_rule(scores, p.sparsity, rule=p.rule, band=p.band, lo=p.lo, hi=p.hi, kappa=p.kappa)
 

@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from cwca_export._jsonio import write_bytes_atomic
-from cwca_export.plan import Plan
+from cwca_export.jsonio import write_bytes_atomic
+from cwca_export.planning.plan import Plan
 from cwca_export.scores import LayerScores
 
 FIGURE_NAME = "layers.png"
@@ -128,7 +128,7 @@ def baseline_plans(plan: Plan, scores: LayerScores | None = None) -> list[Baseli
     * uniform: every block gets the same rho (prune) or the same units (allocate, the budget
       spread evenly over the blocks' costs);
     * when ``scores`` carries ``grad_sq_norm`` / ``fisher_trace``: the plan re-solved with
-      :func:`~cwca_export.plan.plan_pruning` / :func:`~cwca_export.plan.plan_allocation`
+      :func:`~cwca_export.planning.plan.plan_pruning` / :func:`~cwca_export.planning.plan.plan_allocation`
       from that statistic instead of zeta2, with the plan's own settings and bounds.
     """
     target = global_target(plan)
@@ -166,7 +166,7 @@ def _stat_methods(stat: str) -> set[str]:
 
 
 def _resolve(plan: Plan, scores: LayerScores) -> Plan:
-    from cwca_export.plan import plan_allocation, plan_pruning
+    from cwca_export.planning.plan import plan_allocation, plan_pruning
 
     p = plan.parameters
     tau = float(p.get("tau", 0.05))
@@ -329,7 +329,7 @@ def reconstruct_commands(inputs: ReportInputs) -> list[str]:
     if scores is not None:
         s = scores.settings
         model = scores.model.get("name_or_path") or "MODEL_DIR"
-        cmd = ["cwca-export", "score", _q(model), "--data", "CALIB.txt", "--method", scores.method]
+        cmd = ["cwca-export", "score", _q(model), "--data", "CALIB.txt", "--estimator", scores.method]
         if "num_samples" in s:
             cmd += ["--samples", str(s["num_samples"])]
         if "seq_len" in s:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from cwca_export._jsonio import check_versioned, read_versioned, warn_unknown, write_json_atomic
+from cwca_export.jsonio import check_versioned, read_versioned, warn_unknown, write_json_atomic
 
 SCORES_SCHEMA_VERSION = 1
 DEFAULT_Q_FLOOR_TAU = 0.05  # q_min = tau * median(q > 0): a zero-gain block never gets an unbounded ratio

@@ -61,7 +61,7 @@ def build_world(root: Path) -> World:
     import torch
     from transformers import BertConfig, BertForMaskedLM, T5Config
 
-    from cwca_export.plan import plan_pruning
+    from cwca_export.planning.plan import plan_pruning
     from cwca_export.scoring import score
 
     root.mkdir(parents=True, exist_ok=True)
@@ -265,7 +265,7 @@ CASES: tuple[Case, ...] = (
     _c("score-damping-nan", _S + " --damping nan", "--damping"),
     _c("score-damping-inf", _S + " --damping inf", "--damping"),
     _c("score-held-out-negative", _S + " --held-out -1", "--held-out"),
-    _c("score-method-unknown", _S + " --method oracle", "--method"),
+    _c("score-method-unknown", _S + " --estimator oracle", "--estimator"),
     _c("score-option-malformed", _S + " --option pruner", "--option"),
     _c("score-device-memory-malformed", _S + " --device-map auto --device-memory lots", "--device-memory"),
     _c("score-data-missing", _S.replace("@calib.txt", "@nothing.txt"), "@nothing.txt", "--data"),
@@ -276,7 +276,7 @@ CASES: tuple[Case, ...] = (
     _c("score-data-broken-jsonl", _S.replace("@calib.txt", "@broken.jsonl"), "@broken.jsonl:2", "--data"),
     _c("score-data-jsonl-field", _S.replace("@calib.txt", "@fieldless.jsonl"), "@fieldless.jsonl:1", "--text-field"),
     _c("score-data-too-short", _S.replace("--samples 2", "--samples 500"), "@calib.txt", "--samples", "--allow-fewer"),
-    _c("score-debias-unsupported", _S + " --debias --method uniform", "debias", "--method"),
+    _c("score-debias-unsupported", _S + " --debias --estimator uniform", "debias", "--estimator"),
     # ---- plan
     _c("plan-scores-missing", "plan @nothing.json --sparsity 0.3 --out @out/p.json", "@nothing.json"),
     _c("plan-scores-truncated", "plan @scores-truncated.json --sparsity 0.3 --out @out/p.json",
@@ -372,7 +372,7 @@ CASES: tuple[Case, ...] = (
     _c("export-max-latency-nan", _E + " --max-latency-ms nan", "--max-latency-ms"),
     _c("export-max-prefill-negative", _E + " --max-prefill-ms -5", "--max-prefill-ms"),
     _c("export-runs-zero", _E.replace("--runs 1", "--runs 0"), "--runs"),
-    _c("export-batch-zero", _E + " --batch 0", "--batch"),
+    _c("export-batch-zero", _E + " --batch-size 0", "--batch-size"),
     _c("export-context-beyond-positions", _E + " --context 4096", "--context 4096", "256"),
     _c("export-context-below-prompt", _E + " --prompt-len 64 --context 32", "--context", "--prompt-len"),
     _c("export-hardware-unknown", _E + " --hardware toaster", "toaster", "--hardware"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from cwca_export.blocks import find_blocks, model_fingerprint
-from cwca_export.plan import Plan
+from cwca_export.planning.plan import Plan
 
 
 def make_plan(model, program: str, x: Sequence[float], **parameters) -> Plan:

@@ -272,7 +272,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("score-disk-full-at-once", "score", _disk(0)),
     Scenario("score-disk-full-mid-write", "score", _disk(600)),
     Scenario("plan-solver-exception", "plan",
-             _raise("cwca_export.solver:solve_pruning", InjectedFault("solver broke"))),
+             _raise("cwca_export.planning.solver:solve_pruning", InjectedFault("solver broke"))),
     Scenario("plan-disk-full-mid-write", "plan", _disk(300)),
     Scenario("refine-exception-mid-search", "refine", _raise(_KEEP, InjectedFault("pruning broke"), at=9)),
     Scenario("refine-disk-full", "refine", _disk(200)),

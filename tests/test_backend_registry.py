@@ -6,7 +6,7 @@ from importlib import metadata
 
 import pytest
 
-from cwca_export import backends
+from cwca_export import backends, registry
 
 
 class _Dummy:
@@ -16,11 +16,10 @@ class _Dummy:
 
 @pytest.fixture
 def clean_registry():
-    backends.available_backends()  # built-ins register on first lookup: snapshot them too
-    before = dict(backends._REGISTRY)
+    before = dict(backends.BACKENDS)  # built-ins register on first lookup: snapshot them too
     yield
-    backends._REGISTRY.clear()
-    backends._REGISTRY.update(before)
+    for name in set(backends.BACKENDS) - set(before):
+        backends.unregister_backend(name)
 
 
 def test_builtin_backends_are_registered():
@@ -49,7 +48,7 @@ def test_duplicates_and_missing_export_are_refused(clean_registry):
 
 def test_unknown_backend_names_the_available_ones(clean_registry):
     backends.register_backend("dummy")(_Dummy)
-    with pytest.raises(ValueError, match="available: .*dummy"):
+    with pytest.raises(ValueError, match="choose one of: .*dummy.* \\(--backend\\)"):
         backends.get_backend("nope")
 
 
@@ -58,9 +57,9 @@ def test_entry_point_group_is_loaded(clean_registry, monkeypatch):
         name="thirdparty", value=f"{__name__}:_Dummy", group=backends.ENTRY_POINT_GROUP
     )
     monkeypatch.setattr(
-        backends.metadata, "entry_points",
+        registry.metadata, "entry_points",
         lambda group: [ep] if group == backends.ENTRY_POINT_GROUP else [],
     )
-    backends._load_entry_points.cache_clear()
+    backends.BACKENDS.refresh()
     assert "thirdparty" in backends.available_backends()
     assert backends.get_backend("thirdparty").name == "thirdparty"

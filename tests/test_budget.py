@@ -10,10 +10,10 @@ from cwca_export.backends import get_backend
 from helpers import factorise, save_tiny_model, shrink_mlp, tiny_model
 
 import cwca_export
+from cwca_export.atomic import Staging
 from cwca_export.budget import Budget, available_profiles, load_profile, parse_size
 from cwca_export.exporter import BudgetError
 from cwca_export.exporter import postprocess as pp
-from cwca_export.exporter._atomic import Staging
 from cwca_export.exporter.build import ExportSettings
 from cwca_export.exporter.measure import MeasureConfig
 from cwca_export.exporter.predict import SizePredictor, weight_bytes
@@ -183,8 +183,8 @@ def test_search_ships_the_lowest_loss_candidate_measurement_proves_within_budget
     was predicted to fit was built and missed, and the winner's loss is recomputed independently."""
     import torch
 
-    from cwca_export.damage import calibration_loss
-    from cwca_export.precision import StorageFormat, quantized_weights
+    from cwca_export.planning.damage import calibration_loss
+    from cwca_export.planning.precision import StorageFormat, quantized_weights
 
     model = tiny_model("llama", **MEDIUM)
     ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))

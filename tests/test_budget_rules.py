@@ -12,7 +12,7 @@ from helpers import save_tiny_model, tiny_model
 import cwca_export
 from cwca_export.blocks import find_blocks, model_fingerprint
 from cwca_export.cli import cli
-from cwca_export.plan import Plan, plan_by_rule, plan_from_damage
+from cwca_export.planning.plan import Plan, plan_by_rule, plan_from_damage
 from cwca_export.scores import LayerScores
 
 WORKLOAD = ["--prompt-len", "8", "--context", "24", "--runs", "3", "--warmup", "1"]
@@ -55,7 +55,7 @@ def _rank_scores(model):
 def test_rank_plan_through_export_max_disk_moves_its_kept_fraction(tmp_path):
     """A rank plan from damage (no unit budget) through the CLI budget search: each level is the
     plan re-solved on its curves at a kept fraction, so the shipped plan equals that solve."""
-    from cwca_export.rank_plans import plan_ranks_from_damage
+    from cwca_export.planning.rank_plans import plan_ranks_from_damage
 
     overrides = {"hidden_size": 64, "intermediate_size": 256}
     model_dir = save_tiny_model("llama", tmp_path / "m", **overrides)

@@ -1,8 +1,8 @@
 """One meaning per flag: every verb's options walked, same name -> same type, choices and kind.
 
 A flag that two verbs spell the same must parse the same way (type, choice vocabulary, flag or
-value, repeatable or not), and one concept must not go by two names across verbs. The clashes
-still standing are listed below with the reason; a new one fails this test.
+value, repeatable or not), and one concept must not go by two names across verbs. No exceptions:
+old spellings live on only as hidden aliases that print a one-line deprecation.
 """
 
 from __future__ import annotations
@@ -13,22 +13,6 @@ import pytest
 from cwca_export import defaults
 from cwca_export.cli import cli
 
-# option -> why verbs still differ (honest list; fix by renaming with a deprecated alias)
-KNOWN_CLASHES = {
-    "--dtype": "score/compress load weights as float32|bfloat16|float16; export's artifact dtype is fp32|fp16"
-               " (cwca_export/cli/export.py, the lead's file this round: rename its choices to float32|float16"
-               " with fp32/fp16 as aliases)",
-    "--method": "score's --method names an estimator (fisher, damage...), refine/compress/export's a compression"
-                " method; renaming score's to --estimator touches every README example and recipe",
-}
-# concepts spelled two ways across verbs: (names) -> why
-KNOWN_SYNONYMS = {
-    ("--batch", "--batch-size"): "export --batch is the measured input shape (sequences per timed call);"
-                                 " --batch-size elsewhere chunks a calibration or eval pass. Different"
-                                 " concepts, confusable names: export should call it --measure-batch",
-    ("--cpu", "--device"): "score --cpu (stay on the CPU) vs compress --device DEVICE (where blocks run);"
-                           " score should take --device cpu",
-}
 SYNONYMS = [("--batch", "--batch-size"), ("--cpu", "--device"), ("--samples", "--num-samples"),
             ("--seq-len", "--seqlen"), ("--json", "--as-json")]
 
@@ -51,15 +35,44 @@ def _options():
 
 def test_one_meaning_per_flag():
     clashes = {name: uses for name, uses in _options().items() if len({sig for _, sig in uses}) > 1}
-    assert set(clashes) <= set(KNOWN_CLASHES), {k: v for k, v in clashes.items() if k not in KNOWN_CLASHES}
-    # a documented clash that got fixed leaves the list
-    assert set(KNOWN_CLASHES) <= set(clashes), set(KNOWN_CLASHES) - set(clashes)
+    assert not clashes, clashes
 
 
 def test_one_name_per_concept():
     names = set(_options())
     found = {pair for pair in SYNONYMS if set(pair) <= names}
-    assert found == set(KNOWN_SYNONYMS), found ^ set(KNOWN_SYNONYMS)
+    assert not found, found
+
+
+def test_dtype_is_one_vocabulary_on_every_verb():
+    uses = _options()["--dtype"]
+    assert {verb for verb, _ in uses} >= {"score", "compress", "export"}
+    assert {sig[1] for _, sig in uses} == {("bfloat16", "float16", "float32")}
+
+
+@pytest.mark.parametrize(
+    ("verb", "old", "new"),
+    [("score", ["--method", "uniform"], "--estimator"), ("score", ["--cpu"], "--device cpu"),
+     ("export", ["--batch", "2"], "--batch-size"), ("export", ["--dtype", "fp16"], "--dtype float16")],
+)
+def test_old_spellings_parse_with_a_one_line_deprecation(verb, old, new, tmp_path):
+    from click.testing import CliRunner
+
+    # a missing model folder stops each verb right after parsing: the warning comes first
+    result = CliRunner().invoke(cli, [verb, str(tmp_path / "missing"), "--out", str(tmp_path / "o"),
+                                      *(["--data", str(tmp_path / "c.txt")] if verb == "score" else []), *old])
+    assert result.exit_code != 0
+    first = result.stderr.splitlines()[0]
+    assert first.startswith("Warning: ") and "deprecated" in first and new in first, result.stderr
+
+
+def test_method_flags_accept_registered_names_only():
+    from click.testing import CliRunner
+
+    result = CliRunner().invoke(cli, ["compress", "m", "--plan", "p.json", "--method", "wandda", "--out", "o"])
+    assert result.exit_code == 2 and "'wandda' is not one of: asvd, lowrank, magnitude" in result.stderr
+    result = CliRunner().invoke(cli, ["score", "m", "--data", "c.txt", "--estimator", "fishr"])
+    assert result.exit_code == 2 and "'fishr' is not one of: damage, exact, fisher" in result.stderr
 
 
 def test_max_memory_is_a_size_budget_everywhere_and_score_keeps_a_deprecated_alias():
@@ -98,7 +111,7 @@ def test_refine_json_is_the_plan_it_wrote(tmp_path):
     from click.testing import CliRunner
     from helpers import sample_text, save_tiny_model
 
-    from cwca_export.plan import Plan
+    from cwca_export.planning.plan import Plan
     from cwca_export.scoring import score
 
     model = save_tiny_model("llama", tmp_path / "llama")

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from cwca_export.cli import cli
-from cwca_export.plan import Plan
+from cwca_export.planning.plan import Plan
 from cwca_export.scores import LayerScores
 
 

@@ -52,7 +52,7 @@ def test_json_output_jsonl_text_field_and_method(folders, tmp_path):
     data = tmp_path / "c.jsonl"
     data.write_text("".join(json.dumps({"body": p}) + "\n" for p in sample_text().split("\n\n")), encoding="utf-8")
     out = tmp_path / "kfac.json"
-    result = invoke(folders["llama"], "--data", data, "--text-field", "body", "--method", "kfac", "--batch-size", 2,
+    result = invoke(folders["llama"], "--data", data, "--text-field", "body", "--estimator", "kfac", "--batch-size", 2,
                     "--samples", 4, "--seq-len", 24, "--out", out, "--json", "--no-progress")
     assert result.exit_code == 0, result.output
     printed = json.loads(result.output)
@@ -79,7 +79,7 @@ def test_errors_are_one_line(folders, calib, tmp_path):
 
 def test_two_processes_under_torchrun_match_one_process(folders, calib, tmp_path):
     common = [str(folders["llama"]), "--data", str(calib), "--samples", "6", "--seq-len", "24",
-              "--no-wall-time", "--no-progress", "--cpu"]
+              "--no-wall-time", "--no-progress", "--device", "cpu"]
     one = invoke(*common, "--out", tmp_path / "one.json")
     assert one.exit_code == 0, one.output
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -19,7 +19,7 @@ from helpers import sample_text, tiny_model, tiny_tokenizer
 import cwca_export
 from cwca_export.blocks import find_blocks, weight_out_in
 from cwca_export.data import calibration_data
-from cwca_export.plan import PlanMismatchError
+from cwca_export.planning.plan import PlanMismatchError
 
 RHO = [0.3, 0.6]
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.optimize import linprog, minimize
 
-from cwca_export.curve_solver import convex_envelope, curve_value, fit_power, solve_pruning_curves
+from cwca_export.planning.curve_solver import convex_envelope, curve_value, fit_power, solve_pruning_curves
 
 POINTS = np.array([0.25, 0.5, 0.75, 0.9])
 

@@ -16,15 +16,15 @@ from helpers import factorise, sample_text, save_tiny_model, tiny_model, tiny_to
 import cwca_export
 from cwca_export.blocks import find_blocks, model_fingerprint, weight_out_in
 from cwca_export.cli import cli
-from cwca_export.damage import (
+from cwca_export.data import calibration_data
+from cwca_export.planning.damage import (
     calibration_loss,
     final_norm,
     measure_damage,
     plan_loss,
     probe_rank,
 )
-from cwca_export.data import calibration_data
-from cwca_export.plan import Plan, damage_curves
+from cwca_export.planning.plan import Plan, damage_curves
 from cwca_export.scores import LayerScores
 from cwca_export.scoring import score
 
@@ -197,7 +197,7 @@ def test_cli_scores_damage_with_options(tmp_path):
     calib.write_text(sample_text(), encoding="utf-8")
     out = tmp_path / "damage.json"
     result = CliRunner().invoke(cli, [
-        "score", str(folder), "--data", str(calib), "--method", "damage", "--option", "pruner=magnitude",
+        "score", str(folder), "--data", str(calib), "--estimator", "damage", "--option", "pruner=magnitude",
         "--option", "points=0.5,0.9", "--option", "at=0.9", "--samples", "4", "--seq-len", "24",
         "--batch-size", "2", "--out", str(out), "--no-progress",
     ])
@@ -213,8 +213,8 @@ def test_two_processes_under_torchrun_match_one_process(tmp_path):
     folder = save_tiny_model("llama", tmp_path / "llama")
     calib = tmp_path / "calib.txt"
     calib.write_text(sample_text(), encoding="utf-8")
-    common = [str(folder), "--data", str(calib), "--samples", "6", "--seq-len", "24", "--method", "damage",
-              "--option", "points=0.5,0.9", "--batch-size", "2", "--no-wall-time", "--no-progress", "--cpu"]
+    common = [str(folder), "--data", str(calib), "--samples", "6", "--seq-len", "24", "--estimator", "damage",
+              "--option", "points=0.5,0.9", "--batch-size", "2", "--no-wall-time", "--no-progress", "--device", "cpu"]
     one = CliRunner().invoke(cli, ["score", *common, "--out", str(tmp_path / "one.json")])
     assert one.exit_code == 0, one.output
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -234,8 +234,8 @@ def test_two_processes_under_torchrun_match_one_process(tmp_path):
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_capped_input_cache_gives_the_same_curves_in_several_passes(method, ids, monkeypatch):
-    import cwca_export.damage as damage_module
-    from cwca_export.damage import block_input_bytes
+    import cwca_export.planning.damage as damage_module
+    from cwca_export.planning.damage import block_input_bytes
 
     model = tiny_model("llama", num_hidden_layers=4)
     full = measure_damage(model, ids, method=method, points=(0.3, 0.7), batch_size=4)
@@ -271,7 +271,8 @@ def test_score_cli_max_cache_gives_the_same_scores(tmp_path):
     text = tmp_path / "calib.txt"
     text.write_text(sample_text() * 4)
     runner = CliRunner()
-    common = ["score", str(model_dir), "--data", str(text), "--samples", "4", "--seq-len", "16", "--method", "damage",
+    common = ["score", str(model_dir), "--data", str(text), "--samples", "4", "--seq-len", "16",
+              "--estimator", "damage",
               "--option", "pruner=magnitude", "--batch-size", "2", "--no-progress", "--no-wall-time"]
     res = runner.invoke(cli, [*common, "--out", str(tmp_path / "a.json")])
     assert res.exit_code == 0, res.output
@@ -286,12 +287,12 @@ def test_score_cli_max_cache_gives_the_same_scores(tmp_path):
     res = runner.invoke(cli, [*common, "--max-cache", "much", "--out", str(tmp_path / "c.json")])
     assert res.exit_code == 2 and "--max-cache" in res.output and not (tmp_path / "c.json").exists()
     res = runner.invoke(cli, ["score", str(model_dir), "--data", str(text), "--samples", "4", "--seq-len", "16",
-                              "--method", "fisher", "--max-cache", "1GiB", "--out", str(tmp_path / "d.json")])
+                              "--estimator", "fisher", "--max-cache", "1GiB", "--out", str(tmp_path / "d.json")])
     assert res.exit_code == 2 and "--max-cache" in res.output and not (tmp_path / "d.json").exists()
 
 
 def test_one_probe_point_may_be_a_bare_number():
     # `--option points=0.5` parses as JSON to a float, not a list
-    from cwca_export.damage import _points
+    from cwca_export.planning.damage import parse_points
 
-    assert _points(0.5) == [0.5] and _points("0.7,0.3") == [0.3, 0.7]
+    assert parse_points(0.5) == [0.5] and parse_points("0.7,0.3") == [0.3, 0.7]

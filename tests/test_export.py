@@ -17,9 +17,9 @@ from cwca_export.backends import UnsupportedModelError
 from helpers import factorise, sample_text, save_tiny_model, shrink_mlp, tiny_model, tiny_tokenizer
 
 import cwca_export
+from cwca_export.atomic import Staging
 from cwca_export.budget import Budget
 from cwca_export.exporter import VerificationError
-from cwca_export.exporter._atomic import Staging
 from cwca_export.exporter.manifest import MANIFEST_NAME
 from cwca_export.exporter.measure import file_inventory
 from cwca_export.exporter.session import DecoderSession, make_session

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from cwca_export._jsonio import SchemaError
-from cwca_export.plan import Plan, PlanMismatchError, plan_allocation, plan_pruning
+from cwca_export.jsonio import SchemaError
+from cwca_export.planning.plan import Plan, PlanMismatchError, plan_allocation, plan_pruning
 from cwca_export.scores import LayerScores, qualities
 
 

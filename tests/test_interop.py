@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from helpers import sample_text, save_tiny_model, tiny_model, tiny_tokenizer
 
 from cwca_export.cli import cli
-from cwca_export.plan import Plan
+from cwca_export.planning.plan import Plan
 from cwca_export.scores import LayerScores
 
 

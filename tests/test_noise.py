@@ -257,7 +257,7 @@ def test_score_noise_floor_matches_a_per_sequence_loop_and_debias_errors():
     assert "noise_floor" not in obd.stats and "snr" not in obd.stats
     assert obd.settings["blocks_within_noise"] is None and obd.within_noise() is None
 
-    refusal = r"--debias: method 'kfac' has no debiased estimate; pass --method fisher or gradnorm"
+    refusal = r"--debias: method 'kfac' has no debiased estimate; pass --estimator fisher or gradnorm"
     with pytest.raises(ValueError, match=refusal):
         score(model, data, method="kfac", debias=True)
     with pytest.raises(ValueError, match="at least 2 calibration sequences"):
@@ -293,9 +293,9 @@ def test_cli_records_noise_figures_warns_on_one_line_and_debiases(tmp_path):
     assert deb.stats["zeta2_biased"] == pytest.approx(scores.zeta2, rel=1e-6)
     assert deb.zeta2 == pytest.approx([max(d, 0.0) for d in scores.stats["zeta2_debiased"]], rel=1e-6, abs=1e-12)
 
-    refused = CliRunner().invoke(cli, ["score", *common, "--method", "kfac", "--debias",
+    refused = CliRunner().invoke(cli, ["score", *common, "--estimator", "kfac", "--debias",
                                        "--out", str(tmp_path / "k.json")])
     assert refused.exit_code == 1
     assert refused.output.strip().splitlines() == [
-        "Error: --debias: method 'kfac' has no debiased estimate; pass --method fisher or gradnorm"
+        "Error: --debias: method 'kfac' has no debiased estimate; pass --estimator fisher or gradnorm"
     ]

@@ -15,8 +15,8 @@ import yaml
 from click.testing import CliRunner
 from helpers import sample_text, save_tiny_model, tiny_model
 
+from cwca_export.atomic import Staging
 from cwca_export.cli import cli
-from cwca_export.exporter._atomic import Staging
 from cwca_export.outputs import UnsafeOutputError, check_output
 from cwca_export.scratch import HOST_TAG, clean_stale
 

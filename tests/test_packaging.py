@@ -28,7 +28,7 @@ def test_editable_install_maps_backends_into_the_namespace():
     assert missing == "True"
 
 
-@pytest.mark.parametrize("module", ["cwca_export", "cwca_export.solver", "cwca_export.plan"])
+@pytest.mark.parametrize("module", ["cwca_export", "cwca_export.planning.solver", "cwca_export.planning.plan"])
 def test_numpy_side_does_not_import_torch(module):
     loaded = _run(f"import sys, {module}; print('torch' in sys.modules)", cwd="/")
     assert loaded == "False"
@@ -64,7 +64,7 @@ def test_built_wheel_installs_backends_under_cwca_export(tmp_path):
     # isolated interpreter (-I): only the wheel's copy can satisfy the import
     code = (
         f"import sys; sys.path.insert(0, {str(target)!r}); "
-        "import cwca_export.backends as b, cwca_export.solver; print(b.__file__)"
+        "import cwca_export.backends as b, cwca_export.planning.solver; print(b.__file__)"
     )
     out = subprocess.run(
         [sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path

@@ -10,7 +10,7 @@ from compress_plans import make_plan
 from helpers import tiny_model
 
 from cwca_export.compression import compress
-from cwca_export.plan_probe import PlanLoss
+from cwca_export.planning.plan_probe import PlanLoss
 
 
 def _reference_loss(model, ids):
@@ -53,7 +53,7 @@ def test_plan_loss_refuses_allocation_methods_and_wrong_lengths():
 
 
 def test_refine_plan_on_a_tiny_model_beats_its_start_and_is_reproducible_by_compress():
-    from cwca_export.refine import refine_plan
+    from cwca_export.planning.refine import refine_plan
     from cwca_export.scoring import score
 
     model = tiny_model("llama", num_hidden_layers=3).eval()
@@ -79,14 +79,14 @@ def test_refine_cli_writes_a_plan_that_compress_accepts(tmp_path):
     from helpers import sample_text, save_tiny_model
 
     from cwca_export.cli import cli
-    from cwca_export.plan import Plan
+    from cwca_export.planning.plan import Plan
 
     model_dir = save_tiny_model("llama", tmp_path / "m", num_hidden_layers=3)
     text = tmp_path / "calib.txt"
     text.write_text(sample_text() * 4)
     runner = CliRunner()
     common = ["--data", str(text), "--samples", "4", "--seq-len", "16"]
-    res = runner.invoke(cli, ["score", str(model_dir), *common, "--method", "damage", "--option", "pruner=magnitude",
+    res = runner.invoke(cli, ["score", str(model_dir), *common, "--estimator", "damage", "--option", "pruner=magnitude",
                               "--out", str(tmp_path / "damage.json"), "--no-progress"])
     assert res.exit_code == 0, res.output
     res = runner.invoke(cli, ["refine", str(model_dir), "--scores", str(tmp_path / "damage.json"), "--sparsity", "0.5",
@@ -120,14 +120,14 @@ def test_refine_cli_plans_ranks_and_refuses_mixed_knobs(tmp_path):
     from helpers import sample_text, save_tiny_model
 
     from cwca_export.cli import cli
-    from cwca_export.plan import Plan
+    from cwca_export.planning.plan import Plan
 
     model_dir = save_tiny_model("llama", tmp_path / "m", num_hidden_layers=3)
     text = tmp_path / "calib.txt"
     text.write_text(sample_text() * 4)
     runner = CliRunner()
     common = ["--data", str(text), "--samples", "4", "--seq-len", "16"]
-    res = runner.invoke(cli, ["score", str(model_dir), *common, "--method", "damage", "--option", "pruner=lowrank",
+    res = runner.invoke(cli, ["score", str(model_dir), *common, "--estimator", "damage", "--option", "pruner=lowrank",
                               "--out", str(tmp_path / "lr.json"), "--no-progress"])
     assert res.exit_code == 0, res.output
     res = runner.invoke(cli, ["refine", str(model_dir), "--scores", str(tmp_path / "lr.json"), "--method", "lowrank",

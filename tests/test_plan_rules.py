@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from cwca_export.cli import cli
-from cwca_export.plan import Plan, damage_curves, plan_band, plan_from_damage
+from cwca_export.planning.plan import Plan, damage_curves, plan_band, plan_from_damage
 from cwca_export.scores import LayerScores
 
 
@@ -53,7 +53,7 @@ def test_plan_from_damage_reads_curves_and_reaches_the_target():
     plan = plan_from_damage(scores, 0.5)
     assert plan.global_sparsity == pytest.approx(0.5)
     assert plan.x[0] > plan.x[2] > plan.x[1]  # the cheapest block pruned most
-    with pytest.raises(ValueError, match="method damage"):
+    with pytest.raises(ValueError, match="--estimator damage"):
         damage_curves(LayerScores("fisher", zeta2=[1.0], n_params=[3]))
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cwca_export.plan import Plan, plan_band, plan_by_rule, plan_from_damage, plan_pruning
-from cwca_export.plan_scaling import rescale_plan, target_of, target_range
+from cwca_export.planning.plan import Plan, plan_band, plan_by_rule, plan_from_damage, plan_pruning
+from cwca_export.planning.plan_scaling import rescale_plan, target_of, target_range
 from cwca_export.scores import LayerScores
 
 N = [100, 200, 100, 300]
@@ -68,7 +68,7 @@ def test_refined_plan_restarts_from_its_rule_and_asks_to_be_refined_again():
 
 def test_uniform_plans_stay_uniform_and_ranges_follow_bounds():
     s = _scores()
-    from cwca_export.refine import candidate_plans
+    from cwca_export.planning.refine import candidate_plans
 
     uniform = candidate_plans(s, 0.5, hi=0.8)["uniform"]
     assert rescale_plan(uniform, 0.25).x == [0.25] * 4
@@ -78,7 +78,7 @@ def test_uniform_plans_stay_uniform_and_ranges_follow_bounds():
 
 
 def test_rank_plan_from_damage_moves_its_kept_fraction():
-    from cwca_export.rank_plans import plan_ranks_from_damage
+    from cwca_export.planning.rank_plans import plan_ranks_from_damage
 
     shapes = [[(64, 64)], [(64, 64)]]
     s = LayerScores("damage", zeta2=[0.1, 1.0], n_params=[4096, 4096], settings={"pruner": "lowrank"},

@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import tiny_model
 
-from cwca_export.precision import (
+from cwca_export.planning.precision import (
     PrecisionDamage,
     StorageFormat,
     artifact_weight_bytes,
@@ -204,7 +204,7 @@ def _copy_quantized_loss(model, ids, assignment):
     """Independent reference: a deep copy whose weights are replaced, untied, and a full forward."""
     import copy
 
-    from cwca_export.damage import calibration_loss
+    from cwca_export.planning.damage import calibration_loss
 
     work = copy.deepcopy(model)
     groups = {g.name: g for g in precision_groups(work)}
@@ -224,7 +224,7 @@ def _copy_quantized_loss(model, ids, assignment):
 
 
 def test_probes_equal_full_forwards_of_quantized_copies():
-    from cwca_export.damage import calibration_loss
+    from cwca_export.planning.damage import calibration_loss
 
     model = tiny_model("llama", num_hidden_layers=3, tie_word_embeddings=True)
     ids = torch.randint(0, model.config.vocab_size, (6, 24), generator=torch.Generator().manual_seed(0))

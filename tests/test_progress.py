@@ -69,7 +69,7 @@ def test_compress_bar_counts_blocks(monkeypatch):
 
 def test_refine_bar_counts_forwards(monkeypatch):
     terminal = _terminal(monkeypatch)
-    from cwca_export.refine import refine_plan
+    from cwca_export.planning.refine import refine_plan
     from cwca_export.scoring import score
 
     model = tiny_model("llama", num_hidden_layers=3).eval()

@@ -14,16 +14,16 @@ from torch import nn
 
 from cwca_export.blocks import find_blocks
 from cwca_export.compression import compress
-from cwca_export.curve_solver import curve_value
-from cwca_export.plan_probe import RankPlanLoss
-from cwca_export.rank_plans import (
+from cwca_export.planning.curve_solver import curve_value
+from cwca_export.planning.plan_probe import RankPlanLoss
+from cwca_export.planning.rank_plans import (
     kept_parameters,
     linear_shapes,
     plan_ranks_from_damage,
     plan_ranks_uniform,
     solve_unit_options,
 )
-from cwca_export.refine import refine_ranks, refine_unit_exchange
+from cwca_export.planning.refine import refine_ranks, refine_unit_exchange
 from cwca_export.scores import LayerScores
 
 POINTS = [0.25, 0.5, 0.75, 0.9]
@@ -286,14 +286,14 @@ def test_cli_plans_ranks_that_compress_applies_within_budget(tmp_path):
 
     import cwca_export
     from cwca_export.cli import cli
-    from cwca_export.plan import Plan
+    from cwca_export.planning.plan import Plan
 
     folder = save_tiny_model("llama", tmp_path / "m", num_hidden_layers=3)
     text = tmp_path / "calib.txt"
     text.write_text(sample_text() * 4)
     runner = CliRunner()
     common = ["--data", str(text), "--samples", "4", "--seq-len", "16", "--no-progress"]
-    res = runner.invoke(cli, ["score", str(folder), *common, "--method", "damage", "--option", "pruner=lowrank",
+    res = runner.invoke(cli, ["score", str(folder), *common, "--estimator", "damage", "--option", "pruner=lowrank",
                               "--out", str(tmp_path / "lr.json")])
     assert res.exit_code == 0, res.output
     res = runner.invoke(cli, ["plan", str(tmp_path / "lr.json"), "--program", "allocate", "--budget-fraction", "0.6",
@@ -318,7 +318,7 @@ def test_cli_plans_ranks_that_compress_applies_within_budget(tmp_path):
     assert "spent" in res.output and "rule" not in Plan.load(tmp_path / "cwca.json").parameters
 
     # refusals: pruning curves, an unreachable budget, both budgets, no budget
-    res = runner.invoke(cli, ["score", str(folder), *common, "--method", "damage", "--option", "pruner=magnitude",
+    res = runner.invoke(cli, ["score", str(folder), *common, "--estimator", "damage", "--option", "pruner=magnitude",
                               "--out", str(tmp_path / "mag.json")])
     assert res.exit_code == 0, res.output
     for args, message in [

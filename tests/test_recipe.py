@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from helpers import sample_text, save_tiny_model
 
 from cwca_export.cli import cli
-from cwca_export.plan import Plan
+from cwca_export.planning.plan import Plan
 from cwca_export.recipe import Recipe
 
 

@@ -12,7 +12,7 @@ from helpers import sample_text, save_tiny_model
 
 import cwca_export.scoring
 from cwca_export.cli import cli
-from cwca_export.plan import Plan
+from cwca_export.planning.plan import Plan
 from cwca_export.recipe import SCHEMA_PATH, Recipe, json_schema
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize
 
-from cwca_export.curve_solver import solve_pruning_curves
-from cwca_export.refine import choose_by_loss, refine_exchange
+from cwca_export.planning.curve_solver import solve_pruning_curves
+from cwca_export.planning.refine import choose_by_loss, refine_exchange
 
 A = np.array([0.3, 2.0, 1.0, 0.6, 1.5, 0.2])
 N = np.array([100.0, 100.0, 100.0, 100.0, 200.0, 200.0])

@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from cwca_export.cli import cli
-from cwca_export.plan import Plan, plan_allocation, plan_pruning
+from cwca_export.planning.plan import Plan, plan_allocation, plan_pruning
 from cwca_export.report import FIGURE_NAME, HTML_NAME, baseline_plans, build_report
 from cwca_export.scores import LayerScores
 

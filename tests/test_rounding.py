@@ -11,8 +11,8 @@ import torch
 from helpers import tiny_model
 
 import cwca_export
-from cwca_export.precision import StorageFormat, fake_quantize, quantize_linear_
-from cwca_export.rounding import CLIP_RATIOS, clip_weight, clipped_weights, moments_for
+from cwca_export.planning.precision import StorageFormat, fake_quantize, quantize_linear_
+from cwca_export.planning.rounding import CLIP_RATIOS, clip_weight, clipped_weights, moments_for
 
 
 def _brute_force(w: torch.Tensor, fmt: StorageFormat, h: torch.Tensor):
@@ -123,7 +123,7 @@ def test_clipping_lowers_the_shipped_models_held_out_loss_at_int4():
     from cwca_export.demo import DEMO_MODEL, HELDOUT_TEXT, TRAIN_TEXT
     from cwca_export.evaluate import perplexity_from_logits, tokenize_text
     from cwca_export.loading import load_model
-    from cwca_export.precision import quantized_weights
+    from cwca_export.planning.precision import quantized_weights
 
     model, tok = load_model(str(DEMO_MODEL))
     train = calibration_data(TRAIN_TEXT, tok, num_samples=32, seq_len=256, seed=0).input_ids

@@ -60,7 +60,7 @@ def _hidden(folder: Path) -> list[str]:
 
 
 def _score_args(model: Path, calib: Path, method: str, out: Path) -> list[object]:
-    return ["score", model, "--data", calib, "--samples", SAMPLES, "--seq-len", SEQ_LEN, "--method", method,
+    return ["score", model, "--data", calib, "--samples", SAMPLES, "--seq-len", SEQ_LEN, "--estimator", method,
             "--no-progress", "--no-wall-time", "--checkpoint-every", 3, "--out", out]
 
 

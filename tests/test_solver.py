@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy import optimize
 
-from cwca_export.solver import (
+from cwca_export.planning.solver import (
     allocation_objective,
     pruning_objective,
     solve_allocation,
@@ -908,7 +908,7 @@ def test_transfer_regret_allocation_with_per_layer_alpha():
 # ========================================================================= light imports
 
 
-@pytest.mark.parametrize("module", ["cwca_export.solver", "cwca_export.scores", "cwca_export.plan"])
+@pytest.mark.parametrize("module", ["cwca_export.planning.solver", "cwca_export.scores", "cwca_export.planning.plan"])
 def test_numpy_modules_do_not_import_torch(module):
     if importlib.util.find_spec(module) is None:
         pytest.skip(f"{module} does not exist yet")

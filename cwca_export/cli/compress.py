@@ -9,11 +9,10 @@ from typing import Any
 import click
 
 from cwca_export.cli.guard import guards_output
-from cwca_export.cli.options import COUNT, finite, loading_options
+from cwca_export.cli.options import COUNT, DTYPE, METHOD, finite, loading_options
 from cwca_export.defaults import CALIBRATION_SAMPLES, CALIBRATION_SEQ_LEN
 
 # Names only, so --help needs no torch; compress() checks the name against the registry.
-_METHODS = ["magnitude", "wanda", "sparsegpt", "width", "lowrank", "asvd"]
 
 
 def _describe(row: dict[str, Any]) -> tuple[str, str]:
@@ -61,9 +60,9 @@ def _table(step: dict[str, Any]) -> str:
 )
 @click.option(
     "--method",
-    type=click.Choice(_METHODS),
+    type=METHOD,
     required=True,
-    help="magnitude, wanda, sparsegpt (sparsity); width (MLP channels); lowrank, asvd (ranks).",
+    help="magnitude, wanda, sparsegpt (sparsity); width (MLP channels); lowrank, asvd (ranks); or a plug-in.",
 )
 @click.option(
     "--out",
@@ -132,7 +131,7 @@ def _table(step: dict[str, Any]) -> str:
 )
 @click.option(
     "--dtype",
-    type=click.Choice(["float32", "bfloat16", "float16"]),
+    type=DTYPE,
     default="float32",
     show_default=True,
     help="Dtype to load the weights in.",
@@ -195,7 +194,7 @@ def compress(
     from cwca_export.compression.saving import save_compressed
     from cwca_export.data import calibration_data
     from cwca_export.loading import check_model_folder, load_model
-    from cwca_export.plan import Plan
+    from cwca_export.planning.plan import Plan
 
     if Path(out).exists() and not overwrite:
         raise click.UsageError(f"{out} already exists; pass --overwrite or another --out")

@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 from cwca_export.cli.guard import guards_output
-from cwca_export.cli.options import COUNT, SIZE, finite, loading_options
+from cwca_export.cli.options import COUNT, DTYPE, METHOD, SIZE, deprecated_alias, finite, loading_options
+from cwca_export.defaults import EXPORT_SAMPLES, EXPORT_SEQ_LEN
 
 
 def parse_layers(text: str | None) -> tuple[int, ...]:
@@ -73,7 +74,7 @@ def _summary(art) -> list[str]:
 
 def _read_precision(path: str) -> dict[str, str]:
     """Group -> format from ``{"formats": {...}}`` (or a bare mapping), formats checked."""
-    from cwca_export.precision import StorageFormat
+    from cwca_export.planning.precision import StorageFormat
 
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -92,11 +93,11 @@ def _read_precision(path: str) -> dict[str, str]:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Artifact folder (written atomically).")
 @click.option("--backend", default="optimum", show_default=True, help="Export backend: optimum or onnx (or a plug-in).")
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False), help="plan.json behind the model, recorded in the manifest.")
-@click.option("--method", help="Compression method that applies --plan (and lets a budget search re-solve it).")
+@click.option("--method", type=METHOD, help="Compression method that applies --plan (and lets a budget search re-solve it).")
 @click.option("--data", type=click.Path(exists=True, dir_okay=False),
               help="Calibration text for --method width / wanda / sparsegpt / asvd.")
-@click.option("--samples", type=COUNT, default=32, show_default=True, help="Calibration sequences for --data.")
-@click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True, help="Tokens per calibration sequence.")
+@click.option("--samples", type=COUNT, default=EXPORT_SAMPLES, show_default=True, help="Calibration sequences for --data.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=EXPORT_SEQ_LEN, show_default=True, help="Tokens per calibration sequence.")
 @click.option("--quantize", type=click.Choice(["int8", "int4"]), help="ONNX Runtime weight quantization.")
 @click.option("--exclude", multiple=True, metavar="NAME", help="Node name or module path kept in float when quantizing; repeatable.")
 @click.option("--exclude-layers", metavar="I,J-K", help="Decoder blocks kept in float when quantizing, e.g. 0,5-7.")
@@ -111,14 +112,16 @@ def _read_precision(path: str) -> dict[str, str]:
 @click.option("--rounding", type=click.Choice(["clip", "rtn"]), default="clip", show_default=True,
               help="How per-layer integer formats round: clip each weight block where the calibration inputs say it"
                    " lowers the output error, or rtn (ONNX Runtime's plain round to nearest). --quantize is always rtn.")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), help="Artifact float dtype (fp16 for GPU providers) [default: fp32].")
+@click.option("--dtype", type=DTYPE, help="Artifact float dtype: float32 or float16 (for GPU providers) [default: float32].")
 @click.option("--optimize", type=click.Choice(["basic", "extended", "all"]), help="Offline ONNX Runtime graph optimisation.")
 @click.option("--max-memory", type=SIZE, metavar="SIZE", help="Disk and resident limit: 1.5GiB, 300MB or bytes.")
 @click.option("--max-disk", type=SIZE, metavar="SIZE", help="Limit on the artifact's bytes on disk alone (download, flash).")
 @click.option("--max-latency-ms", type=finite(0, min_open=True), help="Limit on p50 ms per decoded token.")
 @click.option("--max-prefill-ms", type=finite(0, min_open=True), help="Limit on p50 ms for the prefill of --prompt-len tokens.")
 @click.option("--ep", type=click.Choice(["cpu", "cuda"]), help="ONNX Runtime execution provider [default: cpu].")
-@click.option("--batch", type=COUNT, help="Sequences per call for measurement [default: 1].")
+@click.option("--batch-size", "batch", type=COUNT, help="Sequences per call in the measured workload [default: 1].")
+@click.option("--batch", "batch_alias", type=COUNT, hidden=True, callback=deprecated_alias("export --batch", "--batch-size"),
+              help="Deprecated spelling of --batch-size.")
 @click.option("--prompt-len", type=COUNT, help="Prefill length for measurement [default: 32].")
 @click.option("--context", type=click.IntRange(min=2), help="KV cache length at the measured decode step [default: 128].")
 @click.option("--hardware", metavar="PROFILE", help="Hardware profile (cpu-2core-24gb, jetson-orin-8gb, a10g-24gb, h100-80gb) or a YAML path.")
@@ -136,7 +139,7 @@ def _read_precision(path: str) -> dict[str, str]:
 def export(
     model_dir, out, backend, plan_path, method, data, samples, seq_len, quantize, exclude, exclude_layers, block_size,
     formats, precision_path, levels, precision_estimate, rounding, dtype,
-    optimize, max_memory, max_disk, max_latency_ms, max_prefill_ms, ep, batch, prompt_len, context, hardware,
+    optimize, max_memory, max_disk, max_latency_ms, max_prefill_ms, ep, batch, batch_alias, prompt_len, context, hardware,
     no_kv_cache, opset, external_data_threshold, runs, warmup, threads, overwrite, as_json,
     no_fingerprint, trust_remote_code, allow_pickle,
 ) -> None:
@@ -161,8 +164,12 @@ def export(
     from cwca_export.exporter.api import export as run_export
     from cwca_export.exporter.postprocess import QuantizeConfig
     from cwca_export.loading import check_model_folder, load_model
-    from cwca_export.plan import Plan
+    from cwca_export.planning.plan import Plan
 
+    if dtype == "bfloat16":
+        raise click.BadParameter("ONNX Runtime artifacts are float32 or float16; pass --dtype float16", param_hint="--dtype")
+    dtype = {"float32": "fp32", "float16": "fp16"}.get(dtype, dtype)  # the budget's names
+    batch = batch or batch_alias
     limits = {
         "max_memory": parse_size(max_memory) if max_memory else None,
         "max_disk": parse_size(max_disk) if max_disk else None,

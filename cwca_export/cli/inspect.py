@@ -31,7 +31,7 @@ def _describe_json(path: Path) -> dict:
             "n_params": s.n_params,
         }
     if kind == "Plan":
-        from cwca_export.plan import Plan
+        from cwca_export.planning.plan import Plan
 
         p = Plan.from_dict(data, source=str(path))
         p.check_bounds(str(path))

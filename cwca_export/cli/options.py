@@ -69,3 +69,69 @@ def loading_options(command: Callable[..., Any]) -> Callable[..., Any]:
         is_flag=True,
         help="Allow the model folder's own Python code (auto_map in its config); off by default.",
     )(command)
+
+
+class DtypeChoice(click.Choice):
+    """``--dtype`` on every verb: ``float32 | bfloat16 | float16`` (one vocabulary).
+
+    The artifact spellings ``fp32`` / ``fp16`` that ``export`` used to take still parse, with a
+    one-line deprecation warning, as ``float32`` / ``float16``.
+    """
+
+    name = "dtype"
+    ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+    def __init__(self) -> None:
+        from cwca_export.dtypes import DTYPE_NAMES
+
+        super().__init__(list(DTYPE_NAMES))
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and value in self.ALIASES:
+            from cwca_export.cli.verbosity import warning_line
+
+            warning_line(f"--dtype {value} is deprecated; pass --dtype {self.ALIASES[value]}")
+            value = self.ALIASES[value]
+        return super().convert(value, param, ctx)
+
+
+DTYPE = DtypeChoice()
+
+
+class RegisteredName(click.ParamType):
+    """A name looked up in a registry (estimators or compression methods), plug-ins included.
+
+    The lookup happens when the flag is parsed, not at ``--help``, so help stays free of torch;
+    an unknown name is click's one-line error listing the registered names.
+    """
+
+    name = "name"
+
+    def __init__(self, registry: str) -> None:
+        self.registry = registry  # "module:ATTRIBUTE" of the Registry
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        import importlib
+
+        module, _, attribute = self.registry.partition(":")
+        registry = getattr(importlib.import_module(module), attribute)
+        if value not in registry.names():
+            self.fail(f"{value!r} is not one of: {', '.join(registry.names())}", param, ctx)
+        return value
+
+
+ESTIMATOR = RegisteredName("cwca_export.scoring.registry:ESTIMATORS")
+METHOD = RegisteredName("cwca_export.compression.registry:METHODS")
+
+
+def deprecated_alias(old: str, new: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """A callback for a hidden old flag: one warning line naming the new flag when it is used."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value not in (None, False, ()):
+            from cwca_export.cli.verbosity import warning_line
+
+            warning_line(f"{old} is deprecated; pass {new}")
+        return value
+
+    return callback

@@ -111,7 +111,7 @@ def _table(plan) -> str:
     default="auto",
     show_default=True,
     help="prune: cwca = the MDL program on q_k; damage = measured per-block curves (scores from"
-    " --method damage); band = the OWL / LayerIF linear map into [S - band, S + band];"
+    " --estimator damage); band = the OWL / LayerIF linear map into [S - band, S + band];"
     " auto = damage when the scores hold curves, else cwca. allocate: cwca = the value program"
     " with --budget; damage = ranks from low-rank damage curves (--option pruner=lowrank or asvd)"
     " with --budget-fraction; auto = damage when --budget-fraction is given (or the scores hold"
@@ -219,7 +219,7 @@ def plan(
           --peft-config lora/ --rank-step 4      # LoRA ranks for recovery fine-tuning
       cwca-export plan scores.json --sparsity 0.5 --llmcompressor-recipe sparsity.yaml
     """
-    from cwca_export.plan import plan_allocation, plan_by_rule
+    from cwca_export.planning.plan import plan_allocation, plan_by_rule
     from cwca_export.scores import LayerScores
 
     if program == "prune" and sparsity is None:
@@ -253,7 +253,7 @@ def plan(
             f" {result.iterations} dual evaluations"
         )
     elif rule == "damage":
-        from cwca_export.rank_plans import linear_shapes, plan_ranks_from_damage
+        from cwca_export.planning.rank_plans import linear_shapes, plan_ranks_from_damage
 
         shapes = linear_shapes(_shapes_folder(model_path, scores), trust_remote_code=trust_remote_code)
         result = plan_ranks_from_damage(
@@ -322,7 +322,7 @@ def _allocate_rule(rule: str, scores, budget: float | None, budget_fraction: flo
     if budget is not None and budget_fraction is not None:
         raise click.UsageError("--budget (rule cwca) and --budget-fraction (rule damage): give one")
     if rule == "auto":
-        from cwca_export.plan import damage_pruner, has_damage_curves
+        from cwca_export.planning.plan import damage_pruner, has_damage_curves
 
         low_rank = has_damage_curves(scores) and damage_pruner(scores) in ("lowrank", "asvd")
         rule = "damage" if budget_fraction is not None or (low_rank and budget is None) else "cwca"

@@ -5,14 +5,17 @@ from __future__ import annotations
 import click
 
 from cwca_export.cli.guard import guards_output
-from cwca_export.cli.options import COUNT, SIZE, finite, loading_options
+from cwca_export.cli.options import COUNT, METHOD, SIZE, finite, loading_options
 from cwca_export.defaults import REFINE_SAMPLES, REFINE_SEQ_LEN
+
+# the methods whose whole-plan loss refine can measure
+_REFINABLE = ("magnitude", "wanda", "sparsegpt", "lowrank", "asvd")
 
 
 @click.command()
 @click.argument("model_dir", metavar="MODEL_DIR", type=click.Path(exists=True, file_okay=False))
 @click.option("--scores", "scores_path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="scores.json of MODEL_DIR; measured damage (score --method damage) recommended.")
+              help="scores.json of MODEL_DIR; measured damage (score --estimator damage) recommended.")
 @click.option("--sparsity", type=finite(0, 1, max_open=True), default=None,
               help="Pruning plans: global sparsity, a fraction of all block weights.")
 @click.option("--budget-fraction", type=finite(0, 1, min_open=True), default=None,
@@ -20,8 +23,8 @@ from cwca_export.defaults import REFINE_SAMPLES, REFINE_SEQ_LEN
 @click.option("--rank-step", type=COUNT, default=8, show_default=True, help="Rank plans: rank of one plan unit.")
 @click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Calibration text (.txt or .jsonl), the same kind the scores used.")
-@click.option("--method", type=click.Choice(["magnitude", "wanda", "sparsegpt", "lowrank", "asvd"]), default="wanda",
-              show_default=True, help="The method the plan will be applied with; its loss is measured.")
+@click.option("--method", type=METHOD, default="wanda", show_default=True,
+              help=f"The method the plan will be applied with ({', '.join(_REFINABLE)}); its loss is measured.")
 @click.option("--samples", type=COUNT, default=REFINE_SAMPLES, show_default=True,
               help="Calibration sequences (fewer than score's: every measurement is a forward over them).")
 @click.option("--seq-len", type=click.IntRange(min=2), default=REFINE_SEQ_LEN, show_default=True,
@@ -53,16 +56,18 @@ def refine(model_dir, scores_path, sparsity, budget_fraction, rank_step, data_pa
 
     \b
     Examples:
-      cwca-export score ./llama --data calib.txt --method damage --option pruner=wanda --out damage.json
+      cwca-export score ./llama --data calib.txt --estimator damage --option pruner=wanda --out damage.json
       cwca-export refine ./llama --scores damage.json --sparsity 0.7 --data calib.txt --method wanda
       cwca-export compress ./llama --plan plan.json --method wanda --data calib.txt --out llama-70
       cwca-export refine ./llama --scores lr.json --budget-fraction 0.6 --data calib.txt --method asvd
     """
     from cwca_export.data import calibration_data
     from cwca_export.loading import check_model_folder, load_model
-    from cwca_export.refine import refine_plan, refine_ranks
+    from cwca_export.planning.refine import refine_plan, refine_ranks
     from cwca_export.scores import LayerScores
 
+    if method not in _REFINABLE:
+        raise click.BadParameter(f"refine measures {', '.join(_REFINABLE)}, not {method!r}", param_hint="--method")
     ranks = method in ("lowrank", "asvd")
     if ranks and (budget_fraction is None or sparsity is not None):
         raise click.UsageError(f"--method {method} plans ranks: give --budget-fraction (not --sparsity)")

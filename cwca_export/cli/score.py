@@ -8,12 +8,12 @@ import warnings
 import click
 
 from cwca_export.cli.guard import guards_output
-from cwca_export.cli.options import COUNT, finite
+from cwca_export.cli.options import COUNT, DTYPE, ESTIMATOR, deprecated_alias, finite
 from cwca_export.cli.verbosity import warning_line
 from cwca_export.defaults import CALIBRATION_SAMPLES, CALIBRATION_SEQ_LEN
 
-# Names only, so --help needs no torch; score() checks the name against the registry.
-_METHODS = ["fisher", "kfac", "exact", "gradnorm", "obd", "layerif", "owl", "uniform", "damage"]
+# Names only, so --help needs no torch; the flag checks the name against the registry (plug-ins too).
+_ESTIMATORS = ["fisher", "kfac", "exact", "gradnorm", "obd", "layerif", "owl", "uniform", "damage"]
 
 
 def _table(scores) -> str:
@@ -36,8 +36,11 @@ def _table(scores) -> str:
 @click.argument("model_dir", metavar="MODEL_DIR", type=click.Path(file_okay=False))
 @click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False),
               help="Calibration text: a .txt file or a .jsonl file with one record per line.")
-@click.option("--method", type=click.Choice(_METHODS), default="fisher", show_default=True,
-              help="Curvature estimator (see docs/scoring.md).")
+@click.option("--estimator", type=ESTIMATOR, default="fisher", show_default=True,
+              help=f"Curvature estimator: {', '.join(_ESTIMATORS)} or a plug-in (see docs/scoring.md).")
+@click.option("--method", "method_alias", type=ESTIMATOR, default=None, hidden=True,
+              callback=deprecated_alias("score --method", "--estimator (--method names a compression method)"),
+              help="Deprecated spelling of --estimator.")
 @click.option("--samples", type=COUNT, default=CALIBRATION_SAMPLES, show_default=True, help="Calibration sequences N.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=CALIBRATION_SEQ_LEN, show_default=True,
               help="Tokens per sequence L.")
@@ -57,11 +60,14 @@ def _table(scores) -> str:
                    " blocks are probed in runs, one more dense pass each (same scores) [default: no cap].")
 @click.option("--text-field", default="text", show_default=True, help="JSON Lines field holding the text.")
 @click.option("--allow-fewer", is_flag=True, help="Score on fewer sequences when the data is too short.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
-              show_default=True, help="Dtype to load the weights in.")
+@click.option("--dtype", type=DTYPE, default="float32", show_default=True, help="Dtype to load the weights in.")
 @click.option("--mixed-precision", type=click.Choice(["no", "bf16", "fp16"]), default="no", show_default=True,
               help="accelerate autocast for the passes.")
-@click.option("--cpu", is_flag=True, help="Stay on the CPU even when a GPU is present.")
+@click.option("--device", default="auto", show_default=True,
+              help="cpu: stay on the CPU even when a GPU is present; auto: the accelerator accelerate finds"
+                   " (torchrun / accelerate launch pick the GPU of each process).")
+@click.option("--cpu", is_flag=True, hidden=True, callback=deprecated_alias("score --cpu", "--device cpu"),
+              help="Deprecated spelling of --device cpu.")
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations to save memory.")
 @click.option("--device-map", default=None, help="accelerate placement for offload, e.g. auto.")
 @click.option("--device-memory", "max_memory", multiple=True, metavar="DEVICE=SIZE",
@@ -85,8 +91,9 @@ def _table(scores) -> str:
 @guards_output(inputs={"model_dir": "MODEL_DIR", "data_path": "--data"}, kind="file",
                json_types={"LayerScores"}, overwrite=None)
 def score(
-    model_dir, data_path, method, samples, seq_len, seed, held_out, damping, absolute_damping, batch_size,
-    method_options, max_cache, text_field, allow_fewer, dtype, mixed_precision, cpu, gradient_checkpointing,
+    model_dir, data_path, estimator, method_alias, samples, seq_len, seed, held_out, damping, absolute_damping,
+    batch_size,
+    method_options, max_cache, text_field, allow_fewer, dtype, mixed_precision, device, cpu, gradient_checkpointing,
     device_map, max_memory, max_memory_alias, debias, trust_remote_code, allow_pickle, no_wall_time, no_progress,
     out, checkpoint_every, resume, as_json,
 ) -> None:
@@ -95,14 +102,19 @@ def score(
     \b
     Examples:
       cwca-export score models/llama --data calib.txt --samples 128 --seq-len 512
-      cwca-export score models/llama --data c4.jsonl --method kfac --batch-size 4 --out kfac.json
-      torchrun --nproc_per_node 2 -m cwca_export score models/llama --data calib.txt --cpu
+      cwca-export score models/llama --data c4.jsonl --estimator kfac --batch-size 4 --out kfac.json
+      torchrun --nproc_per_node 2 -m cwca_export score models/llama --data calib.txt --device cpu
       cwca-export score models/llama --data calib.txt --checkpoint-every 16 --resume  # survive kills
     """
     from cwca_export.loading import check_model_folder
     from cwca_export.scores import ScoreNoiseWarning
     from cwca_export.scoring import score as run_score
 
+    method = method_alias or estimator
+    if device not in ("auto", "cpu"):
+        raise click.BadParameter(f"{device!r}: score runs where accelerate places it; pass --device cpu or auto"
+                                 " (torchrun / accelerate launch choose each process's GPU)", param_hint="--device")
+    cpu = cpu or device == "cpu"
     checkpoint = _checkpoint_file(out, checkpoint_every, resume)
     check_model_folder(model_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                        lengths={"--seq-len": seq_len})
@@ -128,7 +140,7 @@ def score(
         from cwca_export.budget import parse_size
 
         if method != "damage":
-            raise click.UsageError(f"--max-cache caps the damage probes' input cache; --method {method} has none")
+            raise click.UsageError(f"--max-cache caps the damage probes' input cache; --estimator {method} has none")
         try:
             parse_size(max_cache)
         except ValueError as err:

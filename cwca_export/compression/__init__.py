@@ -11,6 +11,7 @@ Modules: ``registry`` (methods by name), ``methods`` (the registered methods), `
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any
 
@@ -22,22 +23,10 @@ from cwca_export.compression.registry import METHODS, BlockJob, get_method, regi
 from cwca_export.compression.saving import load_compressed, save_compressed
 from cwca_export.compression.sequential import run_layer_by_layer, run_whole_model
 from cwca_export.compression.stats import STATISTICS
+from cwca_export.data import calibration_ids
 from cwca_export.progress import bar as progress_bar
 
 __all__ = ["METHODS", "compress", "load_compressed", "register_method", "save_compressed"]
-
-
-def _input_ids(data: Any) -> torch.Tensor | None:
-    """Calibration ids ``(N, L)`` from CalibrationData, an int tensor or None."""
-    if data is None:
-        return None
-    ids = getattr(data, "input_ids", data)
-    if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.ndim != 2:
-        raise ValueError(
-            "data: expected CalibrationData or an integer tensor (N, L) of token ids;"
-            " hint: cwca_export.data.calibration_data(texts, tokenizer, num_samples=N, seq_len=L)"
-        )
-    return ids.long()
 
 
 def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
@@ -51,6 +40,56 @@ def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = f"<{type(value).__name__}>"
     return out
+
+
+def _checked_inputs(model: nn.Module, plan: Any, spec: Any, data: Any, options: dict[str, Any], *, batch_size: int,
+                    check_fingerprint: bool) -> tuple[dict[str, Any], str | None, torch.Tensor | None]:
+    """Resolved options, the statistic the method needs and the calibration ids, checked before any block changes."""
+    if plan.program != spec.program:
+        wanted = {
+            "prune": "a pruning plan (--program prune)",
+            "allocate": "an allocation plan (--program allocate)",
+        }
+        raise ValueError(
+            f"method {spec.name!r} reads {wanted[spec.program]}, but this plan's program is"
+            f" {plan.program!r}; hint: cwca-export plan ... --program {spec.program}"
+        )
+    plan.check(model, fingerprint=check_fingerprint)
+    resolved = spec.resolve(options)
+    if spec.prepare is not None:
+        resolved = spec.prepare(resolved, plan)
+    stat_name = spec.statistic(resolved)
+    input_ids = calibration_ids(data)
+    if stat_name is not None and input_ids is None:
+        raise ValueError(
+            f"method {spec.name!r} needs calibration data (per-Linear {stat_name});"
+            " hint: pass --data FILE (Python: data=)"
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size {batch_size}: must be >= 1")
+    return resolved, stat_name, input_ids
+
+
+def _step_record(spec: Any, resolved: dict[str, Any], plan: Any, data: Any, input_ids: torch.Tensor | None,
+                 rows: list, extra: dict[str, Any], *, sequential: bool, wall_time_s: float) -> dict[str, Any]:
+    """What ``model.config.cwca_compression`` records of one compression step."""
+    from cwca_export.versions import library_versions
+
+    return {
+        "method": spec.name,
+        "options": _jsonable(resolved),
+        "mode": "layer-by-layer" if sequential else "whole-model",
+        "plan": {"program": plan.program, "x": list(plan.x), "parameters": dict(plan.parameters)},
+        "data": None if input_ids is None else {
+            "samples": int(input_ids.shape[0]),
+            "seq_len": int(input_ids.shape[1]),
+            "data_hash": getattr(data, "data_hash", None),
+        },
+        "blocks": rows,
+        **extra,
+        "wall_time_s": wall_time_s,
+        "versions": library_versions(),
+    }
 
 
 def compress(
@@ -78,7 +117,7 @@ def compress(
 
     Args:
         model: a transformers causal LM; it is compressed in place (and left in eval mode).
-        plan: a :class:`~cwca_export.plan.Plan` made for this model.
+        plan: a :class:`~cwca_export.planning.plan.Plan` made for this model.
         method: a registered method (``cwca_export.compression.METHODS``).
         data: calibration ids, a :class:`~cwca_export.data.CalibrationData` or an int tensor
             ``(N, L)``; needed by ``wanda``, ``sparsegpt``, ``asvd`` and ``width`` with
@@ -116,31 +155,10 @@ def compress(
     """
     from cwca_export.blocks import find_blocks
     from cwca_export.compression.saving import record_step
-    from cwca_export.versions import library_versions
 
     spec = get_method(method)
-    if plan.program != spec.program:
-        wanted = {
-            "prune": "a pruning plan (--program prune)",
-            "allocate": "an allocation plan (--program allocate)",
-        }
-        raise ValueError(
-            f"method {method!r} reads {wanted[spec.program]}, but this plan's program is"
-            f" {plan.program!r}; hint: cwca-export plan ... --program {spec.program}"
-        )
-    plan.check(model, fingerprint=check_fingerprint)
-    resolved = spec.resolve(options)
-    if spec.prepare is not None:
-        resolved = spec.prepare(resolved, plan)
-    stat_name = spec.statistic(resolved)
-    input_ids = _input_ids(data)
-    if stat_name is not None and input_ids is None:
-        raise ValueError(
-            f"method {method!r} needs calibration data (per-Linear {stat_name});"
-            " hint: pass --data FILE (Python: data=)"
-        )
-    if batch_size < 1:
-        raise ValueError(f"batch_size {batch_size}: must be >= 1")
+    resolved, stat_name, input_ids = _checked_inputs(model, plan, spec, data, options, batch_size=batch_size,
+                                                     check_fingerprint=check_fingerprint)
 
     blocks = find_blocks(model)
 
@@ -166,28 +184,17 @@ def compress(
         )
     extra = spec.finish(model, resolved) if spec.finish is not None else {}
     model.train(was_training)
-    record_step(
-        model,
-        {
-            "method": method,
-            "options": _jsonable(resolved),
-            "mode": "layer-by-layer" if sequential else "whole-model",
-            "plan": {
-                "program": plan.program,
-                "x": list(plan.x),
-                "parameters": dict(plan.parameters),
-            },
-            "data": None
-            if input_ids is None or stat_name is None
-            else {
-                "samples": int(input_ids.shape[0]),
-                "seq_len": int(input_ids.shape[1]),
-                "data_hash": getattr(data, "data_hash", None),
-            },
-            "blocks": rows,
-            **extra,
-            "wall_time_s": round(time.perf_counter() - start, 3),
-            "versions": library_versions(),
-        },
-    )
+    record_step(model, _step_record(spec, resolved, plan, data, input_ids if stat_name is not None else None, rows,
+                                    extra, sequential=sequential, wall_time_s=round(time.perf_counter() - start, 3)))
     return model
+
+
+def apply_plan(model: Any, plan: Any, method: str, **compress_options: Any) -> Any:
+    """A compressed copy of ``model`` (the original is untouched) through ``cwca_export.compress``.
+
+    ``compress_options`` go to :func:`cwca_export.compress` (``data=`` calibration for
+    methods that need activations, ``rank_step=``, ``nm=`` ...).
+    """
+    if plan is None:
+        raise ValueError(f"compression method {method!r} needs a plan; hint: pass --plan plan.json")
+    return compress(copy.deepcopy(model), plan, method=method, **compress_options)

@@ -86,6 +86,18 @@ def whitened_svd_factors(
     return a, b
 
 
+def factor_function(method: str, options: dict):
+    """``(weight, statistic, rank) -> (a, b)`` for the low-rank method ``method`` ('lowrank' or 'asvd').
+
+    The probes of measured damage and whole-plan losses factor weights exactly as the method does.
+    """
+    if method == "asvd":
+        return lambda w, stat, r: whitened_svd_factors(w, stat, r, damp=options["damp"])
+    if method == "lowrank":
+        return lambda w, _stat, r: svd_factors(w, r)
+    raise ValueError(f"measured damage knows the low-rank probes of 'lowrank' and 'asvd', not {method!r}")
+
+
 def make_factorised(
     in_features: int,
     out_features: int,

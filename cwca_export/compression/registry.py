@@ -3,12 +3,12 @@
 ``compress(method=...)`` looks the name up; nothing branches on method names. Each entry
 declares which plan program it reads (pruning ratios or capacity units), the options it
 accepts with their defaults (a typo in an option is an error), and the per-Linear input
-statistic it needs from calibration data, if any.
+statistic it needs from calibration data, if any. Third-party methods register under the
+entry-point group ``cwca_export.methods`` (a module that uses :func:`register_method`).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from cwca_export.blocks import Block
+from cwca_export.registry import Registry
 
 
 @dataclass
@@ -81,8 +82,12 @@ class CompressionMethod:
         return {**self.options, **given}
 
 
-METHODS: dict[str, CompressionMethod] = {}
-_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+METHODS: Registry[CompressionMethod] = Registry(
+    "compression method",
+    flag="--method",
+    group="cwca_export.methods",
+    builtins=("cwca_export.compression.methods",),
+)
 
 
 def register_method(
@@ -107,16 +112,13 @@ def register_method(
         >>> METHODS.pop("noop_demo").program
         'prune'
     """
-    if not _NAME.match(name):
-        raise ValueError(f"method name {name!r}: use lower-case letters, digits and _")
-    if name in METHODS:
-        raise ValueError(f"compression method {name!r} is already registered")
+    METHODS.check_name(name)
     if program not in ("prune", "allocate"):
         raise ValueError(f"method {name!r}: program must be 'prune' or 'allocate', got {program!r}")
     needs = statistic if callable(statistic) else (lambda _options, fixed=statistic: fixed)
 
     def decorator(fn: Callable[[BlockJob], dict[str, Any]]) -> Callable[[BlockJob], dict[str, Any]]:
-        METHODS[name] = CompressionMethod(
+        METHODS.add(name, CompressionMethod(
             name=name,
             program=program,
             apply_block=fn,
@@ -126,7 +128,7 @@ def register_method(
             prepare=prepare,
             summary=summary,
             dense_storage=dense_storage,
-        )
+        ))
         return fn
 
     return decorator
@@ -134,9 +136,4 @@ def register_method(
 
 def get_method(name: str) -> CompressionMethod:
     """The method registered as ``name``; an unknown name lists the known ones."""
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown compression method {name!r}; choose one of {sorted(METHODS)}"
-        ) from None
+    return METHODS.get(name)

@@ -99,7 +99,7 @@ def save_compressed(
     Example:
         >>> save_compressed(model, "out/llama-width")  # doctest: +SKIP
     """
-    from cwca_export.exporter._atomic import Staging
+    from cwca_export.atomic import Staging
 
     setattr(model.config, COMPRESSION_KEY, compression_record(model))
     with Staging(out_dir, overwrite=overwrite) as staging:
@@ -194,7 +194,7 @@ def load_compressed(
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    from cwca_export.loading import resolve_dtype
+    from cwca_export.dtypes import resolve_dtype
 
     path = Path(path)
     if not (path / "config.json").is_file():

@@ -128,7 +128,7 @@ def capture_block_inputs(
 
 
 @contextlib.contextmanager
-def _hooks(block: Block, statistic: Statistic, device: torch.device) -> Iterator[dict[str, Any]]:
+def input_statistic_hooks(block: Block, statistic: Statistic, device: torch.device) -> Iterator[dict[str, Any]]:
     """Forward hooks feeding each Linear's inputs ``(tokens, in)`` to the statistic."""
     states: dict[str, Any] = {}
     handles = []
@@ -150,9 +150,10 @@ def _hooks(block: Block, statistic: Statistic, device: torch.device) -> Iterator
             handle.remove()
 
 
-def _run_block(
+def run_block(
     block: nn.Module, hidden: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> torch.Tensor:
+    """The hidden states after ``block`` (a decoder block; tuple outputs give their first item)."""
     out = block(hidden, *args, **kwargs)
     return out[0] if isinstance(out, tuple) else out  # GPT-2 blocks return a tuple
 
@@ -202,15 +203,15 @@ def run_layer_by_layer(
         block.module.to(device)
         stats = None
         if inputs is not None:
-            with _hooks(block, statistic, device) as states:
+            with input_statistic_hooks(block, statistic, device) as states:
                 for _j, hidden, args, kwargs in inputs.batches():
-                    _run_block(block.module, hidden, args, kwargs)
+                    run_block(block.module, hidden, args, kwargs)
             stats = {rel: statistic.finalize(state) for rel, state in states.items()}
         rows.append(handler(block, stats))
         del stats
         if inputs is not None and i + 1 < len(blocks):
             for j, hidden, args, kwargs in inputs.batches():
-                inputs.hidden[j] = _run_block(block.module, hidden, args, kwargs)
+                inputs.hidden[j] = run_block(block.module, hidden, args, kwargs)
         block.module.to(home)
         if progress is not None:
             progress(block)
@@ -241,7 +242,7 @@ def run_whole_model(
         home = _device_of(model)
         model.to(device)
         with contextlib.ExitStack() as stack:
-            states = [stack.enter_context(_hooks(block, statistic, device)) for block in blocks]
+            states = [stack.enter_context(input_statistic_hooks(block, statistic, device)) for block in blocks]
             for batch in input_ids.split(batch_size):
                 model(input_ids=batch.to(device), use_cache=False)
         model.to(home)

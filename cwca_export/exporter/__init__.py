@@ -16,7 +16,7 @@ from typing import Any
 _LAZY = {
     "export": "cwca_export.exporter.api",
     "Artifact": "cwca_export.exporter.api",
-    "apply_plan": "cwca_export.exporter.api",
+    "apply_plan": "cwca_export.compression",
     "ExportSettings": "cwca_export.exporter.build",
     "QuantizeConfig": "cwca_export.exporter.postprocess",
     "MeasureConfig": "cwca_export.exporter.measure",

@@ -8,20 +8,20 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cwca_export._jsonio import write_json_atomic
+from cwca_export.atomic import Staging
 from cwca_export.budget import Budget
-from cwca_export.exporter._atomic import Staging
+from cwca_export.compression import apply_plan
 from cwca_export.exporter.build import Candidate, ExportSettings, build_candidate
 from cwca_export.exporter.manifest import MANIFEST_NAME, build_manifest
 from cwca_export.exporter.measure import MeasureConfig
 from cwca_export.exporter.postprocess import PROTOBUF_LIMIT, QuantizeConfig
+from cwca_export.jsonio import write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -71,19 +71,6 @@ class Artifact:
         """Logit parity of the final graph against torch."""
         verification = self.manifest["verification"]
         return verification.get("final", verification["fp32"])["parity"]
-
-
-def apply_plan(model: Any, plan: Any, method: str, **compress_options: Any) -> Any:
-    """A compressed copy of ``model`` (the original is untouched) through ``cwca_export.compress``.
-
-    ``compress_options`` go to :func:`cwca_export.compress` (``data=`` calibration for
-    methods that need activations, ``rank_step=``, ``nm=`` ...).
-    """
-    if plan is None:
-        raise ValueError(f"compression method {method!r} needs a plan; hint: pass --plan plan.json")
-    from cwca_export.compression import compress
-
-    return compress(copy.deepcopy(model), plan, method=method, **compress_options)
 
 
 def _check_model(model: Any) -> None:
@@ -139,7 +126,7 @@ def export(
 
     Args:
         model: a float32 transformers causal LM on the CPU (compressed or not).
-        plan: the :class:`~cwca_export.plan.Plan` behind the model, recorded in the manifest;
+        plan: the :class:`~cwca_export.planning.plan.Plan` behind the model, recorded in the manifest;
             with ``method`` it is applied (and re-solved during a budget search). None: none.
         out_dir: the artifact folder; it appears complete or not at all.
         backend: a registered backend, ``"optimum"`` (default) or ``"onnx"``.
@@ -156,7 +143,7 @@ def export(
         overwrite: replace an existing ``out_dir`` (atomically); otherwise it is an error.
         warmup, runs, threads: latency measurement settings.
         new_tokens: greedy tokens compared with torch.
-        precision: a per-layer precision plan (group -> format, see :mod:`cwca_export.precision`),
+        precision: a per-layer precision plan (group -> format, see :mod:`cwca_export.planning.precision`),
             applied per node and checked in the graph; excludes ``quantize``.
         formats: the storage formats a budget search may plan (default: all CPU formats).
         calibration: token ids pricing a budget search's candidates (default: the ``data`` of
@@ -167,7 +154,7 @@ def export(
         search_options: further keywords for :func:`cwca_export.exporter.search.fit_budget`
             (``precision_damage=`` a table to reuse, ``per_layer=False`` for uniform storage).
         rounding: how per-layer integer formats round: ``clip`` (default; blocks clipped where
-            the calibration inputs say it lowers the output error, :mod:`cwca_export.rounding`)
+            the calibration inputs say it lowers the output error, :mod:`cwca_export.planning.rounding`)
             or ``rtn`` (ONNX Runtime's plain round to nearest). Fixed ``quantize`` is always RTN.
 
     Returns:
@@ -214,7 +201,7 @@ def export(
             moments = None
             if settings.precision and rounding == "clip":
                 from cwca_export.exporter.search import calibration_ids
-                from cwca_export.rounding import moments_for
+                from cwca_export.planning.rounding import moments_for
 
                 ids, _ = calibration_ids(tokenizer, compress_options or {}, calibration, model.config.vocab_size)
                 moments = moments_for(compressed, ids)

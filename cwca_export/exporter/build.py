@@ -1,6 +1,6 @@
 """One candidate artifact: backend export, fp32 verification, post-processing, final checks, measurement.
 
-Everything happens inside a scratch folder that :class:`~cwca_export.exporter._atomic.Staging`
+Everything happens inside a scratch folder that :class:`~cwca_export.atomic.Staging`
 owns; the caller commits the folder or lets it vanish.
 """
 
@@ -18,7 +18,7 @@ from cwca_export.exporter.measure import MeasureConfig, file_inventory, measure_
 from cwca_export.exporter.predict import scheme_of, weight_bytes
 from cwca_export.exporter.session import DecoderSession, make_session
 from cwca_export.exporter.verify import VerificationError, check_generation, check_parity, sample_inputs
-from cwca_export.rounding import ROUNDINGS, clipped_weights
+from cwca_export.planning.rounding import ROUNDINGS, clipped_weights
 
 
 @dataclass(frozen=True)
@@ -35,11 +35,11 @@ class ExportSettings:
         measure: workload and repetitions for memory and latency.
         new_tokens: greedy tokens compared against torch.
         precision: a per-layer precision plan, group name (``model.layers.3``, ``embed``,
-            ``head``) -> storage format (``int4-b128``...; see :mod:`cwca_export.precision`),
+            ``head``) -> storage format (``int4-b128``...; see :mod:`cwca_export.planning.precision`),
             applied per node and checked in the final graph. Excludes ``quantize``.
         rounding: how ``precision``'s integer formats round: ``rtn`` (ONNX Runtime's round to
             nearest on the weights as they are) or ``clip`` (each block clipped first where the
-            calibration inputs say it lowers the output error, :mod:`cwca_export.rounding`;
+            calibration inputs say it lowers the output error, :mod:`cwca_export.planning.rounding`;
             :func:`build_candidate` then needs the inputs' moments).
     """
 
@@ -189,7 +189,7 @@ def apply_precision(model: Any, src: Path, dst: Path, groups: dict[str, str]) ->
     Returns the record the manifest keeps: groups, every planned node's format, verified."""
     import onnx
 
-    from cwca_export.precision import StorageFormat, precision_groups
+    from cwca_export.planning.precision import StorageFormat, precision_groups
 
     known = {g.name: g for g in precision_groups(model)}
     unknown = sorted(set(groups) - set(known))
@@ -227,12 +227,12 @@ def build_candidate(model: Any, tokenizer: Any, folder: Path, settings: ExportSe
 
     With ``settings.rounding == "clip"`` and a precision plan, the weights are clipped for the
     export and its checks (``moments``: the Linears' input moments,
-    :func:`cwca_export.rounding.moments_for`) and restored after."""
+    :func:`cwca_export.planning.rounding.moments_for`) and restored after."""
     if not (settings.precision and settings.rounding == "clip"):
         return _build(model, tokenizer, folder, settings)
     if moments is None:
         raise ValueError("rounding clip needs calibration statistics; hint: pass --data, or --rounding rtn")
-    from cwca_export.precision import StorageFormat
+    from cwca_export.planning.precision import StorageFormat
 
     assignment = {g: StorageFormat.parse(f) for g, f in settings.precision.items()}
     with clipped_weights(model, assignment, moments) as ratios:
@@ -256,7 +256,7 @@ def _build(model: Any, tokenizer: Any, folder: Path, settings: ExportSettings) -
     verification = {"fp32": _verify(model, raw, folder, settings, "fp32", True, backend)}
     postprocess = _postprocess(model, folder, settings)
     if settings.precision:
-        from cwca_export.precision import StorageFormat, quantized_weights
+        from cwca_export.planning.precision import StorageFormat, quantized_weights
 
         assignment = {g: StorageFormat.parse(f) for g, f in settings.precision.items()}
         kind = "mixed-dynamic" if any(f.dynamic for f in assignment.values()) else "mixed"
@@ -269,7 +269,7 @@ def _build(model: Any, tokenizer: Any, folder: Path, settings: ExportSettings) -
     scheme = settings.scheme
     excluded = (postprocess["quantize"] or {}).get("excluded_node_names", [])
     if settings.precision:
-        from cwca_export.precision import artifact_weight_bytes
+        from cwca_export.planning.precision import artifact_weight_bytes
 
         weights = artifact_weight_bytes(model, settings.precision)
     else:

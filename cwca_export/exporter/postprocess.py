@@ -311,7 +311,7 @@ def quantize_mixed(src: Path, dst: Path, node_formats: dict[str, Any], *, untie:
     Args:
         src, dst: graph in and out (``src`` must already be untied where the plan needs it:
             :func:`untie_head`).
-        node_formats: node name -> :class:`cwca_export.precision.StorageFormat` (fp32 nodes
+        node_formats: node name -> :class:`cwca_export.planning.precision.StorageFormat` (fp32 nodes
             may be listed or left out).
         untie: give a head that reads the embedding through a Transpose its own copy first
             (:func:`untie_head`); False keeps one table: with the embedding in dynamic int8 the

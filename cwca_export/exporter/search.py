@@ -4,10 +4,10 @@ One search per budget (docs/design.md 6):
 
 1. the model as given is built and measured (the reference); if it meets the budget it ships;
 2. candidates are (structure level) x (precision plan). Structure levels t in [0, 1] move the
-   plan's global target by the plan's own rule (:mod:`cwca_export.plan_scaling`); at each level
+   plan's global target by the plan's own rule (:mod:`cwca_export.planning.plan_scaling`); at each level
    the precision plans are: the level in fp32, each storage format for every block (with the
    embedding and head in fp32, and with them quantized too), and the byte-budget optimum of
-   :func:`cwca_export.precision.solve_precision` on the measured per-group damage;
+   :func:`cwca_export.planning.precision.solve_precision` on the measured per-group damage;
 3. every candidate is priced by predicted bytes (exact weight bytes plus the reference's graph
    overhead; resident memory linear in disk bytes, refitted on every artifact measured) and,
    when predicted to fit, by its measured calibration loss (the whole candidate computed in
@@ -66,9 +66,9 @@ class PlanKnob:
     """
 
     def __init__(self, model: Any, plan: Any, method: str, compress_options: dict[str, Any] | None = None) -> None:
+        from cwca_export.compression import apply_plan
         from cwca_export.compression.registry import get_method
-        from cwca_export.exporter.api import apply_plan
-        from cwca_export.plan_scaling import target_of, target_range
+        from cwca_export.planning.plan_scaling import target_of, target_range
 
         if plan is None:
             raise ValueError(f"method {method!r} needs a plan; hint: pass --plan plan.json")
@@ -88,7 +88,7 @@ class PlanKnob:
         return self.start + t * (self.stop - self.start)
 
     def make(self, t: float) -> tuple[Any, Any]:
-        from cwca_export.plan_scaling import rescale_plan
+        from cwca_export.planning.plan_scaling import rescale_plan
 
         if t == 0:
             return self.model, None
@@ -254,7 +254,7 @@ class _Search:
 
     def storage_options(self, model_t: Any, t: float, target: float | None, ref: Candidate) -> list[_Option]:
         from cwca_export.exporter.predict import weight_bytes
-        from cwca_export.precision import (
+        from cwca_export.planning.precision import (
             artifact_weight_bytes,
             other_weight_bytes,
             precision_groups,
@@ -313,7 +313,7 @@ class _Search:
 
         from cwca_export.exporter import postprocess as pp
         from cwca_export.exporter.build import apply_precision
-        from cwca_export.precision import artifact_weight_bytes, precision_groups
+        from cwca_export.planning.precision import artifact_weight_bytes, precision_groups
 
         groups = precision_groups(self.model)
         table = self.table
@@ -357,8 +357,8 @@ class _Search:
         return True
 
     def price(self, option: _Option, model_t: Any, structure_loss: float) -> None:
-        from cwca_export.damage import calibration_loss
-        from cwca_export.precision import StorageFormat, quantized_weights
+        from cwca_export.planning.damage import calibration_loss
+        from cwca_export.planning.precision import StorageFormat, quantized_weights
 
         if not option.formats:
             option.calib_loss = structure_loss
@@ -369,7 +369,7 @@ class _Search:
 
     def moments_at(self, t: float, model_t: Any) -> dict[str, Any] | None:
         """The calibration inputs' moments at structure level ``t`` (clip rounding only)."""
-        from cwca_export.rounding import moments_for
+        from cwca_export.planning.rounding import moments_for
 
         if self.settings.rounding != "clip":
             return None
@@ -379,14 +379,14 @@ class _Search:
 
     def rounded(self, model_t: Any, t: float, assignment: dict[str, Any]) -> Any:
         """The weights of ``model_t`` as the settings' rounding exports them, for pricing."""
-        from cwca_export.rounding import clipped_weights
+        from cwca_export.planning.rounding import clipped_weights
 
         moments = self.moments_at(t, model_t)
         return contextlib.nullcontext() if moments is None else clipped_weights(model_t, assignment, moments)
 
     # -------------------------------------------------------------- the search
     def run(self, ref: Candidate) -> tuple[Candidate | None, _Option | None]:
-        from cwca_export.damage import calibration_loss
+        from cwca_export.planning.damage import calibration_loss
 
         began = time.perf_counter()
         self.pricing = progress_bar(desc="search: pricing", unit="candidate")
@@ -550,7 +550,7 @@ def search_formats(
 ) -> list[str] | None:
     """The storage formats a search may plan, or None when storage is fixed (``--quantize``,
     fp16). Dynamic int8 has CPU kernels only."""
-    from cwca_export.precision import default_formats, parse_formats
+    from cwca_export.planning.precision import default_formats, parse_formats
 
     if settings.quantize is not None or budget.dtype != "fp32" or settings.precision:
         return None
@@ -585,15 +585,15 @@ def fit_budget(
         settings: export settings; storage is the search's to choose unless ``settings.quantize``
             is fixed or the budget's dtype is fp16.
         budget: limits and workload.
-        staging: the :class:`~cwca_export.exporter._atomic.Staging` that owns scratch folders.
+        staging: the :class:`~cwca_export.atomic.Staging` that owns scratch folders.
         method: compression method applying ``plan``; with a plan it makes a :class:`PlanKnob`.
         knob: any other global compression level (overrides ``method``).
         compress_options: for ``method`` (``data=`` calibration ids are also the search's).
         calibration: token ids ``(N, L)`` that price candidates (default: ``compress_options["data"]``,
             else the shipped text through ``tokenizer``).
-        formats: storage formats to plan (default :data:`cwca_export.precision.DEFAULT_FORMATS`).
+        formats: storage formats to plan (default :data:`cwca_export.planning.precision.DEFAULT_FORMATS`).
         levels: structure levels tried, evenly spaced in [0, 1] (with a knob).
-        precision_damage: a measured :class:`~cwca_export.precision.PrecisionDamage` to reuse.
+        precision_damage: a measured :class:`~cwca_export.planning.precision.PrecisionDamage` to reuse.
         estimator: per-group damage for the precision program: ``measured`` (probes) or
             ``fisher`` (the Fisher-weighted quantization error, no probe forwards).
         per_layer: False keeps every candidate's storage uniform (one format for all blocks,
@@ -602,8 +602,8 @@ def fit_budget(
     Returns:
         ``(candidate, search record for the manifest, plan of the chosen candidate)``.
     """
-    from cwca_export.precision import fisher_precision_estimate, measure_precision_damage
-    from cwca_export.rounding import clip_transform
+    from cwca_export.planning.precision import fisher_precision_estimate, measure_precision_damage
+    from cwca_export.planning.rounding import clip_transform
 
     if estimator not in ("measured", "fisher"):
         raise ValueError(f"precision estimator {estimator!r}: choose measured or fisher; hint: --precision-estimate")

@@ -19,7 +19,7 @@ from cwca_export.exporter.session import DecoderSession, position_ids
 # tiny random models: fp16 ~0.5%, int8 ~3%, int4 ~8%), so these catch broken graphs, not noise
 TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2, "int8": 0.12, "int4": 0.3, "mixed": 1e-3, "mixed-dynamic": 2e-2}
 # "mixed" (a per-layer precision plan) is compared with torch computing with the same
-# de-quantized weights (cwca_export.precision.quantized_weights), so only kernel round-off
+# de-quantized weights (cwca_export.planning.precision.quantized_weights), so only kernel round-off
 # remains. Plans with dynamic int8 groups ("mixed-dynamic") quantize activations with one range
 # per call: ONNX Runtime's decode step sees one token where the torch reference sees the whole
 # sequence, so the ranges (and logits) differ by a little more than round-off.

@@ -108,56 +108,17 @@ def score(
     from accelerate import Accelerator
 
     from cwca_export.blocks import find_blocks, model_fingerprint
-    from cwca_export.data import calibration_data
-    from cwca_export.loading import load_model
     from cwca_export.scoring.passes import ScoringRun
-    from cwca_export.versions import library_versions
 
     estimator = get_estimator(method)
-    if debias or (options or {}).get("debias"):
-        if "debias" not in estimator.options:
-            supported = sorted(name for name, e in ESTIMATORS.items() if "debias" in e.options)
-            raise ValueError(
-                f"--debias: method {method!r} has no debiased estimate; pass --method {' or '.join(supported)}"
-            )
-        options = {**(options or {}), "debias": True}
-    unknown = sorted(set(options or {}) - set(estimator.options))
-    if unknown:
-        raise ValueError(f"method {method!r} has no options {unknown}; it takes {sorted(estimator.options) or 'none'}")
-    resolved = {**estimator.options, **(options or {})}
-    if damping_mode not in ("relative", "absolute"):
-        raise ValueError(f"damping_mode {damping_mode!r}: choose 'relative' or 'absolute'")
-    if not (math.isfinite(damping) and damping >= 0):
-        raise ValueError(f"damping {damping}: must be finite and >= 0")
-    if batch_size < 1 or (estimator.per_sequence and batch_size != 1):
-        raise ValueError(
-            f"batch_size {batch_size}: method {method!r} needs each sequence's own gradient,"
-            " so it runs one sequence per backward (batch_size 1)"
-            if batch_size >= 1 else f"batch_size {batch_size}: must be >= 1"
-        )
-    if isinstance(model, nn.Module) and dtype is not None and next(model.parameters()).dtype != _dtype(dtype):
-        raise ValueError("dtype: a loaded model is scored in its own dtype; convert it first or pass a folder")
-
-    net, folder_tokenizer = load_model(
-        model, dtype=dtype or "float32", trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-        device_map=device_map, max_memory=max_memory, gradient_checkpointing=gradient_checkpointing,
+    resolved = _checked_settings(estimator, options, debias=debias, damping=damping, damping_mode=damping_mode,
+                                 batch_size=batch_size)
+    net, calib = _model_and_data(
+        model, data, estimator, resolved, tokenizer=tokenizer, num_samples=num_samples, seq_len=seq_len, seed=seed,
+        held_out=held_out, allow_fewer=allow_fewer, text_field=text_field, dtype=dtype, device_map=device_map,
+        max_memory=max_memory, gradient_checkpointing=gradient_checkpointing, trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
     )
-    if held_out is None:
-        held_out = max(1, num_samples // 4) if estimator.needs_held_out else 0
-    calib = calibration_data(
-        data, tokenizer if tokenizer is not None else folder_tokenizer, num_samples=num_samples,
-        seq_len=seq_len, seed=seed, held_out=held_out, allow_fewer=allow_fewer, text_field=text_field,
-    )
-    if resolved.get("debias") and calib.num_samples < 2:
-        raise ValueError(f"debias: needs at least 2 calibration sequences, got {calib.num_samples}")
-    if estimator.needs_held_out and calib.held_out is None:
-        raise ValueError(f"method {method!r} needs a held-out split; pass held_out > 0")
-    if _refuse_offloaded(net, estimator) and not gradient_checkpointing:
-        warnings.warn(
-            "weights are offloaded but gradient checkpointing is off: autograd keeps every streamed-in"
-            " weight until the backward, so the backward holds them all at once; hint:"
-            " gradient_checkpointing=True (--gradient-checkpointing)", stacklevel=2,
-        )
     blocks = find_blocks(net)
     # Without an accelerator device, accelerate forms the gloo group under torchrun only
     # when told it runs on the CPU.
@@ -196,6 +157,81 @@ def score(
     sequences = torch.tensor([float(run.passes)], device=run.device, dtype=torch.float64)
     run.reduce_sum([sequences])
 
+    return _layer_scores(model, net, blocks, calib, estimate, run, accelerator, method=method, resolved=resolved,
+                         seed=seed, batch_size=batch_size, mixed_precision=mixed_precision,
+                         gradient_checkpointing=gradient_checkpointing, passes=int(sequences.item()),
+                         wall_time_s=round(wall, 3) if record_wall_time else None)
+
+
+def _model_and_data(model: Any, data: Any, estimator: Any, resolved: dict[str, Any], *, tokenizer: Any,
+                    num_samples: int, seq_len: int, seed: int, held_out: int | None, allow_fewer: bool,
+                    text_field: str, dtype: str | None, device_map: Any, max_memory: Any,
+                    gradient_checkpointing: bool, trust_remote_code: bool, allow_pickle: bool) -> tuple[nn.Module, Any]:
+    """The model loaded for scoring and its calibration split; placements and splits it cannot score fail here."""
+    from cwca_export.data import calibration_data
+    from cwca_export.loading import load_model
+
+    if isinstance(model, nn.Module) and dtype is not None and next(model.parameters()).dtype != _dtype(dtype):
+        raise ValueError("dtype: a loaded model is scored in its own dtype; convert it first or pass a folder")
+
+    net, folder_tokenizer = load_model(
+        model, dtype=dtype or "float32", trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+        device_map=device_map, max_memory=max_memory, gradient_checkpointing=gradient_checkpointing,
+    )
+    if held_out is None:
+        held_out = max(1, num_samples // 4) if estimator.needs_held_out else 0
+    calib = calibration_data(
+        data, tokenizer if tokenizer is not None else folder_tokenizer, num_samples=num_samples,
+        seq_len=seq_len, seed=seed, held_out=held_out, allow_fewer=allow_fewer, text_field=text_field,
+    )
+    if resolved.get("debias") and calib.num_samples < 2:
+        raise ValueError(f"debias: needs at least 2 calibration sequences, got {calib.num_samples}")
+    if estimator.needs_held_out and calib.held_out is None:
+        raise ValueError(f"method {estimator.name!r} needs a held-out split; pass held_out > 0")
+    if _refuse_offloaded(net, estimator) and not gradient_checkpointing:
+        warnings.warn(
+            "weights are offloaded but gradient checkpointing is off: autograd keeps every streamed-in"
+            " weight until the backward, so the backward holds them all at once; hint:"
+            " gradient_checkpointing=True (--gradient-checkpointing)", stacklevel=3,
+        )
+    return net, calib
+
+
+def _checked_settings(estimator, options: dict[str, Any] | None, *, debias: bool, damping: float, damping_mode: str,
+                      batch_size: int) -> dict[str, Any]:
+    """The estimator's resolved options; settings it cannot run with fail here, before the model loads."""
+    method = estimator.name
+    if debias or (options or {}).get("debias"):
+        if "debias" not in estimator.options:
+            supported = sorted(name for name, e in ESTIMATORS.items() if "debias" in e.options)
+            raise ValueError(
+                f"--debias: method {method!r} has no debiased estimate; pass --estimator {' or '.join(supported)}"
+            )
+        options = {**(options or {}), "debias": True}
+    unknown = sorted(set(options or {}) - set(estimator.options))
+    if unknown:
+        raise ValueError(f"method {method!r} has no options {unknown}; it takes {sorted(estimator.options) or 'none'}")
+    resolved = {**estimator.options, **(options or {})}
+    if damping_mode not in ("relative", "absolute"):
+        raise ValueError(f"damping_mode {damping_mode!r}: choose 'relative' or 'absolute'")
+    if not (math.isfinite(damping) and damping >= 0):
+        raise ValueError(f"damping {damping}: must be finite and >= 0")
+    if batch_size < 1 or (estimator.per_sequence and batch_size != 1):
+        raise ValueError(
+            f"batch_size {batch_size}: method {method!r} needs each sequence's own gradient,"
+            " so it runs one sequence per backward (batch_size 1)"
+            if batch_size >= 1 else f"batch_size {batch_size}: must be >= 1"
+        )
+    return resolved
+
+
+def _layer_scores(model: Any, net: nn.Module, blocks: list, calib: Any, estimate: Any, run: Any, accelerator: Any, *,
+                  method: str, resolved: dict[str, Any], seed: int, batch_size: int, mixed_precision: str,
+                  gradient_checkpointing: bool, passes: int, wall_time_s: float | None) -> LayerScores:
+    """The estimate with its provenance: noise statistics, the settings, the model and the versions."""
+    from cwca_export.blocks import model_fingerprint
+    from cwca_export.versions import library_versions
+
     n_params = [b.n_params for b in blocks]
     stats = dict(estimate.stats)
     stats["zeta2_noise_ratio"] = [z * calib.num_samples / n for z, n in zip(estimate.zeta2, n_params, strict=True)]
@@ -212,12 +248,12 @@ def score(
         "seq_len": calib.seq_len,
         "seed": seed,
         "held_out": run.num_held_out,
-        "damping": float(damping),
-        "damping_mode": damping_mode,
+        "damping": run.damping,
+        "damping_mode": run.damping_mode,
         "batch_size": batch_size,
         "mixed_precision": mixed_precision,
         "gradient_checkpointing": gradient_checkpointing,
-        "processes": world,
+        "processes": accelerator.num_processes,
         "tokens_available": calib.tokens_available,
         "options": resolved,
         "debias": bool(resolved.get("debias", False)),
@@ -232,7 +268,7 @@ def score(
         block_names=[b.name for b in blocks],
         stats=stats,
         samples=calib.num_samples,
-        tokens=int(sequences.item()) * calib.seq_len,
+        tokens=passes * calib.seq_len,
         settings=settings,
         model={
             "fingerprint": model_fingerprint(net),
@@ -244,8 +280,9 @@ def score(
         },
         data_hash=calib.data_hash,
         versions=library_versions(),
-        wall_time_s=round(wall, 3) if record_wall_time else None,
+        wall_time_s=wall_time_s,
     )
+
 
 
 def _checkpoint(path, every: int, resume: bool, estimator, world: int, identity: dict[str, Any]):
@@ -297,6 +334,6 @@ def _refuse_offloaded(net: nn.Module, estimator) -> bool:
 
 
 def _dtype(name: str) -> torch.dtype:
-    from cwca_export.loading import resolve_dtype
+    from cwca_export.dtypes import resolve_dtype
 
     return resolve_dtype(name)

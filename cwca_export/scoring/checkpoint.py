@@ -160,7 +160,7 @@ class ScoreCheckpoint:
         """Write every pass's accumulators and progress, atomically."""
         from safetensors.torch import save as to_bytes
 
-        from cwca_export._jsonio import write_bytes_atomic
+        from cwca_export.jsonio import write_bytes_atomic
 
         tensors: dict[str, torch.Tensor] = {}
         passes = []

@@ -2,15 +2,18 @@
 
 ``score(method=...)`` looks the name up; nothing branches on method names. Each entry
 declares the options it accepts (with defaults), so a typo in an option is an error, and
-whether it needs per-sequence gradients or a held-out split.
+whether it needs per-sequence gradients or a held-out split. Third-party estimators register
+under the entry-point group ``cwca_export.estimators`` (a module that uses
+:func:`register_estimator`).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from cwca_export.registry import Registry
 
 if TYPE_CHECKING:
     from cwca_export.scoring.passes import ScoringRun
@@ -57,8 +60,20 @@ class Estimator:
     resumable: bool = False
 
 
-ESTIMATORS: dict[str, Estimator] = {}
-_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+ESTIMATORS: Registry[Estimator] = Registry(
+    "scoring method",
+    flag="--estimator",
+    group="cwca_export.estimators",
+    builtins=(
+        "cwca_export.scoring.baselines",
+        "cwca_export.scoring.exact",
+        "cwca_export.scoring.fisher",
+        "cwca_export.scoring.kfac",
+        "cwca_export.scoring.layerif",
+        # measured damage compresses blocks: it lives in planning and plugs in here
+        "cwca_export.planning.damage_score",
+    ),
+)
 
 
 def register_estimator(
@@ -80,13 +95,10 @@ def register_estimator(
         >>> ESTIMATORS.pop("ones_demo").per_sequence
         True
     """
-    if not _NAME.match(name):
-        raise ValueError(f"estimator name {name!r}: use lower-case letters, digits and _")
-    if name in ESTIMATORS:
-        raise ValueError(f"estimator {name!r} is already registered")
+    ESTIMATORS.check_name(name)
 
     def decorator(fn: Callable[[ScoringRun], Estimate]) -> Callable[[ScoringRun], Estimate]:
-        ESTIMATORS[name] = Estimator(
+        ESTIMATORS.add(name, Estimator(
             name=name,
             run=fn,
             options=dict(options or {}),
@@ -95,7 +107,7 @@ def register_estimator(
             summary=summary,
             needs_resident=needs_resident,
             resumable=resumable,
-        )
+        ))
         return fn
 
     return decorator
@@ -103,7 +115,4 @@ def register_estimator(
 
 def get_estimator(name: str) -> Estimator:
     """The estimator registered as ``name``; an unknown name lists the known ones."""
-    try:
-        return ESTIMATORS[name]
-    except KeyError:
-        raise ValueError(f"unknown scoring method {name!r}; choose one of {sorted(ESTIMATORS)}") from None
+    return ESTIMATORS.get(name)

@@ -12,7 +12,7 @@ Linear's expected output error for the calibration inputs x,
 the diagonal of the layer's input second moment X^T X / n, the weighting of AWQ's clip search
 and of GPTQ's objective. We search c on a grid per (row, block) and export the *clipped*
 weights: ONNX Runtime's own round-to-nearest quantizer then writes exactly the grid chosen, so
-:func:`cwca_export.precision.fake_quantize` still reproduces the artifact bit for bit and every
+:func:`cwca_export.planning.precision.fake_quantize` still reproduces the artifact bit for bit and every
 probe, price and parity check stays exact.
 """
 
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cwca_export.precision import StorageFormat, fake_quantize, precision_groups
+from cwca_export.planning.precision import StorageFormat, fake_quantize, precision_groups
 
 CLIP_RATIOS = tuple(round(1.0 - 0.025 * i, 3) for i in range(21))  # 1.0 (plain RTN) down to 0.5
 ROUNDINGS = ("rtn", "clip")
@@ -163,7 +163,7 @@ def moments_for(model: nn.Module, input_ids: Any, *, batch_size: int = 8) -> dic
 
 
 def clip_transform(moments: dict[str, torch.Tensor]):
-    """A :data:`cwca_export.precision.WeightTransform` that clips with ``moments``."""
+    """A :data:`cwca_export.planning.precision.WeightTransform` that clips with ``moments``."""
 
     def transform(path: str, weight: torch.Tensor, fmt: StorageFormat) -> torch.Tensor:
         return clip_weight(weight, fmt, moments[path])[0] if clippable(fmt) else weight

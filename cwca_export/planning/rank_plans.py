@@ -17,9 +17,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from cwca_export import solver
-from cwca_export.curve_solver import CurveForm, curve_function, lower_hull
-from cwca_export.plan import Plan, _make_plan, _per_block, damage_curves, damage_pruner, scores_snapshot
+from cwca_export.planning import solver
+from cwca_export.planning.curve_solver import CurveForm, curve_function, lower_hull
+from cwca_export.planning.plan import Plan, damage_curves, damage_pruner, make_plan, per_block_vector, scores_snapshot
 from cwca_export.scores import LayerScores
 
 _RANK_PRUNERS = ("lowrank", "asvd")
@@ -111,7 +111,7 @@ def _rank_pruner(scores: LayerScores) -> str:
         raise ValueError(
             f"rank plans need damage curves measured with a low-rank method, but these scores were"
             f" measured with pruner {pruner!r} (there a point is a fraction of weights removed, not of"
-            " rank); hint: cwca-export score MODEL --data FILE --method damage --option pruner=lowrank"
+            " rank); hint: cwca-export score MODEL --data FILE --estimator damage --option pruner=lowrank"
             " (or pruner=asvd)"
         )
     return str(pruner)
@@ -244,7 +244,7 @@ def solve_unit_options(
     Each block lists its options in order of increasing ``kept`` (its units); option 0 of
     every block must fit together.
 
-    1. The one-dual solve of :mod:`cwca_export.curve_solver` on whole options: every block
+    1. The one-dual solve of :mod:`cwca_export.planning.curve_solver` on whole options: every block
        starts at option 0 and the segments of each block's lower convex hull in the
        (kept, damage) plane are bought in order of damage saved per kept weight, a segment
        that does not fit whole going as far as its options allow; moves between two blocks
@@ -361,6 +361,26 @@ def _bound_json(value: float | Sequence[float]) -> float | list[float]:
     return float(value) if np.ndim(value) == 0 else [float(v) for v in value]
 
 
+def _unit_options(
+    blocks: list, lo_v: np.ndarray, hi_v: np.ndarray, rank_step: int, curve: Any, n_params: Sequence[int]
+) -> tuple[list[tuple[int, int]], list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """Each block's unit range, its whole units, the weights each keeps and the modelled damage of each."""
+    ranges = [b.unit_range(lo_v[i], hi_v[i]) for i, b in enumerate(blocks)]
+    for i, (u_lo, u_hi) in enumerate(ranges):
+        if u_hi < u_lo:
+            raise ValueError(
+                f"block {i}: lo {lo_v[i]:g} / hi {hi_v[i]:g} leave no whole units at rank_step {rank_step}"
+            )
+    units = [np.arange(u_lo, u_hi + 1) for u_lo, u_hi in ranges]
+    kept = [np.array([b.kept(e) for e in u], dtype=np.float64) for b, u in zip(blocks, units, strict=True)]
+    modelled = []
+    for i, (b, u) in enumerate(zip(blocks, units, strict=True)):
+        d = curve(i, b.removed(u))
+        d[kept[i] >= n_params[i]] = 0.0  # a block left dense is not damaged
+        modelled.append(d)
+    return ranges, units, kept, modelled
+
+
 def plan_ranks_from_damage(
     scores: LayerScores,
     budget_fraction: float,
@@ -422,27 +442,15 @@ def plan_ranks_from_damage(
     points, damage = damage_curves(scores)
     blocks = _rank_blocks(scores, shapes, rank_step)
     k = scores.num_blocks
-    lo_v = _per_block("lo", lo, k, lo_blocks)
-    hi_v = _per_block("hi", hi, k, hi_blocks)
+    lo_v = per_block_vector("lo", lo, k, lo_blocks)
+    hi_v = per_block_vector("hi", hi, k, hi_blocks)
     if np.any(lo_v < 0) or np.any(hi_v > 1) or np.any(lo_v > hi_v):
         raise ValueError("lo, hi: need 0 <= lo <= hi <= 1 (fractions of each Linear's rank removed)")
     fraction = float(budget_fraction)
     if not (np.isfinite(fraction) and 0 < fraction <= 1):
         raise ValueError(f"budget_fraction {budget_fraction!r}: the fraction of block weights kept, in (0, 1]")
     curve = curve_function(points, damage, form=form)
-    ranges = [b.unit_range(lo_v[i], hi_v[i]) for i, b in enumerate(blocks)]
-    for i, (u_lo, u_hi) in enumerate(ranges):
-        if u_hi < u_lo:
-            raise ValueError(
-                f"block {i}: lo {lo_v[i]:g} / hi {hi_v[i]:g} leave no whole units at rank_step {rank_step}"
-            )
-    units = [np.arange(u_lo, u_hi + 1) for u_lo, u_hi in ranges]
-    kept = [np.array([b.kept(e) for e in u], dtype=np.float64) for b, u in zip(blocks, units, strict=True)]
-    modelled = []
-    for i, (b, u) in enumerate(zip(blocks, units, strict=True)):
-        d = curve(i, b.removed(u))
-        d[kept[i] >= scores.n_params[i]] = 0.0  # a block left dense is not damaged
-        modelled.append(d)
+    ranges, units, kept, modelled = _unit_options(blocks, lo_v, hi_v, rank_step, curve, scores.n_params)
     total = float(sum(scores.n_params))
     budget = fraction * total
     least = float(sum(c[0] for c in kept))
@@ -480,7 +488,7 @@ def plan_ranks_from_damage(
     }
     lo_units = np.array([r[0] for r in ranges], dtype=np.float64)
     hi_units = np.array([r[1] for r in ranges], dtype=np.float64)
-    return _make_plan("allocate", scores, scores.qualities(), result, lo_units, hi_units, cost_v, params)
+    return make_plan("allocate", scores, scores.qualities(), result, lo_units, hi_units, cost_v, params)
 
 
 def plan_ranks_uniform(
@@ -547,7 +555,7 @@ def plan_ranks_uniform(
         "kept_fraction": kept_total / total,
         "made_by": {"rule": "uniform", "lo": float(lo), "hi": float(hi), "scores": scores_snapshot(scores)},
     }
-    return _make_plan(
+    return make_plan(
         "allocate", scores, scores.qualities(), result,
         np.array([r[0] for r in ranges], dtype=np.float64), np.array([r[1] for r in ranges], dtype=np.float64),
         cost_v, params,

@@ -1,6 +1,6 @@
 """``PlanLoss``: the calibration loss of a whole pruning plan, fast enough to search over.
 
-Refinement (:mod:`cwca_export.refine`) measures tens of whole plans. Compressing a fresh
+Refinement (:mod:`cwca_export.planning.refine`) measures tens of whole plans. Compressing a fresh
 copy for each would repeat the statistics pass and every block's pruning; here the dense
 per-Linear statistics are taken once (the whole-model mode of :func:`cwca_export.compress`,
 ``sequential=False``), each block's pruned weights are cached per ratio (least recently used
@@ -24,7 +24,7 @@ from cwca_export.blocks import find_blocks, weight_out_in
 from cwca_export.compression.registry import BlockJob, get_method
 from cwca_export.compression.sequential import run_whole_model
 from cwca_export.compression.stats import STATISTICS
-from cwca_export.damage import calibration_loss
+from cwca_export.planning.damage import calibration_loss
 
 DEFAULT_CACHE_BYTES = 2 * 1024**3  # pruned block copies kept by PlanLoss (``refine --probe-cache``)
 
@@ -178,7 +178,6 @@ class RankPlanLoss:
         from types import SimpleNamespace
 
         from cwca_export.compression import lowrank
-        from cwca_export.damage import _factor_fn
 
         spec = get_method(method)
         if spec.program != "allocate":
@@ -192,7 +191,7 @@ class RankPlanLoss:
         self.rank_step = int(self._options["rank_step"])
         self.blocks = find_blocks(model)
         stats = _dense_stats(model, self.blocks, spec.statistic(self._options), input_ids, batch_size)
-        factor = _factor_fn(method, self._options)
+        factor = lowrank.factor_function(method, self._options)
         self._dense: list[dict[str, nn.Module]] = []
         self._factors: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
         for k, block in enumerate(self.blocks):

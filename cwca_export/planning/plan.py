@@ -14,9 +14,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from cwca_export import solver
-from cwca_export._jsonio import check_versioned, read_versioned, warn_unknown, write_json_atomic
-from cwca_export.curve_solver import CurveForm, solve_pruning_curves
+from cwca_export.jsonio import check_versioned, read_versioned, warn_unknown, write_json_atomic
+from cwca_export.planning import solver
+from cwca_export.planning.curve_solver import CurveForm, solve_pruning_curves
 from cwca_export.scores import DEFAULT_Q_FLOOR_TAU, LayerScores
 from cwca_export.versions import library_versions
 
@@ -255,9 +255,10 @@ def _json_float(v: float) -> float | str:
     return "inf" if v == np.inf else v
 
 
-def _per_block(
+def per_block_vector(
     name: str, value: float | Sequence[float], k: int, overrides: Mapping[int, float] | None
 ) -> np.ndarray:
+    """``value`` broadcast to one entry per block, with ``overrides`` (block index -> value) applied."""
     arr = np.array(np.broadcast_to(np.asarray(value, dtype=np.float64), (k,)))
     for index, v in (overrides or {}).items():
         if not -k <= index < k:
@@ -298,11 +299,11 @@ def plan_pruning(
     """
     q = scores.qualities(tau)
     k = scores.num_blocks
-    lo_v = _per_block("lo", lo, k, lo_blocks)
-    hi_v = _per_block("hi", hi, k, hi_blocks)
+    lo_v = per_block_vector("lo", lo, k, lo_blocks)
+    hi_v = per_block_vector("hi", hi, k, hi_blocks)
     result = solver.solve_pruning(q, scores.n_params, sparsity, eta=eta, kappa=kappa, lo=lo_v, hi=hi_v, psi=psi)
     params = {"sparsity": sparsity, "rule": "cwca", "eta": eta, "kappa": kappa, "psi": psi, "tau": tau}
-    return _make_plan("prune", scores, q, result, lo_v, hi_v, None, params)
+    return make_plan("prune", scores, q, result, lo_v, hi_v, None, params)
 
 
 def plan_allocation(
@@ -338,9 +339,9 @@ def plan_allocation(
     """
     q = scores.qualities(tau)
     k = scores.num_blocks
-    lo_v = _per_block("lo", lo, k, lo_blocks)
-    hi_v = _per_block("hi", hi, k, hi_blocks)
-    cost_v = _per_block("cost", cost, k, None)
+    lo_v = per_block_vector("lo", lo, k, lo_blocks)
+    hi_v = per_block_vector("hi", hi, k, hi_blocks)
+    cost_v = per_block_vector("cost", cost, k, None)
     result = solver.solve_allocation(
         q, cost_v, budget, gamma=gamma, beta=beta, alpha=alpha, lo=lo_v, hi=hi_v, integer=integer
     )
@@ -354,7 +355,7 @@ def plan_allocation(
         "tau": tau,
         "gap_bound": result.gap_bound,
     }
-    return _make_plan("allocate", scores, q, result, lo_v, hi_v, cost_v, params)
+    return make_plan("allocate", scores, q, result, lo_v, hi_v, cost_v, params)
 
 
 DAMAGE_PREFIX = "damage@"  # the stats key of a measured damage curve's probe: damage@0.5
@@ -383,7 +384,7 @@ def damage_curves(scores: LayerScores) -> tuple[np.ndarray, np.ndarray]:
     if not found:
         raise ValueError(
             f"scores from method {scores.method!r} hold no measured damage curves;"
-            " hint: cwca-export score MODEL --data FILE --method damage"
+            " hint: cwca-export score MODEL --data FILE --estimator damage"
         )
     points = np.array([p for p, _ in found])
     damage = np.array([scores.stats[name] for _, name in found], dtype=np.float64).T
@@ -402,7 +403,7 @@ def plan_from_damage(
 ) -> Plan:
     """Minimise the total measured single-block damage at a global sparsity (one dual).
 
-    Each block keeps its own measured curve (see :mod:`cwca_export.curve_solver`) instead of
+    Each block keeps its own measured curve (see :mod:`cwca_export.planning.curve_solver`) instead of
     the common psi of :func:`plan_pruning`.
 
     Args:
@@ -419,11 +420,11 @@ def plan_from_damage(
     """
     points, damage = damage_curves(scores)
     k = scores.num_blocks
-    lo_v = _per_block("lo", lo, k, lo_blocks)
-    hi_v = _per_block("hi", hi, k, hi_blocks)
+    lo_v = per_block_vector("lo", lo, k, lo_blocks)
+    hi_v = per_block_vector("hi", hi, k, hi_blocks)
     result = solve_pruning_curves(points, damage, scores.n_params, sparsity, lo=lo_v, hi=hi_v, form=form)
     params = {"sparsity": sparsity, "rule": "damage", "form": form, "points": points.tolist()}
-    return _make_plan("prune", scores, scores.qualities(), result, lo_v, hi_v, None, params)
+    return make_plan("prune", scores, scores.qualities(), result, lo_v, hi_v, None, params)
 
 
 def plan_band(
@@ -457,8 +458,8 @@ def plan_band(
     z = np.asarray(scores.zeta2, dtype=np.float64)
     n = np.asarray(scores.n_params, dtype=np.float64)
     k = z.size
-    lo_v = _per_block("lo", lo, k, lo_blocks)
-    hi_v = _per_block("hi", hi, k, hi_blocks)
+    lo_v = per_block_vector("lo", lo, k, lo_blocks)
+    hi_v = per_block_vector("hi", hi, k, hi_blocks)
     if np.any(lo_v > hi_v) or not (n @ lo_v <= sparsity * n.sum() <= n @ hi_v):
         raise ValueError(
             f"sparsity {sparsity:g}: the per-block bounds allow only"
@@ -482,7 +483,7 @@ def plan_band(
     rho = np.clip(raw + 0.5 * (a + b), lo_v, hi_v)
     result = solver.SolverResult(rho, 0.5 * (a + b), 0.0, 200)  # a rule, not a program: no objective
     params = {"sparsity": sparsity, "rule": "band", "width": width}
-    return _make_plan("prune", scores, scores.qualities(), result, lo_v, hi_v, None, params)
+    return make_plan("prune", scores, scores.qualities(), result, lo_v, hi_v, None, params)
 
 
 def plan_by_rule(
@@ -566,7 +567,8 @@ def scores_from_snapshot(plan: Plan) -> LayerScores:
     )
 
 
-def _make_plan(program, scores, q, result, lo_v, hi_v, cost_v, params) -> Plan:
+def make_plan(program, scores, q, result, lo_v, hi_v, cost_v, params) -> Plan:
+    """A `Plan` from a solver result and the per-block vectors it was solved with."""
     return Plan(
         program=program,
         x=[float(v) for v in result.x],

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from cwca_export import solver
-from cwca_export.plan import Plan, plan_by_rule, scores_from_snapshot
+from cwca_export.planning import solver
+from cwca_export.planning.plan import Plan, plan_by_rule, scores_from_snapshot
 
 
 def target_of(plan: Plan) -> tuple[str, float]:
@@ -109,7 +109,7 @@ def _rescale_pruning(plan: Plan, sparsity: float, rule: str, made: dict[str, Any
 
 
 def _rescale_ranks(plan: Plan, fraction: float, rule: str, made: dict[str, Any], shapes: Any) -> Plan:
-    from cwca_export.rank_plans import plan_ranks_from_damage, plan_ranks_uniform
+    from cwca_export.planning.rank_plans import plan_ranks_from_damage, plan_ranks_uniform
 
     if shapes is None:
         raise ValueError("a rank plan is re-solved on the model's Linear shapes; pass the model as shapes=")
@@ -154,7 +154,7 @@ def target_range(plan: Plan, shapes: Any = None) -> tuple[float, float]:
             hi[i] = v
         return 0.0, float(n @ hi / n.sum())
     if kind == "kept_fraction":
-        from cwca_export.rank_plans import kept_parameters, linear_shapes
+        from cwca_export.planning.rank_plans import kept_parameters, linear_shapes
 
         if shapes is None:
             raise ValueError("a rank plan's range needs the model's Linear shapes; pass shapes=")

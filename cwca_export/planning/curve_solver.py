@@ -2,7 +2,7 @@
 
 NumPy only. The pruning program of docs/design.md 2.2 prices block k at eta q_k^kappa psi(rho_k)
 with one psi for every block. Measured single-block damage D_k(rho) (the calibration-loss
-increase of compressing block k alone, see :mod:`cwca_export.damage`) says both how much a
+increase of compressing block k alone, see :mod:`cwca_export.planning.damage`) says both how much a
 block matters and how fast its damage grows (on small Llamas like rho^4 to rho^5.6, not
 rho^2), so here each block gets its own curve and the program becomes
 
@@ -25,7 +25,13 @@ from typing import Literal
 
 import numpy as np
 
-from cwca_export.solver import SolverResult, _bisect, _bounds, _vector, pruning_mass
+from cwca_export.planning.solver import (
+    SolverResult,
+    bisect_decreasing,
+    per_layer_bounds,
+    per_layer_vector,
+    pruning_mass,
+)
 
 CurveForm = Literal["piecewise", "power"]
 _MIN_EXPONENT = 1.05  # a power fit flatter than this is not convex enough to price
@@ -188,10 +194,10 @@ def solve_pruning_curves(
     """
     p, d = _check_curves(points, damage)
     k = d.shape[0]
-    n_v = _vector("n", n, k)
+    n_v = per_layer_vector("n", n, k)
     if np.any(n_v == 0):
         raise ValueError("n: every block needs a positive number of prunable weights")
-    lo_v, hi_v = _bounds(lo, hi, k, allow_inf_hi=False)
+    lo_v, hi_v = per_layer_bounds(lo, hi, k, allow_inf_hi=False)
     if np.any(hi_v > 1):
         raise ValueError("hi: a pruning ratio cannot exceed 1")
     target = float(target)
@@ -263,7 +269,7 @@ def _solve_power(p, d, n_v, lo_v, hi_v, need, slack) -> tuple[np.ndarray, float,
     nu_max = float(nu_top[free].max()) * (1 + 1e-9) if free.any() else 0.0
     if need >= float(n_v @ hi_v) - slack or nu_max == 0.0:
         return hi_v.copy(), nu_max, 0
-    lo_nu, hi_nu, steps = _bisect(lambda nu: need - n_v @ rho_at(nu), nu_max)
+    lo_nu, hi_nu, steps = bisect_decreasing(lambda nu: need - n_v @ rho_at(nu), nu_max)
     # the mass is continuous in nu: interpolate inside the final bracket
     m_lo, m_hi = n_v @ rho_at(lo_nu), n_v @ rho_at(hi_nu)
     t = 0.0 if m_hi == m_lo else (need - m_lo) / (m_hi - m_lo)

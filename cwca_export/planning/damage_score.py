@@ -1,16 +1,21 @@
 """``damage``: measured single-block damage as a score (no curvature model).
 
 zeta2_k = max(D_k(at), 0), D_k(p) the calibration-loss increase of compressing block k alone
-at probe point p with ``pruner`` (see :mod:`cwca_export.damage`); every probe point's D_k is
+at probe point p with ``pruner`` (see :mod:`cwca_export.planning.damage`); every probe point's D_k is
 recorded as ``damage@p`` so a planner can read whole curves back with
-:func:`cwca_export.plan.damage_curves`. Option ``max_cache`` (a size, ``score --max-cache``)
+:func:`cwca_export.planning.plan.damage_curves`. Option ``max_cache`` (a size, ``score --max-cache``)
 caps the cached block inputs; over it the probes run in several dense passes, same scores.
+
+It lives with the planning stage because it compresses blocks to measure them; the scoring
+registry loads it as a built-in plug-in (by module name, like an entry point), so the scoring
+package imports nothing from later stages.
 """
 
 from __future__ import annotations
 
 import math
 
+from cwca_export.planning.damage import measure_damage, parse_points
 from cwca_export.scoring.passes import ScoringRun
 from cwca_export.scoring.registry import Estimate, register_estimator
 
@@ -23,11 +28,8 @@ from cwca_export.scoring.registry import Estimate, register_estimator
     needs_resident="it deep-copies and compresses each block, and a copy of an offloaded block has no weights",
 )
 def damage(run: ScoringRun) -> Estimate:
-    # imported here: cwca_export.damage imports compression, which imports this package
-    from cwca_export.damage import _points, measure_damage
-
     pruner = str(run.options["pruner"])
-    points = _points(run.options["points"])
+    points = parse_points(run.options["points"])
     try:
         at = float(run.options["at"])
     except (TypeError, ValueError):

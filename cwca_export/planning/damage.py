@@ -50,12 +50,14 @@ import torch
 from torch import nn
 
 from cwca_export.blocks import Block, find_blocks, weight_out_in
-from cwca_export.compression.sequential import _hooks
-from cwca_export.compression.sequential import _run_block as _run_block_as_is
-from cwca_export.plan import DAMAGE_PREFIX
+from cwca_export.compression.lowrank import factor_function
+from cwca_export.compression.sequential import input_statistic_hooks
+from cwca_export.compression.sequential import run_block as run_block_as_is
+from cwca_export.data import calibration_ids
+from cwca_export.planning.plan import DAMAGE_PREFIX
 
 if TYPE_CHECKING:
-    from cwca_export.plan import Plan
+    from cwca_export.planning.plan import Plan
 
 Reduce = Callable[[list[torch.Tensor]], None]
 
@@ -275,7 +277,7 @@ def _device_of(module: nn.Module, default: torch.device | None = None) -> torch.
 
 
 def _run_block(module: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-    return _run_block_as_is(module, hidden.to(_device_of(module, hidden.device)), args, kwargs)
+    return run_block_as_is(module, hidden.to(_device_of(module, hidden.device)), args, kwargs)
 
 
 @torch.no_grad()
@@ -370,7 +372,7 @@ def _block_stats(
 ) -> dict[str, torch.Tensor]:
     """Each Linear's input statistic from the dense block over its cached inputs."""
     device = _device_of(block.module)
-    with _hooks(block, statistic, device) as states:
+    with input_statistic_hooks(block, statistic, device) as states:
         for hidden in cache.hidden.get(block.index, []):
             _run_block(block.module, hidden, *cache.args(block.index, hidden))
     _reduce_states(states, reduce)
@@ -396,18 +398,6 @@ def probe_rank(out_features: int, in_features: int, point: float) -> int:
     return max(1, int(round((1.0 - point) * min(out_features, in_features))))
 
 
-def _factor_fn(method: str, options: dict[str, Any]):
-    from cwca_export.compression import lowrank
-
-    if method == "asvd":
-        return lambda w, stat, r: lowrank.whitened_svd_factors(w, stat, r, damp=options["damp"])
-    if method == "lowrank":
-        return lambda w, _stat, r: lowrank.svd_factors(w, r)
-    raise ValueError(
-        f"measured damage knows the low-rank probes of 'lowrank' and 'asvd', not {method!r}"
-    )
-
-
 class _Prober:
     """Builds the compressed copy of a block at each point, for one method."""
 
@@ -423,7 +413,7 @@ class _Prober:
         stat_name = self.spec.statistic(resolved)
         self.statistic = None if stat_name is None else STATISTICS[stat_name]
         self.lowrank = self.spec.program == "allocate"
-        self.factors = _factor_fn(method, resolved) if self.lowrank else None
+        self.factors = factor_function(method, resolved) if self.lowrank else None
 
     def prepare(
         self, block: Block, stats: dict[str, torch.Tensor] | None, points: list[float]
@@ -459,9 +449,7 @@ class _Prober:
 
 
 def _ids(data: Any) -> torch.Tensor:
-    from cwca_export.compression import _input_ids
-
-    ids = _input_ids(data)
+    ids = calibration_ids(data)
     if ids is None:
         raise ValueError("measured damage needs calibration token ids (N, L)")
     if ids.shape[1] < 2:
@@ -469,7 +457,8 @@ def _ids(data: Any) -> torch.Tensor:
     return ids
 
 
-def _points(points: Sequence[float] | str | float) -> list[float]:
+def parse_points(points: Sequence[float] | str | float) -> list[float]:
+    """Probe points (fractions removed) from a list, one number or ``"0.7,0.3"``: sorted, checked."""
     if isinstance(points, (int, float)):  # one point, e.g. ``--option points=0.5``
         points = [points]
     if isinstance(points, str):
@@ -574,7 +563,7 @@ def measure_damage(
         >>> curves.at(0.5)  # doctest: +SKIP
     """
     start = time.perf_counter()
-    pts = _points(points)
+    pts = parse_points(points)
     prober = _Prober(method, options)
 
     def probes_of(block: Block, cache: BlockInputs) -> Callable[[int], nn.Module]:
@@ -689,13 +678,7 @@ def probe_blocks(
                     variant = probes_of(block, cache)
                     for vi in range(variants):
                         probe = variant(vi)
-                        total = torch.zeros((), dtype=torch.float64, device=dev)
-                        for j, hidden in enumerate(cache.hidden.get(k, [])):
-                            h = _run_block(probe, hidden, *cache.args(k, hidden))
-                            for i in range(k + 1, k_total):
-                                h = _run_block(all_blocks[i].module, h, *cache.args(i, h))
-                            total += _ce_sum(tail, h, batches[j]).to(dev)
-                        sums[bi * variants + vi] = total
+                        sums[bi * variants + vi] = _probe_loss_sum(probe, k, cache, all_blocks, tail, batches, dev)
                         del probe
                         probes += 1
                         fraction += (k_total - k) / k_total
@@ -727,6 +710,19 @@ def probe_blocks(
         num_blocks=k_total,
         dense_passes=passes,
     )
+
+
+def _probe_loss_sum(
+    probe: nn.Module, k: int, cache: _Cache, all_blocks: list[Block], tail: _Tail, batches: list, dev: torch.device
+) -> torch.Tensor:
+    """Summed token loss with block ``k`` replaced by ``probe``, run from its cached inputs to the logits."""
+    total = torch.zeros((), dtype=torch.float64, device=dev)
+    for j, hidden in enumerate(cache.hidden.get(k, [])):
+        h = _run_block(probe, hidden, *cache.args(k, hidden))
+        for i in range(k + 1, len(all_blocks)):
+            h = _run_block(all_blocks[i].module, h, *cache.args(i, h))
+        total += _ce_sum(tail, h, batches[j]).to(dev)
+    return total
 
 
 def block_input_bytes(model: nn.Module, input_ids: Any) -> int:

@@ -66,7 +66,7 @@ class SolverResult:
 # ----------------------------------------------------------------------------- validation
 
 
-def _vector(name: str, value: ArrayLike, k: int | None, *, allow_inf: bool = False) -> np.ndarray:
+def per_layer_vector(name: str, value: ArrayLike, k: int | None, *, allow_inf: bool = False) -> np.ndarray:
     """A float64 vector of length k from a scalar or a sequence; rejects NaN, inf and < 0."""
     arr = np.asarray(value, dtype=np.float64)
     if arr.ndim == 0:
@@ -96,9 +96,10 @@ def _scalar(name: str, value: float, *, positive: bool = False) -> float:
     return v
 
 
-def _bounds(lo: ArrayLike, hi: ArrayLike, k: int, *, allow_inf_hi: bool) -> tuple[np.ndarray, np.ndarray]:
-    lo_v = _vector("lo", lo, k)
-    hi_v = _vector("hi", hi, k, allow_inf=allow_inf_hi)
+def per_layer_bounds(lo: ArrayLike, hi: ArrayLike, k: int, *, allow_inf_hi: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per-layer lower and upper bounds as float64 vectors of length k; refuses lo > hi."""
+    lo_v = per_layer_vector("lo", lo, k)
+    hi_v = per_layer_vector("hi", hi, k, allow_inf=allow_inf_hi)
     bad = np.flatnonzero(lo_v > hi_v)
     if bad.size:
         i = int(bad[0])
@@ -109,7 +110,7 @@ def _bounds(lo: ArrayLike, hi: ArrayLike, k: int, *, allow_inf_hi: bool) -> tupl
 # ----------------------------------------------------------------------------- bisection
 
 
-def _bisect(
+def bisect_decreasing(
     decreasing_excess, lam_hi: float
 ) -> tuple[float, float, int]:
     """Bracket the root of a monotone decreasing excess(lam) on [0, lam_hi].
@@ -163,6 +164,28 @@ def pruning_objective(
     raise ValueError(f"psi: expected 'quadratic' or 'log', got {psi!r}")
 
 
+def _pruning_inputs(
+    q: ArrayLike, n: ArrayLike, target: float, eta: float, kappa: float, lo: ArrayLike, hi: ArrayLike, psi: str
+) -> tuple[np.ndarray, np.ndarray, float, float, float, np.ndarray, np.ndarray]:
+    """The pruning program's inputs, checked: q, n, lo, hi as float64 vectors (one entry per layer)."""
+    q_v = per_layer_vector("q", q, None)
+    k = q_v.size
+    n_v = per_layer_vector("n", n, k)
+    if np.any(n_v == 0):
+        raise ValueError("n: every layer needs a positive number of prunable weights")
+    target = _scalar("target", target)
+    eta = _scalar("eta", eta, positive=True)
+    kappa = _scalar("kappa", kappa)
+    lo_v, hi_v = per_layer_bounds(lo, hi, k, allow_inf_hi=False)
+    if np.any(hi_v > 1):
+        raise ValueError("hi: a pruning ratio cannot exceed 1")
+    if psi not in ("quadratic", "log"):
+        raise ValueError(f"psi: expected 'quadratic' or 'log', got {psi!r}")
+    if psi == "log" and np.any(hi_v >= 1):
+        raise ValueError("hi: psi='log' has a barrier at rho = 1, so hi must be below 1")
+    return q_v, n_v, target, eta, kappa, lo_v, hi_v
+
+
 def solve_pruning(
     q: ArrayLike,
     n: ArrayLike,
@@ -197,21 +220,7 @@ def solve_pruning(
         >>> r.x.round(3).tolist()
         [0.29, 0.484, 0.726]
     """
-    q_v = _vector("q", q, None)
-    k = q_v.size
-    n_v = _vector("n", n, k)
-    if np.any(n_v == 0):
-        raise ValueError("n: every layer needs a positive number of prunable weights")
-    target = _scalar("target", target)
-    eta = _scalar("eta", eta, positive=True)
-    kappa = _scalar("kappa", kappa)
-    lo_v, hi_v = _bounds(lo, hi, k, allow_inf_hi=False)
-    if np.any(hi_v > 1):
-        raise ValueError("hi: a pruning ratio cannot exceed 1")
-    if psi not in ("quadratic", "log"):
-        raise ValueError(f"psi: expected 'quadratic' or 'log', got {psi!r}")
-    if psi == "log" and np.any(hi_v >= 1):
-        raise ValueError("hi: psi='log' has a barrier at rho = 1, so hi must be below 1")
+    q_v, n_v, target, eta, kappa, lo_v, hi_v = _pruning_inputs(q, n, target, eta, kappa, lo, hi, psi)
 
     w = eta * np.power(q_v, kappa)
     free_w = w > 0
@@ -248,7 +257,7 @@ def solve_pruning(
         rho = hi_v.copy()
         return SolverResult(rho, lam_max, objective(rho), 0)
 
-    a, b, steps = _bisect(lambda lam: need - n_v @ rho_at(lam), lam_max)
+    a, b, steps = bisect_decreasing(lambda lam: need - n_v @ rho_at(lam), lam_max)
 
     # Polish: on the bracket every layer is either clipped or free; solve the free ones exactly.
     rho_b = rho_at(b)
@@ -327,16 +336,16 @@ def solve_allocation(
         >>> solve_allocation([0.5, 0.3, 0.2], 1.0, 2.0, gamma=10, beta=1, integer=True).x.tolist()
         [1.0, 1.0, 0.0]
     """
-    q_v = _vector("q", q, None)
+    q_v = per_layer_vector("q", q, None)
     k = q_v.size
-    c_v = _vector("cost", cost, k)
+    c_v = per_layer_vector("cost", cost, k)
     if np.any(c_v == 0):
         raise ValueError("cost: every layer's unit cost must be positive")
-    a_v = _vector("alpha", alpha, k)
+    a_v = per_layer_vector("alpha", alpha, k)
     budget = _scalar("budget", budget)
     gamma = _scalar("gamma", gamma, positive=True)
     beta = _scalar("beta", beta)
-    lo_v, hi_v = _bounds(lo, hi, k, allow_inf_hi=True)
+    lo_v, hi_v = per_layer_bounds(lo, hi, k, allow_inf_hi=True)
     if integer:
         lo_v, hi_v = np.ceil(lo_v), np.floor(hi_v)
         bad = np.flatnonzero(lo_v > hi_v)
@@ -378,7 +387,7 @@ def _continuous_allocation(e_at, g, c, alpha, lo, hi, budget) -> tuple[np.ndarra
     with np.errstate(divide="ignore", invalid="ignore"):
         lam_all_lo = np.where(g > 0, (g / (1.0 + lo) - alpha) / c, 0.0)
     lam_max = max(float(lam_all_lo.max()), 0.0)
-    a, b, steps = _bisect(lambda lam: c @ e_at(lam) - budget, lam_max)
+    a, b, steps = bisect_decreasing(lambda lam: c @ e_at(lam) - budget, lam_max)
 
     # Polish with Newton on the free set from the feasible end; the spend is convex and
     # decreasing in lam, so a Newton step from either side never crosses the free piece.
@@ -515,8 +524,8 @@ def transfer_regret(
         >>> r.regret >= 0 and r.ratio < 10
         True
     """
-    qs = _vector("q_source", q_source, None)
-    qt = _vector("q_target", q_target, qs.size)
+    qs = per_layer_vector("q_source", q_source, None)
+    qt = per_layer_vector("q_target", q_target, qs.size)
     delta = float(np.linalg.norm(qs - qt))
     if program == "prune":
         src = solve_pruning(qs, **kwargs)

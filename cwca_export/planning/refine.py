@@ -1,6 +1,6 @@
 """Interaction-aware refinement: correct a separable plan with measurements of whole plans.
 
-The one-dual plans (docs/design.md 2.2, :mod:`cwca_export.curve_solver`) add up single-block damage.
+The one-dual plans (docs/design.md 2.2, :mod:`cwca_export.planning.curve_solver`) add up single-block damage.
 Real damage is not additive: a whole plan's loss increase over the sum of its blocks' alone
 is about 0.5-0.6 for uniform plans and 1.1-2.0 for skewed ones at 70% sparsity on small
 Llamas, so a separable program skews too much. Refinement measures the loss of whole plans
@@ -95,7 +95,7 @@ def refine_exchange(
         x0: the starting ratios (e.g. the one-dual plan); sum(n * x0) is kept throughout.
         n: prunable weights per block.
         measure: whole-plan loss of a ratio vector (lower is better), e.g. a
-            :class:`cwca_export.plan_probe.PlanLoss`.
+            :class:`cwca_export.planning.plan_probe.PlanLoss`.
         lo, hi: per-block bounds.
         step: sparsity moved per exchange, in units of the receiving block's ratio.
         min_step: the smallest step tried before stopping.
@@ -200,7 +200,7 @@ def candidate_plans(
     MDL plans (docs/design.md 2.2) per kappa and band. Uniform is always a candidate, so a tuned
     plan is never worse than uniform on the calibration loss.
     """
-    from cwca_export.plan import Plan, has_damage_curves, plan_by_rule
+    from cwca_export.planning.plan import Plan, has_damage_curves, plan_by_rule
 
     plans: dict[str, object] = {}
     k = scores.num_blocks
@@ -255,12 +255,12 @@ def refine_plan(
             evicted, recomputed on a miss; same plan); default 2 GiB.
 
     Returns:
-        The :class:`~cwca_export.plan.Plan`, with ``parameters["refinement"]`` recording the
+        The :class:`~cwca_export.planning.plan.Plan`, with ``parameters["refinement"]`` recording the
         start, the forwards spent, the moves kept and the calibration losses.
     """
     import dataclasses
 
-    from cwca_export.plan_probe import PlanLoss
+    from cwca_export.planning.plan_probe import PlanLoss
 
     ids = getattr(data, "input_ids", data)
     if band is not None:
@@ -311,6 +311,54 @@ def _refinement_record(method, best, losses, measure, result, measured_starts, b
 # ---------------------------------------------------------------- ranks (allocation plans)
 
 
+def _whole_units(
+    x0: Sequence[float], lo: Sequence[float], hi: Sequence[float], step: float, max_evals: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """The start, bounds (integer vectors) and step of a unit exchange, checked."""
+    e = np.rint(np.asarray(x0, dtype=np.float64)).astype(np.int64)
+    k = e.size
+    lo_v = np.rint(np.broadcast_to(np.asarray(lo, dtype=np.float64), (k,))).astype(np.int64)
+    hi_v = np.rint(np.broadcast_to(np.asarray(hi, dtype=np.float64), (k,))).astype(np.int64)
+    if max_evals < 2:
+        raise ValueError(f"--max-evals {max_evals}: needs at least 2 (the start and one move)")
+    if int(step) != step or step < 1:
+        raise ValueError(f"step {step}: a whole number of units >= 1")
+    if np.any(np.abs(np.asarray(x0, dtype=np.float64) - e) > 1e-9):
+        raise ValueError("x0: units must be whole numbers")
+    if np.any(e < lo_v) or np.any(e > hi_v):
+        raise ValueError("x0: the starting plan lies outside the bounds")
+    return e, lo_v, hi_v, int(step)
+
+
+def _unit_marginals(
+    e: np.ndarray, loss: float, step: int, lo_v: np.ndarray, hi_v: np.ndarray,
+    kept: Callable[[int, int], float], evals: _Budget,
+) -> np.ndarray | None:
+    """Measured loss per weight of ``step`` units in each block (NaN: not priced); None when out of evaluations."""
+    k = e.size
+    priced = [j for j in range(k) if e[j] - step >= lo_v[j] or e[j] + step <= hi_v[j]]
+    if not priced or evals.left <= len(priced):
+        return None
+    marginal = np.full(k, np.nan)
+    for j in priced:
+        y = e.copy()
+        if e[j] - step >= lo_v[j]:  # loss added per weight freed by giving up `step` units
+            y[j] -= step
+            marginal[j] = (evals(y) - loss) / (kept(j, int(e[j])) - kept(j, int(y[j])))
+        else:  # at the lower bound: loss saved per weight added by `step` more
+            y[j] += step
+            marginal[j] = (loss - evals(y)) / (kept(j, int(y[j])) - kept(j, int(e[j])))
+    return marginal
+
+
+def _units_bought(i: int, e: np.ndarray, hi_v: np.ndarray, kept: Callable[[int, int], float], *, room: float) -> int:
+    """How many whole units block ``i`` can take within ``room`` weights and its upper bound."""
+    gain = 0
+    while e[i] + gain + 1 <= hi_v[i] and kept(i, int(e[i] + gain + 1)) - kept(i, int(e[i])) <= room:
+        gain += 1
+    return gain
+
+
 def refine_unit_exchange(
     x0: Sequence[float],
     kept: Callable[[int, int], float],
@@ -342,7 +390,7 @@ def refine_unit_exchange(
         kept: ``kept(block, units)``: weights block keeps at that many units (increasing).
         budget: the most weights all blocks may keep together.
         measure: whole-plan loss of a units vector, e.g. a
-            :class:`cwca_export.plan_probe.RankPlanLoss`.
+            :class:`cwca_export.planning.plan_probe.RankPlanLoss`.
         lo, hi: per-block bounds in units.
         step: units taken per exchange at first.
         max_evals, moves_per_round, tol, start_loss: as in :func:`refine_exchange`.
@@ -358,19 +406,8 @@ def refine_unit_exchange(
         >>> r.x.tolist(), r.loss < r.start_loss
         ([3.0, 5.0], True)
     """
-    e = np.rint(np.asarray(x0, dtype=np.float64)).astype(np.int64)
+    e, lo_v, hi_v, step = _whole_units(x0, lo, hi, step, max_evals)
     k = e.size
-    lo_v = np.rint(np.broadcast_to(np.asarray(lo, dtype=np.float64), (k,))).astype(np.int64)
-    hi_v = np.rint(np.broadcast_to(np.asarray(hi, dtype=np.float64), (k,))).astype(np.int64)
-    if max_evals < 2:
-        raise ValueError(f"--max-evals {max_evals}: needs at least 2 (the start and one move)")
-    if int(step) != step or step < 1:
-        raise ValueError(f"step {step}: a whole number of units >= 1")
-    step = int(step)
-    if np.any(np.abs(np.asarray(x0, dtype=np.float64) - e) > 1e-9):
-        raise ValueError("x0: units must be whole numbers")
-    if np.any(e < lo_v) or np.any(e > hi_v):
-        raise ValueError("x0: the starting plan lies outside the bounds")
 
     def spent_of(units: np.ndarray) -> float:
         return float(sum(kept(i, int(u)) for i, u in enumerate(units)))
@@ -384,18 +421,9 @@ def refine_unit_exchange(
     accepted: list[tuple[int, int, float]] = []
     history: list[float] = []
     while evals.left > 1 and step >= 1:
-        priced = [j for j in range(k) if e[j] - step >= lo_v[j] or e[j] + step <= hi_v[j]]
-        if not priced or evals.left <= len(priced):
+        marginal = _unit_marginals(e, loss, step, lo_v, hi_v, kept, evals)
+        if marginal is None:
             break
-        marginal = np.full(k, np.nan)
-        for j in priced:
-            y = e.copy()
-            if e[j] - step >= lo_v[j]:  # loss added per weight freed by giving up `step` units
-                y[j] -= step
-                marginal[j] = (evals(y) - loss) / (kept(j, int(e[j])) - kept(j, int(y[j])))
-            else:  # at the lower bound: loss saved per weight added by `step` more
-                y[j] += step
-                marginal[j] = (loss - evals(y)) / (kept(j, int(y[j])) - kept(j, int(e[j])))
         gainers = [i for i in range(k) if e[i] < hi_v[i] and np.isfinite(marginal[i])]
         losers = [j for j in range(k) if e[j] - step >= lo_v[j] and np.isfinite(marginal[j])]
         pairs = [(i, j) for i in gainers for j in losers if i != j and marginal[i] > marginal[j]]
@@ -408,10 +436,7 @@ def refine_unit_exchange(
                 continue
             y = e.copy()
             y[j] -= step
-            room = budget - spent + kept(j, int(e[j])) - kept(j, int(y[j]))
-            gain = 0
-            while e[i] + gain + 1 <= hi_v[i] and kept(i, int(e[i] + gain + 1)) - kept(i, int(e[i])) <= room:
-                gain += 1
+            gain = _units_bought(i, e, hi_v, kept, room=budget - spent + kept(j, int(e[j])) - kept(j, int(y[j])))
             if gain < 1:
                 continue
             y[i] += gain
@@ -456,7 +481,7 @@ def refine_ranks(
         model: the dense causal LM the plan is for (its Linears are put back before returning).
         scores: ``damage`` scores measured with ``pruner=lowrank`` or ``asvd``.
         budget_fraction: fraction of the blocks' Linear weights kept (see
-            :func:`cwca_export.rank_plans.plan_ranks_from_damage`); never exceeded.
+            :func:`cwca_export.planning.rank_plans.plan_ranks_from_damage`); never exceeded.
         data: calibration ids ``(N, L)`` or a ``CalibrationData``.
         method: ``lowrank`` or ``asvd``, the method the plan will be applied with.
         rank_step: rank of one plan unit.
@@ -471,14 +496,19 @@ def refine_ranks(
         **options: the method's options (``damp`` for ``asvd``).
 
     Returns:
-        The allocation :class:`~cwca_export.plan.Plan` (units), ``parameters["refinement"]``
+        The allocation :class:`~cwca_export.planning.plan.Plan` (units), ``parameters["refinement"]``
         recording the start, the forwards spent, the moves kept and the calibration losses;
         ``parameters["kept_params"]`` / ``["kept_fraction"]`` are the refined plan's.
     """
     import dataclasses
 
-    from cwca_export.plan_probe import RankPlanLoss
-    from cwca_export.rank_plans import kept_parameters, linear_shapes, plan_ranks_from_damage, plan_ranks_uniform
+    from cwca_export.planning.plan_probe import RankPlanLoss
+    from cwca_export.planning.rank_plans import (
+        kept_parameters,
+        linear_shapes,
+        plan_ranks_from_damage,
+        plan_ranks_uniform,
+    )
 
     ids = getattr(data, "input_ids", data)
     shapes = linear_shapes(model)

@@ -15,12 +15,12 @@ Every decoder block (all its Linears together), the token embedding and the LM h
 For each group and format we know the exact bytes (:meth:`StorageFormat.matmul_bytes`,
 :meth:`StorageFormat.gather_bytes`) and measure the calibration-loss increase of that group
 alone in that format (:func:`measure_precision_damage`, the measured-damage probes of
-:mod:`cwca_export.damage` with the group's weights replaced by what ONNX Runtime will
+:mod:`cwca_export.planning.damage` with the group's weights replaced by what ONNX Runtime will
 compute with, :func:`fake_quantize`). A cheaper estimate, the diagonal-Fisher-weighted
 quantization error 1/2 sum_i F_ii (w_i - q(w_i))^2 (HAWQ-style), is
 :func:`fisher_precision_estimate`. :func:`solve_precision` then chooses one format per group,
 least total damage under a byte budget, exactly (a multiple-choice knapsack solved by
-:func:`cwca_export.rank_plans.solve_unit_options`).
+:func:`cwca_export.planning.rank_plans.solve_unit_options`).
 
 The plan is applied per node by :func:`cwca_export.exporter.postprocess.quantize_mixed` and
 checked in the exported graph by :func:`cwca_export.exporter.postprocess.graph_formats`.
@@ -437,12 +437,12 @@ def measure_precision_damage(
     """The calibration-loss increase of storing each group alone in each format.
 
     Blocks run as measured-damage probes (a copy of the block with quantized weights, then
-    the rest of the model from its cached inputs, :func:`cwca_export.damage.probe_blocks`);
+    the rest of the model from its cached inputs, :func:`cwca_export.planning.damage.probe_blocks`);
     the embedding and the head cost one full forward per format. ``transform`` changes each
     Linear's weight before it is quantized (data-aware rounding,
-    :func:`cwca_export.rounding.clip_transform`); it does not apply to embedding tables.
+    :func:`cwca_export.planning.rounding.clip_transform`); it does not apply to embedding tables.
     """
-    from cwca_export.damage import calibration_loss, probe_blocks
+    from cwca_export.planning.damage import calibration_loss, probe_blocks
 
     start = time.perf_counter()
     fmts = _with_fp32_first(formats)
@@ -610,7 +610,7 @@ def solve_precision(
 
     Exact over the additive model (each group's measured damage alone, summed): options that
     another option of the same group beats in both bytes and damage are dropped, the rest go
-    to the branch-and-bound of :func:`cwca_export.rank_plans.solve_unit_options`.
+    to the branch-and-bound of :func:`cwca_export.planning.rank_plans.solve_unit_options`.
 
     Raises:
         ValueError: not even the smallest format of every group fits.
@@ -634,7 +634,7 @@ def solve_precision(
 
 
 def _solve_groups(damage: PrecisionDamage, indices: list[int], budget_bytes: float, keep: set[str]) -> PrecisionPlan:
-    from cwca_export.rank_plans import solve_unit_options
+    from cwca_export.planning.rank_plans import solve_unit_options
 
     options: list[list[tuple[int, float, str]]] = []
     for g in indices:
