@@ -9,8 +9,9 @@ process writes it.
 
 The batches are dealt round-robin (batch i to process i mod P): each batch holds the same
 sequences as in one process, so a process computes exactly the per-batch sums one process
-would, and only the order of the float64 additions differs. Reductions go through gloo on
-host copies, so the same group serves CPU and CUDA runs.
+would, and only the order of the float64 additions differs. The group formed here is gloo and
+reduces host copies, so it serves CPU and CUDA runs alike; a group formed earlier (accelerate's
+nccl group on GPUs) is used as it is.
 """
 
 from __future__ import annotations
@@ -48,11 +49,13 @@ class Processes:
             return
         import torch.distributed as dist
 
+        # a group formed here is gloo (host copies); one accelerate formed on GPUs is nccl
+        where = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
         for t in tensors:
-            host = t.detach().to("cpu", copy=True)
-            dist.all_reduce(host, op=dist.ReduceOp.SUM)
+            buffer = t.detach().to(where, copy=True)
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
             with torch.no_grad():
-                t.copy_(host)
+                t.copy_(buffer)
 
     def share(self, input_ids: torch.Tensor, batch_size: int) -> torch.Tensor:
         """This process's calibration sequences: batches ``rank, rank + world, ...`` of ``input_ids``.
