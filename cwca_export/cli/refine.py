@@ -40,19 +40,25 @@ _REFINABLE = ("magnitude", "wanda", "sparsegpt", "lowrank", "asvd")
 @click.option("--probe-cache", type=SIZE, metavar="SIZE", default=None,
               help="Pruning plans: memory for pruned block copies kept between measured plans"
                    " (least recently used evicted and recomputed; same plan), e.g. 512MiB [default: 2GiB].")
+@click.option("--batch-size", type=COUNT, default=8, show_default=True,
+              help="Sequences per forward; under torchrun the batches are dealt to the processes in turn.")
+@click.option("--device", default="cpu", show_default=True,
+              help="Where the measured forwards run, e.g. cuda (under torchrun: each process its own GPU).")
 @click.option("--out", type=click.Path(dir_okay=False), default="plan.json", show_default=True,
-              help="Where to write the plan (atomically).")
+              help="Where to write the plan (atomically; under torchrun only the main process writes).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (as written to --out).")
 @loading_options
 @guards_output(inputs={"model_dir": "MODEL_DIR", "scores_path": "--scores", "data_path": "--data"},
                kind="file", json_types={"Plan"}, overwrite=None)
 def refine(model_dir, scores_path, sparsity, budget_fraction, rank_step, data_path, method, samples, seq_len,
-           seed, max_evals, tune, band, lo, hi, probe_cache, out, as_json, trust_remote_code, allow_pickle) -> None:
+           seed, max_evals, tune, band, lo, hi, probe_cache, batch_size, device, out, as_json, trust_remote_code,
+           allow_pickle) -> None:
     """Plan SPARSITY for MODEL_DIR: closed form first, then exchanges kept only when the loss drops.
 
     Damage is not additive across blocks, so the separable one-dual plan skews too much; this
     measures whole plans (one forward over the calibration set each, at most --max-evals) and
-    keeps a move between two blocks only when the measured calibration loss falls.
+    keeps a move between two blocks only when the measured calibration loss falls. Under
+    torchrun / accelerate launch the forwards are split across the processes (same plan).
 
     \b
     Examples:
@@ -60,8 +66,12 @@ def refine(model_dir, scores_path, sparsity, budget_fraction, rank_step, data_pa
       cwca-export refine ./llama --scores damage.json --sparsity 0.7 --data calib.txt --method wanda
       cwca-export compress ./llama --plan plan.json --method wanda --data calib.txt --out llama-70
       cwca-export refine ./llama --scores lr.json --budget-fraction 0.6 --data calib.txt --method asvd
+      torchrun --nproc_per_node 2 -m cwca_export refine ./llama --scores damage.json --sparsity 0.7 --data calib.txt
     """
+    import torch
+
     from cwca_export.data import calibration_data
+    from cwca_export.data_parallel import check_batches, joined_processes, launched_processes
     from cwca_export.loading import check_model_folder, load_model
     from cwca_export.planning.refine import refine_plan, refine_ranks
     from cwca_export.scores import LayerScores
@@ -77,18 +87,33 @@ def refine(model_dir, scores_path, sparsity, budget_fraction, rank_step, data_pa
         raise click.UsageError("--band applies to pruning plans; bound rank plans with --lo / --hi")
     if ranks and probe_cache is not None:
         raise click.UsageError("--probe-cache bounds pruned block copies; rank plans cache their factors once")
+    check_batches(samples, batch_size, launched_processes())  # before any process waits on another
     scores = LayerScores.load(scores_path)
     check_model_folder(model_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                        lengths={"--seq-len": seq_len})
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise click.BadParameter(f"{device!r}: not a torch device; pass --device cpu or --device cuda",
+                                 param_hint="--device") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter("no CUDA device is visible here; pass --device cpu", param_hint="--device")
     model, tokenizer = load_model(model_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     model.eval()
     calib = calibration_data(data_path, tokenizer, num_samples=samples, seq_len=seq_len, seed=seed)
-    if ranks:
-        plan = refine_ranks(model, scores, budget_fraction, calib, method=method, rank_step=rank_step,
-                            max_evals=max_evals, tune=tune, lo=lo, hi=hi, progress=not as_json)
-    else:
-        plan = refine_plan(model, scores, sparsity, calib, method=method, tune=tune, max_evals=max_evals,
-                           lo=lo, hi=hi, band=band, progress=not as_json, probe_cache=probe_cache)
+    with joined_processes() as processes:
+        model.to(processes.device(kind) if processes.world > 1 and kind == "cuda" else torch.device(device))
+        show = not as_json and processes.is_main
+        if ranks:
+            plan = refine_ranks(model, scores, budget_fraction, calib, method=method, rank_step=rank_step,
+                                max_evals=max_evals, tune=tune, lo=lo, hi=hi, batch_size=batch_size,
+                                progress=show, processes=processes)
+        else:
+            plan = refine_plan(model, scores, sparsity, calib, method=method, tune=tune, max_evals=max_evals,
+                               lo=lo, hi=hi, band=band, batch_size=batch_size, progress=show,
+                               probe_cache=probe_cache, processes=processes)
+    if not processes.is_main:  # every process holds the same plan; one writes
+        return
     plan.check(model)
     path = plan.save(out)
     if as_json:

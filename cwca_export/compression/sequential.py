@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from cwca_export.blocks import Block, weight_out_in
-from cwca_export.compression.stats import Statistic
+from cwca_export.compression.stats import Statistic, sum_across_processes
 
 Handler = Callable[[Block, dict[str, torch.Tensor] | None], dict[str, Any]]
 
@@ -229,10 +229,14 @@ def run_whole_model(
     batch_size: int = 1,
     device: torch.device | str | None = None,
     progress: Callable[[Block], None] | None = None,
+    reduce: Callable[[list[torch.Tensor]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """The baseline: statistics of every block from one pass of the dense model, then compress.
 
-    Same arguments as :func:`run_layer_by_layer`; the whole model visits ``device``.
+    Same arguments as :func:`run_layer_by_layer`; the whole model visits ``device``. Under
+    data parallelism each process passes its share of ``input_ids`` and ``reduce`` (an
+    in-place all-reduce sum): the statistics are summed across processes before they are
+    finalized, so every process compresses with the statistics of all the data.
     """
     device = torch.device(device) if device is not None else _device_of(blocks[0].module)
     all_stats: list[dict[str, torch.Tensor] | None] = [None] * len(blocks)
@@ -246,6 +250,8 @@ def run_whole_model(
             for batch in input_ids.split(batch_size):
                 model(input_ids=batch.to(device), use_cache=False)
         model.to(home)
+        for st in states:
+            sum_across_processes(st, reduce)
         all_stats = [{rel: statistic.finalize(s) for rel, s in st.items()} for st in states]
     rows = []
     for block, stats in zip(blocks, all_stats, strict=True):

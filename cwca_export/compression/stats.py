@@ -8,6 +8,9 @@ tests call them directly. Sums are fp32 whatever dtype the model runs in; inputs
   metric, and the activation weight of structured-width importance).
 - ``hessian``: H = X^T X / tokens, ``(in, in)`` (SparseGPT's Hessian up to a factor 2, the
   K-FAC A factor, SVD-LLM's whitening covariance).
+
+Both accumulate sums over tokens, so data-parallel processes add theirs up before finalizing
+(:func:`sum_across_processes`) and finalize exactly what one process would.
 """
 
 from __future__ import annotations
@@ -65,6 +68,24 @@ class Statistic:
     make_empty: Callable[[int, torch.device], Any]
     accumulate: Callable[[Any, torch.Tensor], None]
     finalize: Callable[[Any], torch.Tensor]
+
+
+def sum_across_processes(states: dict[str, Any], reduce: Callable[[list[torch.Tensor]], None] | None) -> None:
+    """Sum unfinalized accumulators (sum-of-squares tensors, :class:`Gram`) across processes, in place.
+
+    ``reduce`` is an in-place all-reduce sum over a list of tensors; None (one process) does nothing.
+    """
+    if reduce is None:
+        return
+    for state in states.values():
+        if isinstance(state, torch.Tensor):
+            reduce([state])
+        elif isinstance(state, Gram):
+            tokens = torch.tensor([float(state.tokens)], dtype=torch.float64, device=state.total.device)
+            reduce([state.total, tokens])
+            state.tokens = int(round(float(tokens.item())))
+        else:
+            raise TypeError(f"cannot sum a {type(state).__name__} statistic across processes")
 
 
 def _accumulate_norms(norms: torch.Tensor, a: torch.Tensor) -> None:

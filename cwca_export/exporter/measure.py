@@ -14,6 +14,13 @@ glibc malloc arena (``MALLOC_ARENA_MAX=1``): with per-thread arenas the peak of 
 runs flips between two values several MB apart. Linux only; elsewhere memory is reported
 as not measured.
 
+On the CUDA provider what must fit is device memory: ``resident_bytes`` is then the device
+memory this process holds after the same session creation and runs, read with
+``nvidia-smi`` (its per-process figure, CUDA context included; where the process is not
+listed, e.g. in another PID namespace, the growth of the device's used memory since just
+before the session was created). ONNX Runtime's CUDA arena keeps what it grew to, so the
+figure after the runs is their peak. The host figures move to ``host_resident_bytes``.
+
 Latency: ``warmup`` untimed calls, then ``runs`` timed calls of each shape; p50 and p90 in
 milliseconds. "Decode" is one new token at batch B over a cache of ``context - 1`` tokens
 (the slowest step within the context); a graph without a KV cache recomputes the whole
@@ -100,6 +107,50 @@ def _status_bytes(field: str) -> int | None:
     return None
 
 
+def _nvidia_smi(*query: str) -> list[list[str]] | None:
+    """Rows of an ``nvidia-smi --query-...`` CSV answer (no header, no units); None if unreadable."""
+    try:
+        proc = subprocess.run(["nvidia-smi", *query, "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if proc.returncode != 0:
+        return None
+    return [[cell.strip() for cell in line.split(",")] for line in proc.stdout.splitlines() if line.strip()]
+
+
+def _visible_gpu() -> str:
+    """The GPU the CUDA provider uses (its device 0): the first of CUDA_VISIBLE_DEVICES, for nvidia-smi -i."""
+    return (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0].strip() or "0"
+
+
+def device_used_bytes(gpu: str) -> int | None:
+    """Memory in use on ``gpu`` (all processes), from nvidia-smi; None if unreadable."""
+    rows = _nvidia_smi("--query-gpu=memory.used", "-i", gpu)
+    try:
+        return int(float(rows[0][0]) * 2**20) if rows else None  # MiB
+    except (ValueError, IndexError):
+        return None
+
+
+def process_device_bytes(gpu: str, pid: int, used_before: int | None) -> tuple[int | None, str]:
+    """Device memory held by process ``pid`` on ``gpu`` and how it was read (see the module doc)."""
+    rows = _nvidia_smi("--query-compute-apps=pid,used_memory", "-i", gpu)
+    if rows is None:
+        return None, "not measured (nvidia-smi is not available)"
+    for row in rows:
+        if len(row) >= 2 and row[0] == str(pid) and row[1].replace(".", "", 1).isdigit():
+            return int(float(row[1]) * 2**20), (
+                f"device memory of this process on GPU {gpu} (nvidia-smi --query-compute-apps, CUDA context"
+                " included) after session creation, one prefill and one decode step at full context")
+    used = device_used_bytes(gpu)
+    if used is None or used_before is None:
+        return None, f"not measured (nvidia-smi lists no memory for GPU {gpu})"
+    return max(used - used_before, 0), (
+        f"growth of GPU {gpu}'s used memory (nvidia-smi memory.used) from just before session creation to"
+        " after one prefill and one decode step at full context (this process is not listed by its PID)")
+
+
 def _timed(session: Any, feed: dict[str, np.ndarray], warmup: int, runs: int) -> dict[str, float]:
     for _ in range(warmup):
         session.run(None, feed)
@@ -122,6 +173,8 @@ def _worker(request: dict[str, Any]) -> dict[str, Any]:
 
     require_onnxruntime()  # the library itself is not part of the session's footprint
     b, p, c = request["batch"], request["prompt_len"], request["context"]
+    cuda = request["ep"] == "cuda"
+    device_before = device_used_bytes(_visible_gpu()) if cuda else None
     before = _status_bytes("VmRSS")
     session = make_session(request["model"], request["ep"], threads=request["threads"])
     decoder = DecoderSession(session)
@@ -134,10 +187,18 @@ def _worker(request: dict[str, Any]) -> dict[str, Any]:
     session.run(None, decode)
     peak, now = _status_bytes("VmHWM"), _status_bytes("VmRSS")
     resident = None if before is None or peak is None else peak - before
-    return {
+    memory = {
         "resident_bytes": resident,
         "resident_after_bytes": None if before is None or now is None else now - before,
         "resident_method": RSS_METHOD if resident is not None else "not measured (needs /proc)",
+    }
+    if cuda:
+        device, method = process_device_bytes(_visible_gpu(), os.getpid(), device_before)
+        memory = {"resident_bytes": device, "resident_after_bytes": device, "resident_method": method,
+                  "host_resident_bytes": memory["resident_bytes"],
+                  "host_resident_after_bytes": memory["resident_after_bytes"]}
+    return {
+        **memory,
         "kv_cache_bytes": decoder.kv_cache_bytes(b, c),
         "has_kv_cache": decoder.has_past,
         "latency_ms": {

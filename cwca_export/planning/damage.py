@@ -349,21 +349,9 @@ def _capture(
 
 def _reduce_states(states: dict[str, Any], reduce: Reduce | None) -> None:
     """Sum statistic accumulators across processes, in place (tensors and Gram matrices)."""
-    if reduce is None:
-        return
-    from cwca_export.compression.stats import Gram
+    from cwca_export.compression.stats import sum_across_processes
 
-    for state in states.values():
-        if isinstance(state, torch.Tensor):
-            reduce([state])
-        elif isinstance(state, Gram):
-            tokens = torch.tensor(
-                [float(state.tokens)], dtype=torch.float64, device=state.total.device
-            )
-            reduce([state.total, tokens])
-            state.tokens = int(round(float(tokens.item())))
-        else:
-            raise TypeError(f"cannot sum a {type(state).__name__} statistic across processes")
+    sum_across_processes(states, reduce)
 
 
 @torch.no_grad()
@@ -756,8 +744,12 @@ def _check_tail(model: nn.Module, tail_loss: float, model_loss: float) -> None:
 
 
 @torch.no_grad()
-def calibration_loss(model: nn.Module, input_ids: Any, *, batch_size: int = 8) -> float:
+def calibration_loss(model: nn.Module, input_ids: Any, *, batch_size: int = 8, reduce: Reduce | None = None) -> float:
     """Mean next-token CE over every predicted calibration token (labels = inputs shifted).
+
+    Under data parallelism each process passes its share of ``input_ids`` and ``reduce`` (an
+    in-place all-reduce sum): the CE and token sums are added up across processes in float64,
+    so every process returns the loss over all the shares.
 
     Example:
         >>> calibration_loss(model, calib.input_ids)  # doctest: +SKIP
@@ -774,6 +766,10 @@ def calibration_loss(model: nn.Module, input_ids: Any, *, batch_size: int = 8) -
             logits = model(input_ids=batch, use_cache=False).logits
             total += float(_token_ce_sum(logits, batch))
             tokens += batch.shape[0] * (batch.shape[1] - 1)
+    if reduce is not None:
+        sums = torch.tensor([total, float(tokens)], dtype=torch.float64)
+        reduce([sums])
+        total, tokens = float(sums[0]), float(sums[1])
     return total / tokens
 
 

@@ -8,6 +8,10 @@ first out, at most ``max_cached`` blocks, by default as many as fit ``cache_byte
 prunes the block again, with the same result), and a plan costs a weight swap plus one
 forward over the calibration ids. ``PlanLoss(rho)`` equals the loss of
 ``compress(copy, plan, method=..., sequential=False)`` on the same ids.
+
+Data-parallel (``reduce``, :mod:`cwca_export.data_parallel`): each process passes its share
+of the calibration ids; the dense statistics and every loss are summed across processes, so
+each process prunes with the statistics of all the ids and measures the loss over all of them.
 """
 
 from __future__ import annotations
@@ -24,13 +28,13 @@ from cwca_export.blocks import find_blocks, weight_out_in
 from cwca_export.compression.registry import BlockJob, get_method
 from cwca_export.compression.sequential import run_whole_model
 from cwca_export.compression.stats import STATISTICS
-from cwca_export.planning.damage import calibration_loss
+from cwca_export.planning.damage import Reduce, calibration_loss
 
 DEFAULT_CACHE_BYTES = 2 * 1024**3  # pruned block copies kept by PlanLoss (``refine --probe-cache``)
 
 
 def _dense_stats(model: nn.Module, blocks, stat_name: str | None, input_ids: torch.Tensor,
-                 batch_size: int) -> list[dict[str, torch.Tensor] | None]:
+                 batch_size: int, reduce: Reduce | None = None) -> list[dict[str, torch.Tensor] | None]:
     """Every block's per-Linear input statistic from one pass of the dense model (None: no data)."""
     if stat_name is None:
         return [None] * len(blocks)
@@ -39,7 +43,7 @@ def _dense_stats(model: nn.Module, blocks, stat_name: str | None, input_ids: tor
     try:
         return [row["stats"] for row in run_whole_model(
             model, blocks, lambda _block, stats: {"stats": stats},
-            statistic=STATISTICS[stat_name], input_ids=input_ids, batch_size=batch_size,
+            statistic=STATISTICS[stat_name], input_ids=input_ids, batch_size=batch_size, reduce=reduce,
         )]
     finally:
         model.train(was_training)
@@ -56,6 +60,8 @@ class PlanLoss:
         max_cached: pruned block copies kept (least recently used evicted; 0 keeps none);
             default: as many of the largest block as fit ``cache_bytes``, at least one.
         cache_bytes: the byte budget behind the default ``max_cached``.
+        reduce: under data parallelism, an in-place all-reduce sum (``input_ids`` is then this
+            process's share); None in one process.
         **options: the method's options (e.g. ``nm="2:4"``).
 
     Memory beyond the model: a dense copy of every block's Linear weights, the dense
@@ -69,11 +75,11 @@ class PlanLoss:
 
     def __init__(self, model: nn.Module, input_ids: torch.Tensor, *, method: str = "wanda",
                  batch_size: int = 8, max_cached: int | None = None,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, **options: Any) -> None:
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, reduce: Reduce | None = None, **options: Any) -> None:
         spec = get_method(method)
         if spec.program != "prune":
             raise ValueError(f"method {method!r} reads allocation plans; PlanLoss measures pruning plans")
-        self.model, self.input_ids, self.batch_size = model, input_ids, batch_size
+        self.model, self.input_ids, self.batch_size, self.reduce = model, input_ids, batch_size, reduce
         self.method = method
         self._spec = spec
         self._options = spec.resolve(options)
@@ -83,7 +89,7 @@ class PlanLoss:
         self._dense = [
             {path: weight_out_in(m).detach().clone() for path, m in b.linears.items()} for b in self.blocks
         ]
-        self._stats = _dense_stats(model, self.blocks, spec.statistic(self._options), input_ids, batch_size)
+        self._stats = _dense_stats(model, self.blocks, spec.statistic(self._options), input_ids, batch_size, reduce)
         if max_cached is None:
             largest = max((sum(w.numel() * w.element_size() for w in d.values()) for d in self._dense), default=1)
             max_cached = max(1, int(cache_bytes) // max(largest, 1))
@@ -94,7 +100,7 @@ class PlanLoss:
         self._pruned: OrderedDict[tuple[int, float], dict[str, torch.Tensor]] = OrderedDict()
         self._applied = [0.0] * len(self.blocks)
         self.evaluations = 0
-        self.dense_loss = calibration_loss(model, input_ids, batch_size=batch_size)
+        self.dense_loss = calibration_loss(model, input_ids, batch_size=batch_size, reduce=reduce)
 
     def _weights(self, k: int, rho: float) -> dict[str, torch.Tensor]:
         key = (k, round(float(rho), 9))
@@ -135,7 +141,7 @@ class PlanLoss:
                 self._load(k, self._weights(k, r) if r > 0 else self._dense[k])
                 self._applied[k] = r
         self.evaluations += 1
-        return calibration_loss(self.model, self.input_ids, batch_size=self.batch_size)
+        return calibration_loss(self.model, self.input_ids, batch_size=self.batch_size, reduce=self.reduce)
 
     def close(self) -> None:
         """Put the dense weights back."""
@@ -165,6 +171,8 @@ class RankPlanLoss:
         method: ``lowrank`` or ``asvd``.
         rank_step: rank of one plan unit.
         batch_size: sequences per forward.
+        reduce: under data parallelism, an in-place all-reduce sum (``input_ids`` is then this
+            process's share); None in one process.
         **options: the method's other options (``damp`` for ``asvd``).
 
     Example:
@@ -174,7 +182,7 @@ class RankPlanLoss:
     """
 
     def __init__(self, model: nn.Module, input_ids: torch.Tensor, *, method: str = "lowrank",
-                 rank_step: int = 8, batch_size: int = 8, **options: Any) -> None:
+                 rank_step: int = 8, batch_size: int = 8, reduce: Reduce | None = None, **options: Any) -> None:
         from types import SimpleNamespace
 
         from cwca_export.compression import lowrank
@@ -184,13 +192,13 @@ class RankPlanLoss:
             raise ValueError(f"method {method!r} reads pruning plans; RankPlanLoss measures allocation plans")
         if method not in ("lowrank", "asvd"):
             raise ValueError(f"RankPlanLoss knows the factors of 'lowrank' and 'asvd', not {method!r}")
-        self.model, self.input_ids, self.batch_size = model, input_ids, batch_size
+        self.model, self.input_ids, self.batch_size, self.reduce = model, input_ids, batch_size, reduce
         self.method = method
         resolved = spec.resolve({**options, "rank_step": rank_step})
         self._options = spec.prepare(resolved, SimpleNamespace(parameters={})) if spec.prepare else resolved
         self.rank_step = int(self._options["rank_step"])
         self.blocks = find_blocks(model)
-        stats = _dense_stats(model, self.blocks, spec.statistic(self._options), input_ids, batch_size)
+        stats = _dense_stats(model, self.blocks, spec.statistic(self._options), input_ids, batch_size, reduce)
         factor = lowrank.factor_function(method, self._options)
         self._dense: list[dict[str, nn.Module]] = []
         self._factors: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
@@ -212,7 +220,7 @@ class RankPlanLoss:
         self._applied: list[int | None] = [None] * len(self.blocks)  # None: dense
         self._closed = False
         self.evaluations = 0
-        self.dense_loss = calibration_loss(model, input_ids, batch_size=batch_size)
+        self.dense_loss = calibration_loss(model, input_ids, batch_size=batch_size, reduce=reduce)
 
     def _set(self, k: int, rel: str, module: nn.Module) -> None:
         root = self.blocks[k].module
@@ -247,7 +255,7 @@ class RankPlanLoss:
             if u != self._applied[k]:
                 self._apply(k, u)
         self.evaluations += 1
-        return calibration_loss(self.model, self.input_ids, batch_size=self.batch_size)
+        return calibration_loss(self.model, self.input_ids, batch_size=self.batch_size, reduce=self.reduce)
 
     def close(self) -> None:
         """Put the model's own Linears back and drop the cached factors."""

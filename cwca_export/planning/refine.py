@@ -236,6 +236,7 @@ def refine_plan(
     batch_size: int = 8,
     progress: bool = False,
     probe_cache: int | None = None,
+    processes=None,
 ):
     """A pruning plan for ``model``: closed-form first, then corrected on whole-plan losses.
 
@@ -253,6 +254,9 @@ def refine_plan(
         progress: a bar over whole-plan forwards on stderr (shown on a terminal).
         probe_cache: bytes of pruned block copies kept between plans (least recently used
             evicted, recomputed on a miss; same plan); default 2 GiB.
+        processes: a :class:`~cwca_export.data_parallel.Processes` to measure data-parallel:
+            each process runs its share of the calibration batches and the sums are
+            all-reduced, so every process returns the same plan as one process would.
 
     Returns:
         The :class:`~cwca_export.planning.plan.Plan`, with ``parameters["refinement"]`` recording the
@@ -275,7 +279,8 @@ def refine_plan(
             f" {len(plans) + 2} or more, or --no-tune"
         )
     cache = {} if probe_cache is None else {"cache_bytes": int(probe_cache)}
-    measure = PlanLoss(model, ids, method=method, batch_size=batch_size, **cache)
+    ids, reduce = _share(ids, batch_size, processes)
+    measure = PlanLoss(model, ids, method=method, batch_size=batch_size, reduce=reduce, **cache)
     counted = _Counted(measure, max_evals, progress)
     began = time.perf_counter()
     try:
@@ -286,14 +291,21 @@ def refine_plan(
     finally:
         counted.bar.close()
         measure.close()
-    record = _refinement_record(method, best, losses, measure, result, len(plans), began)
+    record = _refinement_record(method, best, losses, measure, result, len(plans), began, processes)
     return dataclasses.replace(
         start, x=[float(v) for v in result.x],
         parameters={**start.parameters, "refinement": record},
     )
 
 
-def _refinement_record(method, best, losses, measure, result, measured_starts, began) -> dict:
+def _share(ids, batch_size: int, processes):
+    """This process's calibration ids and the all-reduce that sums measurements over the rest."""
+    if processes is None or processes.world == 1:
+        return ids, None
+    return processes.share(ids, batch_size), processes.reduce_sum
+
+
+def _refinement_record(method, best, losses, measure, result, measured_starts, began, processes) -> dict:
     """What ``parameters["refinement"]`` records: the start, its rivals, the forwards, the losses."""
     return {
         "method": method,
@@ -305,6 +317,7 @@ def _refinement_record(method, best, losses, measure, result, measured_starts, b
         "forwards": measured_starts + result.evaluations,
         "moves": [list(m) for m in result.accepted],
         "wall_time_s": round(time.perf_counter() - began, 2),
+        "processes": 1 if processes is None else processes.world,
     }
 
 
@@ -473,6 +486,7 @@ def refine_ranks(
     step_units: int | None = None,
     batch_size: int = 8,
     progress: bool = False,
+    processes=None,
     **options,
 ):
     """A rank plan for ``model``: measured damage in closed form, then corrected on whole plans.
@@ -493,6 +507,7 @@ def refine_ranks(
         step_units: units taken per exchange at first; default about 5% of a block's rank.
         batch_size: sequences per forward.
         progress: a bar over whole-plan forwards on stderr (shown on a terminal).
+        processes: data-parallel measurement, as in :func:`refine_plan`.
         **options: the method's options (``damp`` for ``asvd``).
 
     Returns:
@@ -531,7 +546,9 @@ def refine_ranks(
     if step_units is None:
         full = float(np.median([max(min(m, n) for m, n in block) for block in shapes]))
         step_units = max(1, int(round(0.05 * full / rank_step)))
-    measure = RankPlanLoss(model, ids, method=method, rank_step=rank_step, batch_size=batch_size, **options)
+    ids, reduce = _share(ids, batch_size, processes)
+    measure = RankPlanLoss(model, ids, method=method, rank_step=rank_step, batch_size=batch_size, reduce=reduce,
+                           **options)
     counted = _Counted(measure, max_evals, progress)
     began = time.perf_counter()
     try:
@@ -544,7 +561,7 @@ def refine_ranks(
         counted.bar.close()
         measure.close()
     kept_total = int(sum(kept(i, int(u)) for i, u in enumerate(result.x)))
-    record = _refinement_record(method, best, losses, measure, result, len(plans), began)
+    record = _refinement_record(method, best, losses, measure, result, len(plans), began, processes)
     return dataclasses.replace(
         start, x=[float(v) for v in result.x],
         parameters={**start.parameters, "kept_params": kept_total, "kept_fraction": kept_total / total,

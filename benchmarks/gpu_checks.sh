@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# GPU checks for a lent CUDA machine, about 5 minutes in all:
+#   1. the gpu-marked tests (tests/test_gpu.py): scoring, damage probes, whole-plan losses,
+#      compress and refine on cuda against the CPU; ONNX Runtime's CUDA provider (export,
+#      parity with torch, device memory, perplexity);
+#   2. a short timing of scoring (fisher, damage) on the shipped demo model, cuda against cpu,
+#      with the peak CUDA memory (torch.cuda.max_memory_allocated).
+# Needs torch with CUDA; onnxruntime-gpu (in place of onnxruntime) for the ONNX Runtime tests,
+# which are otherwise reported as skipped. Exits non-zero when a test fails or nothing ran on cuda.
+#
+#   PYTHON=.venv/bin/python benchmarks/gpu_checks.sh [OUT_DIR]    # default OUT_DIR: benchmarks/results/gpu
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+OUT=${1:-benchmarks/results/gpu}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "nvidia-smi: not found"
+  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())"
+  "$PY" -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())" 2>&1 | tail -1
+} | tee "$OUT/device.txt"
+
+# -rs lists every skip with its reason: on a GPU machine there should be none
+timeout 240 "$PY" -m pytest -m gpu tests/test_gpu.py -q -rs -p no:cacheprovider \
+    --junitxml "$OUT/tests.xml" 2>&1 | tee "$OUT/tests.txt"
+tests=${PIPESTATUS[0]}
+
+timeout 150 "$PY" - "$OUT/scoring_timing.json" <<'PY'
+"""Scoring the shipped demo model (12 blocks, hidden 192) on 16 x 128 tokens: cpu against cuda."""
+import json
+import sys
+import time
+
+import torch
+
+from cwca_export.demo import DEMO_MODEL, TRAIN_TEXT
+from cwca_export.scoring import score
+
+if not torch.cuda.is_available():
+    sys.exit("no CUDA device: scoring was not timed on cuda")
+text = TRAIN_TEXT.read_text(encoding="utf-8")[:100_000]
+rows = []
+for method, options, batch in (("fisher", None, 1), ("damage", {"pruner": "wanda", "points": "0.3,0.5,0.7"}, 8)):
+    results = {}
+    for device in ("cpu", "cuda"):
+        kwargs = dict(method=method, options=options, num_samples=16, seq_len=128, batch_size=batch,
+                      cpu=device == "cpu", progress=False)
+        if device == "cuda":
+            score(DEMO_MODEL, [text], **{**kwargs, "num_samples": 2})  # warm-up: CUDA context, kernels
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        scores = score(DEMO_MODEL, [text], **kwargs)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+        results[device] = scores
+        # score_s: the whole call (loading, tokenising); passes_s: the estimator's passes alone
+        rows.append({"method": method, "device": device, "score_s": round(wall, 3),
+                     "passes_s": scores.wall_time_s,
+                     "tokens_per_s": round(scores.tokens / scores.wall_time_s, 1),
+                     "peak_cuda_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None})
+        print(json.dumps(rows[-1]), flush=True)
+    a, b = results["cpu"].zeta2, results["cuda"].zeta2
+    worst = max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a, b))
+    rows.append({"method": method, "max_rel_diff_zeta2_cuda_vs_cpu": worst})
+    print(json.dumps(rows[-1]), flush=True)
+with open(sys.argv[1], "w", encoding="utf-8") as f:
+    json.dump({"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": rows}, f, indent=2)
+PY
+timing=$?
+
+echo "gpu tests: exit $tests; scoring timing: exit $timing; results in $OUT"
+[ "$tests" -eq 0 ] && [ "$timing" -eq 0 ]
