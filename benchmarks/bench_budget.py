@@ -26,7 +26,9 @@ peak resident memory and prefill / decode p50 latency (``measure_runtime``, one
 ``MeasureConfig`` for every row), and the budgets each row fits: bytes <= x * dense fp32 graph
 bytes, and decode p50 <= ``--latency-x`` * dense fp32 decode p50 measured in this run.
 
-The tool's own budget search is not a row yet: :func:`tool_rows` is the hook for it.
+The tool's own budget-search artifacts (``benchmarks/bench_budget_search.py`` builds them) join
+as rows with ``--artifact NAME=DIR``: evaluated and measured in the same run and rounds as the
+peers, so their latencies compare side by side.
 
 Usage:
     python benchmarks/bench_budget.py --quick                  # 4,096 held-out tokens
@@ -419,19 +421,6 @@ def node_formats(model: Any) -> dict[str, int]:
 # ---------------------------------------------------------------- the tool's rows (hook)
 
 
-def tool_rows(budgets: tuple[float, ...], dense_bytes: int, work: Path) -> list[dict[str, Any]]:
-    """Hook for the tool's own rows, one per budget: not built on this branch.
-
-    Meant to run, per budget x, ``cwca-export export MODEL --max-memory <x * dense_bytes>
-    --plan PLAN --method width --data TRAIN`` (the budget search of issue 11) and a "uniform
-    structure plus best single precision" row. Until that search exists this raises, and
-    ``--tool`` exits non-zero; no numbers are made up for it.
-    """
-    raise NotImplementedError(
-        "the tool's budget search (issue 11) is not on this branch; run without --tool"
-    )
-
-
 # ---------------------------------------------------------------- plan of rows
 
 
@@ -517,7 +506,11 @@ def main() -> int:
         "--resume", action="store_true", help="keep rows already in --out with the same token count"
     )
     parser.add_argument(
-        "--tool", action="store_true", help="also run the tool's budget rows (tool_rows)"
+        "--artifact",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="an artifact folder built elsewhere (the tool's budget search) as one more row; repeatable",
     )
     parser.add_argument(
         "--table", action="store_true", help="only print the table of an existing --out"
@@ -545,12 +538,13 @@ def main() -> int:
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
 
-    if args.tool:
-        try:
-            tool_rows(BUDGETS, 0, work)
-        except NotImplementedError as exc:
-            print(f"error: --tool: {exc}", file=sys.stderr)
+    extra: list[tuple[str, Path]] = []
+    for spec in args.artifact:
+        name, sep, folder = spec.partition("=")
+        if not sep or not (Path(folder) / "model.onnx").is_file():
+            print(f"error: --artifact {spec!r}: expected NAME=DIR with DIR/model.onnx", file=sys.stderr)
             return 2
+        extra.append((name, Path(folder).resolve()))
 
     previous: dict[str, dict[str, Any]] = {}
     old_search: dict[str, Any] = {}
@@ -593,6 +587,8 @@ def main() -> int:
             tool_export(["--quantize", "int4"]),
         ),
     ]
+    for name, folder in extra:
+        plans.append((name, "tool artifact", {"artifact": str(folder)}, folder))
     for algo in ("rtn", "hqq", "gptq"):
         for block in (32, 128):
             for embed in (False, True):
@@ -738,6 +734,8 @@ def main() -> int:
         try:
             if build is None:
                 model_onnx = dense_onnx
+            elif family == "tool artifact":
+                model_onnx = build / "model.onnx"
             elif family == "tool quantize":
                 build(folder)
                 model_onnx = folder / "model.onnx"
