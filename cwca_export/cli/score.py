@@ -48,7 +48,8 @@ def _table(scores) -> str:
               help="delta: lambda_k = delta * mean curvature diagonal (or lambda with --absolute-damping).")
 @click.option("--absolute-damping", is_flag=True, help="Use --damping as lambda itself.")
 @click.option("--batch-size", type=COUNT, default=1, show_default=True,
-              help="Sequences per forward/backward (kfac, owl, damage; the others need 1).")
+              help="Sequences per forward/backward. fisher, gradnorm, obd and layerif split each sequence's"
+                   " gradient from the batch (same scores as 1); 1 is the fallback for mixture-of-experts models.")
 @click.option("--option", "method_options", multiple=True, metavar="KEY=VALUE",
               help="Estimator option, repeatable: e.g. --option pruner=magnitude --option points=0.3,0.5,0.7"
                    " (damage), --option cg_max_iter=20 (exact).")

@@ -68,7 +68,10 @@ def score(
         damping: delta, lambda_k = delta * mean diagonal of the block's curvature
             (``damping_mode="relative"``), or lambda itself (``"absolute"``).
         damping_mode: ``"relative"`` or ``"absolute"``.
-        batch_size: sequences per forward/backward; per-sequence estimators need 1.
+        batch_size: sequences per forward/backward. Per-sequence estimators (fisher,
+            gradnorm, obd, layerif, exact's gradient moments) split each sequence's gradient
+            from the batch (same scores to float rounding); batch size 1 is the fallback for
+            models whose Linears see tokens without the batch axis (mixture-of-experts).
         dtype: ``"float32" | "bfloat16" | "float16"`` to load the folder in (default fp32).
         mixed_precision: accelerate's ``"no" | "bf16" | "fp16"`` autocast for the passes.
         cpu: force the CPU even when an accelerator device is present.
@@ -129,12 +132,8 @@ def score(
         raise ValueError(f"damping_mode {damping_mode!r}: choose 'relative' or 'absolute'")
     if not (math.isfinite(damping) and damping >= 0):
         raise ValueError(f"damping {damping}: must be finite and >= 0")
-    if batch_size < 1 or (estimator.per_sequence and batch_size != 1):
-        raise ValueError(
-            f"batch_size {batch_size}: method {method!r} needs each sequence's own gradient,"
-            " so it runs one sequence per backward (batch_size 1)"
-            if batch_size >= 1 else f"batch_size {batch_size}: must be >= 1"
-        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size {batch_size}: must be >= 1")
     if isinstance(model, nn.Module) and dtype is not None and next(model.parameters()).dtype != _dtype(dtype):
         raise ValueError("dtype: a loaded model is scored in its own dtype; convert it first or pass a folder")
 
