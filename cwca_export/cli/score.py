@@ -34,8 +34,10 @@ def _table(scores) -> str:
 
 @click.command()
 @click.argument("model_dir", metavar="MODEL_DIR", type=click.Path(file_okay=False))
-@click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False),
-              help="Calibration text: a .txt file or a .jsonl file with one record per line.")
+@click.option("--data", "data_path", required=True, type=click.Path(),
+              help="Calibration text: a .txt file, a .jsonl file with one record per line,"
+                   " or a folder saved by datasets' save_to_disk (one split; column --text-field; needs"
+                   " pip install 'cwca-export[datasets]'). Read in pieces until the samples are drawn.")
 @click.option("--method", type=click.Choice(_METHODS), default="fisher", show_default=True,
               help="Curvature estimator (see docs/scoring.md).")
 @click.option("--samples", type=COUNT, default=CALIBRATION_SAMPLES, show_default=True, help="Calibration sequences N.")
@@ -56,7 +58,8 @@ def _table(scores) -> str:
 @click.option("--max-cache", metavar="SIZE", default=None,
               help="damage: cap on the cached block inputs (N x L x hidden per block), e.g. 8GiB; over it the"
                    " blocks are probed in runs, one more dense pass each (same scores) [default: no cap].")
-@click.option("--text-field", default="text", show_default=True, help="JSON Lines field holding the text.")
+@click.option("--text-field", default="text", show_default=True,
+              help="JSON Lines field (or dataset column) holding the text.")
 @click.option("--allow-fewer", is_flag=True, help="Score on fewer sequences when the data is too short.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
               show_default=True, help="Dtype to load the weights in.")
