@@ -125,6 +125,16 @@ def load_texts(source: str | os.PathLike | Sequence[str], *, text_field: str = "
 
 
 def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
+    try:
+        yield from _iter_jsonl_records(path, text_field)
+    except UnicodeDecodeError:
+        raise ValueError(
+            f"{path}: not UTF-8 text (byte {_first_bad_byte(path)}); hint: re-encode it (iconv -t UTF-8)"
+            " and pass the new file to --data"
+        ) from None
+
+
+def _iter_jsonl_records(path: Path, text_field: str) -> Iterator[str]:
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
