@@ -85,3 +85,28 @@ def test_layerif_in_batches_equals_the_explicit_datainf_inverse():
     reference = float(train.mean(0) @ inverse @ v)
     result = score(model, data, method="layerif", progress=False, batch_size=2)
     assert result.stats["layerif_influence"][0] == pytest.approx(reference, rel=1e-6)
+
+
+def test_mixture_of_experts_falls_back_to_batch_size_one():
+    import transformers
+
+    config = transformers.MixtralConfig(
+        vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(config).eval()
+    data = calib(4, 16)
+    one = score(model, data, method="obd", progress=False, batch_size=1)
+    with pytest.warns(UserWarning, match="mixture-of-experts.*batch size 1"):
+        many = score(model, data, method="obd", progress=False, batch_size=2)
+    assert many.settings["batch_size"] == 1 and many.zeta2 == pytest.approx(one.zeta2, rel=1e-6)
+
+
+def test_exact_with_batches_equals_batch_size_one():
+    model = tiny_model("llama", hidden_size=4, intermediate_size=8, num_attention_heads=2,
+                       num_key_value_heads=1, num_hidden_layers=1).double()
+    data = calib(5, 16)
+    options = {"cg_max_iter": 20}
+    one = score(model, data, method="exact", options=options, progress=False, batch_size=1)
+    many = score(model, data, method="exact", options=options, progress=False, batch_size=3)
+    assert many.zeta2 == pytest.approx(one.zeta2, rel=1e-6)

@@ -70,8 +70,9 @@ def score(
         damping_mode: ``"relative"`` or ``"absolute"``.
         batch_size: sequences per forward/backward. Per-sequence estimators (fisher,
             gradnorm, obd, layerif, exact's gradient moments) split each sequence's gradient
-            from the batch (same scores to float rounding); batch size 1 is the fallback for
-            models whose Linears see tokens without the batch axis (mixture-of-experts).
+            from the batch (same scores to float rounding); a mixture-of-experts model, whose
+            expert Linears see tokens without the batch axis, falls back to batch size 1 with
+            a warning (recorded in ``settings["batch_size"]``).
         dtype: ``"float32" | "bfloat16" | "float16"`` to load the folder in (default fp32).
         mixed_precision: accelerate's ``"no" | "bf16" | "fp16"`` autocast for the passes.
         cpu: force the CPU even when an accelerator device is present.
@@ -113,7 +114,7 @@ def score(
     from cwca_export.blocks import find_blocks, model_fingerprint
     from cwca_export.data import calibration_data
     from cwca_export.loading import load_model
-    from cwca_export.scoring.passes import ScoringRun
+    from cwca_export.scoring.passes import ScoringRun, routes_tokens
     from cwca_export.versions import library_versions
 
     estimator = get_estimator(method)
@@ -157,6 +158,13 @@ def score(
             " weight until the backward, so the backward holds them all at once; hint:"
             " gradient_checkpointing=True (--gradient-checkpointing)", stacklevel=2,
         )
+    if batch_size > 1 and estimator.per_sequence and routes_tokens(net):
+        warnings.warn(
+            f"batch_size {batch_size}: method {method!r} needs each sequence's own gradient, and this"
+            " mixture-of-experts model routes tokens to its experts without the batch axis, so it runs"
+            " one sequence per backward (batch size 1)", stacklevel=2,
+        )
+        batch_size = 1
     blocks = find_blocks(net)
     # Without an accelerator device, accelerate forms the gloo group under torchrun only
     # when told it runs on the CPU.

@@ -13,7 +13,8 @@ The pass is the only place that runs the model. Estimators hand it callbacks:
   (the per-sample-gradient identity Opacus and BackPACK use): one forward and backward
   serve the whole batch, and since a causal LM's loss is a sum of per-sequence losses,
   s_b is sequence b's own dl_b/d(output). Linears that see tokens without the batch axis
-  (mixture-of-experts routing) cannot be split that way and need batch size 1;
+  (mixture-of-experts routing, :func:`routes_tokens`) cannot be split that way: scoring runs
+  those models at batch size 1, and a pass that meets such a Linear stops with an error;
 - ``on_input(block, linear, a)``: the layer's input ``(tokens, in)`` in the forward;
 - ``on_output_grad(block, linear, s)``: dl/d(output) ``(tokens, out)`` in the backward.
 
@@ -282,6 +283,17 @@ class ScoringRun:
         store, key = self.streamed[id(module)]
         real = store[key].detach().to(module._parameters["weight"].dtype)
         return real.t() if is_conv1d(module) else real
+
+
+_EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def routes_tokens(model: nn.Module) -> bool:
+    """Whether the model routes tokens to experts (mixture-of-experts): its expert Linears then
+    see a gathered set of tokens with no batch axis, so per-sequence gradients cannot be
+    split from a batch (``on_sample_grad`` runs batch size 1 there)."""
+    config = getattr(model, "config", None)
+    return any(isinstance(getattr(config, key, None), int) and getattr(config, key) > 1 for key in _EXPERT_COUNTS)
 
 
 def offload_sources(model: nn.Module) -> dict[int, tuple[Any, str]]:
