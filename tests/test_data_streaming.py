@@ -17,7 +17,7 @@ import torch
 from helpers import sample_text, tiny_tokenizer
 
 from cwca_export import data as data_module
-from cwca_export.data import calibration_data, iter_text, iter_token_ids
+from cwca_export.data import calibration_data, iter_text, iter_token_ids, load_texts
 
 DEMO = Path(__file__).resolve().parents[1] / "cwca_export" / "assets" / "demo-llama"
 
@@ -158,6 +158,7 @@ def test_a_saved_dataset_is_read_in_row_batches_and_equals_the_joined_text(tmp_p
     assert torch.equal(got.input_ids, want) and got.tokens_available == total
     split = calibration_data(tmp_path / "dd" / "train", tok, num_samples=6, seq_len=40, seed=2, text_field="body")
     assert torch.equal(split.input_ids, want)
+    assert load_texts(tmp_path / "ds", text_field="body") == [d for d in docs if d]  # eval reads it whole
 
     # streaming: with a small pool only the first row batches are ever read
     monkeypatch.setattr(data_module, "_DATASET_ROWS", 4)
