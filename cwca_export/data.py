@@ -321,8 +321,9 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 
 
 def _clean_cut(tokenizer: Any, text: str, limit: int) -> int | None:
-    """A whitespace position at or before ``limit`` where ``text`` tokenises the same split as
-    whole (checked on ``_CUT_CONTEXT`` characters each side), or None among the last few."""
+    """The last whitespace position at or before ``limit`` where ``text`` tokenises the same
+    split as whole (checked on ``_CUT_CONTEXT`` characters each side), or None when none of
+    the last ``_CUT_TRIES`` is."""
     candidates = [m.start() for m in _WHITESPACE_RUN.finditer(text, max(1, limit - 64 * _CUT_CONTEXT), limit + 1)]
     for cut in reversed(candidates[-_CUT_TRIES:]):
         left, right = text[max(0, cut - _CUT_CONTEXT) : cut], text[cut : cut + _CUT_CONTEXT]
@@ -334,27 +335,31 @@ def _clean_cut(tokenizer: Any, text: str, limit: int) -> int | None:
 def iter_token_ids(pieces: Iterable[str], tokenizer: Any, *, chunk_chars: int = CHUNK_CHARS) -> Iterator[list[int]]:
     """Token ids of the concatenated ``pieces`` in runs, equal to one call over the whole text.
 
-    The text is tokenised about ``chunk_chars`` characters at a time, cut at whitespace
-    where it tokenises the same split as whole; where no such cut is found the run grows
-    (correct ids, memory then grows with the run). Stop iterating and nothing more is read.
+    The text is read ``chunk_chars`` characters at a time (long documents too) and tokenised
+    in runs of at most about twice that, each cut at whitespace near the end of what is held,
+    where the text tokenises the same split as whole; where no such cut is found the run
+    grows (correct ids, memory then grows with the run). Stop iterating and nothing more is
+    read.
 
     Example:
         >>> tok = lambda text, **_: {"input_ids": [ord(c) for c in text]}
         >>> [len(ids) for ids in iter_token_ids(["ab " * 3000], tok, chunk_chars=4096)]
-        [4094, 4906]
+        [7166, 1834]
     """
     held: list[str] = []
     size = 0
     next_try = chunk_chars + _CUT_MARGIN
     for piece in pieces:
-        held.append(piece)
-        size += len(piece)
-        while size >= next_try:
+        for start in range(0, len(piece), chunk_chars):  # a long document is cut too
+            held.append(piece[start : start + chunk_chars])
+            size += len(held[-1])
+            if size < next_try:
+                continue
             text = "".join(held)
-            cut = _clean_cut(tokenizer, text, min(len(text) - _CUT_MARGIN, chunk_chars))
-            if cut is None:  # read on: try again one chunk later
+            cut = _clean_cut(tokenizer, text, len(text) - _CUT_MARGIN)
+            if cut is None:  # read on: try again one chunk later, near the new end
                 held, next_try = [text], size + chunk_chars
-                break
+                continue
             yield _encode(tokenizer, text[:cut])
             held, size = [text[cut:]], len(text) - cut
             next_try = chunk_chars + _CUT_MARGIN
