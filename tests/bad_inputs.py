@@ -272,6 +272,7 @@ CASES: tuple[Case, ...] = (
     _c("score-data-not-utf8", _S.replace("@calib.txt", "@not-utf8.txt"), "@not-utf8.txt", "UTF-8", "--data"),
     _c("score-data-jsonl-not-utf8", _S.replace("@calib.txt", "@not-utf8.jsonl"), "@not-utf8.jsonl", "UTF-8"),
     _c("score-data-csv", _S.replace("@calib.txt", "@calib.csv"), "@calib.csv", "--data"),
+    _c("score-data-plain-folder", _S.replace("@calib.txt", "@llama"), "save_to_disk", "--data"),
     _c("score-data-empty", _S.replace("@calib.txt", "@empty.txt"), "@empty.txt", "--data"),
     _c("score-data-broken-jsonl", _S.replace("@calib.txt", "@broken.jsonl"), "@broken.jsonl:2", "--data"),
     _c("score-data-jsonl-field", _S.replace("@calib.txt", "@fieldless.jsonl"), "@fieldless.jsonl:1", "--text-field"),

@@ -48,6 +48,26 @@ def test_score_writes_scores_json_for_every_family(family, folders, calib, tmp_p
     assert body["q"] == pytest.approx(list(scores.qualities()))
 
 
+def test_batched_fisher_and_a_saved_dataset_as_data(folders, calib, tmp_path):
+    """--batch-size 3 on fisher gives batch size 1's scores; a datasets folder reads like the text."""
+    datasets = pytest.importorskip("datasets")
+    docs = sample_text().split("\n\n")
+    folder = tmp_path / "ds"
+    datasets.Dataset.from_dict({"body": docs}).save_to_disk(str(folder))
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text("".join(json.dumps({"body": d}) + "\n" for d in docs), encoding="utf-8")
+    runs = {}
+    for name, data, batch in (("jsonl", jsonl, 1), ("dataset", folder, 3)):
+        out = tmp_path / f"{name}.json"
+        result = invoke(folders["gpt2"], "--data", data, "--text-field", "body", "--batch-size", batch,
+                        "--samples", 5, "--seq-len", 24, "--out", out, "--no-progress")
+        assert result.exit_code == 0, result.output
+        runs[name] = LayerScores.load(out)
+    assert runs["dataset"].data_hash == runs["jsonl"].data_hash
+    assert runs["dataset"].settings["batch_size"] == 3
+    assert runs["dataset"].zeta2 == pytest.approx(runs["jsonl"].zeta2, rel=1e-5)
+
+
 def test_json_output_jsonl_text_field_and_method(folders, tmp_path):
     data = tmp_path / "c.jsonl"
     data.write_text("".join(json.dumps({"body": p}) + "\n" for p in sample_text().split("\n\n")), encoding="utf-8")

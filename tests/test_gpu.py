@@ -155,8 +155,8 @@ def test_refine_cli_on_cuda_writes_the_plan_of_the_cpu(tmp_path):
     calib = tmp_path / "calib.txt"
     calib.write_text(sample_text() * 4, encoding="utf-8")
     data = ["--data", str(calib), "--samples", "6", "--seq-len", "16"]
-    res = CliRunner().invoke(cli, ["score", str(folder), *data, "--method", "damage", "--option", "pruner=magnitude",
-                                   "--cpu", "--out", str(tmp_path / "d.json"), "--no-progress"])
+    res = CliRunner().invoke(cli, ["score", str(folder), *data, "--estimator", "damage", "--option", "pruner=magnitude",
+                                   "--device", "cpu", "--out", str(tmp_path / "d.json"), "--no-progress"])
     assert res.exit_code == 0, res.output
     common = [str(folder), "--scores", str(tmp_path / "d.json"), "--sparsity", "0.5", "--method", "magnitude",
               *data, "--max-evals", "10"]

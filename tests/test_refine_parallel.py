@@ -94,7 +94,7 @@ def test_refine_cli_under_torchrun_writes_the_plan_of_one_process(tmp_path):
     calib = tmp_path / "calib.txt"
     calib.write_text(sample_text() * 4, encoding="utf-8")
     data = ["--data", str(calib), "--samples", "6", "--seq-len", "16"]
-    scored = CliRunner().invoke(cli, ["score", str(folder), *data, "--method", "damage", "--option",
+    scored = CliRunner().invoke(cli, ["score", str(folder), *data, "--estimator", "damage", "--option",
                                       "pruner=magnitude", "--out", str(tmp_path / "damage.json"), "--no-progress"])
     assert scored.exit_code == 0, scored.output
     common = [str(folder), "--scores", str(tmp_path / "damage.json"), "--sparsity", "0.5", "--method", "wanda",
@@ -130,7 +130,7 @@ def test_refine_cli_refuses_too_few_batches_before_joining_the_processes(tmp_pat
     calib.write_text(sample_text() * 4, encoding="utf-8")
     scores = tmp_path / "s.json"
     res = CliRunner().invoke(cli, ["score", str(folder), "--data", str(calib), "--samples", "4", "--seq-len", "16",
-                                   "--method", "uniform", "--out", str(scores), "--no-progress"])
+                                   "--estimator", "uniform", "--out", str(scores), "--no-progress"])
     assert res.exit_code == 0, res.output
     # as torchrun --nproc_per_node 2 would launch it: the refusal comes before the group forms
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -73,8 +73,9 @@ def _table(step: dict[str, Any]) -> str:
 @click.option(
     "--data",
     "data_path",
-    type=click.Path(dir_okay=False),
-    help="Calibration text (.txt or .jsonl); needed by wanda, sparsegpt, asvd and width.",
+    type=click.Path(),
+    help="Calibration text (.txt, .jsonl, or a folder saved by datasets' save_to_disk: one split, column"
+    " --text-field, needs pip install 'cwca-export[datasets]'); needed by wanda, sparsegpt, asvd and width.",
 )
 @click.option(
     "--samples", type=COUNT, default=CALIBRATION_SAMPLES, show_default=True, help="Calibration sequences N."
@@ -85,7 +86,7 @@ def _table(step: dict[str, Any]) -> str:
     "--seed", type=int, default=0, show_default=True, help="Seed for the choice of sequences."
 )
 @click.option(
-    "--text-field", default="text", show_default=True, help="JSON Lines field holding the text."
+    "--text-field", default="text", show_default=True, help="JSON Lines field (or dataset column) holding the text."
 )
 @click.option(
     "--nm",

@@ -11,9 +11,12 @@ from cwca_export.cli.options import COUNT, loading_options
 
 @click.command(name="eval")
 @click.argument("path", metavar="MODEL_DIR_OR_ARTIFACT", type=click.Path(exists=True, file_okay=False))
-@click.option("--data", type=click.Path(exists=True, dir_okay=False),
-              help="Held-out text: .txt, or .jsonl with a text field (required unless --lm-eval-tasks).")
-@click.option("--text-field", default="text", show_default=True, help="JSON Lines field holding the text.")
+@click.option("--data", type=click.Path(exists=True),
+              help="Held-out text: .txt, .jsonl with a text field, or a folder saved by datasets' save_to_disk"
+                   " (one split; column --text-field; needs pip install 'cwca-export[datasets]')"
+                   " (required unless --lm-eval-tasks).")
+@click.option("--text-field", default="text", show_default=True,
+              help="JSON Lines field (or dataset column) holding the text.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True, help="Window length in tokens.")
 @click.option("--stride", type=COUNT, default=None, help="Step between windows [default: --seq-len].")
 @click.option("--max-tokens", type=click.IntRange(min=2), default=None, help="Evaluate only the first N tokens.")

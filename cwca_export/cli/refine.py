@@ -21,8 +21,9 @@ _REFINABLE = ("magnitude", "wanda", "sparsegpt", "lowrank", "asvd")
 @click.option("--budget-fraction", type=finite(0, 1, min_open=True), default=None,
               help="Rank plans (--method lowrank|asvd): fraction of the blocks' Linear weights kept.")
 @click.option("--rank-step", type=COUNT, default=8, show_default=True, help="Rank plans: rank of one plan unit.")
-@click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="Calibration text (.txt or .jsonl), the same kind the scores used.")
+@click.option("--data", "data_path", required=True, type=click.Path(exists=True),
+              help="Calibration text (.txt, .jsonl, or a folder saved by datasets' save_to_disk: one split, column"
+                   " 'text', needs pip install 'cwca-export[datasets]'), the same kind the scores used.")
 @click.option("--method", type=METHOD, default="wanda", show_default=True,
               help=f"The method the plan will be applied with ({', '.join(_REFINABLE)}); its loss is measured.")
 @click.option("--samples", type=COUNT, default=REFINE_SAMPLES, show_default=True,

@@ -34,8 +34,10 @@ def _table(scores) -> str:
 
 @click.command()
 @click.argument("model_dir", metavar="MODEL_DIR", type=click.Path(file_okay=False))
-@click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False),
-              help="Calibration text: a .txt file or a .jsonl file with one record per line.")
+@click.option("--data", "data_path", required=True, type=click.Path(),
+              help="Calibration text: a .txt file, a .jsonl file with one record per line,"
+                   " or a folder saved by datasets' save_to_disk (one split; column --text-field; needs"
+                   " pip install 'cwca-export[datasets]'). Read in pieces until the samples are drawn.")
 @click.option("--estimator", type=ESTIMATOR, default="fisher", show_default=True,
               help=f"Curvature estimator: {', '.join(_ESTIMATORS)} or a plug-in (see docs/scoring.md).")
 @click.option("--method", "method_alias", type=ESTIMATOR, default=None, hidden=True,
@@ -51,14 +53,16 @@ def _table(scores) -> str:
               help="delta: lambda_k = delta * mean curvature diagonal (or lambda with --absolute-damping).")
 @click.option("--absolute-damping", is_flag=True, help="Use --damping as lambda itself.")
 @click.option("--batch-size", type=COUNT, default=1, show_default=True,
-              help="Sequences per forward/backward (kfac, owl, damage; the others need 1).")
+              help="Sequences per forward/backward. fisher, gradnorm, obd and layerif split each sequence's"
+                   " gradient from the batch (same scores as 1); 1 is the fallback for mixture-of-experts models.")
 @click.option("--option", "method_options", multiple=True, metavar="KEY=VALUE",
               help="Estimator option, repeatable: e.g. --option pruner=magnitude --option points=0.3,0.5,0.7"
                    " (damage), --option cg_max_iter=20 (exact).")
 @click.option("--max-cache", metavar="SIZE", default=None,
               help="damage: cap on the cached block inputs (N x L x hidden per block), e.g. 8GiB; over it the"
                    " blocks are probed in runs, one more dense pass each (same scores) [default: no cap].")
-@click.option("--text-field", default="text", show_default=True, help="JSON Lines field holding the text.")
+@click.option("--text-field", default="text", show_default=True,
+              help="JSON Lines field (or dataset column) holding the text.")
 @click.option("--allow-fewer", is_flag=True, help="Score on fewer sequences when the data is too short.")
 @click.option("--dtype", type=DTYPE, default="float32", show_default=True, help="Dtype to load the weights in.")
 @click.option("--mixed-precision", type=click.Choice(["no", "bf16", "fp16"]), default="no", show_default=True,

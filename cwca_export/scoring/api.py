@@ -68,7 +68,11 @@ def score(
         damping: delta, lambda_k = delta * mean diagonal of the block's curvature
             (``damping_mode="relative"``), or lambda itself (``"absolute"``).
         damping_mode: ``"relative"`` or ``"absolute"``.
-        batch_size: sequences per forward/backward; per-sequence estimators need 1.
+        batch_size: sequences per forward/backward. Per-sequence estimators (fisher,
+            gradnorm, obd, layerif, exact's gradient moments) split each sequence's gradient
+            from the batch (same scores to float rounding); a mixture-of-experts model, whose
+            expert Linears see tokens without the batch axis, falls back to batch size 1 with
+            a warning (recorded in ``settings["batch_size"]``).
         dtype: ``"float32" | "bfloat16" | "float16"`` to load the folder in (default fp32).
         mixed_precision: accelerate's ``"no" | "bf16" | "fp16"`` autocast for the passes.
         cpu: force the CPU even when an accelerator device is present.
@@ -108,7 +112,7 @@ def score(
     from accelerate import Accelerator
 
     from cwca_export.blocks import find_blocks, model_fingerprint
-    from cwca_export.scoring.passes import ScoringRun
+    from cwca_export.scoring.passes import ScoringRun, routes_tokens
 
     estimator = get_estimator(method)
     resolved = _checked_settings(estimator, options, debias=debias, damping=damping, damping_mode=damping_mode,
@@ -119,6 +123,13 @@ def score(
         max_memory=max_memory, gradient_checkpointing=gradient_checkpointing, trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle,
     )
+    if batch_size > 1 and estimator.per_sequence and routes_tokens(net):
+        warnings.warn(
+            f"batch_size {batch_size}: method {method!r} needs each sequence's own gradient, and this"
+            " mixture-of-experts model routes tokens to its experts without the batch axis, so it runs"
+            " one sequence per backward (batch size 1)", stacklevel=2,
+        )
+        batch_size = 1
     blocks = find_blocks(net)
     # Without an accelerator device, accelerate forms the gloo group under torchrun only
     # when told it runs on the CPU.
@@ -216,12 +227,8 @@ def _checked_settings(estimator, options: dict[str, Any] | None, *, debias: bool
         raise ValueError(f"damping_mode {damping_mode!r}: choose 'relative' or 'absolute'")
     if not (math.isfinite(damping) and damping >= 0):
         raise ValueError(f"damping {damping}: must be finite and >= 0")
-    if batch_size < 1 or (estimator.per_sequence and batch_size != 1):
-        raise ValueError(
-            f"batch_size {batch_size}: method {method!r} needs each sequence's own gradient,"
-            " so it runs one sequence per backward (batch_size 1)"
-            if batch_size >= 1 else f"batch_size {batch_size}: must be >= 1"
-        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size {batch_size}: must be >= 1")
     return resolved
 
 

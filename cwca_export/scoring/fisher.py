@@ -40,7 +40,12 @@ from cwca_export.scoring.registry import Estimate, register_estimator
 def collect_grad_moments(
     run: ScoringRun, split: str = "calibration", *, squares: bool = True
 ) -> list[dict[str, GradMoments]]:
-    """One gradient pass over ``split``; per block, per Linear moments summed over all processes."""
+    """One gradient pass over ``split``; per block, per Linear moments summed over all processes.
+
+    The squares need each sequence's own gradient: at batch size 1 autograd's, at larger
+    batch sizes the per-sequence gradients the pass splits from the batch (see
+    :mod:`cwca_export.scoring.passes`), the same sums to float rounding.
+    """
     moments = [
         {name: make_empty_grad_moments(tuple(weight_out_in(m).shape), run.device, squares=squares)
          for name, m in block.linears.items()}
@@ -48,7 +53,7 @@ def collect_grad_moments(
     ]
     run.gradient_pass(
         split,
-        on_grad=lambda k, name, g: accumulate_grad_moments(moments[k][name], g.to(run.device)),
+        on_sample_grad=lambda k, name, _, g: accumulate_grad_moments(moments[k][name], g.to(run.device)),
         desc="scoring: gradient moments",
         state=moments,
     )

@@ -39,21 +39,25 @@ def layerif(run: ScoringRun) -> Estimate:
     g = [{n: m.total / run.num_samples for n, m in block.items()} for block in moments]
     v = [{n: m.total / run.num_held_out for n, m in block.items()} for block in held]
     k_blocks = len(run.blocks)
-    current = torch.zeros(3, k_blocks, dtype=torch.float64, device=run.device)  # g_i.v, g_i.g, |g_i|^2
+    # per sequence b of the batch: g_i.v, g_i.g, |g_i|^2
+    current = torch.zeros(3, run.batch_size, k_blocks, dtype=torch.float64, device=run.device)
     terms = torch.zeros(k_blocks, dtype=torch.float64, device=run.device)
 
-    def on_grad(k: int, name: str, gi: torch.Tensor) -> None:
+    def on_sample_grad(k: int, name: str, b: int, gi: torch.Tensor) -> None:
         gi = gi.to(run.device)
-        current[0, k] += (gi * v[k][name]).sum(dtype=torch.float64)
-        current[1, k] += (gi * g[k][name]).sum(dtype=torch.float64)
-        current[2, k] += (gi * gi).sum(dtype=torch.float64)
+        current[0, b, k] += (gi * v[k][name]).sum(dtype=torch.float64)
+        current[1, b, k] += (gi * g[k][name]).sum(dtype=torch.float64)
+        current[2, b, k] += (gi * gi).sum(dtype=torch.float64)
 
-    def on_batch_end(_: list[int]) -> None:
-        for k in range(k_blocks):
-            terms[k] += datainf_term(float(current[0, k]), float(current[1, k]), float(current[2, k]), lam[k])
+    def on_batch_end(indices: list[int]) -> None:
+        for b in range(len(indices)):
+            for k in range(k_blocks):
+                terms[k] += datainf_term(
+                    float(current[0, b, k]), float(current[1, b, k]), float(current[2, b, k]), lam[k])
         current.zero_()
 
-    run.gradient_pass(on_grad=on_grad, on_batch_end=on_batch_end, desc="scoring: DataInf products", state=terms)
+    run.gradient_pass(
+        on_sample_grad=on_sample_grad, on_batch_end=on_batch_end, desc="scoring: DataInf products", state=terms)
     run.reduce_sum([terms])
     influence = []
     for k in range(k_blocks):

@@ -6,6 +6,15 @@ The pass is the only place that runs the model. Estimators hand it callbacks:
   post-accumulate hook the moment autograd has it; the gradient is freed right after, so a
   backward never holds more than one layer's gradient and the rest of the model (embeddings,
   norms, head, biases) gets none at all;
+- ``on_sample_grad(block, linear, b, g)``: each sequence's own gradient ``(out, in)``, ``b``
+  its position in the batch. With batch size 1 it is ``on_grad``'s gradient; with larger
+  batches the weights stay frozen and the taps build sequence b's gradient as
+  s_b^T a_b from the layer's input a_b ``(L, in)`` and output gradient s_b ``(L, out)``
+  (the per-sample-gradient identity Opacus and BackPACK use): one forward and backward
+  serve the whole batch, and since a causal LM's loss is a sum of per-sequence losses,
+  s_b is sequence b's own dl_b/d(output). Linears that see tokens without the batch axis
+  (mixture-of-experts routing, :func:`routes_tokens`) cannot be split that way: scoring runs
+  those models at batch size 1, and a pass that meets such a Linear stops with an error;
 - ``on_input(block, linear, a)``: the layer's input ``(tokens, in)`` in the forward;
 - ``on_output_grad(block, linear, s)``: dl/d(output) ``(tokens, out)`` in the backward.
 
@@ -24,6 +33,7 @@ embeddings' output is made to require grad so the backward reaches every block.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +44,7 @@ from torch import nn
 from cwca_export.blocks import Block, is_conv1d
 
 GradFn = Callable[[int, str, torch.Tensor], None]
+SampleGradFn = Callable[[int, str, int, torch.Tensor], None]  # (block, linear, position in batch, g)
 
 
 @dataclass
@@ -51,7 +62,8 @@ class ScoringRun:
         damping_mode: ``"relative"`` (lambda_k = delta * mean diagonal) or ``"absolute"``.
         options: the estimator's resolved options.
         accelerator: the ``accelerate.Accelerator`` driving devices and mixed precision.
-        batch_size: sequences per forward/backward (1 for per-sequence estimators).
+        batch_size: sequences per forward/backward; per-sequence estimators get each
+            sequence's gradient from ``on_sample_grad`` at any batch size.
         progress: show a tqdm bar on the main process.
         checkpoint: saves the passes' accumulators (``state=``) every N sequences and
             restores them on resume; every pass of a checkpointed run must hand its state.
@@ -141,21 +153,23 @@ class ScoringRun:
             self.checkpoint.progress(index, done)
 
     def losses(
-        self, split: str = "calibration", *, desc: str = "scoring", skip: int = 0
+        self, split: str = "calibration", *, desc: str = "scoring", skip: int = 0, frozen: bool = False
     ) -> Iterator[tuple[list[int], torch.Tensor]]:
         """Yield ``(local sample indices, summed per-sequence loss)`` for each batch of ``split``.
 
         Block Linear weights require grad during the loop and nothing else does; the caller
         runs the backward it needs. The loss of a batch is sum_n l_n, each l_n the mean
         next-token cross-entropy of sequence n, so gradients are per-sequence sums. ``skip``
-        sequences at the start are left out (a resumed pass).
+        sequences at the start are left out (a resumed pass). ``frozen``: no weight requires
+        grad (the taps rebuild every gradient, as for per-sequence gradients in a batch); the
+        embeddings' output does, so the backward still reaches every block.
         """
         from cwca_export.progress import bar as progress_bar
 
         data = self._split(split)
         # streamed weights stay frozen: their gradients are rebuilt by the taps, and a copy
         # that required grad would keep a gradient alive per layer until the step ends
-        weights = [m.weight for _, _, m in self.linears() if id(m) not in self.streamed]
+        weights = [] if frozen else [m.weight for _, _, m in self.linears() if id(m) not in self.streamed]
         saved = {p: p.requires_grad for p in self.model.parameters()}
         checkpointing = bool(getattr(self.model, "is_gradient_checkpointing", False))
         bar = progress_bar(
@@ -168,7 +182,7 @@ class ScoringRun:
                 p.requires_grad_(False)
             for w in weights:
                 w.requires_grad_(True)
-            if self.streamed:
+            if self.streamed or frozen:
                 # nothing upstream of a streamed block may require grad: start the graph here
                 handle = self.model.get_input_embeddings().register_forward_hook(_require_grad)
             if checkpointing:
@@ -202,6 +216,7 @@ class ScoringRun:
         on_grad: GradFn | None = None,
         on_input: GradFn | None = None,
         on_output_grad: GradFn | None = None,
+        on_sample_grad: SampleGradFn | None = None,
         on_batch_end: Callable[[list[int]], None] | None = None,
         desc: str = "scoring",
         state: Any = None,
@@ -209,12 +224,22 @@ class ScoringRun:
         """Forward and backward every batch of ``split``, feeding the taps; see the module doc.
 
         ``state``: the accumulators the callbacks add to, saved and restored by a checkpoint.
+        ``on_sample_grad`` excludes ``on_grad``: a pass delivers either per-sequence gradients
+        or the batch's summed ones.
         """
+        per_sample = None
+        if on_sample_grad is not None:
+            if on_grad is not None:
+                raise ValueError("gradient_pass: pass on_grad or on_sample_grad, not both")
+            if self.batch_size == 1:  # autograd's own gradient is the sequence's gradient
+                on_grad = functools.partial(_first_in_batch, on_sample_grad)
+            else:
+                per_sample = on_sample_grad
         index, done = self.begin_pass(split, state)
         if done == int(self._split(split).shape[0]):
             return
-        with _taps(self, on_grad, on_input, on_output_grad) as end_step:
-            for indices, loss in self.losses(split, desc=desc, skip=done):
+        with _taps(self, on_grad, on_input, on_output_grad, per_sample) as end_step:
+            for indices, loss in self.losses(split, desc=desc, skip=done, frozen=per_sample is not None):
                 loss.backward()
                 end_step()
                 if on_batch_end is not None:
@@ -260,6 +285,17 @@ class ScoringRun:
         return real.t() if is_conv1d(module) else real
 
 
+_EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def routes_tokens(model: nn.Module) -> bool:
+    """Whether the model routes tokens to experts (mixture-of-experts): its expert Linears then
+    see a gathered set of tokens with no batch axis, so per-sequence gradients cannot be
+    split from a batch (``on_sample_grad`` runs batch size 1 there)."""
+    config = getattr(model, "config", None)
+    return any(isinstance(getattr(config, key, None), int) and getattr(config, key) > 1 for key in _EXPERT_COUNTS)
+
+
 def offload_sources(model: nn.Module) -> dict[int, tuple[Any, str]]:
     """``id(module) -> (offload store, key of its weight)`` for modules accelerate streams in.
 
@@ -277,6 +313,10 @@ def offload_sources(model: nn.Module) -> dict[int, tuple[Any, str]]:
     return sources
 
 
+def _first_in_batch(on_sample_grad: SampleGradFn, k: int, name: str, g: torch.Tensor) -> None:
+    on_sample_grad(k, name, 0, g)
+
+
 def _require_grad(module: nn.Module, args: tuple, output: Any) -> Any:
     if isinstance(output, torch.Tensor) and not output.requires_grad:
         return output.detach().requires_grad_(True)
@@ -285,15 +325,29 @@ def _require_grad(module: nn.Module, args: tuple, output: Any) -> Any:
 
 @contextlib.contextmanager
 def _taps(
-    run: ScoringRun, on_grad: GradFn | None, on_input: GradFn | None, on_output_grad: GradFn | None
+    run: ScoringRun,
+    on_grad: GradFn | None,
+    on_input: GradFn | None,
+    on_output_grad: GradFn | None,
+    per_sample: SampleGradFn | None = None,
 ) -> Iterator[Callable[[], None]]:
-    """Install the hooks; yields ``end_step()``, to call once a batch's backward is done."""
+    """Install the hooks; yields ``end_step()``, to call once a batch's backward is done.
+
+    With ``per_sample`` every Linear is treated like a streamed one (its gradient rebuilt
+    from a and s) and the rebuild is split by sequence.
+    """
     handles = []
     seen: set[int] = set()  # Linears already tapped this step: checkpointing re-runs forwards
     # streamed Linears: their gradient s^T a needs a and s, whichever arrives second builds it
     inputs: dict[int, torch.Tensor] = {}  # a (tokens, in) waiting for its s
     output_grads: dict[int, torch.Tensor] = {}  # s (tokens, out) waiting for its a
     checkpointing = bool(getattr(run.model, "is_gradient_checkpointing", False))
+    batches = [0]  # sequences in the current batch (per_sample), from the embeddings' input ids
+    tokens_per_sequence = [0]
+
+    def count_batch(module: nn.Module, args: tuple) -> None:
+        ids = args[0]
+        batches[0], tokens_per_sequence[0] = int(ids.shape[0]), int(ids[0].numel())
 
     def deliver_grad(k: int, name: str, module: nn.Module):
         def hook(p: torch.Tensor) -> None:
@@ -305,9 +359,23 @@ def _taps(
         return hook
 
     def rebuild(k: int, name: str, s: torch.Tensor, a: torch.Tensor) -> None:
+        if per_sample is None:
+            with torch.no_grad():
+                g = s.float().t() @ a.to(s.device).float()  # (out, in), Linear and Conv1D alike
+            on_grad(k, name, g)
+            return
+        batch = batches[0]
+        if s.shape[0] != batch * tokens_per_sequence[0] or a.shape[0] != s.shape[0]:
+            raise ValueError(
+                f"block {k} {name}: its input has {a.shape[0]} token rows for a batch of {batch}"
+                " sequences (tokens routed without the batch axis, as in mixture-of-experts), so"
+                " per-sequence gradients cannot be split from a batch; hint: pass --batch-size 1"
+            )
         with torch.no_grad():
-            g = s.float().t() @ a.to(s.device).float()  # (out, in), Linear and Conv1D alike
-        on_grad(k, name, g)
+            s3 = s.float().reshape(batch, -1, s.shape[-1])  # (B, L, out)
+            a3 = a.to(s.device).float().reshape(batch, -1, a.shape[-1])  # (B, L, in)
+            for b in range(batch):
+                per_sample(k, name, b, s3[b].t() @ a3[b])  # sequence b's own (out, in) gradient
 
     def capture_input(k: int, name: str):
         def hook(module: nn.Module, args: tuple) -> None:
@@ -355,9 +423,11 @@ def _taps(
         output_grads.clear()
 
     try:
+        if per_sample is not None:
+            handles.append(run.model.get_input_embeddings().register_forward_pre_hook(count_batch))
         for k, name, module in run.linears():
-            streamed = on_grad is not None and id(module) in run.streamed
-            if id(module) not in run.streamed:
+            streamed = per_sample is not None or (on_grad is not None and id(module) in run.streamed)
+            if id(module) not in run.streamed and per_sample is None:
                 handles.append(module.weight.register_post_accumulate_grad_hook(deliver_grad(k, name, module)))
             if streamed:
                 handles.append(module.register_forward_pre_hook(capture_input(k, name)))

@@ -42,7 +42,8 @@ class Estimator:
         name: the method name users pass (``fisher``, ``kfac``, ...).
         run: ``run(scoring_run) -> Estimate``.
         options: method-specific options and their defaults.
-        per_sequence: needs each sequence's own gradient, so one sequence per backward.
+        per_sequence: needs each sequence's own gradient (the pass splits it from a batch, see
+            :mod:`cwca_export.scoring.passes`; batch size 1 where it cannot).
         needs_held_out: needs a held-out split (LayerIF).
         summary: one line for ``--help`` and docs.
         needs_resident: why the estimator cannot run on weights accelerate offloads, or None.
