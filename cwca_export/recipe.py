@@ -137,7 +137,7 @@ class Recipe(_Strict):
     """A whole recipe; after :meth:`load` / :meth:`from_dict` its paths are absolute."""
 
     model: str = Field(description="model folder (config.json + safetensors)", examples=["./my-llama"])
-    data: str = Field(description="calibration text (.txt or .jsonl)", examples=["calib.txt"])
+    data: str = Field(description="calibration text (.txt, .jsonl, or a folder saved by datasets' save_to_disk)", examples=["calib.txt"])
     samples: int = Field(32, ge=1, description="calibration sequences", examples=[32])
     seq_len: int = Field(128, ge=2, description="tokens per calibration sequence", examples=[128])
     seed: int = Field(0, ge=0, examples=[0])
@@ -191,8 +191,8 @@ class Recipe(_Strict):
         if not (Path(self.model) / "config.json").is_file():
             raise ValueError(f"{where}: model: {self.model} is not a local model folder (no config.json);"
                              " fix: --set model=PATH_TO_MODEL_DIR")
-        if not Path(self.data).is_file():
-            raise ValueError(f"{where}: data: {self.data} is not a file; fix: --set data=PATH_TO_CALIB.txt")
+        if not Path(self.data).exists():
+            raise ValueError(f"{where}: data: {self.data} does not exist; fix: --set data=PATH_TO_CALIB.txt")
         if self.eval is not None and not Path(self.eval.data).is_file():
             raise ValueError(f"{where}: eval.data: {self.eval.data} is not a file;"
                              " fix: --set eval.data=PATH_TO_HELDOUT.txt")

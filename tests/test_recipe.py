@@ -78,7 +78,7 @@ def test_refined_damage_plan_through_a_recipe(setup):
         ({"plan": {"program": "prune"}}, "takes sparsity"),
         ({"plan": {"program": "allocate", "sparsity": 0.5}}, "takes budget_fraction"),
         ({"plan": {"program": "shrink", "sparsity": 0.5}}, "'prune' or 'allocate'"),
-        ({"data": "missing.txt"}, "is not a file"),
+        ({"data": "missing.txt"}, "does not exist"),
         ({"compress": "wanda"}, "must be a mapping"),
     ],
 )

@@ -94,8 +94,9 @@ def _read_precision(path: str) -> dict[str, str]:
 @click.option("--backend", default="optimum", show_default=True, help="Export backend: optimum or onnx (or a plug-in).")
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False), help="plan.json behind the model, recorded in the manifest.")
 @click.option("--method", type=METHOD, help="Compression method that applies --plan (and lets a budget search re-solve it).")
-@click.option("--data", type=click.Path(exists=True, dir_okay=False),
-              help="Calibration text for --method width / wanda / sparsegpt / asvd.")
+@click.option("--data", type=click.Path(exists=True),
+              help="Calibration text for --method width / wanda / sparsegpt / asvd, the search's pricing and"
+                   " --rounding clip: .txt, .jsonl, or a folder saved by datasets' save_to_disk.")
 @click.option("--samples", type=COUNT, default=EXPORT_SAMPLES, show_default=True, help="Calibration sequences for --data.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=EXPORT_SEQ_LEN, show_default=True, help="Tokens per calibration sequence.")
 @click.option("--quantize", type=click.Choice(["int8", "int4"]), help="ONNX Runtime weight quantization.")
