@@ -73,6 +73,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=EXPORT_SAMPLES)
     ap.add_argument("--seq-len", type=int, default=EXPORT_SEQ_LEN)
     ap.add_argument("--rounding", choices=["clip", "rtn"], default="clip")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="calibration sample seed (pricing, precision table, compression)")
     ap.add_argument("--kinds", default="search,uniform")
     ap.add_argument("--uniform-budgets", default="0.15,0.12,0.1",
                     help="budgets at which the uniform baseline runs (below every peer's smallest artifact)")
@@ -82,7 +84,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     model, tok = load_model(DEMO_MODEL)
-    calib = calibration_data(TRAIN_TEXT, tok, num_samples=args.samples, seq_len=args.seq_len, seed=0)
+    calib = calibration_data(TRAIN_TEXT, tok, num_samples=args.samples, seq_len=args.seq_len, seed=args.seed)
     scores_path = args.work / "damage-width.json"
     if scores_path.exists():
         scores = LayerScores.load(scores_path)
