@@ -137,7 +137,8 @@ class Recipe(_Strict):
     """A whole recipe; after :meth:`load` / :meth:`from_dict` its paths are absolute."""
 
     model: str = Field(description="model folder (config.json + safetensors)", examples=["./my-llama"])
-    data: str = Field(description="calibration text (.txt, .jsonl, or a folder saved by datasets' save_to_disk)", examples=["calib.txt"])
+    data: str = Field(description="calibration text (.txt, .jsonl, or a folder saved by datasets' save_to_disk)",
+                      examples=["calib.txt"])
     samples: int = Field(32, ge=1, description="calibration sequences", examples=[32])
     seq_len: int = Field(128, ge=2, description="tokens per calibration sequence", examples=[128])
     seed: int = Field(0, ge=0, examples=[0])
