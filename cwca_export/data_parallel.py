@@ -110,8 +110,12 @@ def joined_processes() -> Iterator[Processes]:
     formed = not dist.is_initialized()
     if formed:
         dist.init_process_group("gloo")
+    finished = False
     try:
         yield Processes(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        finished = True
     finally:
         if formed:
+            if finished:  # nobody tears its connections down while another process still uses them
+                dist.barrier()
             dist.destroy_process_group()
