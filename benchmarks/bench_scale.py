@@ -52,10 +52,14 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 SPARSITY = 0.5
 # baselines: what the interpreter holds after importing what a step imports, measured
-BASELINE_IMPORTS = {
-    "torch": "import torch, transformers, cwca_export.cli; from transformers import LlamaForCausalLM",
-    "onnx": ("import torch, transformers, cwca_export.cli, onnx, onnxruntime;"
-             " from transformers import LlamaForCausalLM; import optimum.exporters.onnx"),
+_LIBRARIES = ("import torch, transformers, accelerate, cwca_export.cli, cwca_export.scoring, cwca_export.compression,"
+              " cwca_export.damage, cwca_export.evaluate, cwca_export.loading;"
+              " from transformers import LlamaForCausalLM, AutoTokenizer;"
+              f" tok = AutoTokenizer.from_pretrained({str(ASSETS / 'demo-llama')!r});"
+              f" ids = tok(open({str(HELDOUT)!r}, encoding='utf-8').read())")
+BASELINE_IMPORTS = {  # the tool's libraries imported and a text tokenised: what every step holds first
+    "torch": _LIBRARIES,
+    "onnx": _LIBRARIES + "; import onnx, onnxruntime, onnxruntime.quantization, optimum.exporters.onnx",
 }
 
 
@@ -90,7 +94,8 @@ def run_step(args: list[str], cwd: Path, env: dict[str, str]) -> dict[str, Any]:
 
 
 def baseline_rss(code: str, env: dict[str, str]) -> int:
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"baseline {code!r} failed")
@@ -98,7 +103,7 @@ def baseline_rss(code: str, env: dict[str, str]) -> int:
 
 
 def steps_for(size: str, work: Path, samples: int, seq_len: int, batch: int, config: dict[str, Any],
-              quick: bool) -> list[tuple[str, list[str]]]:
+              quick: bool, points: str = "0.3,0.5,0.7,0.9") -> list[tuple[str, list[str]]]:
     """(step name, CLI arguments) in run order: every output the next step needs comes first."""
     model = str(work / "model")
     calib = ["--data", str(CALIB), "--samples", str(samples), "--seq-len", str(seq_len)]
@@ -108,6 +113,7 @@ def steps_for(size: str, work: Path, samples: int, seq_len: int, batch: int, con
     export_common = ["--runs", "3", "--warmup", "1", "--prompt-len", "16", "--context", "32"]
     steps = [
         ("score_damage", ["score", model, *calib, "--method", "damage", "--option", "pruner=wanda",
+                          "--option", f"points={points}",
                           "--batch-size", str(batch), "--no-progress", "--out", str(work / "damage.json")]),
         ("score_fisher", ["score", model, *calib, "--method", "fisher", "--no-progress",
                           "--out", str(work / "fisher.json")]),
@@ -165,7 +171,7 @@ def run_size(size: str, work: Path, args: argparse.Namespace, env: dict[str, str
           f" vocabulary {shape.vocab}", flush=True)
     results: dict[str, Any] = {}
     for name, cli_args in steps_for(size, work, args.samples, args.seq_len, args.batch_size, config,
-                                    quick=size in args.quick):
+                                    quick=size in args.quick, points=args.points):
         measured = run_step(cli_args, ROOT, env)
         row: dict[str, Any] = {"wall_s": round(measured["wall_s"], 2), "peak_rss": measured["peak_rss"],
                                "command": "cwca-export " + " ".join(a.replace(str(work), "$WORK") for a in cli_args)}
@@ -192,7 +198,8 @@ def predicted_rows(sizes: dict[str, Any], settings: dict[str, Any], baselines: d
     from cwca_export import memory_model as mm
 
     run = mm.RunSettings(samples=settings["samples"], seq_len=settings["seq_len"],
-                         batch_size=settings["batch_size"], eval_tokens=8 * settings["seq_len"])
+                         batch_size=settings["batch_size"], eval_tokens=8 * settings["seq_len"],
+                         damage_points=len(str(settings.get("damage_points", "0.3,0.5,0.7,0.9")).split(",")))
     for size in sizes.values():
         shape = mm.ModelShape.from_config(size["config"])
         size["shape"] = shape.to_dict()
@@ -220,10 +227,13 @@ def merge(files: list[str], out: Path) -> None:
             raise SystemExit(f"--merge: settings differ: {result['settings']} vs {merged['settings']}")
         merged["sizes"].update(result["sizes"])
     merged["commands"] = [r.get("command") for r in results]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    merged["runtime_baselines"] = {key: baseline_rss(code, env) for key, code in BASELINE_IMPORTS.items()}
     predicted_rows(merged["sizes"], merged["settings"], merged["runtime_baselines"])
     merged["projection"] = mm.projection_table(merged["runtime_baselines"])
     out.write_text(json.dumps(merged, indent=2) + "\n", encoding="utf-8")
     print_table(merged)
+    print(markdown(merged))
     print(f"wrote {out}")
 
 
@@ -243,6 +253,29 @@ def print_table(result: dict[str, Any]) -> None:
               f"  host {row['host_bytes'] / 2**30:7.1f} GiB  (weights {row['weight_bytes'] / 2**30:.1f} GiB)")
 
 
+def markdown(result: dict[str, Any]) -> str:
+    """The BENCHMARKS.md tables of a results file: measured against predicted, the projection."""
+    mib = 2**20
+    lines = ["| size | step | wall s | measured MiB | predicted MiB | ratio | ratio above runtime |",
+             "|---|---|---|---|---|---|---|"]
+    for size, data in result["sizes"].items():
+        for name, row in data["steps"].items():
+            if "ratio" not in row:
+                continue
+            lines.append(f"| {size} | {name} | {row['wall_s']:.0f} | {row['peak_rss'] / mib:.0f} |"
+                         f" {row['predicted_peak'] / mib:.0f} | {row['ratio']:.2f} | {row['model_ratio']:.2f} |")
+    lines += ["", "| size | recommended path s | plain scoring + uniform compress + export s | ratio |",
+              "|---|---|---|---|"]
+    for size, data in result["sizes"].items():
+        t = data["time"]
+        lines.append(f"| {size} | {t['recommended_s']:.0f} | {t['plain_s']:.0f} | {t['ratio']:.2f} |")
+    lines += ["", "| model | step | device GiB | host GiB | weights GiB | time units |", "|---|---|---|---|---|---|"]
+    for row in result["projection"]:
+        lines.append(f"| {row['model']} | {row['step']} | {row['device_bytes'] / 2**30:.1f} |"
+                     f" {row['host_bytes'] / 2**30:.1f} | {row['weight_bytes'] / 2**30:.1f} | {row['time_units']} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="5m,40m,150m")
@@ -250,6 +283,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--points", default="0.3,0.5,0.7,0.9", help="damage probe points (score's default)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_scale.json"))
     parser.add_argument("--keep", default=None, help="work folder to keep (default: a temporary one)")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
@@ -289,6 +323,7 @@ def main() -> None:
                     "python": platform.python_version()},
         "versions": library_versions(),
         "settings": {"samples": args.samples, "seq_len": args.seq_len, "batch_size": args.batch_size,
+                     "damage_points": args.points,
                      "sparsity": SPARSITY, "calibration": CALIB.name, "heldout": HELDOUT.name},
         "runtime_baselines": baselines,
         "sizes": sizes,
