@@ -159,6 +159,11 @@ def steps_for(size: str, work: Path, samples: int, seq_len: int, batch: int, con
     return steps
 
 
+def size_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {"samples": args.samples, "seq_len": args.seq_len, "batch_size": args.batch_size,
+            "damage_points": args.points, "sparsity": SPARSITY, "calibration": CALIB.name, "heldout": HELDOUT.name}
+
+
 def run_size(size: str, work: Path, args: argparse.Namespace, env: dict[str, str],
              baselines: dict[str, int]) -> dict[str, Any]:
     from cwca_export import memory_model as mm
@@ -181,15 +186,30 @@ def run_size(size: str, work: Path, args: argparse.Namespace, env: dict[str, str
                        ratio=round(measured["peak_rss"] / predicted.peak_bytes, 3),
                        terms={k: int(v) for k, v in predicted.terms.items()})
         results[name] = row
+        partial = Path(args.out).with_suffix(".partial.json")  # what finished so far, if the run is cut short
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps({"size": size, "config": config, "settings": size_settings(args),
+                                       "runtime_baselines": baselines, "steps": results}, indent=2) + "\n",
+                           encoding="utf-8")
         ratio = f"{row['ratio']:.2f}" if "ratio" in row else "-"
         pred = f"{row['predicted_peak'] / 2**20:8.0f}" if "predicted_peak" in row else "       -"
         print(f"{name:20s} {row['wall_s']:8.1f} s  peak {row['peak_rss'] / 2**20:8.0f} MiB"
               f"  predicted {pred} MiB  ratio {ratio}", flush=True)
-    recommended = sum(results[s]["wall_s"] for s in ("score_damage", "refine", "compress_wanda", "export_optimum"))
-    plain = sum(results[s]["wall_s"] for s in ("score_fisher", "compress_uniform", "export_uniform"))
-    return {"config": config, "shape": shape.to_dict(), "steps": results,
-            "time": {"recommended_s": round(recommended, 1), "plain_s": round(plain, 1),
-                     "ratio": round(recommended / plain, 2)}}
+    return {"config": config, "shape": shape.to_dict(), "steps": results, "settings": size_settings(args),
+            "time": timing(results)}
+
+
+RECOMMENDED_STEPS = ("score_damage", "refine", "compress_wanda", "export_optimum")
+PLAIN_STEPS = ("score_fisher", "compress_uniform", "export_uniform")
+
+
+def timing(steps: dict[str, Any]) -> dict[str, Any] | None:
+    """Wall time of the recommended path against plain scoring + one uniform compress and export."""
+    if not all(s in steps for s in (*RECOMMENDED_STEPS, *PLAIN_STEPS)):
+        return None
+    recommended = sum(steps[s]["wall_s"] for s in RECOMMENDED_STEPS)
+    plain = sum(steps[s]["wall_s"] for s in PLAIN_STEPS)
+    return {"recommended_s": round(recommended, 1), "plain_s": round(plain, 1), "ratio": round(recommended / plain, 2)}
 
 
 def predicted_rows(sizes: dict[str, Any], settings: dict[str, Any], baselines: dict[str, int]) -> None:
@@ -197,10 +217,11 @@ def predicted_rows(sizes: dict[str, Any], settings: dict[str, Any], baselines: d
     whole peak, and of the part above the interpreter baseline (``model_ratio``)."""
     from cwca_export import memory_model as mm
 
-    run = mm.RunSettings(samples=settings["samples"], seq_len=settings["seq_len"],
-                         batch_size=settings["batch_size"], eval_tokens=8 * settings["seq_len"],
-                         damage_points=len(str(settings.get("damage_points", "0.3,0.5,0.7,0.9")).split(",")))
     for size in sizes.values():
+        own = size.setdefault("settings", settings)
+        run = mm.RunSettings(samples=own["samples"], seq_len=own["seq_len"], batch_size=own["batch_size"],
+                             eval_tokens=8 * own["seq_len"],
+                             damage_points=len(str(own.get("damage_points", "0.3,0.5,0.7,0.9")).split(",")))
         shape = mm.ModelShape.from_config(size["config"])
         size["shape"] = shape.to_dict()
         for name, row in size["steps"].items():
@@ -216,20 +237,46 @@ def predicted_rows(sizes: dict[str, Any], settings: dict[str, Any], baselines: d
                        terms={k: int(v) for k, v in predicted.terms.items()})
 
 
+def machine() -> dict[str, Any]:
+    import torch
+
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version()}
+
+
 def merge(files: list[str], out: Path) -> None:
     from cwca_export import memory_model as mm
+    from cwca_export.versions import library_versions
 
-    results = [json.loads(Path(f).read_text(encoding="utf-8")) for f in files]
+    results = []
+    for f in files:
+        result = json.loads(Path(f).read_text(encoding="utf-8"))
+        if "steps" in result:  # a .partial.json: one size, cut short
+            result = {"settings": result["settings"], "runtime_baselines": result.get("runtime_baselines"),
+                      "partial": True,
+                      "sizes": {result["size"]: {k: result[k] for k in ("config", "settings", "steps")}}}
+        results.append(result)
+    results.sort(key=lambda r: "partial" in r)  # a full result's machine and versions go first
     merged = dict(results[0])
     merged["sizes"] = {}
+    if "machine" not in merged:  # partial files only: they ran here
+        merged["machine"] = machine()
+        merged["versions"] = library_versions()
     for result in results:
-        if result["settings"] != merged["settings"]:
-            raise SystemExit(f"--merge: settings differ: {result['settings']} vs {merged['settings']}")
+        for data in result["sizes"].values():
+            data.setdefault("settings", result["settings"])
         merged["sizes"].update(result["sizes"])
+    for data in merged["sizes"].values():
+        data["time"] = timing(data["steps"])
+    merged.pop("settings", None)
     merged["commands"] = [r.get("command") for r in results]
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    merged["runtime_baselines"] = {key: baseline_rss(code, env) for key, code in BASELINE_IMPORTS.items()}
-    predicted_rows(merged["sizes"], merged["settings"], merged["runtime_baselines"])
+    known = [r["runtime_baselines"] for r in results if r.get("runtime_baselines")]
+    if known:  # machine constants: the first run's
+        merged["runtime_baselines"] = known[0]
+    else:
+        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        merged["runtime_baselines"] = {key: baseline_rss(code, env) for key, code in BASELINE_IMPORTS.items()}
+    predicted_rows(merged["sizes"], {}, merged["runtime_baselines"])
     merged["projection"] = mm.projection_table(merged["runtime_baselines"])
     out.write_text(json.dumps(merged, indent=2) + "\n", encoding="utf-8")
     print_table(merged)
@@ -239,9 +286,8 @@ def merge(files: list[str], out: Path) -> None:
 
 def print_table(result: dict[str, Any]) -> None:
     for size, data in result["sizes"].items():
-        print(f"\n== {size}: {data['config']['params'] / 1e6:.1f}M parameters;"
-              f" recommended {data['time']['recommended_s']} s, plain {data['time']['plain_s']} s,"
-              f" ratio {data['time']['ratio']}")
+        t = data.get("time") or {}
+        print(f"\n== {size}: {data['config']['params'] / 1e6:.1f}M parameters; time {t or 'incomplete'}")
         for name, row in data["steps"].items():
             pred = f"{row['predicted_peak'] / 2**20:7.0f}" if "predicted_peak" in row else "      -"
             ratio = f"{row['ratio']:.2f} / {row['model_ratio']:.2f}" if "ratio" in row else "-"
@@ -267,7 +313,9 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["", "| size | recommended path s | plain scoring + uniform compress + export s | ratio |",
               "|---|---|---|---|"]
     for size, data in result["sizes"].items():
-        t = data["time"]
+        t = data.get("time")
+        if not t:
+            continue
         lines.append(f"| {size} | {t['recommended_s']:.0f} | {t['plain_s']:.0f} | {t['ratio']:.2f} |")
     lines += ["", "| model | step | device GiB | host GiB | weights GiB | time units |", "|---|---|---|---|---|---|"]
     for row in result["projection"]:
@@ -295,7 +343,6 @@ def main() -> None:
         return
     args.quick = [s for s in args.quick.split(",") if s]
 
-    import torch
 
     from cwca_export import memory_model as mm
     from cwca_export.versions import library_versions
@@ -319,12 +366,9 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(work_root, ignore_errors=True)
     result = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "python": platform.python_version()},
+        "machine": machine(),
         "versions": library_versions(),
-        "settings": {"samples": args.samples, "seq_len": args.seq_len, "batch_size": args.batch_size,
-                     "damage_points": args.points,
-                     "sparsity": SPARSITY, "calibration": CALIB.name, "heldout": HELDOUT.name},
+        "settings": size_settings(args),
         "runtime_baselines": baselines,
         "sizes": sizes,
         "projection": mm.projection_table(baselines),

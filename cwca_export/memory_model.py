@@ -126,6 +126,7 @@ class RunSettings:
     refine_seq_len: int | None = None
     refine_batch: int = 8  # PlanLoss / refine forwards
     max_evals: int = 8
+    tune_plans: int = 5  # refine's candidate start plans (1 + 4 band widths; 2 with --no-tune)
     damage_points: int = 4
     max_cache: int | None = None  # score --max-cache
     probe_cache: int = DEFAULT_PROBE_CACHE  # refine --probe-cache
@@ -237,13 +238,15 @@ def score_fisher(shape: ModelShape, run: RunSettings, runtime: int = 0) -> StepC
 
 def refine(shape: ModelShape, run: RunSettings, runtime: int = 0) -> StepCost:
     """``refine`` of a pruning plan (``PlanLoss``): a dense copy of every block's Linear weights,
-    at most ``--probe-cache`` bytes of pruned block copies (at least one, at most every block
-    seen at each ratio), wanda's per-Linear input norms, and one whole-plan forward's logits."""
+    at most ``--probe-cache`` bytes of pruned block copies (at least one; at most one per
+    (block, ratio) seen: every block of each start plan tuned, two blocks per later exchange),
+    wanda's per-Linear input norms, and one whole-plan forward's logits."""
     s, L = shape.dtype_bytes, shape.blocks
     K = run.refine_samples or run.samples
     N = run.refine_seq_len or run.seq_len
     block = shape.block_linear_params * s
-    seen = L * run.max_evals  # at most one new (block, ratio) per block per measured plan
+    tuned = min(run.tune_plans, run.max_evals)
+    seen = L * tuned + 2 * max(0, run.max_evals - tuned)
     cached = min(max(1, run.probe_cache // block), seen) * block
     B = min(run.refine_batch, K)
     return StepCost("refine", device={
