@@ -257,9 +257,9 @@ def refine(shape: ModelShape, run: RunSettings, runtime: int = 0) -> StepCost:
 
 def compress(shape: ModelShape, run: RunSettings, method: str, runtime: int = 0) -> StepCost:
     """``compress --method M`` layer by layer: block 0's inputs for every batch (K x N x h x s,
-    overwritten by each block's outputs), one block's forward, the method's per-Linear work,
-    and the saved folder (safetensors serialises each tensor through a bytes copy: one more
-    copy of the weights on the host while writing)."""
+    overwritten by each block's outputs), one block's forward and the method's per-Linear work.
+    Saving (``save_pretrained``, safetensors) writes tensor by tensor: no second copy of the
+    weights (measured: the peak stays at the weights plus the terms above)."""
     s, K, N, B = shape.dtype_bytes, run.samples, run.seq_len, run.batch_size
     m, n = shape.largest_linear
     data_aware = method in {"wanda", "sparsegpt", "width", "asvd"}
@@ -287,8 +287,7 @@ def compress(shape: ModelShape, run: RunSettings, method: str, runtime: int = 0)
         device["block forward"] = block_activations(shape, B, N)
     device["method work"] = work
     units = (2.0 if data_aware else 0.0) + flops / forward_tokens_unit(shape, K * N)
-    return StepCost(f"compress_{method}", device=device, host={"safetensors copy": shape.weight_bytes},
-                    time_units=units, runtime=runtime)
+    return StepCost(f"compress_{method}", device=device, time_units=units, runtime=runtime)
 
 
 def export(shape: ModelShape, backend: str = "optimum", quantize: str | None = None,

@@ -84,7 +84,10 @@ def test_projection_shapes_are_the_published_parameter_counts():
 
 @needs_peak
 def test_damage_input_cache_matches_its_formula():
-    """Uncapped, the probes cache L x K x N x h x s bytes; capped at one block, one block's."""
+    """Uncapped, the probes cache L x K x N x h x s bytes; capped at one block, one block's.
+
+    Only block 0 is probed (one probe a run): the uncapped dense pass still caches the inputs
+    of blocks 0..L-1, the capped one block 0's alone."""
     from cwca_export.damage import measure_damage
 
     layers, hidden, samples, seq = 6, 128, 64, 128
@@ -92,14 +95,15 @@ def test_damage_input_cache_matches_its_formula():
                        num_attention_heads=2, num_key_value_heads=1)
     ids = torch.randint(0, model.config.vocab_size, (samples, seq), generator=torch.Generator().manual_seed(0))
     shape = mm.ModelShape.from_config(model.config.to_dict())
-    run = mm.RunSettings(samples=samples, seq_len=seq, batch_size=8, damage_points=1)
+    run = mm.RunSettings(samples=samples, seq_len=seq, batch_size=16, damage_points=1)
     per_block = samples * seq * hidden * 4
     one = mm.RunSettings(**{**run.to_dict(), "max_cache": per_block})
     predicted = mm.score_damage(shape, run).device["input cache"] - mm.score_damage(shape, one).device["input cache"]
     assert predicted == (layers - 1) * per_block  # 20 MiB
 
     def probes(cap):
-        return lambda: measure_damage(model, ids, method="magnitude", points=(0.5,), batch_size=8, max_cache=cap)
+        return lambda: measure_damage(model, ids, method="magnitude", points=(0.5,), batch_size=16, blocks=[0],
+                                      max_cache=cap)
 
     probes(None)()  # warm-up: first-call allocations are not the cache's
     capped = min(_peak_rss_during(probes(per_block)) for _ in range(2))
