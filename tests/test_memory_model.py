@@ -85,9 +85,7 @@ def test_projection_shapes_are_the_published_parameter_counts():
 @needs_peak
 def test_damage_input_cache_matches_its_formula():
     """Uncapped, the probes cache L x K x N x h x s bytes; capped at one block, one block's.
-
-    Only block 0 is probed (one probe a run): the uncapped dense pass still caches the inputs
-    of blocks 0..L-1, the capped one block 0's alone."""
+"""
     from cwca_export.damage import measure_damage
 
     layers, hidden, samples, seq = 6, 128, 64, 128
@@ -102,7 +100,7 @@ def test_damage_input_cache_matches_its_formula():
     assert predicted == (layers - 1) * per_block  # 20 MiB
 
     def probes(cap):
-        return lambda: measure_damage(model, ids, method="magnitude", points=(0.5,), batch_size=16, blocks=[0],
+        return lambda: measure_damage(model, ids, method="magnitude", points=(0.5,), batch_size=16,
                                       max_cache=cap)
 
     probes(None)()  # warm-up: first-call allocations are not the cache's
