@@ -1,0 +1,380 @@
+"""Predicted peak memory and relative time of every step of the recommended path.
+
+One formula per step, in the model's shape (P parameters, L blocks, hidden h, intermediate I,
+vocabulary V, bytes per element s) and the run's settings (K calibration sequences of N
+tokens, B per forward). docs/memory.md states the same formulas in words and cites this
+module; ``benchmarks/bench_scale.py`` compares them with measured peaks at three sizes and
+prints their projection to 7B and 70B. Nothing here imports torch: a projection for a model
+nobody has downloaded is arithmetic on its config.
+
+Every step's cost is a sum of named terms (bytes), each placed on the ``device`` (what must
+sit beside the model where its forwards run: a GPU's memory when there is one) or the
+``host``. On a CPU-only run both are host memory, and the measured peak resident size is
+``runtime + device + host``, ``runtime`` being what the interpreter holds after importing the
+step's libraries (a measured constant: about 0.4 GiB for torch + transformers).
+
+Time is in *forward units*: one forward of the whole model over the K x N calibration tokens
+(about 2 x P x K x N floating-point operations). Steps whose work does not scale with tokens
+(export, SVD) add a term in the same unit through the FLOPs they do. The units predict how
+steps compare and how they grow with the model; seconds per unit are the machine's.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+GIB = 1024**3
+DEFAULT_CHUNK_TOKENS = 256  # evaluate.DEFAULT_CHUNK_TOKENS (eval's float64 chunk)
+DEFAULT_PROBE_CACHE = 2 * GIB  # plan_probe.DEFAULT_CACHE_BYTES (refine --probe-cache)
+DAMAGE_LOGIT_CHUNK = 2**25  # damage._LOGIT_CHUNK: logits elements the reproduced tail holds at once
+
+# Measured constants (bench_scale.py, torch 2.x CPU, fp32), each explained where it is used.
+EXPORT_COPIES = {"optimum": 4.0, "onnx": 4.0}  # fp32 graph copies held by an export (see export())
+QUANT_COPIES = {None: 0.0, "int8": 1.0, "int4": 1.0}  # extra fp32 copy while quantizing (not yet measured)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the formulas read of a decoder-only model (a Llama-like config).
+
+    Attributes:
+        params: P, every parameter (embeddings and head once each when tied).
+        blocks: L decoder blocks; hidden: h; intermediate: I (MLP width);
+        vocab: V; heads / kv_heads: attention and key-value heads; head_dim: per head;
+        tied: input embedding and head share one matrix; dtype_bytes: s of the weights.
+    """
+
+    params: int
+    blocks: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool
+    dtype_bytes: int = 4
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], dtype_bytes: int = 4) -> ModelShape:
+        """From a config.json's fields (``hidden_size``, ``num_hidden_layers``, ...)."""
+        h, i = int(config["hidden_size"]), int(config["intermediate_size"])
+        v, L = int(config["vocab_size"]), int(config["num_hidden_layers"])
+        heads = int(config["num_attention_heads"])
+        kv = int(config.get("num_key_value_heads") or heads)
+        hd = int(config.get("head_dim") or h // heads)
+        tied = bool(config.get("tie_word_embeddings", True))
+        block = h * heads * hd * 2 + 2 * h * kv * hd + 3 * h * i + 2 * h
+        params = L * block + v * h * (1 if tied else 2) + h
+        return cls(params, L, h, i, v, heads, kv, hd, tied, dtype_bytes)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, dtype_bytes: int = 4) -> ModelShape:
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+        return cls.from_config(config, dtype_bytes)
+
+    @property
+    def block_linear_params(self) -> int:
+        """Weights of one block's Linears (q, k, v, o, gate, up, down)."""
+        h, kvd = self.hidden, self.kv_heads * self.head_dim
+        return 2 * h * self.heads * self.head_dim + 2 * h * kvd + 3 * h * self.intermediate
+
+    @property
+    def largest_linear(self) -> tuple[int, int]:
+        """(out, in) of the block's largest Linear (an MLP projection)."""
+        return (self.intermediate, self.hidden)
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.params * self.dtype_bytes
+
+    def with_dtype(self, dtype_bytes: int) -> ModelShape:
+        return ModelShape(**{**asdict(self), "dtype_bytes": dtype_bytes})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def llama_7b() -> ModelShape:
+    """Llama-2-7B's shape: 32 x 4096, intermediate 11008, 32 heads, 32k vocabulary, untied."""
+    return ModelShape.from_config(dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=11008,
+                                       vocab_size=32000, num_attention_heads=32, num_key_value_heads=32,
+                                       tie_word_embeddings=False), dtype_bytes=2)
+
+
+def llama_70b() -> ModelShape:
+    """Llama-2-70B's shape: 80 x 8192, intermediate 28672, GQA 64/8 heads, 32k vocabulary."""
+    return ModelShape.from_config(dict(hidden_size=8192, num_hidden_layers=80, intermediate_size=28672,
+                                       vocab_size=32000, num_attention_heads=64, num_key_value_heads=8,
+                                       tie_word_embeddings=False), dtype_bytes=2)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The run's sizes: K = ``samples`` sequences of N = ``seq_len`` tokens, B = ``batch_size``
+    per forward (score's damage, compress, eval), and the steps' own knobs at their CLI values."""
+
+    samples: int
+    seq_len: int
+    batch_size: int = 8
+    eval_tokens: int = 16384
+    eval_batch: int | None = None
+    refine_samples: int | None = None  # refine's K (default: samples)
+    refine_seq_len: int | None = None
+    refine_batch: int = 8  # PlanLoss / refine forwards
+    max_evals: int = 8
+    tune_plans: int = 5  # refine's candidate start plans (1 + 4 band widths; 2 with --no-tune)
+    damage_points: int = 4
+    max_cache: int | None = None  # score --max-cache
+    probe_cache: int = DEFAULT_PROBE_CACHE  # refine --probe-cache
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class StepCost:
+    """A step's predicted peak: ``terms`` (bytes) on ``device`` or ``host``, and its time."""
+
+    step: str
+    device: dict[str, float] = field(default_factory=dict)
+    host: dict[str, float] = field(default_factory=dict)
+    time_units: float = 0.0
+    runtime: int = 0  # the interpreter and its libraries (measured), counted in peak_bytes
+
+    @property
+    def device_bytes(self) -> int:
+        return int(sum(self.device.values()))
+
+    @property
+    def host_bytes(self) -> int:
+        return int(sum(self.host.values()))
+
+    @property
+    def peak_bytes(self) -> int:
+        """Peak resident bytes of a CPU-only run: runtime + device terms + host terms."""
+        return self.runtime + self.device_bytes + self.host_bytes
+
+    @property
+    def terms(self) -> dict[str, float]:
+        return {**{f"device:{k}": v for k, v in self.device.items()},
+                **{f"host:{k}": v for k, v in self.host.items()}}
+
+
+# ------------------------------------------------------------------ shared terms
+
+
+def forward_tokens_unit(shape: ModelShape, tokens: int) -> float:
+    """FLOPs of one forward over ``tokens`` tokens: 2 x (block weights + head) per token."""
+    return 2.0 * (shape.blocks * shape.block_linear_params + shape.vocab * shape.hidden) * tokens
+
+
+def block_activations(shape: ModelShape, batch: int, seq: int) -> float:
+    """Transient bytes of one block's forward without autograd (B x N tokens): the residual,
+    q / k / v / attention output (4 h), the MLP's gate, up and their product (3 I), and the
+    eager attention's scores and probabilities (2 x heads x N per token)."""
+    tokens = batch * seq
+    per_token = 4 * shape.hidden + 3 * shape.intermediate + 2 * shape.heads * seq
+    return float(tokens * per_token * shape.dtype_bytes)
+
+
+def saved_activations(shape: ModelShape, batch: int, seq: int) -> float:
+    """Bytes autograd keeps for a backward over all L blocks (B x N tokens): per block and
+    token the norms' inputs and outputs, q / k / v before and after rotary, the key-value
+    heads repeated to every head, attention output, o_proj's input and the residuals (about
+    13 h + 4 kv_heads x head_dim), gate / up / SiLU / product (4 I), scores and probabilities
+    (2 x heads x N)."""
+    kvd = shape.kv_heads * shape.head_dim
+    per_token = 13 * shape.hidden + 4 * kvd + 4 * shape.intermediate + 2 * shape.heads * seq
+    return float(shape.blocks * batch * seq * per_token * shape.dtype_bytes)
+
+
+def ce_logits(shape: ModelShape, batch: int, seq: int) -> float:
+    """A whole-batch cross-entropy: the logits (s), their float32 copy and its log-softmax."""
+    elements = batch * seq * shape.vocab
+    return float(elements * (shape.dtype_bytes + 4 + 4))
+
+
+# ------------------------------------------------------------------ steps
+
+
+def score_damage(shape: ModelShape, run: RunSettings, runtime: int = 0) -> StepCost:
+    """``score --method damage``: the dense pass caches every block's inputs (K x N x h x s per
+    block, L blocks, or at most ``--max-cache``), then each probe copies one block, compresses it
+    and runs it and the later blocks from the cache, then the tail's logits in row chunks."""
+    s, K, N, B, L = shape.dtype_bytes, run.samples, run.seq_len, run.batch_size, shape.blocks
+    per_block = K * N * shape.hidden * s
+    cached = L * per_block if run.max_cache is None else max(per_block, min(L * per_block, run.max_cache))
+    m, n = shape.largest_linear
+    rows = max(1, DAMAGE_LOGIT_CHUNK // max(1, N * shape.vocab))
+    probe = (shape.block_linear_params * s  # the probed copy
+             + 3 * m * n * 4  # wanda's score |W| x norm, its row sort values / indices
+             + block_activations(shape, B, N)
+             + ce_logits(shape, min(B, rows), N))
+    dense = ce_logits(shape, B, N) + block_activations(shape, B, N)
+    probes = run.damage_points * sum((L - k) / L for k in range(L))
+    windows = 1 if run.max_cache is None else -(-L * per_block // max(per_block, run.max_cache))
+    return StepCost("score_damage", device={"weights": shape.weight_bytes, "input cache": cached,
+                                            "probe or dense pass": max(probe, dense)},
+                    time_units=windows + 1 + probes, runtime=runtime)
+
+
+def score_fisher(shape: ModelShape, run: RunSettings, runtime: int = 0) -> StepCost:
+    """``score --method fisher`` (one sequence per backward): the gradient moments (sum and sum
+    of squares of every block weight's gradient, fp32), the activations autograd saves over
+    all blocks for N tokens, the logits' cross-entropy and its gradient, one weight's gradient."""
+    m, n = shape.largest_linear
+    moments = 2 * shape.blocks * shape.block_linear_params * 4
+    return StepCost("score_fisher", device={
+        "weights": shape.weight_bytes, "gradient moments": moments,
+        "saved activations": saved_activations(shape, 1, run.seq_len),
+        "logits and gradient": ce_logits(shape, 1, run.seq_len) + shape.vocab * run.seq_len * 4,
+        "one gradient": m * n * 4}, time_units=3.0, runtime=runtime)
+
+
+def refine(shape: ModelShape, run: RunSettings, runtime: int = 0) -> StepCost:
+    """``refine`` of a pruning plan (``PlanLoss``): a dense copy of every block's Linear weights,
+    at most ``--probe-cache`` bytes of pruned block copies (at least one; at most one per
+    (block, ratio) seen: every block of each start plan tuned, two blocks per later exchange),
+    wanda's per-Linear input norms, and one whole-plan forward's logits."""
+    s, L = shape.dtype_bytes, shape.blocks
+    K = run.refine_samples or run.samples
+    N = run.refine_seq_len or run.seq_len
+    block = shape.block_linear_params * s
+    tuned = min(run.tune_plans, run.max_evals)
+    seen = L * tuned + 2 * max(0, run.max_evals - tuned)
+    cached = min(max(1, run.probe_cache // block), seen) * block
+    B = min(run.refine_batch, K)
+    return StepCost("refine", device={
+        "weights": shape.weight_bytes, "dense block copies": L * block, "pruned block copies": cached,
+        "forward": ce_logits(shape, B, N) + block_activations(shape, B, N)},
+        time_units=(2 + run.max_evals) * (K * N) / (run.samples * run.seq_len), runtime=runtime)
+
+
+def compress(shape: ModelShape, run: RunSettings, method: str, runtime: int = 0) -> StepCost:
+    """``compress --method M`` layer by layer: block 0's inputs for every batch (K x N x h x s,
+    overwritten by each block's outputs), one block's forward and the method's per-Linear work.
+    Saving (``save_pretrained``, safetensors) writes tensor by tensor: no second copy of the
+    weights (measured: the peak stays at the weights plus the terms above)."""
+    s, K, N, B = shape.dtype_bytes, run.samples, run.seq_len, run.batch_size
+    m, n = shape.largest_linear
+    data_aware = method in {"wanda", "sparsegpt", "width", "asvd"}
+    device: dict[str, float] = {"weights": shape.weight_bytes}
+    work = {
+        "magnitude": 3 * m * n * 4,  # |W|, its sort values and indices
+        "wanda": 3 * m * n * 4,
+        "sparsegpt": 3 * max(m, n) ** 2 * 4 + 2 * m * n * 4,  # Gram, its inverse Cholesky, the update
+        "width": 3 * m * n * 4,
+        "lowrank": 3 * m * n * 4,  # U, S, V^T of the SVD and the product
+        "asvd": 3 * m * n * 4,
+    }[method]
+    flops = 0.0
+    if method in {"lowrank", "asvd"}:  # an SVD per Linear: about 4 m n min(m, n) flops
+        h, i = shape.hidden, shape.intermediate
+        hd = shape.heads * shape.head_dim
+        kvd = shape.kv_heads * shape.head_dim
+        dims = [(hd, h), (kvd, h), (kvd, h), (h, hd), (i, h), (i, h), (h, i)]
+        flops = shape.blocks * sum(4.0 * a * b * min(a, b) for a, b in dims)
+    if method == "sparsegpt":  # Cholesky and the column sweep: about n^3 + 2 m n^2 per Linear
+        h, i = shape.hidden, shape.intermediate
+        flops = shape.blocks * (6 * (h**3 + 2 * h * h * h) + (i**3 + 2 * h * i * i))
+    if data_aware:
+        device["block inputs"] = K * N * shape.hidden * s
+        device["block forward"] = block_activations(shape, B, N)
+    device["method work"] = work
+    units = (2.0 if data_aware else 0.0) + flops / forward_tokens_unit(shape, K * N)
+    return StepCost(f"compress_{method}", device=device, time_units=units, runtime=runtime)
+
+
+def export(shape: ModelShape, backend: str = "optimum", quantize: str | None = None,
+           runtime: int = 0, *, source_bytes: int | None = None) -> StepCost:
+    """``export``: the torch model (``source_bytes``, default P x s), then fp32 graph copies:
+    the traced ONNX proto, its initialisers written out, and the verifying ONNX Runtime session
+    (``EXPORT_COPIES``: 4, read off the measured peaks of bench_scale.py at 5M and 40M), and
+    with ``--quantize`` the quantizer's copy of the fp32 graph beside its output (``QUANT_COPIES``). Latency is measured
+    in a worker process of its own (one session; less than this peak). Time: a few passes over
+    the weights (tracing, serialisation, ORT's graph optimisation) and a few short forwards."""
+    weights = shape.weight_bytes if source_bytes is None else source_bytes
+    fp32 = shape.params * 4
+    copies = EXPORT_COPIES.get(backend, 4.0) + QUANT_COPIES.get(quantize, 1.0)
+    name = f"export_{backend}" + (f"_{quantize}" if quantize else "")
+    return StepCost(name, host={"torch model": weights, "fp32 graph copies": copies * fp32},
+                    time_units=0.0, runtime=runtime)
+
+
+def evaluate(shape: ModelShape, run: RunSettings, artifact: bool = False, runtime: int = 0) -> StepCost:
+    """``eval``: the model (torch weights, or an ONNX Runtime session of the fp32 artifact), one
+    batch's logits (B x N x V; ONNX Runtime returns float32), one forward, and the float64
+    chunk of ``chunk_tokens`` positions (2 copies in torch, 3 through NumPy)."""
+    B = run.eval_batch or run.batch_size
+    N, V, c = run.seq_len, shape.vocab, run.chunk_tokens
+    logits_s = 4 if artifact else shape.dtype_bytes
+    chunk = (3 if artifact else 2) * min(c, N) * V * 8
+    weights = shape.params * 4 if artifact else shape.weight_bytes
+    units = run.eval_tokens / (run.samples * run.seq_len)
+    return StepCost("eval_onnx" if artifact else "eval_torch", device={
+        "weights": weights, "logits": B * N * V * logits_s, "forward": block_activations(shape, B, N),
+        "float64 chunk": chunk}, time_units=units, runtime=runtime)
+
+
+# ------------------------------------------------------------------ dispatch and projection
+
+RECOMMENDED = ("score_damage", "refine", "compress_wanda", "export_optimum", "eval_onnx")
+
+
+def predict(step: str, shape: ModelShape, run: RunSettings, runtime: dict[str, int] | None = None) -> StepCost | None:
+    """The cost of a bench_scale step name (``compress_<method>``, ``export_<backend>[_<q>]``,
+    ...), with ``runtime`` {"torch": bytes, "onnx": bytes} as the measured interpreter baseline;
+    None for a step the model does not cover (plan: a few KB)."""
+    rt = runtime or {}
+    torch_rt, onnx_rt = int(rt.get("torch", 0)), int(rt.get("onnx", 0))
+    if step == "score_damage":
+        return score_damage(shape, run, torch_rt)
+    if step == "score_fisher":
+        return score_fisher(shape, run, torch_rt)
+    if step == "refine":
+        return refine(shape, run, torch_rt)
+    if step == "compress_uniform":
+        return compress(shape, run, "wanda", torch_rt)
+    if step.startswith("compress_"):
+        return compress(shape, run, step.removeprefix("compress_"), torch_rt)
+    if step == "export_uniform":
+        return export(shape, "optimum", None, onnx_rt)
+    if step.startswith("export_"):
+        parts = step.split("_")[1:]
+        return export(shape, parts[0], parts[1] if len(parts) > 1 else None, onnx_rt)
+    if step == "eval_torch":
+        return evaluate(shape, run, False, torch_rt)
+    if step == "eval_onnx":
+        return evaluate(shape, run, True, onnx_rt)
+    return None
+
+
+def projection_table(runtime: dict[str, int] | None = None, run: RunSettings | None = None) -> list[dict[str, Any]]:
+    """The recommended path's steps for Llama-2 7B and 70B shapes in bf16, calibration 128 x 2048
+    tokens (8 per forward), refine at 32 x 128; damage uncapped and with ``--max-cache`` 16 GiB.
+    ``device_bytes`` is what a GPU must hold; ``host_bytes`` what stays in host memory."""
+    run = run or RunSettings(samples=128, seq_len=2048, batch_size=8, eval_batch=1,
+                             refine_samples=32, refine_seq_len=128)
+    rows = []
+    for name, shape in (("7B", llama_7b()), ("70B", llama_70b())):
+        capped = RunSettings(**{**run.to_dict(), "max_cache": 16 * GIB})
+        costs = [score_damage(shape, run), score_damage(shape, capped), refine(shape, run),
+                 compress(shape, run, "wanda"), export(shape, "optimum", None), evaluate(shape, run, True)]
+        labels = ["score_damage", "score_damage 16G", "refine", "compress_wanda", "export_optimum", "eval_onnx"]
+        for label, cost in zip(labels, costs, strict=True):
+            if label.startswith("compress"):  # layer by layer: the model stays on the host, a block visits
+                device = cost.device_bytes - shape.weight_bytes + shape.block_linear_params * shape.dtype_bytes
+                host = cost.host_bytes + shape.weight_bytes
+            elif label.startswith(("export", "eval_onnx")):  # CPU steps in this tool (ORT CPU EP)
+                device, host = 0, cost.device_bytes + cost.host_bytes
+            else:
+                device, host = cost.device_bytes, cost.host_bytes
+            rows.append({"model": name, "dtype": "bf16", "step": label, "device_bytes": int(device),
+                         "host_bytes": int(host), "weight_bytes": shape.weight_bytes,
+                         "time_units": round(cost.time_units, 2)})
+    return rows

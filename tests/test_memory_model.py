@@ -1,0 +1,149 @@
+"""The memory model (cwca_export/memory_model.py) against measured peaks.
+
+The measurement is the process's peak resident size (VmHWM, reset through
+/proc/self/clear_refs), taken as a difference between two runs that differ in one term only,
+so everything else the process holds cancels: the damage probes' input cache (uncapped
+against ``max_cache`` of one block) and eval's logits (8 windows per forward against 1).
+A slow test runs bench_scale.py's smallest size end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import tiny_model
+
+from cwca_export import memory_model as mm
+
+ROOT = Path(__file__).resolve().parents[1]
+CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def _exact_malloc() -> None:
+    """glibc serves a freed size class from its heap next time (the mmap threshold follows the
+    largest freed block), so RSS would depend on allocation history; a fixed threshold returns
+    every large tensor's pages to the system on free, and RSS follows the live tensors."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed at its default, no dynamic growth
+    libc.malloc_trim(0)
+
+
+def _peak_rss_during(fn) -> int:
+    """Peak resident bytes while ``fn`` runs, above what the process held when it started."""
+    import gc
+
+    _exact_malloc()
+    gc.collect()
+    CLEAR_REFS.write_text("5")  # resets VmHWM to the current resident size
+    start = _status("VmRSS")
+    fn()
+    return _status("VmHWM") - start
+
+
+def _status(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def _clear_refs_works() -> bool:
+    try:
+        CLEAR_REFS.write_text("5")
+        return _status("VmHWM") > 0
+    except OSError:
+        return False
+
+
+needs_peak = pytest.mark.skipif(not _clear_refs_works(),
+                                reason="needs Linux /proc/self/clear_refs to reset the peak RSS")
+
+
+def test_shapes_count_the_parameters_transformers_builds():
+    model = tiny_model("llama", num_hidden_layers=3, hidden_size=96, intermediate_size=200,
+                       num_attention_heads=6, num_key_value_heads=2)
+    shape = mm.ModelShape.from_config(model.config.to_dict())
+    assert shape.params == sum(p.numel() for p in model.parameters())
+    block = model.model.layers[0]
+    linears = sum(m.weight.numel() for m in block.modules() if isinstance(m, torch.nn.Linear))
+    assert shape.block_linear_params == linears
+
+
+def test_projection_shapes_are_the_published_parameter_counts():
+    assert mm.llama_7b().params == pytest.approx(6.74e9, rel=0.005)  # Llama-2-7B: 6,738,415,616
+    assert mm.llama_70b().params == pytest.approx(68.98e9, rel=0.005)  # Llama-2-70B: 68,976,648,192
+
+
+@needs_peak
+def test_damage_input_cache_matches_its_formula():
+    """Uncapped, the probes cache L x K x N x h x s bytes; capped at one block, one block's.
+"""
+    from cwca_export.planning.damage import measure_damage
+
+    layers, hidden, samples, seq = 6, 128, 64, 128
+    model = tiny_model("llama", num_hidden_layers=layers, hidden_size=hidden, intermediate_size=32,
+                       num_attention_heads=2, num_key_value_heads=1)
+    ids = torch.randint(0, model.config.vocab_size, (samples, seq), generator=torch.Generator().manual_seed(0))
+    shape = mm.ModelShape.from_config(model.config.to_dict())
+    run = mm.RunSettings(samples=samples, seq_len=seq, batch_size=16, damage_points=1)
+    per_block = samples * seq * hidden * 4
+    one = mm.RunSettings(**{**run.to_dict(), "max_cache": per_block})
+    predicted = mm.score_damage(shape, run).device["input cache"] - mm.score_damage(shape, one).device["input cache"]
+    assert predicted == (layers - 1) * per_block  # 20 MiB
+
+    def probes(cap):
+        return lambda: measure_damage(model, ids, method="magnitude", points=(0.5,), batch_size=16,
+                                      max_cache=cap)
+
+    probes(None)()  # warm-up: first-call allocations are not the cache's
+    capped = min(_peak_rss_during(probes(per_block)) for _ in range(2))
+    full = min(_peak_rss_during(probes(None)) for _ in range(2))
+    assert full - capped == pytest.approx(predicted, rel=0.2), (full, capped, predicted)
+
+
+@needs_peak
+def test_eval_logits_peak_matches_its_formula():
+    """A forward of 8 windows holds 8 x N x V x 4 bytes of logits, one window N x V x 4."""
+    from cwca_export.evaluate import perplexity_from_logits, torch_logits_fn
+
+    vocab, seq = 32000, 128
+    model = tiny_model("llama", num_hidden_layers=1, hidden_size=32, intermediate_size=64,
+                       num_attention_heads=2, num_key_value_heads=1, vocab_size=vocab)
+    ids = np.random.default_rng(0).integers(0, vocab, 8 * seq)
+    shape = mm.ModelShape.from_config(model.config.to_dict())
+
+    def predicted(batch):
+        run = mm.RunSettings(samples=8, seq_len=seq, batch_size=batch, chunk_tokens=64)
+        return mm.evaluate(shape, run).device_bytes
+
+    def run(batch):
+        return lambda: perplexity_from_logits(torch_logits_fn(model), ids, seq_len=seq, batch_size=batch,
+                                              chunk_tokens=64)
+
+    run(1)()
+    small = min(_peak_rss_during(run(1)) for _ in range(2))
+    big = min(_peak_rss_during(run(8)) for _ in range(2))
+    want = predicted(8) - predicted(1)  # 7 x 128 x 32000 x 4 B = 109 MiB of logits, plus activations
+    assert big - small == pytest.approx(want, rel=0.2), (big, small, want)
+
+
+@pytest.mark.slow
+def test_bench_scale_smallest_size_is_within_its_goal(tmp_path):
+    out = tmp_path / "scale.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_scale.py"), "--sizes", "5m",
+                           "--quick", "5m", "--out", str(out)], capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    steps = result["sizes"]["5m"]["steps"]
+    assert {"score_damage", "refine", "compress_wanda", "export_optimum", "eval_onnx"} <= set(steps)
+    for name, row in steps.items():
+        if "ratio" in row:
+            assert 0.8 <= row["ratio"] <= 1.2, (name, row)
