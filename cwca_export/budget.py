@@ -121,7 +121,9 @@ class Budget:
         if self.max_memory is not None:
             checks.append(_limit("disk_bytes", disk_bytes, self.max_memory))
             if resident_bytes is None:
-                raise ValueError("max_memory needs the resident memory, which this OS does not report (Linux /proc)")
+                where = "the GPU's memory (nvidia-smi)" if self.ep == "cuda" else "the process's memory (Linux /proc)"
+                raise ValueError(f"--max-memory needs the resident memory, and {where} could not be read here;"
+                                 " hint: use --max-disk, or run where it can be read")
             checks.append(_limit("resident_bytes", resident_bytes, self.max_memory))
         if self.max_disk is not None:
             checks.append(_limit("disk_bytes", disk_bytes, self.max_disk))

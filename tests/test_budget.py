@@ -215,3 +215,10 @@ def test_search_ships_the_lowest_loss_candidate_measurement_proves_within_budget
     model_t, _ = knob.make(chosen["t"])
     with quantized_weights(model_t, {g: StorageFormat.parse(f) for g, f in (chosen["formats"] or {}).items()}):
         assert calibration_loss(model_t, ids) == pytest.approx(chosen["calib_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("ep, names", [("cpu", "/proc"), ("cuda", "nvidia-smi")])
+def test_max_memory_without_a_resident_reading_names_what_could_not_be_read(ep, names):
+    latency = {"decode": {"p50": 1.0}, "prefill": {"p50": 1.0}}
+    with pytest.raises(ValueError, match=rf"--max-memory needs the resident memory.*{names}.*--max-disk"):
+        Budget(max_memory=10, ep=ep).check(5, None, latency)
