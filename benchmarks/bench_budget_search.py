@@ -35,7 +35,7 @@ from cwca_export.exporter.api import export
 from cwca_export.loading import load_model
 from cwca_export.planning.plan import plan_by_rule
 from cwca_export.planning.precision import default_formats, measure_precision_damage
-from cwca_export.planning.rounding import clip_transform, moments_for
+from cwca_export.planning.rounding import clipper_for
 from cwca_export.scores import LayerScores
 from cwca_export.scoring import score
 from cwca_export.versions import library_versions
@@ -95,7 +95,7 @@ def main() -> None:
     plans = {"search": plan_by_rule(scores, 0.3, rule="damage", hi=0.9),
              "uniform": plan_by_rule(scores, 0.3, rule="band", band=0.0, hi=0.9)}
     began = time.perf_counter()
-    transform = clip_transform(moments_for(model, calib.input_ids)) if args.rounding == "clip" else None
+    transform = clipper_for(model, calib.input_ids) if args.rounding == "clip" else None
     table = measure_precision_damage(model, calib.input_ids, default_formats(model), transform=transform)
     table_seconds = time.perf_counter() - began
     workload = {"prompt_len": 32, "context": 128}

@@ -82,6 +82,7 @@ def test_projection_shapes_are_the_published_parameter_counts():
     assert mm.llama_70b().params == pytest.approx(68.98e9, rel=0.005)  # Llama-2-70B: 68,976,648,192
 
 
+@pytest.mark.slow  # peak RSS inside a long pytest process depends on what ran before
 @needs_peak
 def test_damage_input_cache_matches_its_formula():
     """Uncapped, the probes cache L x K x N x h x s bytes; capped at one block, one block's.
@@ -109,6 +110,7 @@ def test_damage_input_cache_matches_its_formula():
     assert full - capped == pytest.approx(predicted, rel=0.2), (full, capped, predicted)
 
 
+@pytest.mark.slow  # peak RSS inside a long pytest process depends on what ran before
 @needs_peak
 def test_eval_logits_peak_matches_its_formula():
     """A forward of 8 windows holds 8 x N x V x 4 bytes of logits, one window N x V x 4."""

@@ -12,7 +12,7 @@ from helpers import tiny_model
 
 import cwca_export
 from cwca_export.planning.precision import StorageFormat, fake_quantize, quantize_linear_
-from cwca_export.planning.rounding import CLIP_RATIOS, clip_weight, clipped_weights, moments_for
+from cwca_export.planning.rounding import CLIP_RATIOS, clip_weight, clipped_weights, clipper_for
 
 
 def _brute_force(w: torch.Tensor, fmt: StorageFormat, h: torch.Tensor):
@@ -78,7 +78,7 @@ def test_clipped_artifact_is_what_onnx_runtime_computes(tmp_path):
     rounding = art.manifest["postprocess"]["precision"]["rounding"]
     assert rounding["method"] == "clip" and min(rounding["mean_clip_ratio"].values()) < 1.0
 
-    moments = moments_for(model, ids)
+    moments = clipper_for(model, ids).moments
     clipped, plain = copy.deepcopy(model), copy.deepcopy(model)
     for work, clip in ((clipped, True), (plain, False)):
         for name, fmt in plan.items():
@@ -105,7 +105,7 @@ def test_clipped_weights_restores_the_model():
     model = tiny_model("llama", num_hidden_layers=2)
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with clipped_weights(model, {"model.layers.1": StorageFormat.parse("int4-b16")}, moments_for(model, ids)):
+    with clipped_weights(model, {"model.layers.1": StorageFormat.parse("int4-b16")}, clipper_for(model, ids)):
         changed = not torch.equal(before["model.layers.1.mlp.up_proj.weight"], model.model.layers[1].mlp.up_proj.weight)
         assert torch.equal(before["model.layers.0.mlp.up_proj.weight"], model.model.layers[0].mlp.up_proj.weight)
     assert changed
@@ -138,5 +138,26 @@ def test_clipping_lowers_the_shipped_models_held_out_loss_at_int4():
     with torch.no_grad():
         base = perplexity_from_logits(lambda x: model(input_ids=torch.from_numpy(x)).logits, ids).nll
     rtn = nll(contextlib.nullcontext())
-    clip = nll(clipped_weights(model, assignment, moments_for(model, train)))
+    clip = nll(clipped_weights(model, assignment, clipper_for(model, train)))
     assert 0 < clip - base < 0.85 * (rtn - base)
+
+
+def test_a_clipper_searches_each_linear_and_format_once(monkeypatch):
+    """Pricing many candidates that share a Linear's format searches its ratio grid once."""
+    import cwca_export.planning.rounding as rounding
+
+    model = tiny_model("llama", num_hidden_layers=2)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
+    clipper = clipper_for(model, ids)
+    calls = []
+    real = rounding.clip_weight
+    monkeypatch.setattr(rounding, "clip_weight", lambda *a, **k: calls.append(a[1].name) or real(*a, **k))
+    plan = {"model.layers.0": StorageFormat.parse("int4-b16")}
+    linears = sum(isinstance(m, torch.nn.Linear) for m in model.model.layers[0].modules())
+    for _ in range(3):
+        with clipped_weights(model, plan, clipper):
+            pass
+    assert calls == ["int4-b16"] * linears
+    with clipped_weights(model, {"model.layers.0": StorageFormat.parse("int4-b16-asym")}, clipper):
+        pass
+    assert len(calls) == 2 * linears

@@ -198,14 +198,14 @@ def export(
             )
         else:
             compressed = apply_plan(model, plan, method, **(compress_options or {})) if method else model
-            moments = None
+            clipper = None
             if settings.precision and rounding == "clip":
                 from cwca_export.exporter.search import calibration_ids
-                from cwca_export.planning.rounding import moments_for
+                from cwca_export.planning.rounding import clipper_for
 
                 ids, _ = calibration_ids(tokenizer, compress_options or {}, calibration, model.config.vocab_size)
-                moments = moments_for(compressed, ids)
-            candidate = build_candidate(compressed, tokenizer, staging.new_folder(), settings, moments)
+                clipper = clipper_for(compressed, ids)
+            candidate = build_candidate(compressed, tokenizer, staging.new_folder(), settings, clipper)
             search = None
         manifest = _manifest(candidate, plan, budget, search)
         write_json_atomic(candidate.folder / MANIFEST_NAME, manifest)

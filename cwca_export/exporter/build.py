@@ -18,7 +18,7 @@ from cwca_export.exporter.measure import MeasureConfig, file_inventory, measure_
 from cwca_export.exporter.predict import scheme_of, weight_bytes
 from cwca_export.exporter.session import DecoderSession, make_session
 from cwca_export.exporter.verify import VerificationError, check_generation, check_parity, sample_inputs
-from cwca_export.planning.rounding import ROUNDINGS, clipped_weights
+from cwca_export.planning.rounding import ROUNDINGS, Clipper, clipped_weights
 
 
 @dataclass(frozen=True)
@@ -221,21 +221,21 @@ def apply_precision(model: Any, src: Path, dst: Path, groups: dict[str, str]) ->
 
 
 def build_candidate(model: Any, tokenizer: Any, folder: Path, settings: ExportSettings,
-                    moments: dict[str, Any] | None = None) -> Candidate:
+                    clipper: Clipper | None = None) -> Candidate:
     """Export ``model`` into ``folder`` and prove it: fp32 parity and greedy tokens first, then
     the post-processed graph's parity at its dtype tolerance, then disk, memory and latency.
 
     With ``settings.rounding == "clip"`` and a precision plan, the weights are clipped for the
-    export and its checks (``moments``: the Linears' input moments,
-    :func:`cwca_export.planning.rounding.moments_for`) and restored after."""
+    export and its checks (``clipper``: :func:`cwca_export.planning.rounding.clipper_for`)
+    and restored after."""
     if not (settings.precision and settings.rounding == "clip"):
         return _build(model, tokenizer, folder, settings)
-    if moments is None:
+    if clipper is None:
         raise ValueError("rounding clip needs calibration statistics; hint: pass --data, or --rounding rtn")
     from cwca_export.planning.precision import StorageFormat
 
     assignment = {g: StorageFormat.parse(f) for g, f in settings.precision.items()}
-    with clipped_weights(model, assignment, moments) as ratios:
+    with clipped_weights(model, assignment, clipper) as ratios:
         candidate = _build(model, tokenizer, folder, settings)
     candidate.postprocess["precision"]["rounding"] = {"method": "clip", "mean_clip_ratio": ratios}
     return candidate

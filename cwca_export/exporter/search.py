@@ -215,16 +215,16 @@ class _Search:
         self.per_layer = True
         self.node_overhead = 0.0  # graph bytes each quantized weight node adds (scales' names, attributes)
         self.timings: dict[str, float] = {}
-        self.moments: dict[float, Any] = {}
+        self.clippers: dict[float, Any] = {}
         self.pricing = progress_bar(desc="search: pricing", unit="candidate", show=False)  # run() shows one
 
     # -------------------------------------------------------------- building
     def build(self, model: Any, settings: ExportSettings, option: _Option) -> tuple[Candidate | None, bool]:
         from cwca_export.exporter.verify import VerificationError
 
-        moments = self.moments_at(option.t, model) if settings.precision else None
+        clipper = self.clipper_at(option.t, model) if settings.precision else None
         try:
-            candidate = build_candidate(model, self.tokenizer, self.staging.new_folder(), settings, moments)
+            candidate = build_candidate(model, self.tokenizer, self.staging.new_folder(), settings, clipper)
         except VerificationError as exc:  # a candidate that fails verification is recorded, not fatal
             option.status = f"failed verification: {str(exc).split(';')[0]}"
             return None, False
@@ -367,22 +367,22 @@ class _Search:
         with self.rounded(model_t, option.t, assignment), quantized_weights(model_t, assignment):
             option.calib_loss = calibration_loss(model_t, self.calib, batch_size=8)
 
-    def moments_at(self, t: float, model_t: Any) -> dict[str, Any] | None:
-        """The calibration inputs' moments at structure level ``t`` (clip rounding only)."""
-        from cwca_export.planning.rounding import moments_for
+    def clipper_at(self, t: float, model_t: Any) -> Any:
+        """The clipping of structure level ``t`` (clip rounding only; None otherwise)."""
+        from cwca_export.planning.rounding import clipper_for
 
         if self.settings.rounding != "clip":
             return None
-        if t not in self.moments:
-            self.moments = {t: moments_for(model_t, self.calib)}  # one level at a time, as the knob
-        return self.moments[t]
+        if t not in self.clippers:
+            self.clippers = {t: clipper_for(model_t, self.calib)}  # one level at a time, as the knob
+        return self.clippers[t]
 
     def rounded(self, model_t: Any, t: float, assignment: dict[str, Any]) -> Any:
         """The weights of ``model_t`` as the settings' rounding exports them, for pricing."""
         from cwca_export.planning.rounding import clipped_weights
 
-        moments = self.moments_at(t, model_t)
-        return contextlib.nullcontext() if moments is None else clipped_weights(model_t, assignment, moments)
+        clipper = self.clipper_at(t, model_t)
+        return contextlib.nullcontext() if clipper is None else clipped_weights(model_t, assignment, clipper)
 
     # -------------------------------------------------------------- the search
     def run(self, ref: Candidate) -> tuple[Candidate | None, _Option | None]:
@@ -603,7 +603,6 @@ def fit_budget(
         ``(candidate, search record for the manifest, plan of the chosen candidate)``.
     """
     from cwca_export.planning.precision import fisher_precision_estimate, measure_precision_damage
-    from cwca_export.planning.rounding import clip_transform
 
     if estimator not in ("measured", "fisher"):
         raise ValueError(f"precision estimator {estimator!r}: choose measured or fisher; hint: --precision-estimate")
@@ -629,8 +628,7 @@ def fit_budget(
         return reference, search.record(reference_option), plan
     if names is not None:
         t0 = time.perf_counter()
-        moments = search.moments_at(0.0, model)
-        transform = None if moments is None else clip_transform(moments)
+        transform = search.clipper_at(0.0, model)
         if precision_damage is not None:
             search.table = precision_damage
         elif estimator == "fisher":

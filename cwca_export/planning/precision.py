@@ -440,7 +440,7 @@ def measure_precision_damage(
     the rest of the model from its cached inputs, :func:`cwca_export.planning.damage.probe_blocks`);
     the embedding and the head cost one full forward per format. ``transform`` changes each
     Linear's weight before it is quantized (data-aware rounding,
-    :func:`cwca_export.planning.rounding.clip_transform`); it does not apply to embedding tables.
+    :class:`cwca_export.planning.rounding.Clipper`); it does not apply to embedding tables.
     """
     from cwca_export.planning.damage import calibration_loss, probe_blocks
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from cwca_export.planning.precision import StorageFormat, fake_quantize, precision_groups
+from cwca_export.scoring.accumulators import accumulate_input_norms, make_empty_input_norms
 
 CLIP_RATIOS = tuple(round(1.0 - 0.025 * i, 3) for i in range(21))  # 1.0 (plain RTN) down to 0.5
 ROUNDINGS = ("rtn", "clip")
@@ -41,29 +42,25 @@ def clippable(fmt: StorageFormat) -> bool:
 def input_moments(
     model: nn.Module, input_ids: Any, paths: Iterable[str], *, batch_size: int = 8
 ) -> dict[str, torch.Tensor]:
-    """Mean squared input per feature, E[x_j^2], of each Linear in ``paths`` over ``input_ids``."""
+    """Sum over calibration tokens of each input feature's square, sum_t x_tj^2, of each Linear in
+    ``paths`` (the clip objective is unchanged by scaling, so sums serve as E[x_j^2])."""
     ids = torch.as_tensor(getattr(input_ids, "input_ids", input_ids))
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    handles = []
+    device = next(model.parameters()).device
+    sums = {p: make_empty_input_norms(model.get_submodule(p).in_features, device) for p in dict.fromkeys(paths)}
 
     def hook(path: str):
         def record(_m: nn.Module, args: tuple) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            sums[path] = sums.get(path, 0) + (x * x).sum(0)
-            counts[path] = counts.get(path, 0) + x.shape[0]
+            accumulate_input_norms(sums[path], args[0].detach().reshape(-1, args[0].shape[-1]).float())
         return record
 
-    for path in dict.fromkeys(paths):
-        handles.append(model.get_submodule(path).register_forward_pre_hook(hook(path)))
-    device = next(model.parameters()).device
+    handles = [model.get_submodule(p).register_forward_pre_hook(hook(p)) for p in sums]
     try:
         for batch in ids.split(batch_size):
             model(input_ids=batch.to(device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    return {p: (sums[p] / counts[p]).cpu() for p in sums}
+    return {p: v.cpu() for p, v in sums.items()}
 
 
 @torch.no_grad()
@@ -133,19 +130,17 @@ def clip_targets(model: nn.Module, assignment: dict[str, StorageFormat]) -> dict
 
 @contextlib.contextmanager
 def clipped_weights(model: nn.Module, assignment: dict[str, StorageFormat],
-                    moments: dict[str, torch.Tensor]) -> Iterator[dict[str, float]]:
-    """``model`` with the weights of ``assignment``'s integer formats clipped
-    (:func:`clip_weight`), restored after; yields the mean ratio chosen per group."""
+                    clipper: Clipper) -> Iterator[dict[str, float]]:
+    """``model`` with the weights of ``assignment``'s integer formats clipped by ``clipper``,
+    restored after; yields the mean ratio chosen per group."""
     saved: list[tuple[nn.Parameter, torch.Tensor]] = []
     ratios: dict[str, list[float]] = {}
     group_of = {path: g.name for g in precision_groups(model) for path in g.modules}
     try:
         with torch.no_grad():
             for path, fmt in clip_targets(model, assignment).items():
-                if path not in moments:
-                    raise ValueError(f"no calibration statistics for {path}; hint: pass --data or --rounding rtn")
                 linear = model.get_submodule(path)
-                clipped, chosen = clip_weight(linear.weight, fmt, moments[path])
+                clipped, chosen = clipper.clip(path, linear.weight, fmt)
                 saved.append((linear.weight, linear.weight.detach().clone()))
                 linear.weight.copy_(clipped)
                 ratios.setdefault(group_of[path], []).append(float(chosen.mean()))
@@ -156,16 +151,33 @@ def clipped_weights(model: nn.Module, assignment: dict[str, StorageFormat],
                 param.copy_(original)
 
 
-def moments_for(model: nn.Module, input_ids: Any, *, batch_size: int = 8) -> dict[str, torch.Tensor]:
-    """The input moments of every Linear clipping may touch (blocks and the head)."""
+class Clipper:
+    """Clipping with one set of input moments, each (Linear, format) searched once.
+
+    A search prices many candidates that share a Linear's format; the ratio grid is searched
+    the first time and reused after. Bound to the weights it first sees: make a new one when
+    the model changes (another structure level). Called as a
+    :data:`cwca_export.planning.precision.WeightTransform`.
+    """
+
+    def __init__(self, moments: dict[str, torch.Tensor]) -> None:
+        self.moments = moments
+        self._done: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def clip(self, path: str, weight: torch.Tensor, fmt: StorageFormat) -> tuple[torch.Tensor, torch.Tensor]:
+        """``clip_weight`` of the Linear at ``path`` (cached): the clipped weight and its ratios."""
+        key = (path, fmt.name)
+        if key not in self._done:
+            if path not in self.moments:
+                raise ValueError(f"no calibration statistics for {path}; hint: pass --data or --rounding rtn")
+            self._done[key] = clip_weight(weight, fmt, self.moments[path])
+        return self._done[key]
+
+    def __call__(self, path: str, weight: torch.Tensor, fmt: StorageFormat) -> torch.Tensor:
+        return self.clip(path, weight, fmt)[0] if clippable(fmt) else weight
+
+
+def clipper_for(model: nn.Module, input_ids: Any, *, batch_size: int = 8) -> Clipper:
+    """A :class:`Clipper` with the input moments of every Linear clipping may touch (blocks, head)."""
     paths = [p for g in precision_groups(model) if g.kind in ("block", "head") for p in g.modules]
-    return input_moments(model, input_ids, paths, batch_size=batch_size)
-
-
-def clip_transform(moments: dict[str, torch.Tensor]):
-    """A :data:`cwca_export.planning.precision.WeightTransform` that clips with ``moments``."""
-
-    def transform(path: str, weight: torch.Tensor, fmt: StorageFormat) -> torch.Tensor:
-        return clip_weight(weight, fmt, moments[path])[0] if clippable(fmt) else weight
-
-    return transform
+    return Clipper(input_moments(model, input_ids, paths, batch_size=batch_size))
