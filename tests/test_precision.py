@@ -270,3 +270,47 @@ def test_fisher_estimate_against_autograd_per_sequence():
     expected = sum(_fisher_error(model, ids, path, fmt) for path in block.modules)  # a block sums its Linears
     assert est.damage[0][0] == 0.0
     assert est.damage[0][1] == pytest.approx(expected, rel=1e-4)
+
+
+def _brute_limited(table, budget, limits):
+    """Every assignment (tied or embed/head variants alike): least damage meeting all rows."""
+    best = None
+    indices = range(len(table.groups))
+    for combo in itertools.product(*[range(len(table.formats)) for _ in indices]):
+        if any(table.bytes[g][f] is None for g, f in zip(indices, combo, strict=True)):
+            continue
+        if sum(table.bytes[g][f] for g, f in zip(indices, combo, strict=True)) > budget:
+            continue
+        if any(sum(c[g][f] for g, f in zip(indices, combo, strict=True)) > cap for c, cap in limits):
+            continue
+        total = sum(table.damage[g][f] for g, f in zip(indices, combo, strict=True))
+        if best is None or total < best:
+            best = total
+    return best
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_solver_with_latency_rows_matches_brute_force(seed):
+    """Byte budget plus one or two latency rows (costs of either sign): the 0/1 program's damage
+    equals exhaustive enumeration, and the plan meets every row."""
+    rng = np.random.default_rng(100 + seed)
+    formats = ["fp32", "int8", "int4-b128", "int4-b32"]
+    groups = [f"g{i}" for i in range(5)]
+    bytes_ = [[int(v) for v in sorted(rng.integers(10, 400, 4), reverse=True)] for _ in groups]
+    damage = [[0.0, *sorted(rng.random(3) * rng.random())] for _ in groups]
+    table = PrecisionDamage(groups, formats, damage, bytes_, 3.0)
+    rows = [[list(rng.normal(0.0, 1.0, 4)) for _ in groups] for _ in range(1 + seed % 2)]
+    least = sum(min(r) for r in bytes_)
+    budget = float(rng.uniform(least, sum(max(r) for r in bytes_)))
+    limits = [(r, float(rng.uniform(-1.0, 2.0))) for r in rows]
+    expected = _brute_limited(table, budget, limits)
+    if expected is None:
+        with pytest.raises(ValueError, match="--max-latency-ms"):
+            solve_precision(table, budget, limits=limits)
+        return
+    plan = solve_precision(table, budget, limits=limits)
+    chosen = [formats.index(plan.formats[g]) for g in groups]
+    assert plan.weight_bytes <= budget
+    for r, cap in limits:
+        assert sum(r[g][f] for g, f in enumerate(chosen)) <= cap + 1e-9
+    assert plan.predicted_damage == pytest.approx(expected, abs=1e-9)

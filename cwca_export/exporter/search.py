@@ -1,6 +1,6 @@
 """Fitting a budget: the lowest-loss artifact that measurement proves within every limit.
 
-One search per budget (docs/design.md 6):
+One search per budget (docs/design.md 3.4, 5.2):
 
 1. the model as given is built and measured (the reference); if it meets the budget it ships;
 2. candidates are (structure level) x (precision plan). Structure levels t in [0, 1] move the
@@ -13,9 +13,14 @@ One search per budget (docs/design.md 6):
    when predicted to fit, by its measured calibration loss (the whole candidate computed in
    torch exactly as ONNX Runtime will store it);
 4. finalists, lowest loss first, are built and measured (disk, resident memory, latency); the
-   first that meets every limit ships. A finalist over the latency limit rules out the untried
-   ones that are not at least 10% smaller. The manifest records every candidate and why the
+   first that meets every limit ships. The manifest records every candidate and why the
    winner won.
+
+With a latency limit and planned storage, each candidate's latency is predicted from the
+per-group latency table (:mod:`cwca_export.exporter.latency_table`): candidates predicted over
+a limit are not built, and the precision program is solved with the latency rows too. With
+fixed storage, a finalist over the latency limit rules out the untried ones that are not at
+least 10% smaller.
 
 With ``--quantize`` fixed, or an fp16 artifact, the storage is not searched: candidates are the
 structure levels in that storage, priced by the structured model's calibration loss.
@@ -34,6 +39,7 @@ import numpy as np
 
 from cwca_export.budget import Budget, format_size
 from cwca_export.exporter.build import Candidate, ExportSettings, build_candidate
+from cwca_export.exporter.latency_table import LatencyModel, LatencyTimer
 from cwca_export.progress import bar as progress_bar
 
 MAX_BUILDS = 6  # artifacts built and measured after the reference
@@ -141,6 +147,7 @@ class _Option:
     weight_bytes: int = 0
     calib_loss: float | None = None
     predicted_damage: float | None = None
+    predicted_ms: dict[str, float] | None = None  # decode / prefill p50, from the latency table
     status: str = "priced"
     measured: dict[str, Any] | None = None
     met: bool | None = None
@@ -149,7 +156,8 @@ class _Option:
         return {
             "t": self.t, "target": self.target, "storage": self.label, "formats": self.formats,
             "predicted": {"disk_bytes": self.predicted_disk, "resident_bytes": self.predicted_resident,
-                          "weight_bytes": self.weight_bytes, "damage_sum": self.predicted_damage},
+                          "weight_bytes": self.weight_bytes, "damage_sum": self.predicted_damage,
+                          **({f"{k}_p50_ms": v for k, v in self.predicted_ms.items()} if self.predicted_ms else {})},
             "calib_loss": self.calib_loss, "status": self.status, "measured": self.measured, "met": self.met,
         }
 
@@ -216,6 +224,7 @@ class _Search:
         self.node_overhead = 0.0  # graph bytes each quantized weight node adds (scales' names, attributes)
         self.timings: dict[str, float] = {}
         self.clippers: dict[float, Any] = {}
+        self.latency: Any = None  # a LatencyModel when the budget limits latency and storage is planned
         self.pricing = progress_bar(desc="search: pricing", unit="candidate", show=False)  # run() shows one
 
     # -------------------------------------------------------------- building
@@ -285,12 +294,18 @@ class _Search:
         cap = self.memory_cap()
         full = artifact_weight_bytes(model_t, {})
         caps = [cap * s for s in (0.995, 0.9, 0.8)] if np.isfinite(cap) else [full * s for s in (0.4, 0.25, 0.18, 0.14)]
+        limits = self.latency_limits()
+        rows = self.latency.rows(model_t, limits, table.groups, table.formats) if self.latency and limits else []
         for c in caps if self.per_layer else ():
-            try:
-                solved = solve_precision(table, c - fp32_overhead - side - others)
-            except ValueError:
-                continue
-            plans[f"planned for {format_size(c)}"] = solved.formats
+            for label, extra in ((f"planned for {format_size(c)}", []),
+                                 (f"planned for {format_size(c)} within the latency limits", rows)):
+                if label.endswith("limits") and not extra:
+                    continue
+                try:
+                    solved = solve_precision(table, c - fp32_overhead - side - others, limits=extra)
+                except ValueError:
+                    continue
+                plans[label] = solved.formats
         options, seen = [], set()
         for label, formats in plans.items():
             formats = {g: f for g, f in formats.items() if f != "fp32"}
@@ -302,9 +317,13 @@ class _Search:
             damage = sum(table.damage[table.groups.index(g)][table.formats.index(f)] for g, f in formats.items())
             graph = overhead + weights if not formats else (
                 fp32_overhead + weights + self.node_overhead * sum(nodes[g] for g in formats))
+            predicted_ms = self.latency.predict(model_t, formats) if self.latency else None
             options.append(_Option(t, target, label, formats or None, int(graph) + side,
-                                   weight_bytes=weights, predicted_damage=float(damage)))
+                                   weight_bytes=weights, predicted_damage=float(damage), predicted_ms=predicted_ms))
         return options
+
+    def latency_limits(self) -> dict[str, float | None]:
+        return {"decode": self.budget.max_latency_ms, "prefill": self.budget.max_prefill_ms}
 
     def calibrate_node_overhead(self, ref: Candidate) -> None:
         """Graph bytes per quantized node beyond the weights, from quantizing the reference's
@@ -354,7 +373,15 @@ class _Search:
             worst = max(option.predicted_disk, option.predicted_resident or 0)
             if worst > b.max_memory * 1.05:  # resident is a model: keep near misses for measurement
                 return False
-        return True
+        return not self.over_latency_predicted(option)
+
+    def over_latency_predicted(self, option: _Option) -> bool:
+        """Whether the latency table puts ``option`` over a latency limit (5% over: near misses
+        are measured, the table being a model)."""
+        if option.predicted_ms is None:
+            return False
+        return any(limit is not None and option.predicted_ms[phase] > limit * 1.05
+                   for phase, limit in self.latency_limits().items())
 
     def price(self, option: _Option, model_t: Any, structure_loss: float) -> None:
         from cwca_export.planning.damage import calibration_loss
@@ -419,7 +446,7 @@ class _Search:
             if option.t == 0.0 and not option.formats:
                 option.status = "the model as given: built first (the reference), over the budget"
                 continue
-            if latency_ceiling is not None and option.predicted_disk > latency_ceiling:
+            if self.latency is None and latency_ceiling is not None and option.predicted_disk > latency_ceiling:
                 option.status = "not built: not 10% smaller than a candidate over the latency limit"
                 continue
             if builds >= MAX_BUILDS:
@@ -431,8 +458,12 @@ class _Search:
             builds += 1
             model_t, _ = self.knob.make(option.t) if (self.knob is not None and option.t) else (self.model, None)
             settings = dataclasses.replace(self.settings, precision=option.formats) if option.formats else self.settings
+            raw = self.latency.raw(model_t, option.formats or {}) if self.latency else None
             candidate, ok = self.build(model_t, settings, option)
             builds_bar.update()
+            if raw is not None and option.measured:
+                self.latency.observe(raw, {"decode": option.measured["decode_p50_ms"],
+                                           "prefill": option.measured["prefill_p50_ms"]})
             if ok:
                 for other in priced:
                     if other.status == "priced":
@@ -470,7 +501,8 @@ class _Search:
         for option in options:
             self.options.append(option)
             if option not in fits:
-                option.status = "predicted over the memory limits"
+                option.status = ("predicted over the latency limits" if self.over_latency_predicted(option)
+                                 else "predicted over the memory limits")
                 continue
             uniform = not option.label.startswith("planned")  # one storage for every level
             if skip is not None and uniform and option.label in skip:
@@ -504,6 +536,9 @@ class _Search:
             "calibration_tokens": int(self.calib.shape[0] * self.calib.shape[1]),
             "rounding": self.settings.rounding,
             "precision_damage": None if self.table is None else self.table.to_dict(),
+            "latency_table": None if self.latency is None else {
+                "reference": self.latency.reference.to_dict(), "reference_ms": self.latency.reference_ms,
+                "errors_ms": self.latency.errors, "seconds": round(self.latency.timer.seconds, 2)},
             "candidates": [o.record() for o in options],
             "trials": self.trials,
             "chosen": None if chosen is None else chosen.record(),
@@ -637,6 +672,12 @@ def fit_budget(
             search.table = measure_precision_damage(model, calib, names, batch_size=8, transform=transform)
         search.calibrate_node_overhead(reference)
         search.timings["precision_damage_s"] = round(time.perf_counter() - t0, 2)
+        if budget.max_latency_ms is not None or budget.max_prefill_ms is not None:
+            t0 = time.perf_counter()
+            measured = _measured(reference)
+            search.latency = LatencyModel(LatencyTimer(settings.measure, names), model,
+                                          {"decode": measured["decode_p50_ms"], "prefill": measured["prefill_p50_ms"]})
+            search.timings["latency_table_s"] = round(time.perf_counter() - t0, 2)
     chosen_candidate, chosen = search.run(reference)
     search.timings["total_s"] = round(time.perf_counter() - began, 2)
     shutil.rmtree(reference.folder, ignore_errors=True)

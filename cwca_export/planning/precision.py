@@ -604,7 +604,8 @@ class PrecisionPlan:
 
 
 def solve_precision(
-    damage: PrecisionDamage, budget_bytes: float, *, allowed: Sequence[str] | None = None
+    damage: PrecisionDamage, budget_bytes: float, *, allowed: Sequence[str] | None = None,
+    limits: Sequence[tuple[Sequence[Sequence[float | None]], float]] = (),
 ) -> PrecisionPlan:
     """Least total damage with the groups' weight bytes <= ``budget_bytes``, one format each.
 
@@ -612,11 +613,19 @@ def solve_precision(
     another option of the same group beats in both bytes and damage are dropped, the rest go
     to the branch-and-bound of :func:`cwca_export.planning.rank_plans.solve_unit_options`.
 
+    ``limits``: more additive constraints, each ``(cost[g][f], cap)`` with the chosen formats'
+    costs summing to at most ``cap`` (per-group latency in ms from
+    :class:`cwca_export.exporter.latency_table.LatencyTable`: costs may be negative). With
+    them the program is a multiple-choice knapsack with several rows, solved exactly as a
+    0/1 integer program by HiGHS (:func:`scipy.optimize.milp`).
+
     Raises:
-        ValueError: not even the smallest format of every group fits.
+        ValueError: not even the smallest format of every group fits, or no choice meets the limits.
     """
     keep = set(allowed) if allowed is not None else set(damage.formats)
     names = damage.groups
+    if limits:
+        return _solve_with_limits(damage, budget_bytes, keep, limits)
     if "tied" not in names:
         return _solve_groups(damage, list(range(len(names))), budget_bytes, keep)
     # a tied embedding: the head reads the shared table ("tied"), or both are groups of their own
@@ -631,6 +640,54 @@ def solve_precision(
     if not solved:
         raise errors[-1]
     return min(solved, key=lambda p: (p.predicted_damage, p.weight_bytes))
+
+
+def _solve_with_limits(damage: PrecisionDamage, budget_bytes: float, keep: set[str],
+                       limits: Sequence[tuple[Sequence[Sequence[float | None]], float]]) -> PrecisionPlan:
+    """:func:`solve_precision` with extra additive rows: a 0/1 program, one variable per
+    (group, format), each of the variants (``tied``, or ``embed`` and ``head``) solved alone."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    names = damage.groups
+    variants = [list(range(len(names)))]
+    if "tied" in names:
+        variants = [[g for g, n in enumerate(names) if n != "tied"],
+                    [g for g, n in enumerate(names) if n not in ("embed", "head")]]
+    best: PrecisionPlan | None = None
+    for indices in variants:
+        columns = [(g, f) for g in indices for f, fmt in enumerate(damage.formats)
+                   if (fmt in keep or fmt == "fp32") and damage.bytes[g][f] is not None
+                   and damage.damage[g][f] is not None and all(c[g][f] is not None for c, _ in limits)]
+        if {g for g, _ in columns} != set(indices):
+            continue
+        n = len(columns)
+        one_each = np.zeros((len(indices), n))
+        for j, (g, _) in enumerate(columns):
+            one_each[indices.index(g), j] = 1.0
+        rows = [np.array([float(damage.bytes[g][f]) for g, f in columns])]
+        caps = [float(budget_bytes)]
+        for costs, cap in limits:
+            rows.append(np.array([float(costs[g][f]) for g, f in columns]))
+            caps.append(float(cap))
+        result = milp(
+            c=np.array([float(damage.damage[g][f]) for g, f in columns]),
+            constraints=[LinearConstraint(one_each, 1.0, 1.0), LinearConstraint(np.vstack(rows), -np.inf, caps)],
+            integrality=np.ones(n), bounds=Bounds(0.0, 1.0),
+        )
+        if result.x is None:
+            continue
+        chosen = [columns[j] for j in np.flatnonzero(result.x > 0.5)]
+        plan = PrecisionPlan({names[g]: damage.formats[f] for g, f in chosen},
+                             int(sum(damage.bytes[g][f] for g, f in chosen)),
+                             float(sum(damage.damage[g][f] for g, f in chosen)), int(budget_bytes), True)
+        if best is None or (plan.predicted_damage, plan.weight_bytes) < (best.predicted_damage, best.weight_bytes):
+            best = plan
+    if best is None:
+        raise ValueError(
+            f"no storage plan fits {int(budget_bytes)} weight bytes within the latency limits; hint: raise"
+            " --max-memory or --max-latency-ms, or compress structure further (--plan with --method width)"
+        )
+    return best
 
 
 def _solve_groups(damage: PrecisionDamage, indices: list[int], budget_bytes: float, keep: set[str]) -> PrecisionPlan:
