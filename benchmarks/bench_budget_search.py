@@ -80,6 +80,10 @@ def main() -> None:
                     help="budgets at which the uniform baseline runs (below every peer's smallest artifact)")
     ap.add_argument("--latency-factor", type=float, default=1.5,
                     help="also a budget of 0.2x bytes and this many times the dense decode p50 (0: none)")
+    ap.add_argument("--int8-latency", default="",
+                    help="budgets (e.g. 0.3) that also get a decode limit equal to plain int8's decode p50,"
+                         " its artifact (export --quantize int8) built and measured in the same run")
+    ap.add_argument("--runs", type=int, default=10, help="timed runs per latency measurement, every artifact")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -99,7 +103,8 @@ def main() -> None:
     table = measure_precision_damage(model, calib.input_ids, default_formats(model), transform=transform)
     table_seconds = time.perf_counter() - began
     workload = {"prompt_len": 32, "context": 128}
-    dense = export(model, None, args.work / "dense", tokenizer=tok, budget=Budget(**workload), overwrite=True)
+    dense = export(model, None, args.work / "dense", tokenizer=tok, budget=Budget(**workload), overwrite=True,
+                   runs=args.runs)
     dense_graph = sum(f["bytes"] for f in dense.manifest["files"] if f["path"].startswith("model.onnx"))
     side = dense.disk_bytes - dense_graph  # config and tokenizer files, the same in every artifact
     results = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
@@ -112,6 +117,12 @@ def main() -> None:
     budgets = [(f"{float(b):g}", float(b), None) for b in args.budgets.split(",")]
     if args.latency_factor:
         budgets.append((f"0.2+latency{args.latency_factor:g}x", 0.2, args.latency_factor * dense_decode))
+    if args.int8_latency:
+        peer = export(model, None, args.work / "int8-peer", tokenizer=tok, budget=Budget(**workload),
+                      quantize="int8", overwrite=True, runs=args.runs)
+        results["int8_peer"] = row(peer, args.max_tokens, 0.0)
+        peer_decode = peer.latency_ms["decode"]["p50"]
+        budgets += [(f"{float(b):g}+int8-latency", float(b), peer_decode) for b in args.int8_latency.split(",")]
     for name, fraction, latency in budgets:
         limit = int(fraction * dense_graph) + side
         entry: dict = {"graph_budget_bytes": int(fraction * dense_graph), "max_disk": limit,
@@ -127,7 +138,7 @@ def main() -> None:
                              method="width" if plan is not None else None,
                              budget=Budget(max_disk=limit, max_latency_ms=latency, **workload),
                              compress_options={"data": calib}, calibration=calib.input_ids, overwrite=True,
-                             search_options=options, rounding=args.rounding)
+                             search_options=options, rounding=args.rounding, runs=args.runs)
                 entry[kind] = row(art, args.max_tokens, time.perf_counter() - began)
             except BudgetError as exc:
                 entry[kind] = {"error": str(exc)[:400], "search_seconds": round(time.perf_counter() - began, 1)}

@@ -151,7 +151,9 @@ def export(
     With --max-memory / --max-disk / --max-latency-ms one search finds the artifact with the
     lowest calibration loss that measurement proves within them: structure levels of --plan
     (re-made by the plan's own rule) x per-layer storage formats (an exact byte-budget program on
-    measured per-layer damage), finalists built and measured. Unstructured and N:M sparsity
+    measured per-layer damage; with a latency limit each layer's formats are timed in ONNX
+    Runtime and the program keeps the predicted latency within it too), finalists built and
+    measured. Unstructured and N:M sparsity
     cannot meet a budget (ONNX Runtime runs them dense) and are refused with one.
 
     \b
