@@ -100,7 +100,10 @@ def main() -> None:
              "uniform": plan_by_rule(scores, 0.3, rule="band", band=0.0, hi=0.9)}
     began = time.perf_counter()
     transform = clipper_for(model, calib.input_ids) if args.rounding == "clip" else None
-    table = measure_precision_damage(model, calib.input_ids, default_formats(model), transform=transform)
+    formats = default_formats(model)
+    if args.int8_latency:  # what a latency-limited search offers by default: 4-bit formats with int8 compute too
+        formats += [f"{f}-a8" for f in formats if f.startswith("int4")]
+    table = measure_precision_damage(model, calib.input_ids, formats, transform=transform)
     table_seconds = time.perf_counter() - began
     workload = {"prompt_len": 32, "context": 128}
     dense = export(model, None, args.work / "dense", tokenizer=tok, budget=Budget(**workload), overwrite=True,

@@ -151,3 +151,54 @@ def test_search_records_predicted_latency_and_its_measured_error(tmp_path):
     assert built and len(latency["errors_ms"]["decode"]) == len(built)
     priced = [c for c in record["candidates"] if c["calib_loss"] is not None and c["formats"]]
     assert priced and all("decode_p50_ms" in c["predicted"] for c in priced)
+
+
+def test_a_latency_limit_on_the_cpu_offers_int8_compute_variants_by_default():
+    from cwca_export.exporter.search import search_formats
+
+    settings = ExportSettings(backend="onnx")
+    plain = search_formats(Budget(max_disk=10**6, **WORKLOAD), settings)
+    limited = search_formats(Budget(max_disk=10**6, max_latency_ms=5.0, **WORKLOAD), settings)
+    assert not any(f.endswith("-a8") for f in plain)
+    assert limited == plain + [f"{f}-a8" for f in plain if f.startswith("int4")]
+    chosen = search_formats(Budget(max_disk=10**6, max_latency_ms=5.0, **WORKLOAD), settings, "fp32,int4-b32")
+    assert chosen == ["fp32", "int4-b32"]  # formats the user named are kept as named
+    cuda = search_formats(Budget(max_disk=10**6, ep="cuda", **WORKLOAD), settings, "fp32,int8,int4-b32,int4-b32-a8")
+    assert cuda == ["fp32", "int4-b32"]  # dynamic int8 and int8 compute are CPU kernels
+
+
+def test_int8_compute_plan_is_in_the_graph_and_what_onnx_runtime_computes(tmp_path):
+    """An artifact whose blocks are int4 with int8 compute: every block node is ``MatMulNBits``
+    with ``accuracy_level=4``, and ONNX Runtime's logits are those of torch with the same weights
+    and per-block int8 inputs. Per Linear the match is to float round-off (test_precision); through
+    a whole model a 1e-7 input difference can flip an input's int8 rounding, so the logits are
+    compared to the emulation without input quantization: several times further away."""
+    import onnx
+
+    import cwca_export
+    from cwca_export.evaluate import ort_logits_fn
+    from cwca_export.planning.precision import quantized_weights
+
+    model = tiny_model("llama", hidden_size=128, intermediate_size=256)
+    plan = {"model.layers.0": "int4-b32-a8", "model.layers.1": "int4-b32-a8"}
+    art = cwca_export.export(model, None, tmp_path / "a8", backend="onnx", precision=plan, rounding="rtn",
+                             backend_options={"with_past": False}, runs=2, warmup=0)
+    assert set(art.manifest["postprocess"]["precision"]["nodes"].values()) == {"int4-b32-a8"}
+    nodes = [n for n in onnx.load(str(art.model_path)).graph.node if n.op_type == "MatMulNBits"]
+    assert len(nodes) == 14
+    assert all({a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}["accuracy_level"] == 4
+               for n in nodes)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    got = np.asarray(ort_logits_fn(str(art.path))(ids.numpy()))
+
+    def torch_logits(assignment):
+        with torch.no_grad(), quantized_weights(model, assignment):
+            return model(input_ids=ids).logits.numpy()
+
+    a8 = torch_logits({g: StorageFormat.parse(f) for g, f in plan.items()})
+    plain = torch_logits({g: StorageFormat.parse("int4-b32") for g in plan})
+
+    def rel(a, b):
+        return float(np.sqrt(((a - b) ** 2).mean() / (b ** 2).mean()))
+
+    assert rel(got, a8) < 0.5 * rel(got, plain)

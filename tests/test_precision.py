@@ -25,7 +25,8 @@ from cwca_export.planning.precision import (
     solve_precision,
 )
 
-FORMATS = ["int8", "int4-b32", "int4-b32-asym", "int4-b16", "int4-b64-asym", "int8-b32", "int8-b128-asym"]
+FORMATS = ["int8", "int4-b32", "int4-b32-asym", "int4-b16", "int4-b64-asym", "int8-b32", "int8-b128-asym",
+           "int4-b32-a8", "int4-b64-asym-a8"]
 
 
 def _two_node_graph(tmp_path, w, e):
@@ -66,7 +67,7 @@ def test_fake_quantization_is_what_onnx_runtime_computes(tmp_path, name):
     e = (rng.standard_normal((50, 64)) * 0.05 + 0.01).astype(np.float16).astype(np.float32)
     fmt = StorageFormat.parse(name)
     plan = {"/mm/MatMul": fmt}
-    if fmt.bits == 4 or fmt.dynamic:
+    if (fmt.bits == 4 and not fmt.int8_compute) or fmt.dynamic:
         plan["/emb/Gather"] = fmt
     quantize_mixed(_two_node_graph(tmp_path, w, e), tmp_path / "q.onnx", plan)
     assert graph_formats(tmp_path / "q.onnx") == {
@@ -74,7 +75,7 @@ def test_fake_quantization_is_what_onnx_runtime_computes(tmp_path, name):
         "/emb/Gather": fmt.name if "/emb/Gather" in plan else "fp32",
     }
     session = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
-    if fmt.dynamic:  # activations are quantized per call: compare a product
+    if fmt.dynamic or fmt.int8_compute:  # activations are quantized per call: compare a product
         x = rng.standard_normal((5, 96)).astype(np.float32)
         y, z = session.run(None, {"x": x, "ids": np.arange(50)})
         linear = torch.nn.Linear(96, 40, bias=False)
@@ -103,7 +104,7 @@ def test_byte_counts_equal_the_initializers_written(tmp_path, name):
     e = rng.standard_normal((50, 64)).astype(np.float32)
     fmt = StorageFormat.parse(name)
     plan = {"/mm/MatMul": fmt}
-    gather = fmt.bits == 4 or fmt.dynamic
+    gather = (fmt.bits == 4 and not fmt.int8_compute) or fmt.dynamic
     if gather:
         plan["/emb/Gather"] = fmt
     quantize_mixed(_two_node_graph(tmp_path, w, e), tmp_path / "q.onnx", plan)
@@ -122,6 +123,8 @@ def test_format_names_and_errors():
     assert StorageFormat.parse("int4") == StorageFormat("int4", 4, 32, True)
     assert StorageFormat.parse("int4-b128-asym").symmetric is False
     assert StorageFormat.parse("int8").dynamic
+    a8 = StorageFormat.parse("int4-b64-asym-a8")
+    assert (a8.bits, a8.block_size, a8.symmetric, a8.int8_compute) == (4, 64, False, True)
     for bad in ("int3", "int4-b24", "fp8", "int4-b8"):
         with pytest.raises(ValueError, match="--formats|power of two"):
             StorageFormat.parse(bad)

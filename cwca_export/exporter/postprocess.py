@@ -358,9 +358,12 @@ def quantize_mixed(src: Path, dst: Path, node_formats: dict[str, Any], *, untie:
             gathers = [n for n in names if candidates[n] == "Gather"]
             if gathers and fmt.bits != 4:
                 raise ValueError(f"{fmt.name}: embeddings take int8 or 4-bit formats only (ONNX Runtime's quantizers)")
+            if gathers and fmt.int8_compute:
+                raise ValueError(f"{fmt.name}: int8 compute is for MatMuls; an embedding computes nothing")
             exclude = [n for n in weight_nodes(model) if n not in names]
             quantizer = MatMulNBitsQuantizer(
                 model, bits=fmt.bits, block_size=fmt.block_size, is_symmetric=fmt.symmetric,
+                accuracy_level=4 if fmt.int8_compute else None,
                 nodes_to_exclude=exclude, op_types_to_quantize=("MatMul", "Gather") if gathers else ("MatMul",),
             )
             with np.errstate(divide="ignore", invalid="ignore"):  # its np.where divides by zero scales
@@ -409,7 +412,8 @@ def graph_formats(model_path: Path) -> dict[str, str]:
             base = re.sub(r"_Q\d+$", "", node.name)
             bits = int(attrs.get("bits", 4))
             asym = len(node.input) > 3 and bool(node.input[3])  # zero points: input 3 of both ops
-            found[base] = f"int{bits}-b{int(attrs['block_size'])}" + ("-asym" if asym else "")
+            found[base] = (f"int{bits}-b{int(attrs['block_size'])}" + ("-asym" if asym else "")
+                           + ("-a8" if int(attrs.get("accuracy_level", 0)) == 4 else ""))
         elif node.op_type == "MatMulInteger" and node.input[1] in inits:
             found[re.sub(r"_quant$", "", node.name)] = "int8"
         elif node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in inits:
@@ -423,7 +427,7 @@ def canonical_format(name: str) -> str:
     """``int4`` -> ``int4-b32``: the name :func:`graph_formats` reports for a format."""
     if name in ("fp32", "int8"):
         return name
-    match = re.match(r"^int(\d)(?:-b(\d+))?(-asym)?$", name)
+    match = re.match(r"^int(\d)(?:-b(\d+))?(-asym)?(-a8)?$", name)
     if not match:
         return name
-    return f"int{match.group(1)}-b{match.group(2) or 32}{match.group(3) or ''}"
+    return f"int{match.group(1)}-b{match.group(2) or 32}{match.group(3) or ''}{match.group(4) or ''}"

@@ -282,13 +282,18 @@ class _Search:
         table = rescale_bytes(self.table, model_t)
         nodes = {g.name: len(g.modules) for g in precision_groups(model_t)}
         plans: dict[str, dict[str, str]] = {"fp32": {}}
+
+        def usable(group: str, fmt: str) -> bool:
+            return (group in table.groups and fmt in table.formats
+                    and table.damage[table.groups.index(group)][table.formats.index(fmt)] is not None)
+
         for f in self.formats:
             if f == "fp32":
                 continue
             plans[f"blocks {f}"] = {g: f for g in table.groups if g not in ("embed", "head", "tied")}
-            embed_f = f if f == "int8" or f.startswith("int4") else "int4-b32"
+            embed_f = next((e for e in (f, f.removesuffix("-a8"), "int4-b32") if usable("embed", e)), "fp32")
             plans[f"all {f}"] = {**plans[f"blocks {f}"], "embed": embed_f, "head": f}
-            if "tied" in table.groups:  # the head reads the embedding's uint8 table, as plain int8 does
+            if usable("tied", "int8"):  # the head reads the embedding's uint8 table, as plain int8 does
                 plans[f"blocks {f}, tied table int8"] = {**plans[f"blocks {f}"], "tied": "int8"}
         others = other_weight_bytes(model_t)
         cap = self.memory_cap()
@@ -302,7 +307,8 @@ class _Search:
                 if label.endswith("limits") and not extra:
                     continue
                 try:
-                    solved = solve_precision(table, c - fp32_overhead - side - others, limits=extra)
+                    solved = solve_precision(table, c - fp32_overhead - side - others, allowed=self.formats,
+                                             limits=extra)
                 except ValueError:
                     continue
                 plans[label] = solved.formats
@@ -584,14 +590,19 @@ def search_formats(
     budget: Budget, settings: ExportSettings, formats: Any = None, model: Any = None
 ) -> list[str] | None:
     """The storage formats a search may plan, or None when storage is fixed (``--quantize``,
-    fp16). Dynamic int8 has CPU kernels only."""
+    fp16). Dynamic int8 and int8 compute (``-a8``) have CPU kernels only. By default, a budget
+    with a latency limit on the CPU also offers each 4-bit format with int8 compute: the same
+    bytes, a little more damage, and (BENCHMARKS.md) decode as fast as dynamic int8."""
     from cwca_export.planning.precision import default_formats, parse_formats
 
     if settings.quantize is not None or budget.dtype != "fp32" or settings.precision:
         return None
     names = [f.name for f in parse_formats(formats if formats is not None else default_formats(model))]
-    if budget.ep != "cpu":
-        names = [n for n in names if n != "int8"]
+    limited = budget.max_latency_ms is not None or budget.max_prefill_ms is not None
+    if formats is None and limited and budget.ep == "cpu":
+        names += [f"{n}-a8" for n in names if n.startswith("int4") and not n.endswith("-a8")]
+    if budget.ep != "cpu":  # dynamic int8 and MatMulNBits' int8 compute are CPU kernels
+        names = [n for n in names if n != "int8" and not n.endswith("-a8")]
     return names
 
 
@@ -649,6 +660,8 @@ def fit_budget(
         raise ValueError(f"levels {levels}: a structure search needs at least 2; hint: --levels 9")
     calib, source = calibration_ids(tokenizer, compress_options, calibration, model.config.vocab_size)
     names = search_formats(budget, settings, formats, model)
+    if names is not None and precision_damage is not None:  # a table measured before: its formats only
+        names = [n for n in names if n in precision_damage.formats]
     search = _Search(model, plan, tokenizer, settings, budget, staging, knob, calib, source, names or [], levels)
     search.per_layer = per_layer
     began = time.perf_counter()

@@ -10,7 +10,11 @@ Every decoder block (all its Linears together), the token embedding and the LM h
 - ``int4-bB`` / ``int8-bB`` (block size B, ``-asym`` with zero points): weight-only
   ``MatMulNBits``, block-wise along the input dimension, one fp32 scale per block (and packed
   zero points when asymmetric); an embedding table becomes a 4-bit ``GatherBlockQuantized``
-  (ONNX Runtime's quantizer writes 4-bit Gathers only), blocks along the hidden dimension.
+  (ONNX Runtime's quantizer writes 4-bit Gathers only), blocks along the hidden dimension;
+- ``...-a8`` (e.g. ``int4-b32-a8``): the same weights, computed by ``MatMulNBits`` with
+  ``accuracy_level=4`` on the CPU provider: each input row is quantized to int8 per block of B
+  (symmetric, scale = max|x| / 127, round half to even) and the dot products run in integers
+  (:func:`quantize_input` reproduces it to float round-off). Faster at decode on x86; MatMuls only.
 
 For each group and format we know the exact bytes (:meth:`StorageFormat.matmul_bytes`,
 :meth:`StorageFormat.gather_bytes`) and measure the calibration-loss increase of that group
@@ -46,7 +50,7 @@ from cwca_export.blocks import find_blocks, is_conv1d
 DEFAULT_FORMATS = ("fp32", "int8", "int4-b128-asym", "int4-b32")  # the densest and the finest 4-bit
 # int8-bB (8-bit MatMulNBits) is offered but not by default: it stores no fewer bytes than
 # dynamic int8, and its speed on the CPU provider is not benchmarked here.
-_FORMAT = re.compile(r"^int(?P<bits>[48])(?:-b(?P<block>\d+))?(?P<asym>-asym)?$")
+_FORMAT = re.compile(r"^int(?P<bits>[48])(?:-b(?P<block>\d+))?(?P<asym>-asym)?(?P<a8>-a8)?$")
 _DYNAMIC_RANGE = 127  # quantize_dynamic's symmetric int8 weights: scale = max|w| / 127
 WeightTransform = Callable[[str, torch.Tensor, "StorageFormat"], torch.Tensor]
 """(Linear path, weight, format) -> the weight to quantize instead (data-aware rounding)."""
@@ -61,6 +65,8 @@ class StorageFormat:
         bits: 32 (float) or 8 / 4 (``MatMulNBits``).
         block_size: weights sharing one scale, along the input (MatMul) or hidden (Gather) axis.
         symmetric: no zero points (ONNX Runtime's symmetric RTN: scale = signed max / -2^(bits-1)).
+        dynamic: ONNX Runtime's dynamic int8 (one scale per tensor, inputs quantized per call).
+        int8_compute: ``MatMulNBits`` with ``accuracy_level=4`` (inputs quantized to int8 per block).
     """
 
     name: str
@@ -68,14 +74,15 @@ class StorageFormat:
     block_size: int = 32
     symmetric: bool = True
     dynamic: bool = False
+    int8_compute: bool = False
 
     @classmethod
     def parse(cls, name: str) -> StorageFormat:
-        """``"int4-b128-asym"`` -> StorageFormat(bits=4, block_size=128, symmetric=False).
+        """``"int4-b128-asym"`` -> StorageFormat(bits=4, block_size=128, symmetric=False); ``-a8``: int8 compute.
 
         Example:
-            >>> StorageFormat.parse("int4-b128-asym")
-            StorageFormat(name='int4-b128-asym', bits=4, block_size=128, symmetric=False, dynamic=False)
+            >>> StorageFormat.parse("int4-b128-asym").block_size, StorageFormat.parse("int4-b32-a8").int8_compute
+            (128, True)
         """
         if name == "fp32":
             return cls("fp32", 32)
@@ -84,13 +91,14 @@ class StorageFormat:
         match = _FORMAT.match(name)
         if not match:
             raise ValueError(
-                f"precision format {name!r}: use fp32, int8 or int4 with an optional block size and"
-                " zero points, e.g. int4-b128-asym; hint: --formats fp32,int8,int4-b128"
+                f"precision format {name!r}: use fp32, int8 or int4 with an optional block size, zero"
+                " points and int8 compute, e.g. int4-b128-asym or int4-b32-a8; hint: --formats fp32,int8,int4-b128"
             )
         block = int(match.group("block") or 32)
         if block < 16 or block & (block - 1):
             raise ValueError(f"precision format {name!r}: block size must be a power of two >= 16")
-        return cls(name, int(match.group("bits")), block, match.group("asym") is None)
+        return cls(name, int(match.group("bits")), block, match.group("asym") is None, False,
+                   match.group("a8") is not None)
 
     @property
     def is_float(self) -> bool:
@@ -238,17 +246,43 @@ def fake_quantize_table(weight: torch.Tensor, fmt: StorageFormat) -> torch.Tenso
     return fake_quantize(weight, fmt, kernel="numpy")
 
 
-def _quantize_input(_module: nn.Module, args: tuple) -> tuple:
-    return (_per_tensor(args[0], symmetric=False), *args[1:])
+@torch.no_grad()
+def quantize_input(x: torch.Tensor, fmt: StorageFormat) -> torch.Tensor:
+    """The input a MatMul in ``fmt`` computes with: dynamic int8 quantizes it per tensor
+    (asymmetric uint8); int8 compute (``-a8``) per block of ``block_size`` along its last axis,
+    symmetric int8 with scale max|x| / 127 (MLAS's ``QuantizeARow_CompInt8``); else as is."""
+    if fmt.dynamic:
+        return _per_tensor(x, symmetric=False)
+    if not fmt.int8_compute:
+        return x
+    k = x.shape[-1]
+    block = fmt.block_size
+    blocks = math.ceil(k / block)
+    xf = x.to(torch.float32)
+    if blocks * block != k:
+        xf = torch.nn.functional.pad(xf, (0, blocks * block - k))
+    xb = xf.reshape(*xf.shape[:-1], blocks, block)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inverse = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    out = torch.round(xb * inverse) * (amax / 127.0)
+    return out.reshape(*xf.shape[:-1], blocks * block)[..., :k].to(x.dtype)
+
+
+def _input_hook(fmt: StorageFormat) -> Callable[[nn.Module, tuple], tuple]:
+    def hook(_module: nn.Module, args: tuple) -> tuple:
+        return (quantize_input(args[0], fmt), *args[1:])
+
+    return hook
 
 
 def quantize_linear_(linear: nn.Module, fmt: StorageFormat) -> list[Any]:
     """Make ``linear`` compute as ONNX Runtime will in ``fmt``, in place: its weight replaced by
-    the de-quantized one and, for dynamic int8, its input quantized per call (a pre-hook,
-    returned so the caller can remove it)."""
+    the de-quantized one and, for dynamic int8 and int8 compute, its input quantized per call
+    (a pre-hook, returned so the caller can remove it)."""
     with torch.no_grad():
         linear.weight.copy_(fake_quantize(linear.weight, fmt))
-    return [linear.register_forward_pre_hook(_quantize_input)] if fmt.dynamic else []
+    quantizes_input = fmt.dynamic or fmt.int8_compute
+    return [linear.register_forward_pre_hook(_input_hook(fmt))] if quantizes_input else []
 
 
 # ---------------------------------------------------------------- groups
@@ -278,7 +312,9 @@ class PrecisionGroup:
     def allows(self, fmt: StorageFormat) -> bool:
         if self.kind == "tied":  # one table both read: fp32, or uint8 with a DequantizeLinear for the head
             return fmt.is_float or fmt.dynamic
-        return fmt.is_float or self.kind != "embed" or fmt.bits == 4 or fmt.dynamic
+        if self.kind == "embed":  # a Gather: 4-bit GatherBlockQuantized or a uint8 table, nothing computed
+            return fmt.is_float or fmt.dynamic or (fmt.bits == 4 and not fmt.int8_compute)
+        return True
 
 
 def precision_groups(model: nn.Module) -> list[PrecisionGroup]:
@@ -362,7 +398,7 @@ def _head_hook(head: nn.Module, fmt: StorageFormat) -> Any:
     bias = head.bias
 
     def hook(_m: nn.Module, args: tuple, _out: Any) -> torch.Tensor:
-        x = _per_tensor(args[0], symmetric=False) if fmt.dynamic else args[0]
+        x = quantize_input(args[0], fmt)
         return torch.nn.functional.linear(x, weight.to(x.dtype), bias)
 
     return head.register_forward_hook(hook)
