@@ -84,6 +84,7 @@ def main() -> None:
                     help="budgets (e.g. 0.3) that also get a decode limit equal to plain int8's decode p50,"
                          " its artifact (export --quantize int8) built and measured in the same run")
     ap.add_argument("--runs", type=int, default=10, help="timed runs per latency measurement, every artifact")
+    ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads in every measurement")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -107,7 +108,7 @@ def main() -> None:
     table_seconds = time.perf_counter() - began
     workload = {"prompt_len": 32, "context": 128}
     dense = export(model, None, args.work / "dense", tokenizer=tok, budget=Budget(**workload), overwrite=True,
-                   runs=args.runs)
+                   runs=args.runs, threads=args.threads)
     dense_graph = sum(f["bytes"] for f in dense.manifest["files"] if f["path"].startswith("model.onnx"))
     side = dense.disk_bytes - dense_graph  # config and tokenizer files, the same in every artifact
     results = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
@@ -122,7 +123,7 @@ def main() -> None:
         budgets.append((f"0.2+latency{args.latency_factor:g}x", 0.2, args.latency_factor * dense_decode))
     if args.int8_latency:
         peer = export(model, None, args.work / "int8-peer", tokenizer=tok, budget=Budget(**workload),
-                      quantize="int8", overwrite=True, runs=args.runs)
+                      quantize="int8", overwrite=True, runs=args.runs, threads=args.threads)
         results["int8_peer"] = row(peer, args.max_tokens, 0.0)
         peer_decode = peer.latency_ms["decode"]["p50"]
         budgets += [(f"{float(b):g}+int8-latency", float(b), peer_decode) for b in args.int8_latency.split(",")]
@@ -141,7 +142,7 @@ def main() -> None:
                              method="width" if plan is not None else None,
                              budget=Budget(max_disk=limit, max_latency_ms=latency, **workload),
                              compress_options={"data": calib}, calibration=calib.input_ids, overwrite=True,
-                             search_options=options, rounding=args.rounding, runs=args.runs)
+                             search_options=options, rounding=args.rounding, runs=args.runs, threads=args.threads)
                 entry[kind] = row(art, args.max_tokens, time.perf_counter() - began)
             except BudgetError as exc:
                 entry[kind] = {"error": str(exc)[:400], "search_seconds": round(time.perf_counter() - began, 1)}

@@ -534,6 +534,10 @@ class _Search:
             lower = [o for o in self.options if o.calib_loss is not None and o.calib_loss < chosen.calib_loss]
             why = (f"lowest calibration loss ({chosen.calib_loss:.5g}) among the candidates measured to meet the"
                    f" budget; {len(lower)} candidate(s) with lower loss were built and missed a limit")
+            slow = [o for o in self.options if o.status == "predicted over the latency limits"]
+            if slow:
+                why += (f"; {len(slow)} candidate(s) predicted over the latency limits by the per-layer latency"
+                        " table were not built")
         elif chosen is not None:
             why = "the model as given meets the budget"
         return {
