@@ -25,7 +25,7 @@ import bench_scale  # noqa: E402
 
 # above the 2 GiB protobuf limit in fp32 (551M parameters, 2.2 GB): torch.onnx.export writes
 # the weights as external data, the path every 7B export takes
-bench_scale.SIZES["550m"] = dict(hidden_size=1536, num_hidden_layers=16, intermediate_size=4096,
+bench_scale.SIZES["550m"] = dict(hidden_size=1536, num_hidden_layers=18, intermediate_size=4096,
                                  num_attention_heads=12, num_key_value_heads=4, vocab_size=32000,
                                  tie_word_embeddings=False)
 
