@@ -35,10 +35,11 @@ MIB = 2**20
 def status() -> dict[str, int]:
     """VmRSS and VmHWM of this process, bytes."""
     out = {}
-    for line in open("/proc/self/status", encoding="ascii"):
-        if line.startswith(("VmRSS", "VmHWM")):
-            key, value = line.split(":")
-            out[key] = int(value.split()[0]) * 1024
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(("VmRSS", "VmHWM")):
+                key, value = line.split(":")
+                out[key] = int(value.split()[0]) * 1024
     return out
 
 
@@ -74,7 +75,8 @@ def main() -> None:
                 return fn(*a, **k)
             finally:
                 after = status()
-                rows.append({"phase": name, "rss_before": before, "peak": after["VmHWM"], "rss_after": after["VmRSS"]})
+                rows.append({"phase": name, "rss_before": before, "peak": after["VmHWM"],
+                             "rss_after": after["VmRSS"]})
                 print(f"{name:14s} before {before / MIB:7.0f}  peak {after['VmHWM'] / MIB:7.0f}"
                       f"  after {after['VmRSS'] / MIB:7.0f} MiB", flush=True)
         return wrapped
@@ -91,7 +93,8 @@ def main() -> None:
     gc.collect()
     loaded = status()["VmRSS"]
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    print(f"{args.size}: weights {weights / MIB:.0f} MiB; rss before load {base / MIB:.0f}, after {loaded / MIB:.0f} MiB")
+    print(f"{args.size}: weights {weights / MIB:.0f} MiB; rss before load {base / MIB:.0f},"
+          f" after {loaded / MIB:.0f} MiB")
     reset_peak()
     peaks = rows  # each phase resets the mark: the whole call's peak is the largest phase's
     api.export(model, None, work / f"art-{args.backend}", backend=args.backend, quantize=args.quantize,

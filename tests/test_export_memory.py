@@ -8,18 +8,17 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_model, tiny_tokenizer
 
 import cwca_export
 from cwca_export.budget import Budget
 from cwca_export.exporter.session import DecoderSession, make_session, position_ids
 from cwca_export.exporter.verify import check_runtime_generation, sample_inputs
-from helpers import tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"budget": Budget(prompt_len=8, context=24), "runs": 3, "warmup": 1}
