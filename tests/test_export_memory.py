@@ -42,6 +42,37 @@ def test_exported_logits_match_the_torch_model(tmp_path, backend):
     assert generation.get("runtime_equal", True) is True  # optimum's loader also checked after the session closed
 
 
+def test_the_runtime_loader_opens_after_the_raw_session_is_gone(tmp_path, monkeypatch):
+    """Verification holds one ONNX Runtime session on the weights at a time."""
+    import weakref
+
+    from cwca_export.backends import get_backend
+
+    from cwca_export.exporter import build
+
+    sessions: list[weakref.ref] = []
+    opened = build.make_session
+
+    def tracked(*a, **k):
+        session = opened(*a, **k)
+        sessions.append(weakref.ref(session))
+        return session
+
+    alive_at_generate: list[int] = []
+    backend = type(get_backend("optimum"))
+    generate = backend.generate
+
+    def checked(self, *a, **k):
+        alive_at_generate.append(sum(ref() is not None for ref in sessions))
+        return generate(self, *a, **k)
+
+    monkeypatch.setattr(build, "make_session", tracked)
+    monkeypatch.setattr(backend, "generate", checked)
+    art = cwca_export.export(tiny_model("llama"), None, tmp_path / "a", tokenizer=tiny_tokenizer(), **FAST)
+    assert sessions and alive_at_generate == [0]
+    assert art.manifest["verification"]["fp32"]["generation"]["runtime_equal"] is True
+
+
 def test_runtime_generation_that_differs_fails_the_report():
     model = tiny_model("llama")
     ids, mask = sample_inputs(model.config.vocab_size)
