@@ -298,7 +298,7 @@ def export(shape: ModelShape, backend: str = "optimum", quantize: str | None = N
            runtime: int = 0, *, source_bytes: int | None = None) -> StepCost:
     """``export``: the torch model in float32 (``source_bytes``, default P x 4: export traces
     a float32 model and refuses others) and, at the peak, ``EXPORT_COPIES`` fp32 copies of the
-    weights, the largest of its phases (benchmarks/export_phases.py measures each):
+    weights, the largest of its phases (benchmarks/bench_export_phases.py measures each):
 
     - tracing, when the graph fits one protobuf (P x 4 <= 2 GiB): torch.onnx.export builds
       the proto in memory and returns it serialised (the constant-folded transposed weights,

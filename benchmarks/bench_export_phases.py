@@ -7,7 +7,7 @@ kernel's peak-RSS mark (VmHWM) is reset before a phase (``/proc/self/clear_refs`
 after it, so each row is that phase's own peak. Linux only.
 
 Usage:
-    python benchmarks/export_phases.py [--size 40m] [--backend optimum] [--work DIR]
+    python benchmarks/bench_export_phases.py [--size 40m] [--backend optimum] [--work DIR]
 """
 
 from __future__ import annotations
