@@ -32,7 +32,11 @@ DEFAULT_PROBE_CACHE = 2 * GIB  # plan_probe.DEFAULT_CACHE_BYTES (refine --probe-
 DAMAGE_LOGIT_CHUNK = 2**25  # damage._LOGIT_CHUNK: logits elements the reproduced tail holds at once
 
 # Measured constants (bench_scale.py, torch 2.x CPU, fp32), each explained where it is used.
-EXPORT_COPIES = {"optimum": 4.0, "onnx": 4.0}  # fp32 graph copies held by an export (see export())
+# fp32 graph copies beside the torch model at an export's peak (see export()), by whether the
+# traced graph fits one protobuf (inline weights) or goes to external data; the same for both
+# backends (measured: optimum and onnx within 1% at 5M, 40M and 150M)
+EXPORT_COPIES = {"inline": 3.2, "external": 1.15}
+PROTOBUF_LIMIT = 2**31  # torch.onnx.export writes the weights as external data above this
 QUANT_COPIES = {None: 0.0, "int8": 1.0, "int4": 1.0}  # extra fp32 copy while quantizing (not yet measured)
 
 
@@ -292,17 +296,31 @@ def compress(shape: ModelShape, run: RunSettings, method: str, runtime: int = 0)
 
 def export(shape: ModelShape, backend: str = "optimum", quantize: str | None = None,
            runtime: int = 0, *, source_bytes: int | None = None) -> StepCost:
-    """``export``: the torch model (``source_bytes``, default P x s), then fp32 graph copies:
-    the traced ONNX proto, its initialisers written out, and the verifying ONNX Runtime session
-    (``EXPORT_COPIES``: 4, read off the measured peaks of bench_scale.py at 5M and 40M), and
-    with ``--quantize`` the quantizer's copy of the fp32 graph beside its output (``QUANT_COPIES``). Latency is measured
-    in a worker process of its own (one session; less than this peak). Time: a few passes over
-    the weights (tracing, serialisation, ORT's graph optimisation) and a few short forwards."""
-    weights = shape.weight_bytes if source_bytes is None else source_bytes
+    """``export``: the torch model in float32 (``source_bytes``, default P x 4: export traces
+    a float32 model and refuses others) and, at the peak, ``EXPORT_COPIES`` fp32 copies of the
+    weights, the largest of its phases (benchmarks/bench_export_phases.py measures each):
+
+    - tracing, when the graph fits one protobuf (P x 4 <= 2 GiB): torch.onnx.export builds
+      the proto in memory and returns it serialised (the constant-folded transposed weights,
+      the proto, its bytes; Optimum then reloads it): 3.2 copies (measured 3.1 at 150M and
+      550M; 4.3 at 40M, whose tied 32k x 512 embedding is a large share of the weights);
+    - tracing, above 2 GiB: torch writes each initialiser to disk as it encodes it, Optimum
+      reloads them all and rewrites one data file: 1.15 copies (measured 1.13 at 550M, the
+      path of every 7B export);
+    - verification: one ONNX Runtime session (about one copy: prepacked MatMul weights replace
+      their originals), the runtime loader's session opened only after it closes;
+    - post-processing: rewriting the graph in the tool's layout (one copy when external).
+
+    With ``--quantize`` the quantizer's copy of the fp32 graph beside its output
+    (``QUANT_COPIES``, not yet measured). Latency is measured in a worker process of its own
+    (one session; less than this peak). Time: a few passes over the weights (tracing,
+    serialisation, ORT's graph optimisation) and a few short forwards."""
     fp32 = shape.params * 4
-    copies = EXPORT_COPIES.get(backend, 4.0) + QUANT_COPIES.get(quantize, 1.0)
+    weights = fp32 if source_bytes is None else source_bytes
+    layout = "inline" if fp32 <= PROTOBUF_LIMIT else "external"
+    copies = EXPORT_COPIES[layout] + QUANT_COPIES.get(quantize, 1.0)
     name = f"export_{backend}" + (f"_{quantize}" if quantize else "")
-    return StepCost(name, host={"torch model": weights, "fp32 graph copies": copies * fp32},
+    return StepCost(name, host={"torch model (fp32)": weights, f"fp32 graph copies ({layout})": copies * fp32},
                     time_units=0.0, runtime=runtime)
 
 

@@ -130,7 +130,10 @@ def check_generation(
     runtime_generate: Any = None,
 ) -> dict[str, Any]:
     """Greedy tokens of the artifact against torch, through the raw session and, when the
-    backend has one, its runtime loader (``runtime_generate(ids, mask, new_tokens)``)."""
+    backend has one, its runtime loader (``runtime_generate(ids, mask, new_tokens)``).
+
+    Callers that want one ONNX Runtime session alive at a time pass no ``runtime_generate``,
+    close ``decoder`` and then call :func:`check_runtime_generation`."""
     ref = torch_greedy(model, ids, mask, new_tokens)
     got = decoder.greedy(ids, mask, new_tokens)
     report: dict[str, Any] = {
@@ -139,8 +142,19 @@ def check_generation(
         "session_agreement": float(np.mean(ref[:, ids.shape[1] :] == got[:, ids.shape[1] :])),
     }
     if runtime_generate is not None:
-        ref_rt = hf_generate(model, ids, mask, new_tokens)
-        got_rt = runtime_generate(ids, mask, new_tokens)
-        report["runtime_equal"] = bool(ref_rt.shape == got_rt.shape and np.array_equal(ref_rt, got_rt))
+        report = check_runtime_generation(model, ids, mask, new_tokens, runtime_generate, report)
     report["passed"] = report["session_equal"] and report.get("runtime_equal", True)
+    return report
+
+
+def check_runtime_generation(
+    model: Any, ids: np.ndarray, mask: np.ndarray, new_tokens: int, runtime_generate: Any,
+    report: dict[str, Any],
+) -> dict[str, Any]:
+    """``report`` (from :func:`check_generation`) with the runtime loader's greedy tokens
+    compared against transformers' ``generate``: ``runtime_equal`` added, ``passed`` updated."""
+    ref_rt = hf_generate(model, ids, mask, new_tokens)
+    got_rt = runtime_generate(ids, mask, new_tokens)
+    report = {**report, "runtime_equal": bool(ref_rt.shape == got_rt.shape and np.array_equal(ref_rt, got_rt))}
+    report["passed"] = report["session_equal"] and report["runtime_equal"]
     return report
