@@ -51,8 +51,28 @@ def test_rank_structures_plan_ranks_and_a_uniform_rank_fraction(structure):
     assert len(set(plans["uniform"].x)) == 1  # identical blocks: one rank for all
 
 
-def test_width_heads_narrows_kv_groups_and_exports_through_the_onnx_backend():
+def test_width_heads_exports_each_blocks_own_kv_heads_through_the_onnx_backend(tmp_path):
+    """The backend the width-heads structure names exports blocks with different KV-head counts
+    (Optimum refuses them): the graph's cache inputs carry each block's own count."""
+    import sys
+
+    import onnx
+
+    import cwca_export
+    from cwca_export.backends import get_backend
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from compress_plans import make_plan
+
     bench = load_bench()
-    method, options, pruner, backend = bench.STRUCTURES["width-heads"]
-    assert (method, options, pruner, backend) == ("width", {"heads": True}, "width", "onnx")
-    assert bench.STRUCTURES["width"] == ("width", {}, "width", "optimum")
+    method, options, _, backend = bench.STRUCTURES["width-heads"]
+    assert options == {"heads": True} and backend == "onnx"
+    dense = tiny_model("llama")  # 2 blocks, 4 query / 2 KV heads
+    model = cwca_export.compress(dense, make_plan(dense, "prune", [0.6, 0.0]), method=method,
+                                 importance="magnitude", **options)
+    (tmp_path / "out").mkdir()
+    get_backend(backend).export(model, None, tmp_path / "out")
+    graph = onnx.load(tmp_path / "out" / "model.onnx").graph
+    heads = {i.name: i.type.tensor_type.shape.dim[1].dim_value for i in graph.input if i.name.startswith("past")}
+    assert heads == {"past_key_values.0.key": 1, "past_key_values.0.value": 1,
+                     "past_key_values.1.key": 2, "past_key_values.1.value": 2}
