@@ -2,11 +2,14 @@
 
 On the shipped model, for each budget (a fraction of the dense fp32 graph's bytes, plus the
 config and tokenizer files every artifact carries):
-  search          - structure level of a measured-damage width plan x per-layer precision (the
-                    default `cwca-export export --plan P --method width --max-disk B`);
-  uniform         - the same search held to a uniform width plan (every block the same
-                    fraction) and uniform storage (one format for all blocks; embedding and head
-                    in it or in fp32), the best by calibration loss;
+  search          - structure level of a measured-damage plan x per-layer precision (the
+                    default `cwca-export export --plan P --method M --max-disk B`); the
+                    structure (--structure) is a width plan narrowing MLP channels (`width`),
+                    MLP channels and whole KV groups of attention heads (`width-heads`, the
+                    width method with heads=True), or a rank plan (`lowrank`, `asvd`);
+  uniform         - the same search held to a uniform plan of the same structure (every block
+                    the same fraction) and uniform storage (one format for all blocks; embedding
+                    and head in it or in fp32), the best by calibration loss;
   precision-only  - the search without a plan (per-layer precision alone), where it fits.
 The three share the calibration tokens and the measured per-layer precision table. Each artifact:
 disk bytes, resident memory, prefill / decode p50 (as the export measured them, one workload),
@@ -35,12 +38,37 @@ from cwca_export.exporter.api import export
 from cwca_export.loading import load_model
 from cwca_export.planning.plan import plan_by_rule
 from cwca_export.planning.precision import default_formats, measure_precision_damage
+from cwca_export.planning.rank_plans import linear_shapes, plan_ranks_from_damage, plan_ranks_uniform
 from cwca_export.planning.rounding import clipper_for
 from cwca_export.scores import LayerScores
 from cwca_export.scoring import score
 from cwca_export.versions import library_versions
 
 BUDGETS = (0.30, 0.20, 0.15, 0.12, 0.10)
+# structure -> (compression method, its options, damage scorer's pruner, export backend); blocks
+# with their own head counts go through the plain torch.onnx backend (Optimum sizes every
+# layer's KV cache from the config and refuses them)
+STRUCTURES = {
+    "width": ("width", {}, "width", "optimum"),
+    "width-heads": ("width", {"heads": True}, "width", "onnx"),
+    "lowrank": ("lowrank", {}, "lowrank", "optimum"),
+    "asvd": ("asvd", {}, "asvd", "optimum"),
+}
+
+
+def structure_plans(structure: str, model, scores: LayerScores) -> dict:
+    """The measured-damage plan (search) and the uniform plan (uniform) of one structure.
+
+    Width plans are sparsity plans (damage rule vs. a zero band, upper bound 0.9); rank plans
+    keep a fraction of the weights (exact integer solve on the damage curves vs. every block the
+    same rank fraction). The search moves either to each level by its own rule (plan_scaling).
+    """
+    if structure.startswith("width"):
+        return {"search": plan_by_rule(scores, 0.3, rule="damage", hi=0.9),
+                "uniform": plan_by_rule(scores, 0.3, rule="band", band=0.0, hi=0.9)}
+    shapes = linear_shapes(model)
+    return {"search": plan_ranks_from_damage(scores, 0.7, shapes=shapes),
+            "uniform": plan_ranks_uniform(scores, 0.7, shapes=shapes)}
 
 
 def row(art, heldout_tokens: int | None, seconds: float) -> dict:
@@ -76,6 +104,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0,
                     help="calibration sample seed (pricing, precision table, compression)")
     ap.add_argument("--kinds", default="search,uniform")
+    ap.add_argument("--structure", choices=sorted(STRUCTURES), default="width",
+                    help="structure knob of the plan (width: MLP channels; width-heads: and KV groups of heads;"
+                         " lowrank / asvd: ranks)")
     ap.add_argument("--uniform-budgets", default="0.15,0.12,0.1",
                     help="budgets at which the uniform baseline runs (below every peer's smallest artifact)")
     ap.add_argument("--latency-factor", type=float, default=1.5,
@@ -90,15 +121,15 @@ def main() -> None:
     torch.manual_seed(0)
     model, tok = load_model(DEMO_MODEL)
     calib = calibration_data(TRAIN_TEXT, tok, num_samples=args.samples, seq_len=args.seq_len, seed=args.seed)
-    scores_path = args.work / "damage-width.json"
+    method, method_options, pruner, backend = STRUCTURES[args.structure]
+    scores_path = args.work / f"damage-{pruner}.json"
     if scores_path.exists():
         scores = LayerScores.load(scores_path)
     else:
         scores = score(model, calib, method="damage",
-                       options={"pruner": "width", "points": "0.2,0.4,0.6,0.8", "at": 0.4})
+                       options={"pruner": pruner, "points": "0.2,0.4,0.6,0.8", "at": 0.4})
         scores.save(scores_path)
-    plans = {"search": plan_by_rule(scores, 0.3, rule="damage", hi=0.9),
-             "uniform": plan_by_rule(scores, 0.3, rule="band", band=0.0, hi=0.9)}
+    plans = structure_plans(args.structure, model, scores)
     began = time.perf_counter()
     transform = clipper_for(model, calib.input_ids) if args.rounding == "clip" else None
     formats = default_formats(model)
@@ -139,10 +170,11 @@ def main() -> None:
             began = time.perf_counter()
             try:
                 art = export(model, plan, args.work / f"{name}-{kind}", tokenizer=tok,
-                             method="width" if plan is not None else None,
+                             method=method if plan is not None else None, backend=backend,
                              budget=Budget(max_disk=limit, max_latency_ms=latency, **workload),
-                             compress_options={"data": calib}, calibration=calib.input_ids, overwrite=True,
-                             search_options=options, rounding=args.rounding, runs=args.runs, threads=args.threads)
+                             compress_options={"data": calib, **method_options}, calibration=calib.input_ids,
+                             overwrite=True, search_options=options, rounding=args.rounding, runs=args.runs,
+                             threads=args.threads)
                 entry[kind] = row(art, args.max_tokens, time.perf_counter() - began)
             except BudgetError as exc:
                 entry[kind] = {"error": str(exc)[:400], "search_seconds": round(time.perf_counter() - began, 1)}
