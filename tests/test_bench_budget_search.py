@@ -7,8 +7,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-
-from tests.helpers import sample_text, tiny_model, tiny_tokenizer
+from helpers import sample_text, tiny_model, tiny_tokenizer
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_budget_search.py"
 
