@@ -279,6 +279,9 @@ def _build(model: Any, tokenizer: Any, folder: Path, settings: ExportSettings) -
     release_memory()  # the exporter's traced graph and serialised proto
     raw = folder / "model.onnx"
     raw_bytes = pp.graph_bytes(raw)
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and getattr(head, "weight", None) is embed.weight
+    head_copy = pp.stored_head_copy_bytes(raw) if tied else 0
     verification = {"fp32": _verify(model, raw, folder, settings, "fp32", True, backend)}
     release_memory()
     postprocess = _postprocess(model, folder, settings)
@@ -309,6 +312,9 @@ def _build(model: Any, tokenizer: Any, folder: Path, settings: ExportSettings) -
         "graph_bytes": graph,
         "overhead_bytes": graph - weights,
         "fp32_export_bytes": raw_bytes,
-        "fp32_overhead_bytes": raw_bytes - weight_bytes(model, "fp32"),
+        # a tied head the backend stored as its own copy: not overhead, a second table (precision
+        # plans that keep one table count it back, :mod:`cwca_export.exporter.search`)
+        "head_copy_bytes": head_copy,
+        "fp32_overhead_bytes": raw_bytes - weight_bytes(model, "fp32") - head_copy,
     }
     return Candidate(folder, model, settings, verification, postprocess, files, measurement, prediction)

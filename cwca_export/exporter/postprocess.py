@@ -266,6 +266,25 @@ def untie_head(model: Any) -> list[str]:
     return rewired
 
 
+def stored_head_copy_bytes(model_path: Path) -> int:
+    """Bytes of a head weight stored as its own initializer holding an embedding table's
+    transpose (the ``onnx`` backend writes a tied head that way; Optimum's graph reads the table
+    through a ``Transpose`` node instead, 0 bytes)."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    inits = _initializers(graph)
+    tables = {tuple(inits[n.input[0]].dims) for n in graph.node
+              if n.op_type == "Gather" and n.input and n.input[0] in inits and len(inits[n.input[0]].dims) == 2}
+    for node in graph.node:
+        if node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in inits:
+            dims = tuple(inits[node.input[1]].dims)
+            if len(dims) == 2 and dims[::-1] in tables:
+                size = onnx.helper.tensor_dtype_to_np_dtype(inits[node.input[1]].data_type).itemsize
+                return size * dims[0] * dims[1]
+    return 0
+
+
 def prune_dead(model: Any) -> None:
     """Remove nodes whose outputs nothing reads, then initializers nothing reads (in place)."""
     graph = model.graph

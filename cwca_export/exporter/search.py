@@ -321,8 +321,11 @@ class _Search:
             seen.add(key)
             weights = artifact_weight_bytes(model_t, formats)
             damage = sum(table.damage[table.groups.index(g)][table.formats.index(f)] for g, f in formats.items())
+            one_table = "tied" in formats or (formats.get("embed", "fp32") == "fp32"
+                                              and formats.get("head", "fp32") == "fp32")
             graph = overhead + weights if not formats else (
-                fp32_overhead + weights + self.node_overhead * sum(nodes[g] for g in formats))
+                fp32_overhead + weights + self.node_overhead * sum(nodes[g] for g in formats)
+                + (ref.prediction.get("head_copy_bytes", 0) if one_table else 0))
             predicted_ms = self.latency.predict(model_t, formats) if self.latency else None
             options.append(_Option(t, target, label, formats or None, int(graph) + side,
                                    weight_bytes=weights, predicted_damage=float(damage), predicted_ms=predicted_ms))
