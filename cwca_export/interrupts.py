@@ -43,6 +43,23 @@ def exit_code(exc: BaseException) -> int | None:
     return None
 
 
+def interrupt_cause(exc: BaseException) -> BaseException | None:
+    """The interrupt an exception was raised while unwinding from, if any.
+
+    A signal can land inside a library's C++-backed context (torch.func's transforms keep a
+    stack of layers); its cleanup may then fail with an error of its own, which replaces the
+    ``KeyboardInterrupt`` / :class:`Terminated` and carries it as ``__context__``. The run was
+    still interrupted by the user and exits as such."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if exit_code(current) is not None:
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
 @contextlib.contextmanager
 def deferred_signals() -> Iterator[None]:
     """Block SIGINT and SIGTERM while the body runs; a signal that came meanwhile acts after it."""

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from helpers import sample_text, save_tiny_model
 
 from cwca_export.cli import cli
+from cwca_export.interrupts import Terminated
 from cwca_export.scoring.checkpoint import read_checkpoint_header
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,3 +217,33 @@ def test_sigint_demo_overwrite_puts_the_earlier_demo_back(tmp_path):
     assert proc.returncode == 130, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
     assert {p.name: p.read_bytes() for p in old.iterdir()} == before
+
+
+@pytest.mark.parametrize(("interrupt", "code"), [(KeyboardInterrupt, 130), (lambda: Terminated("sig 15"), 143)])
+def test_an_error_raised_while_unwinding_from_a_signal_still_exits_as_interrupted(interrupt, code):
+    """A signal that lands inside torch.func can make its cleanup fail with a RuntimeError of its
+    own (seen once in CI: functorch's layer-stack assertion). The run was interrupted: exit 128 +
+    the signal, one line, no traceback; an error without an interrupt behind it stays an error."""
+    import click
+    from click.testing import CliRunner
+
+    from cwca_export.cli import cli
+
+    @click.command("boom")
+    @click.option("--interrupted/--plain", default=True)
+    def boom(interrupted):
+        try:
+            if interrupted:
+                raise interrupt()
+        finally:
+            raise RuntimeError("!dynamicLayerStack.empty() INTERNAL ASSERT FAILED")
+
+    cli.add_command(boom)
+    try:
+        result = CliRunner().invoke(cli, ["boom"])
+        assert result.exit_code == code, result.output
+        assert "Interrupted" in result.output and "Traceback" not in result.output
+        plain = CliRunner().invoke(cli, ["boom", "--plain"])
+        assert plain.exit_code == 1 and "RuntimeError" in plain.output
+    finally:
+        cli.commands.pop("boom", None)

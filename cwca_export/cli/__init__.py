@@ -59,24 +59,23 @@ class _Group(click.Group):
             raise _usage(exc) from None
 
     def invoke(self, ctx: click.Context):
-        from cwca_export.interrupts import Terminated, exit_code
+        from cwca_export.interrupts import Terminated, interrupt_cause
 
         try:
             return super().invoke(ctx)
         except click.exceptions.Exit:
             raise
         except (KeyboardInterrupt, Terminated) as exc:  # everything on the way out has cleaned up
-            if os.environ.get("CWCA_DEBUG"):
-                raise
-            signal_name = "SIGINT" if isinstance(exc, KeyboardInterrupt) else "SIGTERM"
-            click.echo(f"Interrupted ({signal_name}): stopped; no partial output was left", err=True)
-            ctx.exit(exit_code(exc))
+            _interrupted(ctx, exc)
         except click.UsageError as exc:
             raise _usage(exc) from None
         except click.ClickException as exc:
             path = exc.ctx.command_path if getattr(exc, "ctx", None) else _verb(ctx)
             raise click.ClickException(one_line(exc.format_message(), path)) from None
         except Exception as exc:
+            signalled = interrupt_cause(exc)  # an error raised while unwinding from an interrupt
+            if signalled is not None:
+                _interrupted(ctx, signalled)
             if os.environ.get("CWCA_DEBUG"):
                 raise
             message = str(exc)
@@ -98,6 +97,17 @@ class _Group(click.Group):
             elif isinstance(exc, KeyError) and exc.args:
                 message = f"missing key {exc.args[0]!r}"
             raise click.ClickException(one_line(message, _verb(ctx))) from None
+
+
+def _interrupted(ctx: click.Context, exc: BaseException) -> None:
+    """Exit as the signal asks (130 / 143), one line on stderr (``CWCA_DEBUG=1``: re-raise)."""
+    from cwca_export.interrupts import exit_code
+
+    if os.environ.get("CWCA_DEBUG"):
+        raise exc
+    signal_name = "SIGINT" if isinstance(exc, KeyboardInterrupt) else "SIGTERM"
+    click.echo(f"Interrupted ({signal_name}): stopped; no partial output was left", err=True)
+    ctx.exit(exit_code(exc))
 
 
 def _verb(ctx: click.Context) -> str:
