@@ -177,3 +177,14 @@ def factorise(model, path: str, rank: int) -> None:
     with torch.no_grad():
         a, b = svd_factors(weight_out_in(old), rank)
         setattr(parent, name, factorised_linear(old, a, b))
+
+
+def load_benchmark(name: str):
+    """The module ``benchmarks/<name>.py`` (benchmarks are scripts, not an installed package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -7,24 +7,17 @@ graph's own output before untying.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
+from helpers import load_benchmark  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_budget.py"
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_budget", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_budget")
 
 
 def run(model, feeds):

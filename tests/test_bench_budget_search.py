@@ -3,20 +3,14 @@ are plans of the same structure, and the uniform one gives every block the same 
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
-from helpers import sample_text, tiny_model, tiny_tokenizer
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_budget_search.py"
+from helpers import load_benchmark, sample_text, tiny_model, tiny_tokenizer
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_budget_search", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_budget_search")
 
 
 def kept_weights(shapes, rank):

@@ -54,20 +54,24 @@ class LatencyTable:
         of ``reference`` (default: this table), summed over groups. A plan holds either ``tied``
         or ``embed`` and ``head``; the reference's fp32 side counts the same groups."""
         reference = reference or self
-        rows = self.decode_ms if phase == "decode" else self.prefill_ms
-        ref_rows = reference.decode_ms if phase == "decode" else reference.prefill_ms
-        fp32 = self.formats.index("fp32")
         used = [g for g in self.groups if g != "tied"] if "tied" not in formats else [
             g for g in self.groups if g not in ("embed", "head")]
         total = 0.0
         for name in used:
-            g = self.groups.index(name)
-            value = rows[g][self.formats.index(formats.get(name, "fp32"))]
-            base = ref_rows[reference.groups.index(name)][fp32]
-            if value is None or base is None:
+            cost = self.cost(name, formats.get(name, "fp32"), reference, phase)
+            if cost is None:
                 raise ValueError(f"no latency measured for group {name} in {formats.get(name, 'fp32')}")
-            total += value - base
+            total += cost
         return total
+
+    def cost(self, name: str, fmt: str, reference: LatencyTable, phase: str = "decode") -> float | None:
+        """Milliseconds group ``name`` in ``fmt`` adds to ``reference``'s fp32 group; None where
+        either was not measured."""
+        rows = self.decode_ms if phase == "decode" else self.prefill_ms
+        ref_rows = reference.decode_ms if phase == "decode" else reference.prefill_ms
+        value = rows[self.groups.index(name)][self.formats.index(fmt)] if fmt in self.formats else None
+        base = ref_rows[reference.groups.index(name)][reference.formats.index("fp32")]
+        return None if value is None or base is None else value - base
 
     def to_dict(self) -> dict[str, Any]:
         return {"groups": self.groups, "formats": self.formats, "decode_ms": self.decode_ms,
@@ -124,18 +128,11 @@ def _feeds(session: Any, batch: int, tokens: int, vocab: int) -> dict[str, np.nd
 
 
 def time_session(session: Any, feeds: dict[str, np.ndarray], *, warmup: int, runs: int) -> float:
-    """Least over :data:`ROUNDS` rounds of the median of ``runs`` timed calls, in ms."""
-    for _ in range(warmup):
-        session.run(None, feeds)
-    medians = []
-    for _ in range(ROUNDS):
-        times = []
-        for _ in range(runs):
-            began = time.perf_counter()
-            session.run(None, feeds)
-            times.append(time.perf_counter() - began)
-        medians.append(float(np.median(times)) * 1e3)
-    return min(medians)
+    """Least over :data:`ROUNDS` rounds of the median of ``runs`` timed calls
+    (:func:`cwca_export.exporter.measure.timed`), in ms; warm-up before the first round only."""
+    from cwca_export.exporter.measure import timed
+
+    return min(timed(session, feeds, warmup if r == 0 else 0, runs)["p50"] for r in range(ROUNDS))
 
 
 class LatencyTimer:
@@ -256,20 +253,9 @@ class LatencyModel:
         ``formats`` (the damage table's): the ms each choice adds to the reference's fp32
         group, capped by each limit minus the reference's measured p50 and the bias."""
         table = self.table(model_t)
-        fp32 = self.reference.formats.index("fp32")
-        out = []
-        for phase, limit in limits.items():
-            if limit is None:
-                continue
-            times = table.decode_ms if phase == "decode" else table.prefill_ms
-            base = self.reference.decode_ms if phase == "decode" else self.reference.prefill_ms
-            costs = []
-            for name in groups:
-                row, ref = times[table.groups.index(name)], base[self.reference.groups.index(name)][fp32]
-                costs.append([None if f not in table.formats or row[table.formats.index(f)] is None
-                              else row[table.formats.index(f)] - ref for f in formats])
-            out.append((costs, limit - self.reference_ms[phase] - self.bias(phase)))
-        return out
+        return [([[table.cost(name, f, self.reference, phase) for f in formats] for name in groups],
+                 limit - self.reference_ms[phase] - self.bias(phase))
+                for phase, limit in limits.items() if limit is not None]
 
     def observe(self, raw: dict[str, float], measured: dict[str, float]) -> None:
         """Record a built candidate's error: measured minus the raw prediction."""
