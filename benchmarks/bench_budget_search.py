@@ -86,10 +86,16 @@ def row(art, heldout_tokens: int | None, seconds: float) -> dict:
         "structure_t": chosen.get("t"), "width_sparsity": chosen.get("target"),
         "storage": chosen.get("storage"), "formats": chosen.get("formats"),
         "calib_loss": chosen.get("calib_loss"),
+        "side_by_side": chosen.get("side_by_side"), "latency_peer": search.get("latency_peer"),
         "candidates_priced": sum(1 for c in search.get("candidates", []) if c.get("calib_loss") is not None),
         "built": len(search.get("trials", [])),
         "search_seconds": round(seconds, 1),
     }
+
+
+def latency_limit(latency: float | str | None) -> dict:
+    """Budget keywords of a decode limit: milliseconds, or a peer's name (``int8``)."""
+    return {"latency_peer": latency} if isinstance(latency, str) else {"max_latency_ms": latency}
 
 
 def main() -> None:
@@ -112,8 +118,9 @@ def main() -> None:
     ap.add_argument("--latency-factor", type=float, default=1.5,
                     help="also a budget of 0.2x bytes and this many times the dense decode p50 (0: none)")
     ap.add_argument("--int8-latency", default="",
-                    help="budgets (e.g. 0.3) that also get a decode limit equal to plain int8's decode p50,"
-                         " its artifact (export --quantize int8) built and measured in the same run")
+                    help="budgets (e.g. 0.3) that also get the decode limit `--max-latency-ms int8`: no slower than"
+                         " plain int8 (the search builds it, takes its p50, confirms the winner beside it); the"
+                         " int8 artifact is also built and evaluated here as a row")
     ap.add_argument("--runs", type=int, default=10, help="timed runs per latency measurement, every artifact")
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads in every measurement")
     args = ap.parse_args()
@@ -156,8 +163,7 @@ def main() -> None:
         peer = export(model, None, args.work / "int8-peer", tokenizer=tok, budget=Budget(**workload),
                       quantize="int8", overwrite=True, runs=args.runs, threads=args.threads)
         results["int8_peer"] = row(peer, args.max_tokens, 0.0)
-        peer_decode = peer.latency_ms["decode"]["p50"]
-        budgets += [(f"{float(b):g}+int8-latency", float(b), peer_decode) for b in args.int8_latency.split(",")]
+        budgets += [(f"{float(b):g}+int8-latency", float(b), "int8") for b in args.int8_latency.split(",")]
     for name, fraction, latency in budgets:
         limit = int(fraction * dense_graph) + side
         entry: dict = {"graph_budget_bytes": int(fraction * dense_graph), "max_disk": limit,
@@ -171,7 +177,7 @@ def main() -> None:
             try:
                 art = export(model, plan, args.work / f"{name}-{kind}", tokenizer=tok,
                              method=method if plan is not None else None, backend=backend,
-                             budget=Budget(max_disk=limit, max_latency_ms=latency, **workload),
+                             budget=Budget(max_disk=limit, **workload, **latency_limit(latency)),
                              compress_options={"data": calib, **method_options}, calibration=calib.input_ids,
                              overwrite=True, search_options=options, rounding=args.rounding, runs=args.runs,
                              threads=args.threads)

@@ -5,7 +5,9 @@ A :class:`Budget` is checked on measured numbers of the artifact (docs/design.md
 - memory: the artifact's bytes on disk and the ONNX Runtime session's resident bytes at
   ``batch`` sequences and ``context`` tokens (KV cache included) must both fit ``max_memory``;
 - latency: p50 milliseconds per decoded token at ``batch`` (``max_latency_ms``) and, when set,
-  p50 milliseconds for a prefill of ``prompt_len`` tokens (``max_prefill_ms``).
+  p50 milliseconds for a prefill of ``prompt_len`` tokens (``max_prefill_ms``). The decode limit
+  may name a peer instead (``latency_peer="int8"``: no slower than the model's plain dynamic
+  int8 export, measured on the same machine; the search fills in ``max_latency_ms``).
 
 Hardware profiles are data (``recipes/hardware/*.yaml``) naming memory, execution provider
 and dtype; they load strictly, so a misspelt key is an error.
@@ -24,6 +26,7 @@ from typing import Any
 # recipes/ installs as cwca_export.recipes (a package-dir mapping), so this works from a wheel too
 PROFILE_DIR = Path(str(files("cwca_export.recipes") / "hardware"))
 EPS = ("cpu", "cuda")
+LATENCY_PEERS = ("int8",)  # `--max-latency-ms int8`: the model's plain dynamic int8 export (a CPU kernel)
 DTYPES = ("fp32", "fp16")
 _UNITS = {
     "": 1, "b": 1,
@@ -80,6 +83,9 @@ class Budget:
         batch: sequences per call (B).
         prompt_len: prefill length (P).
         context: tokens held by the KV cache at the decode step measured (>= prompt_len + 1).
+        latency_peer: ``"int8"``: the decode limit is the p50 of the model's plain dynamic int8
+            export (``--quantize int8``), measured here; a search builds that peer first, sets
+            ``max_latency_ms`` to its p50 and confirms its winner against it side by side.
     """
 
     max_memory: int | None = None
@@ -91,6 +97,7 @@ class Budget:
     batch: int = 1
     prompt_len: int = 32
     context: int = 128
+    latency_peer: str | None = None
 
     def __post_init__(self) -> None:
         if self.ep not in EPS:
@@ -104,6 +111,13 @@ class Budget:
                 f"budget: --context {self.context} must exceed --prompt-len {self.prompt_len}"
                 " (the decode step runs over the full context)"
             )
+        if self.latency_peer is not None:
+            if self.latency_peer not in LATENCY_PEERS:
+                raise ValueError(f"budget: --max-latency-ms {self.latency_peer!r}: give milliseconds or one of"
+                                 f" {', '.join(LATENCY_PEERS)}")
+            if self.ep != "cpu":
+                raise ValueError(f"budget: --max-latency-ms {self.latency_peer} compares with dynamic int8, a CPU"
+                                 " kernel; hint: give milliseconds with --ep cuda")
         for name in ("max_memory", "max_disk", "max_latency_ms", "max_prefill_ms"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
@@ -113,7 +127,13 @@ class Budget:
     @property
     def has_limits(self) -> bool:
         """True when any limit is set (a search runs); False when only the workload is given."""
-        return any(v is not None for v in (self.max_memory, self.max_disk, self.max_latency_ms, self.max_prefill_ms))
+        return any(v is not None for v in (self.max_memory, self.max_disk, self.max_latency_ms, self.max_prefill_ms,
+                                           self.latency_peer))
+
+    @property
+    def limits_latency(self) -> bool:
+        """True when decode or prefill latency is limited (by milliseconds or by a peer)."""
+        return any(v is not None for v in (self.max_latency_ms, self.max_prefill_ms, self.latency_peer))
 
     def check(self, disk_bytes: int, resident_bytes: int | None, latency_ms: dict[str, Any]) -> dict[str, Any]:
         """Which limits the measured numbers meet: ``{"met": bool, "checks": [...]}``."""

@@ -39,7 +39,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -111,7 +111,9 @@ class ExportStep(_Strict):
                                  examples=["cpu-2core-24gb"])
     max_memory: str | int | None = Field(None, description="bytes, or a size such as 300MiB",
                                          examples=["300MiB"])
-    max_latency_ms: float | None = Field(None, gt=0, description="p50 ms per decoded token", examples=[20.0])
+    max_latency_ms: Annotated[float, Field(gt=0)] | Literal["int8"] | None = Field(
+        None, description="p50 ms per decoded token, or int8: no slower than the model's plain dynamic int8 export",
+        examples=[20.0, "int8"])
     ep: Literal["cpu", "cuda"] | None = Field(None, examples=["cpu"])
 
     @field_validator("max_memory")
@@ -557,7 +559,8 @@ def _export(step: ExportStep, model, plan, tokenizer, out: Path, echo):
     from cwca_export.exporter.api import export
 
     limits = {"max_memory": parse_size(step.max_memory) if step.max_memory is not None else None,
-              "max_latency_ms": step.max_latency_ms, "ep": step.ep}
+              "max_latency_ms": None if isinstance(step.max_latency_ms, str) else step.max_latency_ms,
+              "latency_peer": step.max_latency_ms if isinstance(step.max_latency_ms, str) else None, "ep": step.ep}
     limits = {k: v for k, v in limits.items() if v is not None}
     budget = Budget.from_profile(step.hardware, **limits) if step.hardware else Budget(**limits)
     echo(f"[export] {step.backend}, {step.quantize or 'fp32'}, verified and measured")

@@ -378,7 +378,9 @@ def reconstruct_commands(inputs: ReportInputs) -> list[str]:
         limits = (manifest.get("budget") or {}).get("limits") or {}
         if limits.get("max_memory"):
             cmd += ["--max-memory", str(limits["max_memory"])]
-        if limits.get("max_latency_ms"):
+        if limits.get("latency_peer"):
+            cmd += ["--max-latency-ms", str(limits["latency_peer"])]
+        elif limits.get("max_latency_ms"):
             cmd += ["--max-latency-ms", f"{limits['max_latency_ms']:g}"]
         workload = (manifest.get("measurement") or {}).get("workload") or {}
         for key, flag in (("ep", "--ep"), ("prompt_len", "--prompt-len"), ("context", "--context")):

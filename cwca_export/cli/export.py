@@ -8,7 +8,16 @@ from pathlib import Path
 import click
 
 from cwca_export.cli.guard import guards_output
-from cwca_export.cli.options import COUNT, DTYPE, METHOD, SIZE, deprecated_alias, finite, loading_options
+from cwca_export.cli.options import (
+    COUNT,
+    DTYPE,
+    LATENCY_LIMIT,
+    METHOD,
+    SIZE,
+    deprecated_alias,
+    finite,
+    loading_options,
+)
 from cwca_export.defaults import EXPORT_SAMPLES, EXPORT_SEQ_LEN
 
 
@@ -117,7 +126,9 @@ def _read_precision(path: str) -> dict[str, str]:
 @click.option("--optimize", type=click.Choice(["basic", "extended", "all"]), help="Offline ONNX Runtime graph optimisation.")
 @click.option("--max-memory", type=SIZE, metavar="SIZE", help="Disk and resident limit: 1.5GiB, 300MB or bytes.")
 @click.option("--max-disk", type=SIZE, metavar="SIZE", help="Limit on the artifact's bytes on disk alone (download, flash).")
-@click.option("--max-latency-ms", type=finite(0, min_open=True), help="Limit on p50 ms per decoded token.")
+@click.option("--max-latency-ms", type=LATENCY_LIMIT, metavar="MS|int8",
+              help="Limit on p50 ms per decoded token, or int8: no slower than this model's plain dynamic int8"
+                   " export (--quantize int8), measured here and confirmed beside the winner.")
 @click.option("--max-prefill-ms", type=finite(0, min_open=True), help="Limit on p50 ms for the prefill of --prompt-len tokens.")
 @click.option("--ep", type=click.Choice(["cpu", "cuda"]), help="ONNX Runtime execution provider [default: cpu].")
 @click.option("--batch-size", "batch", type=COUNT, help="Sequences per call in the measured workload [default: 1].")
@@ -161,6 +172,7 @@ def export(
       cwca-export export ./tiny-llama --out ./tiny-onnx
       cwca-export export ./tiny-llama --backend onnx --quantize int4 --exclude lm_head --out ./q4
       cwca-export export ./tiny-llama --max-memory 300MB --max-latency-ms 20 --out ./fitted
+      cwca-export export ./tiny-llama --max-memory 2MB --max-latency-ms int8 --out ./as-fast-as-int8
       cwca-export export ./llama --hardware jetson-orin-8gb --plan plan.json --out ./orin
     """
     from cwca_export.budget import Budget, parse_size
@@ -176,7 +188,9 @@ def export(
     limits = {
         "max_memory": parse_size(max_memory) if max_memory else None,
         "max_disk": parse_size(max_disk) if max_disk else None,
-        "max_latency_ms": max_latency_ms, "max_prefill_ms": max_prefill_ms,
+        "max_latency_ms": None if isinstance(max_latency_ms, str) else max_latency_ms,
+        "latency_peer": max_latency_ms if isinstance(max_latency_ms, str) else None,
+        "max_prefill_ms": max_prefill_ms,
         "ep": ep, "dtype": dtype, "batch": batch, "prompt_len": prompt_len, "context": context,
     }
     if hardware:

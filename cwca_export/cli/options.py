@@ -56,6 +56,23 @@ class Size(click.ParamType):
 SIZE = Size()
 
 
+class LatencyLimit(click.ParamType):
+    """Milliseconds (finite, > 0) or a peer's name (``int8``: as fast as the model's plain
+    dynamic int8 export, measured on this machine)."""
+
+    name = "ms|int8"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from cwca_export.budget import LATENCY_PEERS
+
+        if isinstance(value, str) and value.strip().lower() in LATENCY_PEERS:
+            return value.strip().lower()
+        return finite(0, min_open=True).convert(value, param, ctx)
+
+
+LATENCY_LIMIT = LatencyLimit()
+
+
 def loading_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """``--trust-remote-code`` and ``--allow-pickle``, for every verb that reads a model folder."""
     command = click.option(

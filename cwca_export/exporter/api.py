@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -217,9 +217,12 @@ def _manifest(candidate: Candidate, plan: Any, budget: Budget, search: dict[str,
     settings = candidate.settings
     budget_record = None
     if budget.has_limits:
-        check = budget.check(
-            candidate.disk_bytes, candidate.measurement["resident_bytes"], candidate.measurement["latency_ms"]
-        )
+        latency = candidate.measurement["latency_ms"]
+        if budget.latency_peer is not None:  # decode is judged beside the peer, as the search did
+            pair = search["chosen"]["side_by_side"]
+            budget = replace(budget, max_latency_ms=pair["peer"]["decode_p50_ms"])
+            latency = {**latency, "decode": {**latency["decode"], "p50": pair["candidate"]["decode_p50_ms"]}}
+        check = budget.check(candidate.disk_bytes, candidate.measurement["resident_bytes"], latency)
         budget_record = {"limits": budget.to_dict(), **check, "search": search}
     return build_manifest(
         model=candidate.model,

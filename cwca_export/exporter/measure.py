@@ -95,6 +95,25 @@ def measure_runtime(model_path: Path, config: MeasureConfig, *, timeout_s: float
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def measure_side_by_side(model_paths: list[Path], config: MeasureConfig, *, rounds: int = 3) -> list[dict[str, Any]]:
+    """Decode and prefill p50 of several artifacts measured in alternating rounds.
+
+    Each round measures every artifact once (a fresh process each, in order); each artifact
+    keeps its lowest p50 over the rounds. Load that comes and goes on a shared machine then
+    falls on all of them alike, which a single measurement each, minutes apart, does not give.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds {rounds}: must be >= 1")
+    seen: list[dict[str, list[float]]] = [{"decode": [], "prefill": []} for _ in model_paths]
+    for _ in range(rounds):
+        for path, times in zip(model_paths, seen, strict=True):
+            latency = measure_runtime(path, config)["latency_ms"]
+            for phase in times:
+                times[phase].append(latency[phase]["p50"])
+    return [{"decode_p50_ms": min(t["decode"]), "prefill_p50_ms": min(t["prefill"]),
+             "rounds_ms": {phase: [round(v, 4) for v in values] for phase, values in t.items()}} for t in seen]
+
+
 def _status_bytes(field: str) -> int | None:
     """``VmRSS`` (resident now) or ``VmHWM`` (peak resident) of this process, in bytes."""
     try:

@@ -22,6 +22,11 @@ a limit are not built, and the precision program is solved with the latency rows
 fixed storage, a finalist over the latency limit rules out the untried ones that are not at
 least 10% smaller.
 
+A decode limit named by a peer (``--max-latency-ms int8``) is the p50 of the model's plain
+dynamic int8 export, built and measured first; a finalist that meets it is then measured again
+beside that peer in alternating rounds (:func:`cwca_export.exporter.measure.measure_side_by_side`)
+and ships only if it is no slower there too.
+
 With ``--quantize`` fixed, or an fp16 artifact, the storage is not searched: candidates are the
 structure levels in that storage, priced by the structured model's calibration loss.
 """
@@ -151,6 +156,7 @@ class _Option:
     status: str = "priced"
     measured: dict[str, Any] | None = None
     met: bool | None = None
+    side_by_side: dict[str, Any] | None = None  # against the latency peer, alternating rounds
 
     def record(self) -> dict[str, Any]:
         return {
@@ -159,6 +165,7 @@ class _Option:
                           "weight_bytes": self.weight_bytes, "damage_sum": self.predicted_damage,
                           **({f"{k}_p50_ms": v for k, v in self.predicted_ms.items()} if self.predicted_ms else {})},
             "calib_loss": self.calib_loss, "status": self.status, "measured": self.measured, "met": self.met,
+            **({"side_by_side": self.side_by_side} if self.side_by_side else {}),
         }
 
 
@@ -225,6 +232,8 @@ class _Search:
         self.timings: dict[str, float] = {}
         self.clippers: dict[float, Any] = {}
         self.latency: Any = None  # a LatencyModel when the budget limits latency and storage is planned
+        self.peer: Candidate | None = None  # the latency peer's artifact (--max-latency-ms int8)
+        self.peer_record: dict[str, Any] | None = None
         self.pricing = progress_bar(desc="search: pricing", unit="candidate", show=False)  # run() shows one
 
     # -------------------------------------------------------------- building
@@ -237,7 +246,10 @@ class _Search:
         except VerificationError as exc:  # a candidate that fails verification is recorded, not fatal
             option.status = f"failed verification: {str(exc).split(';')[0]}"
             return None, False
-        check = self.budget.check(
+        # with a peer, decode is judged beside it (confirm_beside_peer), not on this one measurement
+        budget = self.budget if self.budget.latency_peer is None else dataclasses.replace(
+            self.budget, max_latency_ms=None, latency_peer=None)
+        check = budget.check(
             candidate.disk_bytes, candidate.measurement["resident_bytes"], candidate.measurement["latency_ms"]
         )
         option.measured, option.met = _measured(candidate), check["met"]
@@ -473,6 +485,8 @@ class _Search:
             if raw is not None and option.measured:
                 self.latency.observe(raw, {"decode": option.measured["decode_p50_ms"],
                                            "prefill": option.measured["prefill_p50_ms"]})
+            if ok and self.peer is not None:
+                ok = self.confirm_beside_peer(candidate, option)
             if ok:
                 for other in priced:
                     if other.status == "priced":
@@ -485,6 +499,40 @@ class _Search:
                 shutil.rmtree(candidate.folder, ignore_errors=True)
         builds_bar.close()
         return None, None
+
+    def build_peer(self) -> None:
+        """Build the latency peer (the model's plain dynamic int8 export). Its decode p50
+        measured beside the reference becomes the decode limit the latency table plans to."""
+        from cwca_export.exporter.postprocess import QuantizeConfig
+
+        settings = dataclasses.replace(self.settings, quantize=QuantizeConfig("int8"), precision=None)
+        option = _Option(0.0, None, "latency peer: plain dynamic int8 (--quantize int8)", None, 0)
+        candidate, _ = self.build(self.model, settings, option)
+        if candidate is None:
+            raise BudgetError(f"--max-latency-ms {self.budget.latency_peer}: the peer does not export: {option.status}")
+        self.trials.pop()  # not a candidate: its bytes must not correct the candidates' predictions
+        self.peer = candidate
+        self.peer_record = {"name": self.budget.latency_peer, "export": "--quantize int8", **option.measured}
+
+    def confirm_beside_peer(self, candidate: Candidate, option: _Option) -> bool:
+        """Whether ``candidate`` decodes no slower than the latency peer, both measured again in
+        alternating rounds (a limit taken from one measurement minutes earlier is only as good
+        as the machine was quiet then)."""
+        from cwca_export.exporter.measure import measure_side_by_side
+
+        peer, mine = measure_side_by_side([self.peer.model_path, candidate.model_path], self.settings.measure)
+        option.side_by_side = {"peer": peer, "candidate": mine}
+        if self.budget.max_latency_ms is None:  # the first pair (the reference's) sets the planned limit
+            self.budget = dataclasses.replace(self.budget, max_latency_ms=peer["decode_p50_ms"])
+            self.peer_record["beside_reference"] = peer
+        ok = mine["decode_p50_ms"] <= peer["decode_p50_ms"]
+        if not ok:
+            note = (f"decode p50 {mine['decode_p50_ms']:.4g} ms > the {self.budget.latency_peer} peer's"
+                    f" {peer['decode_p50_ms']:.4g} ms, measured side by side")
+            option.status = f"{option.status}, {note}" if option.met is False else f"built: {note}"
+            option.met = False
+        self.trials[-1] = option.record()
+        return ok
 
     def add_level(self, t: float, ref: Candidate, calibration_loss: Any, *, price: bool = True,
                   skip: set[str] | None = None) -> bool:
@@ -525,6 +573,10 @@ class _Search:
             self.pricing.update()
         return bool(fits)
 
+    def drop_peer(self) -> None:
+        if self.peer is not None:
+            shutil.rmtree(self.peer.folder, ignore_errors=True)
+
     def _over_latency(self, measured: dict[str, Any]) -> bool:
         b = self.budget
         return bool((b.max_latency_ms is not None and measured["decode_p50_ms"] > b.max_latency_ms)
@@ -537,6 +589,10 @@ class _Search:
             lower = [o for o in self.options if o.calib_loss is not None and o.calib_loss < chosen.calib_loss]
             why = (f"lowest calibration loss ({chosen.calib_loss:.5g}) among the candidates measured to meet the"
                    f" budget; {len(lower)} candidate(s) with lower loss were built and missed a limit")
+            if self.peer_record is not None:
+                why += (f"; decode no slower than plain {self.peer_record['name']} ("
+                        f"{chosen.side_by_side['candidate']['decode_p50_ms']:.4g} against"
+                        f" {chosen.side_by_side['peer']['decode_p50_ms']:.4g} ms), measured side by side")
             slow = [o for o in self.options if o.status == "predicted over the latency limits"]
             if slow:
                 why += (f"; {len(slow)} candidate(s) predicted over the latency limits by the per-layer latency"
@@ -549,6 +605,7 @@ class _Search:
             "calibration_tokens": int(self.calib.shape[0] * self.calib.shape[1]),
             "rounding": self.settings.rounding,
             "precision_damage": None if self.table is None else self.table.to_dict(),
+            "latency_peer": self.peer_record,
             "latency_table": None if self.latency is None else {
                 "reference": self.latency.reference.to_dict(), "reference_ms": self.latency.reference_ms,
                 "errors_ms": self.latency.errors, "seconds": round(self.latency.timer.seconds, 2)},
@@ -577,7 +634,8 @@ class _Search:
         if b.max_disk is not None:
             limits.append(f"disk {format_size(b.max_disk)}")
         if b.max_latency_ms is not None:
-            limits.append(f"decode {b.max_latency_ms:g} ms")
+            peer = f" (plain {b.latency_peer}'s, measured here)" if b.latency_peer else ""
+            limits.append(f"decode {b.max_latency_ms:.4g} ms{peer}")
         if b.max_prefill_ms is not None:
             limits.append(f"prefill {b.max_prefill_ms:g} ms")
         more = "" if self.knob is not None else (
@@ -605,7 +663,7 @@ def search_formats(
     if settings.quantize is not None or budget.dtype != "fp32" or settings.precision:
         return None
     names = [f.name for f in parse_formats(formats if formats is not None else default_formats(model))]
-    limited = budget.max_latency_ms is not None or budget.max_prefill_ms is not None
+    limited = budget.limits_latency
     if formats is None and limited and budget.ep == "cpu":
         names += [f"{n}-a8" for n in names if n.startswith("int4") and not n.endswith("-a8")]
     if budget.ep != "cpu":  # dynamic int8 and MatMulNBits' int8 compute are CPU kernels
@@ -675,11 +733,16 @@ def fit_budget(
     fixed = settings.quantize.method if settings.quantize else settings.dtype
     reference_option = _Option(0.0, knob.target(0.0) if isinstance(knob, PlanKnob) else None,
                                "as given" if names is not None else fixed, None, 0, status="reference")
+    if budget.latency_peer is not None:
+        search.build_peer()
     reference, ok = search.build(model, settings, reference_option)
     if reference is None:
         raise BudgetError(f"the model as given does not export: {reference_option.status}")
     search.options.append(reference_option)
+    if search.peer is not None:  # always: the pair anchors the latency table and sets the limit
+        ok = search.confirm_beside_peer(reference, reference_option) and ok
     if ok:
+        search.drop_peer()
         return reference, search.record(reference_option), plan
     if names is not None:
         t0 = time.perf_counter()
@@ -692,15 +755,18 @@ def fit_budget(
             search.table = measure_precision_damage(model, calib, names, batch_size=8, transform=transform)
         search.calibrate_node_overhead(reference)
         search.timings["precision_damage_s"] = round(time.perf_counter() - t0, 2)
-        if budget.max_latency_ms is not None or budget.max_prefill_ms is not None:
+        if budget.limits_latency:
             t0 = time.perf_counter()
             measured = _measured(reference)
+            if reference_option.side_by_side:  # measured beside the peer: the same load as the limit's
+                measured = reference_option.side_by_side["candidate"]
             search.latency = LatencyModel(LatencyTimer(settings.measure, names), model,
                                           {"decode": measured["decode_p50_ms"], "prefill": measured["prefill_p50_ms"]})
             search.timings["latency_table_s"] = round(time.perf_counter() - t0, 2)
     chosen_candidate, chosen = search.run(reference)
     search.timings["total_s"] = round(time.perf_counter() - began, 2)
     shutil.rmtree(reference.folder, ignore_errors=True)
+    search.drop_peer()
     if isinstance(knob, PlanKnob):
         knob.forget()
     if chosen_candidate is None:
