@@ -36,6 +36,9 @@ DAMAGE_LOGIT_CHUNK = 2**25  # damage._LOGIT_CHUNK: logits elements the reproduce
 # traced graph fits one protobuf (inline weights) or goes to external data; the same for both
 # backends (measured: optimum and onnx within 1% at 5M, 40M and 150M)
 EXPORT_COPIES = {"inline": 3.2, "external": 1.15}
+# an ONNX Runtime session's peak while it is created, above its resident set just after, in fp32
+# copies of the weights (eval of a 150M artifact: 93 MiB over 584 MiB; benchmarks/BENCHMARKS.md)
+SESSION_CREATION_COPIES = 0.16
 PROTOBUF_LIMIT = 2**31  # torch.onnx.export writes the weights as external data above this
 QUANT_COPIES = {None: 0.0, "int8": 1.0, "int4": 1.0}  # extra fp32 copy while quantizing (not yet measured)
 
@@ -327,16 +330,19 @@ def export(shape: ModelShape, backend: str = "optimum", quantize: str | None = N
 def evaluate(shape: ModelShape, run: RunSettings, artifact: bool = False, runtime: int = 0) -> StepCost:
     """``eval``: the model (torch weights, or an ONNX Runtime session of the fp32 artifact), one
     batch's logits (B x N x V; ONNX Runtime returns float32), one forward, and the float64
-    chunk of ``chunk_tokens`` positions (2 copies in torch, 3 through NumPy)."""
+    chunk of ``chunk_tokens`` positions (2 copies in torch, 3 through NumPy). A session's
+    creation peaks ``SESSION_CREATION_COPIES`` above what it then holds."""
     B = run.eval_batch or run.batch_size
     N, V, c = run.seq_len, shape.vocab, run.chunk_tokens
     logits_s = 4 if artifact else shape.dtype_bytes
     chunk = (3 if artifact else 2) * min(c, N) * V * 8
     weights = shape.params * 4 if artifact else shape.weight_bytes
     units = run.eval_tokens / (run.samples * run.seq_len)
-    return StepCost("eval_onnx" if artifact else "eval_torch", device={
-        "weights": weights, "logits": B * N * V * logits_s, "forward": block_activations(shape, B, N),
-        "float64 chunk": chunk}, time_units=units, runtime=runtime)
+    device = {"weights": weights, "logits": B * N * V * logits_s, "forward": block_activations(shape, B, N),
+              "float64 chunk": chunk}
+    if artifact:  # creating the session peaks above what it then holds (graph optimisation)
+        device["session creation"] = SESSION_CREATION_COPIES * shape.params * 4
+    return StepCost("eval_onnx" if artifact else "eval_torch", device=device, time_units=units, runtime=runtime)
 
 
 # ------------------------------------------------------------------ dispatch and projection
