@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from cwca_export.budget import Budget
+from cwca_export.budget import Budget, latency_limit
 from cwca_export.data import calibration_data
 from cwca_export.defaults import EXPORT_SAMPLES, EXPORT_SEQ_LEN
 from cwca_export.demo import DEMO_MODEL, HELDOUT_TEXT, TRAIN_TEXT
@@ -91,11 +91,6 @@ def row(art, heldout_tokens: int | None, seconds: float) -> dict:
         "built": len(search.get("trials", [])),
         "search_seconds": round(seconds, 1),
     }
-
-
-def latency_limit(latency: float | str | None) -> dict:
-    """Budget keywords of a decode limit: milliseconds, or a peer's name (``int8``)."""
-    return {"latency_peer": latency} if isinstance(latency, str) else {"max_latency_ms": latency}
 
 
 def main() -> None:

@@ -59,6 +59,12 @@ def parse_size(text: str | int) -> int:
     return size
 
 
+def latency_limit(value: float | str | None) -> dict[str, Any]:
+    """:class:`Budget` keywords of a decode limit given as milliseconds or as a peer's name
+    (``"int8"``, see :data:`LATENCY_PEERS`), as ``--max-latency-ms`` takes it."""
+    return {"latency_peer": value} if isinstance(value, str) else {"max_latency_ms": value}
+
+
 def format_size(n: float) -> str:
     """``1536 -> '1.50 KiB'``: human-readable binary units."""
     for unit in ("B", "KiB", "MiB", "GiB"):

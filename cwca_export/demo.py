@@ -30,7 +30,8 @@ class DemoConfig:
         hi: per-block cap on the width removed.
         max_disk_fraction: the artifact budget as a fraction of the dense fp32 artifact's bytes,
             below what plain int8 (0.28x) and int4 reach.
-        max_latency_ms: per-token decode p50 limit at batch 1 over ``context`` tokens.
+        max_latency_ms: per-token decode p50 limit at batch 1 over ``context`` tokens, or
+            ``"int8"``: no slower than the dense int8 peer (``--max-latency-ms int8``).
         probes: the measured-damage probe points (fractions of each block's MLP width removed).
         samples, seq_len: calibration sequences for scoring, compression and the search.
         eval_tokens: held-out tokens for perplexity (windows of ``eval_seq_len``).
@@ -40,7 +41,7 @@ class DemoConfig:
     sparsity: float = 0.3
     hi: float = 0.6
     max_disk_fraction: float = 0.15
-    max_latency_ms: float | None = 50.0
+    max_latency_ms: float | str | None = 50.0
     probes: str = "0.25,0.5,0.75"
     samples: int = 16
     seq_len: int = 128
@@ -64,7 +65,7 @@ def run_demo(
         >>> report = run_demo("demo-out")  # doctest: +SKIP
         >>> report["rows"]["compressed"]["perplexity"]  # doctest: +SKIP
     """
-    from cwca_export.budget import Budget
+    from cwca_export.budget import Budget, latency_limit
     from cwca_export.data import calibration_data, load_texts
     from cwca_export.evaluate import ort_logits_fn, perplexity_from_logits, tokenize_text, torch_logits_fn
     from cwca_export.exporter.api import export
@@ -114,7 +115,7 @@ def run_demo(
     max_disk = int(config.max_disk_fraction * peers["dense"].disk_bytes)
     step("export", f"searching structure x per-layer precision for {config.max_disk_fraction:g}x of the dense"
          f" bytes ({max_disk / 2**20:.2f} MiB), below plain int8 and int4")
-    budget = Budget(max_disk=max_disk, max_latency_ms=config.max_latency_ms, **budget_kw)
+    budget = Budget(max_disk=max_disk, **latency_limit(config.max_latency_ms), **budget_kw)
     artifact = export(model, plan, out / "artifact", tokenizer=tokenizer, method="width", budget=budget,
                       compress_options={"data": calib}, overwrite=overwrite)
     done("export")
@@ -174,7 +175,8 @@ def demo_commands(out: Path, config: DemoConfig, model_dir: str | Path = DEMO_MO
     model, outq, train, heldout = q(str(model_dir)), q(str(out)), q(str(TRAIN_TEXT)), q(str(HELDOUT_TEXT))
     calib = f"--data {train} --samples {config.samples} --seq-len {config.seq_len}"
     workload = f"--prompt-len {config.prompt_len} --context {config.context}"
-    latency = f" --max-latency-ms {config.max_latency_ms:g}" if config.max_latency_ms is not None else ""
+    limit = config.max_latency_ms
+    latency = "" if limit is None else f" --max-latency-ms {limit if isinstance(limit, str) else format(limit, 'g')}"
     disk = max_disk if max_disk is not None else "MAX_DISK"  # known once the dense artifact is measured
     default = DemoConfig()
     hidden = {  # settings `cwca-export demo` has no option for

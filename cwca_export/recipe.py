@@ -555,12 +555,11 @@ def _plan(recipe: Recipe, model, scores, calib):
 
 
 def _export(step: ExportStep, model, plan, tokenizer, out: Path, echo):
-    from cwca_export.budget import Budget, parse_size
+    from cwca_export.budget import Budget, latency_limit, parse_size
     from cwca_export.exporter.api import export
 
     limits = {"max_memory": parse_size(step.max_memory) if step.max_memory is not None else None,
-              "max_latency_ms": None if isinstance(step.max_latency_ms, str) else step.max_latency_ms,
-              "latency_peer": step.max_latency_ms if isinstance(step.max_latency_ms, str) else None, "ep": step.ep}
+              **latency_limit(step.max_latency_ms), "ep": step.ep}
     limits = {k: v for k, v in limits.items() if v is not None}
     budget = Budget.from_profile(step.hardware, **limits) if step.hardware else Budget(**limits)
     echo(f"[export] {step.backend}, {step.quantize or 'fp32'}, verified and measured")

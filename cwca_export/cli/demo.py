@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from cwca_export.cli.guard import guards_output
-from cwca_export.cli.options import finite
+from cwca_export.cli.options import LATENCY_LIMIT, finite
 
 
 @click.command()
@@ -19,8 +19,9 @@ from cwca_export.cli.options import finite
               help="Global MLP-width sparsity of the plan the budget search moves.")
 @click.option("--max-disk-fraction", type=finite(0, 1, min_open=True), default=0.15, show_default=True,
               help="Budget: the searched artifact's bytes as a fraction of the dense fp32 artifact's.")
-@click.option("--max-latency-ms", type=finite(0, min_open=True), default=50.0, show_default=True,
-              help="Budget: decode p50 per token at batch 1, context 128.")
+@click.option("--max-latency-ms", type=LATENCY_LIMIT, metavar="MS|int8", default=50.0, show_default=True,
+              help="Budget: decode p50 per token at batch 1, context 128, or int8: no slower than the dense"
+                   " int8 peer, measured beside it.")
 @click.option("--overwrite", is_flag=True,
               help="Replace an earlier demo folder (put back if this run fails; never one holding files"
               " the tool did not write).")

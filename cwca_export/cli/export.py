@@ -175,7 +175,7 @@ def export(
       cwca-export export ./tiny-llama --max-memory 2MB --max-latency-ms int8 --out ./as-fast-as-int8
       cwca-export export ./llama --hardware jetson-orin-8gb --plan plan.json --out ./orin
     """
-    from cwca_export.budget import Budget, parse_size
+    from cwca_export.budget import Budget, latency_limit, parse_size
     from cwca_export.exporter.api import export as run_export
     from cwca_export.exporter.postprocess import QuantizeConfig
     from cwca_export.loading import check_model_folder, load_model
@@ -188,9 +188,7 @@ def export(
     limits = {
         "max_memory": parse_size(max_memory) if max_memory else None,
         "max_disk": parse_size(max_disk) if max_disk else None,
-        "max_latency_ms": None if isinstance(max_latency_ms, str) else max_latency_ms,
-        "latency_peer": max_latency_ms if isinstance(max_latency_ms, str) else None,
-        "max_prefill_ms": max_prefill_ms,
+        **latency_limit(max_latency_ms), "max_prefill_ms": max_prefill_ms,
         "ep": ep, "dtype": dtype, "batch": batch, "prompt_len": prompt_len, "context": context,
     }
     if hardware:
