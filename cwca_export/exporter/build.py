@@ -18,15 +18,19 @@ from typing import Any
 from cwca_export.backends import available_backends, get_backend
 from cwca_export.blocks import find_blocks
 from cwca_export.exporter import postprocess as pp
+from cwca_export.exporter.manifest import describe_model
 from cwca_export.exporter.measure import MeasureConfig, file_inventory, measure_runtime
+from cwca_export.exporter.placeholders import fill_initializers, placeholder_weights, release_weights
 from cwca_export.exporter.predict import scheme_of, weight_bytes
 from cwca_export.exporter.session import DecoderSession, make_session
 from cwca_export.exporter.verify import (
+    TorchReference,
     VerificationError,
     check_generation,
     check_parity,
     check_runtime_generation,
     sample_inputs,
+    torch_reference,
 )
 from cwca_export.planning.rounding import ROUNDINGS, Clipper, clipped_weights
 
@@ -51,6 +55,12 @@ class ExportSettings:
             nearest on the weights as they are) or ``clip`` (each block clipped first where the
             calibration inputs say it lowers the output error, :mod:`cwca_export.planning.rounding`;
             :func:`build_candidate` then needs the inputs' moments).
+        low_memory: trace with placeholder weights and write the real initialisers tensor by
+            tensor (:mod:`cwca_export.exporter.placeholders`), then release the torch model's
+            weights once its reference logits are taken: the host peak is about one fp32 copy
+            of the weights. The model cannot compute afterwards. Backends that mark
+            ``traces_without_weights`` only (``onnx``); not with a precision plan, whose final
+            check recomputes torch with quantized weights.
     """
 
     backend: str = "optimum"
@@ -63,6 +73,7 @@ class ExportSettings:
     new_tokens: int = 8
     precision: dict[str, str] | None = None
     rounding: str = "rtn"
+    low_memory: bool = False
 
     def __post_init__(self) -> None:
         if self.rounding not in ROUNDINGS:
@@ -73,6 +84,12 @@ class ExportSettings:
             raise ValueError("a precision plan and --quantize do not combine; hint: pick one of them")
         if self.optimize is not None and self.optimize not in pp.OPT_LEVELS:
             raise ValueError(f"optimize: level {self.optimize!r}: choose one of {pp.OPT_LEVELS}")
+        if self.low_memory and self.precision:
+            raise ValueError("low-memory export and a precision plan do not combine (its final check runs torch"
+                             " with quantized weights); hint: drop --low-memory")
+        if self.low_memory and not getattr(get_backend(self.backend), "traces_without_weights", False):
+            raise ValueError(f"low-memory export: backend {self.backend} reads the weights after tracing"
+                             " (Optimum reloads the whole graph); hint: use --backend onnx")
 
     @property
     def scheme(self) -> str:
@@ -91,6 +108,7 @@ class Candidate:
     files: list[dict[str, Any]]
     measurement: dict[str, Any]
     prediction: dict[str, Any]
+    description: dict[str, Any] | None = None  # the model's manifest record, taken before its weights went
 
     @property
     def model_path(self) -> Path:
@@ -124,13 +142,14 @@ def _fail(what: str, settings: ExportSettings) -> VerificationError:
     return VerificationError(f"{settings.backend} artifact: {what}; nothing was written; {_other_backends(settings.backend)}")
 
 
-def _verify(model: Any, model_path: Path, folder: Path, settings: ExportSettings, dtype: str, generation: bool, backend: Any) -> dict[str, Any]:
-    ids, mask = sample_inputs(model.config.vocab_size)
+def _verify(reference: TorchReference, model_path: Path, folder: Path, settings: ExportSettings, dtype: str,
+            generation: bool, backend: Any) -> dict[str, Any]:
+    ids, mask = reference.ids, reference.mask
     try:
         decoder = DecoderSession(make_session(model_path, settings.measure.ep, threads=settings.measure.threads))
-        report = {"parity": check_parity(model, decoder, dtype, ids, mask)}
+        report = {"parity": check_parity(None, decoder, dtype, ids, mask, reference=reference)}
         if generation:
-            report["generation"] = check_generation(model, decoder, ids, mask, settings.new_tokens)
+            report["generation"] = check_generation(None, decoder, ids, mask, settings.new_tokens, reference=reference)
         # one ONNX Runtime session at a time: the raw session's weights go before the
         # runtime loader opens its own session on the same graph
         del decoder
@@ -139,7 +158,7 @@ def _verify(model: Any, model_path: Path, folder: Path, settings: ExportSettings
             def runtime(i, m, n):
                 return backend.generate(folder, i, m, n, settings.measure.ep)
             report["generation"] = check_runtime_generation(
-                model, ids, mask, settings.new_tokens, runtime, report["generation"])
+                None, ids, mask, settings.new_tokens, runtime, report["generation"], reference=reference)
     except (ValueError, TypeError) as exc:
         if "execution provider" in str(exc) or "--ep" in str(exc):
             raise
@@ -268,8 +287,20 @@ def build_candidate(model: Any, tokenizer: Any, folder: Path, settings: ExportSe
 
 def _build(model: Any, tokenizer: Any, folder: Path, settings: ExportSettings) -> Candidate:
     backend = get_backend(settings.backend)
+    # torch's side of every check, before any ONNX Runtime session opens
+    ids, mask = sample_inputs(model.config.vocab_size)
+    reference = torch_reference(model, ids, mask, settings.new_tokens,
+                                generate=callable(getattr(backend, "generate", None)))
+    description = describe_model(model) if settings.low_memory else None
     try:
-        backend.export(model, tokenizer, folder, **settings.backend_options)
+        if settings.low_memory:
+            with placeholder_weights(model) as stand_ins:
+                backend.export(model, tokenizer, folder, **settings.backend_options)
+            fill_initializers(folder / "model.onnx", stand_ins)
+            del stand_ins
+            release_weights(model)  # the artifact holds them now; the torch model is only shapes
+        else:
+            backend.export(model, tokenizer, folder, **settings.backend_options)
     except TypeError as exc:
         if "unexpected keyword" not in str(exc):
             raise
@@ -282,7 +313,7 @@ def _build(model: Any, tokenizer: Any, folder: Path, settings: ExportSettings) -
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     tied = head is not None and getattr(head, "weight", None) is embed.weight
     head_copy = pp.stored_head_copy_bytes(raw) if tied else 0
-    verification = {"fp32": _verify(model, raw, folder, settings, "fp32", True, backend)}
+    verification = {"fp32": _verify(reference, raw, folder, settings, "fp32", True, backend)}
     release_memory()
     postprocess = _postprocess(model, folder, settings)
     release_memory()
@@ -292,9 +323,10 @@ def _build(model: Any, tokenizer: Any, folder: Path, settings: ExportSettings) -
         assignment = {g: StorageFormat.parse(f) for g, f in settings.precision.items()}
         kind = "mixed-dynamic" if any(f.dynamic for f in assignment.values()) else "mixed"
         with quantized_weights(model, assignment):
-            verification["final"] = _verify(model, raw, folder, settings, kind, False, backend)
-    elif postprocess["steps"]:
-        verification["final"] = _verify(model, raw, folder, settings, settings.scheme, False, backend)
+            quantized = torch_reference(model, ids, mask)
+        verification["final"] = _verify(quantized, raw, folder, settings, kind, False, backend)
+    elif postprocess["steps"]:  # the same torch model: the same reference
+        verification["final"] = _verify(reference, raw, folder, settings, settings.scheme, False, backend)
     files = file_inventory(folder)
     measurement = measure_runtime(raw, settings.measure)
     scheme = settings.scheme
@@ -317,4 +349,4 @@ def _build(model: Any, tokenizer: Any, folder: Path, settings: ExportSettings) -
         "head_copy_bytes": head_copy,
         "fp32_overhead_bytes": raw_bytes - weight_bytes(model, "fp32") - head_copy,
     }
-    return Candidate(folder, model, settings, verification, postprocess, files, measurement, prediction)
+    return Candidate(folder, model, settings, verification, postprocess, files, measurement, prediction, description)

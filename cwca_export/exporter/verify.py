@@ -7,6 +7,7 @@ rms(ort - torch) / rms(torch), over non-padded positions, per artifact dtype.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -62,17 +63,61 @@ def _compare(ort: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     }
 
 
-def check_parity(model: Any, decoder: DecoderSession, dtype: str, ids: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
-    """Compare prefill logits and one decode step (through the KV cache if any) with torch.
+@dataclass(frozen=True)
+class TorchReference:
+    """What verification compares an artifact with, computed from the torch model before any
+    ONNX Runtime session opens (so the model's weights can be freed first, and the post-processed
+    graph is checked against the same numbers as the fp32 one).
 
-    Returns the worst relative RMS error, the max abs error, top-1 agreement, the tolerance
-    for ``dtype`` and whether it passed.
+    Attributes:
+        ids, mask: the sample inputs (B, T).
+        prefill: torch's logits (B, T, V) for them, float32.
+        next_ids: (B, 1) torch's greedy choice after them, fed to both sides for the decode step.
+        decode: torch's logits (B, V) for that step.
+        greedy: ``new_tokens`` greedy tokens by full recomputation (:func:`torch_greedy`), or None.
+        generate: transformers' ``generate`` tokens (:func:`hf_generate`) for a runtime loader, or None.
+        new_tokens: how many tokens ``greedy`` and ``generate`` continue by.
     """
-    ref_prefill = torch_logits(model, ids, mask)
-    nxt = ref_prefill[:, -1].argmax(-1)[:, None]  # (B, 1): torch's choice feeds both sides
+
+    ids: np.ndarray
+    mask: np.ndarray
+    prefill: np.ndarray
+    next_ids: np.ndarray
+    decode: np.ndarray
+    greedy: np.ndarray | None = None
+    generate: np.ndarray | None = None
+    new_tokens: int = 0
+
+
+def torch_reference(model: Any, ids: np.ndarray, mask: np.ndarray, new_tokens: int = 0, *,
+                    generate: bool = False) -> TorchReference:
+    """Everything :func:`check_parity`, :func:`check_generation` and (with ``generate``)
+    :func:`check_runtime_generation` read of the torch model, in one place."""
+    prefill = torch_logits(model, ids, mask)
+    nxt = prefill[:, -1].argmax(-1)[:, None]  # (B, 1): torch's choice feeds both sides
     full_ids = np.concatenate([ids, nxt], axis=1)
     full_mask = np.concatenate([mask, np.ones_like(nxt)], axis=1)
-    ref_decode = torch_logits(model, full_ids, full_mask)[:, -1]
+    decode = torch_logits(model, full_ids, full_mask)[:, -1]
+    return TorchReference(
+        ids, mask, prefill, nxt, decode,
+        greedy=torch_greedy(model, ids, mask, new_tokens) if new_tokens else None,
+        generate=hf_generate(model, ids, mask, new_tokens) if new_tokens and generate else None,
+        new_tokens=new_tokens,
+    )
+
+
+def check_parity(model: Any, decoder: DecoderSession, dtype: str, ids: np.ndarray, mask: np.ndarray,
+                 *, reference: TorchReference | None = None) -> dict[str, Any]:
+    """Compare prefill logits and one decode step (through the KV cache if any) with torch.
+
+    ``reference`` (from :func:`torch_reference` on ``ids`` and ``mask``) replaces the torch
+    forwards; ``model`` is then not read. Returns the worst relative RMS error, the max abs
+    error, top-1 agreement, the tolerance for ``dtype`` and whether it passed.
+    """
+    ref = reference if reference is not None else torch_reference(model, ids, mask)
+    ref_prefill, ref_decode, nxt = ref.prefill, ref.decode, ref.next_ids
+    full_ids = np.concatenate([ids, nxt], axis=1)
+    full_mask = np.concatenate([mask, np.ones_like(nxt)], axis=1)
 
     prefill, present = decoder.run(ids, mask)
     if decoder.has_past:
@@ -128,13 +173,19 @@ def check_generation(
     mask: np.ndarray,
     new_tokens: int,
     runtime_generate: Any = None,
+    *,
+    reference: TorchReference | None = None,
 ) -> dict[str, Any]:
     """Greedy tokens of the artifact against torch, through the raw session and, when the
     backend has one, its runtime loader (``runtime_generate(ids, mask, new_tokens)``).
 
     Callers that want one ONNX Runtime session alive at a time pass no ``runtime_generate``,
-    close ``decoder`` and then call :func:`check_runtime_generation`."""
-    ref = torch_greedy(model, ids, mask, new_tokens)
+    close ``decoder`` and then call :func:`check_runtime_generation`. ``reference`` (with
+    ``greedy`` tokens for ``new_tokens``) replaces the torch forwards."""
+    if reference is not None and reference.greedy is not None and reference.new_tokens == new_tokens:
+        ref = reference.greedy
+    else:
+        ref = torch_greedy(model, ids, mask, new_tokens)
     got = decoder.greedy(ids, mask, new_tokens)
     report: dict[str, Any] = {
         "new_tokens": new_tokens,
@@ -142,7 +193,8 @@ def check_generation(
         "session_agreement": float(np.mean(ref[:, ids.shape[1] :] == got[:, ids.shape[1] :])),
     }
     if runtime_generate is not None:
-        report = check_runtime_generation(model, ids, mask, new_tokens, runtime_generate, report)
+        report = check_runtime_generation(model, ids, mask, new_tokens, runtime_generate, report,
+                                          reference=reference)
     report["passed"] = report["session_equal"] and report.get("runtime_equal", True)
     return report
 
@@ -150,10 +202,16 @@ def check_generation(
 def check_runtime_generation(
     model: Any, ids: np.ndarray, mask: np.ndarray, new_tokens: int, runtime_generate: Any,
     report: dict[str, Any],
+    *,
+    reference: TorchReference | None = None,
 ) -> dict[str, Any]:
     """``report`` (from :func:`check_generation`) with the runtime loader's greedy tokens
-    compared against transformers' ``generate``: ``runtime_equal`` added, ``passed`` updated."""
-    ref_rt = hf_generate(model, ids, mask, new_tokens)
+    compared against transformers' ``generate``: ``runtime_equal`` added, ``passed`` updated.
+    ``reference`` (with ``generate`` tokens for ``new_tokens``) replaces the torch call."""
+    if reference is not None and reference.generate is not None and reference.new_tokens == new_tokens:
+        ref_rt = reference.generate
+    else:
+        ref_rt = hf_generate(model, ids, mask, new_tokens)
     got_rt = runtime_generate(ids, mask, new_tokens)
     report = {**report, "runtime_equal": bool(ref_rt.shape == got_rt.shape and np.array_equal(ref_rt, got_rt))}
     report["passed"] = report["session_equal"] and report["runtime_equal"]
