@@ -147,9 +147,10 @@ def _verify(reference: TorchReference, model_path: Path, folder: Path, settings:
     ids, mask = reference.ids, reference.mask
     try:
         decoder = DecoderSession(make_session(model_path, settings.measure.ep, threads=settings.measure.threads))
-        report = {"parity": check_parity(None, decoder, dtype, ids, mask, reference=reference)}
+        # the torch side was taken before any session opened (the model may hold no weights now)
+        report = {"parity": check_parity(reference, decoder, dtype, ids, mask)}
         if generation:
-            report["generation"] = check_generation(None, decoder, ids, mask, settings.new_tokens, reference=reference)
+            report["generation"] = check_generation(reference, decoder, ids, mask, settings.new_tokens)
         # one ONNX Runtime session at a time: the raw session's weights go before the
         # runtime loader opens its own session on the same graph
         del decoder
@@ -158,7 +159,7 @@ def _verify(reference: TorchReference, model_path: Path, folder: Path, settings:
             def runtime(i, m, n):
                 return backend.generate(folder, i, m, n, settings.measure.ep)
             report["generation"] = check_runtime_generation(
-                None, ids, mask, settings.new_tokens, runtime, report["generation"], reference=reference)
+                reference, ids, mask, settings.new_tokens, runtime, report["generation"])
     except (ValueError, TypeError) as exc:
         if "execution provider" in str(exc) or "--ep" in str(exc):
             raise

@@ -106,15 +106,14 @@ def torch_reference(model: Any, ids: np.ndarray, mask: np.ndarray, new_tokens: i
     )
 
 
-def check_parity(model: Any, decoder: DecoderSession, dtype: str, ids: np.ndarray, mask: np.ndarray,
-                 *, reference: TorchReference | None = None) -> dict[str, Any]:
+def check_parity(model: Any, decoder: DecoderSession, dtype: str, ids: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
     """Compare prefill logits and one decode step (through the KV cache if any) with torch.
 
-    ``reference`` (from :func:`torch_reference` on ``ids`` and ``mask``) replaces the torch
-    forwards; ``model`` is then not read. Returns the worst relative RMS error, the max abs
-    error, top-1 agreement, the tolerance for ``dtype`` and whether it passed.
+    ``model`` is the torch model, or a :class:`TorchReference` taken from it on ``ids`` and
+    ``mask`` (no torch forward then). Returns the worst relative RMS error, the max abs error,
+    top-1 agreement, the tolerance for ``dtype`` and whether it passed.
     """
-    ref = reference if reference is not None else torch_reference(model, ids, mask)
+    ref = model if isinstance(model, TorchReference) else torch_reference(model, ids, mask)
     ref_prefill, ref_decode, nxt = ref.prefill, ref.decode, ref.next_ids
     full_ids = np.concatenate([ids, nxt], axis=1)
     full_mask = np.concatenate([mask, np.ones_like(nxt)], axis=1)
@@ -140,6 +139,14 @@ def check_parity(model: Any, decoder: DecoderSession, dtype: str, ids: np.ndarra
         "inputs": {"batch": int(ids.shape[0]), "length": int(ids.shape[1]), "left_pad_last_row": int((~valid[-1]).sum())},
         **stats,
     }
+
+
+def _reference_tokens(reference: TorchReference, kind: str, new_tokens: int) -> np.ndarray:
+    tokens = getattr(reference, kind)
+    if tokens is None or reference.new_tokens != new_tokens:
+        raise ValueError(f"the torch reference holds no {kind} tokens for {new_tokens} new tokens;"
+                         f" hint: take it with torch_reference(..., new_tokens={new_tokens})")
+    return tokens
 
 
 @torch.no_grad()
@@ -173,17 +180,15 @@ def check_generation(
     mask: np.ndarray,
     new_tokens: int,
     runtime_generate: Any = None,
-    *,
-    reference: TorchReference | None = None,
 ) -> dict[str, Any]:
     """Greedy tokens of the artifact against torch, through the raw session and, when the
     backend has one, its runtime loader (``runtime_generate(ids, mask, new_tokens)``).
 
     Callers that want one ONNX Runtime session alive at a time pass no ``runtime_generate``,
-    close ``decoder`` and then call :func:`check_runtime_generation`. ``reference`` (with
-    ``greedy`` tokens for ``new_tokens``) replaces the torch forwards."""
-    if reference is not None and reference.greedy is not None and reference.new_tokens == new_tokens:
-        ref = reference.greedy
+    close ``decoder`` and then call :func:`check_runtime_generation`. ``model`` may be a
+    :class:`TorchReference` holding ``greedy`` tokens for ``new_tokens`` (no torch forward then)."""
+    if isinstance(model, TorchReference):
+        ref = _reference_tokens(model, "greedy", new_tokens)
     else:
         ref = torch_greedy(model, ids, mask, new_tokens)
     got = decoder.greedy(ids, mask, new_tokens)
@@ -193,8 +198,7 @@ def check_generation(
         "session_agreement": float(np.mean(ref[:, ids.shape[1] :] == got[:, ids.shape[1] :])),
     }
     if runtime_generate is not None:
-        report = check_runtime_generation(model, ids, mask, new_tokens, runtime_generate, report,
-                                          reference=reference)
+        report = check_runtime_generation(model, ids, mask, new_tokens, runtime_generate, report)
     report["passed"] = report["session_equal"] and report.get("runtime_equal", True)
     return report
 
@@ -202,14 +206,12 @@ def check_generation(
 def check_runtime_generation(
     model: Any, ids: np.ndarray, mask: np.ndarray, new_tokens: int, runtime_generate: Any,
     report: dict[str, Any],
-    *,
-    reference: TorchReference | None = None,
 ) -> dict[str, Any]:
     """``report`` (from :func:`check_generation`) with the runtime loader's greedy tokens
     compared against transformers' ``generate``: ``runtime_equal`` added, ``passed`` updated.
-    ``reference`` (with ``generate`` tokens for ``new_tokens``) replaces the torch call."""
-    if reference is not None and reference.generate is not None and reference.new_tokens == new_tokens:
-        ref_rt = reference.generate
+    ``model`` may be a :class:`TorchReference` holding ``generate`` tokens for ``new_tokens``."""
+    if isinstance(model, TorchReference):
+        ref_rt = _reference_tokens(model, "generate", new_tokens)
     else:
         ref_rt = hf_generate(model, ids, mask, new_tokens)
     got_rt = runtime_generate(ids, mask, new_tokens)
