@@ -42,6 +42,7 @@ def test_low_memory_artifact_is_the_ordinary_one_byte_for_byte(tmp_path, family,
                                   tokenizer=tiny_tokenizer(), external_data_threshold=threshold, **FAST)
     lean = cwca_export.export(model, None, tmp_path / "lean", backend="onnx", tokenizer=tiny_tokenizer(),
                               external_data_threshold=threshold, low_memory=True, **FAST)
+    assert sorted(p.name for p in lean.path.iterdir()) == sorted(p.name for p in ordinary.path.iterdir())  # no scratch left
     files = _graph_files(ordinary.path)
     assert files == _graph_files(lean.path) and (len(files) == 2) == (threshold == 1024)
     for name in files:
@@ -60,13 +61,23 @@ def test_low_memory_artifact_is_the_ordinary_one_byte_for_byte(tmp_path, family,
 
 
 def test_the_torch_weights_are_released_after_the_reference_and_before_any_session(tmp_path, monkeypatch):
-    """Every torch forward comes before the first ONNX Runtime session; by then the model's
-    matrices are zero-stride placeholders (one value per row of memory)."""
+    """Every torch forward comes before the trace and the first ONNX Runtime session; from the
+    trace on the model's matrices are zero-stride placeholders (one value per row of memory)."""
+    from cwca_export.backends import get_backend
     from cwca_export.exporter import build, verify
 
     model = tiny_model("llama")
     before = describe_model(model)
     events: list[str] = []
+    backend = type(get_backend("onnx"))
+    trace = backend.export
+
+    def logged_trace(self, traced, *a, **k):
+        matrices = [p for p in traced.parameters() if p.dim() >= 2]
+        events.append("trace" if all(0 in p.stride() for p in matrices) else "trace-with-weights")
+        return trace(self, traced, *a, **k)
+
+    monkeypatch.setattr(backend, "export", logged_trace)
     forward = verify.torch_logits
 
     def logged_forward(*a, **k):
@@ -84,7 +95,9 @@ def test_the_torch_weights_are_released_after_the_reference_and_before_any_sessi
     monkeypatch.setattr(build, "make_session", logged_session)
     art = cwca_export.export(model, None, tmp_path / "a", backend="onnx", quantize="int8", low_memory=True, **FAST)
     assert events.count("session") == 2 and "session-with-weights" not in events  # fp32 and int8 checks
-    assert events.index("session") > max(i for i, e in enumerate(events) if e == "torch")
+    assert "trace-with-weights" not in events
+    assert events.index("trace") > max(i for i, e in enumerate(events) if e == "torch")
+    assert events.index("session") > events.index("trace")
     assert art.manifest["model"] == before
     assert art.manifest["verification"]["final"]["parity"]["passed"] is True
     held = sum(p.untyped_storage().nbytes() for p in model.parameters() if p.dim() >= 2)
@@ -118,6 +131,17 @@ def test_streamed_external_layout_equals_onnx_save_model(tmp_path, threshold):
     pp.stream_external_layout(art.model_path, tmp_path / "stream" / "model.onnx")
     for name in ("model.onnx", pp.EXTERNAL_DATA_NAME):
         assert filecmp.cmp(tmp_path / "onnx" / name, tmp_path / "stream" / name, shallow=False), name
+
+
+def test_placeholders_without_a_spill_file_give_the_real_parameters_back():
+    from cwca_export.exporter.placeholders import placeholder_weights
+
+    model = tiny_model("gpt2")
+    params = dict(model.named_parameters())
+    with placeholder_weights(model) as stand_ins:
+        assert all(0 in p.stride() for p in model.parameters() if p.dim() >= 2)
+        assert len(stand_ins.sources) == sum(1 for p in params.values() if p.dim() >= 2)
+    assert all(p is params[n] for n, p in model.named_parameters())
 
 
 def test_a_placeholder_folded_into_anything_else_is_an_error():

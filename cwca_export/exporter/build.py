@@ -123,6 +123,9 @@ class Candidate:
         return sum(f["bytes"] for f in self.files)
 
 
+SPILL_NAME = ".weights.spill"  # a low-memory export's float32 weights while it traces without them
+
+
 def release_memory() -> None:
     """Collect garbage and hand freed heap pages back to the OS (glibc's ``malloc_trim``),
     so the next phase's peak starts from what is alive, not from what the last one left in
@@ -295,9 +298,16 @@ def _build(model: Any, tokenizer: Any, folder: Path, settings: ExportSettings) -
     description = describe_model(model) if settings.low_memory else None
     try:
         if settings.low_memory:
-            with placeholder_weights(model) as stand_ins:
-                backend.export(model, tokenizer, folder, **settings.backend_options)
-            fill_initializers(folder / "model.onnx", stand_ins)
+            # the weights leave memory before the trace: spilled to a scratch file as each is
+            # swapped for its stand-in, then written into the traced graph's initialisers
+            spill = folder / SPILL_NAME
+            try:
+                with placeholder_weights(model, spill) as stand_ins:
+                    release_memory()
+                    backend.export(model, tokenizer, folder, **settings.backend_options)
+                fill_initializers(folder / "model.onnx", stand_ins)
+            finally:
+                spill.unlink(missing_ok=True)
             del stand_ins
             release_weights(model)  # the artifact holds them now; the torch model is only shapes
         else:

@@ -79,17 +79,49 @@ def _stand_in(param: Any, value: float) -> Any:
     return torch.nn.Parameter(view, requires_grad=False)
 
 
-@contextlib.contextmanager
-def placeholder_weights(model: Any) -> Iterator[Placeholders]:
-    """Swap every float32 parameter of two or more dimensions for a fingerprinted stand-in
-    (one value per row of memory) and put the real ones back on exit.
+@dataclass(frozen=True)
+class Spilled:
+    """A float32 parameter written to a scratch file: what :func:`fill_initializers` reads
+    instead of the tensor once the model no longer holds it."""
 
-    A parameter shared by several modules (tied embeddings) gets one stand-in, shared the
-    same way, so the exporter deduplicates it as it would the real one."""
+    path: Path
+    offset: int
+    shape: tuple[int, ...]
+
+    def rows_view(self) -> np.memmap:
+        """The parameter as a (rows, rest) read-only map; drop it after each block so its pages
+        leave the process's resident set."""
+        rows = self.shape[0]
+        return np.memmap(self.path, dtype="<f4", mode="r", offset=self.offset,
+                         shape=(rows, int(np.prod(self.shape[1:], dtype=np.int64))))
+
+
+def _spill(out: Any, param: Any) -> int:
+    """Append ``param``'s float32 bytes to ``out`` a chunk at a time; its offset."""
+    offset = out.tell()
+    flat = param.detach().reshape(-1)
+    step = max(1, CHUNK_BYTES // 4)
+    for start in range(0, flat.numel(), step):
+        out.write(memoryview(flat[start:start + step].contiguous().numpy()).cast("B"))
+    return offset
+
+
+@contextlib.contextmanager
+def placeholder_weights(model: Any, spill: Path | None = None) -> Iterator[Placeholders]:
+    """Swap every float32 parameter of two or more dimensions for a fingerprinted stand-in
+    (one value per row of memory).
+
+    Without ``spill`` the real parameters go back on exit. With ``spill`` (a scratch file
+    path) each one is written there and dropped from the model as it is swapped, so the
+    trace runs without the weights in memory; the stand-ins stay on exit (the model can no
+    longer compute) and :func:`fill_initializers` reads the file. A parameter shared by several
+    modules (tied embeddings) gets one stand-in, shared the same way, so the exporter
+    deduplicates it as it would the real one."""
     import torch
 
     found = Placeholders()
     made: dict[int, Any] = {}
+    out = open(spill, "xb") if spill is not None else None  # noqa: SIM115 (closed below, before the trace)
     try:
         for module in model.modules():
             for name, param in list(module.named_parameters(recurse=False)):
@@ -98,13 +130,22 @@ def placeholder_weights(model: Any) -> Iterator[Placeholders]:
                 if id(param) not in made:
                     value = -(FINGERPRINT_BASE + 4 * len(made))
                     made[id(param)] = _stand_in(param, value)
-                    found.sources[value] = param.detach()
-                found.slots.append((module, name, param))
+                    if out is None:
+                        found.sources[value] = param.detach()
+                    else:
+                        found.sources[value] = Spilled(spill, _spill(out, param), tuple(param.shape))
+                found.slots.append((module, name, param if out is None else None))
                 setattr(module, name, made[id(param)])
+                del param
+        if out is not None:
+            out.close()
         yield found
     finally:
+        if out is not None:
+            out.close()
         for module, name, param in reversed(found.slots):
-            setattr(module, name, param)
+            if param is not None:
+                setattr(module, name, param)
 
 
 def release_weights(model: Any) -> None:
@@ -142,25 +183,39 @@ def _external(tensor: Any) -> tuple[str, int, int | None]:
 
 
 def _write_values(out: Any, source: Any, transposed: bool) -> int:
-    """Write ``source`` (or its transpose) as float32 row-major bytes, a chunk at a time."""
+    """Write ``source`` (a tensor or a :class:`Spilled` parameter), or its transpose, as
+    float32 row-major bytes, a bounded block at a time."""
     import torch
 
     written = 0
-    with torch.no_grad():
-        if not transposed:
-            flat = source.reshape(-1)
-            step = max(1, CHUNK_BYTES // 4)
-            for start in range(0, flat.numel(), step):
+    spilled = isinstance(source, Spilled)
+    rows = source.shape[0]
+    count = int(np.prod(source.shape, dtype=np.int64))
+    if not transposed:
+        step = max(1, CHUNK_BYTES // 4)
+        if spilled:
+            with open(source.path, "rb") as f:
+                f.seek(source.offset)
+                for start in range(0, count, step):
+                    written += out.write(f.read(4 * min(step, count - start)))
+            return written
+        flat = source.reshape(-1)
+        with torch.no_grad():
+            for start in range(0, count, step):
                 piece = flat[start:start + step].contiguous().numpy()
-                out.write(memoryview(piece).cast("B"))
-                written += piece.nbytes
+                written += out.write(memoryview(piece).cast("B"))
+        return written
+    cols = count // rows
+    step = max(1, CHUNK_BYTES // (4 * rows))
+    for start in range(0, cols, step):  # output rows = source columns
+        if spilled:
+            view = source.rows_view()
+            piece = np.ascontiguousarray(view[:, start:start + step].T)
+            del view  # unmapped: its pages leave the resident set
         else:
-            rows, cols = source.shape
-            step = max(1, CHUNK_BYTES // (4 * rows))
-            for start in range(0, cols, step):  # output rows = source columns
+            with torch.no_grad():
                 piece = source[:, start:start + step].t().contiguous().numpy()
-                out.write(memoryview(piece).cast("B"))
-                written += piece.nbytes
+        written += out.write(memoryview(piece).cast("B"))
     return written
 
 
