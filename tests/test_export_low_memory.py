@@ -42,7 +42,8 @@ def test_low_memory_artifact_is_the_ordinary_one_byte_for_byte(tmp_path, family,
                                   tokenizer=tiny_tokenizer(), external_data_threshold=threshold, **FAST)
     lean = cwca_export.export(model, None, tmp_path / "lean", backend="onnx", tokenizer=tiny_tokenizer(),
                               external_data_threshold=threshold, low_memory=True, **FAST)
-    assert sorted(p.name for p in lean.path.iterdir()) == sorted(p.name for p in ordinary.path.iterdir())  # no scratch left
+    # no scratch file left behind
+    assert sorted(p.name for p in lean.path.iterdir()) == sorted(p.name for p in ordinary.path.iterdir())
     files = _graph_files(ordinary.path)
     assert files == _graph_files(lean.path) and (len(files) == 2) == (threshold == 1024)
     for name in files:

@@ -47,7 +47,8 @@ class Placeholders:
     sources: dict[float, Any] = field(default_factory=dict)
     slots: list[tuple[Any, str, Any]] = field(default_factory=list)  # (module, name, real parameter)
 
-    def match(self, name: str, dims: tuple[int, ...], first: float, second: float | None, last: float) -> tuple[Any, bool] | None:
+    def match(self, name: str, dims: tuple[int, ...], first: float, second: float | None,
+              last: float) -> tuple[Any, bool] | None:
         """(real parameter, transposed) for an initialiser whose first elements are these;
         None for one the exporter wrote from real values."""
         source = self.sources.get(first)
