@@ -6,8 +6,9 @@ and exports it through the Python API with each phase of ``exporter/build.py`` w
 kernel's peak-RSS mark (VmHWM) is reset before a phase (``/proc/self/clear_refs``) and read
 after it, so each row is that phase's own peak. Linux only.
 
-With ``--low-memory`` (``--backend onnx``) the rows are: torch's reference logits, the trace
-with placeholder weights, filling the real initialisers, verification, post-processing,
+With ``--low-memory`` (``--backend onnx``) the rows are: torch's reference logits, the spill
+of the weights to a scratch file (as each is swapped for its placeholder), the trace with
+placeholder weights, filling the real initialisers, verification, post-processing,
 measurement.
 
 Usage:
@@ -17,6 +18,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import sys
@@ -90,6 +92,21 @@ def main() -> None:
     type(backend).export = phase("backend", type(backend).export)
     build.torch_reference = phase("reference", build.torch_reference)
     build.fill_initializers = phase("fill", build.fill_initializers)
+    stand_ins = build.placeholder_weights
+
+    @contextlib.contextmanager
+    def spilled(*a, **k):  # the spill happens on entering the placeholders' context
+        context = stand_ins(*a, **k)
+        value = phase("spill", context.__enter__)()
+        try:
+            yield value
+        except BaseException:
+            if not context.__exit__(*sys.exc_info()):
+                raise
+        else:
+            context.__exit__(None, None, None)
+
+    build.placeholder_weights = spilled
     verify_calls = iter(["verify_fp32", "verify_final"])  # (the precision path's second reference is not run here)
     inner_verify = build._verify
     build._verify = lambda *a, **k: phase(next(verify_calls), inner_verify)(*a, **k)
