@@ -61,6 +61,20 @@ def test_low_memory_artifact_is_the_ordinary_one_byte_for_byte(tmp_path, family,
     assert err < 1e-5
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])  # Conv1D weights as they are; Linear ones transposed
+def test_blockwise_writes_give_the_same_bytes(tmp_path, monkeypatch, family):
+    """Blocks of 256 bytes: every matrix spilled, read back and transposed in many pieces."""
+    from cwca_export.exporter import placeholders
+
+    monkeypatch.setattr(placeholders, "CHUNK_BYTES", 256)
+    ordinary = cwca_export.export(tiny_model(family), None, tmp_path / "ordinary", backend="onnx",
+                                  external_data_threshold=1024, **FAST)
+    lean = cwca_export.export(tiny_model(family), None, tmp_path / "lean", backend="onnx",
+                              external_data_threshold=1024, low_memory=True, **FAST)
+    for name in ("model.onnx", "model.onnx_data"):
+        assert filecmp.cmp(ordinary.path / name, lean.path / name, shallow=False), name
+
+
 def test_the_torch_weights_are_released_after_the_reference_and_before_any_session(tmp_path, monkeypatch):
     """Every torch forward comes before the trace and the first ONNX Runtime session; from the
     trace on the model's matrices are zero-stride placeholders (one value per row of memory)."""
