@@ -112,6 +112,8 @@ def main() -> None:
     build._verify = lambda *a, **k: phase(next(verify_calls), inner_verify)(*a, **k)
     build._postprocess = phase("postprocess", build._postprocess)
     build.measure_runtime = phase("measure", build.measure_runtime)
+    if args.low_memory:  # as `cwca-export export --low-memory` does before loading
+        build.return_large_frees()
     base = status()["VmRSS"]
     model, tokenizer = load_model(folder)
     gc.collect()

@@ -226,6 +226,10 @@ def export(
             raise click.UsageError("--precision and --quantize do not combine; hint: pick one of them")
     check_model_folder(model_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                        lengths={"--seq-len": seq_len if data else None, "--context": budget.context})
+    if low_memory:  # before the model's tensors reach the heap (docs/memory.md, "export --low-memory")
+        from cwca_export.exporter.build import return_large_frees
+
+        return_large_frees()
     model, tokenizer = load_model(model_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     compress_options = {}
     if plan is not None and method:  # the plan is applied here: it must fit this model

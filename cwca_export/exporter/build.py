@@ -136,6 +136,44 @@ def release_memory() -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def _libc() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl)
+        return None
+
+
+def return_large_frees() -> None:
+    """Serve every allocation over 128 KiB from its own memory map, returned to the OS on free,
+    and trim the heap's top past 128 KiB (glibc's ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD``,
+    fixed). glibc otherwise raises both after each large free and serves later blocks from
+    its heap, which keeps them: torch.onnx.export's shape inference copies each initialiser
+    for a moment, and at 550M the heap kept 0.7-1.1 fp32 copies of them (with the thresholds
+    fixed before the model loads: 0.27 at the peak, nothing after). Set early: blocks already
+    in the heap's free lists are reused as before. ``export --low-memory`` calls it first."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
+
+
+@contextlib.contextmanager
+def fixed_mmap_threshold():
+    """:func:`return_large_frees` for the block; on exit both thresholds go to glibc's ceilings
+    for them (32 MiB and 64 MiB), about where the dynamic ones end after large frees."""
+    return_large_frees()
+    try:
+        yield
+    finally:
+        libc = _libc()
+        if libc is not None:
+            libc.mallopt(-3, 32 * 1024 * 1024)
+            libc.mallopt(-1, 64 * 1024 * 1024)
+
+
 def _other_backends(name: str) -> str:
     others = [b for b in available_backends() if b != name]
     return f"hint: try another backend ({', '.join(others)})" if others else "hint: export with CWCA_DEBUG=1 and report the model type"
@@ -276,6 +314,9 @@ def build_candidate(model: Any, tokenizer: Any, folder: Path, settings: ExportSe
     With ``settings.rounding == "clip"`` and a precision plan, the weights are clipped for the
     export and its checks (``clipper``: :func:`cwca_export.planning.rounding.clipper_for`)
     and restored after."""
+    if settings.low_memory:
+        with fixed_mmap_threshold():
+            return _build(model, tokenizer, folder, settings)
     if not (settings.precision and settings.rounding == "clip"):
         return _build(model, tokenizer, folder, settings)
     if clipper is None:

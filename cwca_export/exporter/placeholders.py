@@ -140,6 +140,7 @@ def placeholder_weights(model: Any, spill: Path | None = None) -> Iterator[Place
                 del param
         if out is not None:
             out.close()
+            _own_memory(model)
         yield found
     finally:
         if out is not None:
@@ -147,6 +148,25 @@ def placeholder_weights(model: Any, spill: Path | None = None) -> Iterator[Place
         for module, name, param in reversed(found.slots):
             if param is not None:
                 setattr(module, name, param)
+
+
+def _own_memory(model: Any) -> None:
+    """Give the tensors the stand-ins left (norm weights, biases, buffers: small) memory of their
+    own: loaded from a safetensors file, every tensor is a view of one memory map, which stays
+    mapped (and its touched pages resident) while any of them lives."""
+    import torch
+
+    copies: dict[int, Any] = {}
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if 0 in param.stride():  # a stand-in
+                continue
+            if id(param) not in copies:
+                copies[id(param)] = torch.nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+            setattr(module, name, copies[id(param)])
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer is not None:
+                setattr(module, name, copies.setdefault(id(buffer), buffer.clone()))
 
 
 def release_weights(model: Any) -> None:

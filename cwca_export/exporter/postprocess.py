@@ -229,33 +229,64 @@ def stream_external_layout(src: Path, dst: Path, size_threshold: int = 1024) -> 
     import sys
 
     import onnx
-    from onnx.external_data_helper import ExternalDataInfo, set_external_data, uses_external_data
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
     from cwca_export.exporter.placeholders import initializer_tensors
 
     model = onnx.load(str(src), load_external_data=False)
     data_path = dst.parent / EXTERNAL_DATA_NAME
     base = src.parent
+    empty = sys.getsizeof(b"")
+    # bytes never pass through the proto (its arena would keep every tensor until the end):
+    # external data is copied file to file, inline data written and cleared
     with open(data_path, "xb") as out:
         for tensor in initializer_tensors(model.graph):
-            external = uses_external_data(tensor)
-            if external:
+            if uses_external_data(tensor):
                 info = ExternalDataInfo(tensor)
-                with open(base / info.location, "rb") as f:
-                    f.seek(int(info.offset or 0))
-                    raw = f.read() if info.length is None else f.read(int(info.length))
-                tensor.raw_data = raw
-                tensor.data_location = onnx.TensorProto.DEFAULT
-                del tensor.external_data[:]
-            elif not tensor.HasField("raw_data"):
-                continue
-            if sys.getsizeof(tensor.raw_data) >= size_threshold:
+                source = base / info.location
+                start = int(info.offset or 0)
+                length = source.stat().st_size - start if info.length is None else int(info.length)
+                if length + empty < size_threshold:  # stays inline, as onnx.load then save leaves it
+                    with open(source, "rb") as f:
+                        f.seek(start)
+                        tensor.raw_data = f.read(length)
+                    tensor.data_location = onnx.TensorProto.DEFAULT
+                    del tensor.external_data[:]
+                    continue
+                offset = out.tell()
+                with open(source, "rb") as f:
+                    f.seek(start)
+                    left = length
+                    while left:
+                        piece = f.read(min(left, _COPY_BYTES))
+                        if not piece:
+                            raise ValueError(f"{source}: external data of {tensor.name} ends early")
+                        out.write(piece)
+                        left -= len(piece)
+            elif tensor.HasField("raw_data") and sys.getsizeof(tensor.raw_data) >= size_threshold:
                 offset = out.tell()
                 out.write(tensor.raw_data)
-                set_external_data(tensor, EXTERNAL_DATA_NAME, offset, out.tell() - offset)
-                tensor.ClearField("raw_data")
+                length = out.tell() - offset
+            else:
+                continue
+            _mark_external(tensor, offset, length)
     _load_attribute_tensors(model.graph, base)
     onnx.save_model(model, str(dst))
+
+
+_COPY_BYTES = 64 * 2**20
+
+
+def _mark_external(tensor: Any, offset: int, length: int) -> None:
+    """The fields ``onnx.save_model`` leaves on a tensor it wrote to ``model.onnx_data``."""
+    import onnx
+
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", EXTERNAL_DATA_NAME), ("offset", offset), ("length", length)):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, str(value)
+    tensor.ClearField("raw_data")
 
 
 def _load_attribute_tensors(graph: Any, base: Path) -> None:
