@@ -38,10 +38,12 @@ DAMAGE_LOGIT_CHUNK = 2**25  # damage._LOGIT_CHUNK: logits elements the reproduce
 EXPORT_COPIES = {"inline": 3.2, "external": 1.15}
 PROTOBUF_LIMIT = 2**31  # torch.onnx.export writes the weights as external data above this
 QUANT_COPIES = {None: 0.0, "int8": 1.0, "int4": 1.0}  # extra fp32 copy while quantizing (not yet measured)
-# export --low-memory (onnx backend): fp32 copies of the weights an ONNX Runtime session holds
-# while verifying, the largest phase once the torch model's weights are gone (measured at 550M,
-# benchmarks/bench_export_phases.py --low-memory)
-SESSION_COPIES = 1.0
+# export --low-memory (onnx backend), measured at 550M (benchmarks/bench_export_phases.py
+# --low-memory): fp32 copies of the weights an ONNX Runtime session holds while verifying (1.013,
+# the largest phase once the torch model's weights are gone), and copies of the largest tensor
+# torch.onnx.export holds at once while tracing with placeholders (shape inference: 3.1)
+SESSION_COPIES = 1.013
+TRACE_TENSOR_COPIES = 3.1
 
 
 @dataclass(frozen=True)
@@ -338,8 +340,9 @@ def export_low_memory(shape: ModelShape, quantize: str | None = None, runtime: i
     - torch's reference logits: the float32 model as loaded (``source_bytes``, default 4P)
       and one short forward (2 sequences of 13 tokens: negligible);
     - the trace: the weights spilled to a scratch file as each is swapped for a one-value-per-row
-      stand-in; the exporter materialises one stand-in at a time (a matmul's contiguous operand,
-      the encoder's bytes): the largest tensor, max(V, I) x h x 4;
+      stand-in; the exporter materialises a stand-in for a moment (its shape inference's copies,
+      a matmul's contiguous operand, the encoder's bytes): ``TRACE_TENSOR_COPIES`` x the largest
+      tensor, max(V, I) x h x 4;
     - filling the initialisers from the spill: one 64 MiB block;
     - verification: one ONNX Runtime session, ``SESSION_COPIES`` x 4P (the torch model holds
       no weights by then);
@@ -352,7 +355,7 @@ def export_low_memory(shape: ModelShape, quantize: str | None = None, runtime: i
     largest = max(shape.vocab, shape.intermediate) * shape.hidden * 4
     phases = {
         "torch model (fp32) during the reference forwards": float(fp32 if source_bytes is None else source_bytes),
-        "largest tensor during the trace": float(largest),
+        "largest tensor's copies during the trace": TRACE_TENSOR_COPIES * largest,
         "ONNX Runtime session during verification": SESSION_COPIES * fp32,
         "post-processing": (1.0 + QUANT_COPIES.get(quantize, 1.0)) * fp32 if quantize else float(largest),
     }

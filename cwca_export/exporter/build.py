@@ -150,8 +150,8 @@ def return_large_frees() -> None:
     and trim the heap's top past 128 KiB (glibc's ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD``,
     fixed). glibc otherwise raises both after each large free and serves later blocks from
     its heap, which keeps them: torch.onnx.export's shape inference copies each initialiser
-    for a moment, and at 550M the heap kept 0.7-1.1 fp32 copies of them (with the thresholds
-    fixed before the model loads: 0.27 at the peak, nothing after). Set early: blocks already
+    for a moment, and at 550M its peak rose 0.75-1.14 fp32 copies with 0.5 kept after (with
+    the thresholds fixed before the model loads: 0.27, none kept). Set early: blocks already
     in the heap's free lists are reused as before. ``export --low-memory`` calls it first."""
     libc = _libc()
     if libc is not None:
