@@ -231,6 +231,9 @@ def export(
 
         return_large_frees()
     model, tokenizer = load_model(model_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    if low_memory and sum(p.numel() for p in model.parameters()) * 4 <= 2 * 1024**3:
+        click.echo("note: --low-memory saves memory only above 2 GiB of float32 weights (below, the graph is"
+                   " written inline and rewritten whole); this model is smaller", err=True)
     compress_options = {}
     if plan is not None and method:  # the plan is applied here: it must fit this model
         plan.check(model, fingerprint=not no_fingerprint, require_fingerprint=not no_fingerprint)
