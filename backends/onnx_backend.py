@@ -114,6 +114,10 @@ def _wrapper(model: Any, num_layers: int, with_past: bool):
 class OnnxBackend:
     """``torch.onnx.export`` (TorchScript tracer) of the forward; logits, KV cache optional."""
 
+    # the export reads no weight values after tracing: low-memory export may trace it with
+    # placeholder weights and write the initialisers itself (cwca_export.exporter.placeholders)
+    traces_without_weights = True
+
     def export(
         self,
         model: Any,

@@ -6,13 +6,19 @@ and exports it through the Python API with each phase of ``exporter/build.py`` w
 kernel's peak-RSS mark (VmHWM) is reset before a phase (``/proc/self/clear_refs``) and read
 after it, so each row is that phase's own peak. Linux only.
 
+With ``--low-memory`` (``--backend onnx``) the rows are: torch's reference logits, the spill
+of the weights to a scratch file (as each is swapped for its placeholder), the trace with
+placeholder weights, filling the real initialisers, verification, post-processing,
+measurement.
+
 Usage:
-    python benchmarks/bench_export_phases.py [--size 40m] [--backend optimum] [--work DIR]
+    python benchmarks/bench_export_phases.py [--size 40m] [--backend optimum] [--low-memory] [--work DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import sys
@@ -54,6 +60,7 @@ def main() -> None:
     ap.add_argument("--backend", default="optimum")
     ap.add_argument("--quantize", default=None)
     ap.add_argument("--work", default=None)
+    ap.add_argument("--low-memory", action="store_true", help="the low-memory export (--backend onnx)")
     args = ap.parse_args()
 
     from cwca_export.exporter import api, build
@@ -83,11 +90,30 @@ def main() -> None:
 
     backend = build.get_backend(args.backend)
     type(backend).export = phase("backend", type(backend).export)
-    verify_calls = iter(["verify_fp32", "verify_final"])
+    build.torch_reference = phase("reference", build.torch_reference)
+    build.fill_initializers = phase("fill", build.fill_initializers)
+    stand_ins = build.placeholder_weights
+
+    @contextlib.contextmanager
+    def spilled(*a, **k):  # the spill happens on entering the placeholders' context
+        context = stand_ins(*a, **k)
+        value = phase("spill", context.__enter__)()
+        try:
+            yield value
+        except BaseException:
+            if not context.__exit__(*sys.exc_info()):
+                raise
+        else:
+            context.__exit__(None, None, None)
+
+    build.placeholder_weights = spilled
+    verify_calls = iter(["verify_fp32", "verify_final"])  # (the precision path's second reference is not run here)
     inner_verify = build._verify
     build._verify = lambda *a, **k: phase(next(verify_calls), inner_verify)(*a, **k)
     build._postprocess = phase("postprocess", build._postprocess)
     build.measure_runtime = phase("measure", build.measure_runtime)
+    if args.low_memory:  # as `cwca-export export --low-memory` does before loading
+        build.return_large_frees()
     base = status()["VmRSS"]
     model, tokenizer = load_model(folder)
     gc.collect()
@@ -97,11 +123,13 @@ def main() -> None:
           f" after {loaded / MIB:.0f} MiB")
     reset_peak()
     peaks = rows  # each phase resets the mark: the whole call's peak is the largest phase's
-    api.export(model, None, work / f"art-{args.backend}", backend=args.backend, quantize=args.quantize,
-               tokenizer=tokenizer, overwrite=True, warmup=1, runs=2)
+    art = work / (f"art-{args.backend}" + ("-low-memory" if args.low_memory else ""))
+    api.export(model, None, art, backend=args.backend, quantize=args.quantize,
+               tokenizer=tokenizer, overwrite=True, warmup=1, runs=2, low_memory=args.low_memory)
     total = max([status()["VmHWM"], *(r["peak"] for r in peaks)])
     print(f"export peak (whole call) {total / MIB:.0f} MiB = loaded + {(total - loaded) / weights:.2f} x weights")
-    print(json.dumps({"size": args.size, "backend": args.backend, "quantize": args.quantize, "weights": weights,
+    print(json.dumps({"size": args.size, "backend": args.backend, "quantize": args.quantize,
+                      "low_memory": args.low_memory, "weights": weights,
                       "rss_loaded": loaded, "export_peak": total, "phases": rows}))
 
 

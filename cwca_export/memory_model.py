@@ -41,6 +41,15 @@ EXPORT_COPIES = {"inline": 3.2, "external": 1.15}
 SESSION_CREATION_COPIES = 0.16
 PROTOBUF_LIMIT = 2**31  # torch.onnx.export writes the weights as external data above this
 QUANT_COPIES = {None: 0.0, "int8": 1.0, "int4": 1.0}  # extra fp32 copy while quantizing (not yet measured)
+# export --low-memory (onnx backend), measured at 550M (benchmarks/bench_export_phases.py
+# --low-memory): fp32 copies of the weights an ONNX Runtime session holds while verifying (1.013,
+# the largest phase once the torch model's weights are gone), and copies of the largest tensor
+# torch.onnx.export holds at once while tracing with placeholders (shape inference: 3.1)
+SESSION_COPIES = 1.013
+TRACE_TENSOR_COPIES = 3.1
+# below 2 GiB the graph is inline: torch builds its proto with every placeholder materialised
+# and the fill rewrites it whole (measured at 150M: 3.06 and 4.15 copies; the ordinary export: 3.2 + 1)
+INLINE_LOW_MEMORY_COPIES = 4.15
 
 
 @dataclass(frozen=True)
@@ -298,7 +307,7 @@ def compress(shape: ModelShape, run: RunSettings, method: str, runtime: int = 0)
 
 
 def export(shape: ModelShape, backend: str = "optimum", quantize: str | None = None,
-           runtime: int = 0, *, source_bytes: int | None = None) -> StepCost:
+           runtime: int = 0, *, source_bytes: int | None = None, low_memory: bool = False) -> StepCost:
     """``export``: the torch model in float32 (``source_bytes``, default P x 4: export traces
     a float32 model and refuses others) and, at the peak, ``EXPORT_COPIES`` fp32 copies of the
     weights, the largest of its phases (benchmarks/bench_export_phases.py measures each):
@@ -318,6 +327,8 @@ def export(shape: ModelShape, backend: str = "optimum", quantize: str | None = N
     (``QUANT_COPIES``, not yet measured). Latency is measured in a worker process of its own
     (one session; less than this peak). Time: a few passes over the weights (tracing,
     serialisation, ORT's graph optimisation) and a few short forwards."""
+    if low_memory:
+        return export_low_memory(shape, quantize, runtime, source_bytes=source_bytes)
     fp32 = shape.params * 4
     weights = fp32 if source_bytes is None else source_bytes
     layout = "inline" if fp32 <= PROTOBUF_LIMIT else "external"
@@ -325,6 +336,45 @@ def export(shape: ModelShape, backend: str = "optimum", quantize: str | None = N
     name = f"export_{backend}" + (f"_{quantize}" if quantize else "")
     return StepCost(name, host={"torch model (fp32)": weights, f"fp32 graph copies ({layout})": copies * fp32},
                     time_units=0.0, runtime=runtime)
+
+
+def export_low_memory(shape: ModelShape, quantize: str | None = None, runtime: int = 0, *,
+                      source_bytes: int | None = None) -> StepCost:
+    """``export --backend onnx --low-memory`` (:mod:`cwca_export.exporter.placeholders`): its
+    phases run one after another and hold, beside the runtime:
+
+    - torch's reference logits: the float32 model as loaded (``source_bytes``, default 4P)
+      and one short forward (2 sequences of 13 tokens: negligible);
+    - the trace: the weights spilled to a scratch file as each is swapped for a one-value-per-row
+      stand-in; the exporter materialises a stand-in for a moment (its shape inference's copies,
+      a matmul's contiguous operand, the encoder's bytes): ``TRACE_TENSOR_COPIES`` x the largest
+      tensor, max(V, I) x h x 4;
+    - filling the initialisers from the spill: one 64 MiB block;
+    - verification: one ONNX Runtime session, ``SESSION_COPIES`` x 4P (the torch model holds
+      no weights by then);
+    - post-processing: the external layout streamed a tensor at a time (the largest tensor);
+      with ``--quantize`` the quantizer loads the whole fp32 graph (1 + ``QUANT_COPIES``
+      copies, from the code, not measured).
+
+    Below 2 GiB of fp32 weights the graph is inline and the fill rewrites it whole
+    (``INLINE_LOW_MEMORY_COPIES``): no saving there.
+
+    The peak is the largest phase, one term named after it."""
+    fp32 = shape.params * 4
+    if fp32 <= PROTOBUF_LIMIT:
+        name = "export_onnx_lowmem" + (f"_{quantize}" if quantize else "")
+        return StepCost(name, host={"peak phase: the inline graph's fill": INLINE_LOW_MEMORY_COPIES * fp32},
+                        time_units=0.0, runtime=runtime)
+    largest = max(shape.vocab, shape.intermediate) * shape.hidden * 4
+    phases = {
+        "torch model (fp32) during the reference forwards": float(fp32 if source_bytes is None else source_bytes),
+        "largest tensor's copies during the trace": TRACE_TENSOR_COPIES * largest,
+        "ONNX Runtime session during verification": SESSION_COPIES * fp32,
+        "post-processing": (1.0 + QUANT_COPIES.get(quantize, 1.0)) * fp32 if quantize else float(largest),
+    }
+    phase = max(phases, key=phases.get)
+    name = "export_onnx_lowmem" + (f"_{quantize}" if quantize else "")
+    return StepCost(name, host={f"peak phase: {phase}": phases[phase]}, time_units=0.0, runtime=runtime)
 
 
 def evaluate(shape: ModelShape, run: RunSettings, artifact: bool = False, runtime: int = 0) -> StepCost:
@@ -368,6 +418,9 @@ def predict(step: str, shape: ModelShape, run: RunSettings, runtime: dict[str, i
         return compress(shape, run, step.removeprefix("compress_"), torch_rt)
     if step == "export_uniform":
         return export(shape, "optimum", None, onnx_rt)
+    if step.startswith("export_onnx_lowmem"):
+        parts = step.split("_")[3:]
+        return export_low_memory(shape, parts[0] if parts else None, onnx_rt)
     if step.startswith("export_"):
         parts = step.split("_")[1:]
         return export(shape, parts[0], parts[1] if len(parts) > 1 else None, onnx_rt)
@@ -388,8 +441,10 @@ def projection_table(runtime: dict[str, int] | None = None, run: RunSettings | N
     for name, shape in (("7B", llama_7b()), ("70B", llama_70b())):
         capped = RunSettings(**{**run.to_dict(), "max_cache": 16 * GIB})
         costs = [score_damage(shape, run), score_damage(shape, capped), refine(shape, run),
-                 compress(shape, run, "wanda"), export(shape, "optimum", None), evaluate(shape, run, True)]
-        labels = ["score_damage", "score_damage 16G", "refine", "compress_wanda", "export_optimum", "eval_onnx"]
+                 compress(shape, run, "wanda"), export(shape, "optimum", None), export_low_memory(shape),
+                 evaluate(shape, run, True)]
+        labels = ["score_damage", "score_damage 16G", "refine", "compress_wanda", "export_optimum",
+                  "export_onnx --low-memory", "eval_onnx"]
         for label, cost in zip(labels, costs, strict=True):
             if label.startswith("compress"):  # layer by layer: the model stays on the host, a block visits
                 device = cost.device_bytes - shape.weight_bytes + shape.block_linear_params * shape.dtype_bytes

@@ -149,3 +149,15 @@ def test_bench_scale_smallest_size_is_within_its_goal(tmp_path):
     for name, row in steps.items():
         if "ratio" in row:
             assert 0.8 <= row["ratio"] <= 1.2, (name, row)
+
+
+def test_low_memory_export_is_bounded_by_one_fp32_copy_at_7b():
+    """The low-memory export's phases (docs/memory.md): the peak is the loaded fp32 model or one
+    ONNX Runtime session, never the model beside the exporter's copies as the ordinary export."""
+    shape = mm.llama_7b()
+    fp32 = shape.params * 4
+    lean = mm.predict("export_onnx_lowmem", shape, mm.RunSettings(samples=1, seq_len=8))
+    assert lean.host_bytes == pytest.approx(max(1.0, mm.SESSION_COPIES) * fp32)
+    assert mm.export(shape, "optimum").host_bytes > 2 * fp32
+    quantized = mm.predict("export_onnx_lowmem_int8", shape, mm.RunSettings(samples=1, seq_len=8))
+    assert quantized.host_bytes == pytest.approx((1 + mm.QUANT_COPIES["int8"]) * fp32)

@@ -143,6 +143,10 @@ def _read_precision(path: str) -> dict[str, str]:
 @click.option("--runs", type=COUNT, default=10, show_default=True, help="Timed runs per latency measurement.")
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed runs before timing.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="ONNX Runtime intra-op threads (0: its default).")
+@click.option("--low-memory", is_flag=True,
+              help="--backend onnx: trace with placeholder weights, write the fp32 weights tensor by tensor and free the"
+                   " torch model once its reference logits are taken: host peak about one fp32 copy of the weights"
+                   " (docs/memory.md). Not with --max-* limits or --precision.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder cwca-export wrote (atomically; never one holding other files).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @click.option("--no-fingerprint", is_flag=True, help="With --method: apply a --plan whose model fingerprint differs or is missing.")
@@ -152,7 +156,7 @@ def export(
     model_dir, out, backend, plan_path, method, data, samples, seq_len, quantize, exclude, exclude_layers, block_size,
     formats, precision_path, levels, precision_estimate, rounding, dtype,
     optimize, max_memory, max_disk, max_latency_ms, max_prefill_ms, ep, batch, batch_alias, prompt_len, context, hardware,
-    no_kv_cache, opset, external_data_threshold, runs, warmup, threads, overwrite, as_json,
+    no_kv_cache, opset, external_data_threshold, runs, warmup, threads, low_memory, overwrite, as_json,
     no_fingerprint, trust_remote_code, allow_pickle,
 ) -> None:
     """Export MODEL_DIR (a saved HF causal LM) to a verified ONNX artifact.
@@ -214,6 +218,19 @@ def export(
 
         if get_method(method).dense_storage:
             raise click.UsageError(dense_storage_message(method))
+    if low_memory:
+        from cwca_export.backends import get_backend
+
+        if not getattr(get_backend(backend), "traces_without_weights", False):
+            raise click.BadParameter(f"backend {backend} reads the weights after tracing (Optimum reloads the whole"
+                                     " graph), so only --backend onnx exports with --low-memory; hint: add --backend onnx",
+                                     param_hint="--low-memory")
+        if budget.has_limits:
+            raise click.BadParameter("a budget search builds several artifacts from the model; hint: drop --low-memory"
+                                     " or the --max-* limits", param_hint="--low-memory")
+        if precision_path:
+            raise click.BadParameter("--precision checks its graph against torch with quantized weights, which"
+                                     " --low-memory frees; hint: drop one of them", param_hint="--low-memory")
     precision = None
     if precision_path:
         precision = _read_precision(precision_path)
@@ -221,14 +238,22 @@ def export(
             raise click.UsageError("--precision and --quantize do not combine; hint: pick one of them")
     check_model_folder(model_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                        lengths={"--seq-len": seq_len if data else None, "--context": budget.context})
+    if low_memory:  # before the model's tensors reach the heap (docs/memory.md, "export --low-memory")
+        from cwca_export.exporter.build import return_large_frees
+
+        return_large_frees()
     model, tokenizer = load_model(model_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    if low_memory and sum(p.numel() for p in model.parameters()) * 4 <= 2 * 1024**3:
+        click.echo("note: --low-memory saves memory only above 2 GiB of float32 weights (below, the graph is"
+                   " written inline and rewritten whole); this model is smaller", err=True)
     compress_options = {}
     if plan is not None and method:  # the plan is applied here: it must fit this model
         plan.check(model, fingerprint=not no_fingerprint, require_fingerprint=not no_fingerprint)
         if no_fingerprint:
             compress_options["check_fingerprint"] = False
     if not as_json:
-        click.echo(f"exporting {model_dir} with backend {backend} ...", err=True)
+        mode = " (low memory: placeholder trace, weights written per tensor)" if low_memory else ""
+        click.echo(f"exporting {model_dir} with backend {backend}{mode} ...", err=True)
     if data:
         from cwca_export.data import calibration_data
 
@@ -238,7 +263,7 @@ def export(
         method=method, optimize=optimize, backend_options=options, compress_options=compress_options,
         external_data_threshold=parse_size(external_data_threshold), overwrite=overwrite,
         warmup=warmup, runs=runs, threads=threads, precision=precision, formats=formats, levels=levels,
-        precision_estimate=precision_estimate, rounding=rounding,
+        precision_estimate=precision_estimate, rounding=rounding, low_memory=low_memory,
     )
     if as_json:
         click.echo(json.dumps(artifact.manifest, indent=2))

@@ -114,6 +114,7 @@ def export(
     precision_estimate: str = "measured",
     search_options: dict[str, Any] | None = None,
     rounding: str = "clip",
+    low_memory: bool = False,
 ) -> Artifact:
     """Export ``model`` to ONNX, verify it against torch, measure it, and write it atomically.
 
@@ -156,6 +157,10 @@ def export(
         rounding: how per-layer integer formats round: ``clip`` (default; blocks clipped where
             the calibration inputs say it lowers the output error, :mod:`cwca_export.planning.rounding`)
             or ``rtn`` (ONNX Runtime's plain round to nearest). Fixed ``quantize`` is always RTN.
+        low_memory: ``onnx`` backend only: trace with placeholder weights, write the float32
+            initialisers tensor by tensor, and release ``model``'s weights once torch's reference
+            logits are taken (host peak about one fp32 copy of the weights; docs/memory.md).
+            The model object cannot compute afterwards. Not with budget limits or ``precision``.
 
     Returns:
         The committed :class:`Artifact`.
@@ -172,6 +177,9 @@ def export(
         if get_method(method).dense_storage:
             raise ValueError(dense_storage_message(method))
     _check_model(model)
+    if low_memory and budget.has_limits:
+        raise ValueError("low-memory export builds one artifact from the model, a budget search several;"
+                         " hint: drop --low-memory or the limits")
     settings = ExportSettings(
         backend=backend,
         backend_options=dict(backend_options or {}),
@@ -186,6 +194,7 @@ def export(
         new_tokens=new_tokens,
         precision=dict(precision) if precision else None,
         rounding=rounding,
+        low_memory=low_memory,
     )
     with Staging(out_dir, overwrite=overwrite) as staging:
         if budget.has_limits:
@@ -234,4 +243,5 @@ def _manifest(candidate: Candidate, plan: Any, budget: Budget, search: dict[str,
         measurement=candidate.measurement,
         prediction=candidate.prediction,
         budget=budget_record,
+        structure=candidate.description,
     )

@@ -18,15 +18,19 @@ from typing import Any
 from cwca_export.backends import available_backends, get_backend
 from cwca_export.blocks import find_blocks
 from cwca_export.exporter import postprocess as pp
+from cwca_export.exporter.manifest import describe_model
 from cwca_export.exporter.measure import MeasureConfig, file_inventory, measure_runtime
+from cwca_export.exporter.placeholders import fill_initializers, placeholder_weights, release_weights
 from cwca_export.exporter.predict import scheme_of, weight_bytes
 from cwca_export.exporter.session import DecoderSession, make_session
 from cwca_export.exporter.verify import (
+    TorchReference,
     VerificationError,
     check_generation,
     check_parity,
     check_runtime_generation,
     sample_inputs,
+    torch_reference,
 )
 from cwca_export.planning.rounding import ROUNDINGS, Clipper, clipped_weights
 
@@ -51,6 +55,12 @@ class ExportSettings:
             nearest on the weights as they are) or ``clip`` (each block clipped first where the
             calibration inputs say it lowers the output error, :mod:`cwca_export.planning.rounding`;
             :func:`build_candidate` then needs the inputs' moments).
+        low_memory: trace with placeholder weights and write the real initialisers tensor by
+            tensor (:mod:`cwca_export.exporter.placeholders`), then release the torch model's
+            weights once its reference logits are taken: the host peak is about one fp32 copy
+            of the weights. The model cannot compute afterwards. Backends that mark
+            ``traces_without_weights`` only (``onnx``); not with a precision plan, whose final
+            check recomputes torch with quantized weights.
     """
 
     backend: str = "optimum"
@@ -63,6 +73,7 @@ class ExportSettings:
     new_tokens: int = 8
     precision: dict[str, str] | None = None
     rounding: str = "rtn"
+    low_memory: bool = False
 
     def __post_init__(self) -> None:
         if self.rounding not in ROUNDINGS:
@@ -73,6 +84,12 @@ class ExportSettings:
             raise ValueError("a precision plan and --quantize do not combine; hint: pick one of them")
         if self.optimize is not None and self.optimize not in pp.OPT_LEVELS:
             raise ValueError(f"optimize: level {self.optimize!r}: choose one of {pp.OPT_LEVELS}")
+        if self.low_memory and self.precision:
+            raise ValueError("low-memory export and a precision plan do not combine (its final check runs torch"
+                             " with quantized weights); hint: drop --low-memory")
+        if self.low_memory and not getattr(get_backend(self.backend), "traces_without_weights", False):
+            raise ValueError(f"low-memory export: backend {self.backend} reads the weights after tracing"
+                             " (Optimum reloads the whole graph); hint: use --backend onnx")
 
     @property
     def scheme(self) -> str:
@@ -91,6 +108,7 @@ class Candidate:
     files: list[dict[str, Any]]
     measurement: dict[str, Any]
     prediction: dict[str, Any]
+    description: dict[str, Any] | None = None  # the model's manifest record, taken before its weights went
 
     @property
     def model_path(self) -> Path:
@@ -105,6 +123,9 @@ class Candidate:
         return sum(f["bytes"] for f in self.files)
 
 
+SPILL_NAME = ".weights.spill"  # a low-memory export's float32 weights while it traces without them
+
+
 def release_memory() -> None:
     """Collect garbage and hand freed heap pages back to the OS (glibc's ``malloc_trim``),
     so the next phase's peak starts from what is alive, not from what the last one left in
@@ -113,6 +134,44 @@ def release_memory() -> None:
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):  # not glibc (musl): nothing to trim
             ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _libc() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl)
+        return None
+
+
+def return_large_frees() -> None:
+    """Serve every allocation over 128 KiB from its own memory map, returned to the OS on free,
+    and trim the heap's top past 128 KiB (glibc's ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD``,
+    fixed). glibc otherwise raises both after each large free and serves later blocks from
+    its heap, which keeps them: torch.onnx.export's shape inference copies each initialiser
+    for a moment, and at 550M its peak rose 0.75-1.14 fp32 copies with 0.5 kept after (with
+    the thresholds fixed before the model loads: 0.27, none kept). Set early: blocks already
+    in the heap's free lists are reused as before. ``export --low-memory`` calls it first."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
+
+
+@contextlib.contextmanager
+def fixed_mmap_threshold():
+    """:func:`return_large_frees` for the block; on exit both thresholds go to glibc's ceilings
+    for them (32 MiB and 64 MiB), about where the dynamic ones end after large frees."""
+    return_large_frees()
+    try:
+        yield
+    finally:
+        libc = _libc()
+        if libc is not None:
+            libc.mallopt(-3, 32 * 1024 * 1024)
+            libc.mallopt(-1, 64 * 1024 * 1024)
 
 
 def _other_backends(name: str) -> str:
@@ -124,13 +183,15 @@ def _fail(what: str, settings: ExportSettings) -> VerificationError:
     return VerificationError(f"{settings.backend} artifact: {what}; nothing was written; {_other_backends(settings.backend)}")
 
 
-def _verify(model: Any, model_path: Path, folder: Path, settings: ExportSettings, dtype: str, generation: bool, backend: Any) -> dict[str, Any]:
-    ids, mask = sample_inputs(model.config.vocab_size)
+def _verify(reference: TorchReference, model_path: Path, folder: Path, settings: ExportSettings, dtype: str,
+            generation: bool, backend: Any) -> dict[str, Any]:
+    ids, mask = reference.ids, reference.mask
     try:
         decoder = DecoderSession(make_session(model_path, settings.measure.ep, threads=settings.measure.threads))
-        report = {"parity": check_parity(model, decoder, dtype, ids, mask)}
+        # the torch side was taken before any session opened (the model may hold no weights now)
+        report = {"parity": check_parity(reference, decoder, dtype, ids, mask)}
         if generation:
-            report["generation"] = check_generation(model, decoder, ids, mask, settings.new_tokens)
+            report["generation"] = check_generation(reference, decoder, ids, mask, settings.new_tokens)
         # one ONNX Runtime session at a time: the raw session's weights go before the
         # runtime loader opens its own session on the same graph
         del decoder
@@ -139,7 +200,7 @@ def _verify(model: Any, model_path: Path, folder: Path, settings: ExportSettings
             def runtime(i, m, n):
                 return backend.generate(folder, i, m, n, settings.measure.ep)
             report["generation"] = check_runtime_generation(
-                model, ids, mask, settings.new_tokens, runtime, report["generation"])
+                reference, ids, mask, settings.new_tokens, runtime, report["generation"])
     except (ValueError, TypeError) as exc:
         if "execution provider" in str(exc) or "--ep" in str(exc):
             raise
@@ -253,6 +314,9 @@ def build_candidate(model: Any, tokenizer: Any, folder: Path, settings: ExportSe
     With ``settings.rounding == "clip"`` and a precision plan, the weights are clipped for the
     export and its checks (``clipper``: :func:`cwca_export.planning.rounding.clipper_for`)
     and restored after."""
+    if settings.low_memory:
+        with fixed_mmap_threshold():
+            return _build(model, tokenizer, folder, settings)
     if not (settings.precision and settings.rounding == "clip"):
         return _build(model, tokenizer, folder, settings)
     if clipper is None:
@@ -268,8 +332,27 @@ def build_candidate(model: Any, tokenizer: Any, folder: Path, settings: ExportSe
 
 def _build(model: Any, tokenizer: Any, folder: Path, settings: ExportSettings) -> Candidate:
     backend = get_backend(settings.backend)
+    # torch's side of every check, before any ONNX Runtime session opens
+    ids, mask = sample_inputs(model.config.vocab_size)
+    reference = torch_reference(model, ids, mask, settings.new_tokens,
+                                generate=callable(getattr(backend, "generate", None)))
+    description = describe_model(model) if settings.low_memory else None
     try:
-        backend.export(model, tokenizer, folder, **settings.backend_options)
+        if settings.low_memory:
+            # the weights leave memory before the trace: spilled to a scratch file as each is
+            # swapped for its stand-in, then written into the traced graph's initialisers
+            spill = folder / SPILL_NAME
+            try:
+                with placeholder_weights(model, spill) as stand_ins:
+                    release_memory()
+                    backend.export(model, tokenizer, folder, **settings.backend_options)
+                fill_initializers(folder / "model.onnx", stand_ins)
+            finally:
+                spill.unlink(missing_ok=True)
+            del stand_ins
+            release_weights(model)  # the artifact holds them now; the torch model is only shapes
+        else:
+            backend.export(model, tokenizer, folder, **settings.backend_options)
     except TypeError as exc:
         if "unexpected keyword" not in str(exc):
             raise
@@ -282,7 +365,7 @@ def _build(model: Any, tokenizer: Any, folder: Path, settings: ExportSettings) -
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     tied = head is not None and getattr(head, "weight", None) is embed.weight
     head_copy = pp.stored_head_copy_bytes(raw) if tied else 0
-    verification = {"fp32": _verify(model, raw, folder, settings, "fp32", True, backend)}
+    verification = {"fp32": _verify(reference, raw, folder, settings, "fp32", True, backend)}
     release_memory()
     postprocess = _postprocess(model, folder, settings)
     release_memory()
@@ -292,9 +375,10 @@ def _build(model: Any, tokenizer: Any, folder: Path, settings: ExportSettings) -
         assignment = {g: StorageFormat.parse(f) for g, f in settings.precision.items()}
         kind = "mixed-dynamic" if any(f.dynamic for f in assignment.values()) else "mixed"
         with quantized_weights(model, assignment):
-            verification["final"] = _verify(model, raw, folder, settings, kind, False, backend)
-    elif postprocess["steps"]:
-        verification["final"] = _verify(model, raw, folder, settings, settings.scheme, False, backend)
+            quantized = torch_reference(model, ids, mask)
+        verification["final"] = _verify(quantized, raw, folder, settings, kind, False, backend)
+    elif postprocess["steps"]:  # the same torch model: the same reference
+        verification["final"] = _verify(reference, raw, folder, settings, settings.scheme, False, backend)
     files = file_inventory(folder)
     measurement = measure_runtime(raw, settings.measure)
     scheme = settings.scheme
@@ -317,4 +401,4 @@ def _build(model: Any, tokenizer: Any, folder: Path, settings: ExportSettings) -
         "head_copy_bytes": head_copy,
         "fp32_overhead_bytes": raw_bytes - weight_bytes(model, "fp32") - head_copy,
     }
-    return Candidate(folder, model, settings, verification, postprocess, files, measurement, prediction)
+    return Candidate(folder, model, settings, verification, postprocess, files, measurement, prediction, description)

@@ -126,9 +126,11 @@ def build_manifest(
     measurement: dict[str, Any],
     prediction: dict[str, Any],
     budget: dict[str, Any] | None,
+    structure: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The manifest as a JSON-ready dict."""
-    structure = describe_model(model)
+    """The manifest as a JSON-ready dict; ``structure`` is :func:`describe_model` taken earlier
+    (a low-memory export releases the weights it reads)."""
+    structure = structure if structure is not None else describe_model(model)
     return {
         "_type": "CwcaManifest",
         "schema_version": MANIFEST_SCHEMA_VERSION,

@@ -210,22 +210,100 @@ def save_layout(src: Path, dst: Path, threshold: int = PROTOBUF_LIMIT) -> None:
 
     External data is used when the graph with its weights exceeds ``threshold`` bytes (the
     2 GiB protobuf limit by default; a small value exercises the same path on tiny models).
+    The external layout is written one tensor at a time (:func:`stream_external_layout`);
+    a self-contained graph is under 2 GiB by construction and is loaded whole.
     """
     import onnx
 
-    external = graph_bytes(src) > threshold
-    model = onnx.load(str(src))
-    if external:
-        onnx.save_model(
-            model,
-            str(dst),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=EXTERNAL_DATA_NAME,
-            size_threshold=1024,
-        )
-    else:
-        onnx.save_model(model, str(dst))
+    if graph_bytes(src) > threshold:
+        stream_external_layout(src, dst)
+        return
+    onnx.save_model(onnx.load(str(src)), str(dst))
+
+
+def stream_external_layout(src: Path, dst: Path, size_threshold: int = 1024) -> None:
+    """``onnx.save_model(onnx.load(src), dst, save_as_external_data=True, all_tensors_to_one_file=True,
+    location=model.onnx_data, size_threshold=1024)``, byte for byte, holding one tensor's bytes at
+    a time instead of every weight: each initializer (subgraphs' too) is read from where ``src``
+    keeps it (its external file and offset, or inline) and appended to ``dst``'s data file."""
+    import sys
+
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    from cwca_export.exporter.placeholders import initializer_tensors
+
+    model = onnx.load(str(src), load_external_data=False)
+    data_path = dst.parent / EXTERNAL_DATA_NAME
+    base = src.parent
+    empty = sys.getsizeof(b"")
+    # bytes never pass through the proto (its arena would keep every tensor until the end):
+    # external data is copied file to file, inline data written and cleared
+    with open(data_path, "xb") as out:
+        for tensor in initializer_tensors(model.graph):
+            if uses_external_data(tensor):
+                info = ExternalDataInfo(tensor)
+                source = base / info.location
+                start = int(info.offset or 0)
+                length = source.stat().st_size - start if info.length is None else int(info.length)
+                if length + empty < size_threshold:  # stays inline, as onnx.load then save leaves it
+                    with open(source, "rb") as f:
+                        f.seek(start)
+                        tensor.raw_data = f.read(length)
+                    tensor.data_location = onnx.TensorProto.DEFAULT
+                    del tensor.external_data[:]
+                    continue
+                offset = out.tell()
+                with open(source, "rb") as f:
+                    f.seek(start)
+                    left = length
+                    while left:
+                        piece = f.read(min(left, _COPY_BYTES))
+                        if not piece:
+                            raise ValueError(f"{source}: external data of {tensor.name} ends early")
+                        out.write(piece)
+                        left -= len(piece)
+            elif tensor.HasField("raw_data") and sys.getsizeof(tensor.raw_data) >= size_threshold:
+                offset = out.tell()
+                out.write(tensor.raw_data)
+                length = out.tell() - offset
+            else:
+                continue
+            _mark_external(tensor, offset, length)
+    _load_attribute_tensors(model.graph, base)
+    onnx.save_model(model, str(dst))
+
+
+_COPY_BYTES = 64 * 2**20
+
+
+def _mark_external(tensor: Any, offset: int, length: int) -> None:
+    """The fields ``onnx.save_model`` leaves on a tensor it wrote to ``model.onnx_data``."""
+    import onnx
+
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", EXTERNAL_DATA_NAME), ("offset", offset), ("length", length)):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, str(value)
+    tensor.ClearField("raw_data")
+
+
+def _load_attribute_tensors(graph: Any, base: Path) -> None:
+    """Attribute tensors kept as external data are read inline, as ``onnx.load`` would."""
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t") and uses_external_data(attribute.t):
+                load_external_data_for_tensor(attribute.t, str(base))
+            for tensor in attribute.tensors:
+                if uses_external_data(tensor):
+                    load_external_data_for_tensor(tensor, str(base))
+            if attribute.g.ByteSize():
+                _load_attribute_tensors(attribute.g, base)
+            for sub in attribute.graphs:
+                _load_attribute_tensors(sub, base)
 
 
 # ---------------------------------------------------------------- per-node formats (precision plans)

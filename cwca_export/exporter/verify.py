@@ -7,6 +7,7 @@ rms(ort - torch) / rms(torch), over non-padded positions, per artifact dtype.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -62,17 +63,60 @@ def _compare(ort: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     }
 
 
+@dataclass(frozen=True)
+class TorchReference:
+    """What verification compares an artifact with, computed from the torch model before any
+    ONNX Runtime session opens (so the model's weights can be freed first, and the post-processed
+    graph is checked against the same numbers as the fp32 one).
+
+    Attributes:
+        ids, mask: the sample inputs (B, T).
+        prefill: torch's logits (B, T, V) for them, float32.
+        next_ids: (B, 1) torch's greedy choice after them, fed to both sides for the decode step.
+        decode: torch's logits (B, V) for that step.
+        greedy: ``new_tokens`` greedy tokens by full recomputation (:func:`torch_greedy`), or None.
+        generate: transformers' ``generate`` tokens (:func:`hf_generate`) for a runtime loader, or None.
+        new_tokens: how many tokens ``greedy`` and ``generate`` continue by.
+    """
+
+    ids: np.ndarray
+    mask: np.ndarray
+    prefill: np.ndarray
+    next_ids: np.ndarray
+    decode: np.ndarray
+    greedy: np.ndarray | None = None
+    generate: np.ndarray | None = None
+    new_tokens: int = 0
+
+
+def torch_reference(model: Any, ids: np.ndarray, mask: np.ndarray, new_tokens: int = 0, *,
+                    generate: bool = False) -> TorchReference:
+    """Everything :func:`check_parity`, :func:`check_generation` and (with ``generate``)
+    :func:`check_runtime_generation` read of the torch model, in one place."""
+    prefill = torch_logits(model, ids, mask)
+    nxt = prefill[:, -1].argmax(-1)[:, None]  # (B, 1): torch's choice feeds both sides
+    full_ids = np.concatenate([ids, nxt], axis=1)
+    full_mask = np.concatenate([mask, np.ones_like(nxt)], axis=1)
+    decode = torch_logits(model, full_ids, full_mask)[:, -1]
+    return TorchReference(
+        ids, mask, prefill, nxt, decode,
+        greedy=torch_greedy(model, ids, mask, new_tokens) if new_tokens else None,
+        generate=hf_generate(model, ids, mask, new_tokens) if new_tokens and generate else None,
+        new_tokens=new_tokens,
+    )
+
+
 def check_parity(model: Any, decoder: DecoderSession, dtype: str, ids: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
     """Compare prefill logits and one decode step (through the KV cache if any) with torch.
 
-    Returns the worst relative RMS error, the max abs error, top-1 agreement, the tolerance
-    for ``dtype`` and whether it passed.
+    ``model`` is the torch model, or a :class:`TorchReference` taken from it on ``ids`` and
+    ``mask`` (no torch forward then). Returns the worst relative RMS error, the max abs error,
+    top-1 agreement, the tolerance for ``dtype`` and whether it passed.
     """
-    ref_prefill = torch_logits(model, ids, mask)
-    nxt = ref_prefill[:, -1].argmax(-1)[:, None]  # (B, 1): torch's choice feeds both sides
+    ref = model if isinstance(model, TorchReference) else torch_reference(model, ids, mask)
+    ref_prefill, ref_decode, nxt = ref.prefill, ref.decode, ref.next_ids
     full_ids = np.concatenate([ids, nxt], axis=1)
     full_mask = np.concatenate([mask, np.ones_like(nxt)], axis=1)
-    ref_decode = torch_logits(model, full_ids, full_mask)[:, -1]
 
     prefill, present = decoder.run(ids, mask)
     if decoder.has_past:
@@ -95,6 +139,14 @@ def check_parity(model: Any, decoder: DecoderSession, dtype: str, ids: np.ndarra
         "inputs": {"batch": int(ids.shape[0]), "length": int(ids.shape[1]), "left_pad_last_row": int((~valid[-1]).sum())},
         **stats,
     }
+
+
+def _reference_tokens(reference: TorchReference, kind: str, new_tokens: int) -> np.ndarray:
+    tokens = getattr(reference, kind)
+    if tokens is None or reference.new_tokens != new_tokens:
+        raise ValueError(f"the torch reference holds no {kind} tokens for {new_tokens} new tokens;"
+                         f" hint: take it with torch_reference(..., new_tokens={new_tokens})")
+    return tokens
 
 
 @torch.no_grad()
@@ -133,8 +185,12 @@ def check_generation(
     backend has one, its runtime loader (``runtime_generate(ids, mask, new_tokens)``).
 
     Callers that want one ONNX Runtime session alive at a time pass no ``runtime_generate``,
-    close ``decoder`` and then call :func:`check_runtime_generation`."""
-    ref = torch_greedy(model, ids, mask, new_tokens)
+    close ``decoder`` and then call :func:`check_runtime_generation`. ``model`` may be a
+    :class:`TorchReference` holding ``greedy`` tokens for ``new_tokens`` (no torch forward then)."""
+    if isinstance(model, TorchReference):
+        ref = _reference_tokens(model, "greedy", new_tokens)
+    else:
+        ref = torch_greedy(model, ids, mask, new_tokens)
     got = decoder.greedy(ids, mask, new_tokens)
     report: dict[str, Any] = {
         "new_tokens": new_tokens,
@@ -152,8 +208,12 @@ def check_runtime_generation(
     report: dict[str, Any],
 ) -> dict[str, Any]:
     """``report`` (from :func:`check_generation`) with the runtime loader's greedy tokens
-    compared against transformers' ``generate``: ``runtime_equal`` added, ``passed`` updated."""
-    ref_rt = hf_generate(model, ids, mask, new_tokens)
+    compared against transformers' ``generate``: ``runtime_equal`` added, ``passed`` updated.
+    ``model`` may be a :class:`TorchReference` holding ``generate`` tokens for ``new_tokens``."""
+    if isinstance(model, TorchReference):
+        ref_rt = _reference_tokens(model, "generate", new_tokens)
+    else:
+        ref_rt = hf_generate(model, ids, mask, new_tokens)
     got_rt = runtime_generate(ids, mask, new_tokens)
     report = {**report, "runtime_equal": bool(ref_rt.shape == got_rt.shape and np.array_equal(ref_rt, got_rt))}
     report["passed"] = report["session_equal"] and report["runtime_equal"]

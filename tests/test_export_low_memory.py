@@ -1,0 +1,205 @@
+"""Low-memory export (issue 14): placeholder tracing, initialisers written per tensor, the torch
+weights released after torch's reference, the external layout streamed one tensor at a time.
+
+The references are independent of the new code: the artifact the ordinary export writes from
+the real weights (byte for byte), ``onnx.save_model``'s own external-data layout, and the torch
+model's logits computed by the test on a copy taken before the export."""
+
+from __future__ import annotations
+
+import copy
+import filecmp
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from helpers import save_tiny_model, tiny_model, tiny_tokenizer
+
+import cwca_export
+from cwca_export.budget import Budget
+from cwca_export.exporter import postprocess as pp
+from cwca_export.exporter.manifest import MANIFEST_NAME, describe_model
+from cwca_export.exporter.placeholders import FINGERPRINT_BASE, PlaceholderError, Placeholders
+from cwca_export.exporter.session import DecoderSession, make_session, position_ids
+from cwca_export.exporter.verify import sample_inputs
+
+FAST = {"budget": Budget(prompt_len=8, context=24), "runs": 2, "warmup": 1}
+
+
+def _graph_files(folder):
+    return ["model.onnx"] + (["model.onnx_data"] if (folder / "model.onnx_data").exists() else [])
+
+
+@pytest.mark.parametrize(("family", "threshold"), [("llama", pp.PROTOBUF_LIMIT), ("gpt2", 1024), ("gemma", 1024)])
+def test_low_memory_artifact_is_the_ordinary_one_byte_for_byte(tmp_path, family, threshold):
+    """Same graph, same node layout, same initialiser bytes: inline (llama) and external data,
+    tied embeddings (gpt2, gemma); and its logits match the torch model's."""
+    model = tiny_model(family)
+    reference_model = copy.deepcopy(model)
+    ordinary = cwca_export.export(tiny_model(family), None, tmp_path / "ordinary", backend="onnx",
+                                  tokenizer=tiny_tokenizer(), external_data_threshold=threshold, **FAST)
+    lean = cwca_export.export(model, None, tmp_path / "lean", backend="onnx", tokenizer=tiny_tokenizer(),
+                              external_data_threshold=threshold, low_memory=True, **FAST)
+    # no scratch file left behind
+    assert sorted(p.name for p in lean.path.iterdir()) == sorted(p.name for p in ordinary.path.iterdir())
+    files = _graph_files(ordinary.path)
+    assert files == _graph_files(lean.path) and (len(files) == 2) == (threshold == 1024)
+    for name in files:
+        assert filecmp.cmp(ordinary.path / name, lean.path / name, shallow=False), name
+    assert lean.manifest["model"] == ordinary.manifest["model"]  # described before the weights went
+    assert lean.manifest["verification"]["fp32"]["generation"]["passed"] is True
+
+    ids, mask = sample_inputs(reference_model.config.vocab_size, length=9, pad=2, seed=5)
+    with torch.no_grad():
+        ref = reference_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                              position_ids=torch.from_numpy(position_ids(mask)), use_cache=False).logits.numpy()
+    got, _ = DecoderSession(make_session(lean.model_path)).run(ids, mask)
+    valid = mask.astype(bool)
+    err = np.sqrt(np.mean((got[valid] - ref[valid]) ** 2)) / np.sqrt(np.mean(ref[valid] ** 2))
+    assert err < 1e-5
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])  # Conv1D weights as they are; Linear ones transposed
+def test_blockwise_writes_give_the_same_bytes(tmp_path, monkeypatch, family):
+    """Blocks of 256 bytes: every matrix spilled, read back and transposed in many pieces."""
+    from cwca_export.exporter import placeholders
+
+    monkeypatch.setattr(placeholders, "CHUNK_BYTES", 256)
+    ordinary = cwca_export.export(tiny_model(family), None, tmp_path / "ordinary", backend="onnx",
+                                  external_data_threshold=1024, **FAST)
+    lean = cwca_export.export(tiny_model(family), None, tmp_path / "lean", backend="onnx",
+                              external_data_threshold=1024, low_memory=True, **FAST)
+    for name in ("model.onnx", "model.onnx_data"):
+        assert filecmp.cmp(ordinary.path / name, lean.path / name, shallow=False), name
+
+
+def test_the_torch_weights_are_released_after_the_reference_and_before_any_session(tmp_path, monkeypatch):
+    """Every torch forward comes before the trace and the first ONNX Runtime session; from the
+    trace on the model's matrices are zero-stride placeholders (one value per row of memory)."""
+    from cwca_export.backends import get_backend
+    from cwca_export.exporter import build, verify
+
+    model = tiny_model("llama")
+    before = describe_model(model)
+    events: list[str] = []
+    backend = type(get_backend("onnx"))
+    trace = backend.export
+
+    def logged_trace(self, traced, *a, **k):
+        matrices = [p for p in traced.parameters() if p.dim() >= 2]
+        events.append("trace" if all(0 in p.stride() for p in matrices) else "trace-with-weights")
+        return trace(self, traced, *a, **k)
+
+    monkeypatch.setattr(backend, "export", logged_trace)
+    forward = verify.torch_logits
+
+    def logged_forward(*a, **k):
+        events.append("torch")
+        return forward(*a, **k)
+
+    opened = build.make_session
+
+    def logged_session(*a, **k):
+        matrices = [p for p in model.parameters() if p.dim() >= 2]
+        events.append("session" if all(0 in p.stride() for p in matrices) else "session-with-weights")
+        return opened(*a, **k)
+
+    monkeypatch.setattr(verify, "torch_logits", logged_forward)
+    monkeypatch.setattr(build, "make_session", logged_session)
+    art = cwca_export.export(model, None, tmp_path / "a", backend="onnx", quantize="int8", low_memory=True, **FAST)
+    assert events.count("session") == 2 and "session-with-weights" not in events  # fp32 and int8 checks
+    assert "trace-with-weights" not in events
+    assert events.index("trace") > max(i for i, e in enumerate(events) if e == "torch")
+    assert events.index("session") > events.index("trace")
+    assert art.manifest["model"] == before
+    assert art.manifest["verification"]["final"]["parity"]["passed"] is True
+    held = sum(p.untyped_storage().nbytes() for p in model.parameters() if p.dim() >= 2)
+    assert held < sum(p.numel() for p in model.parameters() if p.dim() >= 2)  # bytes < element count
+
+
+def test_ordinary_export_takes_torch_reference_before_its_sessions(tmp_path, monkeypatch):
+    """Both backends: torch's logits, greedy tokens and (optimum) ``generate`` all come first."""
+    from cwca_export.exporter import build, verify
+
+    events: list[str] = []
+    for name in ("torch_logits", "hf_generate"):
+        real = getattr(verify, name)
+        monkeypatch.setattr(verify, name, lambda *a, _real=real, **k: events.append("torch") or _real(*a, **k))
+    opened = build.make_session
+    monkeypatch.setattr(build, "make_session", lambda *a, **k: events.append("session") or opened(*a, **k))
+    art = cwca_export.export(tiny_model("llama"), None, tmp_path / "a", tokenizer=tiny_tokenizer(), **FAST)
+    assert events.index("session") > max(i for i, e in enumerate(events) if e == "torch")
+    assert art.manifest["verification"]["fp32"]["generation"]["runtime_equal"] is True
+
+
+@pytest.mark.parametrize("threshold", [pp.PROTOBUF_LIMIT, 1024])
+def test_streamed_external_layout_equals_onnx_save_model(tmp_path, threshold):
+    """From an inline graph and from one with external data: the same two files onnx writes."""
+    art = cwca_export.export(tiny_model("qwen2"), None, tmp_path / "a", backend="onnx",
+                             external_data_threshold=threshold, **FAST)
+    for out in ("onnx", "stream"):
+        (tmp_path / out).mkdir()
+    onnx.save_model(onnx.load(str(art.model_path)), str(tmp_path / "onnx" / "model.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location=pp.EXTERNAL_DATA_NAME, size_threshold=1024)
+    pp.stream_external_layout(art.model_path, tmp_path / "stream" / "model.onnx")
+    for name in ("model.onnx", pp.EXTERNAL_DATA_NAME):
+        assert filecmp.cmp(tmp_path / "onnx" / name, tmp_path / "stream" / name, shallow=False), name
+
+
+def test_placeholders_without_a_spill_file_give_the_real_parameters_back():
+    from cwca_export.exporter.placeholders import placeholder_weights
+
+    model = tiny_model("gpt2")
+    params = dict(model.named_parameters())
+    with placeholder_weights(model) as stand_ins:
+        assert all(0 in p.stride() for p in model.parameters() if p.dim() >= 2)
+        assert len(stand_ins.sources) == sum(1 for p in params.values() if p.dim() >= 2)
+    assert all(p is params[n] for n, p in model.named_parameters())
+
+
+def test_a_placeholder_folded_into_anything_else_is_an_error():
+    value = -FINGERPRINT_BASE
+    stand_ins = Placeholders(sources={value: torch.zeros(3, 4)})
+    assert stand_ins.match("w", (3, 4), value, value, value)[1] is False
+    assert stand_ins.match("w", (4, 3), value, value - 1, value)[1] is True
+    assert stand_ins.match("norm", (4,), 1.0, 1.0, 1.0) is None  # written from real values
+    with pytest.raises(PlaceholderError, match="other than itself or its transpose"):
+        stand_ins.match("w", (2, 6), value, value, value)
+    with pytest.raises(PlaceholderError, match="changed"):
+        stand_ins.match("w", (3, 4), value - 1, value - 1, value - 1)
+
+
+def test_low_memory_refusals_name_the_fix(tmp_path):
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="--backend onnx"):
+        cwca_export.export(model, None, tmp_path / "a", backend="optimum", low_memory=True, **FAST)
+    with pytest.raises(ValueError, match="budget search"):
+        cwca_export.export(model, None, tmp_path / "b", backend="onnx", low_memory=True,
+                           budget=Budget(max_disk=10**9, prompt_len=8, context=24), runs=2, warmup=1)
+    with pytest.raises(ValueError, match="precision plan"):
+        cwca_export.export(model, None, tmp_path / "c", backend="onnx", low_memory=True,
+                           precision={"model.layers.0": "int8"}, rounding="rtn", **FAST)
+    assert all(p.stride()[-1] == 1 for p in model.parameters() if p.dim() >= 2)  # nothing released
+    assert not any((tmp_path / n).exists() for n in "abc")
+
+
+def test_cli_low_memory(tmp_path):
+    from click.testing import CliRunner
+
+    from cwca_export.cli import cli
+
+    model_dir = save_tiny_model("llama", tmp_path / "tiny-llama")
+    common = ["--prompt-len", "8", "--context", "24", "--runs", "2", "--warmup", "1"]
+    result = CliRunner().invoke(cli, ["export", str(model_dir), "--low-memory", "--out", str(tmp_path / "o"), *common])
+    assert result.exit_code == 2 and "--backend onnx" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "o").exists()
+    result = CliRunner().invoke(cli, ["export", str(model_dir), "--backend", "onnx", "--low-memory",
+                                      "--external-data-threshold", "1KiB", "--out", str(tmp_path / "lean"), *common])
+    assert result.exit_code == 0, result.output
+    assert "low memory" in result.output and "fp32 greedy tokens equal torch" in result.output
+    assert "saves memory only above 2 GiB" in result.output  # a tiny model: said, and exported anyway
+    manifest = json.loads((tmp_path / "lean" / MANIFEST_NAME).read_text())
+    assert manifest["postprocess"]["external_data"] is True
+    assert manifest["verification"]["fp32"]["parity"]["rel_rms"] < 1e-5
