@@ -79,6 +79,7 @@ def test_the_torch_weights_are_released_after_the_reference_and_before_any_sessi
     """Every torch forward comes before the trace and the first ONNX Runtime session; from the
     trace on the model's matrices are zero-stride placeholders (one value per row of memory)."""
     from cwca_export.backends import get_backend
+
     from cwca_export.exporter import build, verify
 
     model = tiny_model("llama")
