@@ -181,3 +181,26 @@ def test_refined_rank_plan_is_refined_again_at_the_level_the_search_ships(tmp_pa
     finally:
         measure.close()
     assert art.disk_bytes <= int(0.6 * dense)
+
+
+def test_per_layer_plans_at_the_cap_are_predicted_within_it(tmp_path):
+    """The precision program's byte budget leaves room for the graph bytes each quantized node adds
+    (as the prediction counts them), so a plan solved for a cap is predicted within that cap, and
+    the one solved for the limit is not discarded as over it (without the room: 770 B over here)."""
+    import torch
+
+    from cwca_export.budget import parse_size
+
+    model = tiny_model("llama", hidden_size=64, intermediate_size=256, num_hidden_layers=8)
+    ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    dense = 4 * sum(p.numel() for p in model.parameters())
+    limit = int(0.35 * dense)
+    art = cwca_export.export(model, None, tmp_path / "a", backend="onnx", calibration=ids, rounding="rtn",
+                             budget=cwca_export.Budget(max_disk=limit, prompt_len=8, context=24), runs=3, warmup=1)
+    search = art.manifest["budget"]["search"]
+    assert search["timings"]["node_overhead_bytes"] > 0
+    planned = [c for c in search["candidates"] if c["storage"].startswith("planned for")]
+    assert planned
+    for c in planned:
+        cap = parse_size(c["storage"].removeprefix("planned for ").replace(" ", ""))
+        assert c["predicted"]["disk_bytes"] <= min(limit, cap + 8), c

@@ -322,14 +322,17 @@ class _Search:
         caps = [cap * s for s in (0.995, 0.9, 0.8)] if np.isfinite(cap) else [full * s for s in (0.4, 0.25, 0.18, 0.14)]
         limits = self.latency_limits()
         rows = self.latency.rows(model_t, limits, table.groups, table.formats) if self.latency and limits else []
+        # the graph bytes every quantized node adds (scales' names, attributes), as the prediction
+        # below counts them: at most every block's nodes and the shared table are quantized
+        node_bytes = self.node_overhead * sum(n for g, n in nodes.items() if g not in ("embed", "head"))
         for c in caps if self.per_layer else ():
             for label, extra in ((f"planned for {format_size(c)}", []),
                                  (f"planned for {format_size(c)} within the latency limits", rows)):
                 if label.endswith("limits") and not extra:
                     continue
                 try:
-                    solved = solve_precision(table, c - fp32_overhead - side - others, allowed=self.formats,
-                                             limits=extra)
+                    solved = solve_precision(table, c - fp32_overhead - side - others - node_bytes,
+                                             allowed=self.formats, limits=extra)
                 except ValueError:
                     continue
                 plans[label] = solved.formats
