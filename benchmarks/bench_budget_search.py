@@ -86,7 +86,7 @@ def damage_scores(path: Path, model, calib, pruner: str, points: str) -> LayerSc
     wanted = parse_points(points)
     old = LayerScores.load(path) if path.exists() else None
     have = [] if old is None else [float(k.removeprefix("damage@")) for k in old.stats if k.startswith("damage@")]
-    missing = [p for p in wanted if not any(abs(p - h) < 1e-9 for h in have)]
+    missing = [p for p in wanted if not any(abs(p - h) < 1e-6 for h in have)]
     if old is not None and not missing:
         return old
     new = score(model, calib, method="damage",
@@ -176,7 +176,7 @@ def main() -> None:
     if args.points_only:  # the curves only: points beyond the first ones (e.g. 0.85) are ignored
         keep = parse_points(args.points)
         scores.stats = {k: v for k, v in scores.stats.items()
-                        if not k.startswith("damage@") or any(abs(float(k[7:]) - p) < 1e-9 for p in keep)}
+                        if not k.startswith("damage@") or any(abs(float(k[7:]) - p) < 1e-6 for p in keep)}
     refined_path = args.work / f"plan-refined-{pruner}-{args.refine}-{len(parse_points(args.points))}.json"
     if args.refine and refined_path.exists():
         plans = {"search": Plan.load(refined_path),
