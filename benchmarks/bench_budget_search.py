@@ -126,7 +126,7 @@ def row(art, heldout_tokens: int | None, seconds: float) -> dict:
         "candidates_priced": sum(1 for c in search.get("candidates", []) if c.get("calib_loss") is not None),
         "built": len(search.get("trials", [])),
         "search_seconds": round(seconds, 1),
-        "plan_units": (m.get("plan") or {}).get("x"),
+        "plan_units": [b.get("units", b.get("x")) for b in (m.get("plan") or {}).get("blocks", [])],
         "plan_refinement": {k: v for k, v in (plan_params.get("refinement") or {}).items()
                             if k in ("start", "calib_loss_start", "calib_loss", "forwards", "moves", "wall_time_s")},
         "refined_levels": search.get("refined_levels"),
