@@ -36,9 +36,11 @@ from cwca_export.evaluate import evaluate
 from cwca_export.exporter import BudgetError
 from cwca_export.exporter.api import export
 from cwca_export.loading import load_model
-from cwca_export.planning.plan import plan_by_rule
+from cwca_export.planning.damage import parse_points
+from cwca_export.planning.plan import Plan, plan_by_rule
 from cwca_export.planning.precision import default_formats, measure_precision_damage
 from cwca_export.planning.rank_plans import linear_shapes, plan_ranks_from_damage, plan_ranks_uniform
+from cwca_export.planning.refine import refine_ranks
 from cwca_export.planning.rounding import clipper_for
 from cwca_export.scores import LayerScores
 from cwca_export.scoring import score
@@ -56,25 +58,60 @@ STRUCTURES = {
 }
 
 
-def structure_plans(structure: str, model, scores: LayerScores) -> dict:
+def structure_plans(structure: str, model, scores: LayerScores, *, refine: int = 0, calib=None) -> dict:
     """The measured-damage plan (search) and the uniform plan (uniform) of one structure.
 
     Width plans are sparsity plans (damage rule vs. a zero band, upper bound 0.9); rank plans
     keep a fraction of the weights (exact integer solve on the damage curves vs. every block the
     same rank fraction). The search moves either to each level by its own rule (plan_scaling).
+    With ``refine`` (whole-plan forwards; rank structures), the search's plan is
+    `cwca-export refine`'s (refine_ranks on ``calib``), which the search refines again at
+    every level it prices.
     """
     if structure.startswith("width"):
+        if refine:
+            raise ValueError("--refine: width plans are refined with a pruner's loss; use a rank structure")
         return {"search": plan_by_rule(scores, 0.3, rule="damage", hi=0.9),
                 "uniform": plan_by_rule(scores, 0.3, rule="band", band=0.0, hi=0.9)}
     shapes = linear_shapes(model)
-    return {"search": plan_ranks_from_damage(scores, 0.7, shapes=shapes),
-            "uniform": plan_ranks_uniform(scores, 0.7, shapes=shapes)}
+    search = (refine_ranks(model, scores, 0.7, calib, method=STRUCTURES[structure][0], max_evals=refine)
+              if refine else plan_ranks_from_damage(scores, 0.7, shapes=shapes))
+    return {"search": search, "uniform": plan_ranks_uniform(scores, 0.7, shapes=shapes)}
+
+
+def damage_scores(path: Path, model, calib, pruner: str, points: str) -> LayerScores:
+    """Measured damage curves at ``points``, cached in ``path``: points a cached file lacks are
+    probed and added to it (the same calibration, checked by its base loss, so the merged
+    curves are the ones one run at all the points would give)."""
+    wanted = parse_points(points)
+    old = LayerScores.load(path) if path.exists() else None
+    have = [] if old is None else [float(k.removeprefix("damage@")) for k in old.stats if k.startswith("damage@")]
+    missing = [p for p in wanted if not any(abs(p - h) < 1e-6 for h in have)]
+    if old is not None and not missing:
+        return old
+    new = score(model, calib, method="damage",
+                options={"pruner": pruner, "points": ",".join(f"{p:g}" for p in missing),
+                         "at": 0.4 if 0.4 in missing else missing[0]})
+    if old is None:
+        new.save(path)
+        return new
+    if old.settings.get("options", {}).get("pruner") != pruner or not torch.allclose(
+            torch.tensor(old.stats["damage_base_loss"]), torch.tensor(new.stats["damage_base_loss"]), atol=1e-9):
+        raise ValueError(f"{path}: measured with another pruner or calibration; delete it to re-measure")
+    for key, values in new.stats.items():
+        if key.startswith("damage@"):
+            old.stats[key] = values
+    old.settings["points"] = sorted(set(old.settings.get("points", [])) | set(missing))
+    old.settings.setdefault("probe_time_s_added", []).append(new.settings.get("probe_time_s"))
+    old.save(path)
+    return old
 
 
 def row(art, heldout_tokens: int | None, seconds: float) -> dict:
     m = art.manifest
     search = (m.get("budget") or {}).get("search") or {}
     chosen = search.get("chosen") or {}
+    plan_params = (m.get("plan") or {}).get("parameters", {})
     ev = evaluate(str(art.path), str(HELDOUT_TEXT), max_tokens=heldout_tokens)
     return {
         "disk_bytes": m["disk_bytes"],
@@ -90,6 +127,11 @@ def row(art, heldout_tokens: int | None, seconds: float) -> dict:
         "candidates_priced": sum(1 for c in search.get("candidates", []) if c.get("calib_loss") is not None),
         "built": len(search.get("trials", [])),
         "search_seconds": round(seconds, 1),
+        "plan_units": [b.get("units", b.get("x")) for b in (m.get("plan") or {}).get("blocks", [])],
+        "plan_refinement": {k: v for k, v in (plan_params.get("refinement") or {}).items()
+                            if k in ("start", "calib_loss_start", "calib_loss", "forwards", "moves", "wall_time_s")},
+        "refined_levels": search.get("refined_levels"),
+        "timings": search.get("timings"),
     }
 
 
@@ -108,6 +150,14 @@ def main() -> None:
     ap.add_argument("--structure", choices=sorted(STRUCTURES), default="width",
                     help="structure knob of the plan (width: MLP channels; width-heads: and KV groups of heads;"
                          " lowrank / asvd: ranks)")
+    ap.add_argument("--points", default="0.2,0.4,0.6,0.8",
+                    help="damage probe points of the structure's curves (rank plans: fractions of rank removed;"
+                         " points a cached scores file in --work lacks are probed and added to it)")
+    ap.add_argument("--points-only", action="store_true",
+                    help="plan on --points alone even when the cached scores hold more")
+    ap.add_argument("--refine", type=int, default=0,
+                    help="whole-plan forwards: the search's plan is refined (cwca-export refine) and the search"
+                         " refines it again at each level it prices (rank structures; 0: not refined)")
     ap.add_argument("--uniform-budgets", default="0.15,0.12,0.1",
                     help="budgets at which the uniform baseline runs (below every peer's smallest artifact)")
     ap.add_argument("--latency-factor", type=float, default=1.5,
@@ -124,14 +174,19 @@ def main() -> None:
     model, tok = load_model(DEMO_MODEL)
     calib = calibration_data(TRAIN_TEXT, tok, num_samples=args.samples, seq_len=args.seq_len, seed=args.seed)
     method, method_options, pruner, backend = STRUCTURES[args.structure]
-    scores_path = args.work / f"damage-{pruner}.json"
-    if scores_path.exists():
-        scores = LayerScores.load(scores_path)
+    scores = damage_scores(args.work / f"damage-{pruner}.json", model, calib, pruner, args.points)
+    if args.points_only:  # the curves only: points beyond the first ones (e.g. 0.85) are ignored
+        keep = parse_points(args.points)
+        scores.stats = {k: v for k, v in scores.stats.items()
+                        if not k.startswith("damage@") or any(abs(float(k[7:]) - p) < 1e-6 for p in keep)}
+    refined_path = args.work / f"plan-refined-{pruner}-{args.refine}-{len(parse_points(args.points))}.json"
+    if args.refine and refined_path.exists():
+        plans = {"search": Plan.load(refined_path),
+                 "uniform": plan_ranks_uniform(scores, 0.7, shapes=linear_shapes(model))}
     else:
-        scores = score(model, calib, method="damage",
-                       options={"pruner": pruner, "points": "0.2,0.4,0.6,0.8", "at": 0.4})
-        scores.save(scores_path)
-    plans = structure_plans(args.structure, model, scores)
+        plans = structure_plans(args.structure, model, scores, refine=args.refine, calib=calib)
+        if args.refine:
+            plans["search"].save(refined_path)
     began = time.perf_counter()
     transform = clipper_for(model, calib.input_ids) if args.rounding == "clip" else None
     formats = default_formats(model)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import load_benchmark, sample_text, tiny_model, tiny_tokenizer
 
@@ -69,3 +70,25 @@ def test_width_heads_exports_each_blocks_own_kv_heads_through_the_onnx_backend(t
     heads = {i.name: i.type.tensor_type.shape.dim[1].dim_value for i in graph.input if i.name.startswith("past")}
     assert heads == {"past_key_values.0.key": 1, "past_key_values.0.value": 1,
                      "past_key_values.1.key": 2, "past_key_values.1.value": 2}
+
+
+def test_damage_points_added_to_cached_scores_equal_one_run_at_all_points(tmp_path):
+    """bench_budget_search --points: probes a cached scores file lacks are measured and merged;
+    the merged curves equal those of one scoring run at every point."""
+    from cwca_export.data import calibration_data
+    from cwca_export.planning.plan import damage_curves
+    from cwca_export.scoring import score
+
+    bench = load_bench()
+    model = tiny_model("llama", hidden_size=64, intermediate_size=128)
+    calib = calibration_data([sample_text()], tiny_tokenizer(), num_samples=4, seq_len=32, seed=0)
+    path = tmp_path / "damage-lowrank.json"
+    bench.damage_scores(path, model, calib, "lowrank", "0.2,0.4")
+    merged = bench.damage_scores(path, model, calib, "lowrank", "0.2,0.4,0.875")
+    once = score(model, calib, method="damage", options={"pruner": "lowrank", "points": "0.2,0.4,0.875", "at": 0.4},
+                 progress=False)
+    points, damage = damage_curves(merged)
+    ref_points, ref_damage = damage_curves(once)
+    assert points.tolist() == ref_points.tolist() == [0.2, 0.4, 0.875]
+    np.testing.assert_allclose(damage, ref_damage, rtol=1e-6, atol=1e-9)
+    assert bench.damage_scores(path, model, calib, "lowrank", "0.875") is not None  # nothing missing: no probe

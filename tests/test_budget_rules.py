@@ -138,3 +138,69 @@ def test_plan_knob_holds_one_compressed_copy_at_a_time():
     knob.forget()
     gc.collect()
     assert all(r() is None for r in alive)
+
+
+def test_refined_rank_plan_is_refined_again_at_the_level_the_search_ships(tmp_path):
+    """issue 11: refined plans are re-refined. A plan from `refine` through a byte budget: the
+    shipped plan is refine_ranks run afresh at the chosen level's kept fraction (same method,
+    forwards and calibration), not the closed form it started from, and no worse than that
+    closed form on the measured whole-plan loss."""
+    import torch
+
+    from cwca_export.planning.plan_probe import RankPlanLoss
+    from cwca_export.planning.rank_plans import plan_ranks_from_damage
+    from cwca_export.planning.refine import refine_ranks
+
+    model = tiny_model("llama", hidden_size=64, intermediate_size=256, num_hidden_layers=3)
+    blocks = find_blocks(model)
+    scores = LayerScores("damage", zeta2=[1.0, 3.0, 2.0], n_params=[b.n_params for b in blocks],
+                         block_names=[b.name for b in blocks], settings={"pruner": "lowrank"},
+                         model={"fingerprint": model_fingerprint(model)},
+                         stats={"damage@0.25": [0.01, 0.2, 0.05], "damage@0.5": [0.05, 0.6, 0.2],
+                                "damage@0.75": [0.2, 1.5, 0.6], "damage@1": [0.9, 4.0, 2.0]})
+    ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    refined = refine_ranks(model, scores, 0.9, ids, method="lowrank", rank_step=4, max_evals=10, batch_size=8)
+    forwards = refined.parameters["refinement"]["forwards"]
+    dense = 4 * sum(p.numel() for p in model.parameters())
+    art = cwca_export.export(model, Plan.from_dict(refined.to_dict()), tmp_path / "a", backend="onnx",
+                             method="lowrank", calibration=ids, formats="fp32", levels=3,
+                             budget=cwca_export.Budget(max_disk=int(0.6 * dense), prompt_len=8, context=24),
+                             runs=3, warmup=1)
+    search = art.manifest["budget"]["search"]
+    chosen = search["chosen"]
+    assert chosen["t"] > 0 and search["refined_levels"][f"{chosen['t']:g}"] == "refined"
+    shipped = Plan.from_dict(art.manifest["plan"])
+    assert shipped.parameters["refinement"]["forwards"] <= forwards
+    reference = refine_ranks(model, scores, chosen["target"], ids, method="lowrank", rank_step=4,
+                             max_evals=forwards, batch_size=8)
+    assert shipped.x == reference.x
+    closed_form = plan_ranks_from_damage(scores, chosen["target"], shapes=model, rank_step=4)
+    measure = RankPlanLoss(model, ids, method="lowrank", rank_step=4, batch_size=8)
+    try:
+        assert measure(np.array(shipped.x)) <= measure(np.array(closed_form.x)) + 1e-6
+    finally:
+        measure.close()
+    assert art.disk_bytes <= int(0.6 * dense)
+
+
+def test_per_layer_plans_at_the_cap_are_predicted_within_it(tmp_path):
+    """The precision program's byte budget leaves room for the graph bytes each quantized node adds
+    (as the prediction counts them), so a plan solved for a cap is predicted within that cap, and
+    the one solved for the limit is not discarded as over it (without the room: 770 B over here)."""
+    import torch
+
+    from cwca_export.budget import parse_size
+
+    model = tiny_model("llama", hidden_size=64, intermediate_size=256, num_hidden_layers=8)
+    ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    dense = 4 * sum(p.numel() for p in model.parameters())
+    limit = int(0.35 * dense)
+    art = cwca_export.export(model, None, tmp_path / "a", backend="onnx", calibration=ids, rounding="rtn",
+                             budget=cwca_export.Budget(max_disk=limit, prompt_len=8, context=24), runs=3, warmup=1)
+    search = art.manifest["budget"]["search"]
+    assert search["timings"]["node_overhead_bytes"] > 0
+    planned = [c for c in search["candidates"] if c["storage"].startswith("planned for")]
+    assert planned
+    for c in planned:
+        cap = parse_size(c["storage"].removeprefix("planned for ").replace(" ", ""))
+        assert c["predicted"]["disk_bytes"] <= min(limit, cap + 8), c

@@ -27,6 +27,9 @@ dynamic int8 export, built and measured first; a finalist that meets it is then 
 beside that peer in alternating rounds (:func:`cwca_export.exporter.measure.measure_side_by_side`)
 and ships only if it is no slower there too.
 
+A refined plan (``cwca-export refine``) is refined again, with its method and forwards, at
+each structure level whose candidates are priced (levels only checked for fit are re-solved).
+
 With ``--quantize`` fixed, or an fp16 artifact, the storage is not searched: candidates are the
 structure levels in that storage, priced by the structured model's calibration loss.
 """
@@ -93,6 +96,7 @@ class PlanKnob:
         self.name = {"sparsity": "global sparsity", "kept_fraction": "kept fraction", "budget": "unit budget"}[kind]
         self.start, self.stop = target_range(plan, model)
         self._made: dict[float, tuple[Any, Any]] = {}
+        self._refined: dict[float, Any] = {}  # level -> the plan refined again there (kept: plans are small)
 
     def target(self, t: float) -> float:
         """The global target (sparsity, kept fraction or unit budget) at level t."""
@@ -104,10 +108,26 @@ class PlanKnob:
         if t == 0:
             return self.model, None
         if t not in self._made:
-            plan_t = rescale_plan(self.plan, self.target(t), shapes=self.model)
+            plan_t = self._refined.get(t) or rescale_plan(self.plan, self.target(t), shapes=self.model)
             self._made.clear()  # one compressed copy at a time: memory stays at twice the weights
             self._made[t] = (self._apply(self.model, plan_t, self.method, **self.compress_options), plan_t)
         return self._made[t]
+
+    def refine(self, t: float, data: Any) -> bool:
+        """Refine level ``t``'s plan again when the plan given was refined (plan_scaling: the
+        moved plan records ``refine_with``); whether it was. Later :meth:`make` calls at ``t``
+        apply the refined plan."""
+        from cwca_export.planning.plan_scaling import rescale_plan
+        from cwca_export.planning.refine import refine_again
+
+        if t == 0 or t in self._refined:
+            return t in self._refined
+        plan_t = self._made[t][1] if t in self._made else rescale_plan(self.plan, self.target(t), shapes=self.model)
+        if not plan_t.parameters.get("refine_with"):
+            return False
+        self._made.clear()  # the dense model is measured in place: no compressed copy beside it
+        self._refined[t] = refine_again(self.model, plan_t, data, **self.compress_options)
+        return True
 
     def drop(self, t: float) -> None:
         """Drop the cached compressed copy of level ``t``."""
@@ -235,6 +255,7 @@ class _Search:
         self.peer: Candidate | None = None  # the latency peer's artifact (--max-latency-ms int8)
         self.peer_record: dict[str, Any] | None = None
         self.pricing = progress_bar(desc="search: pricing", unit="candidate", show=False)  # run() shows one
+        self.refined: dict[str, str] = {}  # level -> "refined" or why it was not refined again
 
     # -------------------------------------------------------------- building
     def build(self, model: Any, settings: ExportSettings, option: _Option) -> tuple[Candidate | None, bool]:
@@ -313,14 +334,17 @@ class _Search:
         caps = [cap * s for s in (0.995, 0.9, 0.8)] if np.isfinite(cap) else [full * s for s in (0.4, 0.25, 0.18, 0.14)]
         limits = self.latency_limits()
         rows = self.latency.rows(model_t, limits, table.groups, table.formats) if self.latency and limits else []
+        # the graph bytes every quantized node adds (scales' names, attributes), as the prediction
+        # below counts them: at most every block's nodes and the shared table are quantized
+        node_bytes = self.node_overhead * sum(n for g, n in nodes.items() if g not in ("embed", "head"))
         for c in caps if self.per_layer else ():
             for label, extra in ((f"planned for {format_size(c)}", []),
                                  (f"planned for {format_size(c)} within the latency limits", rows)):
                 if label.endswith("limits") and not extra:
                     continue
                 try:
-                    solved = solve_precision(table, c - fp32_overhead - side - others, allowed=self.formats,
-                                             limits=extra)
+                    solved = solve_precision(table, c - fp32_overhead - side - others - node_bytes,
+                                             allowed=self.formats, limits=extra)
                 except ValueError:
                     continue
                 plans[label] = solved.formats
@@ -455,6 +479,8 @@ class _Search:
         # byte-budget plans are priced at every level (more structure leaves them more bytes)
         priced_labels: set[str] = set()
         for t in sorted(t for t, ok in fits_at.items() if ok or t in levels):
+            if fits_at[t] and isinstance(self.knob, PlanKnob):
+                self.refine_level(t)
             self.add_level(t, ref, calibration_loss, skip=priced_labels)
         self.pricing.close()
         self.timings["pricing_s"] = round(time.perf_counter() - began, 2)
@@ -534,6 +560,17 @@ class _Search:
         self.trials[-1] = option.record()
         return ok
 
+    def refine_level(self, t: float) -> None:
+        """A refined plan is refined again at each level priced (issue 11: refined plans are
+        re-refined); a level it cannot be refined at keeps the re-solved plan, and says why."""
+        began = time.perf_counter()
+        try:
+            if self.knob.refine(t, self.calib):
+                self.refined[f"{t:g}"] = "refined"
+                self.timings["refine_s"] = round(self.timings.get("refine_s", 0.0) + time.perf_counter() - began, 2)
+        except ValueError as exc:
+            self.refined[f"{t:g}"] = f"not refined: {exc}"
+
     def add_level(self, t: float, ref: Candidate, calibration_loss: Any, *, price: bool = True,
                   skip: set[str] | None = None) -> bool:
         """Add (and price) the storage options of structure level ``t``; whether any fits.
@@ -611,6 +648,7 @@ class _Search:
                 "errors_ms": self.latency.errors, "seconds": round(self.latency.timer.seconds, 2)},
             "candidates": [o.record() for o in options],
             "trials": self.trials,
+            "refined_levels": self.refined,
             "chosen": None if chosen is None else chosen.record(),
             "why": why,
             "timings": self.timings,

@@ -567,3 +567,61 @@ def refine_ranks(
         parameters={**start.parameters, "kept_params": kept_total, "kept_fraction": kept_total / total,
                     "refinement": record},
     )
+
+
+# ---------------------------------------------------------------- refining again at a new target
+
+_NOT_METHOD_OPTIONS = ("data", "batch_size", "device", "sequential", "check_fingerprint", "progress", "rank_step")
+
+
+def refine_again(model, plan, data, *, batch_size: int = 8, **compress_options):
+    """``plan``, moved to a new target by :func:`cwca_export.planning.plan_scaling.rescale_plan`,
+    refined there again as its refinement was: the same method and forwards, the start chosen by
+    calibration loss (``tune``), the bounds and curves the moved plan records.
+
+    A budget search calls this at the structure levels it prices, so a refined plan keeps its
+    rule at every level instead of falling back to the closed form it started from.
+
+    Args:
+        model: the dense causal LM (its Linears are put back before returning).
+        plan: a moved plan; one without ``parameters["refine_with"]`` is returned as is.
+        data: calibration ids ``(N, L)`` or a ``CalibrationData``.
+        batch_size: sequences per forward.
+        **compress_options: the options the plan is applied with; the method's own (e.g.
+            ``damp``) go to the measurement, ``data`` and the like are dropped.
+
+    Returns:
+        The refined plan (``parameters["refinement"]`` as :func:`refine_ranks` /
+        :func:`refine_plan` write it, ``parameters["rescaled_from"]`` kept).
+
+    Raises:
+        ValueError: the plan records per-block bounds that refinement cannot keep, or too
+            few forwards to choose a start.
+    """
+    again = plan.parameters.get("refine_with")
+    if not again:
+        return plan
+    from cwca_export.planning.plan import scores_from_snapshot
+    from cwca_export.planning.plan_scaling import target_of
+
+    made = plan.parameters.get("made_by") or {}
+    if made.get("lo_blocks") or made.get("hi_blocks"):
+        raise ValueError("the plan bounds single blocks (lo_blocks / hi_blocks), which refinement does not keep")
+    scores = scores_from_snapshot(plan)
+    kind, target = target_of(plan)
+    options = {k: v for k, v in compress_options.items() if k not in _NOT_METHOD_OPTIONS}
+    method, forwards = str(again["method"]), int(again["forwards"])
+    lo, hi = made.get("lo", 0.0), made.get("hi", 0.95)
+    if not all(isinstance(v, (int, float)) for v in (lo, hi)):
+        raise ValueError("the plan bounds each block differently (lo / hi lists), which refinement does not keep")
+    if kind == "kept_fraction":
+        refined = refine_ranks(model, scores, target, data, method=method, rank_step=int(plan.parameters["rank_step"]),
+                               max_evals=forwards, tune=True, form=made.get("form", "piecewise"), lo=lo, hi=hi,
+                               batch_size=batch_size, **options)
+    elif kind == "sparsity":
+        refined = refine_plan(model, scores, target, data, method=method, tune=True, max_evals=forwards,
+                              lo=lo, hi=hi, band=made.get("band"), batch_size=batch_size)
+    else:
+        raise ValueError("refinement moves ranks or sparsity; a unit-budget plan is not refined again")
+    refined.parameters["rescaled_from"] = plan.parameters.get("rescaled_from")
+    return refined
