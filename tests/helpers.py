@@ -188,3 +188,20 @@ def load_benchmark(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def ort_logit_error(model, onnx_path, *, length: int, pad: int, seed: int) -> float:
+    """Relative RMS error of ONNX Runtime's logits for ``onnx_path`` against ``model``'s torch
+    forward, over the unpadded positions of a left-padded sample batch."""
+    import numpy as np
+
+    from cwca_export.exporter.session import DecoderSession, make_session, position_ids
+    from cwca_export.exporter.verify import sample_inputs
+
+    ids, mask = sample_inputs(model.config.vocab_size, length=length, pad=pad, seed=seed)
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                    position_ids=torch.from_numpy(position_ids(mask)), use_cache=False).logits.numpy()
+    got, _ = DecoderSession(make_session(onnx_path)).run(ids, mask)
+    valid = mask.astype(bool)
+    return float(np.sqrt(np.mean((got[valid] - ref[valid]) ** 2)) / np.sqrt(np.mean(ref[valid] ** 2)))

@@ -11,19 +11,16 @@ import copy
 import filecmp
 import json
 
-import numpy as np
 import onnx
 import pytest
 import torch
-from helpers import save_tiny_model, tiny_model, tiny_tokenizer
+from helpers import ort_logit_error, save_tiny_model, tiny_model, tiny_tokenizer
 
 import cwca_export
 from cwca_export.budget import Budget
 from cwca_export.exporter import postprocess as pp
 from cwca_export.exporter.manifest import MANIFEST_NAME, describe_model
 from cwca_export.exporter.placeholders import FINGERPRINT_BASE, PlaceholderError, Placeholders
-from cwca_export.exporter.session import DecoderSession, make_session, position_ids
-from cwca_export.exporter.verify import sample_inputs
 
 FAST = {"budget": Budget(prompt_len=8, context=24), "runs": 2, "warmup": 1}
 
@@ -51,14 +48,7 @@ def test_low_memory_artifact_is_the_ordinary_one_byte_for_byte(tmp_path, family,
     assert lean.manifest["model"] == ordinary.manifest["model"]  # described before the weights went
     assert lean.manifest["verification"]["fp32"]["generation"]["passed"] is True
 
-    ids, mask = sample_inputs(reference_model.config.vocab_size, length=9, pad=2, seed=5)
-    with torch.no_grad():
-        ref = reference_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                              position_ids=torch.from_numpy(position_ids(mask)), use_cache=False).logits.numpy()
-    got, _ = DecoderSession(make_session(lean.model_path)).run(ids, mask)
-    valid = mask.astype(bool)
-    err = np.sqrt(np.mean((got[valid] - ref[valid]) ** 2)) / np.sqrt(np.mean(ref[valid] ** 2))
-    assert err < 1e-5
+    assert ort_logit_error(reference_model, lean.model_path, length=9, pad=2, seed=5) < 1e-5
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])  # Conv1D weights as they are; Linear ones transposed

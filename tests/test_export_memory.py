@@ -13,11 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_model, tiny_tokenizer
+from helpers import ort_logit_error, tiny_model, tiny_tokenizer
 
 import cwca_export
 from cwca_export.budget import Budget
-from cwca_export.exporter.session import DecoderSession, make_session, position_ids
 from cwca_export.exporter.verify import check_runtime_generation, sample_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,14 +28,7 @@ def test_exported_logits_match_the_torch_model(tmp_path, backend):
     """The artifact's logits, read with a plain ORT session, against the torch forward."""
     model = tiny_model("llama")
     art = cwca_export.export(model, None, tmp_path / backend, backend=backend, tokenizer=tiny_tokenizer(), **FAST)
-    ids, mask = sample_inputs(model.config.vocab_size, length=10, pad=2, seed=3)
-    with torch.no_grad():
-        ref = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                    position_ids=torch.from_numpy(position_ids(mask)), use_cache=False).logits.numpy()
-    got, _ = DecoderSession(make_session(art.model_path)).run(ids, mask)
-    valid = mask.astype(bool)
-    err = np.sqrt(np.mean((got[valid] - ref[valid]) ** 2)) / np.sqrt(np.mean(ref[valid] ** 2))
-    assert err < 1e-5
+    assert ort_logit_error(model, art.model_path, length=10, pad=2, seed=3) < 1e-5
     generation = art.manifest["verification"]["fp32"]["generation"]
     assert generation["session_equal"] is True and generation["passed"] is True
     assert generation.get("runtime_equal", True) is True  # optimum's loader also checked after the session closed
