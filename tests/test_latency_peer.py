@@ -92,7 +92,7 @@ def test_a_peer_limit_ships_through_the_cli_with_the_peer_recorded(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--max-latency-ms", "int8", "--ep", "cuda"], "a CPU kernel"),
-    (["--max-latency-ms", "int4"], "--max-latency-ms"),
+    (["--max-latency-ms", "int4"], "milliseconds (a positive number) or int8"),
 ])
 def test_a_peer_limit_that_cannot_apply_is_one_line_naming_the_flag(tmp_path, args, message):
     from helpers import save_tiny_model

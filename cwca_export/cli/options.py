@@ -67,7 +67,10 @@ class LatencyLimit(click.ParamType):
 
         if isinstance(value, str) and value.strip().lower() in LATENCY_PEERS:
             return value.strip().lower()
-        return finite(0, min_open=True).convert(value, param, ctx)
+        try:
+            return finite(0, min_open=True).convert(value, param, ctx)
+        except click.BadParameter:
+            self.fail(f"{value!r}: give milliseconds (a positive number) or {' or '.join(LATENCY_PEERS)}", param, ctx)
 
 
 LATENCY_LIMIT = LatencyLimit()
