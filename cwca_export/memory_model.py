@@ -37,7 +37,7 @@ DAMAGE_LOGIT_CHUNK = 2**25  # damage._LOGIT_CHUNK: logits elements the reproduce
 # backends (measured: optimum and onnx within 1% at 5M, 40M and 150M)
 EXPORT_COPIES = {"inline": 3.2, "external": 1.15}
 # an ONNX Runtime session's peak while it is created, above its resident set just after, in fp32
-# copies of the weights (eval of a 150M artifact: 93 MiB over 584 MiB; benchmarks/BENCHMARKS.md)
+# copies of the weights (eval of a 150M artifact: 93 MiB over 584 MiB; BENCHMARKS.md, "Every step at three sizes")
 SESSION_CREATION_COPIES = 0.16
 PROTOBUF_LIMIT = 2**31  # torch.onnx.export writes the weights as external data above this
 # fp32 copies a quantized export peaks above the plain export's peak (benchmarks/bench_scale.py at
