@@ -5,7 +5,10 @@ Three Llama models are built from configs here (random init, fp32, saved as real
 folders with the shipped model's tokenizer: its 4,096 ids fit every vocabulary below), and
 every step runs as its own ``python -m cwca_export`` subprocess, so its peak resident memory
 is the ``ru_maxrss`` that ``os.wait4`` reports for it (the largest process of its tree: the
-export's measurement worker is counted on its own, not added). Steps:
+export's measurement worker is counted on its own, not added). Linux starts a child's
+``ru_maxrss`` at its parent's peak when it forks, so the models are built in a process of their
+own and this one stays small; each row records this process's peak at the step's launch
+(``parent_peak_rss``), the floor under what the step can report. Steps:
 
     score --estimator damage (wanda probes)  score --estimator fisher (plain scoring)
     refine (wanda)                           plan (uniform, the baseline)
@@ -79,8 +82,32 @@ def build_model(name: str, folder: Path) -> dict[str, Any]:
     return {"params": sum(p.numel() for p in model.parameters()), **SIZES[name]}
 
 
+def own_peak_rss() -> int:
+    """This process's peak resident bytes (VmHWM): a child's ru_maxrss starts there."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def build_model_in_child(name: str, folder: Path, env: dict[str, str]) -> dict[str, Any]:
+    """:func:`build_model` in a process of its own, so this one's peak (which every later step's
+    ru_maxrss would start from) stays that of a small interpreter."""
+    code = ("import json, sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); import bench_scale;"
+            " bench_scale.SIZES[sys.argv[2]] = json.loads(sys.argv[3]);"
+            " print(json.dumps(bench_scale.build_model(sys.argv[2], Path(sys.argv[4]))))")
+    proc = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parent), name,
+                           json.dumps(SIZES[name]), str(folder)], env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"building the {name} model failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def run_step(args: list[str], cwd: Path, env: dict[str, str]) -> dict[str, Any]:
-    """Run ``python -m cwca_export ARGS``; its wall time and peak RSS (os.wait4's ru_maxrss)."""
+    """Run ``python -m cwca_export ARGS``; its wall time and peak RSS (os.wait4's ru_maxrss), and
+    this process's own peak at the launch (``parent_peak_rss``: the floor under ru_maxrss)."""
+    parent_peak = own_peak_rss()
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "cwca_export", *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -90,7 +117,7 @@ def run_step(args: list[str], cwd: Path, env: dict[str, str]) -> dict[str, Any]:
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"cwca-export {' '.join(args)} exited {proc.returncode}:\n{out.decode()[-3000:]}")
-    return {"wall_s": wall, "peak_rss": usage.ru_maxrss * 1024, "args": args}
+    return {"wall_s": wall, "peak_rss": usage.ru_maxrss * 1024, "parent_peak_rss": parent_peak, "args": args}
 
 
 def baseline_rss(code: str, env: dict[str, str]) -> int:
@@ -168,7 +195,7 @@ def run_size(size: str, work: Path, args: argparse.Namespace, env: dict[str, str
              baselines: dict[str, int]) -> dict[str, Any]:
     from cwca_export import memory_model as mm
 
-    config = build_model(size, work / "model")
+    config = build_model_in_child(size, work / "model", env)
     shape = mm.ModelShape.from_folder(work / "model")
     runs = mm.RunSettings(samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size,
                           eval_tokens=8 * args.seq_len)
@@ -179,6 +206,7 @@ def run_size(size: str, work: Path, args: argparse.Namespace, env: dict[str, str
                                     quick=size in args.quick, points=args.points):
         measured = run_step(cli_args, ROOT, env)
         row: dict[str, Any] = {"wall_s": round(measured["wall_s"], 2), "peak_rss": measured["peak_rss"],
+                               "parent_peak_rss": measured["parent_peak_rss"],
                                "command": "cwca-export " + " ".join(a.replace(str(work), "$WORK") for a in cli_args)}
         predicted = mm.predict(name, shape, runs, runtime=baselines)
         if predicted is not None:
@@ -295,8 +323,10 @@ def print_table(result: dict[str, Any]) -> None:
                   f"  ratio (whole / above runtime) {ratio}")
     print("\n== projection (memory model): bf16, calibration 128 x 2048 tokens")
     for row in result["projection"]:
-        print(f"{row['model']:4s} {row['step']:18s} device {row['device_bytes'] / 2**30:7.1f} GiB"
-              f"  host {row['host_bytes'] / 2**30:7.1f} GiB  (weights {row['weight_bytes'] / 2**30:.1f} GiB)")
+        print(f"{row['model']:4s} {row['step']:24s} device {row['device_bytes'] / 2**30:7.1f} GiB"
+              f"  host {row['host_bytes'] / 2**30:7.1f} GiB"
+              f"  mapped file pages {row.get('mapped_bytes', 0) / 2**30:5.1f} GiB"
+              f"  (weights {row['weight_bytes'] / 2**30:.1f} GiB)")
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -317,10 +347,12 @@ def markdown(result: dict[str, Any]) -> str:
         if not t:
             continue
         lines.append(f"| {size} | {t['recommended_s']:.0f} | {t['plain_s']:.0f} | {t['ratio']:.2f} |")
-    lines += ["", "| model | step | device GiB | host GiB | weights GiB | time units |", "|---|---|---|---|---|---|"]
+    lines += ["", "| model | step | device GiB | host GiB | mapped file pages GiB | weights GiB | time units |",
+              "|---|---|---|---|---|---|---|"]
     for row in result["projection"]:
         lines.append(f"| {row['model']} | {row['step']} | {row['device_bytes'] / 2**30:.1f} |"
-                     f" {row['host_bytes'] / 2**30:.1f} | {row['weight_bytes'] / 2**30:.1f} | {row['time_units']} |")
+                     f" {row['host_bytes'] / 2**30:.1f} | {row.get('mapped_bytes', 0) / 2**30:.1f} |"
+                     f" {row['weight_bytes'] / 2**30:.1f} | {row['time_units']} |")
     return "\n".join(lines)
 
 

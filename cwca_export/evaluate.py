@@ -209,17 +209,18 @@ def tokenize_text(tokenizer, text: str) -> np.ndarray:
     return np.asarray(ids, dtype=np.int64)
 
 
-def ort_logits_fn(artifact_dir: str, *, ep: str = "cpu") -> LogitsFn:
+def ort_logits_fn(artifact_dir: str, *, ep: str = "cpu", prepack: bool = True) -> LogitsFn:
     """Adapter: an exported artifact (``model.onnx`` with the decoder contract) in ONNX Runtime.
 
     Only the ``logits`` output is fetched (no KV-cache outputs), as ONNX Runtime returns it
-    (no float32 re-copy when it already is float32).
+    (no float32 re-copy when it already is float32). ``prepack=False`` (``eval --low-memory``)
+    computes from the artifact's mapped weights instead of prepacked copies of them.
     """
     from pathlib import Path
 
     from cwca_export.exporter.session import DecoderSession, make_session
 
-    decoder = DecoderSession(make_session(Path(artifact_dir) / "model.onnx", ep))
+    decoder = DecoderSession(make_session(Path(artifact_dir) / "model.onnx", ep, prepack=prepack))
 
     def fn(x: np.ndarray) -> np.ndarray:
         return decoder.session.run(["logits"], decoder.feed(x, np.ones_like(x), None))[0]
@@ -275,6 +276,7 @@ def evaluate(
     allow_pickle: bool = False,
     progress: bool = False,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    low_memory: bool = False,
 ) -> dict:
     """Held-out perplexity of a model folder (torch) or an ONNX artifact (ONNX Runtime).
 
@@ -284,7 +286,9 @@ def evaluate(
     ``progress`` shows a bar over windows on stderr (on a terminal).
     ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``auto``) places a torch model; an artifact runs on ``ep``.
     Peak memory beyond the weights: one batch's logits (batch x seq_len x V in the model's
-    dtype) plus ``chunk_tokens x V x 8`` bytes for the NLL (docs/memory.md).
+    dtype) plus ``chunk_tokens x V x 8`` bytes for the NLL (docs/memory.md). ``low_memory``
+    (artifacts only): the session runs without prepacking, its weights the artifact's mapped
+    file pages rather than the process's own memory (same numbers to float round-off).
 
     Example:
         >>> evaluate("out/artifact", "heldout.txt", seq_len=256)["perplexity"]  # doctest: +SKIP
@@ -296,6 +300,9 @@ def evaluate(
     from cwca_export.loading import load_tokenizer
 
     check_target(path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, seq_len=seq_len)
+    if low_memory and not is_artifact(path):
+        raise ValueError(f"--low-memory: {path} is a model folder, and it applies to ONNX artifacts"
+                         " (a session without prepacking); hint: drop --low-memory")
     text = "\n\n".join(load_texts(data, text_field=text_field))
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     if tokenizer is None:
@@ -311,8 +318,8 @@ def evaluate(
         )
     report: dict = {"path": str(path), "data": str(data)}
     if is_artifact(path):
-        logits_fn = ort_logits_fn(path, ep=ep)
-        report["runtime"] = f"onnxruntime ({ep})"
+        logits_fn = ort_logits_fn(path, ep=ep, prepack=not low_memory)
+        report["runtime"] = f"onnxruntime ({ep}{', no prepacking' if low_memory else ''})"
         if (Path(path) / "cwca_manifest.json").is_file():
             from cwca_export.exporter.api import Artifact
 

@@ -74,6 +74,14 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     return read_json_object(config)
 
 
+def stored_dtype(path: str | os.PathLike) -> str:
+    """The float dtype a folder's weights were saved in (its config's ``dtype`` /
+    ``torch_dtype``), ``"float32"`` when it names none this tool loads."""
+    config = read_config(path)
+    name = config.get("dtype") or config.get("torch_dtype")
+    return name if name in ("float32", "bfloat16", "float16") else "float32"
+
+
 def is_compressed_folder(path: str | os.PathLike) -> bool:
     """True for a folder written after ``cwca_export.compress`` (its config records the shapes)."""
     config = Path(path) / "config.json"

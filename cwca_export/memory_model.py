@@ -11,7 +11,11 @@ Every step's cost is a sum of named terms (bytes), each placed on the ``device``
 sit beside the model where its forwards run: a GPU's memory when there is one) or the
 ``host``. On a CPU-only run both are host memory, and the measured peak resident size is
 ``runtime + device + host``, ``runtime`` being what the interpreter holds after importing the
-step's libraries (a measured constant: about 0.4 GiB for torch + transformers).
+step's libraries (a measured constant: about 0.4 GiB for torch + transformers). A third
+place, ``mapped``, holds weights a step reads through a memory map of a file (``--low-memory``:
+a float32 scratch file, an artifact's external data): resident once touched, so counted in
+a measured resident size, but clean file pages the kernel evicts under pressure and reads
+again, not memory the step needs of its own (docs/memory.md, "Weights as file pages").
 
 Time is in *forward units*: one forward of the whole model over the K x N calibration tokens
 (about 2 x P x K x N floating-point operations). Steps whose work does not scale with tokens
@@ -49,6 +53,10 @@ QUANT_COPIES = {None: 0.0, "int8": 0.6, "int4": 0.0}
 # torch.onnx.export holds at once while tracing with placeholders (shape inference: 3.1)
 SESSION_COPIES = 1.013
 TRACE_TENSOR_COPIES = 3.1
+# export --low-memory now maps the weights (a float32 scratch file) and opens its sessions without
+# prepacking: the verifying session's weights are pages of the artifact's data file, and what the
+# process holds of its own in that phase is a short forward's activations (550M: measured by
+# benchmarks/bench_low_memory.py); SESSION_COPIES stays for sessions that prepack
 # below 2 GiB the graph is inline: torch builds its proto with every placeholder materialised
 # and the fill rewrites it whole (measured at 150M: 3.06 and 4.15 copies; the ordinary export: 3.2 + 1)
 INLINE_LOW_MEMORY_COPIES = 4.15
@@ -163,10 +171,20 @@ class StepCost:
     host: dict[str, float] = field(default_factory=dict)
     time_units: float = 0.0
     runtime: int = 0  # the interpreter and its libraries (measured), counted in peak_bytes
+    mapped: dict[str, float] = field(default_factory=dict)  # file pages read through a map (evictable)
 
     @property
     def device_bytes(self) -> int:
         return int(sum(self.device.values()))
+
+    @property
+    def mapped_bytes(self) -> int:
+        return int(sum(self.mapped.values()))
+
+    @property
+    def resident_bytes(self) -> int:
+        """Peak resident size with the mapped file pages counted, as ``ru_maxrss`` counts them."""
+        return self.peak_bytes + self.mapped_bytes
 
     @property
     def host_bytes(self) -> int:
@@ -180,7 +198,8 @@ class StepCost:
     @property
     def terms(self) -> dict[str, float]:
         return {**{f"device:{k}": v for k, v in self.device.items()},
-                **{f"host:{k}": v for k, v in self.host.items()}}
+                **{f"host:{k}": v for k, v in self.host.items()},
+                **{f"mapped:{k}": v for k, v in self.mapped.items()}}
 
 
 # ------------------------------------------------------------------ shared terms
@@ -344,47 +363,50 @@ def export(shape: ModelShape, backend: str = "optimum", quantize: str | None = N
 def export_low_memory(shape: ModelShape, quantize: str | None = None, runtime: int = 0, *,
                       source_bytes: int | None = None) -> StepCost:
     """``export --backend onnx --low-memory`` (:mod:`cwca_export.exporter.placeholders`): its
-    phases run one after another and hold, beside the runtime:
+    phases run one after another. The weights are file pages throughout (``mapped``): the
+    checkpoint as loaded (``source_bytes``, default 4P; a bfloat16 one stays in its dtype), then
+    the float32 scratch file it is widened into (4P) that torch's reference forwards read, then
+    the artifact's data file that the sessions (no prepacking) compute from. What the process
+    holds of its own (``host``) is the largest of:
 
-    - torch's reference logits: the float32 model as loaded (``source_bytes``, default 4P)
-      and one short forward (2 sequences of 13 tokens: negligible);
-    - the trace: the weights spilled to a scratch file as each is swapped for a one-value-per-row
-      stand-in; the exporter materialises a stand-in for a moment (its shape inference's copies,
-      a matmul's contiguous operand, the encoder's bytes): ``TRACE_TENSOR_COPIES`` x the largest
-      tensor, max(V, I) x h x 4;
-    - filling the initialisers from the spill: one 64 MiB block;
-    - verification: one ONNX Runtime session, ``SESSION_COPIES`` x 4P (the torch model holds
-      no weights by then);
+    - the trace with placeholder weights: the exporter materialises a stand-in for a moment (its
+      shape inference's copies, a matmul's contiguous operand, the encoder's bytes):
+      ``TRACE_TENSOR_COPIES`` x the largest tensor, max(V, I) x h x 4;
+    - widening into the scratch file and filling the initialisers from it: one 64 MiB block;
+    - verification and measurement: a short forward's activations (negligible);
     - post-processing: the external layout streamed a tensor at a time (the largest tensor);
       with ``--quantize`` the quantizer loads the whole fp32 graph (1 + ``QUANT_COPIES``
       copies, from the code, not measured).
 
     Below 2 GiB of fp32 weights the graph is inline and the fill rewrites it whole
-    (``INLINE_LOW_MEMORY_COPIES``): no saving there.
+    (``INLINE_LOW_MEMORY_COPIES``, the process's own): no saving there.
 
     The peak is the largest phase, one term named after it."""
     fp32 = shape.params * 4
+    name = "export_onnx_lowmem" + (f"_{quantize}" if quantize else "")
     if fp32 <= PROTOBUF_LIMIT:
-        name = "export_onnx_lowmem" + (f"_{quantize}" if quantize else "")
         return StepCost(name, host={"peak phase: the inline graph's fill": INLINE_LOW_MEMORY_COPIES * fp32},
                         time_units=0.0, runtime=runtime)
     largest = max(shape.vocab, shape.intermediate) * shape.hidden * 4
     phases = {
-        "torch model (fp32) during the reference forwards": float(fp32 if source_bytes is None else source_bytes),
         "largest tensor's copies during the trace": TRACE_TENSOR_COPIES * largest,
-        "ONNX Runtime session during verification": SESSION_COPIES * fp32,
         "post-processing": (1.0 + QUANT_COPIES.get(quantize, 1.0)) * fp32 if quantize else float(largest),
     }
     phase = max(phases, key=phases.get)
-    name = "export_onnx_lowmem" + (f"_{quantize}" if quantize else "")
-    return StepCost(name, host={f"peak phase: {phase}": phases[phase]}, time_units=0.0, runtime=runtime)
+    source = float(fp32 if source_bytes is None else source_bytes)
+    return StepCost(name, host={f"peak phase: {phase}": phases[phase]}, time_units=0.0, runtime=runtime,
+                    mapped={"weights as file pages (checkpoint, float32 scratch file, artifact data)":
+                            max(source, float(fp32))})
 
 
-def evaluate(shape: ModelShape, run: RunSettings, artifact: bool = False, runtime: int = 0) -> StepCost:
+def evaluate(shape: ModelShape, run: RunSettings, artifact: bool = False, runtime: int = 0, *,
+             low_memory: bool = False) -> StepCost:
     """``eval``: the model (torch weights, or an ONNX Runtime session of the fp32 artifact), one
     batch's logits (B x N x V; ONNX Runtime returns float32), one forward, and the float64
     chunk of ``chunk_tokens`` positions (2 copies in torch, 3 through NumPy). A session's
-    creation peaks ``SESSION_CREATION_COPIES`` above what it then holds."""
+    creation peaks ``SESSION_CREATION_COPIES`` above what it then holds. ``low_memory``
+    (``eval --low-memory`` of an artifact with external data, above 2 GiB): the session does not
+    prepack, so its weights are the data file's pages (``mapped``) and it has no creation peak."""
     B = run.eval_batch or run.batch_size
     N, V, c = run.seq_len, shape.vocab, run.chunk_tokens
     logits_s = 4 if artifact else shape.dtype_bytes
@@ -393,9 +415,13 @@ def evaluate(shape: ModelShape, run: RunSettings, artifact: bool = False, runtim
     units = run.eval_tokens / (run.samples * run.seq_len)
     device = {"weights": weights, "logits": B * N * V * logits_s, "forward": block_activations(shape, B, N),
               "float64 chunk": chunk}
-    if artifact:  # creating the session peaks above what it then holds (graph optimisation)
+    mapped = {}
+    if artifact and low_memory and shape.params * 4 > PROTOBUF_LIMIT:
+        mapped["weights as the artifact's data file pages"] = device.pop("weights")
+    elif artifact:  # creating the session peaks above what it then holds (graph optimisation)
         device["session creation"] = SESSION_CREATION_COPIES * shape.params * 4
-    return StepCost("eval_onnx" if artifact else "eval_torch", device=device, time_units=units, runtime=runtime)
+    name = ("eval_onnx_lowmem" if low_memory else "eval_onnx") if artifact else "eval_torch"
+    return StepCost(name, device=device, time_units=units, runtime=runtime, mapped=mapped)
 
 
 # ------------------------------------------------------------------ dispatch and projection
@@ -431,23 +457,27 @@ def predict(step: str, shape: ModelShape, run: RunSettings, runtime: dict[str, i
         return evaluate(shape, run, False, torch_rt)
     if step == "eval_onnx":
         return evaluate(shape, run, True, onnx_rt)
+    if step == "eval_onnx_lowmem":
+        return evaluate(shape, run, True, onnx_rt, low_memory=True)
     return None
 
 
 def projection_table(runtime: dict[str, int] | None = None, run: RunSettings | None = None) -> list[dict[str, Any]]:
     """The recommended path's steps for Llama-2 7B and 70B shapes in bf16, calibration 128 x 2048
     tokens (8 per forward), refine at 32 x 128; damage uncapped and with ``--max-cache`` 16 GiB.
-    ``device_bytes`` is what a GPU must hold; ``host_bytes`` what stays in host memory."""
+    ``device_bytes`` is what a GPU must hold; ``host_bytes`` what stays in host memory;
+    ``mapped_bytes`` the file pages a ``--low-memory`` step reads weights through (evictable)."""
     run = run or RunSettings(samples=128, seq_len=2048, batch_size=8, eval_batch=1,
                              refine_samples=32, refine_seq_len=128)
     rows = []
     for name, shape in (("7B", llama_7b()), ("70B", llama_70b())):
         capped = RunSettings(**{**run.to_dict(), "max_cache": 16 * GIB})
         costs = [score_damage(shape, run), score_damage(shape, capped), refine(shape, run),
-                 compress(shape, run, "wanda"), export(shape, "optimum", None), export_low_memory(shape),
-                 evaluate(shape, run, True)]
+                 compress(shape, run, "wanda"), export(shape, "optimum", None),
+                 export_low_memory(shape, source_bytes=shape.weight_bytes),
+                 evaluate(shape, run, True), evaluate(shape, run, True, low_memory=True)]
         labels = ["score_damage", "score_damage 16G", "refine", "compress_wanda", "export_optimum",
-                  "export_onnx --low-memory", "eval_onnx"]
+                  "export_onnx --low-memory", "eval_onnx", "eval_onnx --low-memory"]
         for label, cost in zip(labels, costs, strict=True):
             if label.startswith("compress"):  # layer by layer: the model stays on the host, a block visits
                 device = cost.device_bytes - shape.weight_bytes + shape.block_linear_params * shape.dtype_bytes
@@ -457,6 +487,6 @@ def projection_table(runtime: dict[str, int] | None = None, run: RunSettings | N
             else:
                 device, host = cost.device_bytes, cost.host_bytes
             rows.append({"model": name, "dtype": "bf16", "step": label, "device_bytes": int(device),
-                         "host_bytes": int(host), "weight_bytes": shape.weight_bytes,
+                         "host_bytes": int(host), "mapped_bytes": cost.mapped_bytes, "weight_bytes": shape.weight_bytes,
                          "time_units": round(cost.time_units, 2)})
     return rows

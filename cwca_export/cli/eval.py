@@ -23,6 +23,10 @@ from cwca_export.cli.options import COUNT, loading_options
 @click.option("--batch-size", type=COUNT, default=8, show_default=True, help="Windows per forward.")
 @click.option("--ep", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="ONNX Runtime execution provider (artifacts only).")
+@click.option("--low-memory", is_flag=True,
+              help="Artifacts: run the session without weight prepacking, computing from the artifact's"
+                   " mapped weights (file pages, not memory of its own: docs/memory.md); prefill-sized"
+                   " forwards run slower.")
 @click.option("--device", default="auto", show_default=True,
               help="Where a torch model folder runs: cpu, cuda, cuda:N or auto (cuda when visible);"
                    " artifacts use --ep.")
@@ -32,7 +36,7 @@ from cwca_export.cli.options import COUNT, loading_options
               default=None, help="Folder of your own lm-eval task YAMLs (e.g. reading local data files).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @loading_options
-def eval_command(path, data, text_field, seq_len, stride, max_tokens, batch_size, ep, device, lm_eval_tasks,
+def eval_command(path, data, text_field, seq_len, stride, max_tokens, batch_size, ep, low_memory, device, lm_eval_tasks,
                  lm_eval_include, as_json, trust_remote_code, allow_pickle) -> None:
     """Measure held-out perplexity with one protocol for torch models and ONNX artifacts.
 
@@ -67,10 +71,11 @@ def eval_command(path, data, text_field, seq_len, stride, max_tokens, batch_size
             try:
                 report = evaluate(path, data, seq_len=seq_len, stride=stride, batch_size=batch_size,
                                   max_tokens=max_tokens, ep=ep, device=device, text_field=text_field,
+                                  low_memory=low_memory,
                                   trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                                   progress=not as_json)
             except ValueError as err:
-                if "--device" not in str(err):
+                if "--device" not in str(err) and "--low-memory" not in str(err):
                     raise
                 raise click.UsageError(str(err)) from None
         for w in caught:  # one stderr line each (cwca_export.cli.verbosity)

@@ -62,6 +62,10 @@ def _summary(art) -> list[str]:
     ]
     if art.resident_bytes is not None:
         lines.append(f"resident memory: {format_size(art.resident_bytes)} (session + KV cache of {work['context']} tokens)")
+        own = m["measurement"].get("anonymous_after_bytes")
+        if work.get("prepack") is False and own is not None:
+            lines[-1] += (f"; without prepacking (--low-memory) the session's own memory after the runs was"
+                          f" {format_size(own)}, the rest the artifact's file pages")
     budget = m["budget"]
     if budget:
         checks = ", ".join(
@@ -182,7 +186,7 @@ def export(
     from cwca_export.budget import Budget, latency_limit, parse_size
     from cwca_export.exporter.api import export as run_export
     from cwca_export.exporter.postprocess import QuantizeConfig
-    from cwca_export.loading import check_model_folder, load_model
+    from cwca_export.loading import check_model_folder, load_model, stored_dtype
     from cwca_export.planning.plan import Plan
 
     if dtype == "bfloat16":
@@ -242,7 +246,11 @@ def export(
         from cwca_export.exporter.build import return_large_frees
 
         return_large_frees()
-    model, tokenizer = load_model(model_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    # --low-memory without compression loads the checkpoint as stored (a bfloat16 one stays mapped) and
+    # widens it into a float32 scratch file, never into memory (docs/memory.md, "export --low-memory")
+    load_dtype = stored_dtype(model_dir) if low_memory and not method else "float32"
+    model, tokenizer = load_model(model_dir, dtype=load_dtype, trust_remote_code=trust_remote_code,
+                                  allow_pickle=allow_pickle)
     if low_memory and sum(p.numel() for p in model.parameters()) * 4 <= 2 * 1024**3:
         click.echo("note: --low-memory saves memory only above 2 GiB of float32 weights (below, the graph is"
                    " written inline and rewritten whole); this model is smaller", err=True)

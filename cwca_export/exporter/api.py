@@ -73,11 +73,13 @@ class Artifact:
         return verification.get("final", verification["fp32"])["parity"]
 
 
-def _check_model(model: Any) -> None:
+def _check_model(model: Any, *, widens: bool = False) -> None:
+    """``widens``: a low-memory export without compression maps a bfloat16 / float16 model's
+    weights to float32 itself (:func:`~cwca_export.exporter.placeholders.map_weights`)."""
     import torch
 
     param = next(model.parameters())
-    if param.dtype != torch.float32:
+    if param.dtype != torch.float32 and not (widens and param.dtype in (torch.bfloat16, torch.float16)):
         raise ValueError(
             f"export starts from a float32 torch model, got {param.dtype}; hint: load with"
             " dtype='float32' and pass dtype='fp16' for a half-precision artifact"
@@ -157,10 +159,14 @@ def export(
         rounding: how per-layer integer formats round: ``clip`` (default; blocks clipped where
             the calibration inputs say it lowers the output error, :mod:`cwca_export.planning.rounding`)
             or ``rtn`` (ONNX Runtime's plain round to nearest). Fixed ``quantize`` is always RTN.
-        low_memory: ``onnx`` backend only: trace with placeholder weights, write the float32
-            initialisers tensor by tensor, and release ``model``'s weights once torch's reference
-            logits are taken (host peak about one fp32 copy of the weights; docs/memory.md).
-            The model object cannot compute afterwards. Not with budget limits or ``precision``.
+        low_memory: ``onnx`` backend only: the weights mapped from a float32 scratch file (a
+            bfloat16 / float16 ``model`` is widened there when no ``method`` compresses it), a
+            trace with placeholder weights, the float32 initialisers written tensor by tensor,
+            ``model``'s weights released once torch's reference logits are taken, and every ONNX
+            Runtime session without prepacking (weights read from the artifact's mapped file).
+            The process's own memory stays a fraction of one fp32 copy; the weights are file
+            pages (docs/memory.md). The model object cannot compute afterwards. Not with budget
+            limits or ``precision``.
 
     Returns:
         The committed :class:`Artifact`.
@@ -176,7 +182,7 @@ def export(
 
         if get_method(method).dense_storage:
             raise ValueError(dense_storage_message(method))
-    _check_model(model)
+    _check_model(model, widens=low_memory and not method)
     if low_memory and budget.has_limits:
         raise ValueError("low-memory export builds one artifact from the model, a budget search several;"
                          " hint: drop --low-memory or the limits")
@@ -189,7 +195,7 @@ def export(
         external_data_threshold=external_data_threshold,
         measure=MeasureConfig(
             ep=budget.ep, batch=budget.batch, prompt_len=budget.prompt_len, context=budget.context,
-            warmup=warmup, runs=runs, threads=threads,
+            warmup=warmup, runs=runs, threads=threads, prepack=not low_memory,
         ),
         new_tokens=new_tokens,
         precision=dict(precision) if precision else None,

@@ -20,7 +20,7 @@ from cwca_export.blocks import find_blocks
 from cwca_export.exporter import postprocess as pp
 from cwca_export.exporter.manifest import describe_model
 from cwca_export.exporter.measure import MeasureConfig, file_inventory, measure_runtime
-from cwca_export.exporter.placeholders import fill_initializers, placeholder_weights, release_weights
+from cwca_export.exporter.placeholders import fill_initializers, map_weights, placeholder_weights, release_weights
 from cwca_export.exporter.predict import scheme_of, weight_bytes
 from cwca_export.exporter.session import DecoderSession, make_session
 from cwca_export.exporter.verify import (
@@ -187,7 +187,8 @@ def _verify(reference: TorchReference, model_path: Path, folder: Path, settings:
             generation: bool, backend: Any) -> dict[str, Any]:
     ids, mask = reference.ids, reference.mask
     try:
-        decoder = DecoderSession(make_session(model_path, settings.measure.ep, threads=settings.measure.threads))
+        decoder = DecoderSession(make_session(model_path, settings.measure.ep, threads=settings.measure.threads,
+                                              prepack=settings.measure.prepack))
         # the torch side was taken before any session opened (the model may hold no weights now)
         report = {"parity": check_parity(reference, decoder, dtype, ids, mask)}
         if generation:
@@ -332,6 +333,9 @@ def build_candidate(model: Any, tokenizer: Any, folder: Path, settings: ExportSe
 
 def _build(model: Any, tokenizer: Any, folder: Path, settings: ExportSettings) -> Candidate:
     backend = get_backend(settings.backend)
+    spill, mapped = folder / SPILL_NAME, None
+    if settings.low_memory:  # the weights become float32 pages of a scratch file, not the heap's
+        mapped = map_weights(model, spill)
     # torch's side of every check, before any ONNX Runtime session opens
     ids, mask = sample_inputs(model.config.vocab_size)
     reference = torch_reference(model, ids, mask, settings.new_tokens,
@@ -341,9 +345,8 @@ def _build(model: Any, tokenizer: Any, folder: Path, settings: ExportSettings) -
         if settings.low_memory:
             # the weights leave memory before the trace: spilled to a scratch file as each is
             # swapped for its stand-in, then written into the traced graph's initialisers
-            spill = folder / SPILL_NAME
             try:
-                with placeholder_weights(model, spill) as stand_ins:
+                with placeholder_weights(model, spill, mapped) as stand_ins:
                     release_memory()
                     backend.export(model, tokenizer, folder, **settings.backend_options)
                 fill_initializers(folder / "model.onnx", stand_ins)

@@ -67,6 +67,8 @@ class MeasureConfig:
         warmup: untimed calls before timing.
         runs: timed calls per shape.
         threads: intra-op threads (0: ONNX Runtime's default, one per physical core).
+        prepack: ONNX Runtime's weight prepacking (False under ``--low-memory``: the session
+            computes from the artifact's mapped weights, :func:`~cwca_export.exporter.session.make_session`).
     """
 
     ep: str = "cpu"
@@ -76,6 +78,7 @@ class MeasureConfig:
     warmup: int = 3
     runs: int = 10
     threads: int = 0
+    prepack: bool = True
 
 
 def measure_runtime(model_path: Path, config: MeasureConfig, *, timeout_s: float = 600) -> dict[str, Any]:
@@ -115,7 +118,8 @@ def measure_side_by_side(model_paths: list[Path], config: MeasureConfig, *, roun
 
 
 def _status_bytes(field: str) -> int | None:
-    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident) of this process, in bytes."""
+    """``VmRSS`` (resident now), ``VmHWM`` (peak resident) or ``RssAnon`` (resident, not file pages) of this
+    process, in bytes."""
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
@@ -195,8 +199,9 @@ def _worker(request: dict[str, Any]) -> dict[str, Any]:
     b, p, c = request["batch"], request["prompt_len"], request["context"]
     cuda = request["ep"] == "cuda"
     device_before = device_used_bytes(_visible_gpu()) if cuda else None
-    before = _status_bytes("VmRSS")
-    session = make_session(request["model"], request["ep"], threads=request["threads"])
+    before, before_anonymous = _status_bytes("VmRSS"), _status_bytes("RssAnon")
+    session = make_session(request["model"], request["ep"], threads=request["threads"],
+                           prepack=request.get("prepack", True))
     decoder = DecoderSession(session)
     prefill = decoder.feed(np.ones((b, p), np.int64), np.ones((b, p), np.int64), None)
     if decoder.has_past:
@@ -207,9 +212,13 @@ def _worker(request: dict[str, Any]) -> dict[str, Any]:
     session.run(None, decode)
     peak, now = _status_bytes("VmHWM"), _status_bytes("VmRSS")
     resident = None if before is None or peak is None else peak - before
+    anonymous, anonymous_now = before_anonymous, _status_bytes("RssAnon")
     memory = {
         "resident_bytes": resident,
         "resident_after_bytes": None if before is None or now is None else now - before,
+        # the part of it that is the process's own (the rest: pages of the artifact's files,
+        # which the kernel may evict and read again; all of it without prepacking)
+        "anonymous_after_bytes": None if anonymous is None or anonymous_now is None else anonymous_now - anonymous,
         "resident_method": RSS_METHOD if resident is not None else "not measured (needs /proc)",
     }
     if cuda:
@@ -225,7 +234,8 @@ def _worker(request: dict[str, Any]) -> dict[str, Any]:
             "prefill": timed(session, prefill, request["warmup"], request["runs"]),
             "decode": timed(session, decode, request["warmup"], request["runs"]),
         },
-        "workload": {k: request[k] for k in ("ep", "batch", "prompt_len", "context", "warmup", "runs", "threads")},
+        "workload": {**{k: request[k] for k in ("ep", "batch", "prompt_len", "context", "warmup", "runs", "threads")},
+                     "prepack": request.get("prepack", True)},
         "providers": session.get_providers(),
     }
 

@@ -98,17 +98,78 @@ class Spilled:
 
 
 def _spill(out: Any, param: Any) -> int:
-    """Append ``param``'s float32 bytes to ``out`` a chunk at a time; its offset."""
+    """Append ``param``'s values as float32 bytes to ``out`` a chunk at a time (a bfloat16 or
+    float16 parameter widened exactly, chunk by chunk); its offset."""
+    import torch
+
     offset = out.tell()
     flat = param.detach().reshape(-1)
     step = max(1, CHUNK_BYTES // 4)
     for start in range(0, flat.numel(), step):
-        out.write(memoryview(flat[start:start + step].contiguous().numpy()).cast("B"))
+        out.write(memoryview(flat[start:start + step].to(torch.float32).contiguous().numpy()).cast("B"))
     return offset
 
 
+def _widened(tensor: Any) -> Any:
+    import torch
+
+    return tensor.to(torch.float32) if tensor.is_floating_point() and tensor.dtype != torch.float32 else tensor
+
+
+def map_weights(model: Any, spill: Path) -> dict[int, Spilled]:
+    """Make ``model`` a float32 model whose weights live in ``spill``, not in its memory.
+
+    Every floating parameter of two or more dimensions (float32, bfloat16 or float16) is
+    written to the scratch file ``spill`` as float32, then replaced by a copy-on-write map of
+    those bytes: the model computes exactly as one loaded in float32 would, but its weights
+    are file pages the kernel can evict and read again, not memory of the process's own (a
+    bfloat16 checkpoint loaded in float32 would be 4P bytes of it: docs/memory.md, "export
+    --low-memory"). The other tensors (norms, biases, buffers: small) are copied, widened, into
+    memory of their own, so the checkpoint's memory map is released.
+    Returns id(mapped parameter) -> where its bytes lie, which :func:`placeholder_weights`
+    reuses instead of writing them again."""
+    import torch
+
+    slots: list[tuple[Any, str, Any]] = []
+    offsets: dict[int, tuple[int, tuple[int, ...]]] = {}
+    with open(spill, "xb") as out:
+        for module in model.modules():
+            for name, param in list(module.named_parameters(recurse=False)):
+                if param.dim() >= 2 and param.is_floating_point() and param.numel() >= 2:
+                    if id(param) not in offsets:
+                        offsets[id(param)] = (_spill(out, param), tuple(param.shape))
+                    slots.append((module, name, param))
+    mapped: dict[int, Any] = {}
+    where: dict[int, Spilled] = {}
+    for module, name, param in slots:
+        if id(param) not in mapped:
+            offset, shape = offsets[id(param)]
+            values = np.memmap(spill, dtype="<f4", mode="c", offset=offset, shape=shape)
+            mapped[id(param)] = torch.nn.Parameter(torch.from_numpy(values), requires_grad=False)
+            where[id(mapped[id(param)])] = Spilled(spill, offset, shape)
+        setattr(module, name, mapped[id(param)])
+    del slots
+    # the rest (norms, biases, buffers: small) get memory of their own, widened: a checkpoint's
+    # tensors are views of one memory map, which stays mapped, its read pages resident, while any lives
+    own: dict[int, Any] = {}
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if id(param) in where:
+                continue
+            if id(param) not in own:
+                own[id(param)] = torch.nn.Parameter(_widened(param.detach()).clone(), requires_grad=param.requires_grad)
+            setattr(module, name, own[id(param)])
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer is not None:
+                setattr(module, name, own.setdefault(id(buffer), _widened(buffer).clone()))
+    if getattr(model, "config", None) is not None:
+        model.config.dtype = torch.float32  # what a float32 load records (the artifact's config.json)
+    return where
+
+
 @contextlib.contextmanager
-def placeholder_weights(model: Any, spill: Path | None = None) -> Iterator[Placeholders]:
+def placeholder_weights(model: Any, spill: Path | None = None,
+                        mapped: dict[int, Spilled] | None = None) -> Iterator[Placeholders]:
     """Swap every float32 parameter of two or more dimensions for a fingerprinted stand-in
     (one value per row of memory).
 
@@ -117,12 +178,15 @@ def placeholder_weights(model: Any, spill: Path | None = None) -> Iterator[Place
     trace runs without the weights in memory; the stand-ins stay on exit (the model can no
     longer compute) and :func:`fill_initializers` reads the file. A parameter shared by several
     modules (tied embeddings) gets one stand-in, shared the same way, so the exporter
-    deduplicates it as it would the real one."""
+    deduplicates it as it would the real one. ``mapped`` (from :func:`map_weights`, the same
+    ``spill``) names parameters whose bytes are there already: they are not written again."""
     import torch
 
     found = Placeholders()
     made: dict[int, Any] = {}
-    out = open(spill, "xb") if spill is not None else None  # noqa: SIM115 (closed below, before the trace)
+    mapped = mapped or {}
+    # appended to when map_weights wrote it; closed below, before the trace
+    out = open(spill, "ab" if mapped else "xb") if spill is not None else None  # noqa: SIM115
     try:
         for module in model.modules():
             for name, param in list(module.named_parameters(recurse=False)):
@@ -133,6 +197,8 @@ def placeholder_weights(model: Any, spill: Path | None = None) -> Iterator[Place
                     made[id(param)] = _stand_in(param, value)
                     if out is None:
                         found.sources[value] = param.detach()
+                    elif id(param) in mapped:
+                        found.sources[value] = mapped[id(param)]
                     else:
                         found.sources[value] = Spilled(spill, _spill(out, param), tuple(param.shape))
                 found.slots.append((module, name, param if out is None else None))

@@ -24,13 +24,18 @@ PROVIDERS = {
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 
 
-def make_session(path: str | Path, ep: str = "cpu", *, threads: int = 0) -> Any:
+def make_session(path: str | Path, ep: str = "cpu", *, threads: int = 0, prepack: bool = True) -> Any:
     """An ``InferenceSession`` on execution provider ``ep``; refuses a silent CPU fallback.
 
     Args:
         path: the ``.onnx`` file (its external data, if any, lies next to it).
         ep: ``"cpu"`` or ``"cuda"``.
         threads: intra-op threads; 0 lets ONNX Runtime choose (one per physical core).
+        prepack: let kernels copy constant weights into their own layout at creation (ONNX
+            Runtime's default). False (``--low-memory``) computes from the initialisers as
+            loaded: external data stays a read-only map of the artifact's file (page cache the
+            kernel can evict, not memory of the process's own), at some prefill speed
+            (docs/memory.md, "Sessions without prepacking").
     """
     ort = require_onnxruntime()
     if ep not in PROVIDERS:
@@ -45,6 +50,8 @@ def make_session(path: str | Path, ep: str = "cpu", *, threads: int = 0) -> Any:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     session = ort.InferenceSession(str(path), options, providers=list(wanted))
     if session.get_providers()[0] != wanted[0]:
         raise ValueError(f"{path}: ONNX Runtime did not put the model on {wanted[0]}")

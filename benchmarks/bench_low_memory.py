@@ -1,0 +1,164 @@
+"""The process's own memory against its file pages, for export and eval with and without
+``--low-memory`` (issue 14: the 7B export and eval).
+
+A resident-set peak (``ru_maxrss``) counts file pages too: a safetensors checkpoint mapped by
+transformers, a low-memory export's mapped float32 scratch file, an artifact's external data
+that an ONNX Runtime session without prepacking computes from. The kernel evicts such clean
+pages under pressure and reads them again, so what a run needs of the host is its anonymous
+memory (``RssAnon``) plus a working set of file pages. This benchmark samples ``RssAnon`` and
+``VmRSS`` of the CLI process and its children (the measurement worker) every 10 ms and reports
+both peaks beside ``os.wait4``'s ``ru_maxrss``; a spike shorter than the interval can be missed.
+
+The model is bench_export_phases.py's 550M Llama (2.1 GB of float32 weights: external data, the
+path every 7B export takes), saved once in float32 and once in bfloat16 (how 7B checkpoints ship).
+
+Usage:
+    python benchmarks/bench_low_memory.py --work /tmp/lowmem [--out benchmarks/results/bench_low_memory.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_export_phases  # noqa: E402,F401  (registers the 550m size)
+import bench_scale  # noqa: E402
+
+MIB = 2**20
+
+
+def _tree(pid: int) -> list[int]:
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children", encoding="ascii") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            continue
+    return pids
+
+
+def _kib(pid: int, fields: tuple[str, ...]) -> dict[str, int]:
+    out = dict.fromkeys(fields, 0)
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                key = line.split(":")[0]
+                if key in out:
+                    out[key] = int(line.split()[1])
+    except OSError:
+        pass
+    return out
+
+
+def run_sampled(args: list[str], env: dict[str, str], interval: float = 0.01) -> dict[str, Any]:
+    """``python -m cwca_export ARGS`` with its process tree's RssAnon and VmRSS sampled."""
+    parent_peak = bench_scale.own_peak_rss()  # the floor under the child's ru_maxrss
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "cwca_export", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    peaks = {"anon": 0, "rss": 0}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            total = {"RssAnon": 0, "VmRSS": 0}
+            for pid in _tree(proc.pid):
+                for key, value in _kib(pid, ("RssAnon", "VmRSS")).items():
+                    total[key] += value
+            peaks["anon"] = max(peaks["anon"], total["RssAnon"] * 1024)
+            peaks["rss"] = max(peaks["rss"], total["VmRSS"] * 1024)
+            time.sleep(interval)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out = proc.stdout.read() if proc.stdout else b""
+    _, status, usage = os.wait4(proc.pid, 0)
+    done.set()
+    sampler.join()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"cwca-export {' '.join(args)} failed:\n{out.decode()[-3000:]}")
+    return {"args": args, "wall_s": round(time.perf_counter() - start, 1), "ru_maxrss": usage.ru_maxrss * 1024,
+            "parent_peak_rss": parent_peak,
+            "sampled_anon_peak": peaks["anon"], "sampled_rss_peak": peaks["rss"]}
+
+
+BFLOAT16_COPY = """
+import shutil, sys, torch
+from transformers import AutoModelForCausalLM
+src, dst = sys.argv[1], sys.argv[2]
+AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16, local_files_only=True).save_pretrained(dst)
+for name in sys.argv[3:]:
+    shutil.copy(f"{src}/{name}", f"{dst}/{name}")
+"""
+
+
+def bfloat16_copy(src: Path, dst: Path) -> None:
+    """The same weights saved in bfloat16 (values rounded once; both exports start from these),
+    in a process of its own: a child's ru_maxrss starts at its parent's peak."""
+    subprocess.run([sys.executable, "-c", BFLOAT16_COPY, str(src), str(dst), *bench_scale.TOKENIZER_FILES],
+                   check=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", required=True)
+    ap.add_argument("--size", default="550m")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    work = Path(args.work)
+    fp32, bf16 = work / f"model-{args.size}", work / f"model-{args.size}-bf16"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    if not fp32.exists():
+        bench_scale.build_model_in_child(args.size, fp32, env)
+    if not bf16.exists():
+        bfloat16_copy(fp32, bf16)
+    measure = ["--runs", "3", "--warmup", "1", "--prompt-len", "16", "--context", "32"]
+    rows: dict[str, Any] = {}
+    for name, model, extra in [("export bf16 checkpoint", bf16, []),
+                               ("export bf16 checkpoint --low-memory", bf16, ["--low-memory"]),
+                               ("export fp32 checkpoint --low-memory", fp32, ["--low-memory"])]:
+        out = work / name.replace(" ", "_").replace("--", "")
+        rows[name] = run_sampled(["export", str(model), "--backend", "onnx", *extra, *measure, "--out", str(out),
+                                  "--overwrite"], env)
+        print(name, {k: v // MIB if isinstance(v, int) else v for k, v in rows[name].items() if k != "args"},
+              flush=True)
+    artifact = work / "export_bf16_checkpoint_low-memory"
+    for name, extra in [("eval", []), ("eval --low-memory", ["--low-memory"])]:
+        rows[name] = run_sampled(["eval", str(artifact), "--data", str(bench_scale.HELDOUT), "--seq-len", "128",
+                                  "--max-tokens", "1024", "--batch-size", "4", *extra], env)
+        print(name, {k: v // MIB if isinstance(v, int) else v for k, v in rows[name].items() if k != "args"},
+              flush=True)
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(fp32, local_files_only=True)
+
+    with torch.device("meta"):
+        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    weights = 4 * params
+    result = {"size": args.size, "params": params, "fp32_weight_bytes": weights, "machine": bench_scale.machine(),
+              "interval_s": 0.01, "rows": rows}
+    print("\n| run | ru_maxrss MiB | sampled RSS peak MiB | sampled anonymous peak MiB (x fp32 weights) | s |")
+    print("|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['ru_maxrss'] // MIB:,} | {r['sampled_rss_peak'] // MIB:,} | "
+              f"{r['sampled_anon_peak'] // MIB:,} ({r['sampled_anon_peak'] / weights:.2f}) | {r['wall_s']} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
