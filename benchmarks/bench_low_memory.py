@@ -12,8 +12,12 @@ both peaks beside ``os.wait4``'s ``ru_maxrss``; a spike shorter than the interva
 The model is bench_export_phases.py's 550M Llama (2.1 GB of float32 weights: external data, the
 path every 7B export takes), saved once in float32 and once in bfloat16 (how 7B checkpoints ship).
 
+Then one ONNX Runtime session with and one without prepacking on the low-memory artifact, each in
+a process of its own: creation time, own and file pages, forward time, and the logits' difference.
+
 Usage:
     python benchmarks/bench_low_memory.py --work /tmp/lowmem [--out benchmarks/results/bench_low_memory.json]
+    python benchmarks/bench_low_memory.py --work /tmp/lowmem --sessions-only --out ...   # the session probe alone
 """
 
 from __future__ import annotations
@@ -91,7 +95,7 @@ def run_sampled(args: list[str], env: dict[str, str], interval: float = 0.01) ->
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"cwca-export {' '.join(args)} failed:\n{out.decode()[-3000:]}")
     return {"args": args, "wall_s": round(time.perf_counter() - start, 1), "ru_maxrss": usage.ru_maxrss * 1024,
-            "parent_peak_rss": parent_peak,
+            "parent_peak_rss": parent_peak, "last_line": out.decode().strip().splitlines()[-1][:300],
             "sampled_anon_peak": peaks["anon"], "sampled_rss_peak": peaks["rss"]}
 
 
@@ -112,11 +116,65 @@ def bfloat16_copy(src: Path, dst: Path) -> None:
                    check=True)
 
 
+SESSION_PROBE = """
+import json, sys, time
+import numpy as np
+from cwca_export.exporter.session import DecoderSession, make_session
+def status():
+    out = {}
+    for line in open("/proc/self/status"):
+        key = line.split(":")[0]
+        if key in ("RssAnon", "RssFile"):
+            out[key] = int(line.split()[1]) * 1024
+    return out
+path, prepack, batch, length = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), int(sys.argv[4])
+before = status()
+start = time.perf_counter()
+decoder = DecoderSession(make_session(path, prepack=prepack))
+created = time.perf_counter() - start
+after_creation = status()
+ids = np.random.default_rng(0).integers(2, 4000, size=(batch, length))
+times = []
+for _ in range(3):
+    start = time.perf_counter()
+    logits = decoder.session.run(["logits"], decoder.feed(ids, np.ones_like(ids), None))[0]
+    times.append(time.perf_counter() - start)
+np.save(sys.argv[5], logits[:, -2:])
+print(json.dumps({"create_s": round(created, 2), "forward_s": round(min(times), 3),
+                  "anon_after_creation": after_creation["RssAnon"] - before["RssAnon"],
+                  "file_after_creation": after_creation["RssFile"] - before["RssFile"],
+                  "anon_after_forwards": status()["RssAnon"] - before["RssAnon"],
+                  "file_after_forwards": status()["RssFile"] - before["RssFile"]}))
+"""
+
+
+def probe_sessions(artifact: Path, work: Path, env: dict[str, str]) -> dict[str, Any]:
+    """One ONNX Runtime session with and one without prepacking, each in a fresh process: its
+    creation time, own and file pages after creation and after three forwards (the fastest
+    timed), at prefill (4 x 64) and decode (1 x 1) sizes, and how far the logits differ."""
+    import numpy as np
+
+    out: dict[str, Any] = {}
+    for batch, length in ((4, 64), (1, 1)):
+        logits = {}
+        for prepack in (True, False):
+            save = work / f"logits-{batch}x{length}-{int(prepack)}.npy"
+            proc = subprocess.run([sys.executable, "-c", SESSION_PROBE, str(artifact / "model.onnx"), str(int(prepack)),
+                                   str(batch), str(length), str(save)], env=env, capture_output=True, text=True,
+                                  check=True)
+            out[f"{batch}x{length} prepack={prepack}"] = json.loads(proc.stdout.strip().splitlines()[-1])
+            logits[prepack] = np.load(save)
+        out[f"{batch}x{length} max_abs_logit_difference"] = float(np.abs(logits[True] - logits[False]).max())
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", required=True)
     ap.add_argument("--size", default="550m")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--sessions-only", action="store_true",
+                    help="only the session probe, on the low-memory artifact an earlier run left in --work")
     args = ap.parse_args()
     work = Path(args.work)
     fp32, bf16 = work / f"model-{args.size}", work / f"model-{args.size}-bf16"
@@ -127,6 +185,14 @@ def main() -> None:
         bfloat16_copy(fp32, bf16)
     measure = ["--runs", "3", "--warmup", "1", "--prompt-len", "16", "--context", "32"]
     rows: dict[str, Any] = {}
+    artifact = work / "export_bf16_checkpoint_low-memory"
+    if args.sessions_only:
+        result = json.loads(Path(args.out).read_text()) if args.out and Path(args.out).exists() else {}
+        result["sessions"] = probe_sessions(artifact, work, env)
+        print(json.dumps(result["sessions"], indent=1))
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        return
     for name, model, extra in [("export bf16 checkpoint", bf16, []),
                                ("export bf16 checkpoint --low-memory", bf16, ["--low-memory"]),
                                ("export fp32 checkpoint --low-memory", fp32, ["--low-memory"])]:
@@ -135,7 +201,6 @@ def main() -> None:
                                   "--overwrite"], env)
         print(name, {k: v // MIB if isinstance(v, int) else v for k, v in rows[name].items() if k != "args"},
               flush=True)
-    artifact = work / "export_bf16_checkpoint_low-memory"
     for name, extra in [("eval", []), ("eval --low-memory", ["--low-memory"])]:
         rows[name] = run_sampled(["eval", str(artifact), "--data", str(bench_scale.HELDOUT), "--seq-len", "128",
                                   "--max-tokens", "1024", "--batch-size", "4", *extra], env)
@@ -150,7 +215,8 @@ def main() -> None:
         params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
     weights = 4 * params
     result = {"size": args.size, "params": params, "fp32_weight_bytes": weights, "machine": bench_scale.machine(),
-              "interval_s": 0.01, "rows": rows}
+              "interval_s": 0.01, "rows": rows, "sessions": probe_sessions(artifact, work, env)}
+    print(json.dumps(result["sessions"], indent=1))
     print("\n| run | ru_maxrss MiB | sampled RSS peak MiB | sampled anonymous peak MiB (x fp32 weights) | s |")
     print("|---|---|---|---|---|")
     for name, r in rows.items():
