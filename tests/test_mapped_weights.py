@@ -153,3 +153,20 @@ def test_eval_low_memory(tmp_path, external_artifact):
     refused = runner.invoke(cli, ["eval", str(folder), "--data", str(text), "--seq-len", "16", "--low-memory"])
     assert refused.exit_code == 2 and "--low-memory" in refused.output and "hint: drop --low-memory" in refused.output
     assert "Traceback" not in refused.output
+
+
+def test_cli_points_a_big_export_at_low_memory(tmp_path, monkeypatch):
+    """Above the 2 GiB protobuf limit of float32 weights the ordinary export holds the model and
+    its graph; the CLI says so and names --low-memory (here the limit is lowered to a tiny model's size)."""
+    from cwca_export.exporter import postprocess
+
+    folder = save_tiny_model("llama", tmp_path / "tiny")
+    monkeypatch.setattr(postprocess, "PROTOBUF_LIMIT", 1000)
+    result = CliRunner().invoke(cli, ["export", str(folder), "--backend", "onnx", "--out", str(tmp_path / "a"),
+                                      *COMMON])
+    assert result.exit_code == 0, result.output
+    assert "--backend onnx --low-memory holds a fraction of one copy" in result.output
+    result = CliRunner().invoke(cli, ["export", str(folder), "--backend", "onnx", "--low-memory",
+                                      "--out", str(tmp_path / "b"), *COMMON])
+    assert result.exit_code == 0, result.output
+    assert "holds a fraction" not in result.output and "saves memory only above" not in result.output

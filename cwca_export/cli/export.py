@@ -251,9 +251,20 @@ def export(
     load_dtype = stored_dtype(model_dir) if low_memory and not method else "float32"
     model, tokenizer = load_model(model_dir, dtype=load_dtype, trust_remote_code=trust_remote_code,
                                   allow_pickle=allow_pickle)
-    if low_memory and sum(p.numel() for p in model.parameters()) * 4 <= 2 * 1024**3:
+    from cwca_export.exporter import postprocess
+
+    fp32_bytes = sum(p.numel() for p in model.parameters()) * 4
+    if low_memory and fp32_bytes <= postprocess.PROTOBUF_LIMIT:
         click.echo("note: --low-memory saves memory only above 2 GiB of float32 weights (below, the graph is"
                    " written inline and rewritten whole); this model is smaller", err=True)
+    elif not low_memory and fp32_bytes > postprocess.PROTOBUF_LIMIT and not budget.has_limits and not precision_path:
+        from cwca_export.budget import format_size
+        from cwca_export.memory_model import EXPORT_COPIES
+
+        held = fp32_bytes * (1 + EXPORT_COPIES["external"])
+        click.echo(f"note: this export holds the float32 model and its graph, about {format_size(held)};"
+                   " --backend onnx --low-memory holds a fraction of one copy, the weights as file pages"
+                   " (docs/memory.md)", err=True)
     compress_options = {}
     if plan is not None and method:  # the plan is applied here: it must fit this model
         plan.check(model, fingerprint=not no_fingerprint, require_fingerprint=not no_fingerprint)
