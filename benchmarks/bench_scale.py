@@ -182,6 +182,10 @@ def steps_for(size: str, work: Path, samples: int, seq_len: int, batch: int, con
                               *export_common, "--out", str(work / "art-int8")]),
         ("export_onnx_int4", ["export", str(work / "wanda"), "--backend", "onnx", "--quantize", "int4",
                               *export_common, "--out", str(work / "art-int4")]),
+        ("export_onnx_lowmem", ["export", str(work / "wanda"), "--backend", "onnx", "--low-memory",
+                                *export_common, "--out", str(work / "art-lowmem")]),
+        ("eval_onnx_lowmem", ["eval", str(work / "art-optimum"), "--data", str(HELDOUT), "--seq-len", str(seq_len),
+                              "--max-tokens", str(8 * seq_len), "--batch-size", str(batch), "--low-memory"]),
     ]
     return steps
 
@@ -195,7 +199,10 @@ def run_size(size: str, work: Path, args: argparse.Namespace, env: dict[str, str
              baselines: dict[str, int]) -> dict[str, Any]:
     from cwca_export import memory_model as mm
 
-    config = build_model_in_child(size, work / "model", env)
+    if args.only and (work / "model" / "config.json").exists():
+        config = {"params": mm.ModelShape.from_folder(work / "model").params, **SIZES[size]}
+    else:
+        config = build_model_in_child(size, work / "model", env)
     shape = mm.ModelShape.from_folder(work / "model")
     runs = mm.RunSettings(samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size,
                           eval_tokens=8 * args.seq_len)
@@ -204,6 +211,8 @@ def run_size(size: str, work: Path, args: argparse.Namespace, env: dict[str, str
     results: dict[str, Any] = {}
     for name, cli_args in steps_for(size, work, args.samples, args.seq_len, args.batch_size, config,
                                     quick=size in args.quick, points=args.points):
+        if args.only and name not in args.only.split(","):
+            continue
         measured = run_step(cli_args, ROOT, env)
         row: dict[str, Any] = {"wall_s": round(measured["wall_s"], 2), "peak_rss": measured["peak_rss"],
                                "parent_peak_rss": measured["parent_peak_rss"],
@@ -366,6 +375,9 @@ def main() -> None:
     parser.add_argument("--points", default="0.3,0.5,0.7,0.9", help="damage probe points (score's default)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_scale.json"))
     parser.add_argument("--keep", default=None, help="work folder to keep (default: a temporary one)")
+    parser.add_argument("--only", default="", metavar="STEPS",
+                        help="run only these steps (comma-separated names), reusing the --keep folder's model and"
+                             " outputs from an earlier run")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="no run: combine earlier results files (same settings), re-predict with"
                              " the current memory model, write --out")
@@ -389,7 +401,7 @@ def main() -> None:
     try:
         for size in args.sizes.split(","):
             work = work_root / size
-            if work.exists():
+            if work.exists() and not args.only:
                 shutil.rmtree(work)
             sizes[size] = run_size(size, work, args, env, baselines)
             if not args.keep:
