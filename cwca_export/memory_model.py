@@ -47,6 +47,12 @@ PROTOBUF_LIMIT = 2**31  # torch.onnx.export writes the weights as external data 
 # fp32 copies a quantized export peaks above the plain export's peak (benchmarks/bench_scale.py at
 # 5M / 40M / 150M: int8 +0.14 / +0.92 / +0.19 copies, int4 none: its phase stays under tracing's)
 QUANT_COPIES = {None: 0.0, "int8": 0.6, "int4": 0.0}
+# above 2 GiB the quantizer's phase is the peak: ONNX Runtime's quantizer holds the whole fp32
+# graph and what it builds from it. Measured at 550M with --low-memory (the torch model gone):
+# int8 (quantize_dynamic) 3.04 fp32 copies of the process's own memory beyond the runtime
+# (benchmarks/bench_low_memory.py's sampler, BENCHMARKS.md "Weights as file pages"); int4 was
+# not measured there (the random-init 550M model fails int4 parity) and takes int8's
+EXTERNAL_QUANT_COPIES = 3.04
 # export --low-memory (onnx backend), measured at 550M (benchmarks/bench_export_phases.py
 # --low-memory): fp32 copies of the weights an ONNX Runtime session holds while verifying (1.013,
 # the largest phase once the torch model's weights are gone), and copies of the largest tensor
@@ -356,8 +362,10 @@ def export(shape: ModelShape, backend: str = "optimum", quantize: str | None = N
     layout = "inline" if fp32 <= PROTOBUF_LIMIT else "external"
     graph = graph_bytes(shape)
     name = f"export_{backend}" + (f"_{quantize}" if quantize else "")
-    return StepCost(name, host={"torch model (fp32)": weights, f"fp32 graph copies ({layout})":
-                                EXPORT_COPIES[layout] * graph + QUANT_COPIES.get(quantize, 1.0) * fp32},
+    copies = EXPORT_COPIES[layout] * graph + QUANT_COPIES.get(quantize, 1.0) * fp32
+    if quantize and layout == "external":  # the quantizer's phase, beside the torch model
+        copies = max(copies, EXTERNAL_QUANT_COPIES * fp32)
+    return StepCost(name, host={"torch model (fp32)": weights, f"fp32 graph copies ({layout})": copies},
                     time_units=0.0, runtime=runtime)
 
 
@@ -383,8 +391,8 @@ def export_low_memory(shape: ModelShape, quantize: str | None = None, runtime: i
     - widening into the scratch file and filling the initialisers from it: one 64 MiB block;
     - verification and measurement: a short forward's activations (negligible);
     - post-processing: the external layout streamed a tensor at a time (the largest tensor);
-      with ``--quantize`` the quantizer loads the whole fp32 graph (1 + ``QUANT_COPIES``
-      copies, from the code, not measured).
+      with ``--quantize`` ONNX Runtime's quantizer loads the whole fp32 graph and builds the
+      quantized one beside it: ``EXTERNAL_QUANT_COPIES`` (int8 measured at 550M: 3.04).
 
     Below 2 GiB of fp32 weights the graph is inline and the fill rewrites it whole
     (``INLINE_LOW_MEMORY_COPIES``, the process's own): no saving there.
@@ -398,7 +406,7 @@ def export_low_memory(shape: ModelShape, quantize: str | None = None, runtime: i
     largest = max(shape.vocab, shape.intermediate) * shape.hidden * 4
     phases = {
         "largest tensor's copies during the trace": TRACE_TENSOR_COPIES * largest,
-        "post-processing": (1.0 + QUANT_COPIES.get(quantize, 1.0)) * fp32 if quantize else float(largest),
+        "post-processing": EXTERNAL_QUANT_COPIES * fp32 if quantize else float(largest),
     }
     phase = max(phases, key=phases.get)
     source = float(fp32 if source_bytes is None else source_bytes)

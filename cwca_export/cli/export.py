@@ -257,6 +257,10 @@ def export(
     if low_memory and fp32_bytes <= postprocess.PROTOBUF_LIMIT:
         click.echo("note: --low-memory saves memory only above 2 GiB of float32 weights (below, the graph is"
                    " written inline and rewritten whole); this model is smaller", err=True)
+    elif low_memory and quantize:
+        click.echo("note: --quantize loads the whole float32 graph into ONNX Runtime's quantizer, which builds the"
+                   " quantized one beside it: about 3 float32 copies of the weights in memory (docs/memory.md)",
+                   err=True)
     elif not low_memory and fp32_bytes > postprocess.PROTOBUF_LIMIT and not budget.has_limits and not precision_path:
         from cwca_export.budget import format_size
         from cwca_export.memory_model import EXPORT_COPIES
