@@ -141,13 +141,17 @@ def map_weights(model: Any, spill: Path) -> dict[int, Spilled]:
                     slots.append((module, name, param))
     mapped: dict[int, Any] = {}
     where: dict[int, Spilled] = {}
+    # one map of the whole file (one descriptor, however many parameters); each parameter a view
+    whole = np.memmap(spill, dtype=np.uint8, mode="c") if slots else None
     for module, name, param in slots:
         if id(param) not in mapped:
             offset, shape = offsets[id(param)]
-            values = np.memmap(spill, dtype="<f4", mode="c", offset=offset, shape=shape)
+            count = int(np.prod(shape, dtype=np.int64))
+            values = whole[offset:offset + 4 * count].view("<f4").reshape(shape)
             mapped[id(param)] = torch.nn.Parameter(torch.from_numpy(values), requires_grad=False)
             where[id(mapped[id(param)])] = Spilled(spill, offset, shape)
         setattr(module, name, mapped[id(param)])
+    del whole
     del slots
     # the rest (norms, biases, buffers: small) get memory of their own, widened: a checkpoint's
     # tensors are views of one memory map, which stays mapped, its read pages resident, while any lives
