@@ -246,9 +246,10 @@ def export(
         from cwca_export.exporter.build import return_large_frees
 
         return_large_frees()
-    # --low-memory without compression loads the checkpoint as stored (a bfloat16 one stays mapped) and
+    # --low-memory without compression loads the checkpoint as its safetensors store it (a bfloat16 one
+    # stays mapped; mixed or pickle storage loads in float32) and
     # widens it into a float32 scratch file, never into memory (docs/memory.md, "export --low-memory")
-    load_dtype = stored_dtype(model_dir) if low_memory and not method else "float32"
+    load_dtype = stored_dtype(model_dir, allow_pickle=allow_pickle) if low_memory and not method else "float32"
     model, tokenizer = load_model(model_dir, dtype=load_dtype, trust_remote_code=trust_remote_code,
                                   allow_pickle=allow_pickle)
     if low_memory and sum(p.numel() for p in model.parameters()) * 4 <= 2 * 1024**3:

@@ -1,0 +1,115 @@
+"""export --low-memory against checkpoints that do not say what they hold (issue 14, hostile use).
+
+A low-memory export without compression loads a checkpoint in the precision its weights are
+stored in and widens it to float32 itself; the artifact must be the ordinary float32 export of
+the same weights, byte for byte, whatever the folder's config.json claims. The reference is
+the ordinary export (transformers loading the folder in float32)."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from helpers import tiny_model, tiny_tokenizer
+from safetensors.torch import load_file, save_file
+
+from cwca_export.cli import cli
+from cwca_export.exporter.manifest import MANIFEST_NAME
+
+COMMON = ["--backend", "onnx", "--external-data-threshold", "1KiB", "--prompt-len", "8", "--context", "24",
+          "--runs", "1", "--warmup", "0"]
+
+
+def _save(model, folder: Path, *, dtype: str | None, tensors=None) -> Path:
+    """``model`` saved with safetensors, its config's dtype fields then set to ``dtype`` (None: removed)."""
+    model.save_pretrained(folder, safe_serialization=True)
+    tiny_tokenizer().save_pretrained(folder)
+    if tensors is not None:
+        save_file(tensors(load_file(folder / "model.safetensors")), folder / "model.safetensors",
+                  metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("torch_dtype", None)
+    config.pop("dtype", None)
+    if dtype is not None:
+        config["dtype"] = dtype
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _assert_same_artifact(folder: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    ordinary = runner.invoke(cli, ["export", str(folder), *COMMON, "--out", str(tmp_path / "ordinary")])
+    assert ordinary.exit_code == 0, ordinary.output
+    lean = runner.invoke(cli, ["export", str(folder), *COMMON, "--low-memory", "--out", str(tmp_path / "lean")])
+    assert lean.exit_code == 0, lean.output
+    names = sorted(p.name for p in (tmp_path / "ordinary").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "lean").iterdir())
+    for name in names:
+        if name != MANIFEST_NAME:
+            assert filecmp.cmp(tmp_path / "ordinary" / name, tmp_path / "lean" / name, shallow=False), name
+
+
+def test_float32_weights_under_a_config_that_says_bfloat16_are_not_rounded(tmp_path):
+    """A config's dtype is a claim (hand-edited, copied from the upstream model): the weights
+    stored in float32 must not be loaded as bfloat16 and rounded."""
+    folder = _save(tiny_model("llama"), tmp_path / "claims-bf16", dtype="bfloat16")
+    _assert_same_artifact(folder, tmp_path)
+
+
+def test_bfloat16_matrices_beside_float32_norms_keep_the_norms(tmp_path):
+    """Mixed storage (matrices bf16, norms kept in float32 as some trainers save them)."""
+
+    def mixed(tensors):
+        out = {}
+        for name, value in tensors.items():
+            if value.dim() >= 2:
+                out[name] = value.to(torch.bfloat16)
+            else:  # norm weights that bfloat16 cannot hold exactly
+                out[name] = value + 1e-3 * torch.arange(value.numel(), dtype=torch.float32)
+        return out
+
+    folder = _save(tiny_model("llama"), tmp_path / "mixed", dtype="bfloat16", tensors=mixed)
+    _assert_same_artifact(folder, tmp_path)
+
+
+def _to_bfloat16(tensors):
+    return {name: value.to(torch.bfloat16) if value.is_floating_point() else value for name, value in tensors.items()}
+
+
+def test_a_compressed_bfloat16_folder_keeps_its_rotary_table_in_float32(tmp_path):
+    """A folder written by ``compress`` (lowrank: factorised Linears) whose weights are stored in
+    bfloat16: loading it as stored must not round the rotary inv_freq table the model builds."""
+    from compress_plans import make_plan
+
+    model = tiny_model("llama")
+    dense = _save(model, tmp_path / "dense", dtype="float32")
+    make_plan(model, "allocate", [1, 2]).save(tmp_path / "ranks.json")
+    done = CliRunner().invoke(cli, ["compress", str(dense), "--plan", str(tmp_path / "ranks.json"), "--method",
+                                    "lowrank", "--rank-step", "4", "--out", str(tmp_path / "lowrank")])
+    assert done.exit_code == 0, done.output
+    folder = tmp_path / "lowrank-bf16"
+    shutil.copytree(tmp_path / "lowrank", folder)
+    save_file(_to_bfloat16(load_file(folder / "model.safetensors")), folder / "model.safetensors",
+              metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["dtype"] = "bfloat16"  # the dtype the ordinary float32 load does not write back
+    (folder / "config.json").write_text(json.dumps(config))
+    _assert_same_artifact(folder, tmp_path)
+
+
+@pytest.mark.parametrize(("dtype", "claim", "expected"), [
+    (torch.bfloat16, None, "bfloat16"),  # a config without a dtype field: the headers still say bf16
+    (torch.float16, "float32", "float16"),
+    (torch.float32, "float16", "float32"),
+])
+def test_the_stored_dtype_is_what_the_safetensors_headers_hold(tmp_path, dtype, claim, expected):
+    from cwca_export.loading import stored_dtype
+
+    folder = _save(tiny_model("gpt2").to(dtype), tmp_path / "m", dtype=claim)
+    assert {v.dtype for v in load_file(folder / "model.safetensors").values()} == {dtype}  # what was written
+    assert stored_dtype(folder) == expected
