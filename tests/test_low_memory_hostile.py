@@ -113,3 +113,43 @@ def test_the_stored_dtype_is_what_the_safetensors_headers_hold(tmp_path, dtype, 
     folder = _save(tiny_model("gpt2").to(dtype), tmp_path / "m", dtype=claim)
     assert {v.dtype for v in load_file(folder / "model.safetensors").values()} == {dtype}  # what was written
     assert stored_dtype(folder) == expected
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder nobody may write to: a read-only tmpfs for root (who ignores permission bits), mode 0555 otherwise."""
+    import os
+    import subprocess
+
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("root without permission to mount a read-only tmpfs")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("out", ["artifact", "new/artifact"])
+def test_a_read_only_out_is_refused_before_the_model_loads(tmp_path, read_only_folder, out, monkeypatch):
+    """One line naming --out with a fix, exit 1, before minutes of loading a large checkpoint."""
+    import cwca_export.loading
+
+    folder = _save(tiny_model("llama").to(torch.bfloat16), tmp_path / "bf16", dtype="bfloat16")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cwca_export.loading, "load_model", no_load)
+    result = CliRunner().invoke(cli, ["export", str(folder), *COMMON, "--low-memory",
+                                      "--out", str(read_only_folder / out)])
+    assert result.exit_code == 1, result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert "hint:" in result.output and "--out" in result.output.split("hint:")[1], result.output
