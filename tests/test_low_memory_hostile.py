@@ -153,3 +153,24 @@ def test_a_read_only_out_is_refused_before_the_model_loads(tmp_path, read_only_f
     assert result.exit_code == 1, result.output
     assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
     assert "hint:" in result.output and "--out" in result.output.split("hint:")[1], result.output
+
+
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_a_model_of_mixed_precision_is_refused_by_dtype_not_by_torch(tmp_path, low_memory):
+    """A float32 embedding in front of bfloat16 blocks: checking the first parameter alone let the
+    ordinary export reach torch's own dtype error; the refusal names the dtype and the fix."""
+    import cwca_export
+    from cwca_export.budget import Budget
+
+    model = tiny_model("llama").to(torch.bfloat16)
+    model.model.embed_tokens.float()
+    assert next(model.parameters()).dtype == torch.float32
+    from compress_plans import make_plan
+
+    options = {"budget": Budget(prompt_len=8, context=24), "runs": 1, "warmup": 0, "backend": "onnx"}
+    plan = None
+    if low_memory:  # widening is for an uncompressed export; a method compresses in the precision given
+        options["method"], plan = "magnitude", make_plan(model, "prune", [0.3, 0.6])
+    with pytest.raises(ValueError, match=r"float32 torch model, got .*bfloat16.*hint"):
+        cwca_export.export(model, plan, tmp_path / "out", low_memory=low_memory, **options)
+    assert not (tmp_path / "out").exists()
