@@ -203,3 +203,12 @@ def test_every_session_of_a_low_memory_export_runs_without_prepacking(tmp_path, 
     assert seen and all(entry == "1" for entry in seen), seen
     manifest = json.loads((tmp_path / "lean" / MANIFEST_NAME).read_text())
     assert manifest["measurement"]["workload"]["prepack"] is False  # the measuring child's session
+
+
+def test_low_memory_with_a_hardware_profile_names_the_profile(tmp_path):
+    """--hardware brings limits of its own: the refusal must name the flag the user passed."""
+    folder = _save(tiny_model("llama").to(torch.bfloat16), tmp_path / "bf16", dtype="bfloat16")
+    result = CliRunner().invoke(cli, ["export", str(folder), *COMMON, "--low-memory", "--hardware", "cpu-2core-24gb",
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "--hardware" in result.output.split("hint:")[1], result.output

@@ -230,8 +230,9 @@ def export(
                                      " graph), so only --backend onnx exports with --low-memory; hint: add --backend onnx",
                                      param_hint="--low-memory")
         if budget.has_limits:
-            raise click.BadParameter("a budget search builds several artifacts from the model; hint: drop --low-memory"
-                                     " or the --max-* limits", param_hint="--low-memory")
+            limits_from = f"--hardware {hardware} (its limits)" if hardware else "the --max-* limits"
+            raise click.BadParameter(f"a budget search builds several artifacts from the model; hint: drop --low-memory"
+                                     f" or {limits_from}", param_hint="--low-memory")
         if precision_path:
             raise click.BadParameter("--precision checks its graph against torch with quantized weights, which"
                                      " --low-memory frees; hint: drop one of them", param_hint="--low-memory")
