@@ -212,3 +212,15 @@ def test_low_memory_with_a_hardware_profile_names_the_profile(tmp_path):
                                       "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
     assert "--hardware" in result.output.split("hint:")[1], result.output
+
+
+@pytest.mark.parametrize("threshold", ["1KiB", "2GiB"])
+def test_the_small_model_note_appears_exactly_when_the_graph_is_written_inline(tmp_path, threshold):
+    """The note says --low-memory saves nothing because the graph is written inline and rewritten
+    whole: true only when the artifact has no external data file, whatever --external-data-threshold."""
+    folder = _save(tiny_model("llama").to(torch.bfloat16), tmp_path / "bf16", dtype="bfloat16")
+    args = [a if a != "1KiB" else threshold for a in COMMON]
+    result = CliRunner().invoke(cli, ["export", str(folder), *args, "--low-memory", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    inline = not (tmp_path / "out" / "model.onnx_data").exists()
+    assert ("written inline" in result.output) == inline, result.output

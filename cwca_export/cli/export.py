@@ -253,9 +253,12 @@ def export(
     load_dtype = stored_dtype(model_dir, allow_pickle=allow_pickle) if low_memory and not method else "float32"
     model, tokenizer = load_model(model_dir, dtype=load_dtype, trust_remote_code=trust_remote_code,
                                   allow_pickle=allow_pickle)
-    if low_memory and sum(p.numel() for p in model.parameters()) * 4 <= 2 * 1024**3:
-        click.echo("note: --low-memory saves memory only above 2 GiB of float32 weights (below, the graph is"
-                   " written inline and rewritten whole); this model is smaller", err=True)
+    # the graph stays inline up to --external-data-threshold (and protobuf's 2 GiB)
+    if low_memory and sum(p.numel() for p in model.parameters()) * 4 <= min(parse_size(external_data_threshold),
+                                                                           2 * 1024**3):
+        click.echo("note: --low-memory saves memory only when the weights go to external data (float32 weights"
+                   " above --external-data-threshold, at most 2 GiB; below, the graph is written inline and"
+                   " rewritten whole); this model is smaller", err=True)
     compress_options = {}
     if plan is not None and method:  # the plan is applied here: it must fit this model
         plan.check(model, fingerprint=not no_fingerprint, require_fingerprint=not no_fingerprint)
