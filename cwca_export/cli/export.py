@@ -148,9 +148,11 @@ def _read_precision(path: str) -> dict[str, str]:
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed runs before timing.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="ONNX Runtime intra-op threads (0: its default).")
 @click.option("--low-memory", is_flag=True,
-              help="--backend onnx: trace with placeholder weights, write the fp32 weights tensor by tensor and free the"
-                   " torch model once its reference logits are taken: host peak about one fp32 copy of the weights"
-                   " (docs/memory.md). Not with --max-* limits or --precision.")
+              help="--backend onnx: load the checkpoint as its safetensors store it (bf16 / fp16 widened into a mapped"
+                   " fp32 scratch file, not memory; with --method, fp32), trace with placeholder weights, write the fp32"
+                   " weights tensor by tensor, and run every ONNX Runtime session without prepacking: the process's own"
+                   " memory stays a fraction of one fp32 copy, the weights file pages (docs/memory.md). Not with --max-*"
+                   " limits, --hardware limits or --precision.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder cwca-export wrote (atomically; never one holding other files).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @click.option("--no-fingerprint", is_flag=True, help="With --method: apply a --plan whose model fingerprint differs or is missing.")
