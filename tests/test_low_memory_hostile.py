@@ -224,3 +224,12 @@ def test_the_small_model_note_appears_exactly_when_the_graph_is_written_inline(t
     assert result.exit_code == 0, result.output
     inline = not (tmp_path / "out" / "model.onnx_data").exists()
     assert ("written inline" in result.output) == inline, result.output
+
+
+def test_eval_low_memory_on_a_torch_folder_is_refused_with_lm_eval_tasks_too(tmp_path):
+    """--low-memory applies to ONNX artifacts; with --lm-eval-tasks (a torch folder's path) it was
+    silently ignored (or the missing extra reported instead)."""
+    folder = _save(tiny_model("llama"), tmp_path / "folder", dtype="float32")
+    result = CliRunner().invoke(cli, ["eval", str(folder), "--lm-eval-tasks", "hellaswag", "--low-memory"])
+    assert result.exit_code == 2, result.output
+    assert len(result.output.strip().splitlines()) == 1 and "hint: drop --low-memory" in result.output
