@@ -78,8 +78,9 @@ def stored_dtype(path: str | os.PathLike, *, allow_pickle: bool = False) -> str:
     """The one float dtype every floating tensor of a folder's safetensors files is stored in
     (``"bfloat16"``, ``"float16"`` or ``"float32"``), read from the files' headers.
 
-    ``"float32"`` for mixed storage (bfloat16 matrices beside float32 norms), any other float
-    width, or pickle weights: loading those in a half dtype would round what the files hold.
+    ``"float32"`` for mixed storage (bfloat16 matrices beside float32 norms; stored rotary
+    ``inv_freq`` tables aside), any other float width, or pickle weights: loading those in a
+    half dtype would round what the files hold.
     config.json's ``dtype`` / ``torch_dtype`` is not consulted: it is a claim (often copied from
     the upstream model) that the weights need not match."""
     from safetensors import safe_open
@@ -90,7 +91,9 @@ def stored_dtype(path: str | os.PathLike, *, allow_pickle: bool = False) -> str:
         if file.suffix != ".safetensors":
             return "float32"
         with safe_open(str(file), framework="pt") as handle:  # the header only: nothing is read
-            stored.update(handle.get_slice(name).get_dtype() for name in handle.keys())
+            # rotary tables older conversions stored (float32): transformers recomputes them, never reads them
+            stored.update(handle.get_slice(name).get_dtype() for name in handle.keys()
+                          if not name.endswith(".inv_freq"))
     floats = {code for code in stored if code.startswith(("F", "BF"))}
     return {frozenset({"BF16"}): "bfloat16", frozenset({"F16"}): "float16"}.get(frozenset(floats), "float32")
 

@@ -233,3 +233,18 @@ def test_eval_low_memory_on_a_torch_folder_is_refused_with_lm_eval_tasks_too(tmp
     result = CliRunner().invoke(cli, ["eval", str(folder), "--lm-eval-tasks", "hellaswag", "--low-memory"])
     assert result.exit_code == 2, result.output
     assert len(result.output.strip().splitlines()) == 1 and "hint: drop --low-memory" in result.output
+
+
+def test_a_stored_rotary_table_does_not_make_a_bfloat16_checkpoint_load_in_float32(tmp_path):
+    """Checkpoints converted with older transformers carry each layer's rotary ``inv_freq`` in
+    float32 beside bfloat16 weights; transformers recomputes it and never reads it, so the load
+    stays bfloat16 (low memory) and the artifact is still the ordinary one."""
+    from cwca_export.loading import stored_dtype
+
+    def with_tables(tensors):
+        table = 1.0 / (10000 ** (torch.arange(0, 8, 2, dtype=torch.float32) / 8))
+        return {**tensors, **{f"model.layers.{i}.self_attn.rotary_emb.inv_freq": table.clone() for i in range(2)}}
+
+    folder = _save(tiny_model("llama").to(torch.bfloat16), tmp_path / "old", dtype="bfloat16", tensors=with_tables)
+    assert stored_dtype(folder) == "bfloat16"
+    _assert_same_artifact(folder, tmp_path)
