@@ -248,3 +248,29 @@ def test_a_stored_rotary_table_does_not_make_a_bfloat16_checkpoint_load_in_float
     folder = _save(tiny_model("llama").to(torch.bfloat16), tmp_path / "old", dtype="bfloat16", tensors=with_tables)
     assert stored_dtype(folder) == "bfloat16"
     _assert_same_artifact(folder, tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_eval_of_a_damaged_artifact_is_one_line_with_a_fix(tmp_path, damage):
+    """A copy cut short (a full disk, an interrupted transfer) or without its data file: ONNX
+    Runtime refuses it (bounds-checked, also when mapped without prepacking); the user gets one
+    line that says the artifact is damaged and how to get a whole one, not ORT's internals alone."""
+    import os
+
+    from helpers import sample_text
+
+    folder = _save(tiny_model("llama").to(torch.bfloat16), tmp_path / "bf16", dtype="bfloat16")
+    made = CliRunner().invoke(cli, ["export", str(folder), *COMMON, "--low-memory", "--out", str(tmp_path / "art")])
+    assert made.exit_code == 0, made.output
+    data = tmp_path / "art" / "model.onnx_data"
+    if damage == "truncated":
+        os.truncate(data, data.stat().st_size // 2)
+    else:
+        data.unlink()
+    text = tmp_path / "heldout.txt"
+    text.write_text(sample_text())
+    for flags in ([], ["--low-memory"]):
+        result = CliRunner().invoke(cli, ["eval", str(tmp_path / "art"), "--data", str(text), "--seq-len", "32", *flags])
+        assert result.exit_code == 1, result.output
+        assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+        assert "damaged" in result.output and "--overwrite" in result.output.split("hint:")[1], result.output
