@@ -92,8 +92,8 @@ def stored_dtype(path: str | os.PathLike, *, allow_pickle: bool = False) -> str:
             return "float32"
         with safe_open(str(file), framework="pt") as handle:  # the header only: nothing is read
             # rotary tables older conversions stored (float32): transformers recomputes them, never reads them
-            stored.update(handle.get_slice(name).get_dtype() for name in handle.keys()
-                          if not name.endswith(".inv_freq"))
+            names = [name for name in handle.keys() if not name.endswith(".inv_freq")]  # noqa: SIM118 (not a dict)
+            stored.update(handle.get_slice(name).get_dtype() for name in names)
     floats = {code for code in stored if code.startswith(("F", "BF"))}
     return {frozenset({"BF16"}): "bfloat16", frozenset({"F16"}): "float16"}.get(frozenset(floats), "float32")
 

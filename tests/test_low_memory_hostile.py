@@ -176,7 +176,8 @@ def test_a_model_of_mixed_precision_is_refused_by_dtype_not_by_torch(tmp_path, l
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("extra", [["--optimize", "all", "--dtype", "float16"], ["--quantize", "int8", "--optimize", "basic"]])
+@pytest.mark.parametrize("extra", [["--optimize", "all", "--dtype", "float16"],
+                                   ["--quantize", "int8", "--optimize", "basic"]])
 def test_every_session_of_a_low_memory_export_runs_without_prepacking(tmp_path, monkeypatch, extra):
     """ONNX Runtime prepacks every constant MatMul weight into memory of its own at session
     creation (about one fp32 copy more: measured 116 MiB for 98 MiB of weights writing an
@@ -270,7 +271,8 @@ def test_eval_of_a_damaged_artifact_is_one_line_with_a_fix(tmp_path, damage):
     text = tmp_path / "heldout.txt"
     text.write_text(sample_text())
     for flags in ([], ["--low-memory"]):
-        result = CliRunner().invoke(cli, ["eval", str(tmp_path / "art"), "--data", str(text), "--seq-len", "32", *flags])
+        result = CliRunner().invoke(cli, ["eval", str(tmp_path / "art"), "--data", str(text), "--seq-len", "32",
+                                          *flags])
         assert result.exit_code == 1, result.output
         assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
         assert "damaged" in result.output and "--overwrite" in result.output.split("hint:")[1], result.output
