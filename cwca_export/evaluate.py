@@ -220,7 +220,18 @@ def ort_logits_fn(artifact_dir: str, *, ep: str = "cpu", prepack: bool = True) -
 
     from cwca_export.exporter.session import DecoderSession, make_session
 
-    decoder = DecoderSession(make_session(Path(artifact_dir) / "model.onnx", ep, prepack=prepack))
+    try:
+        session = make_session(Path(artifact_dir) / "model.onnx", ep, prepack=prepack)
+    except (ValueError, OSError, ImportError):  # the tool's own refusals (--ep, a missing runtime)
+        raise
+    except Exception as exc:  # ONNX Runtime's load errors (no common base class): a damaged artifact
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"{artifact_dir}: ONNX Runtime cannot load model.onnx ({detail}); the artifact is damaged or"
+            " incomplete (a cut-short copy, a missing data file); hint: export it again with"
+            " `cwca-export export ... --overwrite`, or copy it whole"
+        ) from None
+    decoder = DecoderSession(session)
 
     def fn(x: np.ndarray) -> np.ndarray:
         return decoder.session.run(["logits"], decoder.feed(x, np.ones_like(x), None))[0]

@@ -74,12 +74,28 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     return read_json_object(config)
 
 
-def stored_dtype(path: str | os.PathLike) -> str:
-    """The float dtype a folder's weights were saved in (its config's ``dtype`` /
-    ``torch_dtype``), ``"float32"`` when it names none this tool loads."""
-    config = read_config(path)
-    name = config.get("dtype") or config.get("torch_dtype")
-    return name if name in ("float32", "bfloat16", "float16") else "float32"
+def stored_dtype(path: str | os.PathLike, *, allow_pickle: bool = False) -> str:
+    """The one float dtype every floating tensor of a folder's safetensors files is stored in
+    (``"bfloat16"``, ``"float16"`` or ``"float32"``), read from the files' headers.
+
+    ``"float32"`` for mixed storage (bfloat16 matrices beside float32 norms; stored rotary
+    ``inv_freq`` tables aside), any other float width, or pickle weights: loading those in a
+    half dtype would round what the files hold.
+    config.json's ``dtype`` / ``torch_dtype`` is not consulted: it is a claim (often copied from
+    the upstream model) that the weights need not match."""
+    from safetensors import safe_open
+
+    files = weight_files(path, allow_pickle=allow_pickle)
+    stored: set[str] = set()
+    for file in files:
+        if file.suffix != ".safetensors":
+            return "float32"
+        with safe_open(str(file), framework="pt") as handle:  # the header only: nothing is read
+            # rotary tables older conversions stored (float32): transformers recomputes them, never reads them
+            names = [name for name in handle.keys() if not name.endswith(".inv_freq")]  # noqa: SIM118 (not a dict)
+            stored.update(handle.get_slice(name).get_dtype() for name in names)
+    floats = {code for code in stored if code.startswith(("F", "BF"))}
+    return {frozenset({"BF16"}): "bfloat16", frozenset({"F16"}): "float16"}.get(frozenset(floats), "float32")
 
 
 def is_compressed_folder(path: str | os.PathLike) -> bool:

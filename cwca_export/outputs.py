@@ -183,6 +183,13 @@ def _within(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or the closest folder above it that exists (where new folders would be made)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def check_output(
     out: str | os.PathLike,
     *,
@@ -234,6 +241,12 @@ def check_output(
         raise UnsafeOutputError(
             f"{flag} {out} is the working directory, a folder holding it, or your home; hint: pass a new folder,"
             f" e.g. {flag} ./cwca-out"
+        )
+    writable = _nearest_existing(target.parent)
+    if not os.access(writable, os.W_OK | os.X_OK):  # the scratch folder or file goes beside ``out``
+        raise UnsafeOutputError(
+            f"{flag} {out}: {writable} is not writable (read-only file system or permissions), and the output is"
+            f" written beside its destination; hint: pass an {flag} in a folder you can write"
         )
     if not os.path.lexists(target):
         return

@@ -51,9 +51,12 @@ def eval_command(path, data, text_field, seq_len, stride, max_tokens, batch_size
     if stride is not None and stride > seq_len:
         raise click.BadParameter(f"{stride} is longer than --seq-len {seq_len}; pass --stride {seq_len} or less",
                                  param_hint="--stride")
-    from cwca_export.evaluate import check_target
+    from cwca_export.evaluate import check_target, is_artifact
 
     check_target(path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, seq_len=seq_len)
+    if low_memory and not is_artifact(path):  # before lm-eval, which would run the folder and ignore it
+        raise click.BadParameter(f"{path} is a model folder, and it applies to ONNX artifacts (a session without"
+                                 " prepacking); hint: drop --low-memory", param_hint="--low-memory")
     report: dict = {}
     if lm_eval_tasks is not None:
         from cwca_export.lm_eval_bridge import run_lm_eval

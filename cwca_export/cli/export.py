@@ -148,9 +148,11 @@ def _read_precision(path: str) -> dict[str, str]:
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed runs before timing.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="ONNX Runtime intra-op threads (0: its default).")
 @click.option("--low-memory", is_flag=True,
-              help="--backend onnx: trace with placeholder weights, write the fp32 weights tensor by tensor and free the"
-                   " torch model once its reference logits are taken: host peak about one fp32 copy of the weights"
-                   " (docs/memory.md). Not with --max-* limits or --precision.")
+              help="--backend onnx: load the checkpoint as its safetensors store it (bf16 / fp16 widened into a mapped"
+                   " fp32 scratch file, not memory; with --method, fp32), trace with placeholder weights, write the fp32"
+                   " weights tensor by tensor, and run every ONNX Runtime session without prepacking: the process's own"
+                   " memory stays a fraction of one fp32 copy, the weights file pages (docs/memory.md). Not with --max-*"
+                   " limits, --hardware limits or --precision.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder cwca-export wrote (atomically; never one holding other files).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @click.option("--no-fingerprint", is_flag=True, help="With --method: apply a --plan whose model fingerprint differs or is missing.")
@@ -230,8 +232,9 @@ def export(
                                      " graph), so only --backend onnx exports with --low-memory; hint: add --backend onnx",
                                      param_hint="--low-memory")
         if budget.has_limits:
-            raise click.BadParameter("a budget search builds several artifacts from the model; hint: drop --low-memory"
-                                     " or the --max-* limits", param_hint="--low-memory")
+            limits_from = f"--hardware {hardware} (its limits)" if hardware else "the --max-* limits"
+            raise click.BadParameter(f"a budget search builds several artifacts from the model; hint: drop --low-memory"
+                                     f" or {limits_from}", param_hint="--low-memory")
         if precision_path:
             raise click.BadParameter("--precision checks its graph against torch with quantized weights, which"
                                      " --low-memory frees; hint: drop one of them", param_hint="--low-memory")
@@ -246,17 +249,20 @@ def export(
         from cwca_export.exporter.build import return_large_frees
 
         return_large_frees()
-    # --low-memory without compression loads the checkpoint as stored (a bfloat16 one stays mapped) and
+    # --low-memory without compression loads the checkpoint as its safetensors store it (a bfloat16 one
+    # stays mapped; mixed or pickle storage loads in float32) and
     # widens it into a float32 scratch file, never into memory (docs/memory.md, "export --low-memory")
-    load_dtype = stored_dtype(model_dir) if low_memory and not method else "float32"
+    load_dtype = stored_dtype(model_dir, allow_pickle=allow_pickle) if low_memory and not method else "float32"
     model, tokenizer = load_model(model_dir, dtype=load_dtype, trust_remote_code=trust_remote_code,
                                   allow_pickle=allow_pickle)
     from cwca_export.exporter import postprocess
 
     fp32_bytes = sum(p.numel() for p in model.parameters()) * 4
-    if low_memory and fp32_bytes <= postprocess.PROTOBUF_LIMIT:
-        click.echo("note: --low-memory saves memory only above 2 GiB of float32 weights (below, the graph is"
-                   " written inline and rewritten whole); this model is smaller", err=True)
+    # the graph stays inline up to --external-data-threshold (and protobuf's 2 GiB)
+    if low_memory and fp32_bytes <= min(parse_size(external_data_threshold), postprocess.PROTOBUF_LIMIT):
+        click.echo("note: --low-memory saves memory only when the weights go to external data (float32 weights"
+                   " above --external-data-threshold, at most 2 GiB; below, the graph is written inline and"
+                   " rewritten whole); this model is smaller", err=True)
     elif low_memory and quantize:
         click.echo("note: --quantize loads the whole float32 graph into ONNX Runtime's quantizer, which builds the"
                    " quantized one beside it: about 3 float32 copies of the weights in memory (docs/memory.md)",

@@ -226,5 +226,12 @@ def load_compressed(
         raise ValueError(f"{path}: the safetensors files lack {missing[:5]}")
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path, local_files_only=True)
-    model.to(device=device, dtype=None if dtype is None else resolve_dtype(dtype))
+    if dtype is not None:
+        target = resolve_dtype(dtype)
+        # converted only when a parameter differs: buffers the model built itself (the rotary inv_freq
+        # table, float32) stay as from_pretrained keeps them when the folder already holds ``dtype``
+        if any(p.is_floating_point() and p.dtype != target for p in model.parameters()):
+            model.to(dtype=target)
+        model.config.dtype = target  # what from_pretrained records for the dtype it loaded in
+    model.to(device=device)
     return model.eval()

@@ -78,13 +78,15 @@ def _check_model(model: Any, *, widens: bool = False) -> None:
     weights to float32 itself (:func:`~cwca_export.exporter.placeholders.map_weights`)."""
     import torch
 
-    param = next(model.parameters())
-    if param.dtype != torch.float32 and not (widens and param.dtype in (torch.bfloat16, torch.float16)):
+    # every parameter, not the first: a float32 embedding can stand in front of bfloat16 blocks
+    allowed = {torch.float32, torch.bfloat16, torch.float16} if widens else {torch.float32}
+    wrong = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point() and p.dtype not in allowed})
+    if wrong:
         raise ValueError(
-            f"export starts from a float32 torch model, got {param.dtype}; hint: load with"
+            f"export starts from a float32 torch model, got {', '.join(wrong)} parameters; hint: load with"
             " dtype='float32' and pass dtype='fp16' for a half-precision artifact"
         )
-    if param.device.type != "cpu":
+    if any(p.device.type != "cpu" for p in model.parameters()):
         raise ValueError("export traces the model on the CPU; hint: model.to('cpu') first")
     # Per-block head counts (width compression with heads=True) are the backends' business:
     # ``onnx`` sizes each layer's KV cache from its block, ``optimum`` refuses such models.

@@ -225,7 +225,7 @@ def _postprocess(model: Any, folder: Path, settings: ExportSettings) -> dict[str
     work.mkdir()
     current, steps, excluded = raw, [], []
     if settings.optimize:
-        pp.optimize_graph(current, work / "optimized.onnx", settings.optimize)
+        pp.optimize_graph(current, work / "optimized.onnx", settings.optimize, prepack=settings.measure.prepack)
         current = work / "optimized.onnx"
         steps.append(f"optimize:{settings.optimize}")
     if settings.dtype == "fp16":

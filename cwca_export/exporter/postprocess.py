@@ -92,11 +92,13 @@ def resolve_exclusions(model_path: Path, entries: Iterable[str]) -> list[str]:
     return selected
 
 
-def optimize_graph(src: Path, dst: Path, level: str) -> None:
+def optimize_graph(src: Path, dst: Path, level: str, *, prepack: bool = True) -> None:
     """Apply ONNX Runtime's offline graph optimisations (``basic`` / ``extended`` / ``all``).
 
     ``extended`` and ``all`` fuse into ORT-specific operators: the result runs only on ONNX
     Runtime, and ``all`` can be specific to the execution provider it was made for.
+    ``prepack=False`` (``--low-memory``): the session that writes the graph does not prepack its
+    MatMul weights, a copy of them it never uses (the graph written is the same).
     """
     ort = require_onnxruntime()
     if level not in OPT_LEVELS:
@@ -114,6 +116,8 @@ def optimize_graph(src: Path, dst: Path, level: str) -> None:
         "session.optimized_model_external_initializers_file_name", dst.name + ".data"
     )
     options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
 
 
