@@ -67,7 +67,8 @@ def _table(scores) -> str:
 @click.option("--absolute-damping", is_flag=True, help="Use --damping as lambda itself.")
 @click.option("--batch-size", type=COUNT, default=1, show_default=True,
               help="Sequences per forward/backward. fisher, gradnorm, obd and layerif split each sequence's"
-                   " gradient from the batch (same scores as 1); 1 is the fallback for mixture-of-experts models.")
+                   " gradient from the batch (same scores as 1); 1 is the fallback for mixture-of-experts models."
+                   " precision: always 8, the batches of export's search.")
 @click.option("--option", "method_options", multiple=True, metavar="KEY=VALUE",
               help="Estimator option, repeatable: e.g. --option pruner=magnitude --option points=0.3,0.5,0.7"
                    " (damage), --option cg_max_iter=20 (exact).")
@@ -145,6 +146,17 @@ def score(
         ctx = click.get_current_context()
         _check_precision_flags(ctx, method)
     if method == PRECISION:
+        from click.core import ParameterSource
+
+        from cwca_export.planning.precision_table import EXPORT_BATCH_SIZE
+
+        if click.get_current_context().get_parameter_source("batch_size") == ParameterSource.DEFAULT:
+            batch_size = EXPORT_BATCH_SIZE
+        elif batch_size != EXPORT_BATCH_SIZE:
+            raise click.BadParameter(
+                f"export's search measures in batches of {EXPORT_BATCH_SIZE} (dynamic int8 quantizes a batch's"
+                f" activations together), so the precision table is measured in them too; hint: drop --batch-size",
+                param_hint="--batch-size")
         _score_precision(model_dir, data_path, formats=formats, rounding=rounding or "clip", samples=samples,
                          seq_len=seq_len, seed=seed, allow_fewer=allow_fewer, text_field=text_field,
                          batch_size=batch_size, dtype=dtype, cpu=cpu, max_cache=max_cache,

@@ -20,7 +20,9 @@ The file records what the table is only valid for, and export refuses any other 
   ``clip`` table is another table than an ``rtn`` one;
 - the calibration token ids (a SHA-256 of the ``(N, L)`` ids): the clipping and the probes
   depend on them, and export prices its candidates on its own ids, which must be these
-  (the same ``--data``, ``--samples``, ``--seq-len`` and seed 0).
+  (the same ``--data``, ``--samples``, ``--seq-len`` and seed 0);
+- the batch: :data:`EXPORT_BATCH_SIZE` sequences per forward, as the search measures (dynamic
+  int8 quantizes a whole batch's activations with one scale).
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ from torch import nn
 
 from cwca_export.planning.precision import PrecisionDamage, precision_groups
 
+EXPORT_BATCH_SIZE = 8
+"""Sequences per forward of export's search (:func:`cwca_export.exporter.search.fit_budget` measures and
+prices in batches of 8). Dynamic int8 and int8 compute (``-a8``) quantize each call's activations
+together, so their damage depends on the batch: a table for export is measured in these batches."""
 TABLE_TYPE = "PrecisionDamageTable"
 SCHEMA_VERSION = 1
 ROUNDINGS = ("clip", "rtn")
@@ -132,6 +138,10 @@ class PrecisionTable:
                 raise ValueError(f"{path}: measured for formats {','.join(self.damage.formats)}, not"
                                  f" {','.join(missing)}; hint: pass --formats {','.join(self.damage.formats)}"
                                  f" (or leave it out), {again} --formats {','.join(chosen)}")
+        if self.calibration.get("batch_size") != EXPORT_BATCH_SIZE:
+            raise ValueError(f"{path}: measured in batches of {self.calibration.get('batch_size')}, export's search"
+                             f" measures in batches of {EXPORT_BATCH_SIZE} (dynamic int8 quantizes a batch's"
+                             f" activations together); hint: {again} --batch-size {EXPORT_BATCH_SIZE}")
         digest = ids_digest(calibration_ids)
         if self.calibration.get("ids_sha256") != digest:
             cal = self.calibration
@@ -155,7 +165,7 @@ def measure_table(
     formats: str | list[str],
     *,
     rounding: str = "clip",
-    batch_size: int = 8,
+    batch_size: int = EXPORT_BATCH_SIZE,
     max_cache: int | None = None,
     processes: Any = None,
     progress: bool = False,
