@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import save_tiny_model, sample_text, tiny_model
+from helpers import sample_text, save_tiny_model, tiny_model
 
 from cwca_export.cli import cli
 from cwca_export.planning.precision import measure_precision_damage
@@ -130,7 +130,8 @@ def test_export_refuses_another_models_table_and_one_without_a_budget(setup, tmp
     folder, calib, one = setup
     other = save_tiny_model("llama", tmp_path / "other", hidden_size=64, intermediate_size=256, seed=1)
     _refused(_export(other, calib, tmp_path / "o", "--precision-damage", str(one)), "measured on another model")
-    plain = CliRunner().invoke(cli, ["export", str(folder), "--out", str(tmp_path / "o"), "--precision-damage", str(one)])
+    plain = CliRunner().invoke(cli, ["export", str(folder), "--out", str(tmp_path / "o"),
+                                     "--precision-damage", str(one)])
     _refused(plain, "add --max-memory")
     other_batch = _table(one)
     other_batch["calibration"]["batch_size"] = 4

@@ -78,8 +78,8 @@ def _table(scores) -> str:
 @click.option("--rounding", type=click.Choice(["clip", "rtn"]), default=None,
               help="precision: the rounding export will use (its --rounding) [default: clip].")
 @click.option("--max-cache", metavar="SIZE", default=None,
-              help="damage, precision: cap on the cached block inputs (N x L x hidden per block), e.g. 8GiB; over it the"
-                   " blocks are probed in runs, one more dense pass each (same scores) [default: no cap].")
+              help="damage, precision: cap on the cached block inputs (N x L x hidden per block), e.g. 8GiB; over it"
+                   " the blocks are probed in runs, one more dense pass each (same scores) [default: no cap].")
 @click.option("--text-field", default="text", show_default=True,
               help="JSON Lines field (or dataset column) holding the text.")
 @click.option("--allow-fewer", is_flag=True, help="Score on fewer sequences when the data is too short.")
@@ -116,11 +116,15 @@ def _table(scores) -> str:
 def score(
     model_dir, data_path, estimator, method_alias, samples, seq_len, seed, held_out, damping, absolute_damping,
     batch_size,
-    method_options, formats, rounding, max_cache, text_field, allow_fewer, dtype, mixed_precision, device, cpu, gradient_checkpointing,
+    method_options, formats, rounding, max_cache, text_field, allow_fewer, dtype, mixed_precision, device, cpu,
+    gradient_checkpointing,
     device_map, max_memory, max_memory_alias, debias, trust_remote_code, allow_pickle, no_wall_time, no_progress,
     out, checkpoint_every, resume, as_json,
 ) -> None:
     """Score every decoder block of MODEL_DIR (a local checkpoint folder) on calibration text.
+
+    --estimator precision measures instead the table of export's budget search: each layer's loss
+    increase alone in each storage format (for export --precision-damage), data-parallel like the rest.
 
     \b
     Examples:
@@ -129,7 +133,7 @@ def score(
       torchrun --nproc_per_node 2 -m cwca_export score models/llama --data calib.txt --device cpu
       cwca-export score models/llama --data calib.txt --checkpoint-every 16 --resume  # survive kills
       torchrun --nproc_per_node 2 -m cwca_export score models/llama --estimator precision --data calib.txt \\
-          --samples 32 --seq-len 128 --batch-size 8 --device cpu --out precision.json
+          --samples 32 --seq-len 128 --device cpu --out precision.json
       cwca-export export models/llama --data calib.txt --samples 32 --seq-len 128 --max-memory 300MB \\
           --precision-damage precision.json --out ./fitted
     """

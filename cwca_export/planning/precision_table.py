@@ -194,8 +194,8 @@ def measure_table(
     start = time.perf_counter()
     transform = clipper_for(model, ids) if rounding == "clip" else None
     damage = measure_precision_damage(
-        model, share, parse_formats(formats), batch_size=batch_size, progress=progress and processes.is_main, transform=transform,
-        reduce=processes.reduce_sum if processes.world > 1 else None, max_cache=max_cache,
+        model, share, parse_formats(formats), batch_size=batch_size, progress=progress and processes.is_main,
+        transform=transform, reduce=processes.reduce_sum if processes.world > 1 else None, max_cache=max_cache,
     )
     damage.wall_time_s = round(time.perf_counter() - start, 3) if record_wall_time else 0.0
     config = getattr(model, "config", None)
