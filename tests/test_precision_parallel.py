@@ -155,3 +155,13 @@ def _refused(result, needle):
     assert "Traceback" not in result.output
     errors = [line for line in result.output.splitlines() if line.startswith("Error")]
     assert len(errors) == 1 and needle in errors[0], result.output
+
+
+def test_too_few_samples_for_the_processes_are_refused_before_any_process_waits():
+    from cwca_export.data_parallel import Processes
+    from cwca_export.planning.precision_table import measure_table
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, model.config.vocab_size, (8, 12), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"--samples 8: 1 batch of 8 for 2 processes; pass --samples 16"):
+        measure_table(model, ids, FORMATS, rounding="rtn", processes=Processes(rank=0, world=2))

@@ -190,6 +190,11 @@ def measure_table(
         raise ValueError(f"rounding {rounding!r}: choose clip or rtn; hint: --rounding clip")
     processes = processes or Processes()
     ids = torch.as_tensor(getattr(calib, "input_ids", calib))
+    batches = -(-int(ids.shape[0]) // batch_size)
+    if batches < processes.world:
+        raise ValueError(f"--samples {ids.shape[0]}: {batches} batch{'es' if batches != 1 else ''} of {batch_size}"
+                         f" for {processes.world} processes; pass --samples {batch_size * processes.world} or more"
+                         f" (the table is measured in export's batches of {EXPORT_BATCH_SIZE})")
     share = processes.share(ids, batch_size)
     start = time.perf_counter()
     transform = clipper_for(model, ids) if rounding == "clip" else None
