@@ -21,7 +21,12 @@ class _ScoreEstimator(RegisteredName):
     """A registered estimator, or ``precision`` (the precision-damage table)."""
 
     def convert(self, value, param, ctx):
-        return value if value == PRECISION else super().convert(value, param, ctx)
+        if value == PRECISION:
+            return value
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter as exc:  # the list of names includes precision
+            self.fail(f"{exc.message}, {PRECISION}", param, ctx)
 
 
 SCORE_ESTIMATOR = _ScoreEstimator("cwca_export.scoring.registry:ESTIMATORS")
