@@ -101,6 +101,30 @@ def _read_precision(path: str) -> dict[str, str]:
     return formats
 
 
+def _precision_damage_search(budget, fixed, estimate) -> None:
+    """``--precision-damage`` needs a search that plans per-layer storage from measured damage."""
+    if not budget.has_limits or fixed or budget.dtype != "fp32":
+        raise click.BadParameter("the table prices a budget search's per-layer storage; hint: add --max-memory,"
+                                 " --max-disk or --max-latency-ms, without --quantize, --precision, --low-memory or"
+                                 " --dtype float16", param_hint="--precision-damage")
+    if estimate != "measured":
+        raise click.BadParameter("the table is measured damage; hint: drop --precision-estimate fisher",
+                                 param_hint="--precision-damage")
+
+
+def _precision_damage(path, model, tokenizer, compress_options, rounding, formats):
+    """The table of ``--precision-damage`` and the formats the search may plan, checked against
+    this export (model, groups, formats, rounding, calibration ids): a mismatch is a usage error."""
+    from cwca_export.exporter.search import calibration_ids
+    from cwca_export.planning.precision_table import PrecisionTable
+
+    ids, _ = calibration_ids(tokenizer, compress_options, None, model.config.vocab_size)
+    try:
+        return PrecisionTable.load(path).for_export(path, model, ids, rounding, formats)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--precision-damage") from None
+
+
 @click.command("export")
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Artifact folder (written atomically).")
@@ -123,6 +147,10 @@ def _read_precision(path: str) -> dict[str, str]:
 @click.option("--levels", type=COUNT, default=5, show_default=True, help="Structure levels a budget search tries with --plan.")
 @click.option("--precision-estimate", type=click.Choice(["measured", "fisher"]), default="measured", show_default=True,
               help="How a budget search prices each layer's formats: measured probes or the Fisher-weighted error.")
+@click.option("--precision-damage", "precision_damage_path", type=click.Path(exists=True, dir_okay=False),
+              help="A budget search's per-layer damage table measured before (score --estimator precision, e.g. under"
+                   " torchrun), used instead of measuring it; refused unless measured on this model with these"
+                   " --formats, --rounding and calibration (--data, --samples, --seq-len).")
 @click.option("--rounding", type=click.Choice(["clip", "rtn"]), default="clip", show_default=True,
               help="How per-layer integer formats round: clip each weight block where the calibration inputs say it"
                    " lowers the output error, or rtn (ONNX Runtime's plain round to nearest). --quantize is always rtn.")
@@ -160,7 +188,7 @@ def _read_precision(path: str) -> dict[str, str]:
 @guards_output(inputs={"model_dir": "MODEL_DIR", "plan_path": "--plan", "data": "--data"})
 def export(
     model_dir, out, backend, plan_path, method, data, samples, seq_len, quantize, exclude, exclude_layers, block_size,
-    formats, precision_path, levels, precision_estimate, rounding, dtype,
+    formats, precision_path, levels, precision_estimate, precision_damage_path, rounding, dtype,
     optimize, max_memory, max_disk, max_latency_ms, max_prefill_ms, ep, batch, batch_alias, prompt_len, context, hardware,
     no_kv_cache, opset, external_data_threshold, runs, warmup, threads, low_memory, overwrite, as_json,
     no_fingerprint, trust_remote_code, allow_pickle,
@@ -184,6 +212,7 @@ def export(
       cwca-export export ./tiny-llama --max-memory 300MB --max-latency-ms 20 --out ./fitted
       cwca-export export ./tiny-llama --max-memory 2MB --max-latency-ms int8 --out ./as-fast-as-int8
       cwca-export export ./llama --hardware jetson-orin-8gb --plan plan.json --out ./orin
+      cwca-export export ./llama --data calib.txt --max-memory 2GiB --precision-damage precision.json --out ./fit
     """
     from cwca_export.budget import Budget, latency_limit, parse_size
     from cwca_export.exporter.api import export as run_export
@@ -243,6 +272,8 @@ def export(
         precision = _read_precision(precision_path)
         if quantize:
             raise click.UsageError("--precision and --quantize do not combine; hint: pick one of them")
+    if precision_damage_path:
+        _precision_damage_search(budget, bool(quantize or precision or low_memory), precision_estimate)
     check_model_folder(model_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                        lengths={"--seq-len": seq_len if data else None, "--context": budget.context})
     if low_memory:  # before the model's tensors reach the heap (docs/memory.md, "export --low-memory")
@@ -287,12 +318,16 @@ def export(
         from cwca_export.data import calibration_data
 
         compress_options["data"] = calibration_data(data, tokenizer, num_samples=samples, seq_len=seq_len, seed=0)
+    search_options = None
+    if precision_damage_path:  # a table measured before (score --estimator precision): checked, then reused
+        table, formats = _precision_damage(precision_damage_path, model, tokenizer, compress_options, rounding, formats)
+        search_options = {"precision_damage": table}
     artifact = run_export(
         model, plan, out, backend=backend, quantize=quantize_config, budget=budget, tokenizer=tokenizer,
         method=method, optimize=optimize, backend_options=options, compress_options=compress_options,
         external_data_threshold=parse_size(external_data_threshold), overwrite=overwrite,
         warmup=warmup, runs=runs, threads=threads, precision=precision, formats=formats, levels=levels,
-        precision_estimate=precision_estimate, rounding=rounding, low_memory=low_memory,
+        precision_estimate=precision_estimate, rounding=rounding, low_memory=low_memory, search_options=search_options,
     )
     if as_json:
         click.echo(json.dumps(artifact.manifest, indent=2))

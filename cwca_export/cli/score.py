@@ -8,12 +8,28 @@ import warnings
 import click
 
 from cwca_export.cli.guard import guards_output
-from cwca_export.cli.options import COUNT, DTYPE, ESTIMATOR, deprecated_alias, finite
+from cwca_export.cli.options import COUNT, DTYPE, ESTIMATOR, RegisteredName, deprecated_alias, finite
 from cwca_export.cli.verbosity import warning_line
 from cwca_export.defaults import CALIBRATION_SAMPLES, CALIBRATION_SEQ_LEN
 
 # Names only, so --help needs no torch; the flag checks the name against the registry (plug-ins too).
 _ESTIMATORS = ["fisher", "kfac", "exact", "gradnorm", "obd", "layerif", "owl", "uniform", "damage"]
+PRECISION = "precision"  # not a block score: the per-layer storage formats' damage table export reads
+
+
+class _ScoreEstimator(RegisteredName):
+    """A registered estimator, or ``precision`` (the precision-damage table)."""
+
+    def convert(self, value, param, ctx):
+        if value == PRECISION:
+            return value
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter as exc:  # the list of names includes precision
+            self.fail(f"{exc.message}, {PRECISION}", param, ctx)
+
+
+SCORE_ESTIMATOR = _ScoreEstimator("cwca_export.scoring.registry:ESTIMATORS")
 
 
 def _table(scores) -> str:
@@ -38,8 +54,10 @@ def _table(scores) -> str:
               help="Calibration text: a .txt file, a .jsonl file with one record per line,"
                    " or a folder saved by datasets' save_to_disk (one split; column --text-field; needs"
                    " pip install 'cwca-export[datasets]'). Read in pieces until the samples are drawn.")
-@click.option("--estimator", type=ESTIMATOR, default="fisher", show_default=True,
-              help=f"Curvature estimator: {', '.join(_ESTIMATORS)} or a plug-in (see docs/scoring.md).")
+@click.option("--estimator", type=SCORE_ESTIMATOR, default="fisher", show_default=True,
+              help=f"Curvature estimator: {', '.join(_ESTIMATORS)} or a plug-in (see docs/scoring.md); or precision:"
+                   " the loss increase of each layer alone in each storage format of --formats, the table"
+                   " export --precision-damage reads instead of measuring it in its budget search.")
 @click.option("--method", "method_alias", type=ESTIMATOR, default=None, hidden=True,
               callback=deprecated_alias("score --method", "--estimator (--method names a compression method)"),
               help="Deprecated spelling of --estimator.")
@@ -54,13 +72,19 @@ def _table(scores) -> str:
 @click.option("--absolute-damping", is_flag=True, help="Use --damping as lambda itself.")
 @click.option("--batch-size", type=COUNT, default=1, show_default=True,
               help="Sequences per forward/backward. fisher, gradnorm, obd and layerif split each sequence's"
-                   " gradient from the batch (same scores as 1); 1 is the fallback for mixture-of-experts models.")
+                   " gradient from the batch (same scores as 1); 1 is the fallback for mixture-of-experts models."
+                   " precision: always 8, the batches of export's search.")
 @click.option("--option", "method_options", multiple=True, metavar="KEY=VALUE",
               help="Estimator option, repeatable: e.g. --option pruner=magnitude --option points=0.3,0.5,0.7"
                    " (damage), --option cg_max_iter=20 (exact).")
+@click.option("--formats", metavar="LIST", default=None,
+              help="precision: storage formats to measure [default: export's, fp32,int8,int4-bB-asym,int4-b32 with B"
+                   " the largest of 128, 64 dividing every input size]; export may plan any of them.")
+@click.option("--rounding", type=click.Choice(["clip", "rtn"]), default=None,
+              help="precision: the rounding export will use (its --rounding) [default: clip].")
 @click.option("--max-cache", metavar="SIZE", default=None,
-              help="damage: cap on the cached block inputs (N x L x hidden per block), e.g. 8GiB; over it the"
-                   " blocks are probed in runs, one more dense pass each (same scores) [default: no cap].")
+              help="damage, precision: cap on the cached block inputs (N x L x hidden per block), e.g. 8GiB; over it"
+                   " the blocks are probed in runs, one more dense pass each (same scores) [default: no cap].")
 @click.option("--text-field", default="text", show_default=True,
               help="JSON Lines field (or dataset column) holding the text.")
 @click.option("--allow-fewer", is_flag=True, help="Score on fewer sequences when the data is too short.")
@@ -93,15 +117,19 @@ def _table(scores) -> str:
               help="Continue from OUT.checkpoint of an interrupted run with the same options (same scores).")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON instead of a table.")
 @guards_output(inputs={"model_dir": "MODEL_DIR", "data_path": "--data"}, kind="file",
-               json_types={"LayerScores"}, overwrite=None)
+               json_types={"LayerScores", "PrecisionDamageTable"}, overwrite=None)
 def score(
     model_dir, data_path, estimator, method_alias, samples, seq_len, seed, held_out, damping, absolute_damping,
     batch_size,
-    method_options, max_cache, text_field, allow_fewer, dtype, mixed_precision, device, cpu, gradient_checkpointing,
+    method_options, formats, rounding, max_cache, text_field, allow_fewer, dtype, mixed_precision, device, cpu,
+    gradient_checkpointing,
     device_map, max_memory, max_memory_alias, debias, trust_remote_code, allow_pickle, no_wall_time, no_progress,
     out, checkpoint_every, resume, as_json,
 ) -> None:
     """Score every decoder block of MODEL_DIR (a local checkpoint folder) on calibration text.
+
+    --estimator precision measures instead the table of export's budget search: each layer's loss
+    increase alone in each storage format (for export --precision-damage), data-parallel like the rest.
 
     \b
     Examples:
@@ -109,6 +137,10 @@ def score(
       cwca-export score models/llama --data c4.jsonl --estimator kfac --batch-size 4 --out kfac.json
       torchrun --nproc_per_node 2 -m cwca_export score models/llama --data calib.txt --device cpu
       cwca-export score models/llama --data calib.txt --checkpoint-every 16 --resume  # survive kills
+      torchrun --nproc_per_node 2 -m cwca_export score models/llama --estimator precision --data calib.txt \\
+          --samples 32 --seq-len 128 --device cpu --out precision.json
+      cwca-export export models/llama --data calib.txt --samples 32 --seq-len 128 --max-memory 300MB \\
+          --precision-damage precision.json --out ./fitted
     """
     from cwca_export.loading import check_model_folder
     from cwca_export.scores import ScoreNoiseWarning
@@ -119,6 +151,27 @@ def score(
         raise click.BadParameter(f"{device!r}: score runs where accelerate places it; pass --device cpu or auto"
                                  " (torchrun / accelerate launch choose each process's GPU)", param_hint="--device")
     cpu = cpu or device == "cpu"
+    if method == PRECISION or formats is not None or rounding is not None:
+        ctx = click.get_current_context()
+        _check_precision_flags(ctx, method)
+    if method == PRECISION:
+        from click.core import ParameterSource
+
+        from cwca_export.planning.precision_table import EXPORT_BATCH_SIZE
+
+        if click.get_current_context().get_parameter_source("batch_size") == ParameterSource.DEFAULT:
+            batch_size = EXPORT_BATCH_SIZE
+        elif batch_size != EXPORT_BATCH_SIZE:
+            raise click.BadParameter(
+                f"export's search measures in batches of {EXPORT_BATCH_SIZE} (dynamic int8 quantizes a batch's"
+                f" activations together), so the precision table is measured in them too; hint: drop --batch-size",
+                param_hint="--batch-size")
+        _score_precision(model_dir, data_path, formats=formats, rounding=rounding or "clip", samples=samples,
+                         seq_len=seq_len, seed=seed, allow_fewer=allow_fewer, text_field=text_field,
+                         batch_size=batch_size, dtype=dtype, cpu=cpu, max_cache=max_cache,
+                         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, progress=not no_progress,
+                         record_wall_time=not no_wall_time, out=out, as_json=as_json)
+        return
     checkpoint = _checkpoint_file(out, checkpoint_every, resume)
     check_model_folder(model_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                        lengths={"--seq-len": seq_len})
@@ -213,3 +266,98 @@ def _summary(scores, method: str, seq_len: int, path) -> None:
         f"{'' if scores.wall_time_s is None else f' in {scores.wall_time_s:.1f} s'}"
         f"{'' if within is None else f'; {within} of {scores.num_blocks} blocks within noise'}; wrote {path}"
     )
+
+
+# flags of the curvature estimators that the precision table does not take (parameter name -> flag)
+_NOT_FOR_PRECISION = {
+    "held_out": "--held-out", "damping": "--damping", "absolute_damping": "--absolute-damping",
+    "method_options": "--option", "mixed_precision": "--mixed-precision", "gradient_checkpointing":
+    "--gradient-checkpointing", "device_map": "--device-map", "max_memory": "--device-memory",
+    "max_memory_alias": "--max-memory", "debias": "--debias", "checkpoint_every": "--checkpoint-every",
+    "resume": "--resume",
+}
+
+
+def _check_precision_flags(ctx: click.Context, method: str) -> None:
+    """--formats / --rounding only with --estimator precision; its run refuses the curvature flags."""
+    from click.core import ParameterSource
+
+    given = {name for name in ctx.params if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)}
+    if method != PRECISION:
+        for name, flag in (("formats", "--formats"), ("rounding", "--rounding")):
+            if name in given:
+                raise click.UsageError(f"{flag} applies to --estimator precision (the per-layer storage table);"
+                                       f" --estimator {method} has no storage formats")
+        return
+    for name, flag in _NOT_FOR_PRECISION.items():
+        if name in given:
+            raise click.UsageError(f"{flag} does not apply to --estimator precision (forward probes of each"
+                                   f" layer in each storage format); hint: drop {flag}")
+
+
+def _score_precision(model_dir, data_path, *, formats, rounding, samples, seq_len, seed, allow_fewer, text_field,
+                     batch_size, dtype, cpu, max_cache, trust_remote_code, allow_pickle, progress, record_wall_time,
+                     out, as_json) -> None:
+    """``--estimator precision``: measure the precision-damage table, data-parallel under torchrun
+    (:mod:`cwca_export.planning.precision_table`); the main process writes it atomically."""
+    import torch
+
+    from cwca_export.budget import parse_size
+    from cwca_export.data import calibration_data
+    from cwca_export.data_parallel import joined_processes
+    from cwca_export.loading import check_model_folder, load_model
+    from cwca_export.planning.precision import default_formats, parse_formats
+    from cwca_export.planning.precision_table import measure_table
+
+    check_model_folder(model_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                       lengths={"--seq-len": seq_len})
+    cap = None
+    if max_cache is not None:
+        try:
+            cap = parse_size(max_cache)
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint="--max-cache") from None
+    if formats is not None:
+        try:
+            parse_formats(formats)
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint="--formats") from None
+    model, tokenizer = load_model(model_dir, dtype=dtype, trust_remote_code=trust_remote_code,
+                                  allow_pickle=allow_pickle)
+    model.eval()
+    calib = calibration_data(data_path, tokenizer, num_samples=samples, seq_len=seq_len, seed=seed,
+                             allow_fewer=allow_fewer, text_field=text_field)
+    names = formats if formats is not None else ",".join(default_formats(model))
+    with joined_processes() as processes:
+        if not cpu and torch.cuda.is_available():
+            model.to(processes.device("cuda"))
+        table = measure_table(
+            model, calib.input_ids, names, rounding=rounding, batch_size=batch_size, max_cache=cap,
+            processes=processes, progress=progress, record_wall_time=record_wall_time,
+            source={"data": str(data_path), "seed": seed, "text_field": text_field, "data_hash": calib.data_hash},
+        )
+    if not processes.is_main:  # every process holds the same reduced table; one writes
+        return
+    table.model["name_or_path"] = str(model_dir)
+    path = table.save(out)
+    if as_json:
+        click.echo(json.dumps(table.to_dict(), indent=2))
+        return
+    click.echo(_precision_table(table.damage))
+    click.echo(
+        f"precision ({rounding} rounding): {table.calibration['samples']} x {seq_len} tokens,"
+        f" {len(table.damage.groups)} groups x {len(table.damage.formats)} formats, {table.processes} process"
+        f"{'es' if table.processes > 1 else ''}"
+        f"{f' in {table.damage.wall_time_s:.1f} s' if record_wall_time else ''}; wrote {path}"
+        f" (export --precision-damage {path})"
+    )
+
+
+def _precision_table(damage) -> str:
+    width = max(len(g) for g in damage.groups)
+    cols = [max(len(f), 10) for f in damage.formats]
+    lines = [f"{'group':<{width}}  " + "  ".join(f"{f:>{c}}" for f, c in zip(damage.formats, cols, strict=True))]
+    for g, row in zip(damage.groups, damage.damage, strict=True):
+        cells = ("-" if v is None else f"{v:.4g}" for v in row)
+        lines.append(f"{g:<{width}}  " + "  ".join(f"{v:>{c}}" for v, c in zip(cells, cols, strict=True)))
+    return "\n".join(lines)

@@ -469,6 +469,8 @@ def measure_precision_damage(
     batch_size: int = 8,
     progress: bool = False,
     transform: WeightTransform | None = None,
+    reduce: Callable[[list[torch.Tensor]], None] | None = None,
+    max_cache: int | None = None,
 ) -> PrecisionDamage:
     """The calibration-loss increase of storing each group alone in each format.
 
@@ -477,6 +479,14 @@ def measure_precision_damage(
     the embedding and the head cost one full forward per format. ``transform`` changes each
     Linear's weight before it is quantized (data-aware rounding,
     :class:`cwca_export.planning.rounding.Clipper`); it does not apply to embedding tables.
+
+    Under data parallelism each process passes its share of ``input_ids`` (whole batches,
+    :meth:`cwca_export.data_parallel.Processes.share`) and ``reduce`` (an in-place all-reduce
+    sum): every loss and token sum is added up across processes in float64, so every process
+    returns the table of all the shares. ``transform`` must be the same in every process
+    (a :class:`~cwca_export.planning.rounding.Clipper` made from all the calibration ids).
+    ``max_cache`` (bytes) caps the cached block inputs (:func:`~cwca_export.planning.damage.probe_blocks`:
+    blocks probed in runs, one more dense pass each, same table).
     """
     from cwca_export.planning.damage import calibration_loss, probe_blocks
 
@@ -502,7 +512,7 @@ def measure_precision_damage(
         return variant
 
     run = probe_blocks(model, ids, probes_of, len(fmts), batch_size=batch_size, progress=progress,
-                       desc="precision probes")
+                       desc="precision probes", reduce=reduce, max_cache=max_cache)
     damage: list[list[float | None]] = [list(row) for row in run.increase]
     for g in groups[len(block_groups):]:
         row: list[float | None] = []
@@ -513,15 +523,18 @@ def measure_precision_damage(
                 row.append(None)
             else:
                 with _transformed_head(model, g, f, transform), quantized_weights(model, {g.name: f}):
-                    row.append(calibration_loss(model, ids, batch_size=batch_size) - run.base_loss)
+                    row.append(calibration_loss(model, ids, batch_size=batch_size, reduce=reduce) - run.base_loss)
         damage.append(row)
     for row in damage:
         row[0] = 0.0  # fp32 is the model itself (probe noise is float round-off only)
+    samples = torch.tensor([float(ids.shape[0])], dtype=torch.float64)
+    if reduce is not None:
+        reduce([samples])
     return PrecisionDamage(
         groups=[g.name for g in groups], formats=[f.name for f in fmts], damage=damage,
         bytes=_byte_table(groups, fmts), base_loss=run.base_loss, estimator="measured",
         wall_time_s=round(time.perf_counter() - start, 3),
-        settings={"samples": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "batch_size": batch_size},
+        settings={"samples": int(samples.item()), "seq_len": int(ids.shape[1]), "batch_size": batch_size},
     )
 
 
