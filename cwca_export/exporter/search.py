@@ -752,6 +752,7 @@ def fit_budget(
         ``(candidate, search record for the manifest, plan of the chosen candidate)``.
     """
     from cwca_export.planning.precision import fisher_precision_estimate, measure_precision_damage
+    from cwca_export.planning.precision_table import EXPORT_BATCH_SIZE
 
     if estimator not in ("measured", "fisher"):
         raise ValueError(f"precision estimator {estimator!r}: choose measured or fisher; hint: --precision-estimate")
@@ -790,7 +791,8 @@ def fit_budget(
         elif estimator == "fisher":
             search.table = fisher_precision_estimate(model, calib, names, transform=transform)
         else:
-            search.table = measure_precision_damage(model, calib, names, batch_size=8, transform=transform)
+            search.table = measure_precision_damage(model, calib, names, batch_size=EXPORT_BATCH_SIZE,
+                                                    transform=transform)
         search.calibrate_node_overhead(reference)
         search.timings["precision_damage_s"] = round(time.perf_counter() - t0, 2)
         if budget.limits_latency:
