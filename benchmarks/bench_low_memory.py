@@ -195,7 +195,9 @@ def main() -> None:
         return
     for name, model, extra in [("export bf16 checkpoint", bf16, []),
                                ("export bf16 checkpoint --low-memory", bf16, ["--low-memory"]),
-                               ("export fp32 checkpoint --low-memory", fp32, ["--low-memory"])]:
+                               ("export fp32 checkpoint --low-memory", fp32, ["--low-memory"]),
+                               ("export bf16 checkpoint --low-memory --quantize int8", bf16,
+                                ["--low-memory", "--quantize", "int8"])]:
         out = work / name.replace(" ", "_").replace("--", "")
         rows[name] = run_sampled(["export", str(model), "--backend", "onnx", *extra, *measure, "--out", str(out),
                                   "--overwrite"], env)
