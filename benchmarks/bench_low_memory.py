@@ -54,19 +54,6 @@ def _tree(pid: int) -> list[int]:
     return pids
 
 
-def _kib(pid: int, fields: tuple[str, ...]) -> dict[str, int]:
-    out = dict.fromkeys(fields, 0)
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as f:
-            for line in f:
-                key = line.split(":")[0]
-                if key in out:
-                    out[key] = int(line.split()[1])
-    except OSError:
-        pass
-    return out
-
-
 def run_sampled(args: list[str], env: dict[str, str], interval: float = 0.01) -> dict[str, Any]:
     """``python -m cwca_export ARGS`` with its process tree's RssAnon and VmRSS sampled."""
     parent_peak = bench_scale.own_peak_rss()  # the floor under the child's ru_maxrss
@@ -80,10 +67,10 @@ def run_sampled(args: list[str], env: dict[str, str], interval: float = 0.01) ->
         while not done.is_set():
             total = {"RssAnon": 0, "VmRSS": 0}
             for pid in _tree(proc.pid):
-                for key, value in _kib(pid, ("RssAnon", "VmRSS")).items():
+                for key, value in bench_scale.proc_status_bytes(pid, ("RssAnon", "VmRSS")).items():
                     total[key] += value
-            peaks["anon"] = max(peaks["anon"], total["RssAnon"] * 1024)
-            peaks["rss"] = max(peaks["rss"], total["VmRSS"] * 1024)
+            peaks["anon"] = max(peaks["anon"], total["RssAnon"])
+            peaks["rss"] = max(peaks["rss"], total["VmRSS"])
             time.sleep(interval)
 
     sampler = threading.Thread(target=sample, daemon=True)

@@ -82,13 +82,23 @@ def build_model(name: str, folder: Path) -> dict[str, Any]:
     return {"params": sum(p.numel() for p in model.parameters()), **SIZES[name]}
 
 
+def proc_status_bytes(pid: int | str, fields: tuple[str, ...]) -> dict[str, int]:
+    """``fields`` of ``/proc/PID/status`` (VmHWM, VmRSS, RssAnon...) in bytes; 0 for a process gone."""
+    out = dict.fromkeys(fields, 0)
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                key = line.split(":")[0]
+                if key in out:
+                    out[key] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return out
+
+
 def own_peak_rss() -> int:
     """This process's peak resident bytes (VmHWM): a child's ru_maxrss starts there."""
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return proc_status_bytes("self", ("VmHWM",))["VmHWM"]
 
 
 def build_model_in_child(name: str, folder: Path, env: dict[str, str]) -> dict[str, Any]:

@@ -53,16 +53,11 @@ QUANT_COPIES = {None: 0.0, "int8": 0.6, "int4": 0.0}
 # (benchmarks/bench_low_memory.py's sampler, BENCHMARKS.md "Weights as file pages"); int4 was
 # not measured there (the random-init 550M model fails int4 parity) and takes int8's
 EXTERNAL_QUANT_COPIES = 3.04
-# export --low-memory (onnx backend), measured at 550M (benchmarks/bench_export_phases.py
-# --low-memory): fp32 copies of the weights an ONNX Runtime session holds while verifying (1.013,
-# the largest phase once the torch model's weights are gone), and copies of the largest tensor
-# torch.onnx.export holds at once while tracing with placeholders (shape inference: 3.1)
-SESSION_COPIES = 1.013
+# export --low-memory (onnx backend): copies of the largest tensor torch.onnx.export holds at once
+# while tracing with placeholders (shape inference: 3.1, measured at 550M by
+# benchmarks/bench_export_phases.py --low-memory). Its sessions do not prepack, so the weights stay
+# file pages of the artifact (benchmarks/bench_low_memory.py)
 TRACE_TENSOR_COPIES = 3.1
-# export --low-memory now maps the weights (a float32 scratch file) and opens its sessions without
-# prepacking: the verifying session's weights are pages of the artifact's data file, and what the
-# process holds of its own in that phase is a short forward's activations (550M: measured by
-# benchmarks/bench_low_memory.py); SESSION_COPIES stays for sessions that prepack
 # below 2 GiB the graph is inline: torch builds its proto with every placeholder materialised
 # and the fill rewrites it whole (measured at 150M: 3.06 and 4.15 copies; the ordinary export: 3.2 + 1)
 INLINE_LOW_MEMORY_COPIES = 4.15
@@ -356,7 +351,7 @@ def export(shape: ModelShape, backend: str = "optimum", quantize: str | None = N
     passes over the weights (tracing, serialisation, ORT's graph optimisation) and a few short
     forwards."""
     if low_memory:
-        return export_low_memory(shape, quantize, runtime, source_bytes=source_bytes)
+        return export_low_memory(shape, quantize, runtime)
     fp32 = shape.params * 4
     weights = fp32 if source_bytes is None else source_bytes
     layout = "inline" if fp32 <= PROTOBUF_LIMIT else "external"
@@ -371,18 +366,17 @@ def export(shape: ModelShape, backend: str = "optimum", quantize: str | None = N
 
 def graph_bytes(shape: ModelShape) -> int:
     """The traced fp32 graph's initialisers: the weights, and for tied embeddings one more table,
-    the head's constant-folded transpose of it (V x h x 4; measured: the tied 40M export's peak,
-    1.16 of a model without it)."""
+    the head's constant-folded transpose of it (V x h x 4; the tied 40M exports peaked at 1.16 of
+    the model's prediction without this term, 0.98 with it: BENCHMARKS.md, "Every step at three sizes")."""
     return shape.params * 4 + (shape.vocab * shape.hidden * 4 if shape.tied else 0)
 
 
-def export_low_memory(shape: ModelShape, quantize: str | None = None, runtime: int = 0, *,
-                      source_bytes: int | None = None) -> StepCost:
+def export_low_memory(shape: ModelShape, quantize: str | None = None, runtime: int = 0) -> StepCost:
     """``export --backend onnx --low-memory`` (:mod:`cwca_export.exporter.placeholders`): its
-    phases run one after another. The weights are file pages throughout (``mapped``): the
-    checkpoint as loaded (``source_bytes``, default 4P; a bfloat16 one stays in its dtype), then
-    the float32 scratch file it is widened into (4P) that torch's reference forwards read, then
-    the artifact's data file that the sessions (no prepacking) compute from. What the process
+    phases run one after another. The weights are file pages throughout (``mapped``, 4P at the
+    most): the checkpoint as loaded (a bfloat16 one stays in its dtype), then the float32 scratch
+    file it is widened into (4P) that torch's reference forwards read, then the artifact's data
+    file that the sessions (no prepacking) compute from. What the process
     holds of its own (``host``) is the largest of:
 
     - the trace with placeholder weights: the exporter materialises a stand-in for a moment (its
@@ -409,10 +403,8 @@ def export_low_memory(shape: ModelShape, quantize: str | None = None, runtime: i
         "post-processing": EXTERNAL_QUANT_COPIES * fp32 if quantize else float(largest),
     }
     phase = max(phases, key=phases.get)
-    source = float(fp32 if source_bytes is None else source_bytes)
     return StepCost(name, host={f"peak phase: {phase}": phases[phase]}, time_units=0.0, runtime=runtime,
-                    mapped={"weights as file pages (checkpoint, float32 scratch file, artifact data)":
-                            max(source, float(fp32))})
+                    mapped={"weights as file pages (checkpoint, float32 scratch file, artifact data)": float(fp32)})
 
 
 def evaluate(shape: ModelShape, run: RunSettings, artifact: bool = False, runtime: int = 0, *,
@@ -490,7 +482,7 @@ def projection_table(runtime: dict[str, int] | None = None, run: RunSettings | N
         capped = RunSettings(**{**run.to_dict(), "max_cache": 16 * GIB})
         costs = [score_damage(shape, run), score_damage(shape, capped), refine(shape, run),
                  compress(shape, run, "wanda"), export(shape, "optimum", None),
-                 export_low_memory(shape, source_bytes=shape.weight_bytes),
+                 export_low_memory(shape),
                  evaluate(shape, run, True), evaluate(shape, run, True, low_memory=True)]
         labels = ["score_damage", "score_damage 16G", "refine", "compress_wanda", "export_optimum",
                   "export_onnx --low-memory", "eval_onnx", "eval_onnx --low-memory"]

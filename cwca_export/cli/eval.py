@@ -78,7 +78,7 @@ def eval_command(path, data, text_field, seq_len, stride, max_tokens, batch_size
                                   trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                                   progress=not as_json)
             except ValueError as err:
-                if "--device" not in str(err) and "--low-memory" not in str(err):
+                if "--device" not in str(err):
                     raise
                 raise click.UsageError(str(err)) from None
         for w in caught:  # one stderr line each (cwca_export.cli.verbosity)

@@ -324,7 +324,6 @@ def _score_precision(model_dir, data_path, *, formats, rounding, samples, seq_le
             raise click.BadParameter(str(err), param_hint="--formats") from None
     model, tokenizer = load_model(model_dir, dtype=dtype, trust_remote_code=trust_remote_code,
                                   allow_pickle=allow_pickle)
-    model.eval()
     calib = calibration_data(data_path, tokenizer, num_samples=samples, seq_len=seq_len, seed=seed,
                              allow_fewer=allow_fewer, text_field=text_field)
     names = formats if formats is not None else ",".join(default_formats(model))

@@ -200,8 +200,8 @@ def _worker(request: dict[str, Any]) -> dict[str, Any]:
     cuda = request["ep"] == "cuda"
     device_before = device_used_bytes(_visible_gpu()) if cuda else None
     before, before_anonymous = _status_bytes("VmRSS"), _status_bytes("RssAnon")
-    session = make_session(request["model"], request["ep"], threads=request["threads"],
-                           prepack=request.get("prepack", True))
+    prepack = request.get("prepack", True)
+    session = make_session(request["model"], request["ep"], threads=request["threads"], prepack=prepack)
     decoder = DecoderSession(session)
     prefill = decoder.feed(np.ones((b, p), np.int64), np.ones((b, p), np.int64), None)
     if decoder.has_past:
@@ -212,13 +212,14 @@ def _worker(request: dict[str, Any]) -> dict[str, Any]:
     session.run(None, decode)
     peak, now = _status_bytes("VmHWM"), _status_bytes("VmRSS")
     resident = None if before is None or peak is None else peak - before
-    anonymous, anonymous_now = before_anonymous, _status_bytes("RssAnon")
+    anonymous_now = _status_bytes("RssAnon")
     memory = {
         "resident_bytes": resident,
         "resident_after_bytes": None if before is None or now is None else now - before,
         # the part of it that is the process's own (the rest: pages of the artifact's files,
         # which the kernel may evict and read again; all of it without prepacking)
-        "anonymous_after_bytes": None if anonymous is None or anonymous_now is None else anonymous_now - anonymous,
+        "anonymous_after_bytes": None if before_anonymous is None or anonymous_now is None
+        else anonymous_now - before_anonymous,
         "resident_method": RSS_METHOD if resident is not None else "not measured (needs /proc)",
     }
     if cuda:
@@ -235,7 +236,7 @@ def _worker(request: dict[str, Any]) -> dict[str, Any]:
             "decode": timed(session, decode, request["warmup"], request["runs"]),
         },
         "workload": {**{k: request[k] for k in ("ep", "batch", "prompt_len", "context", "warmup", "runs", "threads")},
-                     "prepack": request.get("prepack", True)},
+                     "prepack": prepack},
         "providers": session.get_providers(),
     }
 

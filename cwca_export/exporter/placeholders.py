@@ -25,7 +25,7 @@ either way.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,12 +110,6 @@ def _spill(out: Any, param: Any) -> int:
     return offset
 
 
-def _widened(tensor: Any) -> Any:
-    import torch
-
-    return tensor.to(torch.float32) if tensor.is_floating_point() and tensor.dtype != torch.float32 else tensor
-
-
 def map_weights(model: Any, spill: Path) -> dict[int, Spilled]:
     """Make ``model`` a float32 model whose weights live in ``spill``, not in its memory.
 
@@ -151,21 +145,8 @@ def map_weights(model: Any, spill: Path) -> dict[int, Spilled]:
             mapped[id(param)] = torch.nn.Parameter(torch.from_numpy(values), requires_grad=False)
             where[id(mapped[id(param)])] = Spilled(spill, offset, shape)
         setattr(module, name, mapped[id(param)])
-    del whole
-    del slots
-    # the rest (norms, biases, buffers: small) get memory of their own, widened: a checkpoint's
-    # tensors are views of one memory map, which stays mapped, its read pages resident, while any lives
-    own: dict[int, Any] = {}
-    for module in model.modules():
-        for name, param in list(module.named_parameters(recurse=False)):
-            if id(param) in where:
-                continue
-            if id(param) not in own:
-                own[id(param)] = torch.nn.Parameter(_widened(param.detach()).clone(), requires_grad=param.requires_grad)
-            setattr(module, name, own[id(param)])
-        for name, buffer in list(module.named_buffers(recurse=False)):
-            if buffer is not None:
-                setattr(module, name, own.setdefault(id(buffer), _widened(buffer).clone()))
+    del whole, slots
+    _own_memory(model, skip=where, widen=True)  # the checkpoint's map goes with its last view
     if getattr(model, "config", None) is not None:
         model.config.dtype = torch.float32  # what a float32 load records (the artifact's config.json)
     return where
@@ -210,7 +191,8 @@ def placeholder_weights(model: Any, spill: Path | None = None,
                 del param
         if out is not None:
             out.close()
-            _own_memory(model)
+            if not mapped:  # map_weights gave them their own memory already
+                _own_memory(model)
         yield found
     finally:
         if out is not None:
@@ -220,23 +202,28 @@ def placeholder_weights(model: Any, spill: Path | None = None,
                 setattr(module, name, param)
 
 
-def _own_memory(model: Any) -> None:
+def _own_memory(model: Any, *, skip: Container[int] = (), widen: bool = False) -> None:
     """Give the tensors the stand-ins left (norm weights, biases, buffers: small) memory of their
     own: loaded from a safetensors file, every tensor is a view of one memory map, which stays
-    mapped (and its touched pages resident) while any of them lives."""
+    mapped (and its touched pages resident) while any of them lives. Stand-ins and parameters whose
+    id is in ``skip`` keep theirs; ``widen`` makes the copies of floating tensors float32."""
     import torch
+
+    def own(t: Any) -> Any:
+        wider = widen and t.is_floating_point() and t.dtype != torch.float32
+        return t.to(torch.float32) if wider else t.clone()  # a dtype change copies too
 
     copies: dict[int, Any] = {}
     for module in model.modules():
         for name, param in list(module.named_parameters(recurse=False)):
-            if 0 in param.stride():  # a stand-in
+            if 0 in param.stride() or id(param) in skip:
                 continue
             if id(param) not in copies:
-                copies[id(param)] = torch.nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+                copies[id(param)] = torch.nn.Parameter(own(param.detach()), requires_grad=param.requires_grad)
             setattr(module, name, copies[id(param)])
         for name, buffer in list(module.named_buffers(recurse=False)):
             if buffer is not None:
-                setattr(module, name, copies.setdefault(id(buffer), buffer.clone()))
+                setattr(module, name, copies.setdefault(id(buffer), own(buffer)))
 
 
 def release_weights(model: Any) -> None:

@@ -117,7 +117,9 @@ def optimize_graph(src: Path, dst: Path, level: str, *, prepack: bool = True) ->
     )
     options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     if not prepack:
-        options.add_session_config_entry("session.disable_prepacking", "1")
+        from cwca_export.exporter.session import NO_PREPACKING
+
+        options.add_session_config_entry(*NO_PREPACKING)
     ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
 
 

@@ -22,6 +22,9 @@ PROVIDERS = {
     "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
 }
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+# ONNX Runtime's session config entry that keeps kernels from copying constant weights into their own
+# layout: external data then stays the artifact's mapped file pages (docs/memory.md, "Weights as file pages")
+NO_PREPACKING = ("session.disable_prepacking", "1")
 
 
 def make_session(path: str | Path, ep: str = "cpu", *, threads: int = 0, prepack: bool = True) -> Any:
@@ -35,7 +38,7 @@ def make_session(path: str | Path, ep: str = "cpu", *, threads: int = 0, prepack
             Runtime's default). False (``--low-memory``) computes from the initialisers as
             loaded: external data stays a read-only map of the artifact's file (page cache the
             kernel can evict, not memory of the process's own), at some prefill speed
-            (docs/memory.md, "Sessions without prepacking").
+            (docs/memory.md, "Weights as file pages").
     """
     ort = require_onnxruntime()
     if ep not in PROVIDERS:
@@ -51,7 +54,7 @@ def make_session(path: str | Path, ep: str = "cpu", *, threads: int = 0, prepack
     options.intra_op_num_threads = threads
     options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise
     if not prepack:
-        options.add_session_config_entry("session.disable_prepacking", "1")
+        options.add_session_config_entry(*NO_PREPACKING)
     session = ort.InferenceSession(str(path), options, providers=list(wanted))
     if session.get_providers()[0] != wanted[0]:
         raise ValueError(f"{path}: ONNX Runtime did not put the model on {wanted[0]}")
