@@ -13,11 +13,14 @@ The model is bench_export_phases.py's 550M Llama (2.1 GB of float32 weights: ext
 path every 7B export takes), saved once in float32 and once in bfloat16 (how 7B checkpoints ship).
 
 Then one ONNX Runtime session with and one without prepacking on the low-memory artifact, each in
-a process of its own: creation time, own and file pages, forward time, and the logits' difference.
+a process of its own: creation time, own and file pages, forward time, and the logits' difference;
+and the quantization step alone (int8, int4) on that artifact, ONNX Runtime's quantizer on the
+whole graph against ``quantize_streamed`` (what ``--low-memory --quantize`` runs).
 
 Usage:
     python benchmarks/bench_low_memory.py --work /tmp/lowmem [--out benchmarks/results/bench_low_memory.json]
     python benchmarks/bench_low_memory.py --work /tmp/lowmem --sessions-only --out ...   # the session probe alone
+    python benchmarks/bench_low_memory.py --work /tmp/lowmem --quantize-only --out ...   # the quantizers alone
 """
 
 from __future__ import annotations
@@ -54,11 +57,12 @@ def _tree(pid: int) -> list[int]:
     return pids
 
 
-def run_sampled(args: list[str], env: dict[str, str], interval: float = 0.01) -> dict[str, Any]:
-    """``python -m cwca_export ARGS`` with its process tree's RssAnon and VmRSS sampled."""
+def run_sampled(args: list[str], env: dict[str, str], interval: float = 0.01,
+                command: list[str] | None = None) -> dict[str, Any]:
+    """``python -m cwca_export ARGS`` (or ``command``) with its process tree's RssAnon and VmRSS sampled."""
     parent_peak = bench_scale.own_peak_rss()  # the floor under the child's ru_maxrss
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "cwca_export", *args], env=env,
+    proc = subprocess.Popen(command or [sys.executable, "-m", "cwca_export", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     peaks = {"anon": 0, "rss": 0}
     done = threading.Event()
@@ -80,7 +84,7 @@ def run_sampled(args: list[str], env: dict[str, str], interval: float = 0.01) ->
     done.set()
     sampler.join()
     if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"cwca-export {' '.join(args)} failed:\n{out.decode()[-3000:]}")
+        raise RuntimeError(f"{' '.join(command or ['cwca-export', *args])} failed:\n{out.decode()[-3000:]}")
     return {"args": args, "wall_s": round(time.perf_counter() - start, 1), "ru_maxrss": usage.ru_maxrss * 1024,
             "parent_peak_rss": parent_peak, "last_line": out.decode().strip().splitlines()[-1][:300],
             "sampled_anon_peak": peaks["anon"], "sampled_rss_peak": peaks["rss"]}
@@ -135,6 +139,65 @@ print(json.dumps({"create_s": round(created, 2), "forward_s": round(min(times), 
 """
 
 
+QUANTIZE_STEP = """
+import json, sys, time
+from pathlib import Path
+from cwca_export.exporter import postprocess as pp
+from cwca_export.exporter.streamed_quantize import quantize_streamed
+import onnx, onnxruntime.quantization  # imported before the runtime's memory is read
+src, dst, how, method = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+def anon():
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("RssAnon"))
+runtime = anon()
+start = time.perf_counter()
+config = pp.QuantizeConfig(method)
+if how == "whole":
+    (pp.quantize_int8 if method == "int8" else pp.quantize_int4)(src, dst, config, [])
+else:
+    quantize_streamed(src, dst, config, [])
+print(json.dumps({"runtime_anon": runtime, "step_s": round(time.perf_counter() - start, 1)}))
+"""
+
+
+def probe_quantizers(artifact: Path, work: Path, env: dict[str, str]) -> dict[str, Any]:
+    """The quantization step alone on the float32 artifact (external data), each in a process of
+    its own with its RssAnon sampled: ONNX Runtime's quantizer on the whole graph against
+    ``quantize_streamed``, for int8 and int4 (the CLI's int4 export of the random-init model fails
+    its parity check, so only this probe measures int4's memory). Both graphs are compared too."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    out: dict[str, Any] = {}
+    for method in ("int8", "int4"):
+        written = {}
+        for how in ("whole", "streamed"):
+            folder = work / f"quantize-{how}-{method}"
+            if folder.exists():
+                for path in folder.iterdir():
+                    path.unlink()
+            folder.mkdir(exist_ok=True)
+            row = run_sampled([], env, command=[sys.executable, "-c", QUANTIZE_STEP, str(artifact / "model.onnx"),
+                                                str(folder / "q.onnx"), how, method])
+            row.update(json.loads(row.pop("last_line")))
+            out[f"{how} {method}"] = row
+            written[how] = folder / "q.onnx"
+            print(how, method, {k: v // MIB if isinstance(v, int) else v for k, v in row.items() if k != "args"},
+                  flush=True)
+        same = True
+        streamed = {t.name: t for t in onnx.load(str(written["streamed"]), load_external_data=False).graph.initializer}
+        whole = onnx.load(str(written["whole"]), load_external_data=False).graph.initializer
+        for tensor in whole:  # one tensor's bytes at a time
+            if tensor.name not in streamed:
+                same = False
+                break
+            a = numpy_helper.to_array(tensor, str(written["whole"].parent))
+            b = numpy_helper.to_array(streamed[tensor.name], str(written["streamed"].parent))
+            same = same and a.dtype == b.dtype and bool(np.array_equal(a, b))
+        out[f"{method} initializers identical"] = same and len(whole) == len(streamed)
+    return out
+
+
 def probe_sessions(artifact: Path, work: Path, env: dict[str, str]) -> dict[str, Any]:
     """One ONNX Runtime session with and one without prepacking, each in a fresh process: its
     creation time, own and file pages after creation and after three forwards (the fastest
@@ -162,6 +225,9 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--sessions-only", action="store_true",
                     help="only the session probe, on the low-memory artifact an earlier run left in --work")
+    ap.add_argument("--quantize-only", action="store_true",
+                    help="only the quantizer probe and the --low-memory --quantize int8 export, on the artifact an"
+                         " earlier run left in --work (merged into --out)")
     args = ap.parse_args()
     work = Path(args.work)
     fp32, bf16 = work / f"model-{args.size}", work / f"model-{args.size}-bf16"
@@ -173,18 +239,28 @@ def main() -> None:
     measure = ["--runs", "3", "--warmup", "1", "--prompt-len", "16", "--context", "32"]
     rows: dict[str, Any] = {}
     artifact = work / "export_bf16_checkpoint_low-memory"
-    if args.sessions_only:
+    quantized_export = ("export bf16 checkpoint --low-memory --quantize int8", bf16,
+                        ["--low-memory", "--quantize", "int8"])
+    if args.sessions_only or args.quantize_only:
         result = json.loads(Path(args.out).read_text()) if args.out and Path(args.out).exists() else {}
-        result["sessions"] = probe_sessions(artifact, work, env)
-        print(json.dumps(result["sessions"], indent=1))
+        if args.sessions_only:
+            result["sessions"] = probe_sessions(artifact, work, env)
+            print(json.dumps(result["sessions"], indent=1))
+        else:
+            result["quantizers"] = probe_quantizers(artifact, work, env)
+            name, model, extra = quantized_export
+            result.setdefault("rows", {})[name] = run_sampled(
+                ["export", str(model), "--backend", "onnx", *extra, *measure, "--out",
+                 str(work / name.replace(" ", "_").replace("--", "")), "--overwrite"], env)
+            print(name, {k: v // MIB if isinstance(v, int) else v for k, v in result["rows"][name].items()
+                         if k != "args"})
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         return
     for name, model, extra in [("export bf16 checkpoint", bf16, []),
                                ("export bf16 checkpoint --low-memory", bf16, ["--low-memory"]),
                                ("export fp32 checkpoint --low-memory", fp32, ["--low-memory"]),
-                               ("export bf16 checkpoint --low-memory --quantize int8", bf16,
-                                ["--low-memory", "--quantize", "int8"])]:
+                               quantized_export]:
         out = work / name.replace(" ", "_").replace("--", "")
         rows[name] = run_sampled(["export", str(model), "--backend", "onnx", *extra, *measure, "--out", str(out),
                                   "--overwrite"], env)
@@ -204,7 +280,8 @@ def main() -> None:
         params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
     weights = 4 * params
     result = {"size": args.size, "params": params, "fp32_weight_bytes": weights, "machine": bench_scale.machine(),
-              "interval_s": 0.01, "rows": rows, "sessions": probe_sessions(artifact, work, env)}
+              "interval_s": 0.01, "rows": rows, "sessions": probe_sessions(artifact, work, env),
+              "quantizers": probe_quantizers(artifact, work, env)}
     print(json.dumps(result["sessions"], indent=1))
     print("\n| run | ru_maxrss MiB | sampled RSS peak MiB | sampled anonymous peak MiB (x fp32 weights) | s |")
     print("|---|---|---|---|---|")

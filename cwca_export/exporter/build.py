@@ -23,6 +23,7 @@ from cwca_export.exporter.measure import MeasureConfig, file_inventory, measure_
 from cwca_export.exporter.placeholders import fill_initializers, map_weights, placeholder_weights, release_weights
 from cwca_export.exporter.predict import scheme_of, weight_bytes
 from cwca_export.exporter.session import DecoderSession, make_session
+from cwca_export.exporter.streamed_quantize import quantize_streamed
 from cwca_export.exporter.verify import (
     TorchReference,
     VerificationError,
@@ -240,8 +241,11 @@ def _postprocess(model: Any, folder: Path, settings: ExportSettings) -> dict[str
             raise ValueError(f"quantize: exclude_layers {bad} out of range; the model has {len(blocks)} blocks")
         entries = [*q.exclude_nodes, *(blocks[i].name for i in q.exclude_layers)]
         excluded = pp.resolve_exclusions(current, entries)
-        quantize = pp.quantize_int8 if q.method == "int8" else pp.quantize_int4
-        quantize(current, work / f"{q.method}.onnx", q, excluded)
+        if settings.low_memory:  # a group of weight nodes at a time, never the whole graph's weights
+            quantize_streamed(current, work / f"{q.method}.onnx", q, excluded)
+        else:
+            quantize = pp.quantize_int8 if q.method == "int8" else pp.quantize_int4
+            quantize(current, work / f"{q.method}.onnx", q, excluded)
         current = work / f"{q.method}.onnx"
         steps.append(q.method)
     precision = None

@@ -130,7 +130,7 @@ def convert_fp16(src: Path, dst: Path) -> None:
 
     # constants are clamped to +-1e4, so attention masks built from finfo(float32).min stay finite
     model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=False)
-    _save(model, dst)
+    save_with_data(model, dst)
 
 
 def quantize_int8(src: Path, dst: Path, config: QuantizeConfig, exclude: Sequence[str]) -> None:
@@ -174,10 +174,11 @@ def quantize_int4(src: Path, dst: Path, config: QuantizeConfig, exclude: Sequenc
         quantizer.process()
     finally:
         quant_logger.setLevel(level)
-    _save(quantizer.model.model, dst)
+    save_with_data(quantizer.model.model, dst)
 
 
-def _save(model: Any, dst: Path) -> None:
+def save_with_data(model: Any, dst: Path) -> None:
+    """Save ``model`` with every initializer of 1 KiB or more in ``dst.name + ".data"``."""
     import onnx
 
     onnx.save_model(
@@ -232,70 +233,85 @@ def stream_external_layout(src: Path, dst: Path, size_threshold: int = 1024) -> 
     location=model.onnx_data, size_threshold=1024)``, byte for byte, holding one tensor's bytes at
     a time instead of every weight: each initializer (subgraphs' too) is read from where ``src``
     keeps it (its external file and offset, or inline) and appended to ``dst``'s data file."""
-    import sys
-
     import onnx
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
     from cwca_export.exporter.placeholders import initializer_tensors
 
     model = onnx.load(str(src), load_external_data=False)
-    data_path = dst.parent / EXTERNAL_DATA_NAME
-    base = src.parent
-    empty = sys.getsizeof(b"")
-    # bytes never pass through the proto (its arena would keep every tensor until the end):
-    # external data is copied file to file, inline data written and cleared
-    with open(data_path, "xb") as out:
+    with DataFileWriter(dst.parent / EXTERNAL_DATA_NAME, size_threshold) as writer:
         for tensor in initializer_tensors(model.graph):
-            if uses_external_data(tensor):
-                info = ExternalDataInfo(tensor)
-                source = base / info.location
-                start = int(info.offset or 0)
-                length = source.stat().st_size - start if info.length is None else int(info.length)
-                if length + empty < size_threshold:  # stays inline, as onnx.load then save leaves it
-                    with open(source, "rb") as f:
-                        f.seek(start)
-                        tensor.raw_data = f.read(length)
-                    tensor.data_location = onnx.TensorProto.DEFAULT
-                    del tensor.external_data[:]
-                    continue
-                offset = out.tell()
-                with open(source, "rb") as f:
-                    f.seek(start)
-                    left = length
-                    while left:
-                        piece = f.read(min(left, _COPY_BYTES))
-                        if not piece:
-                            raise ValueError(f"{source}: external data of {tensor.name} ends early")
-                        out.write(piece)
-                        left -= len(piece)
-            elif tensor.HasField("raw_data") and sys.getsizeof(tensor.raw_data) >= size_threshold:
-                offset = out.tell()
-                out.write(tensor.raw_data)
-                length = out.tell() - offset
-            else:
-                continue
-            _mark_external(tensor, offset, length)
-    _load_attribute_tensors(model.graph, base)
+            writer.put(tensor, src.parent)
+    load_attribute_tensors(model.graph, src.parent)
     onnx.save_model(model, str(dst))
 
 
-_COPY_BYTES = 64 * 2**20
+class DataFileWriter:
+    """Appends initializers to one external data file the way ``onnx.save_model(...,
+    save_as_external_data=True, all_tensors_to_one_file=True, size_threshold=...)`` lays them out,
+    one tensor's bytes at a time.
+
+    Bytes never pass through a proto that lives on (its arena would keep every tensor until the
+    end): external data is copied file to file, inline data written and cleared."""
+
+    _COPY_BYTES = 64 * 2**20
+
+    def __init__(self, path: Path, size_threshold: int = 1024) -> None:
+        import sys
+
+        self.path, self.size_threshold = path, size_threshold
+        self._empty = sys.getsizeof(b"")
+        self._out = open(path, "xb")  # noqa: SIM115 - closed by __exit__
+
+    def __enter__(self) -> DataFileWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._out.close()
+
+    def put(self, tensor: Any, base: Path) -> None:
+        """Move ``tensor``'s bytes (external to ``base``, or inline) into the file, or inline
+        when shorter than the threshold, as ``onnx.load`` then ``save_model`` would leave it."""
+        import onnx
+        from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+        out = self._out
+        if uses_external_data(tensor):
+            info = ExternalDataInfo(tensor)
+            source = base / info.location
+            start = int(info.offset or 0)
+            length = source.stat().st_size - start if info.length is None else int(info.length)
+            if length + self._empty < self.size_threshold:
+                with open(source, "rb") as f:
+                    f.seek(start)
+                    tensor.raw_data = f.read(length)
+                tensor.data_location = onnx.TensorProto.DEFAULT
+                del tensor.external_data[:]
+                return
+            offset = out.tell()
+            with open(source, "rb") as f:
+                f.seek(start)
+                left = length
+                while left:
+                    piece = f.read(min(left, self._COPY_BYTES))
+                    if not piece:
+                        raise ValueError(f"{source}: external data of {tensor.name} ends early")
+                    out.write(piece)
+                    left -= len(piece)
+        elif tensor.HasField("raw_data") and len(tensor.raw_data) + self._empty >= self.size_threshold:
+            offset = out.tell()
+            out.write(tensor.raw_data)
+            length = out.tell() - offset
+        else:
+            return
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", self.path.name), ("offset", offset), ("length", length)):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, str(value)
+        tensor.ClearField("raw_data")
 
 
-def _mark_external(tensor: Any, offset: int, length: int) -> None:
-    """The fields ``onnx.save_model`` leaves on a tensor it wrote to ``model.onnx_data``."""
-    import onnx
-
-    del tensor.external_data[:]
-    tensor.data_location = onnx.TensorProto.EXTERNAL
-    for key, value in (("location", EXTERNAL_DATA_NAME), ("offset", offset), ("length", length)):
-        entry = tensor.external_data.add()
-        entry.key, entry.value = key, str(value)
-    tensor.ClearField("raw_data")
-
-
-def _load_attribute_tensors(graph: Any, base: Path) -> None:
+def load_attribute_tensors(graph: Any, base: Path) -> None:
     """Attribute tensors kept as external data are read inline, as ``onnx.load`` would."""
     from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
@@ -307,9 +323,9 @@ def _load_attribute_tensors(graph: Any, base: Path) -> None:
                 if uses_external_data(tensor):
                     load_external_data_for_tensor(tensor, str(base))
             if attribute.g.ByteSize():
-                _load_attribute_tensors(attribute.g, base)
+                load_attribute_tensors(attribute.g, base)
             for sub in attribute.graphs:
-                _load_attribute_tensors(sub, base)
+                load_attribute_tensors(sub, base)
 
 
 # ---------------------------------------------------------------- per-node formats (precision plans)
@@ -480,7 +496,7 @@ def quantize_mixed(src: Path, dst: Path, node_formats: dict[str, Any], *, untie:
         if dynamic:
             with tempfile.TemporaryDirectory(dir=dst.parent) as scratch:
                 step = Path(scratch) / "blockwise.onnx"
-                _save(model, step)
+                save_with_data(model, step)
                 quantize_dynamic(
                     step, dst, weight_type=QuantType.QInt8, nodes_to_quantize=dynamic,
                     op_types_to_quantize=["MatMul", "Gather"], use_external_data_format=True,
@@ -490,9 +506,9 @@ def quantize_mixed(src: Path, dst: Path, node_formats: dict[str, Any], *, untie:
                 # formats' graphs do not carry and ONNX Runtime infers again at load
                 quantized = onnx.load(str(dst))
                 quantized.graph.ClearField("value_info")
-                _save(quantized, dst)
+                save_with_data(quantized, dst)
         else:
-            _save(model, dst)
+            save_with_data(model, dst)
     finally:
         quant_logger.setLevel(levels[0])
         root.setLevel(levels[1])

@@ -1,0 +1,200 @@
+"""Weight quantization a group of nodes at a time: ONNX Runtime's quantizers without the whole
+graph in memory (``export --low-memory --quantize``).
+
+ONNX Runtime's quantizers take a ModelProto holding every weight and build the quantized graph
+beside it: ``quantize_dynamic`` peaked at 3.04 float32 copies of the weights at 550M, which
+projects to 76 GiB for a 7B export (docs/memory.md, "export --low-memory"). Here the graph is read
+without its weights and its weight nodes (MatMul, Gemm, Gather or Transpose reading a float
+initializer) are split into groups that share no input: the q, k and v projections read one
+activation, which dynamic int8 quantizes once for the three. Each group becomes a graph of its
+own, its weights read from the source's data file, and goes through the same quantizer call with
+the same options as the whole graph would
+(:func:`~cwca_export.exporter.postprocess.quantize_int8` / ``quantize_int4``). Its nodes take the
+group's place and its initializers are appended to the destination's data file at once, so the
+process holds one group's weights a few times over (at 7B the largest, gate and up together,
+is 360 MB in float32), never the model's.
+
+The result is the whole-graph quantizer's, node for node and byte for byte
+(tests/test_streamed_quantize.py checks it against ONNX Runtime's own pass).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cwca_export.exporter import postprocess as pp
+from cwca_export.exporter.placeholders import initializer_tensors
+
+# ops whose float initializer ONNX Runtime's int8 / int4 passes may rewrite; Transpose because
+# dynamic int8 moves a quantized table through it as it is
+WEIGHT_OPS = ("MatMul", "Gemm", "Gather", "Transpose")
+
+
+def weight_groups(graph: Any) -> list[list[int]]:
+    """Indices into ``graph.node`` of the weight nodes, grouped so that no two groups read a
+    common tensor (union of nodes sharing an input), each in graph order."""
+    import onnx
+
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+    weights = {t.name for t in graph.initializer if t.data_type in floats}
+    members = [k for k, node in enumerate(graph.node)
+               if node.op_type in WEIGHT_OPS and any(i in weights for i in node.input)]
+    parent = {k: k for k in members}
+
+    def root(k: int) -> int:
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    reader: dict[str, int] = {}
+    for k in members:
+        for name in filter(None, graph.node[k].input):
+            if name in reader:
+                parent[root(k)] = root(reader[name])
+            else:
+                reader[name] = k
+    groups: dict[int, list[int]] = {}
+    for k in members:
+        groups.setdefault(root(k), []).append(k)
+    return sorted(groups.values())
+
+
+def quantize_streamed(src: Path, dst: Path, config: pp.QuantizeConfig, exclude: Sequence[str]) -> None:
+    """:func:`~cwca_export.exporter.postprocess.quantize_int8` / ``quantize_int4`` of ``src`` into
+    ``dst`` (weights in ``dst.name + ".data"``), one weight group at a time."""
+    import onnx
+
+    quantize = pp.quantize_int8 if config.method == "int8" else pp.quantize_int4
+    model = onnx.load(str(src), load_external_data=False)
+    graph = model.graph
+    groups = weight_groups(graph)
+    skip = set(exclude)
+    originals = {t.name: t for t in graph.initializer}
+    taken = _tensor_names(graph)
+    replacements: dict[int, list[Any]] = {}
+    added: list[Any] = []
+    opsets = {o.domain: o.version for o in model.opset_import}
+    with pp.DataFileWriter(dst.parent / (dst.name + ".data")) as writer, \
+            tempfile.TemporaryDirectory(dir=dst.parent, prefix=".group-") as scratch:
+        work = Path(scratch)
+        for group in groups:
+            nodes = [graph.node[k] for k in group]
+            alone = _group_model(model, nodes, originals, src.parent)
+            pp.save_with_data(alone, work / "group.onnx")
+            del alone
+            # excluded nodes go through it too, excluded: int8 rewrites every Gemm into MatMul + Add first
+            quantize(work / "group.onnx", work / "quantized.onnx", config, [n.name for n in nodes if n.name in skip])
+            quantized = onnx.load(str(work / "quantized.onnx"), load_external_data=False)
+            own = {i for node in nodes for i in node.input} | {o for node in nodes for o in node.output}
+            new = [n for node in quantized.graph.node for n in node.output]
+            new += [t.name for t in quantized.graph.initializer]
+            clash = sorted(n for n in new if n in taken and n not in own)
+            if clash:
+                raise RuntimeError(f"streamed quantization: the group of {nodes[0].name} makes names the graph has:"
+                                   f" {clash[:3]}")
+            taken.update(new)
+            for tensor in quantized.graph.initializer:
+                if tensor.name not in originals:
+                    writer.put(tensor, work)
+                    added.append(tensor)
+            replacements[group[0]] = list(quantized.graph.node)
+            for opset in quantized.opset_import:
+                opsets[opset.domain] = max(opsets.get(opset.domain, 0), opset.version)
+            for name in ("group.onnx", "quantized.onnx"):
+                for path in (work / name, work / (name + ".data")):
+                    path.unlink(missing_ok=True)
+        _splice(graph, groups, replacements)
+        used = _referenced(graph)
+        kept = [t for t in graph.initializer if t.name in used]
+        dropped = {t.name for t in graph.initializer} - used
+        graph.ClearField("initializer")
+        graph.initializer.extend(kept)  # copies: written below through the graph's own
+        for tensor in (*graph.initializer, *_subgraph_initializers(graph)):
+            writer.put(tensor, src.parent)
+        graph.initializer.extend(added)
+    for field in (graph.input, graph.value_info):
+        for value in [v for v in field if v.name in dropped]:
+            field.remove(value)
+    del model.opset_import[:]
+    for domain, version in opsets.items():
+        model.opset_import.add(domain=domain, version=version)
+    pp.load_attribute_tensors(graph, src.parent)
+    onnx.save_model(model, str(dst))
+
+
+def _group_model(model: Any, nodes: list[Any], originals: dict[str, Any], base: Path) -> Any:
+    """A graph of ``nodes`` alone: their initializers read from ``base``, their other inputs as
+    graph inputs, the outputs they do not consume themselves as graph outputs."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    graph = model.graph
+    known = {v.name: v for v in (*graph.input, *graph.value_info, *graph.output)}
+    made = {o for node in nodes for o in node.output}
+    read = list(dict.fromkeys(i for node in nodes for i in node.input if i))
+    weights = []
+    for name in (n for n in read if n in originals):
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(originals[name])
+        if uses_external_data(tensor):
+            load_external_data_for_tensor(tensor, str(base))
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+        weights.append(tensor)
+    element = weights[0].data_type
+
+    def declared(name: str, fallback: int) -> Any:
+        if name in known:
+            return known[name]
+        return onnx.helper.make_tensor_value_info(name, fallback, None)
+
+    indices = {node.input[1] for node in nodes if node.op_type == "Gather" and len(node.input) > 1}
+    inputs = [declared(n, onnx.TensorProto.INT64 if n in indices else element)
+              for n in read if n not in originals and n not in made]
+    consumed = set(read)
+    outputs = [declared(o, element) for node in nodes for o in node.output if o and o not in consumed]
+    alone = onnx.helper.make_graph(list(nodes), "group", inputs, outputs, weights)
+    return onnx.helper.make_model(alone, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+
+
+def _splice(graph: Any, groups: list[list[int]], replacements: dict[int, list[Any]]) -> None:
+    """Each group's quantized nodes where its first node stood (its inputs exist by then and its
+    outputs keep their names), the group's other nodes dropped."""
+    grouped = {k for group in groups for k in group}
+    nodes = []
+    for k, node in enumerate(graph.node):
+        if k in replacements:
+            nodes.extend(replacements[k])
+        elif k not in grouped:
+            nodes.append(node)
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+
+
+def _tensor_names(graph: Any) -> set[str]:
+    names = {t.name for t in graph.initializer} | {v.name for v in graph.input}
+    return names | {o for node in graph.node for o in node.output}
+
+
+def _referenced(graph: Any) -> set[str]:
+    """Names read by ``graph``'s nodes, its subgraphs' nodes, or its outputs."""
+    used = {o.name for o in graph.output}
+    for node in graph.node:
+        used.update(node.input)
+        for attribute in node.attribute:
+            for sub in ([attribute.g] if attribute.g.ByteSize() else []) + list(attribute.graphs):
+                used |= _referenced(sub)
+    return used
+
+
+def _subgraph_initializers(graph: Any) -> list[Any]:
+    found = []
+    for node in graph.node:
+        for attribute in node.attribute:
+            for sub in ([attribute.g] if attribute.g.ByteSize() else []) + list(attribute.graphs):
+                found += list(initializer_tensors(sub))
+    return found
