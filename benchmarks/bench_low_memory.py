@@ -7,7 +7,8 @@ that an ONNX Runtime session without prepacking computes from. The kernel evicts
 pages under pressure and reads them again, so what a run needs of the host is its anonymous
 memory (``RssAnon``) plus a working set of file pages. This benchmark samples ``RssAnon`` and
 ``VmRSS`` of the CLI process and its children (the measurement worker) every 10 ms and reports
-both peaks beside ``os.wait4``'s ``ru_maxrss``; a spike shorter than the interval can be missed.
+both peaks (and the CLI process's own ``RssAnon`` peak alone) beside ``os.wait4``'s ``ru_maxrss``;
+a spike shorter than the interval can be missed.
 
 The model is bench_export_phases.py's 550M Llama (2.1 GB of float32 weights: external data, the
 path every 7B export takes), saved once in float32 and once in bfloat16 (how 7B checkpoints ship).
@@ -64,7 +65,7 @@ def run_sampled(args: list[str], env: dict[str, str], interval: float = 0.01,
     start = time.perf_counter()
     proc = subprocess.Popen(command or [sys.executable, "-m", "cwca_export", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    peaks = {"anon": 0, "rss": 0}
+    peaks = {"anon": 0, "rss": 0, "main_anon": 0}
     done = threading.Event()
 
     def sample() -> None:
@@ -73,6 +74,8 @@ def run_sampled(args: list[str], env: dict[str, str], interval: float = 0.01,
             for pid in _tree(proc.pid):
                 for key, value in bench_scale.proc_status_bytes(pid, ("RssAnon", "VmRSS")).items():
                     total[key] += value
+                    if pid == proc.pid and key == "RssAnon":
+                        peaks["main_anon"] = max(peaks["main_anon"], value)
             peaks["anon"] = max(peaks["anon"], total["RssAnon"])
             peaks["rss"] = max(peaks["rss"], total["VmRSS"])
             time.sleep(interval)
@@ -87,7 +90,8 @@ def run_sampled(args: list[str], env: dict[str, str], interval: float = 0.01,
         raise RuntimeError(f"{' '.join(command or ['cwca-export', *args])} failed:\n{out.decode()[-3000:]}")
     return {"args": args, "wall_s": round(time.perf_counter() - start, 1), "ru_maxrss": usage.ru_maxrss * 1024,
             "parent_peak_rss": parent_peak, "last_line": out.decode().strip().splitlines()[-1][:300],
-            "sampled_anon_peak": peaks["anon"], "sampled_rss_peak": peaks["rss"]}
+            "sampled_anon_peak": peaks["anon"], "sampled_rss_peak": peaks["rss"],
+            "sampled_anon_peak_main_process": peaks["main_anon"]}
 
 
 BFLOAT16_COPY = """

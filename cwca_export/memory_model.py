@@ -47,12 +47,20 @@ PROTOBUF_LIMIT = 2**31  # torch.onnx.export writes the weights as external data 
 # fp32 copies a quantized export peaks above the plain export's peak (benchmarks/bench_scale.py at
 # 5M / 40M / 150M: int8 +0.14 / +0.92 / +0.19 copies, int4 none: its phase stays under tracing's)
 QUANT_COPIES = {None: 0.0, "int8": 0.6, "int4": 0.0}
-# above 2 GiB the quantizer's phase is the peak: ONNX Runtime's quantizer holds the whole fp32
-# graph and what it builds from it. Measured at 550M with --low-memory (the torch model gone):
-# int8 (quantize_dynamic) 3.04 fp32 copies of the process's own memory beyond the runtime
-# (benchmarks/bench_low_memory.py's sampler, BENCHMARKS.md "Weights as file pages"); int4 was
-# not measured there (the random-init 550M model fails int4 parity) and takes int8's
+# above 2 GiB the quantizer's phase is the peak of the ordinary export: ONNX Runtime's quantizer
+# holds the whole fp32 graph and what it builds from it. Measured at 550M (whole-graph int8 when
+# --low-memory still used it: 3.04 fp32 copies beyond the runtime; the quantizer alone, int8 3.15
+# and int4 1.30: benchmarks/bench_low_memory.py, BENCHMARKS.md "Weights as file pages")
 EXTERNAL_QUANT_COPIES = 3.04
+# export --low-memory --quantize (streamed_quantize): the quantizer sees one weight group at a
+# time; its own memory is copies of the largest group's fp32 weights (ModelShape.largest_weight_group).
+# Measured at 550M, whose largest group is the 32k x 1536 head (187.5 MiB), the quantizer alone in
+# a process of its own: int8 1,242 MiB (6.6 copies), int4 610 MiB (3.25) beyond the runtime
+STREAMED_QUANT_COPIES = {"int8": 6.6, "int4": 3.25}
+# a quantized artifact's sessions prepack (its final checks, the measurement worker): their own
+# memory in fp32 copies of the weights, measured at 550M after creation and forwards
+# (bench_low_memory.py's session probe by hand: int8 771 MiB, int4 271 MiB, of 2,103 MiB)
+QUANT_SESSION_COPIES = {"int8": 0.37, "int4": 0.13}
 # export --low-memory (onnx backend): copies of the largest tensor torch.onnx.export holds at once
 # while tracing with placeholders (shape inference: 3.1, measured at 550M by
 # benchmarks/bench_export_phases.py --low-memory). Its sessions do not prepack, so the weights stay
@@ -113,6 +121,14 @@ class ModelShape:
     def largest_linear(self) -> tuple[int, int]:
         """(out, in) of the block's largest Linear (an MLP projection)."""
         return (self.intermediate, self.hidden)
+
+    @property
+    def largest_weight_group(self) -> int:
+        """Weights, in parameters, of the largest group of weight nodes that share an input (what
+        ``streamed_quantize`` quantizes at once): the embedding or the head (V x h), gate and up
+        (2 x I x h), or q, k and v."""
+        h, hd = self.hidden, self.head_dim
+        return max(self.vocab * h, 2 * self.intermediate * h, h * hd * (self.heads + 2 * self.kv_heads))
 
     @property
     def weight_bytes(self) -> int:
@@ -385,8 +401,11 @@ def export_low_memory(shape: ModelShape, quantize: str | None = None, runtime: i
     - widening into the scratch file and filling the initialisers from it: one 64 MiB block;
     - verification and measurement: a short forward's activations (negligible);
     - post-processing: the external layout streamed a tensor at a time (the largest tensor);
-      with ``--quantize`` ONNX Runtime's quantizer loads the whole fp32 graph and builds the
-      quantized one beside it: ``EXTERNAL_QUANT_COPIES`` (int8 measured at 550M: 3.04).
+      with ``--quantize`` ONNX Runtime's quantizer on one weight group at a time
+      (:mod:`cwca_export.exporter.streamed_quantize`): ``STREAMED_QUANT_COPIES`` x the largest
+      group's fp32 weights;
+    - with ``--quantize``, the quantized artifact's sessions (final checks, then the measurement
+      worker), which prepack as deployed: ``QUANT_SESSION_COPIES`` x 4P.
 
     Below 2 GiB of fp32 weights the graph is inline and the fill rewrites it whole
     (``INLINE_LOW_MEMORY_COPIES``, the process's own): no saving there.
@@ -400,7 +419,9 @@ def export_low_memory(shape: ModelShape, quantize: str | None = None, runtime: i
     largest = max(shape.vocab, shape.intermediate) * shape.hidden * 4
     phases = {
         "largest tensor's copies during the trace": TRACE_TENSOR_COPIES * largest,
-        "post-processing": EXTERNAL_QUANT_COPIES * fp32 if quantize else float(largest),
+        "post-processing": (STREAMED_QUANT_COPIES[quantize] * shape.largest_weight_group * 4 if quantize
+                            else float(largest)),
+        "the quantized artifact's prepacked sessions": QUANT_SESSION_COPIES[quantize] * fp32 if quantize else 0.0,
     }
     phase = max(phases, key=phases.get)
     return StepCost(name, host={f"peak phase: {phase}": phases[phase]}, time_units=0.0, runtime=runtime,
@@ -482,10 +503,11 @@ def projection_table(runtime: dict[str, int] | None = None, run: RunSettings | N
         capped = RunSettings(**{**run.to_dict(), "max_cache": 16 * GIB})
         costs = [score_damage(shape, run), score_damage(shape, capped), refine(shape, run),
                  compress(shape, run, "wanda"), export(shape, "optimum", None),
-                 export_low_memory(shape),
+                 export_low_memory(shape), export_low_memory(shape, "int8"),
                  evaluate(shape, run, True), evaluate(shape, run, True, low_memory=True)]
         labels = ["score_damage", "score_damage 16G", "refine", "compress_wanda", "export_optimum",
-                  "export_onnx --low-memory", "eval_onnx", "eval_onnx --low-memory"]
+                  "export_onnx --low-memory", "export_onnx --low-memory --quantize int8", "eval_onnx",
+                  "eval_onnx --low-memory"]
         for label, cost in zip(labels, costs, strict=True):
             if label.startswith("compress"):  # layer by layer: the model stays on the host, a block visits
                 device = cost.device_bytes - shape.weight_bytes + shape.block_linear_params * shape.dtype_bytes

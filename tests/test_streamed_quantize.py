@@ -192,3 +192,14 @@ def test_cli_low_memory_quantize_streams_and_says_nothing_of_whole_graph_copies(
     graph = onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph
     assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 15  # 2 blocks x 7 projections + the head
     assert len(calls) == 1
+
+
+def test_the_memory_models_largest_group_is_the_graphs(graphs):
+    """``ModelShape.largest_weight_group`` (what docs/memory.md prices the streamed quantizer by)
+    against the groups found in an exported graph."""
+    from cwca_export import memory_model as mm
+
+    graph = onnx.load(str(graphs["llama"]), load_external_data=False).graph
+    sizes = {t.name: int(np.prod(t.dims)) for t in graph.initializer if len(t.dims) == 2}
+    largest = max(sum(sizes.get(i, 0) for k in g for i in graph.node[k].input) for g in weight_groups(graph))
+    assert mm.ModelShape.from_config(tiny_model("llama").config.to_dict()).largest_weight_group == largest

@@ -178,9 +178,10 @@ def _precision_damage(path, model, tokenizer, compress_options, rounding, format
 @click.option("--low-memory", is_flag=True,
               help="--backend onnx: load the checkpoint as its safetensors store it (bf16 / fp16 widened into a mapped"
                    " fp32 scratch file, not memory; with --method, fp32), trace with placeholder weights, write the fp32"
-                   " weights tensor by tensor, and run every ONNX Runtime session without prepacking: the process's own"
-                   " memory stays a fraction of one fp32 copy, the weights file pages (docs/memory.md). Not with --max-*"
-                   " limits, --hardware limits or --precision.")
+                   " weights tensor by tensor, quantize (--quantize) a weight group at a time, and run every ONNX Runtime"
+                   " session of the fp32 graph without prepacking: the process's own memory stays a fraction of one fp32"
+                   " copy, the weights file pages (docs/memory.md). Not with --max-* limits, --hardware limits or"
+                   " --precision.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder cwca-export wrote (atomically; never one holding other files).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @click.option("--no-fingerprint", is_flag=True, help="With --method: apply a --plan whose model fingerprint differs or is missing.")

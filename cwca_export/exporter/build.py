@@ -187,9 +187,12 @@ def _fail(what: str, settings: ExportSettings) -> VerificationError:
 def _verify(reference: TorchReference, model_path: Path, folder: Path, settings: ExportSettings, dtype: str,
             generation: bool, backend: Any) -> dict[str, Any]:
     ids, mask = reference.ids, reference.mask
+    # the final graph's sessions prepack as the measurement does; the float32 graph's never under
+    # --low-memory (its prepacked weights would be a float32 copy of its own)
+    prepack = settings.measure.prepack and not (settings.low_memory and dtype == "fp32")
     try:
         decoder = DecoderSession(make_session(model_path, settings.measure.ep, threads=settings.measure.threads,
-                                              prepack=settings.measure.prepack))
+                                              prepack=prepack))
         # the torch side was taken before any session opened (the model may hold no weights now)
         report = {"parity": check_parity(reference, decoder, dtype, ids, mask)}
         if generation:
@@ -226,7 +229,7 @@ def _postprocess(model: Any, folder: Path, settings: ExportSettings) -> dict[str
     work.mkdir()
     current, steps, excluded = raw, [], []
     if settings.optimize:
-        pp.optimize_graph(current, work / "optimized.onnx", settings.optimize, prepack=settings.measure.prepack)
+        pp.optimize_graph(current, work / "optimized.onnx", settings.optimize, prepack=not settings.low_memory)
         current = work / "optimized.onnx"
         steps.append(f"optimize:{settings.optimize}")
     if settings.dtype == "fp16":

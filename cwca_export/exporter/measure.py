@@ -67,8 +67,9 @@ class MeasureConfig:
         warmup: untimed calls before timing.
         runs: timed calls per shape.
         threads: intra-op threads (0: ONNX Runtime's default, one per physical core).
-        prepack: ONNX Runtime's weight prepacking (False under ``--low-memory``: the session
-            computes from the artifact's mapped weights, :func:`~cwca_export.exporter.session.make_session`).
+        prepack: ONNX Runtime's weight prepacking (False for a float32 artifact under
+            ``--low-memory``: the session computes from the artifact's mapped weights,
+            :func:`~cwca_export.exporter.session.make_session`).
     """
 
     ep: str = "cpu"
