@@ -345,9 +345,9 @@ def compress(shape: ModelShape, run: RunSettings, method: str, runtime: int = 0)
 
 
 def export(shape: ModelShape, backend: str = "optimum", quantize: str | None = None,
-           runtime: int = 0, *, source_bytes: int | None = None, low_memory: bool = False) -> StepCost:
-    """``export``: the torch model in float32 (``source_bytes``, default P x 4: export traces
-    a float32 model and refuses others) and, at the peak, ``EXPORT_COPIES`` fp32 copies of the
+           runtime: int = 0, *, low_memory: bool = False) -> StepCost:
+    """``export``: the torch model in float32 (P x 4: export traces a float32 model and refuses
+    others) and, at the peak, ``EXPORT_COPIES`` fp32 copies of the
     weights, the largest of its phases (benchmarks/bench_export_phases.py measures each):
 
     - tracing, when the graph fits one protobuf (P x 4 <= 2 GiB): torch.onnx.export builds
@@ -369,14 +369,13 @@ def export(shape: ModelShape, backend: str = "optimum", quantize: str | None = N
     if low_memory:
         return export_low_memory(shape, quantize, runtime)
     fp32 = shape.params * 4
-    weights = fp32 if source_bytes is None else source_bytes
     layout = "inline" if fp32 <= PROTOBUF_LIMIT else "external"
     graph = graph_bytes(shape)
     name = f"export_{backend}" + (f"_{quantize}" if quantize else "")
     copies = EXPORT_COPIES[layout] * graph + QUANT_COPIES.get(quantize, 1.0) * fp32
     if quantize and layout == "external":  # the quantizer's phase, beside the torch model
         copies = max(copies, EXTERNAL_QUANT_COPIES * fp32)
-    return StepCost(name, host={"torch model (fp32)": weights, f"fp32 graph copies ({layout})": copies},
+    return StepCost(name, host={"torch model (fp32)": fp32, f"fp32 graph copies ({layout})": copies},
                     time_units=0.0, runtime=runtime)
 
 
