@@ -194,6 +194,8 @@ def steps_for(size: str, work: Path, samples: int, seq_len: int, batch: int, con
                               *export_common, "--out", str(work / "art-int4")]),
         ("export_onnx_lowmem", ["export", str(work / "wanda"), "--backend", "onnx", "--low-memory",
                                 *export_common, "--out", str(work / "art-lowmem")]),
+        ("export_onnx_lowmem_int8", ["export", str(work / "wanda"), "--backend", "onnx", "--low-memory",
+                                     "--quantize", "int8", *export_common, "--out", str(work / "art-lowmem-int8")]),
         ("eval_onnx_lowmem", ["eval", str(work / "art-optimum"), "--data", str(HELDOUT), "--seq-len", str(seq_len),
                               "--max-tokens", str(8 * seq_len), "--batch-size", str(batch), "--low-memory"]),
     ]
@@ -309,14 +311,18 @@ def merge(files: list[str], out: Path) -> None:
     if "machine" not in merged:  # partial files only: they ran here
         merged["machine"] = machine()
         merged["versions"] = library_versions()
-    for result in results:
-        for data in result["sizes"].values():
-            data.setdefault("settings", result["settings"])
-        merged["sizes"].update(result["sizes"])
+    for result in results:  # a size in several files: the later files' steps join (or replace) the earlier's
+        for size, data in result["sizes"].items():
+            if "settings" not in data:
+                data["settings"] = result["settings"]
+            if size in merged["sizes"]:
+                merged["sizes"][size]["steps"].update(data["steps"])
+            else:
+                merged["sizes"][size] = data
     for data in merged["sizes"].values():
         data["time"] = timing(data["steps"])
     merged.pop("settings", None)
-    merged["commands"] = [r.get("command") for r in results]
+    merged["commands"] = [c for r in results for c in (r.get("commands") or [r.get("command")])]
     known = [r["runtime_baselines"] for r in results if r.get("runtime_baselines")]
     if known:  # machine constants: the first run's
         merged["runtime_baselines"] = known[0]
