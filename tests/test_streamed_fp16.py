@@ -242,7 +242,7 @@ def test_cli_low_memory_float16_export_streams_and_computes_as_the_ordinary_one(
     runner = CliRunner()
     low = runner.invoke(cli, ["export", str(folder), "--low-memory", *common, "--out", str(tmp_path / "low")])
     assert low.exit_code == 0, low.output
-    assert "loads the whole" not in low.output and "float32 copy" not in low.output
+    assert "note" not in low.output  # nothing loads the whole graph
     assert len(calls) == 1
     ordinary = runner.invoke(cli, ["export", str(folder), *common, "--out", str(tmp_path / "ordinary")])
     assert ordinary.exit_code == 0, ordinary.output

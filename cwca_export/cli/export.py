@@ -295,10 +295,6 @@ def export(
         click.echo("note: --low-memory saves memory only when the weights go to external data (float32 weights"
                    " above --external-data-threshold, at most 2 GiB; below, the graph is written inline and"
                    " rewritten whole); this model is smaller", err=True)
-    elif low_memory and optimize:
-        click.echo(f"note: --optimize {optimize} loads the whole float32 graph (ONNX Runtime's optimiser), at least"
-                   " one float32 copy of the weights in memory; --low-memory --quantize and --dtype float16 stream"
-                   " (docs/memory.md)", err=True)
     elif not low_memory and fp32_bytes > postprocess.PROTOBUF_LIMIT and not budget.has_limits and not precision_path:
         from cwca_export.budget import format_size
         from cwca_export.memory_model import EXPORT_COPIES
