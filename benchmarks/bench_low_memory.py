@@ -16,12 +16,15 @@ path every 7B export takes), saved once in float32 and once in bfloat16 (how 7B 
 Then one ONNX Runtime session with and one without prepacking on the low-memory artifact, each in
 a process of its own: creation time, own and file pages, forward time, and the logits' difference;
 and the quantization step alone (int8, int4) on that artifact, ONNX Runtime's quantizer on the
-whole graph against ``quantize_streamed`` (what ``--low-memory --quantize`` runs).
+whole graph against ``quantize_streamed`` (what ``--low-memory --quantize`` runs); and the float16
+conversion alone, ONNX Runtime's converter on the whole graph against ``convert_fp16_streamed``
+(what ``--low-memory --dtype float16`` runs).
 
 Usage:
     python benchmarks/bench_low_memory.py --work /tmp/lowmem [--out benchmarks/results/bench_low_memory.json]
     python benchmarks/bench_low_memory.py --work /tmp/lowmem --sessions-only --out ...   # the session probe alone
     python benchmarks/bench_low_memory.py --work /tmp/lowmem --quantize-only --out ...   # the quantizers alone
+    python benchmarks/bench_low_memory.py --work /tmp/lowmem --fp16-only --out ...   # the float16 converters alone
 """
 
 from __future__ import annotations
@@ -59,8 +62,9 @@ def _tree(pid: int) -> list[int]:
 
 
 def run_sampled(args: list[str], env: dict[str, str], interval: float = 0.01,
-                command: list[str] | None = None) -> dict[str, Any]:
-    """``python -m cwca_export ARGS`` (or ``command``) with its process tree's RssAnon and VmRSS sampled."""
+                command: list[str] | None = None, may_fail: bool = False) -> dict[str, Any]:
+    """``python -m cwca_export ARGS`` (or ``command``) with its process tree's RssAnon and VmRSS sampled
+    (``may_fail``: a failing command's peaks are reported with ``"failed": True`` and its last line)."""
     parent_peak = bench_scale.own_peak_rss()  # the floor under the child's ru_maxrss
     start = time.perf_counter()
     proc = subprocess.Popen(command or [sys.executable, "-m", "cwca_export", *args], env=env,
@@ -86,12 +90,13 @@ def run_sampled(args: list[str], env: dict[str, str], interval: float = 0.01,
     _, status, usage = os.wait4(proc.pid, 0)
     done.set()
     sampler.join()
-    if os.waitstatus_to_exitcode(status) != 0:
+    failed = os.waitstatus_to_exitcode(status) != 0
+    if failed and not may_fail:
         raise RuntimeError(f"{' '.join(command or ['cwca-export', *args])} failed:\n{out.decode()[-3000:]}")
     return {"args": args, "wall_s": round(time.perf_counter() - start, 1), "ru_maxrss": usage.ru_maxrss * 1024,
             "parent_peak_rss": parent_peak, "last_line": out.decode().strip().splitlines()[-1][:300],
             "sampled_anon_peak": peaks["anon"], "sampled_rss_peak": peaks["rss"],
-            "sampled_anon_peak_main_process": peaks["main_anon"]}
+            "sampled_anon_peak_main_process": peaks["main_anon"], **({"failed": True} if failed else {})}
 
 
 BFLOAT16_COPY = """
@@ -202,6 +207,77 @@ def probe_quantizers(artifact: Path, work: Path, env: dict[str, str]) -> dict[st
     return out
 
 
+FP16_STEP = """
+import json, sys, time
+from pathlib import Path
+from cwca_export.exporter import postprocess as pp
+from cwca_export.exporter.streamed_fp16 import convert_fp16_streamed
+import onnx, onnxruntime.transformers.float16  # imported before the runtime's memory is read
+src, dst, how = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+def anon():
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("RssAnon"))
+runtime = anon()
+start = time.perf_counter()
+if how == "whole":  # what the ordinary export runs: the loaded model handed to the converter
+    pp.convert_fp16(src, dst)
+elif how == "whole-path":  # the converter given the file: ONNX Runtime's own way past protobuf's 2 GiB
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    pp.save_with_data(convert_float_to_float16(str(src), keep_io_types=False), dst)
+else:
+    convert_fp16_streamed(src, dst)
+print(json.dumps({"runtime_anon": runtime, "step_s": round(time.perf_counter() - start, 1)}))
+"""
+
+
+def probe_fp16(artifact: Path, work: Path, env: dict[str, str]) -> dict[str, Any]:
+    """The float16 conversion alone on the float32 artifact (external data), each in a process of
+    its own with its RssAnon sampled: ONNX Runtime's converter handed the loaded model (as the
+    ordinary export calls it), handed the file's path (it infers shapes from the file, then loads
+    the model whole), and ``convert_fp16_streamed``. The graphs written are compared too."""
+    import shutil
+
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    # a copy of the artifact: the path mode writes a scratch file beside it (onnx refuses symbolic links)
+    source = work / "fp16-source"
+    source.mkdir(exist_ok=True)
+    for name in ("model.onnx", "model.onnx_data"):
+        if not (source / name).exists():
+            shutil.copyfile(artifact / name, source / name)
+    out: dict[str, Any] = {}
+    written = {}
+    for how in ("whole", "whole-path", "streamed"):
+        folder = work / f"fp16-{how}"
+        if folder.exists():
+            for path in folder.iterdir():
+                path.unlink()
+        folder.mkdir(exist_ok=True)
+        row = run_sampled([], env, command=[sys.executable, "-c", FP16_STEP, str(source / "model.onnx"),
+                                            str(folder / "fp16.onnx"), how], may_fail=True)
+        if not row.get("failed"):
+            row.update(json.loads(row.pop("last_line")))
+            written[how] = folder / "fp16.onnx"
+        out[how] = row
+        print(how, {k: v // MIB if type(v) is int else v for k, v in row.items() if k != "args"}, flush=True)
+    if {"whole-path", "streamed"} <= set(written):
+        a = onnx.load(str(written["whole-path"]), load_external_data=False)
+        b = onnx.load(str(written["streamed"]), load_external_data=False)
+        same = [(n.op_type, n.name, list(n.input), list(n.output)) for n in a.graph.node] == \
+               [(n.op_type, n.name, list(n.input), list(n.output)) for n in b.graph.node]
+        streamed = {t.name: t for t in b.graph.initializer}
+        for tensor in a.graph.initializer:  # one tensor's bytes at a time
+            if tensor.name not in streamed:
+                same = False
+                break
+            x = numpy_helper.to_array(tensor, str(written["whole-path"].parent))
+            y = numpy_helper.to_array(streamed[tensor.name], str(written["streamed"].parent))
+            same = same and x.dtype == y.dtype and bool(np.array_equal(x, y, equal_nan=True))
+        out["graphs identical"] = same and len(a.graph.initializer) == len(streamed)
+    return out
+
+
 def probe_sessions(artifact: Path, work: Path, env: dict[str, str]) -> dict[str, Any]:
     """One ONNX Runtime session with and one without prepacking, each in a fresh process: its
     creation time, own and file pages after creation and after three forwards (the fastest
@@ -232,6 +308,9 @@ def main() -> None:
     ap.add_argument("--quantize-only", action="store_true",
                     help="only the quantizer probe and the --low-memory --quantize int8 export, on the artifact an"
                          " earlier run left in --work (merged into --out)")
+    ap.add_argument("--fp16-only", action="store_true",
+                    help="only the float16 converter probe and the --low-memory --dtype float16 export, on the"
+                         " artifact an earlier run left in --work (merged into --out)")
     args = ap.parse_args()
     work = Path(args.work)
     fp32, bf16 = work / f"model-{args.size}", work / f"model-{args.size}-bf16"
@@ -245,14 +324,19 @@ def main() -> None:
     artifact = work / "export_bf16_checkpoint_low-memory"
     quantized_export = ("export bf16 checkpoint --low-memory --quantize int8", bf16,
                         ["--low-memory", "--quantize", "int8"])
-    if args.sessions_only or args.quantize_only:
+    fp16_export = ("export bf16 checkpoint --low-memory --dtype float16", bf16,
+                   ["--low-memory", "--dtype", "float16"])
+    if args.sessions_only or args.quantize_only or args.fp16_only:
         result = json.loads(Path(args.out).read_text()) if args.out and Path(args.out).exists() else {}
         if args.sessions_only:
             result["sessions"] = probe_sessions(artifact, work, env)
             print(json.dumps(result["sessions"], indent=1))
         else:
-            result["quantizers"] = probe_quantizers(artifact, work, env)
-            name, model, extra = quantized_export
+            if args.quantize_only:
+                result["quantizers"] = probe_quantizers(artifact, work, env)
+            else:
+                result["fp16"] = probe_fp16(artifact, work, env)
+            name, model, extra = quantized_export if args.quantize_only else fp16_export
             result.setdefault("rows", {})[name] = run_sampled(
                 ["export", str(model), "--backend", "onnx", *extra, *measure, "--out",
                  str(work / name.replace(" ", "_").replace("--", "")), "--overwrite"], env)

@@ -61,6 +61,20 @@ STREAMED_QUANT_COPIES = {"int8": 6.6, "int4": 3.25}
 # memory in fp32 copies of the weights, measured at 550M after creation and forwards
 # (bench_low_memory.py's session probe by hand: int8 771 MiB, int4 271 MiB, of 2,103 MiB)
 QUANT_SESSION_COPIES = {"int8": 0.37, "int4": 0.13}
+# export --low-memory --dtype float16 (streamed_fp16): ONNX Runtime's converter on the graph without
+# its weights, each weight converted a slice (streamed_fp16.SLICE_ELEMENTS float32 values) at a time
+# into the data file: its own memory is a slice's temporaries, the same at any size. Measured at
+# 550M, the conversion alone in a process of its own: 97 MiB beyond the runtime (the whole-graph
+# converter handed the file 3,806 MiB, 1.81 copies; handed the loaded model, as the ordinary export
+# does, it fails at protobuf's 2 GiB after 6,035 MiB): bench_low_memory.py --fp16-only
+STREAMED_FP16_BYTES = 100 * 2**20
+# a float16 artifact's sessions on ONNX Runtime's CPU provider (the final checks, the measurement
+# worker; no prepacking): the provider casts every float16 initialiser to a float32 one of its own
+# at creation (550M, one session by hand: 2,113 MiB after creation, 1.00 fp32 copies, the same with
+# constant folding disabled). The --low-memory --dtype float16 export's own peak, in fp32 copies of
+# the weights, measured at 550M: the CLI process 3,506 MiB sampled, 3,037 beyond its 469 MiB runtime
+# (1.44 copies of 2,103 MiB); its measurement worker 3,046 MiB after the runs (bench_low_memory.py --fp16-only)
+FP16_CPU_SESSION_COPIES = 1.45
 # export --low-memory (onnx backend): copies of the largest tensor torch.onnx.export holds at once
 # while tracing with placeholders (shape inference: 3.1, measured at 550M by
 # benchmarks/bench_export_phases.py --low-memory). Its sessions do not prepack, so the weights stay
@@ -386,7 +400,8 @@ def graph_bytes(shape: ModelShape) -> int:
     return shape.params * 4 + (shape.vocab * shape.hidden * 4 if shape.tied else 0)
 
 
-def export_low_memory(shape: ModelShape, quantize: str | None = None, runtime: int = 0) -> StepCost:
+def export_low_memory(shape: ModelShape, quantize: str | None = None, runtime: int = 0, *,
+                      fp16: bool = False) -> StepCost:
     """``export --backend onnx --low-memory`` (:mod:`cwca_export.exporter.placeholders`): its
     phases run one after another. The weights are file pages throughout (``mapped``, 4P at the
     most): the checkpoint as loaded (a bfloat16 one stays in its dtype), then the float32 scratch
@@ -404,14 +419,21 @@ def export_low_memory(shape: ModelShape, quantize: str | None = None, runtime: i
       (:mod:`cwca_export.exporter.streamed_quantize`): ``STREAMED_QUANT_COPIES`` x the largest
       group's fp32 weights;
     - with ``--quantize``, the quantized artifact's sessions (final checks, then the measurement
-      worker), which prepack as deployed: ``QUANT_SESSION_COPIES`` x 4P.
+      worker), which prepack as deployed: ``QUANT_SESSION_COPIES`` x 4P;
+    - with ``fp16`` (``--dtype float16``): ONNX Runtime's float16 converter on the graph without
+      its weights, each converted a slice at a time (:mod:`cwca_export.exporter.streamed_fp16`):
+      ``STREAMED_FP16_BYTES``, the same at any size; then the float16 artifact's sessions on the
+      CPU provider, which hold float32 copies of the weights they compute with:
+      ``FP16_CPU_SESSION_COPIES`` x 4P, the largest phase.
 
     Below 2 GiB of fp32 weights the graph is inline and the fill rewrites it whole
     (``INLINE_LOW_MEMORY_COPIES``, the process's own): no saving there.
 
     The peak is the largest phase, one term named after it."""
     fp32 = shape.params * 4
-    name = "export_onnx_lowmem" + (f"_{quantize}" if quantize else "")
+    if fp16 and quantize:
+        raise ValueError("float16 and a quantized artifact do not combine (the export refuses them)")
+    name = "export_onnx_lowmem" + (f"_{quantize}" if quantize else "_fp16" if fp16 else "")
     if fp32 <= PROTOBUF_LIMIT:
         fill = INLINE_LOW_MEMORY_COPIES * graph_bytes(shape)
         return StepCost(name, host={"peak phase: the inline graph's fill": fill}, time_units=0.0, runtime=runtime)
@@ -419,8 +441,9 @@ def export_low_memory(shape: ModelShape, quantize: str | None = None, runtime: i
     phases = {
         "largest tensor's copies during the trace": TRACE_TENSOR_COPIES * largest,
         "post-processing": (STREAMED_QUANT_COPIES[quantize] * shape.largest_weight_group * 4 if quantize
-                            else float(largest)),
+                            else float(max(largest, STREAMED_FP16_BYTES if fp16 else 0))),
         "the quantized artifact's prepacked sessions": QUANT_SESSION_COPIES[quantize] * fp32 if quantize else 0.0,
+        "the float16 artifact's CPU sessions": FP16_CPU_SESSION_COPIES * fp32 if fp16 else 0.0,
     }
     phase = max(phases, key=phases.get)
     return StepCost(name, host={f"peak phase: {phase}": phases[phase]}, time_units=0.0, runtime=runtime,
@@ -477,7 +500,8 @@ def predict(step: str, shape: ModelShape, run: RunSettings, runtime: dict[str, i
         return export(shape, "optimum", None, onnx_rt)
     if step.startswith("export_onnx_lowmem"):
         parts = step.split("_")[3:]
-        return export_low_memory(shape, parts[0] if parts else None, onnx_rt)
+        fp16 = parts == ["fp16"]
+        return export_low_memory(shape, parts[0] if parts and not fp16 else None, onnx_rt, fp16=fp16)
     if step.startswith("export_"):
         parts = step.split("_")[1:]
         return export(shape, parts[0], parts[1] if len(parts) > 1 else None, onnx_rt)
@@ -502,11 +526,11 @@ def projection_table(runtime: dict[str, int] | None = None, run: RunSettings | N
         capped = RunSettings(**{**run.to_dict(), "max_cache": 16 * GIB})
         costs = [score_damage(shape, run), score_damage(shape, capped), refine(shape, run),
                  compress(shape, run, "wanda"), export(shape, "optimum", None),
-                 export_low_memory(shape), export_low_memory(shape, "int8"),
+                 export_low_memory(shape), export_low_memory(shape, "int8"), export_low_memory(shape, fp16=True),
                  evaluate(shape, run, True), evaluate(shape, run, True, low_memory=True)]
         labels = ["score_damage", "score_damage 16G", "refine", "compress_wanda", "export_optimum",
-                  "export_onnx --low-memory", "export_onnx --low-memory --quantize int8", "eval_onnx",
-                  "eval_onnx --low-memory"]
+                  "export_onnx --low-memory", "export_onnx --low-memory --quantize int8",
+                  "export_onnx --low-memory --dtype float16", "eval_onnx", "eval_onnx --low-memory"]
         for label, cost in zip(labels, costs, strict=True):
             if label.startswith("compress"):  # layer by layer: the model stays on the host, a block visits
                 device = cost.device_bytes - shape.weight_bytes + shape.block_linear_params * shape.dtype_bytes

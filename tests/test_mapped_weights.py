@@ -177,4 +177,9 @@ def test_cli_points_a_big_export_at_low_memory(tmp_path, monkeypatch):
     result = CliRunner().invoke(cli, ["export", str(folder), "--backend", "onnx", "--low-memory", "--dtype", "float16",
                                       "--out", str(tmp_path / "d"), *COMMON])
     assert result.exit_code == 0, result.output
-    assert "note: --dtype float16 loads the whole float32 graph" in result.output
+    assert "note" not in result.output  # the float16 converter streams too (tests/test_streamed_fp16.py)
+    # ONNX Runtime's optimiser without prepacking reads the weights as file pages (550M: BENCHMARKS.md)
+    result = CliRunner().invoke(cli, ["export", str(folder), "--backend", "onnx", "--low-memory", "--optimize", "basic",
+                                      "--out", str(tmp_path / "e"), *COMMON])
+    assert result.exit_code == 0, result.output
+    assert "note" not in result.output

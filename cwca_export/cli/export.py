@@ -295,11 +295,6 @@ def export(
         click.echo("note: --low-memory saves memory only when the weights go to external data (float32 weights"
                    " above --external-data-threshold, at most 2 GiB; below, the graph is written inline and"
                    " rewritten whole); this model is smaller", err=True)
-    elif low_memory and (dtype == "fp16" or optimize):
-        flag = "--dtype float16" if dtype == "fp16" else f"--optimize {optimize}"
-        click.echo(f"note: {flag} loads the whole float32 graph (ONNX Runtime's"
-                   f" {'float16 converter' if dtype == 'fp16' else 'optimiser'}), at least one float32 copy of the"
-                   " weights in memory; --low-memory --quantize streams (docs/memory.md)", err=True)
     elif not low_memory and fp32_bytes > postprocess.PROTOBUF_LIMIT and not budget.has_limits and not precision_path:
         from cwca_export.budget import format_size
         from cwca_export.memory_model import EXPORT_COPIES

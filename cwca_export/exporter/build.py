@@ -23,6 +23,7 @@ from cwca_export.exporter.measure import MeasureConfig, file_inventory, measure_
 from cwca_export.exporter.placeholders import fill_initializers, map_weights, placeholder_weights, release_weights
 from cwca_export.exporter.predict import scheme_of, weight_bytes
 from cwca_export.exporter.session import DecoderSession, make_session
+from cwca_export.exporter.streamed_fp16 import convert_fp16_streamed
 from cwca_export.exporter.streamed_quantize import quantize_streamed
 from cwca_export.exporter.verify import (
     TorchReference,
@@ -233,7 +234,10 @@ def _postprocess(model: Any, folder: Path, settings: ExportSettings) -> dict[str
         current = work / "optimized.onnx"
         steps.append(f"optimize:{settings.optimize}")
     if settings.dtype == "fp16":
-        pp.convert_fp16(current, work / "fp16.onnx")
+        if settings.low_memory:  # one weight at a time, never the whole graph's weights
+            convert_fp16_streamed(current, work / "fp16.onnx")
+        else:
+            pp.convert_fp16(current, work / "fp16.onnx")
         current = work / "fp16.onnx"
         steps.append("fp16")
     q = settings.quantize

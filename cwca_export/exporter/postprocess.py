@@ -303,6 +303,29 @@ class DataFileWriter:
             length = out.tell() - offset
         else:
             return
+        self._point(tensor, offset, length)
+
+    def put_pieces(self, tensor: Any, pieces: Iterable[bytes], length: int) -> None:
+        """Write ``tensor``'s data, ``length`` bytes given in ``pieces`` (made as they are
+        written, never held together), where :meth:`put` would put it: inline when shorter than
+        the threshold, else appended to the file."""
+        import onnx
+
+        if length + self._empty < self.size_threshold:
+            tensor.raw_data = b"".join(pieces)
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+            return
+        offset = self._out.tell()
+        for piece in pieces:
+            self._out.write(piece)
+        if self._out.tell() - offset != length:
+            raise ValueError(f"{tensor.name}: {self._out.tell() - offset} bytes written, {length} expected")
+        self._point(tensor, offset, length)
+
+    def _point(self, tensor: Any, offset: int, length: int) -> None:
+        import onnx
+
         del tensor.external_data[:]
         tensor.data_location = onnx.TensorProto.EXTERNAL
         for key, value in (("location", self.path.name), ("offset", offset), ("length", length)):
