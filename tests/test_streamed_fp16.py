@@ -252,3 +252,22 @@ def test_cli_low_memory_float16_export_streams_and_computes_as_the_ordinary_one(
     assert all(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer if t.data_type in (1, 10))
     for x, y in zip(_run(tmp_path / "low" / "model.onnx"), _run(tmp_path / "ordinary" / "model.onnx"), strict=True):
         assert x.dtype == np.float16 and np.array_equal(x, y, equal_nan=True)
+
+
+def test_ordinary_float16_export_above_the_protobuf_limit_streams(tmp_path, monkeypatch):
+    """The whole-graph converter serialises the model first, which protobuf refuses above 2 GiB
+    (at 550M it failed with EncodeError): the ordinary export converts such a graph a tensor at a
+    time too. The limit is lowered here to a tiny model's size."""
+    from cwca_export.exporter import build
+
+    calls = []
+    real = build.convert_fp16_streamed
+    monkeypatch.setattr(build, "convert_fp16_streamed", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(pp, "PROTOBUF_LIMIT", 1000)
+    monkeypatch.setattr(pp, "convert_fp16", lambda *a: pytest.fail("the whole-graph converter ran above the limit"))
+    folder = save_tiny_model("llama", tmp_path / "tiny")
+    result = CliRunner().invoke(cli, ["export", str(folder), "--backend", "onnx", "--dtype", "float16",
+                                      "--prompt-len", "8", "--context", "24", "--runs", "1", "--warmup", "0",
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert len(calls) == 1

@@ -234,7 +234,10 @@ def _postprocess(model: Any, folder: Path, settings: ExportSettings) -> dict[str
         current = work / "optimized.onnx"
         steps.append(f"optimize:{settings.optimize}")
     if settings.dtype == "fp16":
-        if settings.low_memory:  # one weight at a time, never the whole graph's weights
+        # one weight at a time, never the whole graph's weights; also the ordinary export's way
+        # above 2 GiB, where the whole-graph converter's first step (serialising the model for
+        # shape inference) fails: protobuf's limit (550M: EncodeError after 6 GiB)
+        if settings.low_memory or pp.graph_bytes(current) > pp.PROTOBUF_LIMIT:
             convert_fp16_streamed(current, work / "fp16.onnx")
         else:
             pp.convert_fp16(current, work / "fp16.onnx")
