@@ -162,8 +162,9 @@ def _group_model(model: Any, nodes: list[Any], originals: dict[str, Any], base: 
 
 
 def _splice(graph: Any, groups: list[list[int]], replacements: dict[int, list[Any]]) -> None:
-    """Each group's quantized nodes where its first node stood (its inputs exist by then and its
-    outputs keep their names), the group's other nodes dropped."""
+    """Each group's quantized nodes where its first node stood (its outputs keep their names), the
+    group's other nodes dropped, then put back in topological order: a group's later node may read
+    what nodes after its first one make (a weight shared by two layers)."""
     grouped = {k for group in groups for k in group}
     nodes = []
     for k, node in enumerate(graph.node):
@@ -172,7 +173,41 @@ def _splice(graph: Any, groups: list[list[int]], replacements: dict[int, list[An
         elif k not in grouped:
             nodes.append(node)
     graph.ClearField("node")
-    graph.node.extend(nodes)
+    graph.node.extend(_topological(nodes))
+
+
+def _topological(nodes: list[Any]) -> list[Any]:
+    """``nodes`` in an order where each comes after the nodes making what it reads (its subgraphs'
+    outer reads too), otherwise as given (the order itself when it already is one)."""
+    import heapq
+
+    made = {o: k for k, node in enumerate(nodes) for o in node.output if o}
+    needs = []
+    for k, node in enumerate(nodes):
+        reads = set(node.input)
+        for attribute in node.attribute:
+            for sub in ([attribute.g] if attribute.g.ByteSize() else []) + list(attribute.graphs):
+                reads |= _referenced(sub)
+        needs.append({made[n] for n in reads if n in made and made[n] != k})
+    if all(j < k for k, before in enumerate(needs) for j in before):
+        return nodes
+    waiting = [len(before) for before in needs]
+    after: list[list[int]] = [[] for _ in nodes]
+    for k, before in enumerate(needs):
+        for j in before:
+            after[j].append(k)
+    ready = [k for k, n in enumerate(waiting) if n == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        k = heapq.heappop(ready)
+        order.append(k)
+        for m in after[k]:
+            waiting[m] -= 1
+            if not waiting[m]:
+                heapq.heappush(ready, m)
+    order += [k for k in range(len(nodes)) if waiting[k]]  # a cycle: left as it was, for ONNX Runtime to name
+    return [nodes[k] for k in order]
 
 
 def _tensor_names(graph: Any) -> set[str]:
