@@ -80,3 +80,50 @@ def test_a_weight_shared_across_layers_keeps_the_graph_in_topological_order(tmp_
         [oh.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
         [oh.make_tensor_value_info("y", TensorProto.FLOAT, [4, 16])], _weights("W", "W1"))
     _assert_same(*_both(model, tmp_path, method), {"x": _x(4, 16)})
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_an_embedding_read_straight_by_a_projection_and_a_transpose(tmp_path, method):
+    """A Gather's output read by a MatMul with a weight (OPT's ``project_in``), a Transpose and a
+    float op: dynamic int8 hands the quantized table rows to the MatMul and the Transpose as they
+    are, and dequantizes once for the float op."""
+    weights = {**_weights("E", shape=(50, 16)), **_weights("W", "W2")}
+    model = _model(
+        [oh.make_node("Gather", ["E", "ids"], ["e"], name="embed"),
+         oh.make_node("MatMul", ["e", "W"], ["a"], name="project_in"),
+         oh.make_node("Transpose", ["e"], ["et"], name="transpose", perm=[0, 2, 1]),
+         oh.make_node("Relu", ["e"], ["r"], name="float_op"),
+         oh.make_node("MatMul", ["a", "W2"], ["y"], name="next")],
+        [oh.make_tensor_value_info("ids", TensorProto.INT64, [2, 3])],
+        [oh.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in (("y", [2, 3, 16]), ("et", [2, 16, 3]),
+                                                                           ("r", [2, 3, 16]))], weights)
+    _assert_same(*_both(model, tmp_path, method), {"ids": np.array([[1, 2, 3], [4, 5, 49]])})
+
+
+def test_opt_with_project_in_quantizes_streamed_as_whole(tmp_path):
+    """OPT whose embedding is narrower than its blocks (OPT-350m) reads the embedding through
+    ``project_in``: ``export --low-memory --quantize int8`` failed on it with a name clash."""
+    import torch
+    import transformers
+    from cwca_export.backends import get_backend
+    from helpers import tiny_tokenizer
+
+    torch.manual_seed(0)
+    config = transformers.OPTConfig(vocab_size=384, hidden_size=32, word_embed_proj_dim=16, num_hidden_layers=2,
+                                    ffn_dim=64, num_attention_heads=4, max_position_embeddings=64)
+    (tmp_path / "raw").mkdir()
+    get_backend("onnx").export(transformers.OPTForCausalLM(config).eval(), tiny_tokenizer(), tmp_path / "raw")
+    model = onnx.load(str(tmp_path / "raw" / "model.onnx"))
+    whole, streamed = _both(model, tmp_path, "int8")
+    a, b = onnx.load(str(whole)), onnx.load(str(streamed))
+    assert _records(a) == _records(b)
+    assert any(n.op_type == "MatMulInteger" and "project_in" in n.name for n in b.graph.node)
+    session = {p: ort.InferenceSession(str(p)) for p in (whole, streamed)}
+    feeds = {}
+    for i in session[whole].get_inputs():
+        if i.name in ("input_ids", "attention_mask", "position_ids"):
+            feeds[i.name] = np.ones((1, 5), np.int64) if i.name == "attention_mask" else np.arange(5)[None] + 2
+        else:  # an empty past
+            feeds[i.name] = np.zeros([1 if k == 0 else 0 if k == 2 else d for k, d in enumerate(i.shape)], np.float32)
+    for x, y in zip(session[whole].run(None, feeds), session[streamed].run(None, feeds), strict=True):
+        assert np.array_equal(x, y)

@@ -5,8 +5,8 @@ ONNX Runtime's quantizers take a ModelProto holding every weight and build the q
 beside it: ``quantize_dynamic`` peaked at 3.04 float32 copies of the weights at 550M, which
 projects to 76 GiB for a 7B export (docs/memory.md, "export --low-memory"). Here the graph is read
 without its weights and its weight nodes (MatMul, Gemm, Gather or Transpose reading a float
-initializer) are split into groups that share no input: the q, k and v projections read one
-activation, which dynamic int8 quantizes once for the three. Each group becomes a graph of its
+initializer) are split into groups that pass no tensor between them: the q, k and v projections
+read one activation, which dynamic int8 quantizes once for the three. Each group becomes a graph of its
 own, its weights read from the source's data file, and goes through the same quantizer call with
 the same options as the whole graph would
 (:func:`~cwca_export.exporter.postprocess.quantize_int8` / ``quantize_int4``). Its nodes take the
@@ -34,14 +34,21 @@ WEIGHT_OPS = ("MatMul", "Gemm", "Gather", "Transpose")
 
 
 def weight_groups(graph: Any) -> list[list[int]]:
-    """Indices into ``graph.node`` of the weight nodes, grouped so that no two groups read a
-    common tensor (union of nodes sharing an input), each in graph order."""
+    """Indices into ``graph.node`` of the weight nodes, grouped so that no tensor passes between
+    two groups (union of nodes sharing an input, or one reading what another writes), each in
+    graph order. A Transpose reading a weight node's output is one too: dynamic int8 hands a
+    quantized Gather's rows to the nodes reading them as they are (a MatMul reuses them as its
+    quantized input, a Transpose moves them), so those nodes must see the Gather's quantization."""
     import onnx
 
     floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
     weights = {t.name for t in graph.initializer if t.data_type in floats}
-    members = [k for k, node in enumerate(graph.node)
-               if node.op_type in WEIGHT_OPS and any(i in weights for i in node.input)]
+    members, made = [], set()
+    for k, node in enumerate(graph.node):
+        reads = set(node.input)
+        if node.op_type in WEIGHT_OPS and (reads & weights or (node.op_type == "Transpose" and reads & made)):
+            members.append(k)
+            made.update(filter(None, node.output))
     parent = {k: k for k in members}
 
     def root(k: int) -> int:
@@ -52,7 +59,7 @@ def weight_groups(graph: Any) -> list[list[int]]:
 
     reader: dict[str, int] = {}
     for k in members:
-        for name in filter(None, graph.node[k].input):
+        for name in filter(None, (*graph.node[k].input, *graph.node[k].output)):
             if name in reader:
                 parent[root(k)] = root(reader[name])
             else:
@@ -77,13 +84,18 @@ def quantize_streamed(src: Path, dst: Path, config: pp.QuantizeConfig, exclude: 
     taken = _tensor_names(graph)
     replacements: dict[int, list[Any]] = {}
     added: list[Any] = []
+    readers: dict[str, set[int]] = {o.name: {-1} for o in graph.output}  # -1: the graph's own output
+    for k, node in enumerate(graph.node):
+        for name in (*node.input, *_subgraph_reads(node)):
+            readers.setdefault(name, set()).add(k)
     opsets = {o.domain: o.version for o in model.opset_import}
     with pp.DataFileWriter(dst.parent / (dst.name + ".data")) as writer, \
             tempfile.TemporaryDirectory(dir=dst.parent, prefix=".group-") as scratch:
         work = Path(scratch)
         for group in groups:
             nodes = [graph.node[k] for k in group]
-            alone = _group_model(model, nodes, originals, src.parent)
+            outside = {o for k in group for o in graph.node[k].output if readers.get(o, set()) - set(group)}
+            alone = _group_model(model, nodes, originals, src.parent, outside)
             pp.save_with_data(alone, work / "group.onnx")
             del alone
             # excluded nodes go through it too, excluded: int8 rewrites every Gemm into MatMul + Add first
@@ -126,9 +138,10 @@ def quantize_streamed(src: Path, dst: Path, config: pp.QuantizeConfig, exclude: 
     onnx.save_model(model, str(dst))
 
 
-def _group_model(model: Any, nodes: list[Any], originals: dict[str, Any], base: Path) -> Any:
+def _group_model(model: Any, nodes: list[Any], originals: dict[str, Any], base: Path, outside: set[str]) -> Any:
     """A graph of ``nodes`` alone: their initializers read from ``base``, their other inputs as
-    graph inputs, the outputs they do not consume themselves as graph outputs."""
+    graph inputs, as graph outputs those they do not consume themselves and those ``outside`` (read
+    by the rest of the graph: a quantized one is dequantized for it)."""
     import onnx
     from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
@@ -156,7 +169,7 @@ def _group_model(model: Any, nodes: list[Any], originals: dict[str, Any], base: 
     inputs = [declared(n, onnx.TensorProto.INT64 if n in indices else element)
               for n in read if n not in originals and n not in made]
     consumed = set(read)
-    outputs = [declared(o, element) for node in nodes for o in node.output if o and o not in consumed]
+    outputs = [declared(o, element) for node in nodes for o in node.output if o and (o not in consumed or o in outside)]
     alone = onnx.helper.make_graph(list(nodes), "group", inputs, outputs, weights)
     return onnx.helper.make_model(alone, opset_imports=list(model.opset_import), ir_version=model.ir_version)
 
@@ -184,10 +197,7 @@ def _topological(nodes: list[Any]) -> list[Any]:
     made = {o: k for k, node in enumerate(nodes) for o in node.output if o}
     needs = []
     for k, node in enumerate(nodes):
-        reads = set(node.input)
-        for attribute in node.attribute:
-            for sub in ([attribute.g] if attribute.g.ByteSize() else []) + list(attribute.graphs):
-                reads |= _referenced(sub)
+        reads = set(node.input) | _subgraph_reads(node)
         needs.append({made[n] for n in reads if n in made and made[n] != k})
     if all(j < k for k, before in enumerate(needs) for j in before):
         return nodes
@@ -213,6 +223,15 @@ def _topological(nodes: list[Any]) -> list[Any]:
 def _tensor_names(graph: Any) -> set[str]:
     names = {t.name for t in graph.initializer} | {v.name for v in graph.input}
     return names | {o for node in graph.node for o in node.output}
+
+
+def _subgraph_reads(node: Any) -> set[str]:
+    """Names the subgraphs of ``node`` (If, Loop, Scan) read."""
+    reads: set[str] = set()
+    for attribute in node.attribute:
+        for sub in ([attribute.g] if attribute.g.ByteSize() else []) + list(attribute.graphs):
+            reads |= _referenced(sub)
+    return reads
 
 
 def _referenced(graph: Any) -> set[str]:
