@@ -127,3 +127,43 @@ def test_opt_with_project_in_quantizes_streamed_as_whole(tmp_path):
             feeds[i.name] = np.zeros([1 if k == 0 else 0 if k == 2 else d for k, d in enumerate(i.shape)], np.float32)
     for x, y in zip(session[whole].run(None, feeds), session[streamed].run(None, feeds), strict=True):
         assert np.array_equal(x, y)
+
+
+def _branching_model() -> onnx.ModelProto:
+    """An If whose branches hold MatMuls: one reads an outer initializer, one its branch's own."""
+    weights = _weights("W0", "Wo", "Ws")
+    then = oh.make_graph([oh.make_node("MatMul", ["a", "Wo"], ["t"], name="then_matmul")], "then", [],
+                         [oh.make_tensor_value_info("t", TensorProto.FLOAT, [4, 16])])
+    other = oh.make_graph([oh.make_node("MatMul", ["a", "Ws"], ["e"], name="else_matmul")], "else", [],
+                          [oh.make_tensor_value_info("e", TensorProto.FLOAT, [4, 16])],
+                          [numpy_helper.from_array(weights.pop("Ws"), "Ws")])
+    return _model([oh.make_node("MatMul", ["x", "W0"], ["a"], name="first"),
+                   oh.make_node("If", ["cond"], ["y"], name="branch", then_branch=then, else_branch=other)],
+                  [oh.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16]),
+                   oh.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                  [oh.make_tensor_value_info("y", TensorProto.FLOAT, [4, 16])], weights)
+
+
+def test_int8_leaves_subgraphs_as_onnx_runtimes_whole_graph_pass_does(tmp_path):
+    whole, streamed = _both(_branching_model(), tmp_path, "int8")
+    a, b = onnx.load(str(whole)), onnx.load(str(streamed))
+    assert _records(a) == _records(b)
+    assert {t.name for t in a.graph.initializer} == {t.name for t in b.graph.initializer}
+    for cond in (True, False):
+        feeds = {"x": _x(4, 16), "cond": np.array(cond)}
+        ra, rb = (ort.InferenceSession(str(p)).run(None, feeds) for p in (whole, streamed))
+        assert np.array_equal(ra[0], rb[0])
+
+
+def test_int4_refuses_matmuls_in_subgraphs_the_streamed_pass_cannot_reach(tmp_path):
+    """ONNX Runtime's int4 pass quantizes MatMuls inside If / Loop / Scan branches; the streamed
+    one splits the main graph only, so it would leave them float under an int4 manifest."""
+    model = _branching_model()
+    pp.save_with_data(model, tmp_path / "src.onnx")
+    pp.quantize_int4(tmp_path / "src.onnx", tmp_path / "whole.onnx", CONFIGS["int4"], [])
+    whole_graph = onnx.load(str(tmp_path / "whole.onnx"), load_external_data=False).graph
+    branches = [onnx.helper.get_attribute_value(a) for n in whole_graph.node for a in n.attribute if a.type == 5]
+    assert all(n.op_type == "MatMulNBits" for b in branches for n in b.node)  # the reference reaches them
+    with pytest.raises(ValueError, match=r"(then|else)_matmul.*subgraph.*--low-memory"):
+        quantize_streamed(tmp_path / "src.onnx", tmp_path / "streamed.onnx", CONFIGS["int4"], [])
+    assert not (tmp_path / "streamed.onnx").exists() and not (tmp_path / "streamed.onnx.data").exists()

@@ -78,8 +78,13 @@ def quantize_streamed(src: Path, dst: Path, config: pp.QuantizeConfig, exclude: 
     quantize = pp.quantize_int8 if config.method == "int8" else pp.quantize_int4
     model = onnx.load(str(src), load_external_data=False)
     graph = model.graph
-    groups = weight_groups(graph)
     skip = set(exclude)
+    if config.method == "int4":  # MatMulNBitsQuantizer reaches into If / Loop / Scan branches; this pass does not
+        inside = [name for name in _branch_matmuls(graph, [graph]) if name not in skip]
+        if inside:
+            raise ValueError(f"quantize int4: MatMul {inside[0]!r} sits in an If/Loop/Scan subgraph, which the"
+                             " group-at-a-time quantizer of --low-memory does not reach; hint: drop --low-memory")
+    groups = weight_groups(graph)
     originals = {t.name: t for t in graph.initializer}
     taken = _tensor_names(graph)
     replacements: dict[int, list[Any]] = {}
@@ -223,6 +228,24 @@ def _topological(nodes: list[Any]) -> list[Any]:
 def _tensor_names(graph: Any) -> set[str]:
     names = {t.name for t in graph.initializer} | {v.name for v in graph.input}
     return names | {o for node in graph.node for o in node.output}
+
+
+def _branch_matmuls(graph: Any, scope: list[Any]) -> list[str]:
+    """Names of the MatMuls in ``graph``'s subgraphs whose weight is an initializer of their own
+    graph or one enclosing it (ONNX Runtime's int4 pass quantizes those)."""
+    import onnx
+
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+    found = []
+    for node in graph.node:
+        for attribute in node.attribute:
+            for sub in ([attribute.g] if attribute.g.ByteSize() else []) + list(attribute.graphs):
+                inner = [*scope, sub]
+                weights = {t.name for g in inner for t in g.initializer if t.data_type in floats}
+                found += [n.name for n in sub.node
+                          if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in weights]
+                found += _branch_matmuls(sub, inner)
+    return found
 
 
 def _subgraph_reads(node: Any) -> set[str]:
