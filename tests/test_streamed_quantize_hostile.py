@@ -22,10 +22,10 @@ from cwca_export.exporter.streamed_quantize import quantize_streamed
 CONFIGS = {"int8": pp.QuantizeConfig("int8"), "int4": pp.QuantizeConfig("int4", block_size=16)}
 
 
-def _model(nodes, inputs, outputs, weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+def _model(nodes, inputs, outputs, weights: dict[str, np.ndarray], opset: int = 17) -> onnx.ModelProto:
     tensors = [numpy_helper.from_array(v, k) for k, v in weights.items()]
     graph = oh.make_graph(nodes, "hostile", inputs, outputs, tensors)
-    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=9)
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", opset)], ir_version=9 if opset > 10 else 5)
 
 
 def _weights(*names: str, shape=(16, 16)) -> dict[str, np.ndarray]:
@@ -167,3 +167,18 @@ def test_int4_refuses_matmuls_in_subgraphs_the_streamed_pass_cannot_reach(tmp_pa
     with pytest.raises(ValueError, match=r"(then|else)_matmul.*subgraph.*--low-memory"):
         quantize_streamed(tmp_path / "src.onnx", tmp_path / "streamed.onnx", CONFIGS["int4"], [])
     assert not (tmp_path / "streamed.onnx").exists() and not (tmp_path / "streamed.onnx.data").exists()
+
+
+def test_opset_10_int8_shares_its_fixed_constants_across_groups(tmp_path):
+    """At opset 10 (``--opset 10``) dynamic int8 has no DynamicQuantizeLinear: it computes each
+    activation's scale with ``fixed_zero`` and ``fixed_quantization_range_uint8``, constants every
+    quantized MatMul shares. A second group makes them again; the streamed pass stopped there."""
+    model = _model(
+        [oh.make_node("MatMul", ["x", "W"], ["a"], name="first"),
+         oh.make_node("Relu", ["a"], ["b"], name="act"),
+         oh.make_node("MatMul", ["b", "W2"], ["y"], name="second")],
+        [oh.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
+        [oh.make_tensor_value_info("y", TensorProto.FLOAT, [4, 16])], _weights("W", "W2"), opset=10)
+    whole, streamed = _both(model, tmp_path, "int8")
+    _assert_same(whole, streamed, {"x": _x(4, 16)})
+    assert "fixed_zero" in {t.name for t in onnx.load(str(streamed)).graph.initializer}

@@ -89,6 +89,7 @@ def quantize_streamed(src: Path, dst: Path, config: pp.QuantizeConfig, exclude: 
     taken = _tensor_names(graph)
     replacements: dict[int, list[Any]] = {}
     added: list[Any] = []
+    shared: dict[str, Any] = {}  # name -> initializer an earlier group's quantizer made
     readers: dict[str, set[int]] = {o.name: {-1} for o in graph.output}  # -1: the graph's own output
     for k, node in enumerate(graph.node):
         for name in (*node.input, *_subgraph_reads(node)):
@@ -107,17 +108,20 @@ def quantize_streamed(src: Path, dst: Path, config: pp.QuantizeConfig, exclude: 
             quantize(work / "group.onnx", work / "quantized.onnx", config, [n.name for n in nodes if n.name in skip])
             quantized = onnx.load(str(work / "quantized.onnx"), load_external_data=False)
             own = {i for node in nodes for i in node.input} | {o for node in nodes for o in node.output}
+            # a constant the quantizer shares between nodes (opset 10's fixed_zero) is made again, the same
+            again = {t.name for t in quantized.graph.initializer if _same_inline(t, shared.get(t.name))}
             new = [n for node in quantized.graph.node for n in node.output]
-            new += [t.name for t in quantized.graph.initializer]
+            new += [t.name for t in quantized.graph.initializer if t.name not in again]
             clash = sorted(n for n in new if n in taken and n not in own)
             if clash:
                 raise RuntimeError(f"streamed quantization: the group of {nodes[0].name} makes names the graph has:"
                                    f" {clash[:3]}")
             taken.update(new)
             for tensor in quantized.graph.initializer:
-                if tensor.name not in originals:
+                if tensor.name not in originals and tensor.name not in again:
                     writer.put(tensor, work)
                     added.append(tensor)
+                    shared[tensor.name] = tensor
             replacements[group[0]] = list(quantized.graph.node)
             for opset in quantized.opset_import:
                 opsets[opset.domain] = max(opsets.get(opset.domain, 0), opset.version)
@@ -228,6 +232,18 @@ def _topological(nodes: list[Any]) -> list[Any]:
 def _tensor_names(graph: Any) -> set[str]:
     names = {t.name for t in graph.initializer} | {v.name for v in graph.input}
     return names | {o for node in graph.node for o in node.output}
+
+
+def _same_inline(tensor: Any, other: Any) -> bool:
+    """Both tensors held inline with the same type, shape and values."""
+    from onnx import numpy_helper
+    from onnx.external_data_helper import uses_external_data
+
+    if other is None or uses_external_data(tensor) or uses_external_data(other):
+        return False
+    if tensor.data_type != other.data_type or list(tensor.dims) != list(other.dims):
+        return False
+    return numpy_helper.to_array(tensor).tobytes() == numpy_helper.to_array(other).tobytes()
 
 
 def _branch_matmuls(graph: Any, scope: list[Any]) -> list[str]:
