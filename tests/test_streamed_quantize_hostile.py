@@ -7,6 +7,11 @@ initializers, compute its outputs bit for bit, and pass ``onnx.checker`` whereve
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -182,3 +187,63 @@ def test_opset_10_int8_shares_its_fixed_constants_across_groups(tmp_path):
     whole, streamed = _both(model, tmp_path, "int8")
     _assert_same(whole, streamed, {"x": _x(4, 16)})
     assert "fixed_zero" in {t.name for t in onnx.load(str(streamed)).graph.initializer}
+
+
+@pytest.mark.slow  # ~30 s each on a shared 2-core machine
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_in_the_quantize_phase_leaves_nothing(tmp_path, sig, code):
+    """A real signal while ``export --low-memory --quantize`` has a group in its scratch folder:
+    the conventional exit code, and neither the artifact nor any partial or scratch left."""
+    from helpers import save_tiny_model
+
+    model = save_tiny_model("llama", tmp_path / "model")
+    run = tmp_path / "run"
+    run.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, "-m", "cwca_export", "export", str(model), "--out", "art", "--backend",
+                             "onnx", "--low-memory", "--quantize", "int8", "--external-data-threshold", "1KB",
+                             "--runs", "1", "--warmup", "0"], cwd=run, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    end = time.monotonic() + 240
+    while not any(run.glob(".*/.work/.group-*/group.onnx*")):
+        if proc.poll() is not None or time.monotonic() > end:
+            proc.kill()
+            pytest.fail(f"no group in the scratch folder before the end (rc {proc.returncode}): {proc.stderr.read()}")
+        time.sleep(0.001)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in run.iterdir()) == []
+
+
+def test_a_full_disk_in_the_quantize_phase_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    """The disk fills while the streamed quantizer appends a group's weights: the ENOSPC line,
+    and neither the artifact, a partial folder nor a group's scratch left."""
+    import errno
+
+    from click.testing import CliRunner
+    from helpers import save_tiny_model
+
+    from cwca_export.cli import cli
+
+    model = save_tiny_model("llama", tmp_path / "model")
+    real, calls = pp.DataFileWriter.put, []
+
+    def filling(self, tensor, base):
+        if self.path.name.endswith("int8.onnx.data"):
+            calls.append(tensor.name)
+            if len(calls) == 5:
+                raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+        return real(self, tensor, base)
+
+    monkeypatch.setattr(pp.DataFileWriter, "put", filling)
+    run = tmp_path / "run"
+    run.mkdir()
+    result = CliRunner().invoke(cli, ["export", str(model), "--out", str(run / "art"), "--backend", "onnx",
+                                      "--low-memory", "--quantize", "int8", "--external-data-threshold", "1KB",
+                                      "--runs", "1", "--warmup", "0"])
+    assert result.exit_code == 1, result.output
+    assert "no space left on the device" in result.output and "Traceback" not in result.output
+    assert len(calls) == 5
+    assert sorted(p.name for p in run.iterdir()) == []
