@@ -247,3 +247,50 @@ def test_a_full_disk_in_the_quantize_phase_is_one_line_and_leaves_nothing(tmp_pa
     assert "no space left on the device" in result.output and "Traceback" not in result.output
     assert len(calls) == 5
     assert sorted(p.name for p in run.iterdir()) == []
+
+
+def _gpt2_graph(tmp_path: Path) -> Path:
+    from cwca_export.backends import get_backend
+    from helpers import tiny_model, tiny_tokenizer
+
+    (tmp_path / "raw").mkdir()
+    get_backend("onnx").export(tiny_model("gpt2"), tiny_tokenizer(), tmp_path / "raw")
+    return tmp_path / "raw" / "model.onnx"
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_an_excluded_gemm_stays_float_in_int8(tmp_path, streamed):
+    """GPT-2's projections export as Gemm; dynamic int8 renames each into ``<name>_MatMul`` before
+    it reads its exclusions, so ``--exclude transformer.h.0.attn.c_attn`` (or ``--exclude-layers
+    0``) quantized the Gemm anyway while the manifest listed it as excluded."""
+    src = _gpt2_graph(tmp_path)
+    excluded = pp.resolve_exclusions(src, ["transformer.h.0"])
+    gemms = [n for n in excluded if n.endswith("/Gemm")]
+    assert len(gemms) == 4  # c_attn, c_proj, c_fc, mlp c_proj
+    (quantize_streamed if streamed else pp.quantize_int8)(src, tmp_path / "q.onnx", CONFIGS["int8"], excluded)
+    graph = onnx.load(str(tmp_path / "q.onnx"), load_external_data=False).graph
+    float_weights = {t.name for t in graph.initializer if t.data_type == TensorProto.FLOAT and len(t.dims) == 2}
+    for gemm in gemms:
+        made = [n for n in graph.node if n.name.startswith(gemm)]
+        assert not any(n.op_type == "MatMulInteger" for n in made), gemm
+        assert any(n.op_type in ("Gemm", "MatMul") and n.input[1] in float_weights for n in made), gemm
+    assert any(n.op_type == "MatMulInteger" for n in graph.node)  # the other layer did quantize
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_an_excluded_gemm_with_transposed_weight_computes_as_the_whole_graph(tmp_path, shared):
+    """Dynamic int8 turns ``Gemm(transB=1)`` into a MatMul reading the weight transposed in place,
+    under its own name; the streamed pass kept the source's untransposed tensor of that name."""
+    weights = {**_weights("W", shape=(16, 32)), "B": np.linspace(-1, 1, 16, dtype=np.float32),
+               **_weights("W2", shape=(16, 8))}
+    nodes = [oh.make_node("Gemm", ["x", "W", "B"], ["y"], name="gemm", transB=1),
+             oh.make_node("MatMul", ["y", "W2"], ["z"], name="after")]
+    outputs = [oh.make_tensor_value_info("z", TensorProto.FLOAT, [4, 8])]
+    if shared:  # the weight read by a float op too: ONNX Runtime's rewrite reaches it as well
+        nodes.append(oh.make_node("ReduceSum", ["W"], ["s"], name="reader", keepdims=0))
+        outputs.append(oh.make_tensor_value_info("s", TensorProto.FLOAT, []))
+    model = _model(nodes, [oh.make_tensor_value_info("x", TensorProto.FLOAT, [4, 32])], outputs, weights)
+    whole, streamed = _both(model, tmp_path, "int8", exclude=["gemm"])
+    graph = onnx.load(str(whole)).graph
+    assert not any(n.op_type == "MatMulInteger" and "gemm" in n.name for n in graph.node)  # excluded
+    _assert_same(whole, streamed, {"x": _x(4, 32)})

@@ -90,6 +90,7 @@ def quantize_streamed(src: Path, dst: Path, config: pp.QuantizeConfig, exclude: 
     replacements: dict[int, list[Any]] = {}
     added: list[Any] = []
     shared: dict[str, Any] = {}  # name -> initializer an earlier group's quantizer made
+    rewritten: set[str] = set()  # names the groups' quantized graphs hold (source weights among them)
     readers: dict[str, set[int]] = {o.name: {-1} for o in graph.output}  # -1: the graph's own output
     for k, node in enumerate(graph.node):
         for name in (*node.input, *_subgraph_reads(node)):
@@ -118,10 +119,13 @@ def quantize_streamed(src: Path, dst: Path, config: pp.QuantizeConfig, exclude: 
                                    f" {clash[:3]}")
             taken.update(new)
             for tensor in quantized.graph.initializer:
-                if tensor.name not in originals and tensor.name not in again:
+                if tensor.name not in again:
+                    # a source weight comes back too: int8 may have rewritten it under its name (an
+                    # excluded Gemm's transB weight, transposed in place), so the group's copy replaces it
                     writer.put(tensor, work)
                     added.append(tensor)
                     shared[tensor.name] = tensor
+                    rewritten.add(tensor.name)
             replacements[group[0]] = list(quantized.graph.node)
             for opset in quantized.opset_import:
                 opsets[opset.domain] = max(opsets.get(opset.domain, 0), opset.version)
@@ -130,7 +134,7 @@ def quantize_streamed(src: Path, dst: Path, config: pp.QuantizeConfig, exclude: 
                     path.unlink(missing_ok=True)
         _splice(graph, groups, replacements)
         used = _referenced(graph)
-        kept = [t for t in graph.initializer if t.name in used]
+        kept = [t for t in graph.initializer if t.name in used and t.name not in rewritten]
         dropped = {t.name for t in graph.initializer} - used
         graph.ClearField("initializer")
         graph.initializer.extend(kept)  # copies: written below through the graph's own
