@@ -294,3 +294,20 @@ def test_an_excluded_gemm_with_transposed_weight_computes_as_the_whole_graph(tmp
     graph = onnx.load(str(whole)).graph
     assert not any(n.op_type == "MatMulInteger" and "gemm" in n.name for n in graph.node)  # excluded
     _assert_same(whole, streamed, {"x": _x(4, 32)})
+
+
+@pytest.mark.parametrize("spelling", ["1-0", "0,3-2"])
+def test_a_backwards_layer_range_is_refused_not_an_empty_exclusion(tmp_path, spelling):
+    """``--exclude-layers 1-0`` read as no layer at all: every block quantized, the manifest's
+    exclusions empty, no word said."""
+    from click.testing import CliRunner
+    from helpers import save_tiny_model
+
+    from cwca_export.cli import cli
+
+    model = save_tiny_model("llama", tmp_path / "model")
+    result = CliRunner().invoke(cli, ["export", str(model), "--out", str(tmp_path / "art"), "--backend", "onnx",
+                                      "--low-memory", "--quantize", "int8", "--exclude-layers", spelling])
+    assert result.exit_code == 2, result.output
+    assert "--exclude-layers" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "art").exists()

@@ -34,6 +34,9 @@ def parse_layers(text: str | None) -> tuple[int, ...]:
     try:
         for part in text.split(","):
             first, _, last = part.strip().partition("-")
+            if int(last or first) < int(first):  # a backwards range would select no layer at all
+                raise click.BadParameter(f"{part.strip()!r} runs backwards; hint: --exclude-layers {last}-{first}",
+                                         param_hint="--exclude-layers")
             layers += range(int(first), int(last or first) + 1)
     except ValueError:
         raise click.BadParameter(f"{text!r}: expected indices like 0,5-7", param_hint="--exclude-layers") from None
