@@ -311,3 +311,15 @@ def test_a_backwards_layer_range_is_refused_not_an_empty_exclusion(tmp_path, spe
     assert result.exit_code == 2, result.output
     assert "--exclude-layers" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "art").exists()
+
+
+@pytest.mark.parametrize("exclude", [[], ["embed"], ["head"]])
+def test_a_table_read_by_a_gather_and_a_float_matmul(tmp_path, exclude):
+    """One initializer read by a Gather and, as its weight, by a MatMul (a tied head without the
+    Transpose), either one excluded: with the head excluded dynamic int8 dequantizes the table
+    for it under the table's own name, so the source's float table must not come back beside it."""
+    model = _model([oh.make_node("Gather", ["E", "ids"], ["e"], name="embed"),
+                    oh.make_node("MatMul", ["e", "E"], ["y"], name="head")],
+                   [oh.make_tensor_value_info("ids", TensorProto.INT64, [2, 3])],
+                   [oh.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 16])], _weights("E"))
+    _assert_same(*_both(model, tmp_path, "int8", exclude), {"ids": np.array([[1, 2, 3], [4, 5, 15]])})

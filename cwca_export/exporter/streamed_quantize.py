@@ -134,8 +134,10 @@ def quantize_streamed(src: Path, dst: Path, config: pp.QuantizeConfig, exclude: 
                     path.unlink(missing_ok=True)
         _splice(graph, groups, replacements)
         used = _referenced(graph)
-        kept = [t for t in graph.initializer if t.name in used and t.name not in rewritten]
-        dropped = {t.name for t in graph.initializer} - used
+        # a weight a group now computes (int8 dequantizes a table an excluded node reads, under its name)
+        made = {o for node in graph.node for o in node.output}
+        kept = [t for t in graph.initializer if t.name in used and t.name not in rewritten and t.name not in made]
+        dropped = {t.name for t in graph.initializer} - {t.name for t in kept} - rewritten
         graph.ClearField("initializer")
         graph.initializer.extend(kept)  # copies: written below through the graph's own
         for tensor in (*graph.initializer, *_subgraph_initializers(graph)):
