@@ -323,3 +323,18 @@ def test_a_table_read_by_a_gather_and_a_float_matmul(tmp_path, exclude):
                    [oh.make_tensor_value_info("ids", TensorProto.INT64, [2, 3])],
                    [oh.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 16])], _weights("E"))
     _assert_same(*_both(model, tmp_path, "int8", exclude), {"ids": np.array([[1, 2, 3], [4, 5, 15]])})
+
+
+@pytest.mark.parametrize(("size", "hint"),
+                         [("24", "--block-size 16"), ("1", "--block-size 16"), ("100", "--block-size 64")])
+def test_a_block_size_that_is_not_a_power_of_two_names_the_flag(tmp_path, size, hint):
+    from click.testing import CliRunner
+    from helpers import save_tiny_model
+
+    from cwca_export.cli import cli
+
+    model = save_tiny_model("llama", tmp_path / "model")
+    result = CliRunner().invoke(cli, ["export", str(model), "--out", str(tmp_path / "art"), "--backend", "onnx",
+                                      "--low-memory", "--quantize", "int4", "--block-size", size])
+    assert result.exit_code == 2, result.output
+    assert "--block-size" in result.output and hint in result.output and "Traceback" not in result.output
