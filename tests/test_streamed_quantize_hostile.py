@@ -338,3 +338,28 @@ def test_a_block_size_that_is_not_a_power_of_two_names_the_flag(tmp_path, size, 
                                       "--low-memory", "--quantize", "int4", "--block-size", size])
     assert result.exit_code == 2, result.output
     assert "--block-size" in result.output and hint in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_a_graph_without_weight_nodes_comes_back_as_the_whole_graph_pass_leaves_it(tmp_path, method):
+    model = _model([oh.make_node("Add", ["x", "A"], ["a"], name="add"),
+                    oh.make_node("Mul", ["a", "B"], ["y"], name="mul")],
+                   [oh.make_tensor_value_info("x", TensorProto.FLOAT, [16, 16])],
+                   [oh.make_tensor_value_info("y", TensorProto.FLOAT, [16, 16])], _weights("A", "B"))
+    _assert_same(*_both(model, tmp_path, method), {"x": _x(16, 16)})
+
+
+def test_a_weight_already_named_as_the_quantizer_names_its_output_is_refused(tmp_path):
+    """A MatMul reads ``W_quantized`` and another ``W``: dynamic int8 on the whole graph writes a
+    second ``W_quantized`` (a graph ONNX Runtime refuses to load); the streamed pass stops first."""
+    model = _model([oh.make_node("MatMul", ["x", "W_quantized"], ["a"], name="first"),
+                    oh.make_node("Relu", ["a"], ["b"], name="act"),
+                    oh.make_node("MatMul", ["b", "W"], ["y"], name="second")],
+                   [oh.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
+                   [oh.make_tensor_value_info("y", TensorProto.FLOAT, [4, 16])], _weights("W", "W_quantized"))
+    pp.save_with_data(model, tmp_path / "src.onnx")
+    pp.quantize_int8(tmp_path / "src.onnx", tmp_path / "whole.onnx", CONFIGS["int8"], [])
+    with pytest.raises(Exception, match="W_quantized"):
+        ort.InferenceSession(str(tmp_path / "whole.onnx"))
+    with pytest.raises(RuntimeError, match="makes names the graph has"):
+        quantize_streamed(tmp_path / "src.onnx", tmp_path / "streamed.onnx", CONFIGS["int8"], [])
