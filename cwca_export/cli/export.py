@@ -34,6 +34,9 @@ def parse_layers(text: str | None) -> tuple[int, ...]:
     try:
         for part in text.split(","):
             first, _, last = part.strip().partition("-")
+            if int(last or first) < int(first):  # a backwards range would select no layer at all
+                raise click.BadParameter(f"{part.strip()!r} runs backwards; hint: --exclude-layers {last}-{first}",
+                                         param_hint="--exclude-layers")
             layers += range(int(first), int(last or first) + 1)
     except ValueError:
         raise click.BadParameter(f"{text!r}: expected indices like 0,5-7", param_hint="--exclude-layers") from None
@@ -139,7 +142,8 @@ def _precision_damage(path, model, tokenizer, compress_options, rounding, format
 @click.option("--quantize", type=click.Choice(["int8", "int4"]), help="ONNX Runtime weight quantization.")
 @click.option("--exclude", multiple=True, metavar="NAME", help="Node name or module path kept in float when quantizing; repeatable.")
 @click.option("--exclude-layers", metavar="I,J-K", help="Decoder blocks kept in float when quantizing, e.g. 0,5-7.")
-@click.option("--block-size", type=COUNT, default=32, show_default=True, help="int4: weights per scale.")
+@click.option("--block-size", type=COUNT, default=32, show_default=True,
+              help="int4: weights per scale, a power of two >= 16.")
 @click.option("--formats", metavar="LIST",
               help="Storage formats a budget search may give each layer [default: fp32,int8,int4-b128-asym,int4-b32].")
 @click.option("--precision", "precision_path", type=click.Path(exists=True, dir_okay=False),
@@ -237,6 +241,10 @@ def export(
         budget = Budget(**{k: v for k, v in limits.items() if v is not None})
     quantize_config = None
     if quantize:
+        if block_size < 16 or block_size & (block_size - 1):
+            nearest = max(16, 1 << (block_size.bit_length() - 1))
+            raise click.BadParameter(f"{block_size} is not a power of two >= 16; hint: --block-size {nearest}",
+                                     param_hint="--block-size")
         quantize_config = QuantizeConfig(
             quantize, exclude_nodes=tuple(exclude), exclude_layers=parse_layers(exclude_layers), block_size=block_size
         )

@@ -135,8 +135,14 @@ def convert_fp16(src: Path, dst: Path) -> None:
 
 def quantize_int8(src: Path, dst: Path, config: QuantizeConfig, exclude: Sequence[str]) -> None:
     """int8 dynamic quantization (``onnxruntime.quantization.quantize_dynamic``)."""
+    import onnx
+
     require_onnxruntime()
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # it rewrites each Gemm into a MatMul named <name>_MatMul before it reads the exclusions
+    gemms = {n.name for n in onnx.load(str(src), load_external_data=False).graph.node if n.op_type == "Gemm"}
+    exclude = [*exclude, *(f"{name}_MatMul" for name in exclude if name in gemms)]
 
     root = logging.getLogger()
     level = root.level
