@@ -168,6 +168,15 @@ print(json.dumps({"runtime_anon": runtime, "step_s": round(time.perf_counter() -
 """
 
 
+def empty_folder(folder: Path) -> Path:
+    """``folder``, created or emptied of an earlier run's files."""
+    if folder.exists():
+        for path in folder.iterdir():
+            path.unlink()
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
 def probe_quantizers(artifact: Path, work: Path, env: dict[str, str]) -> dict[str, Any]:
     """The quantization step alone on the float32 artifact (external data), each in a process of
     its own with its RssAnon sampled: ONNX Runtime's quantizer on the whole graph against
@@ -181,11 +190,7 @@ def probe_quantizers(artifact: Path, work: Path, env: dict[str, str]) -> dict[st
     for method in ("int8", "int4"):
         written = {}
         for how in ("whole", "streamed"):
-            folder = work / f"quantize-{how}-{method}"
-            if folder.exists():
-                for path in folder.iterdir():
-                    path.unlink()
-            folder.mkdir(exist_ok=True)
+            folder = empty_folder(work / f"quantize-{how}-{method}")
             row = run_sampled([], env, command=[sys.executable, "-c", QUANTIZE_STEP, str(artifact / "model.onnx"),
                                                 str(folder / "q.onnx"), how, method])
             row.update(json.loads(row.pop("last_line")))
@@ -249,11 +254,7 @@ def probe_fp16(artifact: Path, work: Path, env: dict[str, str]) -> dict[str, Any
     out: dict[str, Any] = {}
     written = {}
     for how in ("whole", "whole-path", "streamed"):
-        folder = work / f"fp16-{how}"
-        if folder.exists():
-            for path in folder.iterdir():
-                path.unlink()
-        folder.mkdir(exist_ok=True)
+        folder = empty_folder(work / f"fp16-{how}")
         row = run_sampled([], env, command=[sys.executable, "-c", FP16_STEP, str(source / "model.onnx"),
                                             str(folder / "fp16.onnx"), how], may_fail=True)
         if not row.get("failed"):

@@ -13,15 +13,14 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from cwca_export.backends import get_backend
-from helpers import save_tiny_model, tiny_model, tiny_tokenizer
+from helpers import save_tiny_model
 from onnx import numpy_helper
+from onnx_graphs import export_graphs, final_graph, node_records, run_graph
 from onnxruntime.transformers import float16
 
 from cwca_export.cli import cli
 from cwca_export.exporter import postprocess as pp
 from cwca_export.exporter import streamed_fp16
-from cwca_export.exporter.session import make_session
 from cwca_export.exporter.streamed_fp16 import convert_fp16_streamed
 
 GRAPHS = {  # backend, family, tied, external
@@ -37,48 +36,7 @@ GRAPHS = {  # backend, family, tied, external
 
 @pytest.fixture(scope="module")
 def graphs(tmp_path_factory):
-    made = {}
-    for name, (backend, family, tied, external) in GRAPHS.items():
-        folder = tmp_path_factory.mktemp(name)
-        get_backend(backend).export(tiny_model(family, tie_word_embeddings=tied), tiny_tokenizer(), folder)
-        made[name] = folder / "model.onnx"
-        if external:  # every initializer of 1 KiB or more in a data file, as above 2 GiB
-            pp.save_with_data(onnx.load(str(made[name])), folder / "external.onnx")
-            made[name] = folder / "external.onnx"
-    return made
-
-
-def _final(src: Path, folder: Path) -> onnx.ModelProto:
-    """The graph as the export writes it (``save_layout``), with its data."""
-    folder.mkdir()
-    pp.save_layout(src, folder / "model.onnx", threshold=0)
-    return onnx.load(str(folder / "model.onnx"))
-
-
-def _node_records(model: onnx.ModelProto) -> list[tuple]:
-    def value(attribute):
-        v = onnx.helper.get_attribute_value(attribute)
-        return numpy_helper.to_array(v).tobytes() if isinstance(v, onnx.TensorProto) else repr(v)
-
-    return [(n.op_type, n.name, tuple(n.input), tuple(n.output), tuple((a.name, value(a)) for a in n.attribute))
-            for n in model.graph.node]
-
-
-def _run(path: Path) -> list[np.ndarray]:
-    session = make_session(path)
-    feeds = {}
-    ids = np.random.default_rng(0).integers(0, 60, size=(2, 7))
-    for i in session.get_inputs():
-        if i.name == "input_ids":
-            feeds[i.name] = ids
-        elif i.name == "attention_mask":
-            feeds[i.name] = np.ones((2, 7), np.int64)
-        elif i.name == "position_ids":
-            feeds[i.name] = np.tile(np.arange(7), (2, 1))
-        else:  # an empty past, in the graph's float type
-            kind = np.float16 if "float16" in i.type else np.float32
-            feeds[i.name] = np.zeros([2 if k == 0 else 0 if k == 2 else d for k, d in enumerate(i.shape)], kind)
-    return session.run(None, feeds)
+    return export_graphs(tmp_path_factory, GRAPHS)
 
 
 def _whole_graph(src: Path, dst: Path) -> None:
@@ -94,8 +52,8 @@ def test_streamed_graph_is_onnx_runtimes_whole_graph_conversion(graphs, tmp_path
     whole.mkdir(), streamed.mkdir()
     _whole_graph(src, whole / "fp16.onnx")
     convert_fp16_streamed(src, streamed / "fp16.onnx")
-    a, b = _final(whole / "fp16.onnx", tmp_path / "a"), _final(streamed / "fp16.onnx", tmp_path / "b")
-    assert _node_records(a) == _node_records(b)
+    a, b = final_graph(whole / "fp16.onnx", tmp_path / "a"), final_graph(streamed / "fp16.onnx", tmp_path / "b")
+    assert node_records(a, ordered=True) == node_records(b, ordered=True)
     ta = [(t.name, t.data_type, tuple(t.dims), numpy_helper.to_array(t).tobytes()) for t in a.graph.initializer]
     tb = [(t.name, t.data_type, tuple(t.dims), numpy_helper.to_array(t).tobytes()) for t in b.graph.initializer]
     assert ta == tb
@@ -104,7 +62,8 @@ def test_streamed_graph_is_onnx_runtimes_whole_graph_conversion(graphs, tmp_path
     assert list(a.opset_import) == list(b.opset_import)
     kinds = {t.data_type for t in b.graph.initializer}
     assert onnx.TensorProto.FLOAT16 in kinds and onnx.TensorProto.FLOAT not in kinds  # it did convert
-    for x, y in zip(_run(tmp_path / "a" / "model.onnx"), _run(tmp_path / "b" / "model.onnx"), strict=True):
+    for x, y in zip(run_graph(tmp_path / "a" / "model.onnx"), run_graph(tmp_path / "b" / "model.onnx"),
+                    strict=True):
         assert x.dtype == np.float16 and np.array_equal(x, y, equal_nan=True)
 
 
@@ -128,8 +87,9 @@ def test_a_weight_that_a_float32_node_reads_stays_as_the_converter_leaves_it(gra
     (tmp_path / "w").mkdir(), (tmp_path / "s").mkdir()
     _whole_graph(tmp_path / "src.onnx", tmp_path / "w" / "fp16.onnx")
     convert_fp16_streamed(tmp_path / "src.onnx", tmp_path / "s" / "fp16.onnx")
-    a, b = _final(tmp_path / "w" / "fp16.onnx", tmp_path / "a"), _final(tmp_path / "s" / "fp16.onnx", tmp_path / "b")
-    assert _node_records(a) == _node_records(b)
+    a = final_graph(tmp_path / "w" / "fp16.onnx", tmp_path / "a")
+    b = final_graph(tmp_path / "s" / "fp16.onnx", tmp_path / "b")
+    assert node_records(a, ordered=True) == node_records(b, ordered=True)
     assert a.graph.value_info == b.graph.value_info
     types = {t.name: t.data_type for t in b.graph.initializer}
     assert types["lonely"] == onnx.TensorProto.FLOAT and types[weight.name] == onnx.TensorProto.FLOAT16
@@ -250,7 +210,8 @@ def test_cli_low_memory_float16_export_streams_and_computes_as_the_ordinary_one(
     graph = onnx.load(str(tmp_path / "low" / "model.onnx"), load_external_data=False).graph
     assert (tmp_path / "low" / pp.EXTERNAL_DATA_NAME).exists()
     assert all(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer if t.data_type in (1, 10))
-    for x, y in zip(_run(tmp_path / "low" / "model.onnx"), _run(tmp_path / "ordinary" / "model.onnx"), strict=True):
+    low_out, ordinary_out = run_graph(tmp_path / "low" / "model.onnx"), run_graph(tmp_path / "ordinary" / "model.onnx")
+    for x, y in zip(low_out, ordinary_out, strict=True):
         assert x.dtype == np.float16 and np.array_equal(x, y, equal_nan=True)
 
 

@@ -7,74 +7,31 @@ exporter's node names for which projections read one activation."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from cwca_export.backends import get_backend
-from helpers import save_tiny_model, tiny_model, tiny_tokenizer
+from helpers import save_tiny_model, tiny_model
 from onnx import numpy_helper
+from onnx_graphs import export_graphs, final_graph, node_records, run_graph
 
 import cwca_export
 from cwca_export.cli import cli
 from cwca_export.exporter import postprocess as pp
-from cwca_export.exporter.session import make_session
 from cwca_export.exporter.streamed_quantize import quantize_streamed, weight_groups
 
-GRAPHS = {  # backend, family, tied
-    "llama": ("onnx", "llama", False),
-    "gemma-tied": ("onnx", "gemma", True),
-    "gpt2": ("onnx", "gpt2", False),
-    "llama-tied-optimum": ("optimum", "llama", True),  # its head reads the table through a Transpose
-    "llama-external": ("onnx", "llama", False),  # the weights in a data file, as above 2 GiB
+GRAPHS = {  # backend, family, tied, external
+    "llama": ("onnx", "llama", False, False),
+    "gemma-tied": ("onnx", "gemma", True, False),
+    "gpt2": ("onnx", "gpt2", False, False),
+    "llama-tied-optimum": ("optimum", "llama", True, False),  # its head reads the table through a Transpose
+    "llama-external": ("onnx", "llama", False, True),  # the weights in a data file, as above 2 GiB
 }
 
 
 @pytest.fixture(scope="module")
 def graphs(tmp_path_factory):
-    made = {}
-    for name, (backend, family, tied) in GRAPHS.items():
-        folder = tmp_path_factory.mktemp(name)
-        get_backend(backend).export(tiny_model(family, tie_word_embeddings=tied), tiny_tokenizer(), folder)
-        made[name] = folder / "model.onnx"
-        if name.endswith("external"):
-            pp.save_with_data(onnx.load(str(made[name])), folder / "external.onnx")
-            made[name] = folder / "external.onnx"
-    return made
-
-
-def _final(src: Path, folder: Path) -> onnx.ModelProto:
-    """The graph as the export writes it (``save_layout``: attribute tensors inline), with its data."""
-    folder.mkdir()
-    pp.save_layout(src, folder / "model.onnx", threshold=0)
-    return onnx.load(str(folder / "model.onnx"))
-
-
-def _node_records(model: onnx.ModelProto) -> list[tuple]:
-    def value(attribute):
-        v = onnx.helper.get_attribute_value(attribute)
-        return numpy_helper.to_array(v).tobytes() if isinstance(v, onnx.TensorProto) else repr(v)
-
-    return sorted((n.op_type, n.name, tuple(n.input), tuple(n.output), tuple((a.name, value(a)) for a in n.attribute))
-                  for n in model.graph.node)
-
-
-def _run(path: Path) -> list[np.ndarray]:
-    session = make_session(path)
-    feeds = {}
-    ids = np.random.default_rng(0).integers(0, 60, size=(2, 7))
-    for i in session.get_inputs():
-        if i.name == "input_ids":
-            feeds[i.name] = ids
-        elif i.name == "attention_mask":
-            feeds[i.name] = np.ones((2, 7), np.int64)
-        elif i.name == "position_ids":
-            feeds[i.name] = np.tile(np.arange(7), (2, 1))
-        else:  # an empty past
-            feeds[i.name] = np.zeros([2 if k == 0 else 0 if k == 2 else d for k, d in enumerate(i.shape)], np.float32)
-    return session.run(None, feeds)
+    return export_graphs(tmp_path_factory, GRAPHS)
 
 
 CONFIGS = {
@@ -98,8 +55,8 @@ def test_streamed_graph_is_onnx_runtimes_whole_graph_quantization(graphs, tmp_pa
     whole.mkdir(), streamed.mkdir()
     (pp.quantize_int8 if quant.method == "int8" else pp.quantize_int4)(src, whole / "q.onnx", quant, excluded)
     quantize_streamed(src, streamed / "q.onnx", quant, excluded)
-    a, b = _final(whole / "q.onnx", tmp_path / "a"), _final(streamed / "q.onnx", tmp_path / "b")
-    assert _node_records(a) == _node_records(b)
+    a, b = final_graph(whole / "q.onnx", tmp_path / "a"), final_graph(streamed / "q.onnx", tmp_path / "b")
+    assert node_records(a) == node_records(b)
     ia = {t.name: numpy_helper.to_array(t) for t in a.graph.initializer}
     ib = {t.name: numpy_helper.to_array(t) for t in b.graph.initializer}
     assert set(ia) == set(ib)
@@ -108,7 +65,8 @@ def test_streamed_graph_is_onnx_runtimes_whole_graph_quantization(graphs, tmp_pa
     assert [i.name for i in a.graph.input] == [i.name for i in b.graph.input]
     kinds = {n.op_type for n in b.graph.node}
     assert ("MatMulInteger" if quant.method == "int8" else "MatMulNBits") in kinds  # it did quantize
-    for x, y in zip(_run(tmp_path / "a" / "model.onnx"), _run(tmp_path / "b" / "model.onnx"), strict=True):
+    for x, y in zip(run_graph(tmp_path / "a" / "model.onnx"), run_graph(tmp_path / "b" / "model.onnx"),
+                    strict=True):
         assert np.array_equal(x, y)
 
 
@@ -173,7 +131,8 @@ def test_low_memory_quantized_export_is_the_ordinary_quantized_export(tmp_path, 
     for art in (ordinary, low):
         assert art.manifest["verification"]["final"]["parity"]["passed"] is True
         assert art.manifest["postprocess"]["steps"] == [method]
-    for x, y in zip(_run(tmp_path / "ordinary" / "model.onnx"), _run(tmp_path / "low" / "model.onnx"), strict=True):
+    ordinary_out, low_out = run_graph(tmp_path / "ordinary" / "model.onnx"), run_graph(tmp_path / "low" / "model.onnx")
+    for x, y in zip(ordinary_out, low_out, strict=True):
         assert np.array_equal(x, y)
 
 
