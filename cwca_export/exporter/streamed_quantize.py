@@ -11,8 +11,8 @@ own, its weights read from the source's data file, and goes through the same qua
 the same options as the whole graph would
 (:func:`~cwca_export.exporter.postprocess.quantize_int8` / ``quantize_int4``). Its nodes take the
 group's place and its initializers are appended to the destination's data file at once, so the
-process holds one group's weights a few times over (at 7B the largest, gate and up together,
-is 360 MB in float32), never the model's.
+process holds one group's weights a few times over (at 7B the largest, the embedding or the
+head, is 524 MB in float32; gate and up together 361 MB), never the model's.
 
 The result is the whole-graph quantizer's, node for node and byte for byte
 (tests/test_streamed_quantize.py checks it against ONNX Runtime's own pass).
