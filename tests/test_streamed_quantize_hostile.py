@@ -7,6 +7,7 @@ initializers, compute its outputs bit for bit, and pass ``onnx.checker`` whereve
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -18,13 +19,17 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from click.testing import CliRunner
+from helpers import save_tiny_model
 from onnx import TensorProto, numpy_helper
 from onnx import helper as oh
 
+from cwca_export.cli import cli
 from cwca_export.exporter import postprocess as pp
 from cwca_export.exporter.streamed_quantize import quantize_streamed
 
 CONFIGS = {"int8": pp.QuantizeConfig("int8"), "int4": pp.QuantizeConfig("int4", block_size=16)}
+FAST = ["--prompt-len", "8", "--context", "24", "--runs", "1", "--warmup", "0"]
 
 
 def _model(nodes, inputs, outputs, weights: dict[str, np.ndarray], opset: int = 17) -> onnx.ModelProto:
@@ -363,3 +368,37 @@ def test_a_weight_already_named_as_the_quantizer_names_its_output_is_refused(tmp
         ort.InferenceSession(str(tmp_path / "whole.onnx"))
     with pytest.raises(RuntimeError, match="makes names the graph has"):
         quantize_streamed(tmp_path / "src.onnx", tmp_path / "streamed.onnx", CONFIGS["int8"], [])
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize("level", ["extended", "all"])
+def test_an_optimised_graph_quantizes_through_the_group_at_a_time_pass(tmp_path, monkeypatch, method, level):
+    """After --optimize extended / all the whole-graph int8 pass stopped at shape inference of ONNX
+    Runtime's fused ops ("Unable to find data type"); the ordinary export now quantizes such a graph a
+    group at a time, and the artifact passes its checks against torch."""
+    from cwca_export.exporter import build
+
+    calls = []
+    real = build.quantize_streamed
+    monkeypatch.setattr(build, "quantize_streamed", lambda *a: calls.append(a) or real(*a))
+    folder = save_tiny_model("llama", tmp_path / "tiny")
+    result = CliRunner().invoke(cli, ["export", str(folder), "--backend", "onnx", "--quantize", method,
+                                      "--optimize", level, *FAST, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert len(calls) == 1
+    manifest = json.loads((tmp_path / "out" / "cwca_manifest.json").read_text())
+    assert manifest["verification"]["final"]["parity"]["passed"] is True
+    assert manifest["postprocess"]["steps"] == [f"optimize:{level}", method]
+
+
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_exclusions_that_leave_nothing_to_quantize_are_refused(tmp_path, low_memory):
+    """--exclude model once wrote an "int8" artifact with every weight in float32."""
+    folder = save_tiny_model("llama", tmp_path / "tiny")
+    result = CliRunner().invoke(cli, ["export", str(folder), "--backend", "onnx", "--quantize", "int8",
+                                      "--exclude", "model", "--exclude", "lm_head", *FAST,
+                                      *(["--low-memory"] if low_memory else []), "--out", str(tmp_path / "out")])
+    assert result.exit_code != 0
+    assert "no weight node to quantize" in result.output and "hint:" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()

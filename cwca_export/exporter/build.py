@@ -251,12 +251,18 @@ def _postprocess(model: Any, folder: Path, settings: ExportSettings) -> dict[str
             raise ValueError(f"quantize: exclude_layers {bad} out of range; the model has {len(blocks)} blocks")
         entries = [*q.exclude_nodes, *(blocks[i].name for i in q.exclude_layers)]
         excluded = pp.resolve_exclusions(current, entries)
-        if settings.low_memory:  # a group of weight nodes at a time, never the whole graph's weights
+        # a group of weight nodes at a time: never the whole graph's weights; and the way through a
+        # graph ONNX Runtime's optimiser fused (--optimize extended / all), where the whole-graph
+        # pass stops at shape inference of the fused ops ("Unable to find data type")
+        if settings.low_memory or settings.optimize in ("extended", "all"):
             quantize_streamed(current, work / f"{q.method}.onnx", q, excluded)
         else:
             quantize = pp.quantize_int8 if q.method == "int8" else pp.quantize_int4
             quantize(current, work / f"{q.method}.onnx", q, excluded)
         current = work / f"{q.method}.onnx"
+        if all(f == "fp32" for f in pp.graph_formats(current).values()):
+            raise ValueError(f"quantize {q.method}: the exclusions leave no weight node to quantize; hint: narrow"
+                             " --exclude / --exclude-layers, or drop --quantize")
         steps.append(q.method)
     precision = None
     if settings.precision:
