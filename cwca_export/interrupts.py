@@ -34,6 +34,17 @@ def install_handlers() -> None:
         signal.signal(signal.SIGTERM, _raise_terminated)
 
 
+def ignore_further_signals() -> None:
+    """SIGINT and SIGTERM ignored from here on (main thread only): called once an interrupt has
+    been cleaned up after and reported, so that another signal arriving while the process exits
+    (atexit handlers, interpreter shutdown, which restores the default action that kills) cannot
+    add a traceback or turn exit 130 / 143 into death by the signal (seen once in CI: an
+    interrupted demo printed its line, then exited -2)."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in _HELD:
+            signal.signal(signum, signal.SIG_IGN)
+
+
 def exit_code(exc: BaseException) -> int | None:
     """The conventional exit status for an interrupt, or None for any other exception."""
     if isinstance(exc, KeyboardInterrupt):

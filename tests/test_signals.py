@@ -247,3 +247,29 @@ def test_an_error_raised_while_unwinding_from_a_signal_still_exits_as_interrupte
         assert plain.exit_code == 1 and "RuntimeError" in plain.output
     finally:
         cli.commands.pop("boom", None)
+
+
+@pytest.mark.parametrize(("raised", "sent", "code"), [("KeyboardInterrupt", "SIGINT", 130),
+                                                       ("Terminated", "SIGTERM", 143)])
+def test_a_signal_while_the_interrupted_cli_exits_changes_nothing(tmp_path, raised, sent, code):
+    """Once an interrupt is cleaned up after and reported, a further signal while the process
+    exits (here from an atexit handler) neither prints a traceback nor replaces the exit status
+    (seen once in CI: an interrupted demo printed its line and then died of SIGINT, -2)."""
+    script = tmp_path / "late.py"
+    script.write_text(f"""
+import atexit, os, signal, time
+import click
+from cwca_export.cli import cli, main
+from cwca_export.interrupts import Terminated
+
+@click.command("boom")
+def boom():
+    raise {raised}() if "{raised}" == "KeyboardInterrupt" else Terminated("sig 15")
+
+cli.add_command(boom)
+atexit.register(lambda: (os.kill(os.getpid(), signal.{sent}), time.sleep(0.3)))
+main(["boom"])
+""")
+    done = subprocess.run([sys.executable, str(script)], env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == code, done.stderr
+    assert "Interrupted" in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -163,12 +163,17 @@ _register()
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
-    from cwca_export.interrupts import EXIT_SIGINT, install_handlers
+    from cwca_export.interrupts import EXIT_SIGINT, EXIT_SIGTERM, ignore_further_signals, install_handlers
 
     install_handlers()
     try:
         cli.main(args=argv if argv is not None else sys.argv[1:], prog_name="cwca-export")
+    except SystemExit as exc:
+        if exc.code in (EXIT_SIGINT, EXIT_SIGTERM):  # interrupted, cleaned up, reported: exit as that
+            ignore_further_signals()
+        raise
     except KeyboardInterrupt:  # one that escaped click's handling (seen once in CI): still exit 130
         if os.environ.get("CWCA_DEBUG"):
             raise
+        ignore_further_signals()
         sys.exit(EXIT_SIGINT)
