@@ -221,7 +221,7 @@ def export(
     """
     from cwca_export.budget import Budget, latency_limit, parse_size
     from cwca_export.exporter.api import export as run_export
-    from cwca_export.exporter.postprocess import QuantizeConfig
+    from cwca_export.exporter.postprocess import QuantizeConfig, is_block_size
     from cwca_export.loading import check_model_folder, load_model, stored_dtype
     from cwca_export.planning.plan import Plan
 
@@ -241,7 +241,7 @@ def export(
         budget = Budget(**{k: v for k, v in limits.items() if v is not None})
     quantize_config = None
     if quantize:
-        if block_size < 16 or block_size & (block_size - 1):
+        if not is_block_size(block_size):
             nearest = max(16, 1 << (block_size.bit_length() - 1))
             raise click.BadParameter(f"{block_size} is not a power of two >= 16; hint: --block-size {nearest}",
                                      param_hint="--block-size")

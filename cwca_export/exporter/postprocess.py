@@ -25,6 +25,11 @@ OPT_LEVELS = ("basic", "extended", "all")
 _QUANTIZABLE = ("MatMul", "Gemm", "Gather")
 
 
+def is_block_size(size: int) -> bool:
+    """Whether int4 blocks of ``size`` weights are valid: a power of two >= 16 (MatMulNBits)."""
+    return size >= 16 and not size & (size - 1)
+
+
 @dataclass(frozen=True)
 class QuantizeConfig:
     """ONNX Runtime weight quantization of the exported graph.
@@ -50,7 +55,7 @@ class QuantizeConfig:
     def __post_init__(self) -> None:
         if self.method not in ("int8", "int4"):
             raise ValueError(f"quantize: method {self.method!r}: choose 'int8' or 'int4'")
-        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+        if not is_block_size(self.block_size):
             raise ValueError(f"quantize: block_size {self.block_size} must be a power of two >= 16")
 
     @classmethod
