@@ -34,15 +34,24 @@ def install_handlers() -> None:
         signal.signal(signal.SIGTERM, _raise_terminated)
 
 
-def ignore_further_signals() -> None:
-    """SIGINT and SIGTERM ignored from here on (main thread only): called once an interrupt has
-    been cleaned up after and reported, so that another signal arriving while the process exits
-    (atexit handlers, interpreter shutdown, which restores the default action that kills) cannot
-    add a traceback or turn exit 130 / 143 into death by the signal (seen once in CI: an
-    interrupted demo printed its line, then exited -2)."""
+def settle_interrupted_exit() -> None:
+    """Make the exit status of a cleaned-up, reported interrupt (130 / 143) the process's own.
+
+    Two things could still replace it. Called once, from the CLI's entry point, on the way out:
+
+    * a further SIGINT / SIGTERM while the process exits (atexit handlers, interpreter shutdown,
+      which restores the default action that kills): both are ignored from here on (main thread);
+    * CPython itself. When a ``KeyboardInterrupt`` leaves code run by ``exec`` or ``eval`` of a
+      *string* (dataclasses and namedtuples are built that way, so a SIGINT during imports often
+      lands there), the interpreter notes an "unhandled" interrupt, even though the CLI catches it
+      further up. ``python -m`` then ends by killing itself with SIGINT, exit -2 instead of 130
+      (cpython bpo-1054041 / bpo-41602; the cause of the interrupted-demo test's rare CI failures
+      since the second session). A string ``exec`` that completes resets that note.
+    """
     if threading.current_thread() is threading.main_thread():
         for signum in _HELD:
             signal.signal(signum, signal.SIG_IGN)
+    exec("")  # noqa: S102 - an empty string: resets CPython's unhandled-KeyboardInterrupt flag
 
 
 def exit_code(exc: BaseException) -> int | None:
@@ -82,3 +91,19 @@ def deferred_signals() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def import_whole(module: str) -> None:
+    """Import ``module`` with SIGINT / SIGTERM held until it is done (a signal then acts right after).
+
+    torch's import does not survive a signal half-way. Measured on ``python -m cwca_export demo``
+    with SIGINT sent 0.25-0.7 s after start: torch's C initialisation imports NumPy and drops any
+    exception from it, KeyboardInterrupt included, which ended in an unrelated ImportError from
+    transformers (exit 1, 4 of 60 runs); or a KeyboardInterrupt inside its pybind11 code aborted
+    the process (SIGABRT). Held over the import, the signal acts as soon as torch is whole.
+    """
+    import importlib
+
+    with deferred_signals():
+        importlib.import_module(module)
+

@@ -28,6 +28,10 @@ def one_line(message: str, command_path: str) -> str:
     return text
 
 
+# verbs whose work imports torch: the import is made whole first, signals held (interrupts.import_whole)
+TORCH_VERBS = frozenset({"score", "refine", "compress", "export", "eval", "demo", "run"})
+
+
 class _Group(click.Group):
     """Turns every error into one ``Error: ...`` line on stderr and a non-zero exit.
 
@@ -43,9 +47,14 @@ class _Group(click.Group):
         if cmd.callback is not None and not any(p.name == "verbose" for p in cmd.params):
             cmd.params.extend(verbosity_options())
             inner = cmd.callback
+            needs_torch = cmd.name in TORCH_VERBS
 
             @functools.wraps(inner)
             def callback(*args, verbose: bool = False, quiet: bool = False, **params):
+                if needs_torch:  # torch's import does not survive a signal (interrupts.import_whole)
+                    from cwca_export.interrupts import import_whole
+
+                    import_whole("torch")
                 with verbosity(verbose=verbose, quiet=quiet, machine_output=bool(params.get("as_json"))):
                     return inner(*args, **params)
 
@@ -163,17 +172,17 @@ _register()
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
-    from cwca_export.interrupts import EXIT_SIGINT, EXIT_SIGTERM, ignore_further_signals, install_handlers
+    from cwca_export.interrupts import EXIT_SIGINT, EXIT_SIGTERM, install_handlers, settle_interrupted_exit
 
     install_handlers()
     try:
         cli.main(args=argv if argv is not None else sys.argv[1:], prog_name="cwca-export")
     except SystemExit as exc:
         if exc.code in (EXIT_SIGINT, EXIT_SIGTERM):  # interrupted, cleaned up, reported: exit as that
-            ignore_further_signals()
+            settle_interrupted_exit()
         raise
     except KeyboardInterrupt:  # one that escaped click's handling (seen once in CI): still exit 130
         if os.environ.get("CWCA_DEBUG"):
             raise
-        ignore_further_signals()
+        settle_interrupted_exit()
         sys.exit(EXIT_SIGINT)
