@@ -16,14 +16,21 @@ The artifact contract every backend meets, so that one verifier serves them all:
 - ``config.json``, ``generation_config.json`` (when the model has one) and the tokenizer
   files lie next to it.
 
+A backend may define ``refusal(model)``: why it would not give a correct artifact for that
+model (a message naming an alternative), or None; the export asks it before any work.
+
 A backend may also define ``generate(out_dir, input_ids, attention_mask, new_tokens, ep)``
 returning the greedy tokens its own runtime loader produces (Optimum's
-``ORTModelForCausalLM``); verification then checks that path too.
+``ORTModelForCausalLM``); verification then checks that path too. Under ``export --low-memory``
+a float32 artifact is checked without weight prepacking, and ``generate`` is called with
+``prepack=False`` as well. A backend takes ``export --low-memory`` only with an export that
+reads no weight values after tracing (:func:`weightless_export`).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -62,6 +69,20 @@ class Backend(Protocol):
     name: str
 
     def export(self, model: Any, tokenizer: Any, out_dir: Path, **options: Any) -> list[Path]: ...
+
+
+def weightless_export(backend: Any) -> Callable[..., list[Path]] | None:
+    """The backend's export that reads no weight values after tracing, or None if it has none.
+
+    ``export --low-memory`` traces with placeholder weights and writes the real ones into the
+    graph itself (:mod:`cwca_export.exporter.placeholders`), so it needs an export that only
+    traces. A backend offers one as a ``weightless_export`` method (same arguments as
+    ``export``), or declares ``traces_without_weights = True`` when its ``export`` is one.
+    """
+    method = getattr(backend, "weightless_export", None)
+    if callable(method):
+        return method
+    return backend.export if getattr(backend, "traces_without_weights", False) else None
 
 
 def register_backend(name: str):

@@ -1,6 +1,7 @@
 """The ``optimum`` backend: Optimum's ONNX exporter with KV cache (``text-generation-with-past``).
 
-The folder it writes loads with ``optimum.onnxruntime.ORTModelForCausalLM``. Models the
+The folder it writes loads with ``optimum.onnxruntime.ORTModelForCausalLM`` (under ``export
+--low-memory`` from the ``onnx`` backend's trace: :meth:`OptimumBackend.weightless_export`). Models the
 exporter refuses (no built-in OnnxConfig: Mixtral, Starcoder2) or exports into an artifact
 that breaks in ONNX Runtime (Phi-3 with grouped KV heads, docs/design.md 3.3) raise
 :class:`UnsupportedModelError` naming ``--backend onnx`` instead of producing a bad artifact.
@@ -73,9 +74,29 @@ def _per_block_heads(model: Any) -> str | None:
     return None
 
 
+def _without_onnx_config(config: Any) -> str | None:
+    """Why Optimum cannot take this model type, if it has no ONNX config for it (Mixtral, Starcoder2)."""
+    import optimum.exporters.onnx.model_configs  # noqa: F401 - registers Optimum's ONNX configs
+    from optimum.exporters.tasks import TasksManager
+
+    try:
+        tasks = TasksManager.get_supported_tasks_for_model_type(config.model_type, exporter="onnx",
+                                                                library_name="transformers")
+    except KeyError:
+        tasks = {}
+    if _TASK not in tasks:
+        return f"Optimum has no ONNX config for model type {config.model_type!r}"
+    return None
+
+
 @register_backend("optimum")
 class OptimumBackend:
     """Optimum ``onnx_export_from_model``; verified again through ``ORTModelForCausalLM``."""
+
+    def refusal(self, model: Any) -> str | None:
+        """Why this backend would not give a correct artifact for ``model`` (with the hint), if it would not."""
+        reason = _known_broken(model.config) or _without_onnx_config(model.config) or _per_block_heads(model)
+        return f"{reason}; {_HINT}" if reason else None
 
     def export(
         self, model: Any, tokenizer: Any, out_dir: Path, *, opset: int | None = None
@@ -88,9 +109,9 @@ class OptimumBackend:
             out_dir: an empty folder.
             opset: ONNX opset; Optimum's default for the architecture when None.
         """
-        reason = _known_broken(model.config) or _per_block_heads(model)
+        reason = self.refusal(model)
         if reason:
-            raise UnsupportedModelError(f"{reason}; {_HINT}")
+            raise UnsupportedModelError(reason)
         from optimum.exporters.onnx import onnx_export_from_model
 
         chatter = logging.getLogger("optimum")  # e.g. "Found different candidate ONNX initializers" for tied heads
@@ -103,28 +124,52 @@ class OptimumBackend:
                 onnx_export_from_model(
                     model, out_dir, task=_TASK, opset=opset, do_validation=False, device="cpu"
                 )
-            except ValueError as exc:
-                if "custom or unsupported architecture" not in str(exc):
-                    raise
-                raise UnsupportedModelError(
-                    f"Optimum has no ONNX config for model type {model.config.model_type!r}; {_HINT}"
-                ) from None
             finally:
                 chatter.setLevel(level)
         save_side_files(model, tokenizer, out_dir)
         return sorted(out_dir.iterdir())
 
+    def weightless_export(
+        self, model: Any, tokenizer: Any, out_dir: Path, *, opset: int | None = None
+    ) -> list[Path]:
+        """``export --low-memory``: the same folder for ``ORTModelForCausalLM``, from a trace alone.
+
+        Optimum's exporter loads the whole graph back with its weights after tracing, to save
+        them into one external data file: a float32 copy of the model (``export_pytorch``). Here
+        the graph is the ``onnx`` backend's trace, which reads no weights: it has the inputs and
+        outputs of Optimum's ``text-generation-with-past`` graph (``input_ids``,
+        ``attention_mask``, ``position_ids``, ``past_key_values.{i}.key/value`` -> ``logits``,
+        ``present.{i}.key/value``), and the artifact is verified through ``ORTModelForCausalLM``
+        like any other of this backend. Models whose blocks keep their own head counts stay
+        refused, as are the model types Optimum refuses or breaks: ``ORTModelForCausalLM`` sizes
+        the first step's empty cache from the config as Optimum's config for the type reads it
+        (tried: Phi-3 with grouped KV heads and Mixtral fail there with this graph too).
+        """
+        from cwca_export.backends import get_backend
+
+        reason = self.refusal(model)
+        if reason:
+            raise UnsupportedModelError(reason)
+        return get_backend("onnx").export(model, tokenizer, out_dir, opset=opset, with_past=True)
+
     def generate(
-        self, out_dir: Path, input_ids: np.ndarray, attention_mask: np.ndarray, new_tokens: int, ep: str
+        self, out_dir: Path, input_ids: np.ndarray, attention_mask: np.ndarray, new_tokens: int, ep: str,
+        *, prepack: bool = True,
     ) -> np.ndarray:
-        """Greedy tokens from ``ORTModelForCausalLM.generate`` on the artifact in ``out_dir``."""
+        """Greedy tokens from ``ORTModelForCausalLM.generate`` on the artifact in ``out_dir``
+        (``prepack=False``: its session computes from the mapped weights, as under ``--low-memory``)."""
         import torch
         from optimum.onnxruntime import ORTModelForCausalLM
 
-        from cwca_export.exporter.session import PROVIDERS
+        from cwca_export.exporter.session import NO_PREPACKING, PROVIDERS
+        from cwca_export.ort import require_onnxruntime
 
+        options = require_onnxruntime().SessionOptions()
+        options.log_severity_level = 3
+        if not prepack:
+            options.add_session_config_entry(*NO_PREPACKING)
         ort_model = ORTModelForCausalLM.from_pretrained(
-            out_dir, provider=PROVIDERS[ep][0], use_io_binding=False, local_files_only=True,
+            out_dir, provider=PROVIDERS[ep][0], use_io_binding=False, local_files_only=True, session_options=options,
             trust_remote_code=False,  # the artifact folder is the tool's own output: no code runs
         )
         out = ort_model.generate(

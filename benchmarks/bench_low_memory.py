@@ -312,6 +312,9 @@ def main() -> None:
     ap.add_argument("--fp16-only", action="store_true",
                     help="only the float16 converter probe and the --low-memory --dtype float16 export, on the"
                          " artifact an earlier run left in --work (merged into --out)")
+    ap.add_argument("--optimum-only", action="store_true",
+                    help="only the --low-memory export of the bf16 checkpoint with --backend optimum, beside the same"
+                         " export with --backend onnx in the same run (merged into --out)")
     args = ap.parse_args()
     work = Path(args.work)
     fp32, bf16 = work / f"model-{args.size}", work / f"model-{args.size}-bf16"
@@ -327,9 +330,17 @@ def main() -> None:
                         ["--low-memory", "--quantize", "int8"])
     fp16_export = ("export bf16 checkpoint --low-memory --dtype float16", bf16,
                    ["--low-memory", "--dtype", "float16"])
-    if args.sessions_only or args.quantize_only or args.fp16_only:
+    if args.sessions_only or args.quantize_only or args.fp16_only or args.optimum_only:
         result = json.loads(Path(args.out).read_text()) if args.out and Path(args.out).exists() else {}
-        if args.sessions_only:
+        if args.optimum_only:
+            for backend in ("onnx", "optimum"):
+                name = f"export bf16 checkpoint --low-memory --backend {backend} (side by side)"
+                result.setdefault("rows", {})[name] = run_sampled(
+                    ["export", str(bf16), "--backend", backend, "--low-memory", *measure, "--out",
+                     str(work / f"export_bf16_low-memory_{backend}"), "--overwrite"], env)
+                print(name, {k: v // MIB if isinstance(v, int) else v for k, v in result["rows"][name].items()
+                             if k != "args"}, flush=True)
+        elif args.sessions_only:
             result["sessions"] = probe_sessions(artifact, work, env)
             print(json.dumps(result["sessions"], indent=1))
         else:

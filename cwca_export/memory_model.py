@@ -402,7 +402,7 @@ def graph_bytes(shape: ModelShape) -> int:
 
 def export_low_memory(shape: ModelShape, quantize: str | None = None, runtime: int = 0, *,
                       fp16: bool = False) -> StepCost:
-    """``export --backend onnx --low-memory`` (:mod:`cwca_export.exporter.placeholders`): its
+    """``export --low-memory``, either backend (:mod:`cwca_export.exporter.placeholders`): its
     phases run one after another. The weights are file pages throughout (``mapped``, 4P at the
     most): the checkpoint as loaded (a bfloat16 one stays in its dtype), then the float32 scratch
     file it is widened into (4P) that torch's reference forwards read, then the artifact's data

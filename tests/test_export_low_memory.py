@@ -163,9 +163,19 @@ def test_a_placeholder_folded_into_anything_else_is_an_error():
 
 
 def test_low_memory_refusals_name_the_fix(tmp_path):
+    from cwca_export.backends import register_backend, unregister_backend
+
+    @register_backend("reloads-weights")
+    class ReloadsWeights:  # a plug-in whose export reads the weights after tracing, like Optimum's
+        def export(self, model, tokenizer, out_dir, **options):
+            raise AssertionError("never called")
+
     model = tiny_model("llama")
-    with pytest.raises(ValueError, match="--backend onnx"):
-        cwca_export.export(model, None, tmp_path / "a", backend="optimum", low_memory=True, **FAST)
+    try:
+        with pytest.raises(ValueError, match="--backend onnx"):
+            cwca_export.export(model, None, tmp_path / "a", backend="reloads-weights", low_memory=True, **FAST)
+    finally:
+        unregister_backend("reloads-weights")
     with pytest.raises(ValueError, match="budget search"):
         cwca_export.export(model, None, tmp_path / "b", backend="onnx", low_memory=True,
                            budget=Budget(max_disk=10**9, prompt_len=8, context=24), runs=2, warmup=1)
@@ -183,8 +193,9 @@ def test_cli_low_memory(tmp_path):
 
     model_dir = save_tiny_model("llama", tmp_path / "tiny-llama")
     common = ["--prompt-len", "8", "--context", "24", "--runs", "2", "--warmup", "1"]
-    result = CliRunner().invoke(cli, ["export", str(model_dir), "--low-memory", "--out", str(tmp_path / "o"), *common])
-    assert result.exit_code == 2 and "--backend onnx" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(cli, ["export", str(model_dir), "--low-memory", "--max-disk", "1GB", "--out",
+                                      str(tmp_path / "o"), *common])
+    assert result.exit_code == 2 and "--low-memory" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "o").exists()
     result = CliRunner().invoke(cli, ["export", str(model_dir), "--backend", "onnx", "--low-memory",
                                       "--external-data-threshold", "1KiB", "--out", str(tmp_path / "lean"), *common])
@@ -194,3 +205,76 @@ def test_cli_low_memory(tmp_path):
     manifest = json.loads((tmp_path / "lean" / MANIFEST_NAME).read_text())
     assert manifest["postprocess"]["external_data"] is True
     assert manifest["verification"]["fp32"]["parity"]["rel_rms"] < 1e-5
+
+
+# ------------------------------------------------------------------ --backend optimum --low-memory
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma"])
+def test_optimum_low_memory_artifact_generates_through_ort_model_for_causal_lm(tmp_path, family):
+    """The default backend under --low-memory: a folder Optimum's own loader opens, whose greedy
+    tokens are transformers' on a copy of the model taken before the export (its weights go)."""
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    model = tiny_model(family)
+    reference_model = copy.deepcopy(model)
+    art = cwca_export.export(model, None, tmp_path / "a", backend="optimum", tokenizer=tiny_tokenizer(),
+                             external_data_threshold=1024, low_memory=True, **FAST)
+    assert sorted(p.name for p in art.path.glob("model.onnx*")) == ["model.onnx", "model.onnx_data"]
+    assert art.manifest["backend"] == {"name": "optimum", "options": {}, "traced_without_weights": True}
+    assert art.manifest["verification"]["fp32"]["generation"]["runtime_equal"] is True
+    ids = torch.tensor([[5, 9, 13, 2, 7, 11], [0, 0, 4, 8, 15, 16]])
+    mask = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]])
+    ort_model = ORTModelForCausalLM.from_pretrained(art.path, use_io_binding=False, local_files_only=True)
+    got = ort_model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=6)
+    expected = reference_model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=6,
+                                        pad_token_id=0)
+    assert torch.equal(got, expected)
+
+
+def test_optimum_low_memory_loader_check_runs_without_prepacking(tmp_path, monkeypatch):
+    """The float32 graph's sessions never prepack under --low-memory: Optimum's loader neither."""
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    seen = []
+    real = ORTModelForCausalLM.from_pretrained.__func__
+
+    def recording(cls, *args, **kwargs):
+        try:
+            seen.append(kwargs["session_options"].get_session_config_entry("session.disable_prepacking"))
+        except RuntimeError:  # not set: ONNX Runtime's default, prepacking
+            seen.append(None)
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(ORTModelForCausalLM, "from_pretrained", classmethod(recording))
+    cwca_export.export(tiny_model("llama"), None, tmp_path / "lean", backend="optimum", tokenizer=tiny_tokenizer(),
+                       external_data_threshold=1024, low_memory=True, **FAST)
+    cwca_export.export(tiny_model("llama"), None, tmp_path / "plain", backend="optimum", tokenizer=tiny_tokenizer(),
+                       **FAST)
+    assert seen == ["1", None]
+
+
+def test_optimum_low_memory_refuses_what_optimum_refuses_before_the_trace(tmp_path, monkeypatch):
+    """Per-block head counts, Phi-3 with grouped KV heads, Mixtral, before the weights are spilled:
+    ORTModelForCausalLM sizes its first cache from the config (tried: these fail there with the
+    onnx backend's graph too)."""
+    import transformers
+    from cwca_export.backends import UnsupportedModelError
+    from test_export_heads import _head_pruned
+
+    from cwca_export.exporter import build
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the weights were spilled for a refused model")
+
+    monkeypatch.setattr(build, "map_weights", no_work)
+    mixtral_config = transformers.MixtralConfig(
+        vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=2)
+    mixtral = transformers.AutoModelForCausalLM.from_config(mixtral_config).eval()
+    for name, model, why in [("heads", _head_pruned("llama")[0], "own head counts"),
+                             ("phi3", tiny_model("phi3"), "grouped KV heads"),
+                             ("mixtral", mixtral, "no ONNX config")]:
+        with pytest.raises(UnsupportedModelError, match=f"{why}.*--backend onnx"):
+            cwca_export.export(model, None, tmp_path / name, backend="optimum", low_memory=True, **FAST)
+        assert not (tmp_path / name).exists()

@@ -180,12 +180,13 @@ def _precision_damage(path, model, tokenizer, compress_options, rounding, format
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed runs before timing.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="ONNX Runtime intra-op threads (0: its default).")
 @click.option("--low-memory", is_flag=True,
-              help="--backend onnx: load the checkpoint as its safetensors store it (bf16 / fp16 widened into a mapped"
+              help="Load the checkpoint as its safetensors store it (bf16 / fp16 widened into a mapped"
                    " fp32 scratch file, not memory; with --method, fp32), trace with placeholder weights, write the fp32"
                    " weights tensor by tensor, quantize (--quantize) a weight group at a time, and run every ONNX Runtime"
                    " session of the fp32 graph without prepacking: the process's own memory stays a fraction of one fp32"
                    " copy, the weights file pages (docs/memory.md). Not with --max-* limits, --hardware limits or"
-                   " --precision.")
+                   " --precision. --backend optimum then writes the onnx backend's trace (Optimum's input and output"
+                   " names) in Optimum's folder layout, verified through ORTModelForCausalLM.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder cwca-export wrote (atomically; never one holding other files).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @click.option("--no-fingerprint", is_flag=True, help="With --method: apply a --plan whose model fingerprint differs or is missing.")
@@ -263,12 +264,11 @@ def export(
         if get_method(method).dense_storage:
             raise click.UsageError(dense_storage_message(method))
     if low_memory:
-        from cwca_export.backends import get_backend
+        from cwca_export.backends import get_backend, weightless_export
 
-        if not getattr(get_backend(backend), "traces_without_weights", False):
-            raise click.BadParameter(f"backend {backend} reads the weights after tracing (Optimum reloads the whole"
-                                     " graph), so only --backend onnx exports with --low-memory; hint: add --backend onnx",
-                                     param_hint="--low-memory")
+        if weightless_export(get_backend(backend)) is None:
+            raise click.BadParameter(f"backend {backend} has no export that leaves the weights out of its trace;"
+                                     " hint: add --backend onnx", param_hint="--low-memory")
         if budget.has_limits:
             limits_from = f"--hardware {hardware} (its limits)" if hardware else "the --max-* limits"
             raise click.BadParameter(f"a budget search builds several artifacts from the model; hint: drop --low-memory"
@@ -309,7 +309,7 @@ def export(
 
         held = fp32_bytes * (1 + EXPORT_COPIES["external"])
         click.echo(f"note: this export holds the float32 model and its graph, about {format_size(held)};"
-                   " --backend onnx --low-memory holds a fraction of one copy, the weights as file pages"
+                   " --low-memory holds a fraction of one copy, the weights as file pages"
                    " (docs/memory.md)", err=True)
     compress_options = {}
     if plan is not None and method:  # the plan is applied here: it must fit this model

@@ -172,14 +172,15 @@ def export(
         rounding: how per-layer integer formats round: ``clip`` (default; blocks clipped where
             the calibration inputs say it lowers the output error, :mod:`cwca_export.planning.rounding`)
             or ``rtn`` (ONNX Runtime's plain round to nearest). Fixed ``quantize`` is always RTN.
-        low_memory: ``onnx`` backend only: the weights mapped from a float32 scratch file (a
-            bfloat16 / float16 ``model`` is widened there when no ``method`` compresses it), a
-            trace with placeholder weights, the float32 initialisers written tensor by tensor,
-            ``model``'s weights released once torch's reference logits are taken, and every ONNX
-            Runtime session of a float32 graph without prepacking (weights read from the artifact's
-            mapped file; a ``quantize``-d artifact's final sessions prepack, as it will be deployed).
-            The process's own memory stays a fraction of one fp32 copy; the weights are file
-            pages (docs/memory.md). The model object cannot compute afterwards. Not with budget
+        low_memory: backends with a trace-only export (``onnx``, ``optimum``): the weights
+            mapped from a float32 scratch file (a bfloat16 / float16 ``model`` is widened there
+            when no ``method`` compresses it), a trace with placeholder weights, the float32
+            initialisers written tensor by tensor, ``model``'s weights released once torch's
+            reference logits are taken, and every ONNX Runtime session of a float32 graph
+            without prepacking (weights read from the artifact's mapped file; a
+            ``quantize``-d artifact's final sessions prepack, as it will be deployed). The
+            process's own memory stays a fraction of one fp32 copy; the weights are file pages
+            (docs/memory.md). The model object cannot compute afterwards. Not with budget
             limits or ``precision``.
 
     Returns:
@@ -256,7 +257,8 @@ def _manifest(candidate: Candidate, plan: Any, budget: Budget, search: dict[str,
     return build_manifest(
         model=candidate.model,
         plan=plan,
-        backend={"name": settings.backend, "options": settings.backend_options},
+        backend={"name": settings.backend, "options": settings.backend_options,
+                 "traced_without_weights": settings.low_memory},
         postprocess=candidate.postprocess,
         files=candidate.files,
         verification=candidate.verification,

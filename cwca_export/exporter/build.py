@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cwca_export.backends import available_backends, get_backend
+from cwca_export.backends import UnsupportedModelError, available_backends, get_backend, weightless_export
 from cwca_export.blocks import find_blocks
 from cwca_export.exporter import postprocess as pp
 from cwca_export.exporter.manifest import describe_model
@@ -60,9 +60,9 @@ class ExportSettings:
         low_memory: trace with placeholder weights and write the real initialisers tensor by
             tensor (:mod:`cwca_export.exporter.placeholders`), then release the torch model's
             weights once its reference logits are taken: the host peak is about one fp32 copy
-            of the weights. The model cannot compute afterwards. Backends that mark
-            ``traces_without_weights`` only (``onnx``); not with a precision plan, whose final
-            check recomputes torch with quantized weights.
+            of the weights. The model cannot compute afterwards. Backends with an export that
+            traces alone only (``backends.weightless_export``: ``onnx`` and ``optimum``); not
+            with a precision plan, whose final check recomputes torch with quantized weights.
     """
 
     backend: str = "optimum"
@@ -89,9 +89,9 @@ class ExportSettings:
         if self.low_memory and self.precision:
             raise ValueError("low-memory export and a precision plan do not combine (its final check runs torch"
                              " with quantized weights); hint: drop --low-memory")
-        if self.low_memory and not getattr(get_backend(self.backend), "traces_without_weights", False):
-            raise ValueError(f"low-memory export: backend {self.backend} reads the weights after tracing"
-                             " (Optimum reloads the whole graph); hint: use --backend onnx")
+        if self.low_memory and weightless_export(get_backend(self.backend)) is None:
+            raise ValueError(f"low-memory export: backend {self.backend} has no export that leaves the weights"
+                             " out of its trace; hint: use --backend onnx")
 
     @property
     def scheme(self) -> str:
@@ -204,7 +204,7 @@ def _verify(reference: TorchReference, model_path: Path, folder: Path, settings:
         release_memory()
         if generation and callable(getattr(backend, "generate", None)):
             def runtime(i, m, n):
-                return backend.generate(folder, i, m, n, settings.measure.ep)
+                return backend.generate(folder, i, m, n, settings.measure.ep, **({} if prepack else {"prepack": False}))
             report["generation"] = check_runtime_generation(
                 reference, ids, mask, settings.new_tokens, runtime, report["generation"])
     except (ValueError, TypeError) as exc:
@@ -353,6 +353,10 @@ def build_candidate(model: Any, tokenizer: Any, folder: Path, settings: ExportSe
 
 def _build(model: Any, tokenizer: Any, folder: Path, settings: ExportSettings) -> Candidate:
     backend = get_backend(settings.backend)
+    refusal = getattr(backend, "refusal", None)
+    reason = refusal(model) if callable(refusal) else None
+    if reason:  # before the weights are spilled, the reference taken or anything traced
+        raise UnsupportedModelError(reason)
     spill, mapped = folder / SPILL_NAME, None
     if settings.low_memory:  # the weights become float32 pages of a scratch file, not the heap's
         mapped = map_weights(model, spill)
@@ -368,7 +372,7 @@ def _build(model: Any, tokenizer: Any, folder: Path, settings: ExportSettings) -
             try:
                 with placeholder_weights(model, spill, mapped) as stand_ins:
                     release_memory()
-                    backend.export(model, tokenizer, folder, **settings.backend_options)
+                    weightless_export(backend)(model, tokenizer, folder, **settings.backend_options)
                 fill_initializers(folder / "model.onnx", stand_ins)
             finally:
                 spill.unlink(missing_ok=True)
