@@ -17,10 +17,11 @@ from typing import Any
 from cwca_export.atomic import Staging
 from cwca_export.budget import Budget
 from cwca_export.compression import apply_plan
-from cwca_export.exporter.build import Candidate, ExportSettings, build_candidate
+from cwca_export.exporter.build import Candidate, ExportSettings, build_candidate, prepacks
 from cwca_export.exporter.manifest import MANIFEST_NAME, build_manifest
 from cwca_export.exporter.measure import MeasureConfig
 from cwca_export.exporter.postprocess import PROTOBUF_LIMIT, QuantizeConfig
+from cwca_export.exporter.predict import scheme_of
 from cwca_export.jsonio import write_json_atomic
 
 
@@ -71,17 +72,6 @@ class Artifact:
         """Logit parity of the final graph against torch."""
         verification = self.manifest["verification"]
         return verification.get("final", verification["fp32"])["parity"]
-
-
-def _prepacks(low_memory: bool, quantize: Any) -> bool:
-    """Whether the final artifact's sessions (final checks, measurement) prepack their weights.
-
-    Not under ``low_memory`` for a float32 artifact: the prepacked copy would be the weights'
-    float32 bytes as the process's own memory (550M: 1,938 MiB against 22 MiB). A quantized
-    artifact's prepacked weights are its quantized bytes, and without prepacking it is not
-    measured as it will run: at 550M a one-token x 16 forward took 0.099 s against 0.038 s for
-    int8, 1.279 s against 0.159 s for int4 (docs/memory.md, "Quantizing a group at a time")."""
-    return not low_memory or quantize is not None
 
 
 def _check_model(model: Any, *, widens: bool = False) -> None:
@@ -201,16 +191,17 @@ def export(
     if low_memory and budget.has_limits:
         raise ValueError("low-memory export builds one artifact from the model, a budget search several;"
                          " hint: drop --low-memory or the limits")
+    quantize = QuantizeConfig.coerce(quantize)
     settings = ExportSettings(
         backend=backend,
         backend_options=dict(backend_options or {}),
-        quantize=QuantizeConfig.coerce(quantize),
+        quantize=quantize,
         dtype=budget.dtype,
         optimize=optimize,
         external_data_threshold=external_data_threshold,
         measure=MeasureConfig(
             ep=budget.ep, batch=budget.batch, prompt_len=budget.prompt_len, context=budget.context,
-            warmup=warmup, runs=runs, threads=threads, prepack=_prepacks(low_memory, quantize),
+            warmup=warmup, runs=runs, threads=threads, prepack=prepacks(low_memory, scheme_of(budget.dtype, quantize)),
         ),
         new_tokens=new_tokens,
         precision=dict(precision) if precision else None,

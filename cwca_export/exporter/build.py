@@ -17,6 +17,7 @@ from typing import Any
 
 from cwca_export.backends import UnsupportedModelError, available_backends, get_backend, weightless_export
 from cwca_export.blocks import find_blocks
+from cwca_export.budget import DTYPES
 from cwca_export.exporter import postprocess as pp
 from cwca_export.exporter.manifest import describe_model
 from cwca_export.exporter.measure import MeasureConfig, file_inventory, measure_runtime
@@ -96,6 +97,17 @@ class ExportSettings:
     @property
     def scheme(self) -> str:
         return "mixed" if self.precision else scheme_of(self.dtype, self.quantize)
+
+
+def prepacks(low_memory: bool, scheme: str) -> bool:
+    """Whether ONNX Runtime sessions on a graph of ``scheme`` (checks, measurement) prepack its weights.
+
+    Not under ``low_memory`` for a float graph: the prepacked copy would be the weights' float32
+    bytes as the process's own memory (550M: 1,938 MiB against 22 MiB). A quantized graph's
+    prepacked weights are its quantized bytes, and without prepacking it is not measured as it
+    will run: at 550M a one-token x 16 forward took 0.099 s against 0.038 s for int8, 1.279 s
+    against 0.159 s for int4 (docs/memory.md, "Quantizing a group at a time")."""
+    return not low_memory or scheme not in DTYPES
 
 
 @dataclass
@@ -188,9 +200,7 @@ def _fail(what: str, settings: ExportSettings) -> VerificationError:
 def _verify(reference: TorchReference, model_path: Path, folder: Path, settings: ExportSettings, dtype: str,
             generation: bool, backend: Any) -> dict[str, Any]:
     ids, mask = reference.ids, reference.mask
-    # the final graph's sessions prepack as the measurement does; the float32 graph's never under
-    # --low-memory (its prepacked weights would be a float32 copy of its own)
-    prepack = settings.measure.prepack and not (settings.low_memory and dtype == "fp32")
+    prepack = prepacks(settings.low_memory, dtype)
     try:
         decoder = DecoderSession(make_session(model_path, settings.measure.ep, threads=settings.measure.threads,
                                               prepack=prepack))

@@ -140,7 +140,7 @@ def quantize_streamed(src: Path, dst: Path, config: pp.QuantizeConfig, exclude: 
         dropped = {t.name for t in graph.initializer} - {t.name for t in kept} - rewritten
         graph.ClearField("initializer")
         graph.initializer.extend(kept)  # copies: written below through the graph's own
-        for tensor in (*graph.initializer, *_subgraph_initializers(graph)):
+        for tensor in initializer_tensors(graph):
             writer.put(tensor, src.parent)
         graph.initializer.extend(added)
     for field in (graph.input, graph.value_info):
@@ -288,12 +288,3 @@ def _referenced(graph: Any) -> set[str]:
             for sub in ([attribute.g] if attribute.g.ByteSize() else []) + list(attribute.graphs):
                 used |= _referenced(sub)
     return used
-
-
-def _subgraph_initializers(graph: Any) -> list[Any]:
-    found = []
-    for node in graph.node:
-        for attribute in node.attribute:
-            for sub in ([attribute.g] if attribute.g.ByteSize() else []) + list(attribute.graphs):
-                found += list(initializer_tensors(sub))
-    return found
