@@ -330,7 +330,12 @@ def evaluate(
     report: dict = {"path": str(path), "data": str(data)}
     if is_artifact(path):
         logits_fn = ort_logits_fn(path, ep=ep, prepack=not low_memory)
-        report["runtime"] = f"onnxruntime ({ep}{', no prepacking' if low_memory else ''})"
+        from cwca_export.exporter.session import casts_float16_per_run
+
+        lean = ", no prepacking" if low_memory else ""
+        if casts_float16_per_run(Path(path) / "model.onnx", ep, not low_memory):
+            lean += ", float16 weights cast per forward"
+        report["runtime"] = f"onnxruntime ({ep}{lean})"
         if (Path(path) / "cwca_manifest.json").is_file():
             from cwca_export.exporter.api import Artifact
 

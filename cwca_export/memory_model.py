@@ -69,12 +69,19 @@ QUANT_SESSION_COPIES = {"int8": 0.37, "int4": 0.13}
 # does, it fails at protobuf's 2 GiB after 6,035 MiB): bench_low_memory.py --fp16-only
 STREAMED_FP16_BYTES = 100 * 2**20
 # a float16 artifact's sessions on ONNX Runtime's CPU provider (the final checks, the measurement
-# worker; no prepacking): the provider casts every float16 initialiser to a float32 one of its own
-# at creation (550M, one session by hand: 2,113 MiB after creation, 1.00 fp32 copies, the same with
-# constant folding disabled). The --low-memory --dtype float16 export's own peak, in fp32 copies of
-# the weights, measured at 550M: the CLI process 3,506 MiB sampled, 3,037 beyond its 469 MiB runtime
-# (1.44 copies of 2,103 MiB); its measurement worker 3,046 MiB after the runs (bench_low_memory.py --fp16-only)
+# worker; no prepacking). Inline (float16 weights under 2 GiB, the default --external-data-threshold):
+# the session holds the graph's bytes and, optimised, a float32 copy of the weights (550M inline: the
+# CLI process 3,506 MiB sampled, 3,037 beyond its 469 MiB runtime, 1.44 fp32 copies; the measurement
+# worker 3,046 MiB after the runs; bench_low_memory.py --fp16-only)
 FP16_CPU_SESSION_COPIES = 1.45
+# with external data the sessions cast each weight as a node reads it (exporter.session.
+# casts_float16_per_run: no graph optimisation, no arena, priority order): a weight or two in float32
+# at a time, in copies of the largest tensor. Measured at 550M (largest tensor 188 MiB), one session
+# by hand sampling RssAnon every 3 ms over creation and two 16-token forwards: 293 MiB beyond the
+# runtime (docs/memory.md, "Float16 a tensor at a time"); the export with external data: its
+# measurement worker 38 MiB after the runs, the CLI process peaking in its trace at 920 MiB, as the
+# float32 export does (bench_low_memory.py --fp16-only, the --external-data-threshold 512MB row)
+FP16_CAST_TENSOR_COPIES = 1.6
 # export --low-memory (onnx backend): copies of the largest tensor torch.onnx.export holds at once
 # while tracing with placeholders (shape inference: 3.1, measured at 550M by
 # benchmarks/bench_export_phases.py --low-memory). Its sessions do not prepack, so the weights stay
@@ -423,8 +430,9 @@ def export_low_memory(shape: ModelShape, quantize: str | None = None, runtime: i
     - with ``fp16`` (``--dtype float16``): ONNX Runtime's float16 converter on the graph without
       its weights, each converted a slice at a time (:mod:`cwca_export.exporter.streamed_fp16`):
       ``STREAMED_FP16_BYTES``, the same at any size; then the float16 artifact's sessions on the
-      CPU provider, which hold float32 copies of the weights they compute with:
-      ``FP16_CPU_SESSION_COPIES`` x 4P, the largest phase.
+      CPU provider: with external data (2P above 2 GiB) they cast each weight as it is read,
+      ``FP16_CAST_TENSOR_COPIES`` x the largest tensor; an inline artifact's hold its bytes and a
+      float32 copy, ``FP16_CPU_SESSION_COPIES`` x 4P.
 
     Below 2 GiB of fp32 weights the graph is inline and the fill rewrites it whole
     (``INLINE_LOW_MEMORY_COPIES``, the process's own): no saving there.
@@ -443,7 +451,8 @@ def export_low_memory(shape: ModelShape, quantize: str | None = None, runtime: i
         "post-processing": (STREAMED_QUANT_COPIES[quantize] * shape.largest_weight_group * 4 if quantize
                             else float(max(largest, STREAMED_FP16_BYTES if fp16 else 0))),
         "the quantized artifact's prepacked sessions": QUANT_SESSION_COPIES[quantize] * fp32 if quantize else 0.0,
-        "the float16 artifact's CPU sessions": FP16_CPU_SESSION_COPIES * fp32 if fp16 else 0.0,
+        "the float16 artifact's CPU sessions": (0.0 if not fp16 else FP16_CPU_SESSION_COPIES * fp32
+                                                 if fp32 / 2 <= PROTOBUF_LIMIT else FP16_CAST_TENSOR_COPIES * largest),
     }
     phase = max(phases, key=phases.get)
     return StepCost(name, host={f"peak phase: {phase}": phases[phase]}, time_units=0.0, runtime=runtime,

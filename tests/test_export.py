@@ -112,7 +112,7 @@ def test_manifest_records_files_hashes_versions_and_measurements(llama_optimum):
     meas = m["measurement"]
     assert meas["workload"] == {
         "ep": "cpu", "batch": 1, "prompt_len": 8, "context": 24, "warmup": 1, "runs": 3, "threads": 0,
-        "prepack": True,
+        "prepack": True, "casts_float16_per_run": False,
     }
     assert meas["resident_bytes"] > 0 and "VmHWM" in meas["resident_method"]
     assert meas["kv_cache_bytes"] == 2 * 2 * (1 * 2 * 24 * 8 * 4)  # layers * (k, v) * B * heads * ctx * hd * fp32

@@ -183,3 +183,26 @@ def test_cli_points_a_big_export_at_low_memory(tmp_path, monkeypatch):
                                       "--out", str(tmp_path / "e"), *COMMON])
     assert result.exit_code == 0, result.output
     assert "note" not in result.output
+
+
+def test_eval_low_memory_of_a_float16_artifact_casts_per_forward(tmp_path):
+    """A float16 artifact with external data: the session without prepacking keeps its weights
+    float16 (casting each per forward); the perplexity is the torch model's within float16 error."""
+    model = tiny_model("llama", hidden_size=64, intermediate_size=256, num_hidden_layers=2)
+    reference = copy.deepcopy(model)
+    artifact = cwca_export.export(model, None, tmp_path / "fp16", backend="onnx", tokenizer=tiny_tokenizer(),
+                                  external_data_threshold=1024, budget=Budget(prompt_len=8, context=24, dtype="fp16"),
+                                  runs=1, warmup=0)
+    text = tmp_path / "heldout.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog and then the dog sleeps. " * 20)
+    folder = tmp_path / "torch"
+    reference.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    runner = CliRunner()
+    common = ["--data", str(text), "--seq-len", "16", "--max-tokens", "64", "--json"]
+    lean = runner.invoke(cli, ["eval", str(artifact.path), *common, "--low-memory"])
+    torch_run = runner.invoke(cli, ["eval", str(folder), *common])
+    assert lean.exit_code == 0 and torch_run.exit_code == 0, lean.output + torch_run.output
+    a, b = json.loads(lean.output), json.loads(torch_run.output)
+    assert a["runtime"] == "onnxruntime (cpu, no prepacking, float16 weights cast per forward)"
+    assert a["tokens"] == b["tokens"] and math.isclose(a["perplexity"], b["perplexity"], rel_tol=1e-2)

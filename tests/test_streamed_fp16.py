@@ -7,6 +7,7 @@ ONNX Runtime)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -213,6 +214,41 @@ def test_cli_low_memory_float16_export_streams_and_computes_as_the_ordinary_one(
     low_out, ordinary_out = run_graph(tmp_path / "low" / "model.onnx"), run_graph(tmp_path / "ordinary" / "model.onnx")
     for x, y in zip(low_out, ordinary_out, strict=True):
         assert x.dtype == np.float16 and np.array_equal(x, y, equal_nan=True)
+    # the float16 artifact's own sessions cast the weights per forward instead of a float32 copy
+    workload = json.loads((tmp_path / "low" / "cwca_manifest.json").read_text())["measurement"]["workload"]
+    assert workload["prepack"] is False and workload["casts_float16_per_run"] is True
+    assert "a float32 copy of the float16 weights (cast per forward" in low.output
+
+
+def test_a_float16_session_without_prepacking_casts_per_forward_and_computes_the_same(graphs):
+    """On the CPU provider, without prepacking: no graph optimisation (which folds the weights'
+    casts into float32 copies), no arena, casts run just before their readers; the logits are
+    those of ONNX Runtime's default session on the same graph (float16 tolerance). A float32
+    graph's session keeps the optimisations."""
+    import onnxruntime as ort
+
+    from cwca_export.exporter.session import DecoderSession, make_session
+
+    fp32_path, fp16_path = graphs["llama-external"], graphs["llama-external"].parent / "fp16" / "model.onnx"
+    fp16_path.parent.mkdir(exist_ok=True)
+    convert_fp16_streamed(fp32_path, fp16_path)
+    lean = make_session(fp16_path, "cpu", prepack=False)
+    options = lean.get_session_options()
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    assert options.enable_cpu_mem_arena is False and options.execution_order == ort.ExecutionOrder.PRIORITY_BASED
+    for path, prepack in ((fp32_path, False), (fp16_path, True)):
+        kept = make_session(path, "cpu", prepack=prepack).get_session_options()
+        assert kept.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL and kept.enable_cpu_mem_arena
+    ids = np.array([[5, 9, 13, 2, 7, 11, 40, 3]], dtype=np.int64)
+
+    def logits(session):
+        return DecoderSession(session).run(ids, np.ones_like(ids))[0].astype(np.float32)
+
+    exact = logits(ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"]))
+    errors = [np.sqrt(np.mean((logits(s) - exact) ** 2)) / np.sqrt(np.mean(exact**2))
+              for s in (lean, ort.InferenceSession(str(fp16_path), providers=["CPUExecutionProvider"]))]
+    assert errors[0] <= 0.02  # the export's float16 parity tolerance against float32
+    assert errors[0] <= 1.5 * errors[1]  # float16 rounding where ONNX Runtime's default session has its own
 
 
 def test_ordinary_float16_export_above_the_protobuf_limit_streams(tmp_path, monkeypatch):

@@ -27,7 +27,8 @@ from cwca_export.cli.options import COUNT, loading_options
               help="Artifacts: run the session without weight prepacking, computing from the artifact's"
                    " mapped weights (file pages, not memory of its own: docs/memory.md); prefill-sized"
                    " forwards run slower (float32 at 550M: 1.2x), quantized ones much slower (int8 2.6x, int4"
-                   " 8x for 16 tokens) for little saving: meant for float32 artifacts.")
+                   " 8x for 16 tokens) for little saving: meant for float32 artifacts. A float16 artifact with"
+                   " external data on the CPU casts each weight as it is read, holding no float32 copy (slower).")
 @click.option("--device", default="auto", show_default=True,
               help="Where a torch model folder runs: cpu, cuda, cuda:N or auto (cuda when visible);"
                    " artifacts use --ep.")

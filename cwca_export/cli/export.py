@@ -67,7 +67,10 @@ def _summary(art) -> list[str]:
         lines.append(f"resident memory: {format_size(art.resident_bytes)} (session + KV cache of {work['context']} tokens)")
         own = m["measurement"].get("anonymous_after_bytes")
         if work.get("prepack") is False and own is not None:
-            lines[-1] += (f"; without prepacking (--low-memory) the session's own memory after the runs was"
+            how = "without prepacking"
+            if work.get("casts_float16_per_run"):
+                how += " or a float32 copy of the float16 weights (cast per forward, so slower)"
+            lines[-1] += (f"; {how} (--low-memory) the session's own memory after the runs was"
                           f" {format_size(own)}, the rest the artifact's file pages")
     budget = m["budget"]
     if budget:

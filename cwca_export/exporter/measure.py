@@ -67,8 +67,9 @@ class MeasureConfig:
         warmup: untimed calls before timing.
         runs: timed calls per shape.
         threads: intra-op threads (0: ONNX Runtime's default, one per physical core).
-        prepack: ONNX Runtime's weight prepacking (False for a float32 artifact under
-            ``--low-memory``: the session computes from the artifact's mapped weights,
+        prepack: ONNX Runtime's weight prepacking (False for a float artifact under
+            ``--low-memory``: the session computes from the artifact's mapped weights, and a
+            float16 one on the CPU provider casts them per forward,
             :func:`~cwca_export.exporter.session.make_session`).
     """
 
@@ -193,15 +194,17 @@ def timed(session: Any, feed: dict[str, np.ndarray], warmup: int, runs: int) -> 
 
 
 def _worker(request: dict[str, Any]) -> dict[str, Any]:
-    from cwca_export.exporter.session import DecoderSession, make_session
+    from cwca_export.exporter.session import DecoderSession, casts_float16_per_run, make_session
     from cwca_export.ort import require_onnxruntime
 
     require_onnxruntime()  # the library itself is not part of the session's footprint
     b, p, c = request["batch"], request["prompt_len"], request["context"]
     cuda = request["ep"] == "cuda"
     device_before = device_used_bytes(_visible_gpu()) if cuda else None
-    before, before_anonymous = _status_bytes("VmRSS"), _status_bytes("RssAnon")
     prepack = request.get("prepack", True)
+    # read before the baseline: it imports onnx to look at the graph's header, not the session's memory
+    casts = casts_float16_per_run(request["model"], request["ep"], prepack)
+    before, before_anonymous = _status_bytes("VmRSS"), _status_bytes("RssAnon")
     session = make_session(request["model"], request["ep"], threads=request["threads"], prepack=prepack)
     decoder = DecoderSession(session)
     prefill = decoder.feed(np.ones((b, p), np.int64), np.ones((b, p), np.int64), None)
@@ -237,7 +240,8 @@ def _worker(request: dict[str, Any]) -> dict[str, Any]:
             "decode": timed(session, decode, request["warmup"], request["runs"]),
         },
         "workload": {**{k: request[k] for k in ("ep", "batch", "prompt_len", "context", "warmup", "runs", "threads")},
-                     "prepack": prepack},
+                     "prepack": prepack,
+                     "casts_float16_per_run": casts},
         "providers": session.get_providers(),
     }
 
