@@ -28,7 +28,8 @@ def one_line(message: str, command_path: str) -> str:
     return text
 
 
-# verbs whose work imports torch: the import is made whole first, signals held (interrupts.import_whole)
+# verbs whose work imports torch and transformers: those imports are made whole first, signals held
+# (interrupts.import_whole, interrupts.HEAVY_IMPORTS)
 TORCH_VERBS = frozenset({"score", "refine", "compress", "export", "eval", "demo", "run"})
 
 
@@ -52,9 +53,9 @@ class _Group(click.Group):
             @functools.wraps(inner)
             def callback(*args, verbose: bool = False, quiet: bool = False, **params):
                 if needs_torch:  # torch's import does not survive a signal (interrupts.import_whole)
-                    from cwca_export.interrupts import import_whole
+                    from cwca_export.interrupts import HEAVY_IMPORTS, import_whole
 
-                    import_whole("torch")
+                    import_whole(*HEAVY_IMPORTS)
                 with verbosity(verbose=verbose, quiet=quiet, machine_output=bool(params.get("as_json"))):
                     return inner(*args, **params)
 
@@ -172,7 +173,14 @@ _register()
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
-    from cwca_export.interrupts import EXIT_SIGINT, EXIT_SIGTERM, install_handlers, settle_interrupted_exit
+    from cwca_export.interrupts import (
+        EXIT_SIGINT,
+        EXIT_SIGTERM,
+        Terminated,
+        exit_interrupted,
+        install_handlers,
+        settle_interrupted_exit,
+    )
 
     install_handlers()
     try:
@@ -181,8 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         if exc.code in (EXIT_SIGINT, EXIT_SIGTERM):  # interrupted, cleaned up, reported: exit as that
             settle_interrupted_exit()
         raise
-    except KeyboardInterrupt:  # one that escaped click's handling (seen once in CI): still exit 130
+    except (KeyboardInterrupt, Terminated) as exc:  # one that escaped click's handling (seen once in CI)
         if os.environ.get("CWCA_DEBUG"):
             raise
-        settle_interrupted_exit()
-        sys.exit(EXIT_SIGINT)
+        exit_interrupted(exc)
