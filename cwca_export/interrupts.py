@@ -36,7 +36,7 @@ def install_handlers() -> None:
 
 
 def settle_interrupted_exit() -> None:
-    """Make the exit status of a cleaned-up, reported interrupt (130 / 143) the process's own.
+    """Make the exit status the CLI decided (130 / 143 for a cleaned-up, reported interrupt) the process's own.
 
     Two things could still replace it. Called once, from the CLI's entry point, on the way out:
 

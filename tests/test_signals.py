@@ -390,3 +390,40 @@ def test_a_signal_while_transformers_imports_acts_once_it_is_whole(model, calib,
     assert done.stderr.strip() == "Interrupted (SIGINT): stopped; no partial output was left", done.stderr
     assert done.stdout.strip() == "whole: True"
     assert not (tmp_path / "s.json").exists()
+
+
+def test_a_signal_while_a_verbs_options_import_torch_acts_once_it_is_whole(model, calib, tmp_path):
+    """``--method`` converts by importing the compression registry, torch and transformers with it,
+    while click parses the verb's options, before the verb runs: a SIGTERM there (0.3 s into a
+    compress) ended in "Could not import module 'GenerationMixin'", exit 1. Held there too."""
+    from compress_plans import make_plan
+    from transformers import AutoModelForCausalLM
+
+    make_plan(AutoModelForCausalLM.from_pretrained(model), "prune", [0.3, 0.5]).save(tmp_path / "plan.json")
+    (tmp_path / "runner.py").write_text(_SIGNAL_ON_IMPORT.format(
+        module="torch", sig="SIGTERM", whole="transformers.models.auto.modeling_auto"))
+    args = ["compress", str(model), "--plan", "plan.json", "--method", "wanda", "--data", str(calib),
+            "--samples", "2", "--seq-len", "32", "--out", "small"]
+    done = subprocess.run([sys.executable, "runner.py", *args], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=240, env=ENV)
+    assert done.returncode == 143, done.stderr
+    assert done.stderr.strip() == "Interrupted (SIGTERM): stopped; no partial output was left", done.stderr
+    assert done.stdout.strip() == "whole: True"
+    assert not (tmp_path / "small").exists()
+
+
+@pytest.mark.parametrize("sent", ["SIGINT", "SIGTERM"])
+def test_a_signal_as_a_finished_run_exits_keeps_its_status(model, tmp_path, sent):
+    """A run that finished (its outputs whole) and is signalled while it exits: a SIGTERM in
+    interpreter shutdown, which restores the default action, killed a finished report (-15);
+    in an atexit handler either signal printed a traceback. The run's own status stands."""
+    script = tmp_path / "finished.py"
+    script.write_text(f"""
+import atexit, os, signal, time
+from cwca_export.cli import main
+atexit.register(lambda: (os.kill(os.getpid(), signal.{sent}), time.sleep(0.3)))
+main(["inspect", {str(model)!r}])
+""")
+    done = subprocess.run([sys.executable, str(script)], env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr and "blocks: 2" in done.stdout, done.stderr

@@ -62,6 +62,17 @@ class _Group(click.Group):
             cmd.callback = callback
         super().add_command(cmd, name)
 
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        """The verb; for a torch verb, torch and transformers imported whole first, signals held:
+        its options convert next, and a registry flag (``--method``) imports them (0.3 s into a
+        compress, a SIGTERM there ended in "Could not import module 'GenerationMixin'", exit 1)."""
+        name, cmd, rest = super().resolve_command(ctx, args)
+        if cmd is not None and cmd.name in TORCH_VERBS and not {"--help", "-h"} & set(rest):
+            from cwca_export.interrupts import HEAVY_IMPORTS, import_whole
+
+            import_whole(*HEAVY_IMPORTS)
+        return name, cmd, rest
+
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         try:
             return super().parse_args(ctx, args)
@@ -173,21 +184,16 @@ _register()
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
-    from cwca_export.interrupts import (
-        EXIT_SIGINT,
-        EXIT_SIGTERM,
-        Terminated,
-        exit_interrupted,
-        install_handlers,
-        settle_interrupted_exit,
-    )
+    from cwca_export.interrupts import Terminated, exit_interrupted, install_handlers, settle_interrupted_exit
 
     install_handlers()
     try:
         cli.main(args=argv if argv is not None else sys.argv[1:], prog_name="cwca-export")
-    except SystemExit as exc:
-        if exc.code in (EXIT_SIGINT, EXIT_SIGTERM):  # interrupted, cleaned up, reported: exit as that
-            settle_interrupted_exit()
+    except SystemExit:
+        # the run is over, its outputs whole or absent, its status decided (130 / 143 for an interrupt
+        # cleaned up and reported): a late signal (atexit, interpreter shutdown, which restores the
+        # default action: a report signalled as it finished died -15) must not replace that status
+        settle_interrupted_exit()
         raise
     except (KeyboardInterrupt, Terminated) as exc:  # one that escaped click's handling (seen once in CI)
         if os.environ.get("CWCA_DEBUG"):
