@@ -427,3 +427,15 @@ main(["inspect", {str(model)!r}])
     done = subprocess.run([sys.executable, str(script)], env=ENV, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr and "blocks: 2" in done.stdout, done.stderr
+
+
+def test_a_signal_while_inspect_imports_acts_once_its_libraries_are_whole(model, tmp_path):
+    """``inspect`` of a model folder imports torch and transformers too (not one of the torch
+    verbs): a SIGTERM 0.34 s in broke NumPy half-way (RecursionError, exit 1). Held as theirs are."""
+    (tmp_path / "runner.py").write_text(_SIGNAL_ON_IMPORT.format(
+        module="torch", sig="SIGTERM", whole="transformers.models.auto.modeling_auto"))
+    done = subprocess.run([sys.executable, "runner.py", "inspect", str(model)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=240, env=ENV)
+    assert done.returncode == 143, done.stderr
+    assert done.stderr.strip() == "Interrupted (SIGTERM): stopped; no partial output was left", done.stderr
+    assert done.stdout.strip() == "whole: True"
