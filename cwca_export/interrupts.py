@@ -14,6 +14,7 @@ import contextlib
 import signal
 import threading
 from collections.abc import Iterator
+from typing import NoReturn
 
 EXIT_SIGINT = 128 + int(signal.SIGINT)  # 130
 EXIT_SIGTERM = 128 + int(signal.SIGTERM)  # 143
@@ -35,7 +36,7 @@ def install_handlers() -> None:
 
 
 def settle_interrupted_exit() -> None:
-    """Make the exit status of a cleaned-up, reported interrupt (130 / 143) the process's own.
+    """Make the exit status the CLI decided (130 / 143 for a cleaned-up, reported interrupt) the process's own.
 
     Two things could still replace it. Called once, from the CLI's entry point, on the way out:
 
@@ -82,19 +83,35 @@ def interrupt_cause(exc: BaseException) -> BaseException | None:
 
 @contextlib.contextmanager
 def deferred_signals() -> Iterator[None]:
-    """Block SIGINT and SIGTERM while the body runs; a signal that came meanwhile acts after it."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+    """Hold SIGINT and SIGTERM while the body runs; a signal that came meanwhile acts after it.
+
+    Held by handlers that only note the signal, not by the main thread's signal mask: the kernel
+    hands a process-directed signal to any thread that does not block it, and threads started
+    before (OpenBLAS's, started when NumPy first imports, here while click converts a verb's
+    options) do not; CPython then raised the interrupt in the main thread mid-body regardless."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    noted: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: noted.append(signum)) for signum in _HELD}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        if noted:
+            signal.raise_signal(noted[0])  # acts now, as the restored handler says
 
 
-def import_whole(module: str) -> None:
-    """Import ``module`` with SIGINT / SIGTERM held until it is done (a signal then acts right after).
+# what the verbs that load models import first, whole (import_whole): torch, then transformers'
+# model classes, which pull in torch._dynamo, scikit-learn and SciPy (about 3 s on 2 cores). A SIGINT
+# landing in that second stack broke NumPy's lazy submodules half-way and surfaced as "Could not import
+# module 'GenerationMixin'" (RecursionError inside), exit 1: 2 of 3 compress runs signalled 0.3-1.2 s in
+HEAVY_IMPORTS = ("torch", "transformers.models.auto.modeling_auto")
+
+
+def import_whole(*modules: str) -> None:
+    """Import ``modules`` with SIGINT / SIGTERM held until they are done (a signal then acts right after).
 
     torch's import does not survive a signal half-way. Measured on ``python -m cwca_export demo``
     with SIGINT sent 0.25-0.7 s after start: torch's C initialisation imports NumPy and drops any
@@ -105,5 +122,18 @@ def import_whole(module: str) -> None:
     import importlib
 
     with deferred_signals():
-        importlib.import_module(module)
+        for module in modules:
+            importlib.import_module(module)
+
+
+def exit_interrupted(exc: BaseException) -> NoReturn:
+    """Exit as an interrupt the CLI's own handling never saw asks (130 / 143), with its one line.
+
+    For a signal that lands before the CLI runs (``python -m cwca_export`` importing its verbs)."""
+    import sys
+
+    settle_interrupted_exit()  # first: a second signal must not cut the line or the exit
+    signal_name = "SIGINT" if isinstance(exc, KeyboardInterrupt) else "SIGTERM"
+    sys.stderr.write(f"Interrupted ({signal_name}): stopped; no partial output was left\n")
+    sys.exit(exit_code(exc))
 

@@ -278,3 +278,58 @@ def test_optimum_low_memory_refuses_what_optimum_refuses_before_the_trace(tmp_pa
         with pytest.raises(UnsupportedModelError, match=f"{why}.*--backend onnx"):
             cwca_export.export(model, None, tmp_path / name, backend="optimum", low_memory=True, **FAST)
         assert not (tmp_path / name).exists()
+
+
+def test_optimum_refuses_before_a_plan_compresses_the_model(tmp_path, monkeypatch):
+    """With --method and --plan the model is compressed before it is built: a model the optimum
+    backend refuses (Phi-3 with grouped KV heads) was compressed first (calibration passes, an
+    hour at scale) and refused after. Now before the plan is applied."""
+    from compress_plans import make_plan
+    from cwca_export.backends import UnsupportedModelError
+    from helpers import sample_text
+
+    from cwca_export.data import calibration_data
+    from cwca_export.exporter import api
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the plan was applied to a model the backend refuses")
+
+    monkeypatch.setattr(api, "apply_plan", no_work)
+    model = tiny_model("phi3")
+    (tmp_path / "calib.txt").write_text(sample_text(), encoding="utf-8")
+    data = calibration_data(tmp_path / "calib.txt", tiny_tokenizer(), num_samples=2, seq_len=32, seed=0)
+    with pytest.raises(UnsupportedModelError, match="grouped KV heads.*--backend onnx"):
+        cwca_export.export(model, make_plan(model, "prune", [0.3, 0.5]), tmp_path / "a", backend="optimum",
+                           method="wanda", compress_options={"data": data}, low_memory=True, **FAST)
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("low_memory", [True, False])
+def test_no_kv_cache_with_optimum_is_refused_before_any_work(tmp_path, monkeypatch, low_memory):
+    """--no-kv-cache with the default backend (which has no such option): refused after the model
+    was loaded, spilled and run, with no flag named ("backend 'optimum' does not take option(s)
+    ['with_past']"). Now a usage error naming --no-kv-cache and --backend onnx before loading;
+    through the API, before the weights are spilled or the torch reference taken."""
+    from click.testing import CliRunner
+
+    from cwca_export import loading
+    from cwca_export.cli import cli
+    from cwca_export.exporter import build
+
+    model_dir = save_tiny_model("llama", tmp_path / "tiny-llama")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work done for an option the backend does not take")
+
+    monkeypatch.setattr(loading, "load_model", no_work)
+    monkeypatch.setattr(build, "map_weights", no_work)
+    monkeypatch.setattr(build, "torch_reference", no_work)
+    args = ["export", str(model_dir), "--no-kv-cache", "--out", str(tmp_path / "o")]
+    result = CliRunner().invoke(cli, args + (["--low-memory"] if low_memory else []))
+    assert result.exit_code == 2, result.output
+    assert "--no-kv-cache" in result.output and "--backend onnx" in result.output
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ValueError, match=r"with_past.*onnx"):
+        cwca_export.export(tiny_model("llama"), None, tmp_path / "a", backend="optimum",
+                           backend_options={"with_past": False}, low_memory=low_memory, **FAST)
+    assert not (tmp_path / "a").exists()

@@ -28,7 +28,8 @@ def one_line(message: str, command_path: str) -> str:
     return text
 
 
-# verbs whose work imports torch: the import is made whole first, signals held (interrupts.import_whole)
+# verbs whose work imports torch and transformers: those imports are made whole first, signals held
+# (interrupts.import_whole, interrupts.HEAVY_IMPORTS)
 TORCH_VERBS = frozenset({"score", "refine", "compress", "export", "eval", "demo", "run"})
 
 
@@ -52,14 +53,25 @@ class _Group(click.Group):
             @functools.wraps(inner)
             def callback(*args, verbose: bool = False, quiet: bool = False, **params):
                 if needs_torch:  # torch's import does not survive a signal (interrupts.import_whole)
-                    from cwca_export.interrupts import import_whole
+                    from cwca_export.interrupts import HEAVY_IMPORTS, import_whole
 
-                    import_whole("torch")
+                    import_whole(*HEAVY_IMPORTS)
                 with verbosity(verbose=verbose, quiet=quiet, machine_output=bool(params.get("as_json"))):
                     return inner(*args, **params)
 
             cmd.callback = callback
         super().add_command(cmd, name)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        """The verb; for a torch verb, torch and transformers imported whole first, signals held:
+        its options convert next, and a registry flag (``--method``) imports them (0.3 s into a
+        compress, a SIGTERM there ended in "Could not import module 'GenerationMixin'", exit 1)."""
+        name, cmd, rest = super().resolve_command(ctx, args)
+        if cmd is not None and cmd.name in TORCH_VERBS and not {"--help", "-h"} & set(rest):
+            from cwca_export.interrupts import HEAVY_IMPORTS, import_whole
+
+            import_whole(*HEAVY_IMPORTS)
+        return name, cmd, rest
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         try:
@@ -172,17 +184,18 @@ _register()
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
-    from cwca_export.interrupts import EXIT_SIGINT, EXIT_SIGTERM, install_handlers, settle_interrupted_exit
+    from cwca_export.interrupts import Terminated, exit_interrupted, install_handlers, settle_interrupted_exit
 
     install_handlers()
     try:
         cli.main(args=argv if argv is not None else sys.argv[1:], prog_name="cwca-export")
-    except SystemExit as exc:
-        if exc.code in (EXIT_SIGINT, EXIT_SIGTERM):  # interrupted, cleaned up, reported: exit as that
-            settle_interrupted_exit()
+    except SystemExit:
+        # the run is over, its outputs whole or absent, its status decided (130 / 143 for an interrupt
+        # cleaned up and reported): a late signal (atexit, interpreter shutdown, which restores the
+        # default action: a report signalled as it finished died -15) must not replace that status
+        settle_interrupted_exit()
         raise
-    except KeyboardInterrupt:  # one that escaped click's handling (seen once in CI): still exit 130
+    except (KeyboardInterrupt, Terminated) as exc:  # one that escaped click's handling (seen once in CI)
         if os.environ.get("CWCA_DEBUG"):
             raise
-        settle_interrupted_exit()
-        sys.exit(EXIT_SIGINT)
+        exit_interrupted(exc)

@@ -176,7 +176,8 @@ def _precision_damage(path, model, tokenizer, compress_options, rounding, format
 @click.option("--prompt-len", type=COUNT, help="Prefill length for measurement [default: 32].")
 @click.option("--context", type=click.IntRange(min=2), help="KV cache length at the measured decode step [default: 128].")
 @click.option("--hardware", metavar="PROFILE", help="Hardware profile (cpu-2core-24gb, jetson-orin-8gb, a10g-24gb, h100-80gb) or a YAML path.")
-@click.option("--no-kv-cache", is_flag=True, help="onnx backend: export logits only, without KV cache inputs.")
+@click.option("--no-kv-cache", is_flag=True,
+              help="--backend onnx: export logits only, without KV cache inputs (optimum keeps the cache its loader needs).")
 @click.option("--opset", type=COUNT, help="ONNX opset [default: the backend's].")
 @click.option("--external-data-threshold", type=SIZE, default="2GiB", show_default=True, metavar="SIZE", help="Weights go to model.onnx_data above this graph size.")
 @click.option("--runs", type=COUNT, default=10, show_default=True, help="Timed runs per latency measurement.")
@@ -259,6 +260,15 @@ def export(
         options["with_past"] = False
     if opset is not None:
         options["opset"] = opset
+    if options:  # a backend without the flag's option refuses here, before the model loads
+        from cwca_export.backends import get_backend, weightless_export
+        from cwca_export.exporter.build import unknown_options
+
+        chosen = get_backend(backend)
+        unknown = unknown_options((weightless_export(chosen) if low_memory else None) or chosen.export, options)
+        if unknown:
+            flag = {"with_past": "--no-kv-cache", "opset": "--opset"}[unknown[0]]
+            raise click.BadParameter(f"backend {backend} does not take it; hint: add --backend onnx", param_hint=flag)
     plan = Plan.load(plan_path) if plan_path else None
     if method and budget.has_limits:
         from cwca_export.compression.registry import get_method

@@ -122,6 +122,11 @@ def inspect(path: str, as_json: bool, verify: bool, trust_remote_code: bool, all
     if verify:
         _verify(target, as_json)
         return
+    from cwca_export.interrupts import HEAVY_IMPORTS, import_whole
+
+    # what follows imports torch (and, for a model folder, transformers): whole, signals held (a SIGTERM
+    # 0.34 s into inspecting a model folder broke NumPy half-way: RecursionError, exit 1)
+    import_whole(*(HEAVY_IMPORTS if target.is_dir() else HEAVY_IMPORTS[:1]))
     info = _describe_model(target, trust_remote_code, allow_pickle) if target.is_dir() else _describe_json(target)
     if as_json:
         click.echo(json.dumps(info, indent=2))

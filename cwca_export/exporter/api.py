@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cwca_export.atomic import Staging
+from cwca_export.backends import UnsupportedModelError, get_backend
 from cwca_export.budget import Budget
 from cwca_export.compression import apply_plan
 from cwca_export.exporter.build import Candidate, ExportSettings, build_candidate, prepacks
@@ -208,6 +209,10 @@ def export(
         rounding=rounding,
         low_memory=low_memory,
     )
+    refusal = getattr(get_backend(backend), "refusal", None)
+    reason = refusal(model) if callable(refusal) else None
+    if reason:  # before a plan compresses the model or a budget search prices it (build asks again after)
+        raise UnsupportedModelError(reason)
     with Staging(out_dir, overwrite=overwrite) as staging:
         if budget.has_limits:
             from cwca_export.exporter.search import fit_budget

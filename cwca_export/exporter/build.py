@@ -188,6 +188,22 @@ def fixed_mmap_threshold():
             libc.mallopt(-1, 64 * 1024 * 1024)
 
 
+def unknown_options(export: Any, options: dict[str, Any]) -> list[str]:
+    """The names in ``options`` that a backend's ``export`` takes no keyword for (none with ``**options``).
+
+    Asked before any work, so that ``--no-kv-cache`` (``with_past``) or ``--opset`` given to a
+    backend without them fails at once, not after the model was loaded, spilled and run."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(export).parameters
+    except (TypeError, ValueError):  # a callable without a signature: its own TypeError says it
+        return []
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return []
+    return sorted(set(options) - set(parameters))
+
+
 def _other_backends(name: str) -> str:
     others = [b for b in available_backends() if b != name]
     return f"hint: try another backend ({', '.join(others)})" if others else "hint: export with CWCA_DEBUG=1 and report the model type"
@@ -367,6 +383,11 @@ def _build(model: Any, tokenizer: Any, folder: Path, settings: ExportSettings) -
     reason = refusal(model) if callable(refusal) else None
     if reason:  # before the weights are spilled, the reference taken or anything traced
         raise UnsupportedModelError(reason)
+    unknown = unknown_options(weightless_export(backend) if settings.low_memory else backend.export,
+                              settings.backend_options)
+    if unknown:  # the same: before any work
+        raise ValueError(f"backend {settings.backend!r} does not take option(s) {unknown};"
+                         f" {_other_backends(settings.backend)}")
     spill, mapped = folder / SPILL_NAME, None
     if settings.low_memory:  # the weights become float32 pages of a scratch file, not the heap's
         mapped = map_weights(model, spill)
