@@ -48,14 +48,9 @@ class _Group(click.Group):
         if cmd.callback is not None and not any(p.name == "verbose" for p in cmd.params):
             cmd.params.extend(verbosity_options())
             inner = cmd.callback
-            needs_torch = cmd.name in TORCH_VERBS
 
             @functools.wraps(inner)
             def callback(*args, verbose: bool = False, quiet: bool = False, **params):
-                if needs_torch:  # torch's import does not survive a signal (interrupts.import_whole)
-                    from cwca_export.interrupts import HEAVY_IMPORTS, import_whole
-
-                    import_whole(*HEAVY_IMPORTS)
                 with verbosity(verbose=verbose, quiet=quiet, machine_output=bool(params.get("as_json"))):
                     return inner(*args, **params)
 

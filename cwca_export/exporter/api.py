@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from cwca_export.atomic import Staging
-from cwca_export.backends import UnsupportedModelError, get_backend
 from cwca_export.budget import Budget
 from cwca_export.compression import apply_plan
-from cwca_export.exporter.build import Candidate, ExportSettings, build_candidate, prepacks
+from cwca_export.exporter.build import Candidate, ExportSettings, build_candidate, check_backend, prepacks
 from cwca_export.exporter.manifest import MANIFEST_NAME, build_manifest
 from cwca_export.exporter.measure import MeasureConfig
 from cwca_export.exporter.postprocess import PROTOBUF_LIMIT, QuantizeConfig
@@ -209,10 +208,7 @@ def export(
         rounding=rounding,
         low_memory=low_memory,
     )
-    refusal = getattr(get_backend(backend), "refusal", None)
-    reason = refusal(model) if callable(refusal) else None
-    if reason:  # before a plan compresses the model or a budget search prices it (build asks again after)
-        raise UnsupportedModelError(reason)
+    check_backend(settings, model)  # before a plan compresses the model or a budget search prices it
     with Staging(out_dir, overwrite=overwrite) as staging:
         if budget.has_limits:
             from cwca_export.exporter.search import fit_budget

@@ -204,6 +204,22 @@ def unknown_options(export: Any, options: dict[str, Any]) -> list[str]:
     return sorted(set(options) - set(parameters))
 
 
+def check_backend(settings: ExportSettings, model: Any) -> None:
+    """Before any work: the backend's refusal of ``model`` (``refusal(model)``, if it has one)
+    and the options its export takes no keyword for (``--no-kv-cache``, ``--opset``), which would
+    otherwise fail after the model was loaded, spilled and run."""
+    backend = get_backend(settings.backend)
+    refusal = getattr(backend, "refusal", None)
+    reason = refusal(model) if callable(refusal) else None
+    if reason:
+        raise UnsupportedModelError(reason)
+    unknown = unknown_options(weightless_export(backend) if settings.low_memory else backend.export,
+                              settings.backend_options)
+    if unknown:
+        raise ValueError(f"backend {settings.backend!r} does not take option(s) {unknown};"
+                         f" {_other_backends(settings.backend)}")
+
+
 def _other_backends(name: str) -> str:
     others = [b for b in available_backends() if b != name]
     return f"hint: try another backend ({', '.join(others)})" if others else "hint: export with CWCA_DEBUG=1 and report the model type"
@@ -379,15 +395,7 @@ def build_candidate(model: Any, tokenizer: Any, folder: Path, settings: ExportSe
 
 def _build(model: Any, tokenizer: Any, folder: Path, settings: ExportSettings) -> Candidate:
     backend = get_backend(settings.backend)
-    refusal = getattr(backend, "refusal", None)
-    reason = refusal(model) if callable(refusal) else None
-    if reason:  # before the weights are spilled, the reference taken or anything traced
-        raise UnsupportedModelError(reason)
-    unknown = unknown_options(weightless_export(backend) if settings.low_memory else backend.export,
-                              settings.backend_options)
-    if unknown:  # the same: before any work
-        raise ValueError(f"backend {settings.backend!r} does not take option(s) {unknown};"
-                         f" {_other_backends(settings.backend)}")
+    check_backend(settings, model)  # again: a plan applied since may have changed what it refuses
     spill, mapped = folder / SPILL_NAME, None
     if settings.low_memory:  # the weights become float32 pages of a scratch file, not the heap's
         mapped = map_weights(model, spill)
