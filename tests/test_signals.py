@@ -376,19 +376,25 @@ def test_a_signal_while_python_m_imports_the_verbs_exits_as_interrupted(tmp_path
     assert done.stderr.strip() == f"Interrupted ({sig}): stopped; no partial output was left", done.stderr
 
 
+def _signalled_while_importing(tmp_path, module, sig, code, args):
+    """Run the CLI with ``args``, ``sig`` sent to itself while ``module`` imports: it must exit
+    ``code`` with the one line, the heavy imports whole by then."""
+    (tmp_path / "runner.py").write_text(_SIGNAL_ON_IMPORT.format(
+        module=module, sig=sig, whole="transformers.models.auto.modeling_auto"))
+    done = subprocess.run([sys.executable, "runner.py", *args], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=240, env=ENV)
+    assert done.returncode == code, done.stderr
+    assert done.stderr.strip() == f"Interrupted ({sig}): stopped; no partial output was left", done.stderr
+    assert done.stdout.strip() == "whole: True"
+
+
 def test_a_signal_while_transformers_imports_acts_once_it_is_whole(model, calib, tmp_path):
     """A SIGINT in transformers' model-class imports (torch._dynamo, scikit-learn, SciPy), after
     torch's: unheld it broke NumPy's lazy submodules half-way and a compress run ended in "Could
     not import module 'GenerationMixin'" (exit 1, 2 of 3 runs signalled 0.3-1.2 s in). Held, the
     stack is imported whole, then the run stops as interrupted."""
-    (tmp_path / "runner.py").write_text(_SIGNAL_ON_IMPORT.format(
-        module="sklearn", sig="SIGINT", whole="transformers.models.auto.modeling_auto"))
-    args = ["score", str(model), "--data", str(calib), "--out", str(tmp_path / "s.json")]
-    done = subprocess.run([sys.executable, "runner.py", *args], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=240, env=ENV)
-    assert done.returncode == 130, done.stderr
-    assert done.stderr.strip() == "Interrupted (SIGINT): stopped; no partial output was left", done.stderr
-    assert done.stdout.strip() == "whole: True"
+    _signalled_while_importing(tmp_path, "sklearn", "SIGINT", 130,
+                               ["score", str(model), "--data", str(calib), "--out", str(tmp_path / "s.json")])
     assert not (tmp_path / "s.json").exists()
 
 
@@ -400,15 +406,9 @@ def test_a_signal_while_a_verbs_options_import_torch_acts_once_it_is_whole(model
     from transformers import AutoModelForCausalLM
 
     make_plan(AutoModelForCausalLM.from_pretrained(model), "prune", [0.3, 0.5]).save(tmp_path / "plan.json")
-    (tmp_path / "runner.py").write_text(_SIGNAL_ON_IMPORT.format(
-        module="torch", sig="SIGTERM", whole="transformers.models.auto.modeling_auto"))
-    args = ["compress", str(model), "--plan", "plan.json", "--method", "wanda", "--data", str(calib),
-            "--samples", "2", "--seq-len", "32", "--out", "small"]
-    done = subprocess.run([sys.executable, "runner.py", *args], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=240, env=ENV)
-    assert done.returncode == 143, done.stderr
-    assert done.stderr.strip() == "Interrupted (SIGTERM): stopped; no partial output was left", done.stderr
-    assert done.stdout.strip() == "whole: True"
+    _signalled_while_importing(tmp_path, "torch", "SIGTERM", 143,
+                               ["compress", str(model), "--plan", "plan.json", "--method", "wanda", "--data",
+                                str(calib), "--samples", "2", "--seq-len", "32", "--out", "small"])
     assert not (tmp_path / "small").exists()
 
 
