@@ -199,6 +199,7 @@ def check_output(
     json_types: Iterable[str] = (),
     recognise: Callable[[Path], bool] | None = None,
     flag: str = "--out",
+    refuse_existing: bool = False,
 ) -> None:
     """Refuse an output path that would cost the user a file; silent when it is safe.
 
@@ -214,6 +215,9 @@ def check_output(
         recognise: for files that are not JSON (report.html): True when an existing file is
             one the tool wrote; a file its folder's record lists is the tool's in any case.
         flag: the option naming ``out``, for the message.
+        refuse_existing: folders: refuse one that exists without ``overwrite`` here, before any
+            work (the writer, :class:`~cwca_export.atomic.Staging`, refuses it again when it
+            writes, which for an export or a compression comes after loading the model).
 
     Raises:
         UnsafeOutputError: with one line naming ``flag`` and a fix.
@@ -271,8 +275,10 @@ def check_output(
         return
     if not target.is_dir():
         raise UnsafeOutputError(f"{flag} {out} exists and is a file; hint: pass another {flag}")
+    if not overwrite and refuse_existing:
+        raise UnsafeOutputError(f"{flag} {out} already exists; hint: pass --overwrite or another {flag}")
     if not overwrite or not any(target.iterdir()):
-        return  # refusing an existing folder without --overwrite is the writer's job
+        return  # otherwise refusing an existing folder without --overwrite is the writer's job
     foreign = foreign_files(target)
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")

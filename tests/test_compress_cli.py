@@ -161,7 +161,7 @@ def test_an_existing_output_needs_overwrite(folder, tmp_path):
     result = _run(
         folder / "llama", "--plan", folder / "prune.json", "--method", "magnitude", "--out", out
     )
-    assert result.exit_code == 2 and "--overwrite" in result.output
+    assert result.exit_code == 1 and "already exists; hint: pass --overwrite" in result.output  # as export
     result = _run(
         folder / "llama",
         "--plan",

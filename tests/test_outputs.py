@@ -102,6 +102,23 @@ def test_overwrite_replaces_only_the_tools_own_folder(work, tmp_path):
     assert (out / "notes.txt").read_text() == "mine now"
 
 
+@pytest.mark.parametrize("verb", ["export", "compress", "demo"])
+def test_an_existing_out_without_overwrite_is_refused_before_the_model_loads(work, tmp_path, monkeypatch, verb):
+    """Export and compress load a model (a 7B one for minutes) before they write: an existing
+    --out folder without --overwrite fails first, with the flag and its fix, and stays as it was."""
+    from cwca_export import loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "mine.txt").write_text("the user's")
+    args = {"export": ["export", work / "model"],
+            "compress": ["compress", work / "model", "--plan", work / "plan.json", "--method", "magnitude"],
+            "demo": ["demo"]}[verb]
+    _refused(_cli(*args, "--out", out), f"--out {out} already exists", "hint: pass --overwrite")
+    assert _tree(out) == {"mine.txt": hashlib.sha256(b"the user's").hexdigest()}
+
+
 def test_run_refuses_an_out_that_holds_the_recipes_model(work, tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({

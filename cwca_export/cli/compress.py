@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import click
@@ -197,8 +196,6 @@ def compress(
     from cwca_export.loading import check_model_folder, load_model
     from cwca_export.planning.plan import Plan
 
-    if Path(out).exists() and not overwrite:
-        raise click.UsageError(f"{out} already exists; pass --overwrite or another --out")
     plan = Plan.load(plan_path)
     check_model_folder(model_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                        lengths={"--seq-len": seq_len if data_path is not None else None})

@@ -36,6 +36,7 @@ def guards_output(
                     inputs=[(label, params.get(name)) for name, label in inputs.items()],
                     overwrite=bool(params.get(overwrite)) if overwrite else False,
                     kind=kind, json_types=json_types, recognise=recognise, flag=flag,
+                    refuse_existing=overwrite is not None,  # the verb has --overwrite: say it now
                 )
             return command(**params)
 
