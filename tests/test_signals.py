@@ -25,6 +25,21 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
 SAMPLES, SEQ_LEN = 48, 64
 
 
+@pytest.fixture(scope="module", autouse=True)
+def sigint_not_ignored():
+    """The processes these tests start take SIGINT as a user's Ctrl-C. A test run started in the
+    background of a script (``cmd &``) has SIGINT ignored, which its children inherit and keep, as
+    they should (docs/reliability.md); here the run itself takes SIGINT for the module's span."""
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return save_tiny_model("llama", tmp_path_factory.mktemp("models") / "llama")
