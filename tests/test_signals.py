@@ -454,3 +454,24 @@ def test_a_signal_while_inspect_imports_acts_once_its_libraries_are_whole(model,
     assert done.returncode == 143, done.stderr
     assert done.stderr.strip() == "Interrupted (SIGTERM): stopped; no partial output was left", done.stderr
     assert done.stdout.strip() == "whole: True"
+
+
+@pytest.mark.parametrize(("interrupt", "code"), [(KeyboardInterrupt, 130), (lambda: Terminated("sig 15"), 143)])
+def test_debug_mode_shows_where_an_interrupt_landed_and_still_exits_as_interrupted(monkeypatch, interrupt, code):
+    """CWCA_DEBUG=1: the interrupt's traceback, then the usual line and exit (re-raised, click
+    turned a KeyboardInterrupt into "Aborted!" and exit 1)."""
+    import click
+
+    @click.command("landed")
+    def landed():
+        raise interrupt()
+
+    monkeypatch.setenv("CWCA_DEBUG", "1")
+    cli.add_command(landed)
+    try:
+        result = CliRunner().invoke(cli, ["landed"])
+    finally:
+        cli.commands.pop("landed", None)
+    assert result.exit_code == code, result.output
+    assert "Traceback" in result.output and "in landed" in result.output and "Aborted" not in result.output
+    assert result.output.rstrip().endswith("stopped; no partial output was left")

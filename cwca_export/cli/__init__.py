@@ -116,11 +116,14 @@ class _Group(click.Group):
 
 
 def _interrupted(ctx: click.Context, exc: BaseException) -> None:
-    """Exit as the signal asks (130 / 143), one line on stderr (``CWCA_DEBUG=1``: re-raise)."""
+    """Exit as the signal asks (130 / 143), one line on stderr (``CWCA_DEBUG=1``: the traceback of
+    where it landed first; re-raised, click would turn a KeyboardInterrupt into "Aborted!", exit 1)."""
     from cwca_export.interrupts import exit_code
 
     if os.environ.get("CWCA_DEBUG"):
-        raise exc
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
     signal_name = "SIGINT" if isinstance(exc, KeyboardInterrupt) else "SIGTERM"
     click.echo(f"Interrupted ({signal_name}): stopped; no partial output was left", err=True)
     ctx.exit(exit_code(exc))
