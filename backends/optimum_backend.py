@@ -161,13 +161,9 @@ class OptimumBackend:
         import torch
         from optimum.onnxruntime import ORTModelForCausalLM
 
-        from cwca_export.exporter.session import NO_PREPACKING, PROVIDERS
-        from cwca_export.ort import require_onnxruntime
+        from cwca_export.exporter.session import PROVIDERS, session_options
 
-        options = require_onnxruntime().SessionOptions()
-        options.log_severity_level = 3
-        if not prepack:
-            options.add_session_config_entry(*NO_PREPACKING)
+        options = session_options(out_dir / "model.onnx", ep, prepack=prepack)
         ort_model = ORTModelForCausalLM.from_pretrained(
             out_dir, provider=PROVIDERS[ep][0], use_io_binding=False, local_files_only=True, session_options=options,
             trust_remote_code=False,  # the artifact folder is the tool's own output: no code runs

@@ -50,6 +50,22 @@ def float16_weights(path: str | Path) -> bool:
     return any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer)
 
 
+def session_options(path: str | Path, ep: str = "cpu", *, threads: int = 0, prepack: bool = True) -> Any:
+    """The ``SessionOptions`` every session on an artifact gets (:func:`make_session`, and a runtime
+    loader such as Optimum's ``ORTModelForCausalLM``); arguments as :func:`make_session`'s."""
+    ort = require_onnxruntime()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise
+    if not prepack:
+        options.add_session_config_entry(*NO_PREPACKING)
+    if casts_float16_per_run(path, ep, prepack):
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.enable_cpu_mem_arena = False
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    return options
+
+
 def make_session(path: str | Path, ep: str = "cpu", *, threads: int = 0, prepack: bool = True) -> Any:
     """An ``InferenceSession`` on execution provider ``ep``; refuses a silent CPU fallback.
 
@@ -74,15 +90,7 @@ def make_session(path: str | Path, ep: str = "cpu", *, threads: int = 0, prepack
             f"--ep {ep} needs {wanted[0]}, but this onnxruntime offers {', '.join(available)};"
             " hint: pip install 'cwca-export[gpu]' on a CUDA machine, or use --ep cpu"
         )
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise
-    if not prepack:
-        options.add_session_config_entry(*NO_PREPACKING)
-    if casts_float16_per_run(path, ep, prepack):
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.enable_cpu_mem_arena = False
-        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    options = session_options(path, ep, threads=threads, prepack=prepack)
     session = ort.InferenceSession(str(path), options, providers=list(wanted))
     if session.get_providers()[0] != wanted[0]:
         raise ValueError(f"{path}: ONNX Runtime did not put the model on {wanted[0]}")
