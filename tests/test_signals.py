@@ -391,6 +391,26 @@ def test_a_signal_while_python_m_imports_the_verbs_exits_as_interrupted(tmp_path
     assert done.stderr.strip() == f"Interrupted ({sig}): stopped; no partial output was left", done.stderr
 
 
+_CONSOLE_SCRIPT = _SIGNAL_ON_IMPORT.replace(
+    'runpy.run_module("cwca_export", run_name="__main__", alter_sys=True)',
+    # what the installed ``cwca-export`` script runs: its entry point, loaded as pip's wrapper does
+    'from importlib.metadata import entry_points\n'
+    'sys.exit(entry_points(group="console_scripts")["cwca-export"].load()())')
+
+
+@pytest.mark.parametrize(("sig", "code"), [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_while_the_console_script_imports_the_verbs_exits_as_interrupted(tmp_path, sig, code):
+    """The ``cwca-export`` console script, signalled while it imports the verbs: its entry point
+    (``cwca_export.cli:main`` before) was only reached once they had imported, so a SIGINT there
+    printed a traceback and died of it (-2), a SIGTERM killed the process (-15)."""
+    (tmp_path / "runner.py").write_text(_CONSOLE_SCRIPT.format(module="cwca_export.cli.score", sig=sig,
+                                                               whole="cwca_export.cli"))
+    done = subprocess.run([sys.executable, "runner.py", "plan", "--help"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env=ENV)
+    assert done.returncode == code, done.stderr
+    assert done.stderr.strip() == f"Interrupted ({sig}): stopped; no partial output was left", done.stderr
+
+
 def _signalled_while_importing(tmp_path, module, sig, code, args):
     """Run the CLI with ``args``, ``sig`` sent to itself while ``module`` imports: it must exit
     ``code`` with the one line, the heavy imports whole by then."""
