@@ -17,7 +17,9 @@ The artifact contract every backend meets, so that one verifier serves them all:
   files lie next to it.
 
 A backend may define ``refusal(model)``: why it would not give a correct artifact for that
-model (a message naming an alternative), or None; the export asks it before any work.
+model (a message naming an alternative), or None; the export asks it before any work. It may
+also define ``config_refusal(config)``, the same for what the model's config alone shows (its
+type), which the CLI and recipes ask before the model loads (:func:`check_config`).
 
 A backend may also define ``generate(out_dir, input_ids, attention_mask, new_tokens, ep)``
 returning the greedy tokens its own runtime loader produces (Optimum's
@@ -29,6 +31,7 @@ reads no weight values after tracing (:func:`weightless_export`).
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -83,6 +86,22 @@ def weightless_export(backend: Any) -> Callable[..., list[Path]] | None:
     if callable(method):
         return method
     return backend.export if getattr(backend, "traces_without_weights", False) else None
+
+
+def check_config(name: str, model_dir: str | os.PathLike, *, trust_remote_code: bool = False) -> None:
+    """Raise :class:`UnsupportedModelError` if backend ``name`` refuses the model in ``model_dir``
+    for what its config shows (``config_refusal(config)``, when the backend defines it): before the
+    model loads, so a model type the backend cannot take fails in seconds, not after a 7B
+    load or a recipe's scoring."""
+    refusal = getattr(get_backend(name), "config_refusal", None)
+    if not callable(refusal):
+        return
+    from transformers import AutoConfig
+
+    reason = refusal(AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code,
+                                                local_files_only=True))
+    if reason:
+        raise UnsupportedModelError(reason)
 
 
 def register_backend(name: str):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,28 +35,22 @@ def _known_broken(config: Any) -> str | None:
     return None
 
 
-def _per_block_heads(model: Any) -> str | None:
+def _per_block_heads(config: Any, blocks: Sequence[Any] = ()) -> str | None:
     """Why the model's blocks do not match the config's head counts, if they do not.
 
     Optimum sizes every layer's KV cache (and the attention reshapes) from the config's
     model-wide head counts, so blocks pruned to their own head counts (width compression with
-    ``heads=True``) cannot export through it. Read from the modules, and from the recorded
-    ``cwca_compression`` blocks for layouts the modules do not reveal.
+    ``heads=True``) cannot export through it. Read from the recorded ``cwca_compression`` blocks
+    of ``config`` and from the modules of ``blocks`` (layouts the record does not cover).
     """
-    from cwca_export.blocks import find_blocks
     from cwca_export.compression.width import LayoutError, attention_layout
 
-    config = model.config
     heads = getattr(config, "num_attention_heads", None)
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     rows = [
         (row.get("name", f"block {i}"), row.get("num_attention_heads"), row.get("num_key_value_heads"))
         for i, row in enumerate((getattr(config, "cwca_compression", None) or {}).get("blocks", []))
     ]
-    try:
-        blocks = find_blocks(model)
-    except ValueError:
-        blocks = []
     for block in blocks:
         try:
             q, kv = attention_layout(block.module, block.name).heads(block.module)
@@ -93,10 +88,22 @@ def _without_onnx_config(config: Any) -> str | None:
 class OptimumBackend:
     """Optimum ``onnx_export_from_model``; verified again through ``ORTModelForCausalLM``."""
 
+    def config_refusal(self, config: Any) -> str | None:
+        """Why this backend would not give a correct artifact for a model of ``config`` (with the
+        hint), if it would not: asked before the model loads."""
+        reason = _known_broken(config) or _without_onnx_config(config) or _per_block_heads(config)
+        return f"{reason}; {_HINT}" if reason else None
+
     def refusal(self, model: Any) -> str | None:
         """Why this backend would not give a correct artifact for ``model`` (with the hint), if it would not."""
-        reason = _known_broken(model.config) or _without_onnx_config(model.config) or _per_block_heads(model)
-        return f"{reason}; {_HINT}" if reason else None
+        from cwca_export.blocks import find_blocks
+
+        try:
+            blocks = find_blocks(model)
+        except ValueError:
+            blocks = []
+        reason = _per_block_heads(model.config, blocks)
+        return self.config_refusal(model.config) or (f"{reason}; {_HINT}" if reason else None)
 
     def export(
         self, model: Any, tokenizer: Any, out_dir: Path, *, opset: int | None = None

@@ -429,6 +429,10 @@ def _check_inputs(recipe: Recipe, out_dir: str | os.PathLike, *, overwrite: bool
     if recipe.eval is not None:
         lengths[f"{where} eval.seq_len"] = recipe.eval.seq_len
     check_model_folder(recipe.model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, lengths=lengths)
+    if recipe.export is not None:  # a model type the backend cannot take: before the scoring, not after
+        from cwca_export.backends import check_config
+
+        check_config(recipe.export.backend, recipe.model, trust_remote_code=trust_remote_code)
 
 
 def _scores(recipe: Recipe, model: Any, calib: Any, cache_dir: str | os.PathLike | None,

@@ -288,6 +288,50 @@ def test_existing_folder_is_kept_on_failure_and_replaced_whole_on_success(tmp_pa
     assert _leftovers(tmp_path) == []
 
 
+def test_optimum_refusals_come_before_the_model_loads(tmp_path, monkeypatch):
+    """`export` (and a recipe with an export step) on a model the optimum backend refuses for its
+    type: refused after loading the model (a 7B fp32 load is minutes; a recipe scored and planned
+    first). Now before: what the config shows (Phi-3 with grouped KV heads, Mixtral, blocks saved
+    with their own head counts) is asked of the backend first."""
+    import transformers
+    import yaml
+    from click.testing import CliRunner
+    from helpers import sample_text, save_tiny_model
+    from test_export_heads import _head_pruned
+
+    from cwca_export import loading
+    from cwca_export.cli import cli
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded for a backend that refuses it")
+
+    save_tiny_model("phi3", tmp_path / "phi3")
+    mixtral = transformers.MixtralConfig(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=2)
+    transformers.AutoModelForCausalLM.from_config(mixtral).save_pretrained(tmp_path / "mixtral")
+    _head_pruned("llama")[0].save_pretrained(tmp_path / "heads")
+    (tmp_path / "calib.txt").write_text(sample_text())
+    monkeypatch.setattr(loading, "load_model", no_load)
+    monkeypatch.setenv("CWCA_CACHE_DIR", str(tmp_path / "cache"))
+    for name, why in [("phi3", "grouped KV heads"), ("mixtral", "no ONNX config"), ("heads", "own head counts")]:
+        result = CliRunner().invoke(cli, ["export", str(tmp_path / name), "--out", str(tmp_path / f"{name}-out")])
+        assert result.exit_code == 1, result.output
+        assert why in result.output and "--backend onnx" in result.output, result.output
+        assert not (tmp_path / f"{name}-out").exists()
+    recipe = {"model": "phi3", "data": "calib.txt", "samples": 2, "seq_len": 16, "score": {"method": "gradnorm"},
+              "plan": {"program": "prune", "sparsity": 0.5}, "compress": {"method": "magnitude"},
+              "export": {"backend": "optimum"}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(cli, ["run", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "run-out")])
+    assert result.exit_code == 1, result.output
+    assert "grouped KV heads" in result.output and "--backend onnx" in result.output, result.output
+    assert not (tmp_path / "run-out").exists()
+    # the onnx backend takes them: it gets as far as loading
+    result = CliRunner().invoke(cli, ["export", str(tmp_path / "phi3"), "--backend", "onnx", "--out",
+                                      str(tmp_path / "onnx-out")])
+    assert "the model was loaded" in result.output, result.output
+
+
 def test_staging_refuses_a_destination_created_meanwhile(tmp_path):
     with Staging(tmp_path / "art") as staging:
         folder = staging.new_folder()

@@ -298,6 +298,9 @@ def export(
         _precision_damage_search(budget, bool(quantize or precision or low_memory), precision_estimate)
     check_model_folder(model_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                        lengths={"--seq-len": seq_len if data else None, "--context": budget.context})
+    from cwca_export.backends import check_config
+
+    check_config(backend, model_dir, trust_remote_code=trust_remote_code)  # a model type it cannot take: before loading
     if low_memory:  # before the model's tensors reach the heap (docs/memory.md, "export --low-memory")
         from cwca_export.exporter.build import return_large_frees
 
