@@ -76,11 +76,12 @@ STREAMED_FP16_BYTES = 100 * 2**20
 FP16_CPU_SESSION_COPIES = 1.45
 # with external data the sessions cast each weight as a node reads it (exporter.session.
 # casts_float16_per_run: no graph optimisation, no arena, priority order): a weight or two in float32
-# at a time, in copies of the largest tensor. Measured at 550M (largest tensor 188 MiB), one session
-# by hand sampling RssAnon every 3 ms over creation and two 16-token forwards: 293 MiB beyond the
-# runtime (docs/memory.md, "Float16 a tensor at a time"); the export with external data: its
-# measurement worker 38 MiB after the runs, the CLI process peaking in its trace at 920 MiB, as the
-# float32 export does (bench_low_memory.py --fp16-only, the --external-data-threshold 512MB row)
+# at a time, in copies of the largest tensor. One session sampling RssAnon every 3 ms over creation
+# and two 16-token forwards (benchmarks/bench_fp16_session.py, three fresh processes each): 550M
+# (largest tensor 187.5 MiB) 301 MiB beyond the runtime, 1.61 copies; 150M (93.8 MiB) 131 MiB, 1.40
+# (this constant over-predicts it by 15%; docs/memory.md, "Float16 a tensor at a time"); the export
+# with external data: its measurement worker 38 MiB after the runs, the CLI process peaking in its
+# trace at 920 MiB, as the float32 export does (bench_low_memory.py --fp16-only, the 512MB row)
 FP16_CAST_TENSOR_COPIES = 1.6
 # export --low-memory (onnx backend): copies of the largest tensor torch.onnx.export holds at once
 # while tracing with placeholders (shape inference: 3.1, measured at 550M by
