@@ -70,3 +70,14 @@ def test_library_warnings_only_under_verbose_and_settings_restored(monkeypatch):
     assert shown.splitlines() == ["Warning: a library's deprecation [FutureWarning from x.py:4]"]
     after = (warnings.showwarning, logging.getLogger("transformers").level, logging.getLogger("cwca_export").level)
     assert after == before
+
+
+def test_quiet_export_prints_only_its_result(folder, tmp_path):
+    """`export -q` printed "exporting ... with backend ..." on stderr: --quiet promises results and
+    errors only."""
+    args = ["export", str(folder / "llama"), "--backend", "onnx", "--runs", "1", "--warmup", "0", "--out"]
+    result = CliRunner().invoke(cli, [*args, str(tmp_path / "art"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr == "" and "wrote" in result.stdout
+    loud = CliRunner().invoke(cli, [*args, str(tmp_path / "art2")])
+    assert loud.exit_code == 0 and "exporting" in loud.stderr

@@ -18,6 +18,7 @@ from cwca_export.cli.options import (
     finite,
     loading_options,
 )
+from cwca_export.cli.verbosity import note_line
 from cwca_export.defaults import EXPORT_SAMPLES, EXPORT_SEQ_LEN
 
 
@@ -316,17 +317,16 @@ def export(
     fp32_bytes = sum(p.numel() for p in model.parameters()) * 4
     # the graph stays inline up to --external-data-threshold (and protobuf's 2 GiB)
     if low_memory and fp32_bytes <= min(parse_size(external_data_threshold), postprocess.PROTOBUF_LIMIT):
-        click.echo("note: --low-memory saves memory only when the weights go to external data (float32 weights"
-                   " above --external-data-threshold, at most 2 GiB; below, the graph is written inline and"
-                   " rewritten whole); this model is smaller", err=True)
+        note_line("note: --low-memory saves memory only when the weights go to external data (float32 weights"
+                  " above --external-data-threshold, at most 2 GiB; below, the graph is written inline and"
+                  " rewritten whole); this model is smaller")
     elif not low_memory and fp32_bytes > postprocess.PROTOBUF_LIMIT and not budget.has_limits and not precision_path:
         from cwca_export.budget import format_size
         from cwca_export.memory_model import EXPORT_COPIES
 
         held = fp32_bytes * (1 + EXPORT_COPIES["external"])
-        click.echo(f"note: this export holds the float32 model and its graph, about {format_size(held)};"
-                   " --low-memory holds a fraction of one copy, the weights as file pages"
-                   " (docs/memory.md)", err=True)
+        note_line(f"note: this export holds the float32 model and its graph, about {format_size(held)};"
+                  " --low-memory holds a fraction of one copy, the weights as file pages (docs/memory.md)")
     compress_options = {}
     if plan is not None and method:  # the plan is applied here: it must fit this model
         plan.check(model, fingerprint=not no_fingerprint, require_fingerprint=not no_fingerprint)
@@ -334,7 +334,7 @@ def export(
             compress_options["check_fingerprint"] = False
     if not as_json:
         mode = " (low memory: placeholder trace, weights written per tensor)" if low_memory else ""
-        click.echo(f"exporting {model_dir} with backend {backend}{mode} ...", err=True)
+        note_line(f"exporting {model_dir} with backend {backend}{mode} ...")
     if data:
         from cwca_export.data import calibration_data
 

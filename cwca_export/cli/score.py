@@ -9,7 +9,7 @@ import click
 
 from cwca_export.cli.guard import guards_output
 from cwca_export.cli.options import COUNT, DTYPE, ESTIMATOR, RegisteredName, deprecated_alias, finite
-from cwca_export.cli.verbosity import warning_line
+from cwca_export.cli.verbosity import note_line, warning_line
 from cwca_export.defaults import CALIBRATION_SAMPLES, CALIBRATION_SEQ_LEN
 
 # Names only, so --help needs no torch; the flag checks the name against the registry (plug-ins too).
@@ -252,9 +252,9 @@ def _checkpoint_file(out: str, every: int | None, resume: bool):
         raise click.UsageError(
             f"{path} exists and is not a checkpoint cwca-export wrote; it is kept; pass another --out")
     if path.exists() and not resume:
-        click.echo(f"Note: starting afresh and replacing {path} (pass --resume to continue it)", err=True)
+        note_line(f"Note: starting afresh and replacing {path} (pass --resume to continue it)")
     elif resume and not path.exists():
-        click.echo(f"Note: no checkpoint at {path}; starting from the beginning", err=True)
+        note_line(f"Note: no checkpoint at {path}; starting from the beginning")
     return path
 
 

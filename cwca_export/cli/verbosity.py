@@ -57,6 +57,13 @@ def warning_line(message: object) -> None:
         click.echo(f"Warning: {' '.join(str(message).split())}", err=True)
 
 
+def note_line(message: str) -> None:
+    """Print a status or note line on stderr (what the verb is doing, a hint about its flags);
+    nothing under --quiet, which keeps only results and errors."""
+    if not _state["quiet"]:
+        click.echo(message, err=True)
+
+
 def _show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001 (the hook's signature)
     if is_ours(category, filename):
         warning_line(message)
