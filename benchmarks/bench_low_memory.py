@@ -25,6 +25,7 @@ Usage:
     python benchmarks/bench_low_memory.py --work /tmp/lowmem --sessions-only --out ...   # the session probe alone
     python benchmarks/bench_low_memory.py --work /tmp/lowmem --quantize-only --out ...   # the quantizers alone
     python benchmarks/bench_low_memory.py --work /tmp/lowmem --fp16-only --out ...   # the float16 converters alone
+    python benchmarks/bench_low_memory.py --work /tmp/lowmem --quantized-external-only --out ...   # with external data
 """
 
 from __future__ import annotations
@@ -315,6 +316,10 @@ def main() -> None:
     ap.add_argument("--optimum-only", action="store_true",
                     help="only the --low-memory export of the bf16 checkpoint with --backend optimum, beside the same"
                          " export with --backend onnx in the same run (merged into --out)")
+    ap.add_argument("--quantized-external-only", action="store_true",
+                    help="only the --low-memory --quantize int8 exports of the bf16 checkpoint with external data"
+                         " (with and without --exclude lm_head), side by side, and a prepacked session on each and on"
+                         " --quantize-only's int4 graph (merged into --out)")
     args = ap.parse_args()
     work = Path(args.work)
     fp32, bf16 = work / f"model-{args.size}", work / f"model-{args.size}-bf16"
@@ -330,9 +335,32 @@ def main() -> None:
                         ["--low-memory", "--quantize", "int8"])
     fp16_export = ("export bf16 checkpoint --low-memory --dtype float16", bf16,
                    ["--low-memory", "--dtype", "float16"])
-    if args.sessions_only or args.quantize_only or args.fp16_only or args.optimum_only:
+    if args.sessions_only or args.quantize_only or args.fp16_only or args.optimum_only or args.quantized_external_only:
         result = json.loads(Path(args.out).read_text()) if args.out and Path(args.out).exists() else {}
-        if args.optimum_only:
+        if args.quantized_external_only:
+            # the quantized artifact with external data, as a 7B model's is (550M's would be inline), and
+            # an excluded head's fp32 weights: the sessions prepack them, int8 or fp32
+            probes = {}
+            for extra in (["--quantize", "int8"], ["--quantize", "int8", "--exclude", "lm_head"]):
+                name = " ".join(["export bf16 checkpoint --low-memory", *extra,
+                                 "--external-data-threshold 256MB (side by side)"])
+                out = work / name.replace(" ", "_").replace("--", "").replace("(", "").replace(")", "")
+                result.setdefault("rows", {})[name] = run_sampled(
+                    ["export", str(bf16), "--backend", "onnx", "--low-memory", *extra, "--external-data-threshold",
+                     "256MB", *measure, "--out", str(out), "--overwrite"], env)
+                print(name, {k: v // MIB if isinstance(v, int) else v for k, v in result["rows"][name].items()
+                             if k != "args"}, flush=True)
+                probes[name] = out / "model.onnx"
+            # int4: the export refuses this random-init model (int4 logits 0.45 relative RMS from torch's,
+            # tolerance 0.3), so the streamed quantizer's int4 graph of --quantize-only (external data)
+            probes["quantize_streamed int4 (--quantize-only's artifact)"] = work / "quantize-streamed-int4" / "q.onnx"
+            for name, graph in probes.items():
+                proc = subprocess.run([sys.executable, "-c", SESSION_PROBE, str(graph), "1", "1", "1",
+                                       str(work / "logits-quantized.npy")], env=env, capture_output=True, text=True,
+                                      check=True)
+                result.setdefault("prepacked_sessions", {})[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+                print(name, result["prepacked_sessions"][name], flush=True)
+        elif args.optimum_only:
             for backend in ("onnx", "optimum"):
                 name = f"export bf16 checkpoint --low-memory --backend {backend} (side by side)"
                 result.setdefault("rows", {})[name] = run_sampled(

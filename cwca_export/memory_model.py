@@ -58,9 +58,22 @@ EXTERNAL_QUANT_COPIES = 3.04
 # a process of its own: int8 1,242 MiB (6.6 copies), int4 610 MiB (3.25) beyond the runtime
 STREAMED_QUANT_COPIES = {"int8": 6.6, "int4": 3.25}
 # a quantized artifact's sessions prepack (its final checks, the measurement worker): their own
-# memory in fp32 copies of the weights, measured at 550M after creation and forwards
-# (bench_low_memory.py's session probe by hand: int8 771 MiB, int4 271 MiB, of 2,103 MiB)
+# memory in fp32 copies of the weights, measured at 550M after creation and forwards. Inline (the
+# quantized graph under --external-data-threshold; the session also parses the file's bytes):
+# bench_low_memory.py's session probe by hand, int8 771 MiB, int4 271 MiB, of 2,103 MiB
 QUANT_SESSION_COPIES = {"int8": 0.37, "int4": 0.13}
+# with external data, as every 7B int8 / int4 artifact has (bench_low_memory.py
+# --quantized-external-only, one prepacked session after a forward: int8 504 MiB, int4 264 MiB)
+EXTERNAL_QUANT_SESSION_COPIES = {"int8": 0.24, "int4": 0.13}
+# a MatMul weight --exclude keeps in float32 is prepacked in float32: its own bytes once, in place of
+# its share of the quantized weights' (550M, int8 with external data, --exclude lm_head: +141 MiB =
+# 187.5 x (1 - 0.25), bench_low_memory.py --quantized-external-only)
+EXCLUDED_SESSION_COPIES = 1.0
+# a quantized artifact under 2 GiB is inline: its layout's write and the final checks' session read
+# the graph whole, about 2.8 x its bytes of own memory beyond the runtime. Read off two 550M int8
+# exports of bench_low_memory.py (CLI process sampled every 10 ms, 469 MiB runtime): 1,926 MiB for a
+# 527 MiB artifact (2.76), 2,347 MiB with --exclude lm_head (668 MiB: 2.81); not an independent check
+INLINE_QUANT_GRAPH_COPIES = 2.8
 # export --low-memory --dtype float16 (streamed_fp16): ONNX Runtime's converter on the graph without
 # its weights, each weight converted a slice (streamed_fp16.SLICE_ELEMENTS float32 values) at a time
 # into the data file: its own memory is a slice's temporaries, the same at any size. Measured at
@@ -408,8 +421,18 @@ def graph_bytes(shape: ModelShape) -> int:
     return shape.params * 4 + (shape.vocab * shape.hidden * 4 if shape.tied else 0)
 
 
+def quantized_graph_bytes(shape: ModelShape, quantize: str, excluded: int = 0) -> float:
+    """An int8 / int4 artifact's bytes: one byte a weight (int8, embedding included), or half a byte
+    and a block-32 float32 scale for the Linears with the embedding kept float32 (int4; 550M: 527
+    and 487 MiB measured); ``excluded`` parameters (``--exclude``) stay float32."""
+    if quantize == "int8":
+        return float(shape.params - excluded) + 4.0 * excluded
+    fp32 = shape.vocab * shape.hidden + excluded
+    return (shape.params - fp32) * (0.5 + 4 / 32) + fp32 * 4
+
+
 def export_low_memory(shape: ModelShape, quantize: str | None = None, runtime: int = 0, *,
-                      fp16: bool = False) -> StepCost:
+                      fp16: bool = False, excluded: int = 0) -> StepCost:
     """``export --low-memory``, either backend (:mod:`cwca_export.exporter.placeholders`): its
     phases run one after another. The weights are file pages throughout (``mapped``, 4P at the
     most): the checkpoint as loaded (a bfloat16 one stays in its dtype), then the float32 scratch
@@ -427,7 +450,12 @@ def export_low_memory(shape: ModelShape, quantize: str | None = None, runtime: i
       (:mod:`cwca_export.exporter.streamed_quantize`): ``STREAMED_QUANT_COPIES`` x the largest
       group's fp32 weights;
     - with ``--quantize``, the quantized artifact's sessions (final checks, then the measurement
-      worker), which prepack as deployed: ``QUANT_SESSION_COPIES`` x 4P;
+      worker), which prepack as deployed: ``QUANT_SESSION_COPIES`` x 4P for an inline artifact,
+      ``EXTERNAL_QUANT_SESSION_COPIES`` x 4P above 2 GiB (:func:`quantized_graph_bytes`); of the
+      ``excluded`` MatMul weights ``--exclude`` keeps float32 (parameters; the head: V x h) the
+      sessions prepack the float32 bytes, ``EXCLUDED_SESSION_COPIES`` x 4 x excluded, in place of
+      their quantized share; a quantized artifact under 2 GiB (inline) is written and read whole,
+      ``INLINE_QUANT_GRAPH_COPIES`` x its bytes;
     - with ``fp16`` (``--dtype float16``): ONNX Runtime's float16 converter on the graph without
       its weights, each converted a slice at a time (:mod:`cwca_export.exporter.streamed_fp16`):
       ``STREAMED_FP16_BYTES``, the same at any size; then the float16 artifact's sessions on the
@@ -451,13 +479,24 @@ def export_low_memory(shape: ModelShape, quantize: str | None = None, runtime: i
         "largest tensor's copies during the trace": TRACE_TENSOR_COPIES * largest,
         "post-processing": (STREAMED_QUANT_COPIES[quantize] * shape.largest_weight_group * 4 if quantize
                             else float(max(largest, STREAMED_FP16_BYTES if fp16 else 0))),
-        "the quantized artifact's prepacked sessions": QUANT_SESSION_COPIES[quantize] * fp32 if quantize else 0.0,
+        "the quantized artifact's prepacked sessions": _quantized_sessions(shape, quantize, excluded),
+        "the inline quantized artifact's write and checks": (
+            INLINE_QUANT_GRAPH_COPIES * quantized_graph_bytes(shape, quantize, excluded)
+            if quantize and quantized_graph_bytes(shape, quantize, excluded) <= PROTOBUF_LIMIT else 0.0),
         "the float16 artifact's CPU sessions": (0.0 if not fp16 else FP16_CPU_SESSION_COPIES * fp32
                                                  if fp32 / 2 <= PROTOBUF_LIMIT else FP16_CAST_TENSOR_COPIES * largest),
     }
     phase = max(phases, key=phases.get)
     return StepCost(name, host={f"peak phase: {phase}": phases[phase]}, time_units=0.0, runtime=runtime,
                     mapped={"weights as file pages (checkpoint, float32 scratch file, artifact data)": float(fp32)})
+
+
+def _quantized_sessions(shape: ModelShape, quantize: str | None, excluded: int) -> float:
+    if not quantize:
+        return 0.0
+    external = quantized_graph_bytes(shape, quantize, excluded) > PROTOBUF_LIMIT
+    copies = (EXTERNAL_QUANT_SESSION_COPIES if external else QUANT_SESSION_COPIES)[quantize]
+    return copies * (shape.params - excluded) * 4 + EXCLUDED_SESSION_COPIES * excluded * 4
 
 
 def evaluate(shape: ModelShape, run: RunSettings, artifact: bool = False, runtime: int = 0, *,
@@ -536,10 +575,14 @@ def projection_table(runtime: dict[str, int] | None = None, run: RunSettings | N
         capped = RunSettings(**{**run.to_dict(), "max_cache": 16 * GIB})
         costs = [score_damage(shape, run), score_damage(shape, capped), refine(shape, run),
                  compress(shape, run, "wanda"), export(shape, "optimum", None),
-                 export_low_memory(shape), export_low_memory(shape, "int8"), export_low_memory(shape, fp16=True),
+                 export_low_memory(shape), export_low_memory(shape, "int8"),
+                 export_low_memory(shape, "int8", excluded=shape.vocab * shape.hidden),
+                 export_low_memory(shape, "int4"), export_low_memory(shape, fp16=True),
                  evaluate(shape, run, True), evaluate(shape, run, True, low_memory=True)]
         labels = ["score_damage", "score_damage 16G", "refine", "compress_wanda", "export_optimum",
                   "export_onnx --low-memory", "export_onnx --low-memory --quantize int8",
+                  "export_onnx --low-memory --quantize int8 --exclude lm_head",
+                  "export_onnx --low-memory --quantize int4",
                   "export_onnx --low-memory --dtype float16", "eval_onnx", "eval_onnx --low-memory"]
         for label, cost in zip(labels, costs, strict=True):
             if label.startswith("compress"):  # layer by layer: the model stays on the host, a block visits
