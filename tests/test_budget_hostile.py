@@ -1,0 +1,116 @@
+"""A hostile user of the budget search and its peers: hardware profiles, precision plans,
+budgets no storage can meet, recipes. Each case failed before its fix."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from helpers import sample_text, save_tiny_model
+
+import cwca_export.exporter.api
+import cwca_export.exporter.search
+from cwca_export.cli import cli
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile")
+    save_tiny_model("llama", root / "model", num_hidden_layers=2)
+    (root / "calib.txt").write_text(sample_text() * 4)
+    return root
+
+
+@pytest.fixture()
+def no_export(monkeypatch):
+    """Fail the test if anything is exported: a bad input must be refused before any work."""
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("the export ran")
+
+    monkeypatch.setattr(cwca_export.exporter.api, "build_candidate", refuse)
+    monkeypatch.setattr(cwca_export.exporter.search, "fit_budget", refuse)
+
+
+def _export(*args):
+    return CliRunner().invoke(cli, ["export", *[str(a) for a in args]])
+
+
+# ------------------------------------------------------------------ --hardware YAML values
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        # YAML's `true` is a Python int: it was taken as a 1-byte memory limit and a search ran
+        ({"memory": True}, "memory: expected a size"),
+        ({"memory": -1}, "memory: size -1 must be positive"),
+        ({"memory": [1]}, "memory: expected a size"),
+        # these named --ep / --dtype (flags that do not fix a file), not the file
+        ({"ep": "tpu"}, "ep: 'tpu'; choose one of cpu, cuda"),
+        ({"dtype": "float16"}, "dtype: 'float16'; choose one of fp32, fp16"),
+        ({"description": ["x"]}, "description: expected text"),
+    ],
+)
+def test_bad_hardware_profile_values_name_the_file(tiny, tmp_path, no_export, body, expected):
+    profile = tmp_path / "hw.yaml"
+    profile.write_text(yaml.safe_dump({"description": "x", "memory": "1GB", "ep": "cpu", "dtype": "fp32", **body}))
+    res = _export(tiny / "model", "--hardware", profile, "--out", tmp_path / "out")
+    assert res.exit_code != 0, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in res.output, res.output
+    assert f"{profile}: {expected}" in lines[0] and "--hardware" in lines[0], res.output
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ recipes: export.hardware
+BASE = {
+    "model": "model", "data": "calib.txt", "samples": 4, "seq_len": 16,
+    "score": {"method": "gradnorm"},
+    "plan": {"program": "prune", "sparsity": 0.5},
+    "compress": {"method": "magnitude"},
+}
+
+
+def _recipe(folder, tiny, body):
+    folder.mkdir(exist_ok=True)
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "model": str(tiny / "model"), "data": str(tiny / "calib.txt"), **body}))
+    return path
+
+
+def test_recipe_hardware_path_is_relative_to_the_recipe(tiny, tmp_path, monkeypatch):
+    """recipes/README.md: paths are relative to the recipe file (the profile was looked up in the
+    working directory, so a recipe run from elsewhere was refused)."""
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "hw.yaml").write_text(yaml.safe_dump(
+        {"description": "x", "memory": "64MB", "ep": "cpu", "dtype": "fp32"}))
+    recipe = _recipe(tmp_path / "recipes", tiny, {"export": {"hardware": "hw.yaml"}})
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(cli, ["run", str(recipe), "--dry-run", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["export"]["hardware"] == str(tmp_path / "recipes" / "hw.yaml")
+
+
+def test_recipe_hardware_contents_checked_before_any_step(tiny, tmp_path):
+    """A profile whose contents are bad passed --dry-run and failed only at the export step."""
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "hw.yaml").write_text("description: x\nmemory: true\nep: cpu\ndtype: fp32\n")
+    recipe = _recipe(tmp_path / "r", tiny, {"export": {"hardware": "hw.yaml"}})
+    res = CliRunner().invoke(cli, ["run", str(recipe), "--dry-run"])
+    assert res.exit_code == 1, res.output
+    assert len(res.output.strip().splitlines()) == 1, res.output
+    assert "export.hardware:" in res.output and "memory: expected a size" in res.output
+    assert "--set export.hardware=" in res.output
+
+
+def test_recipe_union_errors_give_a_valid_set_flag(tiny, tmp_path):
+    """`max_latency_ms: 0` named the key `export.max_latency_ms.constrained-float`, and its fix
+    flag `--set export.max_latency_ms.constrained-float=VALUE` is no key of a recipe."""
+    recipe = _recipe(tmp_path / "r", tiny, {"export": {"max_latency_ms": 0}})
+    res = CliRunner().invoke(cli, ["run", str(recipe), "--dry-run"])
+    assert res.exit_code == 1, res.output
+    assert "export.max_latency_ms: Input should be greater than 0" in res.output, res.output
+    assert "constrained" not in res.output
+    flag = res.output.split("fix: --set ")[1].split()[0]
+    fixed = CliRunner().invoke(cli, ["run", str(recipe), "--dry-run", "--set", flag])
+    assert fixed.exit_code == 0, fixed.output
