@@ -114,3 +114,30 @@ def test_recipe_union_errors_give_a_valid_set_flag(tiny, tmp_path):
     flag = res.output.split("fix: --set ")[1].split()[0]
     fixed = CliRunner().invoke(cli, ["run", str(recipe), "--dry-run", "--set", flag])
     assert fixed.exit_code == 0, fixed.output
+
+
+# ------------------------------------------------------------------ --precision FILE
+@pytest.mark.parametrize(
+    ("formats", "expected"),
+    [
+        # these built a graph that failed verification ("try another backend (onnx)")
+        ({"tied": "int4-b32"}, "group tied: int4-b32 is not a format it can be stored in"),
+        ({"model.layers.0": "int8", "embed": "int4-b32", "tied": "int8"}, "either tied"),
+        # exported the whole model, then failed in the quantizer without naming the file
+        ({"embed": "int4-b32-a8"}, "group embed: int4-b32-a8"),
+        # named neither the file nor the flag
+        ({"model.layers.9": "int8"}, "unknown group(s) ['model.layers.9']"),
+        ({"model.layers.0": "int4-b33"}, "block size must be a power of two"),
+    ],
+)
+def test_bad_precision_plans_are_refused_before_export(tiny, tmp_path, no_export, formats, expected):
+    model = tiny / "model"
+    if "tied" in formats:  # a model whose head reads the embedding's table
+        model = save_tiny_model("llama", tmp_path / "tied", num_hidden_layers=2, tie_word_embeddings=True)
+    path = tmp_path / "formats.json"
+    path.write_text(json.dumps({"formats": formats}))
+    res = _export(model, "--precision", path, "--out", tmp_path / "out")
+    assert res.exit_code == 2, res.output
+    last = res.output.strip().splitlines()[-1]
+    assert "--precision" in last and str(path) in last and expected in last, res.output
+    assert not (tmp_path / "out").exists()

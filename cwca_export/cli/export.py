@@ -103,7 +103,10 @@ def _read_precision(path: str) -> dict[str, str]:
     if not isinstance(formats, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in formats.items()):
         raise click.BadParameter(f"{path}: expected {{\"formats\": {{group: format}}}}", param_hint="--precision")
     for value in formats.values():
-        StorageFormat.parse(value)
+        try:
+            StorageFormat.parse(value)
+        except ValueError as exc:
+            raise click.BadParameter(f"{path}: {exc}", param_hint="--precision") from None
     return formats
 
 
@@ -324,6 +327,13 @@ def export(
         click.echo(f"note: this export holds the float32 model and its graph, about {format_size(held)};"
                    " --low-memory holds a fraction of one copy, the weights as file pages"
                    " (docs/memory.md)", err=True)
+    if precision is not None:  # its groups and formats, before anything is exported
+        from cwca_export.planning.precision import check_precision_plan
+
+        try:
+            check_precision_plan(model, precision)
+        except ValueError as exc:
+            raise click.BadParameter(f"{precision_path}: {exc}", param_hint="--precision") from None
     compress_options = {}
     if plan is not None and method:  # the plan is applied here: it must fit this model
         plan.check(model, fingerprint=not no_fingerprint, require_fingerprint=not no_fingerprint)
