@@ -12,6 +12,7 @@ from helpers import sample_text, save_tiny_model
 
 import cwca_export.exporter.api
 import cwca_export.exporter.search
+import cwca_export.planning.precision
 from cwca_export.cli import cli
 
 
@@ -140,4 +141,41 @@ def test_bad_precision_plans_are_refused_before_export(tiny, tmp_path, no_export
     assert res.exit_code == 2, res.output
     last = res.output.strip().splitlines()[-1]
     assert "--precision" in last and str(path) in last and expected in last, res.output
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ budgets no storage can meet
+def _size(text: str) -> float:
+    value, unit = text.split()
+    return float(value) * {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[unit]
+
+
+def test_a_budget_below_every_storage_is_refused_before_the_damage_table(tiny, tmp_path, monkeypatch):
+    """A disk limit below the most compact storage measured every group's damage in every format
+    (minutes on the shipped model, hours on a large one) before saying no candidate fits; bytes
+    are exact from shapes, so it is refused first, with the smallest size it could reach. That
+    size must not exceed a real artifact in that storage (files on disk), or a budget the search
+    could meet would be refused."""
+    from cwca_export.loading import load_model
+    from cwca_export.planning.precision import precision_groups
+
+    model, _ = load_model(tiny / "model")
+    plan = {g.name: "int4-b32" for g in precision_groups(model)}
+    (tmp_path / "int4.json").write_text(json.dumps({"formats": plan}))
+    res = _export(tiny / "model", "--precision", tmp_path / "int4.json", "--rounding", "rtn", "--out", tmp_path / "int4")
+    assert res.exit_code == 0, res.output
+    real = sum(f.stat().st_size for f in (tmp_path / "int4").iterdir() if f.name != "cwca_manifest.json")
+
+    def no_table(*_a, **_k):
+        raise AssertionError("the damage table was measured for a budget nothing can meet")
+
+    monkeypatch.setattr(cwca_export.planning.precision, "measure_precision_damage", no_table)
+    monkeypatch.setattr(cwca_export.planning.precision, "fisher_precision_estimate", no_table)
+    res = _export(tiny / "model", "--data", tiny / "calib.txt", "--samples", 4, "--seq-len", 32,
+                  "--formats", "fp32,int4-b32", "--max-disk", int(real * 0.5), "--out", tmp_path / "out")
+    assert res.exit_code == 1, res.output
+    line = res.output.strip().splitlines()[-1]
+    assert "no setting meets the budget" in line and "Traceback" not in res.output, res.output
+    predicted = _size(line.split("is predicted at ")[1].split(" on disk")[0])
+    assert 0.9 * real <= predicted <= real, (predicted, real)
     assert not (tmp_path / "out").exists()
