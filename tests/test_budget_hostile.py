@@ -162,7 +162,8 @@ def test_a_budget_below_every_storage_is_refused_before_the_damage_table(tiny, t
     model, _ = load_model(tiny / "model")
     plan = {g.name: "int4-b32" for g in precision_groups(model)}
     (tmp_path / "int4.json").write_text(json.dumps({"formats": plan}))
-    res = _export(tiny / "model", "--precision", tmp_path / "int4.json", "--rounding", "rtn", "--out", tmp_path / "int4")
+    res = _export(tiny / "model", "--precision", tmp_path / "int4.json", "--rounding", "rtn",
+                  "--out", tmp_path / "int4")
     assert res.exit_code == 0, res.output
     real = sum(f.stat().st_size for f in (tmp_path / "int4").iterdir() if f.name != "cwca_manifest.json")
 
@@ -179,3 +180,18 @@ def test_a_budget_below_every_storage_is_refused_before_the_damage_table(tiny, t
     predicted = _size(line.split("is predicted at ")[1].split(" on disk")[0])
     assert 0.9 * real <= predicted <= real, (predicted, real)
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ eval on too little text
+def test_eval_of_a_single_token_names_the_file(tiny, tmp_path):
+    """One token of held-out text said only "need at least 2 tokens ... got 1", naming neither
+    the file nor a flag."""
+    from transformers import AutoTokenizer
+
+    one = tmp_path / "one.txt"
+    one.write_text("a")
+    assert len(AutoTokenizer.from_pretrained(tiny / "model")("a").input_ids) == 1  # the reference count
+    res = CliRunner().invoke(cli, ["eval", str(tiny / "model"), "--data", str(one)])
+    assert res.exit_code == 1, res.output
+    line = res.output.strip().splitlines()[-1]
+    assert str(one) in line and "--data" in line and "1 token(s)" in line, res.output
