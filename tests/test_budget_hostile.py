@@ -195,3 +195,18 @@ def test_eval_of_a_single_token_names_the_file(tiny, tmp_path):
     assert res.exit_code == 1, res.output
     line = res.output.strip().splitlines()[-1]
     assert str(one) in line and "--data" in line and "1 token(s)" in line, res.output
+
+
+# ------------------------------------------------------------------ the shipped model, used as HF documents it
+def test_shipped_model_generates_from_its_tokenizer_output():
+    """`model.generate(**tokenizer(text, return_tensors="pt"))`, the Hugging Face snippet, failed on
+    the shipped model and on every artifact exported from it (which copy its tokenizer): the
+    tokenizer returned token_type_ids, which Llama's generate() refuses."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cwca_export.demo import DEMO_MODEL
+
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL)
+    model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype="float32")
+    out = model.generate(**tokenizer("def open(file):", return_tensors="pt"), max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == len(tokenizer("def open(file):").input_ids) + 3
