@@ -210,3 +210,24 @@ def test_shipped_model_generates_from_its_tokenizer_output():
     model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype="float32")
     out = model.generate(**tokenizer("def open(file):", return_tensors="pt"), max_new_tokens=3, do_sample=False)
     assert out.shape[1] == len(tokenizer("def open(file):").input_ids) + 3
+
+
+# ------------------------------------------------------------------ storage flags with no storage to plan
+@pytest.mark.parametrize(
+    ("extra", "flag", "why"),
+    [
+        (["--formats", "int4-b32"], "--formats", "no limit"),
+        (["--quantize", "int8", "--formats", "int4-b32", "--max-disk", "30MB"], "--formats", "--quantize fixes"),
+        (["--dtype", "float16", "--max-disk", "30MB", "--formats", "int4-b32"], "--formats", "float16"),
+        (["--precision-estimate", "fisher"], "--precision-estimate", "no limit"),
+        (["--quantize", "int8", "--rounding", "rtn"], "--rounding", "drop --rounding"),
+    ],
+)
+def test_storage_flags_that_would_change_nothing_are_refused(tiny, tmp_path, no_export, extra, flag, why):
+    """These exported an artifact as if the flag had not been given (an int8 artifact for
+    `--quantize int8 --formats int4-b32`), without a word."""
+    res = _export(tiny / "model", *extra, "--out", tmp_path / "out")
+    assert res.exit_code == 2, res.output
+    line = res.output.strip().splitlines()[-1]
+    assert line.startswith(f"Error: {flag} applies to") and why in line, res.output
+    assert not (tmp_path / "out").exists()
