@@ -236,4 +236,17 @@ def load_profile(name_or_path: str | os.PathLike) -> HardwareProfile:
     if missing:
         raise ValueError(f"{path}: missing keys {missing} (--hardware)")
     data.setdefault("name", path.stem)
-    return HardwareProfile(**{**data, "memory": parse_size(data["memory"])})
+    for key in ("name", "description", "ep", "dtype"):
+        if not isinstance(data[key], str):
+            raise ValueError(f"{path}: {key}: expected text, got {data[key]!r} (--hardware)")
+    memory = data["memory"]
+    if isinstance(memory, bool) or not isinstance(memory, (str, int)):  # YAML's true is an int to Python
+        raise ValueError(f"{path}: memory: expected a size such as 8GiB or 300MB, got {memory!r} (--hardware)")
+    for key, allowed in (("ep", EPS), ("dtype", DTYPES)):
+        if data[key] not in allowed:
+            raise ValueError(f"{path}: {key}: {data[key]!r}; choose one of {', '.join(allowed)} (--hardware)")
+    try:
+        memory = parse_size(memory)
+    except ValueError as exc:
+        raise ValueError(f"{path}: memory: {exc} (--hardware)") from None
+    return HardwareProfile(**{**data, "memory": memory})

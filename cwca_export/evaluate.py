@@ -320,6 +320,9 @@ def evaluate(
         raise ValueError(f"{path}: no tokenizer (tokenizer.json) to read {data} with; save one beside the model")
     ids = tokenize_text(tokenizer, text)
     available = ids.size if max_tokens is None else min(ids.size, max_tokens)
+    if available < 2:  # one token predicts nothing: no window can be scored
+        raise ValueError(f"{data}: {available} token(s), and a perplexity needs at least 2; hint: pass more text"
+                         " to --data" + (" or a larger --max-tokens" if max_tokens is not None else ""))
     if available < seq_len:
         warnings.warn(
             f"{data}: only {available} tokens, fewer than one window of --seq-len {seq_len}; the perplexity"

@@ -183,6 +183,8 @@ class Recipe(_Strict):
             "data": _resolve(base, recipe.data),
             "eval": None if recipe.eval is None else recipe.eval.model_copy(
                 update={"data": _resolve(base, recipe.eval.data)}),
+            "export": None if recipe.export is None else recipe.export.model_copy(
+                update={"hardware": _resolve_profile(base, recipe.export.hardware)}),
         })
         if check_names:
             recipe.check_names()
@@ -232,6 +234,14 @@ class Recipe(_Strict):
                 raise ValueError(f"{where}: export.hardware: no profile {hardware!r}; allowed:"
                                  f" {', '.join(available_profiles())} or a YAML path;"
                                  " fix: --set export.hardware=cpu-2core-24gb")
+            if hardware is not None:  # its contents too, before any step runs
+                from cwca_export.budget import load_profile
+
+                try:
+                    load_profile(hardware)
+                except ValueError as exc:
+                    raise ValueError(f"{where}: export.hardware: {str(exc).removesuffix(' (--hardware)')};"
+                                     " fix: --set export.hardware=cpu-2core-24gb") from None
 
     def describe(self) -> list[str]:
         """The validated steps, one line each (``run --dry-run``)."""
@@ -345,7 +355,8 @@ def _one_line(exc: ValidationError, source: str) -> str:
     errors = exc.errors(include_url=False)
     err = errors[0]
     loc = tuple(p for p in err["loc"] if isinstance(p, str))
-    loc = tuple(p for p in loc if p not in ("str", "int", "float", "bool", "dict"))
+    # keys only: pydantic adds union branches to loc ("str", "constrained-float", "literal['int8']")
+    loc = tuple(p for p in loc if p.isidentifier() and p not in ("str", "int", "float", "bool", "dict"))
     path = ".".join(loc) or "(top level)"
     kind = err["type"]
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
@@ -378,6 +389,16 @@ def _check_options(where: str, path: str, given: dict[str, Any], accepted: dict[
     if unknown:
         allowed = ", ".join(sorted(accepted)) or "none"
         raise ValueError(f"{where}: {path}: unknown option(s) {', '.join(unknown)}; allowed: {allowed}")
+
+
+def _resolve_profile(base: Path, value: str | None) -> str | None:
+    """A hardware profile: a shipped name as it is, a YAML path relative to the recipe."""
+    from cwca_export.budget import PROFILE_DIR
+
+    if value is None or (PROFILE_DIR / f"{value}.yaml").is_file():
+        return value
+    path = _resolve(base, value)
+    return path if Path(path).is_file() else value  # neither: refused by its name (check_names)
 
 
 def _resolve(base: Path, value: str) -> str:

@@ -47,6 +47,7 @@ def train_tokenizer(text_path: Path, vocab_size: int):
         unk_token="<|endoftext|>",
         pad_token="<|endoftext|>",
         model_max_length=512,
+        model_input_names=["input_ids", "attention_mask"],  # no token_type_ids: Llama's generate() refuses them
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -104,8 +105,30 @@ def _read_precision(path: str) -> dict[str, str]:
     if not isinstance(formats, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in formats.items()):
         raise click.BadParameter(f"{path}: expected {{\"formats\": {{group: format}}}}", param_hint="--precision")
     for value in formats.values():
-        StorageFormat.parse(value)
+        try:
+            StorageFormat.parse(value)
+        except ValueError as exc:
+            raise click.BadParameter(f"{path}: {exc}", param_hint="--precision") from None
     return formats
+
+
+def _check_storage_flags(ctx: click.Context, budget: Any, quantize: bool, precision: bool) -> None:
+    """--formats, --precision-estimate and --rounding change only per-layer storage: given where
+    none is planned, they would be ignored without a word."""
+    from click.core import ParameterSource
+
+    given = {name for name in ctx.params if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)}
+    searched = budget.has_limits and not quantize and not precision and budget.dtype == "fp32"
+    why = ("it has no limit (add --max-memory, --max-disk or --max-latency-ms)" if not budget.has_limits
+           else "--quantize fixes the storage" if quantize else "--precision fixes the storage" if precision
+           else "a float16 artifact's storage is not searched")
+    for name, flag in (("formats", "--formats"), ("precision_estimate", "--precision-estimate")):
+        if name in given and not searched:
+            raise click.UsageError(f"{flag} applies to a budget search that plans per-layer storage, and this"
+                                   f" export plans none: {why}; hint: drop {flag}")
+    if "rounding" in given and not (searched or precision):
+        raise click.UsageError("--rounding applies to per-layer formats (a budget search's or --precision's);"
+                               " --quantize is always round to nearest; hint: drop --rounding")
 
 
 def _precision_damage_search(budget, fixed, estimate) -> None:
@@ -245,6 +268,7 @@ def export(
         budget = Budget.from_profile(hardware, **limits)
     else:
         budget = Budget(**{k: v for k, v in limits.items() if v is not None})
+    _check_storage_flags(click.get_current_context(), budget, bool(quantize), bool(precision_path))
     quantize_config = None
     if quantize:
         if not is_block_size(block_size):
@@ -327,6 +351,13 @@ def export(
         held = fp32_bytes * (1 + EXPORT_COPIES["external"])
         note_line(f"note: this export holds the float32 model and its graph, about {format_size(held)};"
                   " --low-memory holds a fraction of one copy, the weights as file pages (docs/memory.md)")
+    if precision is not None:  # its groups and formats, before anything is exported
+        from cwca_export.planning.precision import check_precision_plan
+
+        try:
+            check_precision_plan(model, precision)
+        except ValueError as exc:
+            raise click.BadParameter(f"{precision_path}: {exc}", param_hint="--precision") from None
     compress_options = {}
     if plan is not None and method:  # the plan is applied here: it must fit this model
         plan.check(model, fingerprint=not no_fingerprint, require_fingerprint=not no_fingerprint)

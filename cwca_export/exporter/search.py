@@ -367,6 +367,71 @@ class _Search:
                                    weight_bytes=weights, predicted_damage=float(damage), predicted_ms=predicted_ms))
         return options
 
+    def smallest_storage(self, ref: Candidate) -> tuple[int, float] | None:
+        """Predicted disk bytes of the most compact storage the formats allow, at the level of
+        most structure, and that level; as :meth:`storage_options` predicts (node overhead 0),
+        so no option of the search is predicted smaller. Exact from shapes: no forward, no
+        damage table. None when the most compressed level cannot be made."""
+        from cwca_export.planning.precision import StorageFormat, artifact_weight_bytes, precision_groups
+
+        t = 1.0 if self.knob is not None else 0.0
+        try:
+            model_t = self.knob.make(t)[0] if self.knob is not None else self.model
+        except ValueError:
+            return None
+        formats = [StorageFormat.parse(n) for n in self.formats] or [StorageFormat.parse("fp32")]
+        groups = precision_groups(model_t)
+
+        def least(group: Any) -> str:
+            return min((group.bytes(f), f.name) for f in formats if group.allows(f))[1]
+
+        blocks = {g.name: least(g) for g in groups if g.kind == "block"}
+        plans = [{**blocks, **{g.name: least(g) for g in groups if g.kind in ("embed", "head")}}]
+        if any(g.kind == "tied" for g in groups):
+            plans.append({**blocks, **{g.name: least(g) for g in groups if g.kind == "tied"}})
+        side = ref.disk_bytes - ref.graph_bytes
+        sizes = []
+        for plan in plans:
+            plan = {g: f for g, f in plan.items() if f != "fp32"}
+            one_table = "tied" in plan or (plan.get("embed", "fp32") == "fp32" and plan.get("head", "fp32") == "fp32")
+            graph = (ref.prediction["fp32_overhead_bytes"] + artifact_weight_bytes(model_t, plan)
+                     + (ref.prediction.get("head_copy_bytes", 0) if one_table else 0))
+            sizes.append(int(graph) + side)
+        return min(sizes), t
+
+    def limits_text(self) -> str:
+        """The limits and workload, as the errors state them."""
+        b = self.budget
+        limits = []
+        if b.max_memory is not None:
+            limits.append(f"memory {format_size(b.max_memory)}")
+        if b.max_disk is not None:
+            limits.append(f"disk {format_size(b.max_disk)}")
+        if b.max_latency_ms is not None:
+            peer = f" (plain {b.latency_peer}'s, measured here)" if b.latency_peer else ""
+            limits.append(f"decode {b.max_latency_ms:.4g} ms{peer}")
+        if b.max_prefill_ms is not None:
+            limits.append(f"prefill {b.max_prefill_ms:g} ms")
+        return f"{', '.join(limits)} at batch {b.batch}, prompt {b.prompt_len}, context {b.context}, {b.ep}"
+
+    def unreachable(self, ref: Candidate) -> BudgetError | None:
+        """The error for a memory or disk limit below the smallest storage the search could
+        predict (before the damage table, the costliest step, is measured); None otherwise."""
+        caps = [v for v in (self.budget.max_disk, self.budget.max_memory) if v is not None]
+        smallest = self.smallest_storage(ref) if caps else None
+        if smallest is None or smallest[0] <= min(caps):
+            return None
+        size, t = smallest
+        where = f" at the plan's most compressed level (t={t:g})" if self.knob is not None else ""
+        more = "" if self.knob is not None else (
+            " or give --plan and --method width|lowrank|asvd to compress structure too")
+        return BudgetError(
+            f"no setting meets the budget ({self.limits_text()}): the most compact storage of --formats"
+            f" {','.join(self.formats) or 'fp32'}{where} is predicted at {format_size(size)} on disk (the model as"
+            f" given measured {format_size(ref.disk_bytes)}); nothing else was priced or built;"
+            f" hint: a limit of at least {format_size(size)}, smaller --formats (e.g. int4-b128-asym){more}"
+        )
+
     def latency_limits(self) -> dict[str, float | None]:
         return {"decode": self.budget.max_latency_ms, "prefill": self.budget.max_prefill_ms}
 
@@ -665,23 +730,12 @@ class _Search:
         small = min(self.trials, key=memory)
         fast = min(self.trials, key=lambda tr: tr["measured"]["decode_p50_ms"])
         quick = min(self.trials, key=lambda tr: tr["measured"]["prefill_p50_ms"])
-        b = self.budget
-        limits = []
-        if b.max_memory is not None:
-            limits.append(f"memory {format_size(b.max_memory)}")
-        if b.max_disk is not None:
-            limits.append(f"disk {format_size(b.max_disk)}")
-        if b.max_latency_ms is not None:
-            peer = f" (plain {b.latency_peer}'s, measured here)" if b.latency_peer else ""
-            limits.append(f"decode {b.max_latency_ms:.4g} ms{peer}")
-        if b.max_prefill_ms is not None:
-            limits.append(f"prefill {b.max_prefill_ms:g} ms")
         more = "" if self.knob is not None else (
             " or give --plan and --method width|lowrank|asvd to compress structure too")
         priced = sum(1 for o in self.options if o.calib_loss is not None)
         return BudgetError(
-            f"no setting meets the budget ({', '.join(limits)} at batch {b.batch}, prompt {b.prompt_len},"
-            f" context {b.context}, {b.ep}); {len(self.options)} candidate(s) considered, {priced} predicted"
+            f"no setting meets the budget ({self.limits_text()}); {len(self.options)} candidate(s) considered,"
+            f" {priced} predicted"
             f" to fit, {len(self.trials)} built; smallest measured: memory {format_size(memory(small))}"
             f" ({label(small)}), decode p50 {fast['measured']['decode_p50_ms']:.3g} ms ({label(fast)}),"
             f" prefill p50 {quick['measured']['prefill_p50_ms']:.3g} ms ({label(quick)});"
@@ -784,6 +838,13 @@ def fit_budget(
         search.drop_peer()
         return reference, search.record(reference_option), plan
     if names is not None:
+        hopeless = search.unreachable(reference)
+        if hopeless is not None:
+            shutil.rmtree(reference.folder, ignore_errors=True)
+            search.drop_peer()
+            if isinstance(knob, PlanKnob):
+                knob.forget()
+            raise hopeless
         t0 = time.perf_counter()
         transform = search.clipper_at(0.0, model)
         if precision_damage is not None:

@@ -345,6 +345,26 @@ def precision_groups(model: nn.Module) -> list[PrecisionGroup]:
     return groups
 
 
+def check_precision_plan(model: nn.Module, formats: dict[str, str]) -> None:
+    """Refuse a precision plan (group -> format) that names a group ``model`` lacks, gives a
+    group a format ONNX Runtime cannot store it in (:meth:`PrecisionGroup.allows`), or holds a
+    tied table beside the embedding or head it replaces; before any export, since such a plan
+    otherwise builds a graph that fails verification for a reason it does not name."""
+    groups = {g.name: g for g in precision_groups(model)}
+    unknown = sorted(set(formats) - set(groups))
+    if unknown:
+        raise ValueError(f"unknown group(s) {unknown}; the model has {sorted(groups)}")
+    for name, text in formats.items():
+        fmt = StorageFormat.parse(text)
+        if not groups[name].allows(fmt):
+            allowed = {"tied": "fp32 or int8 (the head reads the embedding's table)",
+                       "embed": "fp32, int8 or a 4-bit format without -a8 (a Gather computes nothing)"}
+            raise ValueError(f"group {name}: {text} is not a format it can be stored in; it takes"
+                             f" {allowed[groups[name].kind]}")
+    if "tied" in formats and ({"embed", "head"} & set(formats)):
+        raise ValueError("a plan holds either tied (one table the head reads) or embed and head, not both")
+
+
 def _path_of(model: nn.Module, module: nn.Module) -> str:
     return next(path for path, m in model.named_modules() if m is module)
 
