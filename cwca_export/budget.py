@@ -81,7 +81,7 @@ class Budget:
     Attributes:
         max_memory: bytes; disk bytes and session resident bytes must both fit. None: no limit.
         max_disk: bytes of the artifact's files alone (what a download or a flash partition
-            holds). None: no limit.
+            holds): every file but ``cwca_manifest.json``, which records them. None: no limit.
         max_latency_ms: p50 ms per decoded token at ``batch``. None: no limit.
         max_prefill_ms: p50 ms for a prefill of ``prompt_len`` tokens at ``batch``. None: no limit.
         ep: ONNX Runtime execution provider, ``"cpu"`` or ``"cuda"``.

@@ -188,7 +188,9 @@ def _precision_damage(path, model, tokenizer, compress_options, rounding, format
 @click.option("--dtype", type=DTYPE, help="Artifact float dtype: float32 or float16 (for GPU providers) [default: float32].")
 @click.option("--optimize", type=click.Choice(["basic", "extended", "all"]), help="Offline ONNX Runtime graph optimisation.")
 @click.option("--max-memory", type=SIZE, metavar="SIZE", help="Disk and resident limit: 1.5GiB, 300MB or bytes.")
-@click.option("--max-disk", type=SIZE, metavar="SIZE", help="Limit on the artifact's bytes on disk alone (download, flash).")
+@click.option("--max-disk", type=SIZE, metavar="SIZE",
+              help="Limit on the artifact's bytes on disk alone (download, flash): every file but the tool's"
+                   " cwca_manifest.json (a few KB, tens with a search's candidates).")
 @click.option("--max-latency-ms", type=LATENCY_LIMIT, metavar="MS|int8",
               help="Limit on p50 ms per decoded token, or int8: no slower than this model's plain dynamic int8"
                    " export (--quantize int8), measured here and confirmed beside the winner.")
