@@ -111,12 +111,16 @@ class ExportStep(_Strict):
                                  examples=["cpu-2core-24gb"])
     max_memory: str | int | None = Field(None, description="bytes, or a size such as 300MiB",
                                          examples=["300MiB"])
+    max_disk: str | int | None = Field(None, description="the artifact's bytes on disk alone, as --max-disk",
+                                       examples=["200MiB"])
     max_latency_ms: Annotated[float, Field(gt=0)] | Literal["int8"] | None = Field(
         None, description="p50 ms per decoded token, or int8: no slower than the model's plain dynamic int8 export",
         examples=[20.0, "int8"])
+    max_prefill_ms: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="p50 ms for the prefill of the measured prompt, as --max-prefill-ms", examples=[200.0])
     ep: Literal["cpu", "cuda"] | None = Field(None, examples=["cpu"])
 
-    @field_validator("max_memory")
+    @field_validator("max_memory", "max_disk")
     @classmethod
     def _size(cls, value: str | int | None) -> str | int | None:
         if value is not None:
@@ -261,7 +265,8 @@ class Recipe(_Strict):
         if self.export is not None:
             e = self.export
             limits = ", ".join(f"{k} {v}" for k, v in (("hardware", e.hardware), ("max_memory", e.max_memory),
-                               ("max_latency_ms", e.max_latency_ms), ("ep", e.ep)) if v is not None)
+                               ("max_disk", e.max_disk), ("max_latency_ms", e.max_latency_ms),
+                               ("max_prefill_ms", e.max_prefill_ms), ("ep", e.ep)) if v is not None)
             lines.append(f"[export] {e.backend}, {e.quantize or 'no quantization'}" + (f", {limits}" if limits else ""))
         if self.eval is not None:
             lines.append(f"[eval] {self.eval.data}, windows of {self.eval.seq_len}"
@@ -535,7 +540,7 @@ def run_recipe(
         summary: dict[str, Any] = {"recipe": recipe.source, "timings_s": timings}
         if recipe.export is not None:
             began = time.perf_counter()
-            artifact = _export(recipe.export, compressed, plan, tokenizer, work / "artifact", echo)
+            artifact = _export(recipe.export, compressed, plan, tokenizer, work / "artifact", echo, calib)
             summary["artifact"] = {"disk_bytes": artifact.disk_bytes, "resident_bytes": artifact.resident_bytes,
                                    "latency_ms": artifact.latency_ms}
             timings["export"] = round(time.perf_counter() - began, 1)
@@ -579,14 +584,17 @@ def _plan(recipe: Recipe, model, scores, calib):
     return plan_by_rule(scores, p.sparsity, rule=p.rule, band=p.band, lo=p.lo, hi=p.hi, kappa=p.kappa)
 
 
-def _export(step: ExportStep, model, plan, tokenizer, out: Path, echo):
+def _export(step: ExportStep, model, plan, tokenizer, out: Path, echo, calib):
+    """The export step; a budget search prices its candidates on the recipe's calibration data
+    (``calib``), not the shipped text it would fall back to."""
     from cwca_export.budget import Budget, latency_limit, parse_size
     from cwca_export.exporter.api import export
 
     limits = {"max_memory": parse_size(step.max_memory) if step.max_memory is not None else None,
-              **latency_limit(step.max_latency_ms), "ep": step.ep}
+              "max_disk": parse_size(step.max_disk) if step.max_disk is not None else None,
+              **latency_limit(step.max_latency_ms), "max_prefill_ms": step.max_prefill_ms, "ep": step.ep}
     limits = {k: v for k, v in limits.items() if v is not None}
     budget = Budget.from_profile(step.hardware, **limits) if step.hardware else Budget(**limits)
     echo(f"[export] {step.backend}, {step.quantize or 'fp32'}, verified and measured")
     return export(model, plan, out, backend=step.backend, quantize=step.quantize, budget=budget,
-                  tokenizer=tokenizer)
+                  tokenizer=tokenizer, calibration=calib)

@@ -108,3 +108,32 @@ def test_shipped_example_recipes_parse():
     for path in examples:
         recipe = Recipe.load(path)
         assert Path(recipe.model).is_dir() and Path(recipe.data).is_file()
+
+
+def test_a_recipe_budget_search_prices_on_the_recipe_data_with_every_limit(setup, monkeypatch):
+    """A recipe's export step under a budget handed the search no calibration, so it priced its
+    candidates on the shipped Python documentation text, not the recipe's `data`; and the recipe
+    had no `max_disk` / `max_prefill_ms`. Now the search gets the recipe's calibration ids and the
+    budget every limit."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from cwca_export.data import calibration_data
+    from cwca_export.exporter import api
+
+    seen = {}
+
+    def fake_export(model, plan, out, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(api, "export", fake_export)
+    body = {**BASE, "export": {"backend": "onnx", "max_disk": "2MiB", "max_prefill_ms": 50, "max_memory": 10**9}}
+    res = CliRunner().invoke(cli, ["run", str(_write(setup, body)), "--out", str(setup / "out")])
+    assert "stop here" in res.output, res.output
+    budget = seen["budget"]
+    assert (budget.max_disk, budget.max_prefill_ms, budget.max_memory) == (2 * 2**20, 50, 10**9)
+    tokenizer = AutoTokenizer.from_pretrained(setup / "model", local_files_only=True)
+    expected = calibration_data(setup / "calib.txt", tokenizer, num_samples=4, seq_len=16, seed=0)
+    assert torch.equal(getattr(seen["calibration"], "input_ids", seen["calibration"]), expected.input_ids)
+    assert not (setup / "out").exists()
