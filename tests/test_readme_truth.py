@@ -29,3 +29,28 @@ def test_export_help_states_the_formats_default_the_search_uses(tmp_path):
     text = " ".join(CliRunner().invoke(cli, ["export", "--help"], terminal_width=400).output.split())
     assert "[default: fp32,int8,int4-b128-asym,int4-b32]" not in text
     assert "int4-bB-asym,int4-b32 with B the largest of 128, 64 dividing every input size, else 32" in text
+
+
+def _readme_python_block() -> str:
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    return re.search(r"### Python\n\n```python\n(.*?)```", text, re.S).group(1)
+
+
+def test_readme_python_example_uses_no_name_before_defining_it():
+    # the example once called plan.check(model) before loading model and compressed with an
+    # undefined calib; copied literally it stopped at a NameError
+    import ast
+    import builtins
+
+    defined = set(dir(builtins))
+    for stmt in ast.parse(_readme_python_block()).body:
+        used = {n.id for n in ast.walk(stmt) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+        assert used <= defined, f"line {stmt.lineno} uses {sorted(used - defined)} before defining it"
+        for node in ast.walk(stmt):
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                defined.add(node.id)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                defined.update((a.asname or a.name).split(".")[0] for a in node.names)
