@@ -54,3 +54,27 @@ def test_readme_python_example_uses_no_name_before_defining_it():
                 defined.add(node.id)
             elif isinstance(node, (ast.Import, ast.ImportFrom)):
                 defined.update((a.asname or a.name).split(".")[0] for a in node.names)
+
+
+def test_peft_refusal_hints_a_flag_that_helps_when_the_budget_is_slack(tmp_path):
+    # equal qualities of 1/4 each: gamma q^2 / alpha = 0.1125 < 1, so no block earns a unit at any
+    # budget; the refusal said "raise --budget", which changes nothing
+    from helpers import save_tiny_model
+
+    from cwca_export.scores import LayerScores
+
+    model_dir = save_tiny_model("llama", tmp_path / "m", num_hidden_layers=4)
+    scores = tmp_path / "scores.json"
+    LayerScores("gradnorm", zeta2=[1.0] * 4, n_params=[10] * 4).save(scores)
+
+    def plan(*extra):
+        return CliRunner().invoke(cli, ["plan", str(scores), "--program", "allocate", "--model", str(model_dir),
+                                        "--rank-step", "4", *extra], catch_exceptions=False)
+
+    base = ["--peft-config", str(tmp_path / "lora"), "--out", str(tmp_path / "p.json")]
+    for budget in ("96", "1000000"):
+        r = plan("--budget", budget, *base)
+        assert r.exit_code != 0 and "raise --budget" not in r.output and "--lo 1" in r.output, r.output
+    r = plan("--budget", "96", "--lo", "1", *base)  # the hinted flag does give every block a unit
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "lora" / "adapter_config.json").exists()
