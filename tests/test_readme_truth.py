@@ -78,3 +78,51 @@ def test_peft_refusal_hints_a_flag_that_helps_when_the_budget_is_slack(tmp_path)
     r = plan("--budget", "96", "--lo", "1", *base)  # the hinted flag does give every block a unit
     assert r.exit_code == 0, r.output
     assert (tmp_path / "lora" / "adapter_config.json").exists()
+
+
+def _readme_cli_commands() -> list[list[str]]:
+    import re
+    import shlex
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"### CLI\n\n```bash\n(.*?)```", text, re.S).group(1)
+    commands = []
+    for line in block.replace("\\\n", " ").splitlines():
+        words = shlex.split(line, comments=True)
+        if "cwca_export" in words:  # torchrun ... -m cwca_export VERB
+            words = ["cwca-export", *words[words.index("cwca_export") + 1:]]
+        if words and words[0] == "cwca-export":
+            commands.append(words[1:])
+        elif ">" in words:  # a shell step that writes a file, e.g. jq ... > formats.json
+            commands.append(["(shell)", "--out", words[words.index(">") + 1]])
+    return commands
+
+
+def test_readme_cli_reads_only_files_an_earlier_command_wrote():
+    # copied top to bottom, a command once read owl.json (and formats.json) that no command made,
+    # an export wrote into artifact-q made above, and side plans
+    # (the --psi log one, the OWL baseline, the llm-compressor recipe's) replaced the plan.json
+    # that compress applies
+    defaults = {"score": "scores.json", "plan": "plan.json", "refine": "plan.json"}
+    written: set[str] = set()
+    plan_json_writer = None
+    for words in _readme_cli_commands():
+        verb, args = words[0], words[1:]
+        value = {a: args[i + 1] for i, a in enumerate(args[:-1]) if a.startswith("--")}
+        reads = [value[f] for f in ("--scores", "--plan", "--precision", "--precision-damage") if f in value]
+        if verb in ("plan", "inspect") and args and args[0].endswith(".json"):
+            reads.append(args[0])
+        for path in reads:
+            assert path in written, f"`cwca-export {' '.join(words)}` reads {path}, which no command above writes"
+        if verb == "compress" and value["--plan"] == "plan.json":
+            assert plan_json_writer == "refine", f"compress applies the plan.json of `{plan_json_writer}`"
+        out = value.get("--out", defaults.get(verb))
+        if verb in ("compress", "export", "run", "demo") and "--overwrite" not in args and "--dry-run" not in args:
+            assert out not in written, f"`cwca-export {' '.join(words)}`: {out} exists from a command above"
+        if verb == "score" and value.get("--estimator") == "precision":
+            out = value["--out"]
+        if out:
+            written.add(out)
+            if out == "plan.json":
+                plan_json_writer = verb
