@@ -29,6 +29,14 @@ def test_export_help_states_the_formats_default_the_search_uses(tmp_path):
     text = " ".join(CliRunner().invoke(cli, ["export", "--help"], terminal_width=400).output.split())
     assert "[default: fp32,int8,int4-b128-asym,int4-b32]" not in text
     assert "int4-bB-asym,int4-b32 with B the largest of 128, 64 dividing every input size, else 32" in text
+    # and a latency limit on the CPU adds int8-compute twins (search_formats), which --help names too
+    from cwca_export.budget import Budget
+    from cwca_export.exporter.build import ExportSettings
+    from cwca_export.exporter.search import search_formats
+
+    names = search_formats(Budget(max_disk=2**20, max_latency_ms=5.0), ExportSettings(), model=model)
+    assert "int4-b64-asym-a8" in names
+    assert "with a latency limit on the CPU each int4 format also with int8 compute (-a8)" in text
 
 
 def _readme_python_block() -> str:

@@ -173,7 +173,8 @@ def _precision_damage(path, model, tokenizer, compress_options, rounding, format
               help="int4: weights per scale, a power of two >= 16.")
 @click.option("--formats", metavar="LIST",
               help="Storage formats a budget search may give each layer [default: fp32,int8,int4-bB-asym,int4-b32 with B"
-                   " the largest of 128, 64 dividing every input size, else 32].")
+                   " the largest of 128, 64 dividing every input size, else 32; with a latency limit on the CPU each int4"
+                   " format also with int8 compute (-a8); on --ep cuda no int8 or -a8].")
 @click.option("--precision", "precision_path", type=click.Path(exists=True, dir_okay=False),
               help="Per-layer precision plan (JSON {\"formats\": {group: format}}, e.g. a manifest's chosen candidate).")
 @click.option("--levels", type=COUNT, default=5, show_default=True, help="Structure levels a budget search tries with --plan.")
