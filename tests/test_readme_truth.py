@@ -134,3 +134,15 @@ def test_readme_cli_reads_only_files_an_earlier_command_wrote():
             written.add(out)
             if out == "plan.json":
                 plan_json_writer = verb
+
+
+def test_export_help_says_what_prices_and_clips_without_data():
+    # export --precision formats.json (no --data) clips with the shipped text; --help said nothing
+    from helpers import tiny_tokenizer
+
+    from cwca_export.exporter.search import calibration_ids
+
+    _, source = calibration_ids(tiny_tokenizer(), {}, None, 384)
+    assert source.startswith("shipped Python documentation text")
+    text = " ".join(CliRunner().invoke(cli, ["export", "--help"], terminal_width=400).output.split())
+    assert "[default for the pricing and clip: the shipped Python documentation text]" in text

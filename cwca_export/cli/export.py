@@ -163,7 +163,8 @@ def _precision_damage(path, model, tokenizer, compress_options, rounding, format
 @click.option("--method", type=METHOD, help="Compression method that applies --plan (and lets a budget search re-solve it).")
 @click.option("--data", type=click.Path(exists=True),
               help="Calibration text for --method width / wanda / sparsegpt / asvd, the search's pricing and"
-                   " --rounding clip: .txt, .jsonl, or a folder saved by datasets' save_to_disk.")
+                   " --rounding clip: .txt, .jsonl, or a folder saved by datasets' save_to_disk [default for the"
+                   " pricing and clip: the shipped Python documentation text].")
 @click.option("--samples", type=COUNT, default=EXPORT_SAMPLES, show_default=True, help="Calibration sequences for --data.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=EXPORT_SEQ_LEN, show_default=True, help="Tokens per calibration sequence.")
 @click.option("--quantize", type=click.Choice(["int8", "int4"]), help="ONNX Runtime weight quantization.")
