@@ -146,3 +146,25 @@ def test_export_help_says_what_prices_and_clips_without_data():
     assert source.startswith("shipped Python documentation text")
     text = " ".join(CliRunner().invoke(cli, ["export", "--help"], terminal_width=400).output.split())
     assert "[default for the pricing and clip: the shipped Python documentation text]" in text
+
+
+def _help_examples(verb: str) -> list[list[str]]:
+    import shlex
+
+    text = CliRunner().invoke(cli, [verb, "--help"], terminal_width=400).output
+    block = text.split("Examples:")[1].split("Options:")[0].replace("\\\n", " ")
+    return [shlex.split(line, comments=True) for line in block.splitlines() if "cwca" in line]
+
+
+def test_precision_damage_examples_price_on_the_calibration_the_table_was_measured_on():
+    # export --help's --precision-damage example priced on export's default 32 x 256 while the
+    # table of score --help's example is 32 x 128: export refuses such a table
+    def calib(words):
+        value = {a: words[i + 1] for i, a in enumerate(words[:-1]) if a.startswith("--")}
+        return value.get("--samples", "32"), value.get("--seq-len", "256")
+
+    tables = [calib(w) for w in _help_examples("score") if "precision" in w and "score" in w]
+    uses = [calib(w) for verb in ("score", "export") for w in _help_examples(verb)
+            if "export" in w and "--precision-damage" in w]
+    assert tables and len(uses) >= 2
+    assert all(use in tables for use in uses), (tables, uses)

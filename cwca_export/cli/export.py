@@ -251,7 +251,8 @@ def export(
       cwca-export export ./tiny-llama --max-memory 300MB --max-latency-ms 20 --out ./fitted
       cwca-export export ./tiny-llama --max-memory 2MB --max-latency-ms int8 --out ./as-fast-as-int8
       cwca-export export ./llama --hardware jetson-orin-8gb --plan plan.json --out ./orin
-      cwca-export export ./llama --data calib.txt --max-memory 2GiB --precision-damage precision.json --out ./fit
+      cwca-export export ./llama --data calib.txt --samples 32 --seq-len 128 --max-memory 2GiB \\
+          --precision-damage precision.json --out ./fit   # the table of score --help's example
     """
     from cwca_export.budget import Budget, latency_limit, parse_size
     from cwca_export.exporter.api import export as run_export
