@@ -91,7 +91,14 @@ def lora_config_kwargs(
         )
     ranks = lora_ranks(plan, rank_step)
     if not any(ranks):
-        raise ValueError("the plan gives every block 0 units: no LoRA modules; hint: raise --budget")
+        budget = plan.parameters.get("budget")
+        if budget is not None and min(plan.cost or [1.0]) > budget:
+            raise ValueError("the plan gives every block 0 units: no LoRA modules; hint: raise --budget")
+        # the budget was slack: no block's first unit gains more than it costs (docs/design.md 2.3)
+        raise ValueError(
+            "the plan gives every block 0 units, within its budget: at these qualities no unit gains"
+            " more than it costs; hint: --lo 1 (units every block keeps) or a larger --gamma"
+        )
     targets, rank_pattern, alpha_pattern = [], {}, {}
     for name, rank, linears in zip(plan.block_names, ranks, linear_names, strict=True):
         if rank == 0:

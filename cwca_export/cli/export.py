@@ -163,7 +163,8 @@ def _precision_damage(path, model, tokenizer, compress_options, rounding, format
 @click.option("--method", type=METHOD, help="Compression method that applies --plan (and lets a budget search re-solve it).")
 @click.option("--data", type=click.Path(exists=True),
               help="Calibration text for --method width / wanda / sparsegpt / asvd, the search's pricing and"
-                   " --rounding clip: .txt, .jsonl, or a folder saved by datasets' save_to_disk.")
+                   " --rounding clip: .txt, .jsonl, or a folder saved by datasets' save_to_disk [default for the"
+                   " pricing and clip: the shipped Python documentation text].")
 @click.option("--samples", type=COUNT, default=EXPORT_SAMPLES, show_default=True, help="Calibration sequences for --data.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=EXPORT_SEQ_LEN, show_default=True, help="Tokens per calibration sequence.")
 @click.option("--quantize", type=click.Choice(["int8", "int4"]), help="ONNX Runtime weight quantization.")
@@ -172,7 +173,9 @@ def _precision_damage(path, model, tokenizer, compress_options, rounding, format
 @click.option("--block-size", type=COUNT, default=32, show_default=True,
               help="int4: weights per scale, a power of two >= 16.")
 @click.option("--formats", metavar="LIST",
-              help="Storage formats a budget search may give each layer [default: fp32,int8,int4-b128-asym,int4-b32].")
+              help="Storage formats a budget search may give each layer [default: fp32,int8,int4-bB-asym,int4-b32 with B"
+                   " the largest of 128, 64 dividing every input size, else 32; with a latency limit on the CPU each int4"
+                   " format also with int8 compute (-a8); on --ep cuda no int8 or -a8].")
 @click.option("--precision", "precision_path", type=click.Path(exists=True, dir_okay=False),
               help="Per-layer precision plan (JSON {\"formats\": {group: format}}, e.g. a manifest's chosen candidate).")
 @click.option("--levels", type=COUNT, default=5, show_default=True, help="Structure levels a budget search tries with --plan.")
@@ -248,7 +251,8 @@ def export(
       cwca-export export ./tiny-llama --max-memory 300MB --max-latency-ms 20 --out ./fitted
       cwca-export export ./tiny-llama --max-memory 2MB --max-latency-ms int8 --out ./as-fast-as-int8
       cwca-export export ./llama --hardware jetson-orin-8gb --plan plan.json --out ./orin
-      cwca-export export ./llama --data calib.txt --max-memory 2GiB --precision-damage precision.json --out ./fit
+      cwca-export export ./llama --data calib.txt --samples 32 --seq-len 128 --max-memory 2GiB \\
+          --precision-damage precision.json --out ./fit   # the table of score --help's example
     """
     from cwca_export.budget import Budget, latency_limit, parse_size
     from cwca_export.exporter.api import export as run_export

@@ -27,6 +27,12 @@ class FiniteFloat(click.FloatRange):
             self.fail(f"{value!r} is not a finite number", param, ctx)
         return rv
 
+    def _describe_range(self) -> str:
+        # click describes a range with neither bound as "x<=None" in --help; there is none to show
+        if self.min is None and self.max is None:
+            return ""
+        return super()._describe_range()
+
 
 def finite(
     min: float | None = None,

@@ -215,7 +215,7 @@ def plan(
       cwca-export plan damage.json --sparsity 0.7 --band 0.2      # measured curves, OWL-style band
       cwca-export plan owl.json --sparsity 0.7 --rule band --band 0.08   # the OWL baseline
       cwca-export plan lowrank-damage.json --program allocate --budget-fraction 0.6 --rank-step 8
-      cwca-export plan scores.json --program allocate --budget 96 --model ./my-llama \\
+      cwca-export plan scores.json --program allocate --budget 96 --lo 4 --model ./my-llama \\
           --peft-config lora/ --rank-step 4      # LoRA ranks for recovery fine-tuning
       cwca-export plan scores.json --sparsity 0.5 --llmcompressor-recipe sparsity.yaml
     """

@@ -79,7 +79,7 @@ def _table(scores) -> str:
                    " (damage), --option cg_max_iter=20 (exact).")
 @click.option("--formats", metavar="LIST", default=None,
               help="precision: storage formats to measure [default: export's, fp32,int8,int4-bB-asym,int4-b32 with B"
-                   " the largest of 128, 64 dividing every input size]; export may plan any of them.")
+                   " the largest of 128, 64 dividing every input size, else 32]; export may plan any of them.")
 @click.option("--rounding", type=click.Choice(["clip", "rtn"]), default=None,
               help="precision: the rounding export will use (its --rounding) [default: clip].")
 @click.option("--max-cache", metavar="SIZE", default=None,
