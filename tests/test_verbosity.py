@@ -81,3 +81,9 @@ def test_quiet_export_prints_only_its_result(folder, tmp_path):
     assert result.stderr == "" and "wrote" in result.stdout
     loud = CliRunner().invoke(cli, [*args, str(tmp_path / "art2")])
     assert loud.exit_code == 0 and "exporting" in loud.stderr
+
+
+def test_eval_of_one_window_says_window(folder):
+    """A text shorter than one window printed "(1 windows of 64 ...)"."""
+    result = _eval(folder, "--quiet")
+    assert result.exit_code == 0 and "(1 window of 64," in result.stdout, result.output

@@ -93,7 +93,8 @@ def eval_command(path, data, text_field, seq_len, stride, max_tokens, batch_size
     if data is not None:
         click.echo(
             f"{report['runtime']}: perplexity {report['perplexity']:.3f} over {report['tokens']:,} tokens"
-            f" ({report['windows']} windows of {report['seq_len']}, stride {report['stride']})"
+            f" ({report['windows']} window{'' if report['windows'] == 1 else 's'} of {report['seq_len']},"
+            f" stride {report['stride']})"
         )
         for key, value in report.get("measured", {}).items():
             click.echo(f"  {key}: {json.dumps(value)}")
