@@ -13,19 +13,24 @@ Usage (an artifact from ``cwca-export export MODEL --low-memory --dtype float16
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_scale  # noqa: E402
 
 MIB = 2**20
 
 
 def anon() -> int:
-    with open("/proc/self/status", encoding="ascii") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon"))
+    return bench_scale.proc_status_bytes(os.getpid(), ("RssAnon",))["RssAnon"]
 
 
 def largest_tensor_fp32_bytes(path: str) -> int:

@@ -26,6 +26,7 @@ Usage:
     python benchmarks/bench_low_memory.py --work /tmp/lowmem --quantize-only --out ...   # the quantizers alone
     python benchmarks/bench_low_memory.py --work /tmp/lowmem --fp16-only --out ...   # the float16 converters alone
     python benchmarks/bench_low_memory.py --work /tmp/lowmem --quantized-external-only --out ...   # with external data
+    python benchmarks/bench_low_memory.py --work /tmp/lowmem --quantized-inline-only --out ...   # the same pair inline
 """
 
 from __future__ import annotations
@@ -320,6 +321,8 @@ def main() -> None:
                     help="only the --low-memory --quantize int8 exports of the bf16 checkpoint with external data"
                          " (with and without --exclude lm_head), side by side, and a prepacked session on each and on"
                          " --quantize-only's int4 graph (merged into --out)")
+    ap.add_argument("--quantized-inline-only", action="store_true",
+                    help="the same int8 pair under the default threshold (550M's artifact inline), no probes")
     args = ap.parse_args()
     work = Path(args.work)
     fp32, bf16 = work / f"model-{args.size}", work / f"model-{args.size}-bf16"
@@ -335,26 +338,29 @@ def main() -> None:
                         ["--low-memory", "--quantize", "int8"])
     fp16_export = ("export bf16 checkpoint --low-memory --dtype float16", bf16,
                    ["--low-memory", "--dtype", "float16"])
-    if args.sessions_only or args.quantize_only or args.fp16_only or args.optimum_only or args.quantized_external_only:
+    if (args.sessions_only or args.quantize_only or args.fp16_only or args.optimum_only
+            or args.quantized_external_only or args.quantized_inline_only):
         result = json.loads(Path(args.out).read_text()) if args.out and Path(args.out).exists() else {}
-        if args.quantized_external_only:
-            # the quantized artifact with external data, as a 7B model's is (550M's would be inline), and
-            # an excluded head's fp32 weights: the sessions prepack them, int8 or fp32
-            probes = {}
+        if args.quantized_external_only or args.quantized_inline_only:
+            # int8 with and without the head kept float32 (--exclude lm_head): with external data, as a
+            # 7B model's artifact has, each then probed in a prepacked session; or inline, as 550M's is
+            external = args.quantized_external_only
+            layout, label = ((["--external-data-threshold", "256MB"], "--external-data-threshold 256MB (side by side)")
+                             if external else ([], "(inline, side by side)"))
+            built = []
             for extra in (["--quantize", "int8"], ["--quantize", "int8", "--exclude", "lm_head"]):
-                name = " ".join(["export bf16 checkpoint --low-memory", *extra,
-                                 "--external-data-threshold 256MB (side by side)"])
-                out = work / name.replace(" ", "_").replace("--", "").replace("(", "").replace(")", "")
+                name = " ".join(["export bf16 checkpoint --low-memory", *extra, label])
+                out = work / "".join(c for c in name.replace(" ", "_").replace("--", "") if c not in "(),")
                 result.setdefault("rows", {})[name] = run_sampled(
-                    ["export", str(bf16), "--backend", "onnx", "--low-memory", *extra, "--external-data-threshold",
-                     "256MB", *measure, "--out", str(out), "--overwrite"], env)
+                    ["export", str(bf16), "--backend", "onnx", "--low-memory", *extra, *layout, *measure, "--out",
+                     str(out), "--overwrite"], env)
                 print(name, {k: v // MIB if isinstance(v, int) else v for k, v in result["rows"][name].items()
                              if k != "args"}, flush=True)
-                probes[name] = out / "model.onnx"
+                built.append((name, out / "model.onnx"))
             # int4: the export refuses this random-init model (int4 logits 0.45 relative RMS from torch's,
             # tolerance 0.3), so the streamed quantizer's int4 graph of --quantize-only (external data)
-            probes["quantize_streamed int4 (--quantize-only's artifact)"] = work / "quantize-streamed-int4" / "q.onnx"
-            for name, graph in probes.items():
+            int4 = ("quantize_streamed int4 (--quantize-only's artifact)", work / "quantize-streamed-int4" / "q.onnx")
+            for name, graph in [*built, int4] if external else []:
                 proc = subprocess.run([sys.executable, "-c", SESSION_PROBE, str(graph), "1", "1", "1",
                                        str(work / "logits-quantized.npy")], env=env, capture_output=True, text=True,
                                       check=True)

@@ -63,16 +63,17 @@ STREAMED_QUANT_COPIES = {"int8": 6.6, "int4": 3.25}
 # bench_low_memory.py's session probe by hand, int8 771 MiB, int4 271 MiB, of 2,103 MiB
 QUANT_SESSION_COPIES = {"int8": 0.37, "int4": 0.13}
 # with external data, as every 7B int8 / int4 artifact has (bench_low_memory.py
-# --quantized-external-only, one prepacked session after a forward: int8 504 MiB, int4 264 MiB)
+# --quantized-external-only, one prepacked session after a forward: int8 506 MiB, int4 264 MiB)
 EXTERNAL_QUANT_SESSION_COPIES = {"int8": 0.24, "int4": 0.13}
 # a MatMul weight --exclude keeps in float32 is prepacked in float32: its own bytes once, in place of
-# its share of the quantized weights' (550M, int8 with external data, --exclude lm_head: +141 MiB =
+# its share of the quantized weights' (550M, int8 with external data, --exclude lm_head: +140 MiB ~
 # 187.5 x (1 - 0.25), bench_low_memory.py --quantized-external-only)
 EXCLUDED_SESSION_COPIES = 1.0
 # a quantized artifact under 2 GiB is inline: its layout's write and the final checks' session read
 # the graph whole, about 2.8 x its bytes of own memory beyond the runtime. Read off two 550M int8
-# exports of bench_low_memory.py (CLI process sampled every 10 ms, 469 MiB runtime): 1,926 MiB for a
-# 527 MiB artifact (2.76), 2,347 MiB with --exclude lm_head (668 MiB: 2.81); not an independent check
+# exports (bench_low_memory.py --quantized-inline-only, CLI process sampled every 10 ms, 469 MiB
+# runtime): 1,923 MiB for a 527 MiB artifact (2.76), 2,348 MiB with --exclude lm_head (668 MiB: 2.81);
+# not an independent check
 INLINE_QUANT_GRAPH_COPIES = 2.8
 # export --low-memory --dtype float16 (streamed_fp16): ONNX Runtime's converter on the graph without
 # its weights, each weight converted a slice (streamed_fp16.SLICE_ELEMENTS float32 values) at a time
@@ -475,28 +476,23 @@ def export_low_memory(shape: ModelShape, quantize: str | None = None, runtime: i
         fill = INLINE_LOW_MEMORY_COPIES * graph_bytes(shape)
         return StepCost(name, host={"peak phase: the inline graph's fill": fill}, time_units=0.0, runtime=runtime)
     largest = max(shape.vocab, shape.intermediate) * shape.hidden * 4
+    quantized = quantized_graph_bytes(shape, quantize, excluded) if quantize else 0.0
+    inline = bool(quantize) and quantized <= PROTOBUF_LIMIT
+    session_copies = (QUANT_SESSION_COPIES if inline else EXTERNAL_QUANT_SESSION_COPIES).get(quantize, 0.0)
     phases = {
         "largest tensor's copies during the trace": TRACE_TENSOR_COPIES * largest,
         "post-processing": (STREAMED_QUANT_COPIES[quantize] * shape.largest_weight_group * 4 if quantize
                             else float(max(largest, STREAMED_FP16_BYTES if fp16 else 0))),
-        "the quantized artifact's prepacked sessions": _quantized_sessions(shape, quantize, excluded),
-        "the inline quantized artifact's write and checks": (
-            INLINE_QUANT_GRAPH_COPIES * quantized_graph_bytes(shape, quantize, excluded)
-            if quantize and quantized_graph_bytes(shape, quantize, excluded) <= PROTOBUF_LIMIT else 0.0),
+        "the quantized artifact's prepacked sessions": (
+            session_copies * (shape.params - excluded) * 4 + EXCLUDED_SESSION_COPIES * excluded * 4
+            if quantize else 0.0),
+        "the inline quantized artifact's write and checks": INLINE_QUANT_GRAPH_COPIES * quantized if inline else 0.0,
         "the float16 artifact's CPU sessions": (0.0 if not fp16 else FP16_CPU_SESSION_COPIES * fp32
                                                  if fp32 / 2 <= PROTOBUF_LIMIT else FP16_CAST_TENSOR_COPIES * largest),
     }
     phase = max(phases, key=phases.get)
     return StepCost(name, host={f"peak phase: {phase}": phases[phase]}, time_units=0.0, runtime=runtime,
                     mapped={"weights as file pages (checkpoint, float32 scratch file, artifact data)": float(fp32)})
-
-
-def _quantized_sessions(shape: ModelShape, quantize: str | None, excluded: int) -> float:
-    if not quantize:
-        return 0.0
-    external = quantized_graph_bytes(shape, quantize, excluded) > PROTOBUF_LIMIT
-    copies = (EXTERNAL_QUANT_SESSION_COPIES if external else QUANT_SESSION_COPIES)[quantize]
-    return copies * (shape.params - excluded) * 4 + EXCLUDED_SESSION_COPIES * excluded * 4
 
 
 def evaluate(shape: ModelShape, run: RunSettings, artifact: bool = False, runtime: int = 0, *,

@@ -378,19 +378,6 @@ runpy.run_module("cwca_export", run_name="__main__", alter_sys=True)
 """
 
 
-@pytest.mark.parametrize(("sig", "code"), [("SIGINT", 130), ("SIGTERM", 143)])
-def test_a_signal_while_python_m_imports_the_verbs_exits_as_interrupted(tmp_path, sig, code):
-    """``python -m cwca_export`` interrupted while it imports its verbs, before the CLI runs: a
-    SIGINT printed a traceback and the process died of it (-2; 1 of 27 runs signalled in the first
-    2 s), a SIGTERM killed it (-15). Now the same exit and one line as any other interrupt."""
-    (tmp_path / "runner.py").write_text(_SIGNAL_ON_IMPORT.format(module="cwca_export.cli.score", sig=sig,
-                                                                 whole="cwca_export.cli"))
-    done = subprocess.run([sys.executable, "runner.py", "plan", "--help"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=120, env=ENV)
-    assert done.returncode == code, done.stderr
-    assert done.stderr.strip() == f"Interrupted ({sig}): stopped; no partial output was left", done.stderr
-
-
 _CONSOLE_SCRIPT = _SIGNAL_ON_IMPORT.replace(
     'runpy.run_module("cwca_export", run_name="__main__", alter_sys=True)',
     # what the installed ``cwca-export`` script runs: its entry point, loaded as pip's wrapper does
@@ -398,29 +385,30 @@ _CONSOLE_SCRIPT = _SIGNAL_ON_IMPORT.replace(
     'sys.exit(entry_points(group="console_scripts")["cwca-export"].load()())')
 
 
-@pytest.mark.parametrize(("sig", "code"), [("SIGINT", 130), ("SIGTERM", 143)])
-def test_a_signal_while_the_console_script_imports_the_verbs_exits_as_interrupted(tmp_path, sig, code):
-    """The ``cwca-export`` console script, signalled while it imports the verbs: its entry point
-    (``cwca_export.cli:main`` before) was only reached once they had imported, so a SIGINT there
-    printed a traceback and died of it (-2), a SIGTERM killed the process (-15)."""
-    (tmp_path / "runner.py").write_text(_CONSOLE_SCRIPT.format(module="cwca_export.cli.score", sig=sig,
-                                                               whole="cwca_export.cli"))
-    done = subprocess.run([sys.executable, "runner.py", "plan", "--help"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=120, env=ENV)
-    assert done.returncode == code, done.stderr
-    assert done.stderr.strip() == f"Interrupted ({sig}): stopped; no partial output was left", done.stderr
-
-
-def _signalled_while_importing(tmp_path, module, sig, code, args):
-    """Run the CLI with ``args``, ``sig`` sent to itself while ``module`` imports: it must exit
-    ``code`` with the one line, the heavy imports whole by then."""
-    (tmp_path / "runner.py").write_text(_SIGNAL_ON_IMPORT.format(
-        module=module, sig=sig, whole="transformers.models.auto.modeling_auto"))
+def _signalled_while_importing(tmp_path, module, sig, code, args, *,
+                               whole="transformers.models.auto.modeling_auto", runner=_SIGNAL_ON_IMPORT):
+    """Run the CLI (``runner``: ``python -m`` by default) with ``args``, ``sig`` sent to itself while
+    ``module`` imports: it must exit ``code`` with the one line, and ``whole`` (unless None) be
+    imported by then."""
+    (tmp_path / "runner.py").write_text(runner.format(module=module, sig=sig, whole=whole or ""))
     done = subprocess.run([sys.executable, "runner.py", *args], cwd=tmp_path, capture_output=True, text=True,
                           timeout=240, env=ENV)
     assert done.returncode == code, done.stderr
     assert done.stderr.strip() == f"Interrupted ({sig}): stopped; no partial output was left", done.stderr
-    assert done.stdout.strip() == "whole: True"
+    if whole:
+        assert done.stdout.strip() == "whole: True"
+
+
+@pytest.mark.parametrize("runner", [_SIGNAL_ON_IMPORT, _CONSOLE_SCRIPT], ids=["python -m", "console script"])
+@pytest.mark.parametrize(("sig", "code"), [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_while_the_verbs_import_exits_as_interrupted(tmp_path, runner, sig, code):
+    """``python -m cwca_export`` or the ``cwca-export`` console script interrupted while it imports
+    its verbs, before the CLI runs: a SIGINT printed a traceback and the process died of it (-2; 1
+    of 27 ``python -m`` runs signalled in the first 2 s), a SIGTERM killed it (-15). The console
+    script's entry point (``cwca_export.cli:main`` before) was only reached once they had imported.
+    Now the same exit and one line as any other interrupt."""
+    _signalled_while_importing(tmp_path, "cwca_export.cli.score", sig, code, ["plan", "--help"], whole=None,
+                               runner=runner)
 
 
 def test_a_signal_while_transformers_imports_acts_once_it_is_whole(model, calib, tmp_path):
@@ -467,13 +455,7 @@ main(["inspect", {str(model)!r}])
 def test_a_signal_while_inspect_imports_acts_once_its_libraries_are_whole(model, tmp_path):
     """``inspect`` of a model folder imports torch and transformers too (not one of the torch
     verbs): a SIGTERM 0.34 s in broke NumPy half-way (RecursionError, exit 1). Held as theirs are."""
-    (tmp_path / "runner.py").write_text(_SIGNAL_ON_IMPORT.format(
-        module="torch", sig="SIGTERM", whole="transformers.models.auto.modeling_auto"))
-    done = subprocess.run([sys.executable, "runner.py", "inspect", str(model)], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=240, env=ENV)
-    assert done.returncode == 143, done.stderr
-    assert done.stderr.strip() == "Interrupted (SIGTERM): stopped; no partial output was left", done.stderr
-    assert done.stdout.strip() == "whole: True"
+    _signalled_while_importing(tmp_path, "torch", "SIGTERM", 143, ["inspect", str(model)])
 
 
 @pytest.mark.parametrize(("interrupt", "code"), [(KeyboardInterrupt, 130), (lambda: Terminated("sig 15"), 143)])

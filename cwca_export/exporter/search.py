@@ -357,15 +357,25 @@ class _Search:
             seen.add(key)
             weights = artifact_weight_bytes(model_t, formats)
             damage = sum(table.damage[table.groups.index(g)][table.formats.index(f)] for g, f in formats.items())
-            one_table = "tied" in formats or (formats.get("embed", "fp32") == "fp32"
-                                              and formats.get("head", "fp32") == "fp32")
-            graph = overhead + weights if not formats else (
-                fp32_overhead + weights + self.node_overhead * sum(nodes[g] for g in formats)
-                + (ref.prediction.get("head_copy_bytes", 0) if one_table else 0))
+            graph = self.planned_graph_bytes(ref, formats, weights, nodes)
             predicted_ms = self.latency.predict(model_t, formats) if self.latency else None
             options.append(_Option(t, target, label, formats or None, int(graph) + side,
                                    weight_bytes=weights, predicted_damage=float(damage), predicted_ms=predicted_ms))
         return options
+
+    def planned_graph_bytes(self, ref: Candidate, formats: dict[str, str], weights: int,
+                            nodes: dict[str, int] | None = None) -> float:
+        """The graph bytes a storage plan predicts (``formats``: group -> format, fp32 groups left
+        out; ``weights``: their exact bytes): the reference's overhead, the quantized nodes' own
+        (``nodes``: group -> node count; None counts none, a lower bound) and the tied head's copy
+        where the plan keeps one table."""
+        if not formats:
+            return ref.prediction["overhead_bytes"] + weights
+        one_table = "tied" in formats or (formats.get("embed", "fp32") == "fp32"
+                                          and formats.get("head", "fp32") == "fp32")
+        return (ref.prediction["fp32_overhead_bytes"] + weights
+                + (self.node_overhead * sum(nodes[g] for g in formats) if nodes is not None else 0)
+                + (ref.prediction.get("head_copy_bytes", 0) if one_table else 0))
 
     def smallest_storage(self, ref: Candidate) -> tuple[int, float] | None:
         """Predicted disk bytes of the most compact storage the formats allow, at the level of
@@ -393,10 +403,7 @@ class _Search:
         sizes = []
         for plan in plans:
             plan = {g: f for g, f in plan.items() if f != "fp32"}
-            one_table = "tied" in plan or (plan.get("embed", "fp32") == "fp32" and plan.get("head", "fp32") == "fp32")
-            graph = (ref.prediction["fp32_overhead_bytes"] + artifact_weight_bytes(model_t, plan)
-                     + (ref.prediction.get("head_copy_bytes", 0) if one_table else 0))
-            sizes.append(int(graph) + side)
+            sizes.append(int(self.planned_graph_bytes(ref, plan, artifact_weight_bytes(model_t, plan))) + side)
         return min(sizes), t
 
     def limits_text(self) -> str:
