@@ -17,3 +17,4 @@ REFINE_SEQ_LEN = 128  # --seq-len of refine
 
 EXPORT_SAMPLES = 32  # --samples of export (budget-search pricing)
 EXPORT_SEQ_LEN = 256  # --seq-len of export
+EXPORT_SIGNIFICANCE = 2.0  # --significance of export: a plain storage is passed over beyond this (docs/design.md 3.4)

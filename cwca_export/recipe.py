@@ -44,6 +44,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cwca_export.defaults import EXPORT_SIGNIFICANCE
+
 SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "recipe.schema.json"
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -119,6 +121,9 @@ class ExportStep(_Strict):
     max_prefill_ms: Annotated[float, Field(gt=0)] | None = Field(
         None, description="p50 ms for the prefill of the measured prompt, as --max-prefill-ms", examples=[200.0])
     ep: Literal["cpu", "cuda"] | None = Field(None, examples=["cpu"])
+    significance: Annotated[float, Field(ge=0, allow_inf_nan=False)] = Field(
+        EXPORT_SIGNIFICANCE, description="a budget search keeps a plain int8 / int4 storage unless a per-layer or"
+        " structured candidate beats it by this many standard errors, as --significance", examples=[2.0])
 
     @field_validator("max_memory", "max_disk")
     @classmethod
@@ -597,4 +602,5 @@ def _export(step: ExportStep, model, plan, tokenizer, out: Path, echo, calib):
     budget = Budget.from_profile(step.hardware, **limits) if step.hardware else Budget(**limits)
     echo(f"[export] {step.backend}, {step.quantize or 'fp32'}, verified and measured")
     return export(model, plan, out, backend=step.backend, quantize=step.quantize, budget=budget,
-                  tokenizer=tokenizer, calibration=calib)
+                  tokenizer=tokenizer, calibration=calib,
+                  search_options={"significance": step.significance} if budget.has_limits else None)

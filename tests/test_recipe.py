@@ -128,11 +128,13 @@ def test_a_recipe_budget_search_prices_on_the_recipe_data_with_every_limit(setup
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(api, "export", fake_export)
-    body = {**BASE, "export": {"backend": "onnx", "max_disk": "2MiB", "max_prefill_ms": 50, "max_memory": 10**9}}
+    body = {**BASE, "export": {"backend": "onnx", "max_disk": "2MiB", "max_prefill_ms": 50, "max_memory": 10**9,
+                               "significance": 0.5}}
     res = CliRunner().invoke(cli, ["run", str(_write(setup, body)), "--out", str(setup / "out")])
     assert "stop here" in res.output, res.output
     budget = seen["budget"]
     assert (budget.max_disk, budget.max_prefill_ms, budget.max_memory) == (2 * 2**20, 50, 10**9)
+    assert seen["search_options"] == {"significance": 0.5}
     tokenizer = AutoTokenizer.from_pretrained(setup / "model", local_files_only=True)
     expected = calibration_data(setup / "calib.txt", tokenizer, num_samples=4, seq_len=16, seed=0)
     assert torch.equal(getattr(seen["calibration"], "input_ids", seen["calibration"]), expected.input_ids)

@@ -20,7 +20,7 @@ from cwca_export.cli.options import (
     loading_options,
 )
 from cwca_export.cli.verbosity import note_line
-from cwca_export.defaults import EXPORT_SAMPLES, EXPORT_SEQ_LEN
+from cwca_export.defaults import EXPORT_SAMPLES, EXPORT_SEQ_LEN, EXPORT_SIGNIFICANCE
 
 
 def parse_layers(text: str | None) -> tuple[int, ...]:
@@ -122,7 +122,8 @@ def _check_storage_flags(ctx: click.Context, budget: Any, quantize: bool, precis
     why = ("it has no limit (add --max-memory, --max-disk or --max-latency-ms)" if not budget.has_limits
            else "--quantize fixes the storage" if quantize else "--precision fixes the storage" if precision
            else "a float16 artifact's storage is not searched")
-    for name, flag in (("formats", "--formats"), ("precision_estimate", "--precision-estimate")):
+    for name, flag in (("formats", "--formats"), ("precision_estimate", "--precision-estimate"),
+                       ("significance", "--significance")):
         if name in given and not searched:
             raise click.UsageError(f"{flag} applies to a budget search that plans per-layer storage, and this"
                                    f" export plans none: {why}; hint: drop {flag}")
@@ -188,6 +189,11 @@ def _precision_damage(path, model, tokenizer, compress_options, rounding, format
 @click.option("--rounding", type=click.Choice(["clip", "rtn"]), default="clip", show_default=True,
               help="How per-layer integer formats round: clip each weight block where the calibration inputs say it"
                    " lowers the output error, or rtn (ONNX Runtime's plain round to nearest). --quantize is always rtn.")
+@click.option("--significance", type=finite(0), default=EXPORT_SIGNIFICANCE, show_default=True, metavar="SIGMAS",
+              help="A budget search builds a plain export's storage (one format for every block, no structure"
+                   " removed: what --quantize gives) before a per-layer or structured candidate that beats it by less"
+                   " than this many standard errors of the paired per-sequence calibration loss difference; 0 ranks"
+                   " by calibration loss alone.")
 @click.option("--dtype", type=DTYPE, help="Artifact float dtype: float32 or float16 (for GPU providers) [default: float32].")
 @click.option("--optimize", type=click.Choice(["basic", "extended", "all"]), help="Offline ONNX Runtime graph optimisation.")
 @click.option("--max-memory", type=SIZE, metavar="SIZE", help="Disk and resident limit: 1.5GiB, 300MB or bytes.")
@@ -227,7 +233,7 @@ def _precision_damage(path, model, tokenizer, compress_options, rounding, format
 @guards_output(inputs={"model_dir": "MODEL_DIR", "plan_path": "--plan", "data": "--data"})
 def export(
     model_dir, out, backend, plan_path, method, data, samples, seq_len, quantize, exclude, exclude_layers, block_size,
-    formats, precision_path, levels, precision_estimate, precision_damage_path, rounding, dtype,
+    formats, precision_path, levels, precision_estimate, precision_damage_path, rounding, significance, dtype,
     optimize, max_memory, max_disk, max_latency_ms, max_prefill_ms, ep, batch, batch_alias, prompt_len, context, hardware,
     no_kv_cache, opset, external_data_threshold, runs, warmup, threads, low_memory, overwrite, as_json,
     no_fingerprint, trust_remote_code, allow_pickle,
@@ -376,10 +382,10 @@ def export(
         from cwca_export.data import calibration_data
 
         compress_options["data"] = calibration_data(data, tokenizer, num_samples=samples, seq_len=seq_len, seed=0)
-    search_options = None
+    search_options = {"significance": significance} if budget.has_limits else None
     if precision_damage_path:  # a table measured before (score --estimator precision): checked, then reused
         table, formats = _precision_damage(precision_damage_path, model, tokenizer, compress_options, rounding, formats)
-        search_options = {"precision_damage": table}
+        search_options = {**search_options, "precision_damage": table}
     artifact = run_export(
         model, plan, out, backend=backend, quantize=quantize_config, budget=budget, tokenizer=tokenizer,
         method=method, optimize=optimize, backend_options=options, compress_options=compress_options,

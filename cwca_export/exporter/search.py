@@ -13,8 +13,11 @@ One search per budget (docs/design.md 3.4, 5.2):
    when predicted to fit, by its measured calibration loss (the whole candidate computed in
    torch exactly as ONNX Runtime will store it);
 4. finalists, lowest loss first, are built and measured (disk, resident memory, latency); the
-   first that meets every limit ships. The manifest records every candidate and why the
-   winner won.
+   first that meets every limit ships. A storage a plain export gives (one format everywhere,
+   no structure removed: the int8 / int4 peers) is built before a per-layer or structured
+   candidate that beats it by less than ``significance`` standard errors of the paired
+   per-sequence calibration loss difference (:mod:`cwca_export.exporter.ranking`). The
+   manifest records every candidate and why the winner won.
 
 With a latency limit and planned storage, each candidate's latency is predicted from the
 per-group latency table (:mod:`cwca_export.exporter.latency_table`): candidates predicted over
@@ -48,6 +51,7 @@ import numpy as np
 from cwca_export.budget import Budget, format_size
 from cwca_export.exporter.build import Candidate, ExportSettings, build_candidate
 from cwca_export.exporter.latency_table import LatencyModel, LatencyTimer
+from cwca_export.exporter.ranking import DEFAULT_SIGMAS, build_order, compare
 from cwca_export.progress import bar as progress_bar
 
 MAX_BUILDS = 6  # artifacts built and measured after the reference
@@ -171,6 +175,8 @@ class _Option:
     predicted_resident: int | None = None
     weight_bytes: int = 0
     calib_loss: float | None = None
+    losses: Any = None  # per calibration sequence, whose mean is calib_loss (the paired test's input)
+    uniform: bool = False  # one storage for every block: a plain export's (a peer at t = 0)
     predicted_damage: float | None = None
     predicted_ms: dict[str, float] | None = None  # decode / prefill p50, from the latency table
     status: str = "priced"
@@ -256,6 +262,8 @@ class _Search:
         self.peer_record: dict[str, Any] | None = None
         self.pricing = progress_bar(desc="search: pricing", unit="candidate", show=False)  # run() shows one
         self.refined: dict[str, str] = {}  # level -> "refined" or why it was not refined again
+        self.sigmas = DEFAULT_SIGMAS  # a plain export's storage is passed over only beyond this (module ranking)
+        self.held: dict[int, dict[int, Any]] = {}  # option id -> peer id -> (the peer built before it, why)
 
     # -------------------------------------------------------------- building
     def build(self, model: Any, settings: ExportSettings, option: _Option) -> tuple[Candidate | None, bool]:
@@ -310,7 +318,7 @@ class _Search:
             weights = weight_bytes(model_t, self.settings.scheme, self.settings.quantize,
                                    exclude=(ref.postprocess["quantize"] or {}).get("excluded_node_names", []))
             label = self.settings.quantize.method if self.settings.quantize else self.settings.dtype
-            return [_Option(t, target, label, None, overhead + weights + side, weight_bytes=weights)]
+            return [_Option(t, target, label, None, overhead + weights + side, weight_bytes=weights, uniform=True)]
         fp32_overhead = ref.prediction["fp32_overhead_bytes"]
         table = rescale_bytes(self.table, model_t)
         nodes = {g.name: len(g.modules) for g in precision_groups(model_t)}
@@ -360,7 +368,8 @@ class _Search:
             graph = self.planned_graph_bytes(ref, formats, weights, nodes)
             predicted_ms = self.latency.predict(model_t, formats) if self.latency else None
             options.append(_Option(t, target, label, formats or None, int(graph) + side,
-                                   weight_bytes=weights, predicted_damage=float(damage), predicted_ms=predicted_ms))
+                                   weight_bytes=weights, predicted_damage=float(damage), predicted_ms=predicted_ms,
+                                   uniform=not label.startswith("planned")))
         return options
 
     def planned_graph_bytes(self, ref: Candidate, formats: dict[str, str], weights: int,
@@ -500,16 +509,18 @@ class _Search:
         return any(limit is not None and option.predicted_ms[phase] > limit * 1.05
                    for phase, limit in self.latency_limits().items())
 
-    def price(self, option: _Option, model_t: Any, structure_loss: float) -> None:
-        from cwca_export.planning.damage import calibration_loss
+    def price(self, option: _Option, model_t: Any, structure_losses: Any) -> None:
+        from cwca_export.planning.damage import sequence_losses
         from cwca_export.planning.precision import StorageFormat, quantized_weights
 
         if not option.formats:
-            option.calib_loss = structure_loss
-            return
-        assignment = {g: StorageFormat.parse(f) for g, f in option.formats.items()}
-        with self.rounded(model_t, option.t, assignment), quantized_weights(model_t, assignment):
-            option.calib_loss = calibration_loss(model_t, self.calib, batch_size=8)
+            losses = structure_losses
+        else:
+            assignment = {g: StorageFormat.parse(f) for g, f in option.formats.items()}
+            with self.rounded(model_t, option.t, assignment), quantized_weights(model_t, assignment):
+                losses = sequence_losses(model_t, self.calib, batch_size=8)
+        option.losses = losses.numpy()
+        option.calib_loss = float(option.losses.mean())
 
     def clipper_at(self, t: float, model_t: Any) -> Any:
         """The clipping of structure level ``t`` (clip rounding only; None otherwise)."""
@@ -530,13 +541,13 @@ class _Search:
 
     # -------------------------------------------------------------- the search
     def run(self, ref: Candidate) -> tuple[Candidate | None, _Option | None]:
-        from cwca_export.planning.damage import calibration_loss
+        from cwca_export.planning.damage import sequence_losses
 
         began = time.perf_counter()
         self.pricing = progress_bar(desc="search: pricing", unit="candidate")
         levels = [0.0] if self.knob is None else [i / (self.levels - 1) for i in range(self.levels)]
         # which levels have a storage that fits (bytes are exact: no forward, no export)
-        fits_at = {t: self.add_level(t, ref, calibration_loss, price=False) for t in levels}
+        fits_at = {t: self.add_level(t, ref, sequence_losses, price=False) for t in levels}
         # the least structure whose most compact storage fits: bisect between grid levels
         if self.knob is not None and np.isfinite(self.memory_cap()):
             lo = max((t for t in levels if not fits_at[t]), default=None)
@@ -544,7 +555,7 @@ class _Search:
             if lo is not None and hi is not None:
                 for _ in range(REFINE_STEPS):
                     mid = round((lo + hi) / 2, 6)
-                    fits_at[mid] = self.add_level(mid, ref, calibration_loss, price=False)
+                    fits_at[mid] = self.add_level(mid, ref, sequence_losses, price=False)
                     lo, hi = (lo, mid) if fits_at[mid] else (mid, hi)
         # price from the least structure up; a uniform storage already priced at a lower level is
         # not priced again higher up (more structure removed, same storage: no lower loss); the
@@ -553,12 +564,13 @@ class _Search:
         for t in sorted(t for t, ok in fits_at.items() if ok or t in levels):
             if fits_at[t] and isinstance(self.knob, PlanKnob):
                 self.refine_level(t)
-            self.add_level(t, ref, calibration_loss, skip=priced_labels)
+            self.add_level(t, ref, sequence_losses, skip=priced_labels)
         self.pricing.close()
         self.timings["pricing_s"] = round(time.perf_counter() - began, 2)
         builds_bar = progress_bar(total=MAX_BUILDS, desc="search: builds (at most)", unit="build")
         priced = sorted((o for o in self.options if o.calib_loss is not None),
                         key=lambda o: (o.calib_loss, o.predicted_disk))
+        priced, self.held = build_order(priced, losses=lambda o: o.losses, is_peer=self.is_peer, sigmas=self.sigmas)
         latency_ceiling = None
         builds = 0
         for option in priced:
@@ -587,8 +599,12 @@ class _Search:
                 ok = self.confirm_beside_peer(candidate, option)
             if ok:
                 for other in priced:
-                    if other.status == "priced":
-                        other.status = "not built: a lower-loss candidate met the budget"
+                    if other.status != "priced":
+                        continue
+                    peer, comparison = self.held.get(id(other), {}).get(id(option), (None, None))
+                    other.status = ("not built: a lower-loss candidate met the budget" if peer is None else
+                                    f"not built: not proven better than {peer.label} (t=0), which met the budget:"
+                                    f" {comparison.text()}; --significance {self.sigmas:g} asks more")
                 builds_bar.close()
                 return candidate, option
             if candidate is not None:
@@ -643,7 +659,7 @@ class _Search:
         except ValueError as exc:
             self.refined[f"{t:g}"] = f"not refined: {exc}"
 
-    def add_level(self, t: float, ref: Candidate, calibration_loss: Any, *, price: bool = True,
+    def add_level(self, t: float, ref: Candidate, sequence_losses: Any, *, price: bool = True,
                   skip: set[str] | None = None) -> bool:
         """Add (and price) the storage options of structure level ``t``; whether any fits.
 
@@ -663,7 +679,7 @@ class _Search:
                 self.knob.drop(t)
             return bool(fits)
         self.plans[t] = plan_t
-        structure_loss = None
+        structure_losses = None
         for option in options:
             self.options.append(option)
             if option not in fits:
@@ -676,11 +692,34 @@ class _Search:
                 continue
             if skip is not None and uniform:
                 skip.add(option.label)
-            if structure_loss is None:
-                structure_loss = calibration_loss(model_t, self.calib, batch_size=8)
-            self.price(option, model_t, structure_loss)
+            if structure_losses is None:
+                structure_losses = sequence_losses(model_t, self.calib, batch_size=8)
+            self.price(option, model_t, structure_losses)
             self.pricing.update()
         return bool(fits)
+
+    def is_peer(self, option: _Option) -> bool:
+        """Whether ``option`` stores the model as a plain export would (no structure, one storage)."""
+        return option.t == 0 and option.uniform and bool(option.formats)
+
+    def significance_text(self, chosen: _Option) -> str:
+        """How ``chosen`` stands against the plain-export storages priced beside it (module ranking)."""
+        if self.sigmas <= 0:
+            return "; ranked by calibration loss alone (--significance 0)"
+        if self.is_peer(chosen):
+            passed = [o for o in self.options if id(chosen) in self.held.get(id(o), {})
+                      and o.calib_loss is not None and o.calib_loss < chosen.calib_loss]
+            if not passed:
+                return ""
+            best = min(passed, key=lambda o: o.calib_loss)
+            return (f"; a plain export's storage, kept over {len(passed)} candidate(s) with lower calibration loss"
+                    f" that were not better by {self.sigmas:g} standard errors (the best, {best.label} at"
+                    f" t={best.t:g}: {self.held[id(best)][id(chosen)][1].text()})")
+        peers = [o for o in self.options if self.is_peer(o) and o.losses is not None and o.met is not False]
+        if not peers:
+            return ""
+        peer = min(peers, key=lambda o: o.calib_loss)
+        return f"; better than {peer.label} (a plain export's storage) by {compare(chosen.losses, peer.losses).text()}"
 
     def drop_peer(self) -> None:
         if self.peer is not None:
@@ -696,8 +735,10 @@ class _Search:
         why = None
         if chosen is not None and chosen.calib_loss is not None:
             lower = [o for o in self.options if o.calib_loss is not None and o.calib_loss < chosen.calib_loss]
+            built = [o for o in lower if o.measured is not None]
             why = (f"lowest calibration loss ({chosen.calib_loss:.5g}) among the candidates measured to meet the"
-                   f" budget; {len(lower)} candidate(s) with lower loss were built and missed a limit")
+                   f" budget; {len(built)} candidate(s) with lower loss were built and missed a limit")
+            why += self.significance_text(chosen)
             if self.peer_record is not None:
                 why += (f"; decode no slower than plain {self.peer_record['name']} ("
                         f"{chosen.side_by_side['candidate']['decode_p50_ms']:.4g} against"
@@ -721,6 +762,7 @@ class _Search:
             "candidates": [o.record() for o in options],
             "trials": self.trials,
             "refined_levels": self.refined,
+            "significance_sigmas": self.sigmas,
             "chosen": None if chosen is None else chosen.record(),
             "why": why,
             "timings": self.timings,
@@ -787,6 +829,7 @@ def fit_budget(
     precision_damage: Any = None,
     estimator: str = "measured",
     per_layer: bool = True,
+    significance: float = DEFAULT_SIGMAS,
 ) -> tuple[Candidate, dict[str, Any], Any]:
     """The lowest-loss measured candidate that meets ``budget`` (module doc).
 
@@ -808,6 +851,9 @@ def fit_budget(
             ``fisher`` (the Fisher-weighted quantization error, no probe forwards).
         per_layer: False keeps every candidate's storage uniform (one format for all blocks,
             the embedding and head in it or in fp32): the baseline the per-layer plans must beat.
+        significance: standard errors of the paired per-sequence loss difference by which a
+            per-layer or structured candidate must beat a plain export's storage to be built
+            before it (:mod:`cwca_export.exporter.ranking`); 0 ranks by calibration loss alone.
 
     Returns:
         ``(candidate, search record for the manifest, plan of the chosen candidate)``.
@@ -829,6 +875,9 @@ def fit_budget(
         names = [n for n in names if n in precision_damage.formats]
     search = _Search(model, plan, tokenizer, settings, budget, staging, knob, calib, source, names or [], levels)
     search.per_layer = per_layer
+    if not (significance >= 0 and np.isfinite(significance)):
+        raise ValueError(f"significance {significance}: must be a finite number >= 0; hint: --significance 2")
+    search.sigmas = float(significance)
     began = time.perf_counter()
     fixed = settings.quantize.method if settings.quantize else settings.dtype
     reference_option = _Option(0.0, knob.target(0.0) if isinstance(knob, PlanKnob) else None,

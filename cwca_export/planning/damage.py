@@ -773,6 +773,28 @@ def calibration_loss(model: nn.Module, input_ids: Any, *, batch_size: int = 8, r
     return total / tokens
 
 
+@torch.no_grad()
+def sequence_losses(model: nn.Module, input_ids: Any, *, batch_size: int = 8) -> torch.Tensor:
+    """Mean next-token CE of each calibration sequence, float64 ``(N,)``.
+
+    Their mean is :func:`calibration_loss` (every sequence has the same length); their spread
+    is what a paired comparison of two models on the same sequences needs
+    (:mod:`cwca_export.exporter.ranking`)."""
+    ids = _ids(input_ids)
+    if batch_size < 1:
+        raise ValueError(f"batch_size {batch_size}: must be >= 1")
+    out = []
+    with _on(model, None) as dev:
+        in_dev = _input_device(model, dev)
+        for batch in ids.split(batch_size):
+            batch = batch.to(in_dev)
+            logits = model(input_ids=batch, use_cache=False).logits
+            ce = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().transpose(1, 2), batch[:, 1:].to(logits.device), reduction="none")
+            out.append(ce.double().mean(dim=1).cpu())
+    return torch.cat(out)
+
+
 def plan_loss(
     model: nn.Module,
     plan: Plan,
