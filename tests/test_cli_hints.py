@@ -9,6 +9,7 @@ budget error inside `run` naming export's flags, and the short-calibration hint 
 from __future__ import annotations
 
 import pytest
+import yaml
 from click.testing import CliRunner
 from compress_plans import make_plan
 from helpers import sample_text, save_tiny_model, tiny_model
@@ -47,12 +48,13 @@ def _passed_checks(result) -> bool:
     return result.exit_code == 1 and "Loaded: " in result.output
 
 
-def _error(result, code: int) -> str:
-    """The one ``Error:`` line of a refused command."""
+def _error(result, code: int, *, alone: bool = True) -> str:
+    """The one ``Error:`` line of a failed command, its last line (``alone``: its only one)."""
     assert result.exit_code == code, result.output
     lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    return lines[0]
+    assert [line for line in lines if "Error" in line] == lines[-1:], result.output
+    assert lines[-1].startswith("Error: ") and (len(lines) == 1 or not alone), result.output
+    return lines[-1]
 
 
 # ------------------------------------------------------------------ export --levels
@@ -118,3 +120,88 @@ def test_compress_rank_step_against_the_plans_recorded_step_is_refused(folder, n
         result = CliRunner().invoke(cli, ["compress", str(folder / "model"), "--plan", str(plan_file), "--method",
                                           "lowrank", "--out", str(folder / "o"), *extra])
         assert _passed_checks(result), (extra, result.output)
+
+
+# ------------------------------------------------------------------ a budget miss inside `run`
+
+
+BASE = {"model": "model", "data": "calib.txt", "samples": 4, "seq_len": 16, "score": {"method": "gradnorm"},
+        "plan": {"program": "prune", "sparsity": 0.5}, "compress": {"method": "magnitude"}}
+
+
+def _run(folder, **changes):
+    (folder / "recipe.yaml").write_text(yaml.safe_dump({**BASE, **changes}))
+    return CliRunner().invoke(cli, ["run", str(folder / "recipe.yaml"), "--out", str(folder / "out")])
+
+
+def test_a_budget_miss_inside_run_names_the_recipe_keys(folder, monkeypatch):
+    monkeypatch.setenv("CWCA_CACHE_DIR", str(folder / "cache"))
+    line = _error(_run(folder, export={"backend": "onnx", "max_disk": "1KiB"}), 1, alone=False)
+    assert "no setting meets the budget" in line
+    # export's flags are not a recipe's: the fixes are its keys, as --set flags
+    for flag in ("--formats", "--max-disk", "--plan", "--method"):
+        assert flag not in line, line
+    fix = line.partition("; fix: ")[2]
+    size = fix.split()[1].removeprefix("export.max_disk=").rstrip(",")
+    assert fix.startswith("--set export.max_disk=")
+    from cwca_export.budget import parse_size
+
+    predicted = line.partition("is predicted at ")[2].split(" on disk")[0]  # e.g. "186.48 KiB"
+    assert parse_size(predicted.replace(" ", "")) <= parse_size(size) < parse_size(predicted.replace(" ", "")) + 1024
+    # magnitude's zeros are stored dense: the structure the recipe can shrink is width's
+    assert "--set compress.method=width" in fix
+    assert not (folder / "out").exists()
+
+
+def test_recipe_keys_of_a_measured_miss_name_only_the_limits_missed():
+    from cwca_export.recipe import Recipe, as_recipe_keys
+
+    recipe = Recipe.from_dict({**BASE, "plan": {"program": "allocate", "budget_fraction": 0.6},
+                               "compress": {"method": "asvd"},
+                               "export": {"max_disk": "64MiB", "max_latency_ms": 0.1}}, check_names=False)
+    # the search's message when every candidate was built and missed (exporter/search.py, _Search.error)
+    message = ("no setting meets the budget (disk 64.00 MiB, decode 0.1 ms at batch 1, prompt 32, context 128, cpu);"
+               " 12 candidate(s) considered, 0 predicted to fit, 1 built; smallest measured: memory 13.10 MiB"
+               " (as given, t=0), decode p50 0.227 ms (as given, t=0), prefill p50 0.395 ms (as given, t=0);"
+               " hint: relax the budget or give --plan and --method width|lowrank|asvd to compress structure too")
+    fix = as_recipe_keys(message, recipe).partition("; fix: ")[2]
+    # the disk limit was met (13.10 MiB measured < 64 MiB): only the decode limit is relaxed
+    assert fix == ("--set export.max_latency_ms=0.227, or compress more before the export:"
+                   " --set plan.budget_fraction=0.5")
+
+
+# ------------------------------------------------------------------ too little calibration text
+
+
+SHORT = ["--samples", "500", "--seq-len", "16"]
+
+
+def test_too_little_text_names_what_each_verb_offers(folder):
+    from cwca_export.scores import LayerScores
+
+    LayerScores("gradnorm", zeta2=[1.0, 2.0], n_params=make_plan(tiny_model(), "prune", [0, 0]).n_params).save(
+        folder / "scores.json")
+    model, short = str(folder / "model"), str(folder / "short.txt")
+    verbs = {
+        "export": ["export", model, "--backend", "onnx", "--data", short, "--out", str(folder / "o")],
+        "compress": ["compress", model, "--plan", str(folder / "prune.json"), "--method", "wanda", "--data", short,
+                     "--out", str(folder / "o")],
+        "refine": ["refine", model, "--scores", str(folder / "scores.json"), "--sparsity", "0.5", "--data", short,
+                   "--out", str(folder / "p.json")],
+        "score": ["score", model, "--data", short, "--out", str(folder / "s.json")],
+    }
+    for verb, args in verbs.items():
+        line = _error(CliRunner().invoke(cli, args + SHORT), 1, alone=False)
+        assert "calibration data has" in line and "--samples" in line and "--seq-len" in line, line
+        assert ("--allow-fewer" in line) == (verb == "score"), line  # score alone has the flag
+        assert "(score)" not in line
+    assert not any((folder / name).exists() for name in ("o", "p.json", "s.json"))
+
+
+def test_too_little_text_in_a_recipe_names_its_keys(folder, monkeypatch):
+    monkeypatch.setenv("CWCA_CACHE_DIR", str(folder / "cache"))
+    line = _error(_run(folder, data="short.txt", samples=500), 1, alone=False)
+    assert "calibration data has" in line and "--allow-fewer" not in line and "--samples" not in line, line
+    windows = int(line.partition("tokens (")[2].split()[0])
+    assert windows >= 1 and line.endswith(f"fix: --set samples={windows}")
+    assert not (folder / "out").exists()
