@@ -226,6 +226,11 @@ class Recipe(_Strict):
                              f" fix: --set compress.method={fitting[0]}")
         options = {k: v for k, v in self.compress.options.items() if k != "rank_step"}
         _check_options(where, "compress.options", options, method.options)
+        step = self.compress.options.get("rank_step", self.plan.rank_step)
+        if self.plan.program == "allocate" and step != self.plan.rank_step:  # it would scale every planned rank
+            raise ValueError(f"{where}: compress.options.rank_step: {step!r}, and the plan's units are solved for"
+                             f" plan.rank_step {self.plan.rank_step}; fix: --set compress.options.rank_step="
+                             f"{self.plan.rank_step}, or --set plan.rank_step={step!r} to plan for it")
         if self.export is not None:
             from cwca_export.backends import available_backends
             from cwca_export.budget import PROFILE_DIR, available_profiles

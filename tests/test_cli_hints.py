@@ -122,7 +122,7 @@ def test_compress_rank_step_against_the_plans_recorded_step_is_refused(folder, n
         assert _passed_checks(result), (extra, result.output)
 
 
-# ------------------------------------------------------------------ a budget miss inside `run`
+# ------------------------------------------------------------------ recipes (`run`)
 
 
 BASE = {"model": "model", "data": "calib.txt", "samples": 4, "seq_len": 16, "score": {"method": "gradnorm"},
@@ -132,6 +132,21 @@ BASE = {"model": "model", "data": "calib.txt", "samples": 4, "seq_len": 16, "sco
 def _run(folder, **changes):
     (folder / "recipe.yaml").write_text(yaml.safe_dump({**BASE, **changes}))
     return CliRunner().invoke(cli, ["run", str(folder / "recipe.yaml"), "--out", str(folder / "out")])
+
+
+def test_a_recipe_rank_step_agrees_with_its_plans(folder, monkeypatch):
+    """A recipe's compress.options.rank_step overrode plan.rank_step as --rank-step did a plan's."""
+    monkeypatch.setenv("CWCA_CACHE_DIR", str(folder / "cache"))
+    ranks = {"plan": {"program": "allocate", "budget_fraction": 0.6, "rank_step": 4}}
+    for options, refused in (({"rank_step": 8}, True), ({"rank_step": 4}, False), ({}, False)):
+        (folder / "recipe.yaml").write_text(yaml.safe_dump(
+            {**BASE, **ranks, "compress": {"method": "lowrank", "options": options}}))
+        result = CliRunner().invoke(cli, ["run", str(folder / "recipe.yaml"), "--dry-run"])
+        if refused:
+            line = _error(result, 1)
+            assert "compress.options.rank_step: 8" in line and "plan.rank_step 4" in line, line
+        else:
+            assert result.exit_code == 0 and "rank_step 4" in result.output, result.output
 
 
 def test_a_budget_miss_inside_run_names_the_recipe_keys(folder, monkeypatch):
