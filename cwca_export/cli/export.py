@@ -177,7 +177,8 @@ def _precision_damage(path, model, tokenizer, compress_options, rounding, format
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Artifact folder (written atomically).")
 @click.option("--backend", default="optimum", show_default=True, help="Export backend: optimum or onnx (or a plug-in).")
-@click.option("--plan", "plan_path", type=click.Path(dir_okay=False), help="plan.json behind the model, recorded in the manifest; applied only with --method.")
+@click.option("--plan", "plan_path", type=click.Path(dir_okay=False),
+              help="plan.json behind the model, recorded in the manifest; applied only with --method.")
 @click.option("--method", type=METHOD, help="Compression method that applies --plan (and lets a budget search re-solve it).")
 @click.option("--data", type=click.Path(exists=True),
               help="Calibration text for --method width / wanda / sparsegpt / asvd, the search's pricing and"
@@ -196,7 +197,8 @@ def _precision_damage(path, model, tokenizer, compress_options, rounding, format
                    " format also with int8 compute (-a8); on --ep cuda no int8 or -a8].")
 @click.option("--precision", "precision_path", type=click.Path(exists=True, dir_okay=False),
               help="Per-layer precision plan (JSON {\"formats\": {group: format}}, e.g. a manifest's chosen candidate).")
-@click.option("--levels", type=COUNT, default=5, show_default=True, help="Structure levels a budget search tries with --plan and --method (refused without them).")
+@click.option("--levels", type=COUNT, default=5, show_default=True,
+              help="Structure levels a budget search tries with --plan and --method (refused without them).")
 @click.option("--precision-estimate", type=click.Choice(["measured", "fisher"]), default="measured", show_default=True,
               help="How a budget search prices each layer's formats: measured probes or the Fisher-weighted error.")
 @click.option("--precision-damage", "precision_damage_path", type=click.Path(exists=True, dir_okay=False),
@@ -256,11 +258,11 @@ def export(
     tokens), measured (disk, resident memory, latency) and described in cwca_manifest.json.
     With --max-memory / --max-disk / --max-latency-ms one search finds the artifact with the
     lowest calibration loss that measurement proves within them: structure levels of --plan
-    (re-made by the plan's own rule) x per-layer storage formats (an exact byte-budget program on
-    measured per-layer damage; with a latency limit each layer's formats are timed in ONNX
-    Runtime and the program keeps the predicted latency within it too), finalists built and
-    measured. Unstructured and N:M sparsity
-    cannot meet a budget (ONNX Runtime runs them dense) and are refused with one.
+    (re-made by the plan's own rule, applied with --method) x per-layer storage formats (an
+    exact byte-budget program on measured per-layer damage; with a latency limit each layer's
+    formats are timed in ONNX Runtime and the program keeps the predicted latency within it too),
+    finalists built and measured. Unstructured and N:M sparsity cannot meet a budget (ONNX
+    Runtime runs them dense) and are refused with one. Without --method, --plan is only recorded.
 
     \b
     Examples:
