@@ -657,7 +657,9 @@ def _structure_fix(recipe: Recipe) -> str:
         return (f"shrink the structure before the export: --set compress.method=width (ONNX Runtime stores"
                 f" {recipe.compress.method}'s zeros dense)")
     if p.program == "prune":
-        return f"compress more before the export: --set plan.sparsity={min(p.hi, round(p.sparsity + 0.1, 2)):g}"
+        target = max(p.sparsity, min(0.95, round(p.sparsity + 0.1, 2)))
+        bound = f" --set plan.hi={min(0.99, target + 0.04):g}" if target > p.hi - 0.04 else ""  # room above it
+        return f"compress more before the export: --set plan.sparsity={target:g}{bound}"
     return ("compress more before the export: --set"
             f" plan.budget_fraction={max(0.05, round(p.budget_fraction - 0.1, 2)):g}")
 
