@@ -48,6 +48,21 @@ _WHITESPACE_RUN = re.compile(r"(?<=\S)\s")  # a whitespace run's first character
 _DATASET_ROWS = 256  # rows read from a datasets folder at a time
 
 
+class ShortCalibrationError(ValueError):
+    """The text holds fewer windows than the samples asked need. Its hint names the flags every
+    verb that reads calibration text has (``--samples``, ``--seq-len``); a caller that spells the
+    fix otherwise (score's ``--allow-fewer``, a recipe's keys) re-raises it :meth:`with_hint`."""
+
+    def __init__(self, problem: str, hint: str, *, windows: int, tokens: int, held_out: int = 0) -> None:
+        super().__init__(f"{problem}; hint: {hint}")
+        self.problem, self.windows, self.tokens, self.held_out = problem, windows, tokens, held_out
+
+    def with_hint(self, hint: str) -> ShortCalibrationError:
+        """The same error with another hint."""
+        return ShortCalibrationError(self.problem, hint, windows=self.windows, tokens=self.tokens,
+                                     held_out=self.held_out)
+
+
 @dataclass
 class CalibrationData:
     """Token ids ready for the scorer.
@@ -438,7 +453,8 @@ def calibration_data(
         The samples, the held-out split, their hash and the tokens read.
 
     Raises:
-        ValueError: too few tokens (the message says how many there are), or bad input.
+        ShortCalibrationError: too few tokens (the message says how many there are).
+        ValueError: bad input.
 
     Example:
         >>> data = calibration_data([[1, 2, 3, 4, 5, 6, 7, 8]], num_samples=2, seq_len=4)
@@ -465,7 +481,9 @@ def calibration_data(
             f" {num_samples}{split} samples x {seq_len} tokens need {need}"
         )
         if not allow_fewer:
-            raise ValueError(message + "; hint: add text, lower --samples or --seq-len, or pass --allow-fewer (score)")
+            fit = f" (at most {windows - held_out} fit)" if windows > held_out else ""
+            raise ShortCalibrationError(message, f"add text, or lower --samples{fit} or --seq-len", windows=windows,
+                                        tokens=total, held_out=held_out)
         n = windows - held_out
         if n < 1:
             raise ValueError(message + "; not even one calibration sample is left; hint: lower --seq-len")

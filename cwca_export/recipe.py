@@ -34,7 +34,9 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -229,6 +231,11 @@ class Recipe(_Strict):
                              f" fix: --set compress.method={fitting[0]}")
         options = {k: v for k, v in self.compress.options.items() if k != "rank_step"}
         _check_options(where, "compress.options", options, method.options)
+        step = self.compress.options.get("rank_step", self.plan.rank_step)
+        if self.plan.program == "allocate" and step != self.plan.rank_step:  # it would scale every planned rank
+            raise ValueError(f"{where}: compress.options.rank_step: {step!r}, and the plan's units are solved for"
+                             f" plan.rank_step {self.plan.rank_step}; fix: --set compress.options.rank_step="
+                             f"{self.plan.rank_step}, or --set plan.rank_step={step!r} to plan for it")
         if self.export is not None:
             from cwca_export.backends import available_backends
             from cwca_export.budget import PROFILE_DIR, available_profiles
@@ -509,7 +516,6 @@ def run_recipe(
     """
     from cwca_export.atomic import Staging
     from cwca_export.compression import compress, save_compressed
-    from cwca_export.data import calibration_data
     from cwca_export.loading import load_model
 
     _check_inputs(recipe, out_dir, overwrite=overwrite, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
@@ -520,8 +526,7 @@ def run_recipe(
         echo(f"[score] {recipe.score.method} on {recipe.samples} x {recipe.seq_len} tokens of {recipe.data}")
         model, tokenizer = load_model(recipe.model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         model.eval()
-        calib = calibration_data(recipe.data, tokenizer, num_samples=recipe.samples, seq_len=recipe.seq_len,
-                                 seed=recipe.seed)
+        calib = _calibration(recipe, tokenizer)
         scores = _scores(recipe, model, calib, cache_dir, echo)
         scores.save(work / "scores.json")
         timings["score"] = round(time.perf_counter() - began, 1)
@@ -545,7 +550,13 @@ def run_recipe(
         summary: dict[str, Any] = {"recipe": recipe.source, "timings_s": timings}
         if recipe.export is not None:
             began = time.perf_counter()
-            artifact = _export(recipe.export, compressed, plan, tokenizer, work / "artifact", echo, calib)
+            try:
+                artifact = _export(recipe.export, compressed, plan, tokenizer, work / "artifact", echo, calib)
+            except ValueError as exc:  # the budget search's messages name export's flags
+                from cwca_export.exporter.search import BudgetError
+
+                kind = BudgetError if isinstance(exc, BudgetError) else ValueError
+                raise kind(as_recipe_keys(str(exc), recipe)) from None
             summary["artifact"] = {"disk_bytes": artifact.disk_bytes, "resident_bytes": artifact.resident_bytes,
                                    "latency_ms": artifact.latency_ms}
             timings["export"] = round(time.perf_counter() - began, 1)
@@ -567,6 +578,95 @@ def run_recipe(
         final = staging.commit(work)
     echo(f"[done] {final}")
     return summary
+
+
+def _calibration(recipe: Recipe, tokenizer: Any) -> Any:
+    """The recipe's calibration samples; too little text is refused with the recipe's keys."""
+    from cwca_export.data import ShortCalibrationError, calibration_data
+
+    try:
+        return calibration_data(recipe.data, tokenizer, num_samples=recipe.samples, seq_len=recipe.seq_len,
+                                seed=recipe.seed)
+    except ShortCalibrationError as exc:
+        fix = (f"--set samples={exc.windows}" if exc.windows >= 1
+               else f"--set samples=1 --set seq_len={max(2, exc.tokens)}")
+        raise exc.with_hint(f"add text to data, or lower samples or seq_len; fix: {fix}") from None
+
+
+#: export's flags as a recipe spells them: the export step's errors come from export's code
+RECIPE_KEYS = {
+    "--max-memory": "export.max_memory", "--max-disk": "export.max_disk", "--max-latency-ms": "export.max_latency_ms",
+    "--max-prefill-ms": "export.max_prefill_ms", "--hardware": "export.hardware", "--ep": "export.ep",
+    "--quantize": "export.quantize", "--backend": "export.backend",
+    "--data": "data", "--samples": "samples", "--seq-len": "seq_len",
+}
+_FLAG = re.compile(r"--[a-z][a-z-]*")
+#: what a budget search's miss states: the least limit predicted, or the least measured
+_LEAST = {
+    "size": re.compile(r"a limit of at least ([\d.]+) ([KMGT]i?B|B)\b"),
+    "memory": re.compile(r"smallest measured: memory ([\d.]+) ([KMGT]i?B|B)\b"),
+    "max_latency_ms": re.compile(r"decode p50 ([\d.]+) ms"),
+    "max_prefill_ms": re.compile(r"prefill p50 ([\d.]+) ms"),
+}
+
+
+def as_recipe_keys(message: str, recipe: Recipe) -> str:
+    """An export-step error as a recipe spells it: export's flags as the recipe's keys, and a
+    budget search's hint (a larger limit, smaller --formats, --plan and --method for structure)
+    as fixes a recipe can make, written as ``--set`` flags.
+
+    Example:
+        >>> r = Recipe.from_dict({"model": "m", "data": "d.txt", "plan": {"sparsity": 0.5},
+        ...     "compress": {"method": "width"}, "export": {"max_disk": "1KiB"}}, check_names=False)
+        >>> print(as_recipe_keys("no setting meets the budget; hint: a limit of at least 1.50 KiB", r)[29:])
+        fix: --set export.max_disk=2KiB, or compress more before the export: --set plan.sparsity=0.6
+    """
+    from cwca_export.budget import parse_size
+
+    def keys(text: str) -> str:
+        return _FLAG.sub(lambda m: RECIPE_KEYS.get(m.group(), m.group()), text)
+
+    body, _, hint = message.partition("; hint: ")
+    body = keys(body.replace("--formats ", "the formats "))  # the search's own formats: no recipe key
+    step = recipe.export
+    missed = "relax the budget" in hint or _LEAST["size"].search(hint)
+    if step is None or not missed:
+        return f"{body}; hint: {keys(hint)}" if hint else body
+    limits = [k for k in ("max_memory", "max_disk", "max_latency_ms", "max_prefill_ms") if getattr(step, k) is not None]
+    limits = limits or ["max_memory"]  # the hardware profile's memory
+    fixes = []
+    for key in limits:
+        kind = "memory" if key in ("max_memory", "max_disk") else key
+        found = _LEAST["size"].search(hint) if kind == "memory" else None
+        found = found or _LEAST[kind].search(body)
+        if found is None:
+            continue
+        # a size rounded up in its unit; milliseconds as measured (3 significant digits)
+        value = f"{math.ceil(float(found.group(1)))}{found.group(2)}" if kind == "memory" else found.group(1)
+        given = getattr(step, key)
+        if kind == "memory" and given is not None and parse_size(value) <= parse_size(given):
+            continue  # not the limit that was missed
+        if kind != "memory" and isinstance(given, float) and float(value) <= given:
+            continue
+        fixes.append(f"--set export.{key}={value}")
+    fix = " ".join(fixes) or f"--set export.{limits[0]}=VALUE"
+    return f"{body}; fix: {fix}, or {_structure_fix(recipe)}"
+
+
+def _structure_fix(recipe: Recipe) -> str:
+    """How a recipe compresses more before its export (its export step searches no structure)."""
+    from cwca_export.compression.registry import get_method
+
+    p = recipe.plan
+    if get_method(recipe.compress.method).dense_storage:
+        return (f"shrink the structure before the export: --set compress.method=width (ONNX Runtime stores"
+                f" {recipe.compress.method}'s zeros dense)")
+    if p.program == "prune":
+        target = max(p.sparsity, min(0.95, round(p.sparsity + 0.1, 2)))
+        bound = f" --set plan.hi={min(0.99, target + 0.04):g}" if target > p.hi - 0.04 else ""  # room above it
+        return f"compress more before the export: --set plan.sparsity={target:g}{bound}"
+    return ("compress more before the export: --set"
+            f" plan.budget_fraction={max(0.05, round(p.budget_fraction - 0.1, 2)):g}")
 
 
 def _plan(recipe: Recipe, model, scores, calib):

@@ -87,7 +87,7 @@ def test_two_processes_under_torchrun_match_one_process(setup, tmp_path):
 
 def _export(folder, calib, out, *extra):
     budget = ["--backend", "onnx", "--max-disk", "345000", "--prompt-len", "8", "--context", "24",
-              "--runs", "3", "--warmup", "1", "--levels", "2"]
+              "--runs", "3", "--warmup", "1"]
     return CliRunner().invoke(cli, ["export", str(folder), "--out", str(out), "--data", str(calib), *CALIB,
                                     *budget, *extra])
 

@@ -48,6 +48,21 @@ def _table(step: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _check_rank_step(ctx: click.Context, plan: Any, plan_path: str, rank_step: int | None) -> None:
+    """A plan's units were solved for the rank_step it records: another --rank-step would scale
+    every planned rank (8 -> 16 doubles them) without a word."""
+    from click.core import ParameterSource
+
+    recorded = plan.parameters.get("rank_step")
+    if ctx.get_parameter_source("rank_step") in (ParameterSource.DEFAULT, None) or recorded is None:
+        return
+    if int(recorded) != rank_step:
+        raise click.UsageError(
+            f"--rank-step {rank_step}: {plan_path} was planned with rank_step {recorded} (rank = units x {recorded}),"
+            f" so {rank_step} would scale every planned rank by {rank_step / int(recorded):g}; hint: drop --rank-step,"
+            f" or re-plan with --rank-step {rank_step}")
+
+
 @click.command()
 @click.argument("model_dir", metavar="MODEL_DIR", type=click.Path(file_okay=False))
 @click.option(
@@ -113,7 +128,8 @@ def _table(step: dict[str, Any]) -> str:
     "--rank-step",
     type=COUNT,
     default=None,
-    help="lowrank/asvd: rank per plan unit [default: the plan's rank_step, else 8].",
+    help="lowrank/asvd: rank per plan unit [default: the plan's rank_step, else 8]; a plan that records"
+    " rank_step (plan --rule damage, refine) refuses another.",
 )
 @click.option(
     "--whole-model",
@@ -197,6 +213,7 @@ def compress(
     from cwca_export.planning.plan import Plan
 
     plan = Plan.load(plan_path)
+    _check_rank_step(click.get_current_context(), plan, plan_path, rank_step)
     check_model_folder(model_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                        lengths={"--seq-len": seq_len if data_path is not None else None})
     given = {

@@ -132,6 +132,24 @@ def _check_storage_flags(ctx: click.Context, budget: Any, quantize: bool, precis
                                " --quantize is always round to nearest; hint: drop --rounding")
 
 
+def _check_levels(ctx: click.Context, budget: Any, plan_path: str | None, method: str | None) -> None:
+    """--levels spaces the structure levels of a budget search that re-makes --plan with --method:
+    given without one, it would be ignored without a word."""
+    from click.core import ParameterSource
+
+    if ctx.get_parameter_source("levels") in (ParameterSource.DEFAULT, None):
+        return
+    missing = [flag for flag, value in (("--plan", plan_path), ("--method", method)) if not value]
+    if missing:
+        why = f"this export has no {' and no '.join(missing)}"
+    elif not budget.has_limits:
+        why = "this export has no limit (add --max-memory, --max-disk or --max-latency-ms)"
+    else:
+        return
+    raise click.UsageError(f"--levels sets the structure levels a budget search tries with --plan and --method,"
+                           f" and {why}; hint: drop --levels")
+
+
 def _precision_damage_search(budget, fixed, estimate) -> None:
     """``--precision-damage`` needs a search that plans per-layer storage from measured damage."""
     if not budget.has_limits or fixed or budget.dtype != "fp32":
@@ -160,7 +178,8 @@ def _precision_damage(path, model, tokenizer, compress_options, rounding, format
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Artifact folder (written atomically).")
 @click.option("--backend", default="optimum", show_default=True, help="Export backend: optimum or onnx (or a plug-in).")
-@click.option("--plan", "plan_path", type=click.Path(dir_okay=False), help="plan.json behind the model, recorded in the manifest.")
+@click.option("--plan", "plan_path", type=click.Path(dir_okay=False),
+              help="plan.json behind the model, recorded in the manifest; applied only with --method.")
 @click.option("--method", type=METHOD, help="Compression method that applies --plan (and lets a budget search re-solve it).")
 @click.option("--data", type=click.Path(exists=True),
               help="Calibration text for --method width / wanda / sparsegpt / asvd, the search's pricing and"
@@ -179,7 +198,8 @@ def _precision_damage(path, model, tokenizer, compress_options, rounding, format
                    " format also with int8 compute (-a8); on --ep cuda no int8 or -a8].")
 @click.option("--precision", "precision_path", type=click.Path(exists=True, dir_okay=False),
               help="Per-layer precision plan (JSON {\"formats\": {group: format}}, e.g. a manifest's chosen candidate).")
-@click.option("--levels", type=COUNT, default=5, show_default=True, help="Structure levels a budget search tries with --plan.")
+@click.option("--levels", type=COUNT, default=5, show_default=True,
+              help="Structure levels a budget search tries with --plan and --method (refused without them).")
 @click.option("--precision-estimate", type=click.Choice(["measured", "fisher"]), default="measured", show_default=True,
               help="How a budget search prices each layer's formats: measured probes or the Fisher-weighted error.")
 @click.option("--precision-damage", "precision_damage_path", type=click.Path(exists=True, dir_okay=False),
@@ -244,11 +264,11 @@ def export(
     tokens), measured (disk, resident memory, latency) and described in cwca_manifest.json.
     With --max-memory / --max-disk / --max-latency-ms one search finds the artifact with the
     lowest calibration loss that measurement proves within them: structure levels of --plan
-    (re-made by the plan's own rule) x per-layer storage formats (an exact byte-budget program on
-    measured per-layer damage; with a latency limit each layer's formats are timed in ONNX
-    Runtime and the program keeps the predicted latency within it too), finalists built and
-    measured. Unstructured and N:M sparsity
-    cannot meet a budget (ONNX Runtime runs them dense) and are refused with one.
+    (re-made by the plan's own rule, applied with --method) x per-layer storage formats (an
+    exact byte-budget program on measured per-layer damage; with a latency limit each layer's
+    formats are timed in ONNX Runtime and the program keeps the predicted latency within it too),
+    finalists built and measured. Unstructured and N:M sparsity cannot meet a budget (ONNX
+    Runtime runs them dense) and are refused with one. Without --method, --plan is only recorded.
 
     \b
     Examples:
@@ -281,6 +301,7 @@ def export(
     else:
         budget = Budget(**{k: v for k, v in limits.items() if v is not None})
     _check_storage_flags(click.get_current_context(), budget, bool(quantize), bool(precision_path))
+    _check_levels(click.get_current_context(), budget, plan_path, method)
     quantize_config = None
     if quantize:
         if not is_block_size(block_size):
@@ -375,6 +396,10 @@ def export(
         plan.check(model, fingerprint=not no_fingerprint, require_fingerprint=not no_fingerprint)
         if no_fingerprint:
             compress_options["check_fingerprint"] = False
+    elif plan is not None:
+        note_line(f"note: --plan {plan_path} is recorded in the manifest as the plan behind this model, not applied"
+                  " (the model is exported as given); to apply it, pass --method (or run `cwca-export compress`"
+                  " first)")
     if not as_json:
         mode = " (low memory: placeholder trace, weights written per tensor)" if low_memory else ""
         note_line(f"exporting {model_dir} with backend {backend}{mode} ...")

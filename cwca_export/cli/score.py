@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
+from collections.abc import Iterator
 
 import click
 
@@ -30,6 +32,19 @@ class _ScoreEstimator(RegisteredName):
 
 
 SCORE_ESTIMATOR = _ScoreEstimator("cwca_export.scoring.registry:ESTIMATORS")
+
+
+@contextlib.contextmanager
+def _short_text_hint() -> Iterator[None]:
+    """Too little calibration text: score can also run on the samples that fit (--allow-fewer)."""
+    from cwca_export.data import ShortCalibrationError
+
+    try:
+        yield
+    except ShortCalibrationError as exc:
+        lower = "--samples, --held-out or --seq-len" if exc.held_out else "--samples or --seq-len"
+        raise exc.with_hint(f"add text, lower {lower}, or pass --allow-fewer (scores on the samples that fit)"
+                            ) from None
 
 
 def _table(scores) -> str:
@@ -205,7 +220,7 @@ def score(
         options["max_cache"] = max_cache
     caught: list[warnings.WarningMessage] = []
     try:  # ScoreNoiseWarning becomes one stderr line below; every other warning shows as usual
-        with warnings.catch_warnings(record=True) as caught:
+        with _short_text_hint(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ScoreNoiseWarning)  # the CLI always reports it
             scores = run_score(
                 model_dir, data_path, method=method, num_samples=samples, seq_len=seq_len, seed=seed,
@@ -324,8 +339,9 @@ def _score_precision(model_dir, data_path, *, formats, rounding, samples, seq_le
             raise click.BadParameter(str(err), param_hint="--formats") from None
     model, tokenizer = load_model(model_dir, dtype=dtype, trust_remote_code=trust_remote_code,
                                   allow_pickle=allow_pickle)
-    calib = calibration_data(data_path, tokenizer, num_samples=samples, seq_len=seq_len, seed=seed,
-                             allow_fewer=allow_fewer, text_field=text_field)
+    with _short_text_hint():
+        calib = calibration_data(data_path, tokenizer, num_samples=samples, seq_len=seq_len, seed=seed,
+                                 allow_fewer=allow_fewer, text_field=text_field)
     names = formats if formats is not None else ",".join(default_formats(model))
     with joined_processes() as processes:
         if not cpu and torch.cuda.is_available():
