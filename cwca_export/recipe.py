@@ -555,8 +555,9 @@ def run_recipe(
             except ValueError as exc:  # the budget search's messages name export's flags
                 from cwca_export.exporter.search import BudgetError
 
-                kind = BudgetError if isinstance(exc, BudgetError) else ValueError
-                raise kind(as_recipe_keys(str(exc), recipe)) from None
+                least = exc.least if isinstance(exc, BudgetError) else None
+                message = as_recipe_keys(str(exc), recipe, least)
+                raise (ValueError(message) if least is None else BudgetError(message, least)) from None
             summary["artifact"] = {"disk_bytes": artifact.disk_bytes, "resident_bytes": artifact.resident_bytes,
                                    "latency_ms": artifact.latency_ms}
             timings["export"] = round(time.perf_counter() - began, 1)
@@ -601,27 +602,20 @@ RECIPE_KEYS = {
     "--data": "data", "--samples": "samples", "--seq-len": "seq_len",
 }
 _FLAG = re.compile(r"--[a-z][a-z-]*")
-#: what a budget search's miss states: the least limit predicted, or the least measured
-_LEAST = {
-    "size": re.compile(r"a limit of at least ([\d.]+) ([KMGT]i?B|B)\b"),
-    "memory": re.compile(r"smallest measured: memory ([\d.]+) ([KMGT]i?B|B)\b"),
-    "max_latency_ms": re.compile(r"decode p50 ([\d.]+) ms"),
-    "max_prefill_ms": re.compile(r"prefill p50 ([\d.]+) ms"),
-}
 
 
-def as_recipe_keys(message: str, recipe: Recipe) -> str:
+def as_recipe_keys(message: str, recipe: Recipe, least: dict[str, float] | None = None) -> str:
     """An export-step error as a recipe spells it: export's flags as the recipe's keys, and a
-    budget search's hint (a larger limit, smaller --formats, --plan and --method for structure)
-    as fixes a recipe can make, written as ``--set`` flags.
+    budget search's miss (``least``: :attr:`cwca_export.exporter.search.BudgetError.least`) as
+    fixes a recipe can make, written as ``--set`` flags.
 
     Example:
         >>> r = Recipe.from_dict({"model": "m", "data": "d.txt", "plan": {"sparsity": 0.5},
         ...     "compress": {"method": "width"}, "export": {"max_disk": "1KiB"}}, check_names=False)
-        >>> print(as_recipe_keys("no setting meets the budget; hint: a limit of at least 1.50 KiB", r)[29:])
+        >>> print(as_recipe_keys("no setting meets the budget; hint: a larger --max-disk", r, {"memory": 1536})[29:])
         fix: --set export.max_disk=2KiB, or compress more before the export: --set plan.sparsity=0.6
     """
-    from cwca_export.budget import parse_size
+    from cwca_export.budget import format_size, parse_size
 
     def keys(text: str) -> str:
         return _FLAG.sub(lambda m: RECIPE_KEYS.get(m.group(), m.group()), text)
@@ -629,25 +623,25 @@ def as_recipe_keys(message: str, recipe: Recipe) -> str:
     body, _, hint = message.partition("; hint: ")
     body = keys(body.replace("--formats ", "the formats "))  # the search's own formats: no recipe key
     step = recipe.export
-    missed = "relax the budget" in hint or _LEAST["size"].search(hint)
-    if step is None or not missed:
+    if step is None or not least:
         return f"{body}; hint: {keys(hint)}" if hint else body
     limits = [k for k in ("max_memory", "max_disk", "max_latency_ms", "max_prefill_ms") if getattr(step, k) is not None]
     limits = limits or ["max_memory"]  # the hardware profile's memory
     fixes = []
     for key in limits:
         kind = "memory" if key in ("max_memory", "max_disk") else key
-        found = _LEAST["size"].search(hint) if kind == "memory" else None
-        found = found or _LEAST[kind].search(body)
-        if found is None:
+        if kind not in least:
             continue
-        # a size rounded up in its unit; milliseconds as measured (3 significant digits)
-        value = f"{math.ceil(float(found.group(1)))}{found.group(2)}" if kind == "memory" else found.group(1)
         given = getattr(step, key)
-        if kind == "memory" and given is not None and parse_size(value) <= parse_size(given):
-            continue  # not the limit that was missed
-        if kind != "memory" and isinstance(given, float) and float(value) <= given:
-            continue
+        if kind == "memory":
+            if given is not None and least["memory"] <= parse_size(given):
+                continue  # not the limit that was missed
+            number, unit = format_size(least["memory"]).split()
+            value = f"{math.ceil(float(number))}{unit}"  # rounded up in its unit
+        else:
+            if isinstance(given, float) and least[kind] <= given:
+                continue
+            value = f"{least[kind]:.3g}"  # as the message states it
         fixes.append(f"--set export.{key}={value}")
     fix = " ".join(fixes) or f"--set export.{limits[0]}=VALUE"
     return f"{body}; fix: {fix}, or {_structure_fix(recipe)}"

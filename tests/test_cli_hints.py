@@ -179,7 +179,8 @@ def test_recipe_keys_of_a_measured_miss_name_only_the_limits_missed():
                " 12 candidate(s) considered, 0 predicted to fit, 1 built; smallest measured: memory 13.10 MiB"
                " (as given, t=0), decode p50 0.227 ms (as given, t=0), prefill p50 0.395 ms (as given, t=0);"
                " hint: relax the budget or give --plan and --method width|lowrank|asvd to compress structure too")
-    fix = as_recipe_keys(message, recipe).partition("; fix: ")[2]
+    least = {"memory": int(13.10 * 2**20), "max_latency_ms": 0.227, "max_prefill_ms": 0.395}  # BudgetError.least
+    fix = as_recipe_keys(message, recipe, least).partition("; fix: ")[2]
     # the disk limit was met (13.10 MiB measured < 64 MiB): only the decode limit is relaxed
     assert fix == ("--set export.max_latency_ms=0.227, or compress more before the export:"
                    " --set plan.budget_fraction=0.5")

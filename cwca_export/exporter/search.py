@@ -60,7 +60,15 @@ LATENCY_SHRINK = 0.9  # after a latency miss, only candidates this much smaller 
 
 
 class BudgetError(ValueError):
-    """No candidate meets the budget; the message states the smallest memory and latency measured."""
+    """No candidate meets the budget; the message states the smallest memory and latency measured.
+
+    ``least`` holds the least limits that would have been met, for callers that phrase their own
+    fix (a recipe's keys): ``memory`` in bytes (the smallest predicted storage, or the smallest
+    measured disk / resident bytes), ``max_latency_ms`` and ``max_prefill_ms`` as measured."""
+
+    def __init__(self, message: str, least: dict[str, float] | None = None) -> None:
+        super().__init__(message)
+        self.least = dict(least or {})
 
 
 class Knob(Protocol):
@@ -445,7 +453,8 @@ class _Search:
             f"no setting meets the budget ({self.limits_text()}): the most compact storage of --formats"
             f" {','.join(self.formats) or 'fp32'}{where} is predicted at {format_size(size)} on disk (the model as"
             f" given measured {format_size(ref.disk_bytes)}); nothing else was priced or built;"
-            f" hint: a limit of at least {format_size(size)}, smaller --formats (e.g. int4-b128-asym){more}"
+            f" hint: a limit of at least {format_size(size)}, smaller --formats (e.g. int4-b128-asym){more}",
+            least={"memory": size},
         )
 
     def latency_limits(self) -> dict[str, float | None]:
@@ -788,7 +797,9 @@ class _Search:
             f" to fit, {len(self.trials)} built; smallest measured: memory {format_size(memory(small))}"
             f" ({label(small)}), decode p50 {fast['measured']['decode_p50_ms']:.3g} ms ({label(fast)}),"
             f" prefill p50 {quick['measured']['prefill_p50_ms']:.3g} ms ({label(quick)});"
-            f" hint: relax the budget{more}"
+            f" hint: relax the budget{more}",
+            least={"memory": memory(small), "max_latency_ms": fast["measured"]["decode_p50_ms"],
+                   "max_prefill_ms": quick["measured"]["prefill_p50_ms"]},
         )
 
 
