@@ -276,7 +276,7 @@ def export(
       cwca-export export ./tiny-llama --backend onnx --quantize int4 --exclude lm_head --out ./q4
       cwca-export export ./tiny-llama --max-memory 300MB --max-latency-ms 20 --out ./fitted
       cwca-export export ./tiny-llama --max-memory 2MB --max-latency-ms int8 --out ./as-fast-as-int8
-      cwca-export export ./llama --hardware jetson-orin-8gb --plan plan.json --out ./orin
+      cwca-export export ./llama --hardware jetson-orin-8gb --plan plan.json --method width --out ./orin
       cwca-export export ./llama --data calib.txt --samples 32 --seq-len 128 --max-memory 2GiB \\
           --precision-damage precision.json --out ./fit   # the table of score --help's example
     """
