@@ -303,3 +303,24 @@ def test_report_keeps_a_page_from_an_older_cwca_export(plan, tmp_path):
     before = _tree(folder)
     _refused(_cli("report", folder), "report.html exists")
     assert _tree(folder) == before
+
+
+# ---- files for other libraries: plan --llmcompressor-recipe FILE ------------------------------
+
+
+def test_llmcompressor_recipe_replaces_only_its_own_unedited_file(scores, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    args = ("plan", scores, "--sparsity", 0.3, "--out", tmp_path / "plan.json", "--llmcompressor-recipe", recipe)
+    _ok(*args)
+    _ok(*args)  # unedited: replaced
+    assert yaml.safe_load(recipe.read_text())["sparsity_stage"]  # the stamp is a YAML comment
+    with recipe.open("a") as fh:
+        fh.write("# calibrate on my data first\n")
+    before = _tree(recipe)
+    _refused(_cli(*args), f"--llmcompressor-recipe {recipe}", "or was edited", "hint: move recipe.yaml away")
+    assert _tree(recipe) == before
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("quant_stage: {}\n")
+    _refused(_cli(*args[:-1], mine), "not a file cwca-export wrote")
+    assert mine.read_text() == "quant_stage: {}\n"
+    _refused(_cli(*args[:-1], scores), "is also the input SCORES")
