@@ -333,10 +333,8 @@ def check_output(
             raise UnsafeOutputError(
                 f"{flag} {out} is a folder; hint: pass a file path, e.g. {flag} {Path(out) / 'out.json'}")
         keep = f"it is kept; hint: move {target.name} away (or delete it yourself) or pass another {flag}"
-        if _recorded(target):  # its folder's record lists it with these very bytes
-            return
         if recognise is not None:
-            if recognise(target):
+            if _recorded(target) or recognise(target):  # its folder's record lists these very bytes, or its stamp
                 return
             raise UnsafeOutputError(
                 f"{flag} {out} exists and is not a file cwca-export wrote, or was edited since; {keep}")
@@ -345,6 +343,8 @@ def check_output(
         if found is None or (allowed and found not in allowed):
             what = f"a {found} file" if found else "not a file cwca-export wrote"
             raise UnsafeOutputError(f"{flag} {out} exists and is {what}; {keep}")
+        if _recorded(target):  # of the right kind, and its folder's record lists these very bytes
+            return
         state = record_stamp(target)
         if state == "edited":
             raise UnsafeOutputError(
