@@ -239,10 +239,13 @@ def recipe(work, tmp_path, monkeypatch):
     return path
 
 
-def test_run_folder_with_an_edited_file_is_kept(recipe, tmp_path):
+def test_run_folder_with_an_edited_file_is_kept(work, recipe, tmp_path):
     out = tmp_path / "run"
     _ok("run", recipe, "--out", out)
     _ok("run", recipe, "--out", out, "--overwrite")  # unedited: replaced
+    # a file the run folder's record lists is still of its own kind: scores never replace its plan
+    _refused(_cli("score", work / "model", "--data", work / "calib.txt", "--samples", 2, "--seq-len", 16,
+                  "--no-progress", "--out", out / "plan.json"), "a Plan file")
     with (out / "compressed" / "config.json").open("a") as fh:
         fh.write("\n")
     before = _tree(out)
