@@ -158,7 +158,8 @@ def test_compressed_folder_with_an_edited_or_added_file_is_kept(work, plan, tmp_
         _add_note(out / edit)
     before = _tree(out)
     line = _refused(_compress(work, plan, out, "--overwrite"), f"--out {out}", edit, "hint:", "another --out")
-    assert ("move the folder away" in line) == (edit == "cwca_files.json"), line
+    fix = "move the folder away" if edit == "cwca_files.json" else f"move {edit} out of it"  # the file named
+    assert fix in line, line
     assert _tree(out) == before
 
 
@@ -211,7 +212,8 @@ def test_artifact_with_an_edited_or_added_file_is_kept(work, artifact, tmp_path,
         cwca_export.export(model, None, out, backend="onnx", runs=1, warmup=0, overwrite=True)
     # the CLI refuses before it loads the model
     monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
-    _refused(_cli("export", work / "model", "--out", out, "--overwrite"), edit, "hint:")
+    fix = "move the folder away" if edit == "cwca_manifest.json" else f"move {edit} out of it"
+    _refused(_cli("export", work / "model", "--out", out, "--overwrite"), edit, f"hint: {fix}")
     assert _tree(out) == before
 
 
@@ -225,6 +227,11 @@ def test_unedited_artifact_is_replaced(artifact, tmp_path):
     shutil.copytree(source, out)  # a copy: new mtimes and inodes, so every file is hashed again
     cwca_export.export(model, None, out, backend="onnx", runs=1, warmup=0, overwrite=True)
     assert _cli("inspect", "--verify", out).exit_code == 0
+    # the new artifact's manifest stamps its own content: sha256 of its canonical JSON without the stamp
+    manifest = json.loads((out / "cwca_manifest.json").read_text())
+    stamp = manifest.pop("_content_sha256")
+    canonical = json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    assert stamp == hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 @pytest.fixture()
