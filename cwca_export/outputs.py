@@ -15,11 +15,11 @@ sha256, the record's stamp intact, no file added, none edited (a file moved away
 nothing of the user's is in it any more). An output with no record or no stamp (from an older
 cwca-export, or not the tool's) is kept and refused with a hint, since its edits cannot be ruled out.
 
-Hashing is always done: sha256 here runs at about 1.1 GB/s (a 2.2 GB fp32 artifact in ~2 s,
-beside minutes of export), and a size + mtime shortcut would pass an in-place edit that kept
-both (``touch -r``, ``rsync -t``). Within one process a file hashed once is not hashed again
-while its size, mtime, ctime and inode are unchanged (ctime cannot be set back by a user), so
-the check at commit, with signals held, costs stat calls only.
+Hashing is always done: sha256 runs at 0.6-1.1 GB/s on 2 shared cores (a 2.2 GB fp32 artifact
+in about 3 s, beside minutes of export; BENCHMARKS.md), and a size + mtime shortcut would
+pass an in-place edit that kept both (``touch -r``, ``rsync -t``). Within one process a file
+hashed once is not hashed again while its size, mtime, ctime and inode are unchanged (ctime
+cannot be set back by a user), so the check at commit, with signals held, costs stat calls only.
 """
 
 from __future__ import annotations
