@@ -334,3 +334,21 @@ def test_llmcompressor_recipe_replaces_only_its_own_unedited_file(scores, tmp_pa
     _refused(_cli(*args[:-1], mine), "not a file cwca-export wrote")
     assert mine.read_text() == "quant_stage: {}\n"
     _refused(_cli(*args[:-1], scores), "is also the input SCORES")
+
+
+def test_run_demo_called_from_python_keeps_an_edited_demo_folder(tmp_path, monkeypatch):
+    """``run_demo(out, overwrite=True)`` checks the folder too (the CLI moves it aside first)."""
+    from cwca_export import loading
+    from cwca_export.demo import run_demo
+    from cwca_export.outputs import UnsafeOutputError, write_inventory
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the demo started"))
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "report.json").write_text('{"rows": {}}\n')
+    write_inventory(out)
+    (out / "report.json").write_text('{"rows": {}, "mine": 1}\n')
+    before = _tree(out)
+    with pytest.raises(UnsafeOutputError, match="report.json was edited"):
+        run_demo(out, overwrite=True, echo=lambda _: None)
+    assert _tree(out) == before
