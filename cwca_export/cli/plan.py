@@ -161,7 +161,8 @@ def _table(plan) -> str:
     type=click.Path(dir_okay=False),
     default="plan.json",
     show_default=True,
-    help="Where to write the plan (written atomically).",
+    help="Where to write the plan (written atomically). An existing file is replaced only when it is a plan"
+    " the tool wrote, unedited (its content stamp).",
 )
 @click.option(
     "--peft-config",
