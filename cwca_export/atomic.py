@@ -6,9 +6,12 @@ they are removed and the destination is untouched; ones a killed process left ar
 when the next run writes beside them. Replacing an existing folder (``overwrite``) renames the
 old one aside, renames the new one in, then deletes the old: the destination is always either
 the complete old artifact or the complete new one (and absent only between two renames, with
-signals held), never a mixture. Only a folder whose every file the tool recorded may be
-replaced (:func:`cwca_export.outputs.check_output`), and every committed folder carries such a
-record (``cwca_files.json``, or the export manifest).
+signals held), never a mixture. Only a folder that is exactly what the tool wrote (every file
+recorded with its sha256, none added or edited) may be replaced
+(:func:`cwca_export.outputs.check_output`), and every committed folder carries such a record
+(``cwca_files.json``, or the export manifest). That check hashes the old folder before the
+renames, with signals live (seconds for a multi-GB artifact); the second one, with them held,
+re-reads only what changed since (a stat per file).
 """
 
 from __future__ import annotations
@@ -67,8 +70,9 @@ class Staging:
         """Record ``folder``'s files, then move it to the destination, replacing an old artifact only when allowed."""
         write_inventory(folder)
         apply_umask(folder)
+        self._check_destination()  # the old folder hashed now, while a signal can still stop the run
         with deferred_signals():
-            self._check_destination()
+            self._check_destination()  # again at the renames: stat calls unless something changed
             if self.out_dir.exists():
                 old = scratch_folder(self.out_dir, "old")
                 self._folders.append(old)

@@ -71,7 +71,7 @@ def run_demo(
     from cwca_export.exporter.api import export
     from cwca_export.jsonio import write_bytes_atomic
     from cwca_export.loading import load_model
-    from cwca_export.outputs import write_inventory
+    from cwca_export.outputs import check_output, write_inventory
     from cwca_export.planning.plan import plan_by_rule
     from cwca_export.report import build_report
     from cwca_export.scoring import score
@@ -79,6 +79,7 @@ def run_demo(
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; hint: pass --overwrite or another --out")
+    check_output(out, overwrite=overwrite)  # only an earlier demo exactly as written (the CLI moved it aside)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 

@@ -6,10 +6,14 @@ fine-tuning that is r_k = e_k * rank_step on every Linear of the block, which pe
 update has the same scale alpha / r). A pruning plan's per-block sparsity rho_k is what
 llm-compressor's ``SparseGPTModifier`` / ``WandaPruningModifier`` take as a ``sparsity`` list,
 one entry per target layer, when the targets are the decoder blocks.
+
+A recipe file ends with a comment stamping the sha256 of the lines above it
+(:func:`recipe_file_intact`), so a rerun replaces it only while it is exactly as written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tempfile
@@ -193,5 +197,19 @@ def write_llmcompressor_recipe(plan: Plan, path: str | os.PathLike, *, modifier:
         f"# per-block sparsity from a cwca-export plan (global {plan.global_sparsity:.4f});\n"
         "# apply with llmcompressor.oneshot(model=..., dataset=..., recipe=THIS_FILE)\n"
     )
-    text = header + yaml.safe_dump(recipe, sort_keys=False)
-    return write_bytes_atomic(path, text.encode("utf-8"))
+    body = (header + yaml.safe_dump(recipe, sort_keys=False)).encode("utf-8")
+    return write_bytes_atomic(path, body + _RECIPE_STAMP % hashlib.sha256(body).hexdigest().encode())
+
+
+_RECIPE_STAMP = b"# cwca-export stamp: sha256 %s\n"
+
+
+def recipe_file_intact(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a recipe :func:`write_llmcompressor_recipe` wrote and nobody edited since."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return False
+    start = data.rfind(b"# cwca-export stamp: sha256 ")
+    found = re.fullmatch(rb"# cwca-export stamp: sha256 ([0-9a-f]{64})\n", data[start:]) if start >= 0 else None
+    return found is not None and hashlib.sha256(data[:start]).hexdigest() == found.group(1).decode()

@@ -3,10 +3,18 @@
 Every file carries ``{"_type": ..., "schema_version": ...}``. A file from a newer major
 schema is refused with a hint to upgrade; unknown keys from a newer minor writer only warn,
 so saved plans stay loadable (peft's config loading does the same).
+
+Every versioned file also carries its own content stamp, ``_content_sha256``: the sha256 of
+the object without that key, serialised canonically (sorted keys, no whitespace). It is how
+``--overwrite`` (:mod:`cwca_export.outputs`) tells a file exactly as the tool wrote it from one
+a user edited: a changed value, key or list breaks the stamp; re-indenting, which loses
+nothing, does not. A stamp inside the file needs no second file beside it, and a JSON parse
+is all it takes to check.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -45,9 +53,34 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
+STAMP_KEY = "_content_sha256"
+
+
+def content_sha256(data: dict[str, Any]) -> str:
+    """sha256 of a parsed JSON object without its stamp, in canonical form (sorted keys, compact)."""
+    body = {k: v for k, v in data.items() if k != STAMP_KEY}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def stamp_state(data: Any) -> str:
+    """``"intact"`` (stamp matches), ``"edited"`` (stamp differs) or ``"unstamped"`` (none: older writer)."""
+    if not isinstance(data, dict) or not isinstance(data.get(STAMP_KEY), str):
+        return "unstamped"
+    return "intact" if data[STAMP_KEY] == content_sha256(data) else "edited"
+
+
 def write_json_atomic(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
-    """Write ``payload`` as indented JSON, atomically (see :func:`write_bytes_atomic`)."""
+    """Write ``payload`` as indented JSON, atomically (see :func:`write_bytes_atomic`).
+
+    A versioned payload (one with ``_type``) gets its content stamp (:data:`STAMP_KEY`) as its
+    last key, hashed from the JSON round trip so tuples, int keys and floats hash as they read back.
+    """
     text = json.dumps(payload, indent=2, sort_keys=False, allow_nan=False) + "\n"
+    if "_type" in payload:
+        stamped = {k: v for k, v in payload.items() if k != STAMP_KEY}
+        stamped[STAMP_KEY] = content_sha256(json.loads(text))
+        text = json.dumps(stamped, indent=2, sort_keys=False, allow_nan=False) + "\n"
     return write_bytes_atomic(path, text.encode("utf-8"))
 
 
@@ -94,7 +127,7 @@ def check_versioned(
 
 def warn_unknown(data: dict[str, Any], known: set[str], type_name: str) -> None:
     """Warn (not fail) on keys a newer writer may have added."""
-    extra = sorted(set(data) - known)
+    extra = sorted(set(data) - known - {STAMP_KEY})
     if extra:
         warnings.warn(
             f"{type_name}: ignoring unknown keys {extra} (written by a newer cwca-export?)",

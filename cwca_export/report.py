@@ -12,16 +12,22 @@
 
 NumPy and matplotlib only (matplotlib is imported when a figure is drawn, Agg canvas, no
 pyplot state), so ``cwca-export report DIR`` rebuilds both files from the JSON alone.
+
+The page's last line stamps both files (:func:`stamp_page`): the sha256 of the page above it
+and of the figure, so a rebuild replaces them only while they are exactly as written
+(:func:`report_files_intact`), never a page or figure someone edited.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import json
 import math
 import os
+import re
 import shlex
 from collections import Counter
 from dataclasses import dataclass, field
@@ -37,6 +43,8 @@ from cwca_export.scores import LayerScores
 FIGURE_NAME = "layers.png"
 HTML_NAME = "report.html"
 MANIFEST_NAME = "cwca_manifest.json"  # same as cwca_export.exporter.manifest (which imports torch)
+
+_STAMP = re.compile(rb"<!-- cwca-export stamp: page sha256 ([0-9a-f]{64}), layers\.png sha256 ([0-9a-f]{64}) -->\n")
 
 # statistics of scores.json that rank blocks the way a baseline scoring method would
 _BASELINE_STATS = {
@@ -689,6 +697,33 @@ def build_report(folder: str | os.PathLike) -> Path:
         commands, commands_recorded = list(recorded), True
     else:
         commands, commands_recorded = reconstruct_commands(inputs), False
-    page = render_html(inputs, png, baselines, commands, commands_recorded)
+    page = stamp_page(render_html(inputs, png, baselines, commands, commands_recorded).encode("utf-8"), png)
     write_bytes_atomic(inputs.folder / FIGURE_NAME, png)
-    return write_bytes_atomic(inputs.folder / HTML_NAME, page.encode("utf-8"))
+    return write_bytes_atomic(inputs.folder / HTML_NAME, page)
+
+
+def stamp_page(page: bytes, png: bytes) -> bytes:
+    """``page`` with a last line naming its own sha256 (of the bytes above) and the figure's."""
+    page_sha, png_sha = hashlib.sha256(page).hexdigest(), hashlib.sha256(png).hexdigest()
+    return page + f"<!-- cwca-export stamp: page sha256 {page_sha}, layers.png sha256 {png_sha} -->\n".encode()
+
+
+def report_files_intact(folder: str | os.PathLike) -> tuple[bool, bool]:
+    """Whether ``report.html`` and ``layers.png`` in ``folder`` are exactly as :func:`build_report` wrote them.
+
+    The page is when its stamp matches the bytes above it; the figure when its sha256 is the one
+    an intact page names. A page without a stamp (older cwca-export, or another writer) vouches for neither.
+    """
+    try:
+        page = (Path(folder) / HTML_NAME).read_bytes()
+    except OSError:
+        return False, False
+    start = page.rfind(b"<!-- cwca-export stamp: ")
+    found = _STAMP.fullmatch(page[start:]) if start >= 0 else None
+    if found is None or hashlib.sha256(page[:start]).hexdigest() != found.group(1).decode():
+        return False, False
+    try:
+        figure = hashlib.sha256((Path(folder) / FIGURE_NAME).read_bytes()).hexdigest()
+    except OSError:
+        figure = None
+    return True, figure == found.group(2).decode()

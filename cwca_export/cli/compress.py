@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from cwca_export.cli.guard import guards_output
-from cwca_export.cli.options import COUNT, DTYPE, METHOD, finite, loading_options
+from cwca_export.cli.options import COUNT, DTYPE, METHOD, OVERWRITE_HELP, finite, loading_options
 from cwca_export.defaults import CALIBRATION_SAMPLES, CALIBRATION_SEQ_LEN
 
 # Names only, so --help needs no torch; compress() checks the name against the registry.
@@ -159,7 +159,7 @@ def _check_rank_step(ctx: click.Context, plan: Any, plan_path: str, rank_step: i
 )
 @loading_options
 @click.option("--overwrite", is_flag=True,
-              help="Replace an existing --out folder cwca-export wrote (atomically; never one holding other files).")
+              help=OVERWRITE_HELP)
 @click.option(
     "--json",
     "as_json",

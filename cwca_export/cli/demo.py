@@ -23,8 +23,9 @@ from cwca_export.cli.options import LATENCY_LIMIT, finite
               help="Budget: decode p50 per token at batch 1, context 128, or int8: no slower than the dense"
                    " int8 peer, measured beside it.")
 @click.option("--overwrite", is_flag=True,
-              help="Replace an earlier demo folder (put back if this run fails; never one holding files"
-              " the tool did not write).")
+              help="Replace an earlier demo folder (put back if this run fails) only when it is exactly what"
+              " the demo wrote: every file as its cwca_files.json records it, none added or edited; otherwise"
+              " refuse, naming the file that differs.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the report (report.json) on stdout; the step lines go to stderr.")
 @guards_output(inputs={})

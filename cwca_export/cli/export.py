@@ -14,6 +14,7 @@ from cwca_export.cli.options import (
     DTYPE,
     LATENCY_LIMIT,
     METHOD,
+    OVERWRITE_HELP,
     SIZE,
     deprecated_alias,
     finite,
@@ -246,7 +247,7 @@ def _precision_damage(path, model, tokenizer, compress_options, rounding, format
                    " copy, the weights file pages (docs/memory.md). Not with --max-* limits, --hardware limits or"
                    " --precision. --backend optimum then writes the onnx backend's trace (Optimum's input and output"
                    " names) in Optimum's folder layout, verified through ORTModelForCausalLM.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder cwca-export wrote (atomically; never one holding other files).")
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @click.option("--no-fingerprint", is_flag=True, help="With --method: apply a --plan whose model fingerprint differs or is missing.")
 @loading_options

@@ -15,6 +15,13 @@ import click
 
 COUNT = click.IntRange(min=1)  # samples, sequence lengths, batch sizes, runs
 
+OVERWRITE_HELP = (
+    "Replace an existing --out folder, atomically, only when it is exactly what cwca-export wrote there: every"
+    " file as its cwca_files.json / cwca_manifest.json records it (sha256), none added or edited; otherwise"
+    " refuse, naming the file that differs (move it out, or pass another --out). A folder from an older"
+    " cwca-export, without a content stamp, is refused likewise (move it away)."
+)
+
 
 class FiniteFloat(click.FloatRange):
     """A float that is finite (not nan, not inf) and, optionally, within a range."""

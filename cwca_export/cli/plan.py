@@ -161,7 +161,8 @@ def _table(plan) -> str:
     type=click.Path(dir_okay=False),
     default="plan.json",
     show_default=True,
-    help="Where to write the plan (written atomically).",
+    help="Where to write the plan (written atomically). An existing file is replaced only when it is a plan"
+    " the tool wrote, unedited (its content stamp).",
 )
 @click.option(
     "--peft-config",
@@ -234,6 +235,12 @@ def plan(
         raise click.UsageError("--peft-config writes LoRA ranks from --program allocate; use --llmcompressor-recipe")
     if program == "allocate" and llmc_recipe is not None:
         raise click.UsageError("--llmcompressor-recipe writes sparsity from --program prune; use --peft-config")
+    if llmc_recipe is not None:  # like --out: never an input, never a file the tool did not write (or one edited)
+        from cwca_export.interop import recipe_file_intact
+        from cwca_export.outputs import check_output
+
+        check_output(llmc_recipe, kind="file", flag="--llmcompressor-recipe", recognise=recipe_file_intact,
+                     inputs=[("SCORES", scores_path), ("--model", model_path), ("--out", out)])
     lo_blocks, hi_blocks = parse_bounds(bounds)
     scores = LayerScores.load(scores_path)
     if program == "allocate":

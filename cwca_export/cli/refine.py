@@ -46,7 +46,8 @@ _REFINABLE = ("magnitude", "wanda", "sparsegpt", "lowrank", "asvd")
 @click.option("--device", default="cpu", show_default=True,
               help="Where the measured forwards run, e.g. cuda (under torchrun: each process its own GPU).")
 @click.option("--out", type=click.Path(dir_okay=False), default="plan.json", show_default=True,
-              help="Where to write the plan (atomically; under torchrun only the main process writes).")
+              help="Where to write the plan (atomically; under torchrun only the main process writes). An existing"
+                   " file is replaced only when it is a plan the tool wrote, unedited (its content stamp).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (as written to --out).")
 @loading_options
 @guards_output(inputs={"model_dir": "MODEL_DIR", "scores_path": "--scores", "data_path": "--data"},

@@ -7,15 +7,6 @@ from pathlib import Path
 import click
 
 
-def _written_by_report(page: Path) -> bool:
-    """report.html as build_report writes it (its figure element); layers.png goes with it."""
-    try:
-        head = page.read_bytes()[:1 << 20]
-    except OSError:
-        return False
-    return head.startswith(b"<!DOCTYPE html>") and b'<img id="layers-figure"' in head
-
-
 @click.command()
 @click.argument("folder", metavar="DIR", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the paths written as JSON.")
@@ -31,11 +22,11 @@ def report(folder, as_json) -> None:
       cwca-export report ./run-7        # a folder holding plan.json, scores.json, artifact/
     """
     from cwca_export.outputs import check_output, refresh_record
-    from cwca_export.report import FIGURE_NAME, HTML_NAME, build_report
+    from cwca_export.report import FIGURE_NAME, HTML_NAME, build_report, report_files_intact
 
-    ours = _written_by_report(Path(folder) / HTML_NAME)
-    for name in (HTML_NAME, FIGURE_NAME):  # never replace a page or figure the tool did not write
-        check_output(Path(folder) / name, kind="file", recognise=lambda _: ours, flag="DIR")
+    intact = dict(zip((HTML_NAME, FIGURE_NAME), report_files_intact(folder), strict=True))
+    for name in (HTML_NAME, FIGURE_NAME):  # never replace a page or figure the tool did not write, or one edited
+        check_output(Path(folder) / name, kind="file", recognise=lambda _, ok=intact[name]: ok, flag="DIR")
     page = build_report(folder)
     refresh_record(folder, [HTML_NAME, FIGURE_NAME])
     if as_json:

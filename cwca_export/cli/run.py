@@ -7,7 +7,7 @@ import json
 import click
 
 from cwca_export.cli.guard import guards_output
-from cwca_export.cli.options import loading_options
+from cwca_export.cli.options import OVERWRITE_HELP, loading_options
 
 
 @click.command()
@@ -25,7 +25,7 @@ from cwca_export.cli.options import loading_options
               " [default: $CWCA_CACHE_DIR or ~/.cache/cwca-export].")
 @click.option("--no-cache", is_flag=True, help="Always score; neither read nor write the cache.")
 @click.option("--overwrite", is_flag=True,
-              help="Replace an existing --out folder cwca-export wrote (atomically; never one holding other files).")
+              help=OVERWRITE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary (with --dry-run: the"
               " validated recipe) as JSON.")
 @loading_options

@@ -125,7 +125,8 @@ def _table(scores) -> str:
 @click.option("--no-wall-time", is_flag=True, help="Leave wall time out (byte-identical reruns).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--out", type=click.Path(dir_okay=False), default="scores.json", show_default=True,
-              help="Where to write the scores (atomically; only the main process writes).")
+              help="Where to write the scores (atomically; only the main process writes). An existing file is"
+                   " replaced only when it is the tool's own of the same kind, unedited (its content stamp).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=None, metavar="N",
               help="Save the accumulators every N sequences to OUT.checkpoint (atomically; removed when done).")
 @click.option("--resume", is_flag=True,

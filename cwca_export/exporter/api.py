@@ -22,7 +22,7 @@ from cwca_export.exporter.manifest import MANIFEST_NAME, build_manifest
 from cwca_export.exporter.measure import MeasureConfig
 from cwca_export.exporter.postprocess import PROTOBUF_LIMIT, QuantizeConfig
 from cwca_export.exporter.predict import scheme_of
-from cwca_export.jsonio import write_json_atomic
+from cwca_export.jsonio import STAMP_KEY, write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,8 @@ class Artifact:
             manifest = json.loads((path / MANIFEST_NAME).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ValueError(f"{path}: no {MANIFEST_NAME}; hint: not a cwca-export artifact") from None
+        if isinstance(manifest, dict):
+            manifest.pop(STAMP_KEY, None)  # the file's content stamp (cwca_export.jsonio), not part of the manifest
         return cls(path, manifest)
 
     @property
