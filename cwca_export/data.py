@@ -30,7 +30,7 @@ import logging
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,11 @@ class CalibrationData:
     @property
     def seq_len(self) -> int:
         return int(self.input_ids.shape[1])
+
+    def calibration_only(self) -> CalibrationData:
+        """These samples without the held-out split, hashed as if drawn without one (the
+        calibration windows do not depend on it: :func:`calibration_data`)."""
+        return replace(self, held_out=None, data_hash=_hash(self.input_ids, None))
 
 
 def load_texts(source: str | os.PathLike | Sequence[str], *, text_field: str = "text") -> list[str]:

@@ -102,19 +102,38 @@ WORKLOAD = dict(prompt_len=8, context=24)
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory):
-    """One tiny model searched at half its fp32 bytes with the margin off and with a huge one."""
+    """One tiny model searched at half its fp32 bytes with the margin off, and with a huge one
+    tested on held-out windows."""
     from helpers import tiny_model
 
+    from cwca_export.data import calibration_data
+
     model = tiny_model("llama", hidden_size=64, intermediate_size=256, num_hidden_layers=3)
-    ids = torch.randint(0, model.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(0))
+    stream = torch.randint(0, model.config.vocab_size, (16 * 32,), generator=torch.Generator().manual_seed(0))
+    calib = calibration_data([stream.tolist()], num_samples=8, seq_len=32, seed=0, held_out=8)
     dense = 4 * sum(p.numel() for p in model.parameters())
     out = {}
     for sigmas in (0.0, 1e9):
-        art = cwca_export.export(model, None, tmp_path_factory.mktemp("s") / "a", backend="onnx", calibration=ids,
+        art = cwca_export.export(model, None, tmp_path_factory.mktemp("s") / "a", backend="onnx",
+                                 calibration=calib.input_ids if sigmas == 0 else calib,
                                  budget=cwca_export.Budget(max_disk=int(0.5 * dense), **WORKLOAD),
                                  runs=2, warmup=1, search_options={"significance": sigmas})
         out[sigmas] = art.manifest["budget"]["search"]
     return out
+
+
+def test_held_out_windows_leave_the_calibration_windows_as_they_are():
+    from helpers import sample_text, tiny_tokenizer
+
+    from cwca_export.data import calibration_data
+
+    tok, text = tiny_tokenizer(), sample_text() * 4
+    plain = calibration_data([text], tok, num_samples=6, seq_len=16, seed=3)
+    split = calibration_data([text], tok, num_samples=6, seq_len=16, seed=3, held_out=6)
+    assert torch.equal(plain.input_ids, split.input_ids) and split.held_out.shape == (6, 16)
+    assert split.calibration_only().data_hash == plain.data_hash and split.calibration_only().held_out is None
+    calibration_rows = {tuple(r) for r in plain.input_ids.tolist()}
+    assert not calibration_rows & {tuple(r) for r in split.held_out.tolist()}
 
 
 def _is_peer(candidate):
@@ -134,6 +153,8 @@ def test_with_a_huge_margin_a_plain_storage_ships_and_the_passed_over_are_named(
     chosen = search["chosen"]
     assert _is_peer(chosen), chosen["storage"]
     assert search["significance_sigmas"] == 1e9
+    assert search["significance_tested_on"].startswith("8 held-out windows of 32 tokens")
+    assert searched[0.0]["significance_tested_on"] is None
     passed = [c for c in search["candidates"] if c["calib_loss"] is not None and c["calib_loss"] < chosen["calib_loss"]
               and c["measured"] is None]
     for c in passed:
@@ -161,3 +182,33 @@ def test_the_cli_refuses_a_margin_where_no_storage_is_searched_or_a_negative_one
         r = CliRunner().invoke(cli, args)
         assert r.exit_code == 2 and flag in r.output and "Traceback" not in r.output, r.output
         assert not (tmp_path / "a").exists()
+
+
+def test_export_tests_on_held_out_windows_of_its_data_or_says_it_cannot(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+    from helpers import sample_text, save_tiny_model, tiny_model, tiny_tokenizer
+
+    from cwca_export.cli import cli
+
+    overrides = {"hidden_size": 64, "intermediate_size": 256}
+    model_dir = save_tiny_model("llama", tmp_path / "m", **overrides)
+    dense = 4 * sum(p.numel() for p in tiny_model("llama", **overrides).parameters())
+    (tmp_path / "long.txt").write_text(sample_text() * 4)
+    tok = tiny_tokenizer()
+    short = next(sample_text()[:n] for n in range(40, 4000, 10)
+                 if len(tok(sample_text()[:n])["input_ids"]) >= 4 * 16)  # 4 windows: 3 to price, not 3 more
+    (tmp_path / "short.txt").write_text(short)
+    common = ["--backend", "onnx", "--max-disk", str(int(0.5 * dense)), "--samples", "3", "--seq-len", "16",
+              "--prompt-len", "8", "--context", "24", "--runs", "2", "--warmup", "1"]
+    seen = {}
+    for name in ("long", "short"):
+        r = CliRunner().invoke(cli, ["export", str(model_dir), "--data", str(tmp_path / f"{name}.txt"),
+                                     "--out", str(tmp_path / name), *common])
+        assert r.exit_code == 0, r.output
+        manifest = json.loads((tmp_path / name / "cwca_manifest.json").read_text())
+        seen[name] = (r.output, manifest["budget"]["search"]["significance_tested_on"])
+    assert seen["long"][1].startswith("3 held-out windows of 16 tokens") and "further windows" not in seen["long"][0]
+    assert seen["short"][1].startswith("the calibration sequences")
+    assert "holds no 3 further windows of 16 tokens" in seen["short"][0]

@@ -213,8 +213,9 @@ def _precision_damage(path, model, tokenizer, compress_options, rounding, format
 @click.option("--significance", type=finite(0), default=EXPORT_SIGNIFICANCE, show_default=True, metavar="SIGMAS",
               help="A budget search builds a plain export's storage (one format for every block, no structure"
                    " removed: what --quantize gives) before a per-layer or structured candidate that beats it by less"
-                   " than this many standard errors of the paired per-sequence calibration loss difference; 0 ranks"
-                   " by calibration loss alone.")
+                   " than this many standard errors of the paired per-window loss difference, on --samples further"
+                   " windows of the calibration text held out from the pricing (the calibration windows when the"
+                   " text has no more); 0 ranks by calibration loss alone.")
 @click.option("--dtype", type=DTYPE, help="Artifact float dtype: float32 or float16 (for GPU providers) [default: float32].")
 @click.option("--optimize", type=click.Choice(["basic", "extended", "all"]), help="Offline ONNX Runtime graph optimisation.")
 @click.option("--max-memory", type=SIZE, metavar="SIZE", help="Disk and resident limit: 1.5GiB, 300MB or bytes.")
@@ -404,10 +405,25 @@ def export(
     if not as_json:
         mode = " (low memory: placeholder trace, weights written per tensor)" if low_memory else ""
         note_line(f"exporting {model_dir} with backend {backend}{mode} ...")
+    search_calibration = None  # with held-out windows for --significance; else compress_options' data
     if data:
-        from cwca_export.data import calibration_data
+        from cwca_export.data import ShortCalibrationError, calibration_data
 
-        compress_options["data"] = calibration_data(data, tokenizer, num_samples=samples, seq_len=seq_len, seed=0)
+        # --significance tests on as many further windows, disjoint from the calibration ones (which they leave
+        # as they are, so a --precision-damage table still matches)
+        tested = significance > 0 and budget.has_limits and not quantize and not precision_path and budget.dtype == "fp32"
+        try:
+            calib = calibration_data(data, tokenizer, num_samples=samples, seq_len=seq_len, seed=0,
+                                     held_out=samples if tested else 0)
+        except ShortCalibrationError:
+            if not tested:
+                raise
+            calib = calibration_data(data, tokenizer, num_samples=samples, seq_len=seq_len, seed=0)
+            note_line(f"note: --data {data} holds no {samples} further windows of {seq_len} tokens beside the"
+                      " calibration ones; --significance tests on the calibration sequences")
+        compress_options["data"] = calib.calibration_only()  # what compress methods record, as compress would
+        if tested:
+            search_calibration = calib
     search_options = {"significance": significance} if budget.has_limits else None
     if precision_damage_path:  # a table measured before (score --estimator precision): checked, then reused
         table, formats = _precision_damage(precision_damage_path, model, tokenizer, compress_options, rounding, formats)
@@ -415,6 +431,7 @@ def export(
     artifact = run_export(
         model, plan, out, backend=backend, quantize=quantize_config, budget=budget, tokenizer=tokenizer,
         method=method, optimize=optimize, backend_options=options, compress_options=compress_options,
+        calibration=search_calibration,
         external_data_threshold=parse_size(external_data_threshold), overwrite=overwrite,
         warmup=warmup, runs=runs, threads=threads, precision=precision, formats=formats, levels=levels,
         precision_estimate=precision_estimate, rounding=rounding, low_memory=low_memory, search_options=search_options,

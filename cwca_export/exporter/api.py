@@ -155,7 +155,8 @@ def export(
             applied per node and checked in the graph; excludes ``quantize``.
         formats: the storage formats a budget search may plan (default: all CPU formats).
         calibration: token ids pricing a budget search's candidates (default: the ``data`` of
-            ``compress_options``, else shipped text through ``tokenizer``).
+            ``compress_options``, else shipped text through ``tokenizer``); a ``CalibrationData``
+            with ``held_out`` windows gives the search's significance test those windows.
         levels: structure levels a budget search tries (with ``method`` and ``plan``).
         precision_estimate: how a budget search prices each layer's formats: ``measured`` probes
             or the ``fisher`` estimate.

@@ -3,14 +3,16 @@
 Lowest calibration loss first, with one exception: a storage that a plain export would give too
 (one format for every block, no structure removed: what ``--quantize int8`` or ``int4`` ships)
 is not passed over for a per-layer or structured candidate unless that candidate is better by
-more than the calibration's noise. Both are priced on the same calibration sequences, so the
-test is paired: the mean per-sequence loss difference must lie below zero by ``sigmas``
-standard errors of that mean. Calibration losses that differ by a thousandth of a nat rank
-candidates by chance (BENCHMARKS.md, "Budgets: the tool's search against peers"), and a user's
-budget should get the plain peer unless the tool can show it does better.
+more than the noise. Both are evaluated on the same sequences, so the test is paired: the mean
+per-sequence loss difference must lie below zero by ``sigmas`` standard errors of that mean.
+Calibration losses that differ by a thousandth of a nat rank candidates by chance
+(BENCHMARKS.md, "Budgets: the tool's search against peers"), and a user's budget should get
+the plain peer unless the tool can show it does better.
 
-The plans were fitted on these sequences, so the test is optimistic: it guards against noise,
-not against a plan tuned to its calibration text.
+The search runs the test on held-out windows of the calibration text, disjoint from the ones
+its per-layer plans were fitted and priced on; only where the text has none does it read the
+calibration sequences, where the test is optimistic (it guards against noise, not against a
+plan tuned to its calibration text).
 """
 
 from __future__ import annotations

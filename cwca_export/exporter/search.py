@@ -183,7 +183,8 @@ class _Option:
     predicted_resident: int | None = None
     weight_bytes: int = 0
     calib_loss: float | None = None
-    losses: Any = None  # per calibration sequence, whose mean is calib_loss (the paired test's input)
+    losses: Any = None  # per calibration sequence, whose mean is calib_loss
+    check_losses: Any = None  # per held-out window (the paired test's input when there are any)
     uniform: bool = False  # one storage for every block: a plain export's (a peer at t = 0)
     predicted_damage: float | None = None
     predicted_ms: dict[str, float] | None = None  # decode / prefill p50, from the latency table
@@ -231,23 +232,36 @@ class _ResidentModel:
 
 def calibration_ids(tokenizer: Any, compress_options: dict[str, Any], calibration: Any, vocab: int) -> tuple[Any, str]:
     """Token ids that price a search's candidates, and where they came from."""
+    ids, _, source = calibration_sets(tokenizer, compress_options, calibration, vocab)
+    return ids, source
+
+
+def calibration_sets(tokenizer: Any, compress_options: dict[str, Any], calibration: Any,
+                     vocab: int) -> tuple[Any, Any, str]:
+    """``(ids, held_out, source)``: the ids that price a search's candidates, further windows of
+    the same source disjoint from them (``CalibrationData.held_out``; None when there are none)
+    for the significance test (:mod:`cwca_export.exporter.ranking`), and where they came from."""
     import torch
 
     data = calibration if calibration is not None else compress_options.get("data")
     if data is not None:
-        return getattr(data, "input_ids", data), "--data"
+        return getattr(data, "input_ids", data), getattr(data, "held_out", None), "--data"
     if tokenizer is not None:
         from importlib.resources import files
 
-        from cwca_export.data import calibration_data
+        from cwca_export.data import ShortCalibrationError, calibration_data
         from cwca_export.defaults import EXPORT_SAMPLES, EXPORT_SEQ_LEN
 
         text = (files("cwca_export") / "assets" / "text" / "train.txt").read_text(encoding="utf-8")[:400_000]
-        ids = calibration_data([text], tokenizer, num_samples=EXPORT_SAMPLES, seq_len=EXPORT_SEQ_LEN, seed=0,
-                               allow_fewer=True).input_ids
-        return ids, "shipped Python documentation text (pass --data for your domain)"
+        try:  # the held-out windows leave the calibration windows as they are (data.calibration_data)
+            data = calibration_data([text], tokenizer, num_samples=EXPORT_SAMPLES, seq_len=EXPORT_SEQ_LEN, seed=0,
+                                    held_out=EXPORT_SAMPLES)
+        except ShortCalibrationError:
+            data = calibration_data([text], tokenizer, num_samples=EXPORT_SAMPLES, seq_len=EXPORT_SEQ_LEN, seed=0,
+                                    allow_fewer=True)
+        return data.input_ids, data.held_out, "shipped Python documentation text (pass --data for your domain)"
     ids = torch.randint(0, vocab, (8, 64), generator=torch.Generator().manual_seed(0))
-    return ids, "random tokens (no tokenizer and no --data: losses rank candidates only roughly)"
+    return ids, None, "random tokens (no tokenizer and no --data: losses rank candidates only roughly)"
 
 
 class _Search:
@@ -271,6 +285,7 @@ class _Search:
         self.pricing = progress_bar(desc="search: pricing", unit="candidate", show=False)  # run() shows one
         self.refined: dict[str, str] = {}  # level -> "refined" or why it was not refined again
         self.sigmas = DEFAULT_SIGMAS  # a plain export's storage is passed over only beyond this (module ranking)
+        self.check: Any = None  # held-out windows (N, L) the paired test reads; None: the calibration sequences
         self.held: dict[int, dict[int, Any]] = {}  # option id -> peer id -> (the peer built before it, why)
 
     # -------------------------------------------------------------- building
@@ -519,7 +534,6 @@ class _Search:
                    for phase, limit in self.latency_limits().items())
 
     def price(self, option: _Option, model_t: Any, structure_losses: Any) -> None:
-        from cwca_export.planning.damage import sequence_losses
         from cwca_export.planning.precision import StorageFormat, quantized_weights
 
         if not option.formats:
@@ -527,9 +541,25 @@ class _Search:
         else:
             assignment = {g: StorageFormat.parse(f) for g, f in option.formats.items()}
             with self.rounded(model_t, option.t, assignment), quantized_weights(model_t, assignment):
-                losses = sequence_losses(model_t, self.calib, batch_size=8)
-        option.losses = losses.numpy()
+                losses = self.sequence_losses(model_t)
+        option.losses, option.check_losses = losses
         option.calib_loss = float(option.losses.mean())
+
+    def sequence_losses(self, model_t: Any) -> tuple[Any, Any]:
+        """Per-sequence losses of ``model_t`` on the calibration ids, and on the held-out windows."""
+        from cwca_export.planning.damage import sequence_losses
+
+        held = None if self.check is None else sequence_losses(model_t, self.check, batch_size=8).numpy()
+        return sequence_losses(model_t, self.calib, batch_size=8).numpy(), held
+
+    def test_losses(self, option: _Option) -> Any:
+        """What the significance test compares: held-out windows where there are any."""
+        return option.losses if self.check is None else option.check_losses
+
+    def test_source(self) -> str:
+        if self.check is None:
+            return "the calibration sequences (no held-out windows: the plans were fitted on them too)"
+        return f"{self.check.shape[0]} held-out windows of {self.check.shape[1]} tokens beside the calibration ones"
 
     def clipper_at(self, t: float, model_t: Any) -> Any:
         """The clipping of structure level ``t`` (clip rounding only; None otherwise)."""
@@ -550,13 +580,11 @@ class _Search:
 
     # -------------------------------------------------------------- the search
     def run(self, ref: Candidate) -> tuple[Candidate | None, _Option | None]:
-        from cwca_export.planning.damage import sequence_losses
-
         began = time.perf_counter()
         self.pricing = progress_bar(desc="search: pricing", unit="candidate")
         levels = [0.0] if self.knob is None else [i / (self.levels - 1) for i in range(self.levels)]
         # which levels have a storage that fits (bytes are exact: no forward, no export)
-        fits_at = {t: self.add_level(t, ref, sequence_losses, price=False) for t in levels}
+        fits_at = {t: self.add_level(t, ref, price=False) for t in levels}
         # the least structure whose most compact storage fits: bisect between grid levels
         if self.knob is not None and np.isfinite(self.memory_cap()):
             lo = max((t for t in levels if not fits_at[t]), default=None)
@@ -564,7 +592,7 @@ class _Search:
             if lo is not None and hi is not None:
                 for _ in range(REFINE_STEPS):
                     mid = round((lo + hi) / 2, 6)
-                    fits_at[mid] = self.add_level(mid, ref, sequence_losses, price=False)
+                    fits_at[mid] = self.add_level(mid, ref, price=False)
                     lo, hi = (lo, mid) if fits_at[mid] else (mid, hi)
         # price from the least structure up; a uniform storage already priced at a lower level is
         # not priced again higher up (more structure removed, same storage: no lower loss); the
@@ -573,13 +601,13 @@ class _Search:
         for t in sorted(t for t, ok in fits_at.items() if ok or t in levels):
             if fits_at[t] and isinstance(self.knob, PlanKnob):
                 self.refine_level(t)
-            self.add_level(t, ref, sequence_losses, skip=priced_labels)
+            self.add_level(t, ref, skip=priced_labels)
         self.pricing.close()
         self.timings["pricing_s"] = round(time.perf_counter() - began, 2)
         builds_bar = progress_bar(total=MAX_BUILDS, desc="search: builds (at most)", unit="build")
         priced = sorted((o for o in self.options if o.calib_loss is not None),
                         key=lambda o: (o.calib_loss, o.predicted_disk))
-        priced, self.held = build_order(priced, losses=lambda o: o.losses, is_peer=self.is_peer, sigmas=self.sigmas)
+        priced, self.held = build_order(priced, losses=self.test_losses, is_peer=self.is_peer, sigmas=self.sigmas)
         latency_ceiling = None
         builds = 0
         for option in priced:
@@ -668,7 +696,7 @@ class _Search:
         except ValueError as exc:
             self.refined[f"{t:g}"] = f"not refined: {exc}"
 
-    def add_level(self, t: float, ref: Candidate, sequence_losses: Any, *, price: bool = True,
+    def add_level(self, t: float, ref: Candidate, *, price: bool = True,
                   skip: set[str] | None = None) -> bool:
         """Add (and price) the storage options of structure level ``t``; whether any fits.
 
@@ -702,7 +730,7 @@ class _Search:
             if skip is not None and uniform:
                 skip.add(option.label)
             if structure_losses is None:
-                structure_losses = sequence_losses(model_t, self.calib, batch_size=8)
+                structure_losses = self.sequence_losses(model_t)
             self.price(option, model_t, structure_losses)
             self.pricing.update()
         return bool(fits)
@@ -728,7 +756,8 @@ class _Search:
         if not peers:
             return ""
         peer = min(peers, key=lambda o: o.calib_loss)
-        return f"; better than {peer.label} (a plain export's storage) by {compare(chosen.losses, peer.losses).text()}"
+        diff = compare(self.test_losses(chosen), self.test_losses(peer)).text()
+        return f"; better than {peer.label} (a plain export's storage) by {diff}"
 
     def drop_peer(self) -> None:
         if self.peer is not None:
@@ -772,6 +801,7 @@ class _Search:
             "trials": self.trials,
             "refined_levels": self.refined,
             "significance_sigmas": self.sigmas,
+            "significance_tested_on": None if self.sigmas <= 0 else self.test_source(),
             "chosen": None if chosen is None else chosen.record(),
             "why": why,
             "timings": self.timings,
@@ -880,7 +910,7 @@ def fit_budget(
         knob = PlanKnob(model, plan, method, compress_options)
     if levels < 2:
         raise ValueError(f"levels {levels}: a structure search needs at least 2; hint: --levels 9")
-    calib, source = calibration_ids(tokenizer, compress_options, calibration, model.config.vocab_size)
+    calib, check, source = calibration_sets(tokenizer, compress_options, calibration, model.config.vocab_size)
     names = search_formats(budget, settings, formats, model)
     if names is not None and precision_damage is not None:  # a table measured before: its formats only
         names = [n for n in names if n in precision_damage.formats]
@@ -889,6 +919,7 @@ def fit_budget(
     if not (significance >= 0 and np.isfinite(significance)):
         raise ValueError(f"significance {significance}: must be a finite number >= 0; hint: --significance 2")
     search.sigmas = float(significance)
+    search.check = check if significance > 0 else None
     began = time.perf_counter()
     fixed = settings.quantize.method if settings.quantize else settings.dtype
     reference_option = _Option(0.0, knob.target(0.0) if isinstance(knob, PlanKnob) else None,
