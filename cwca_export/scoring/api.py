@@ -109,8 +109,6 @@ def score(
         >>> scores = score("models/tiny-llama", "calib.txt", num_samples=32, seq_len=256)  # doctest: +SKIP
         >>> scores.save("scores.json")  # doctest: +SKIP
     """
-    from accelerate import Accelerator
-
     from cwca_export.blocks import find_blocks, model_fingerprint
     from cwca_export.scoring.passes import ScoringRun, routes_tokens
 
@@ -133,7 +131,7 @@ def score(
     blocks = find_blocks(net)
     # Without an accelerator device, accelerate forms the gloo group under torchrun only
     # when told it runs on the CPU.
-    accelerator = Accelerator(cpu=cpu or not torch.accelerator.is_available(), mixed_precision=mixed_precision)
+    accelerator = _accelerator(cpu=cpu or not torch.accelerator.is_available(), mixed_precision=mixed_precision)
     if getattr(net, "hf_device_map", None) is None:
         net.to(accelerator.device)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -338,6 +336,23 @@ def _refuse_offloaded(net: nn.Module, estimator) -> bool:
             f" (e.g. {orphans[0]}), so they cannot be scored; {hint}, or load the model with its weights"
         )
     return True
+
+
+def _accelerator(*, cpu: bool, mixed_precision: str) -> Any:
+    """This call's Accelerator, even where an earlier ``score()`` in the process chose another
+    ``mixed_precision`` or device: accelerate keeps those process-wide and refuses a change
+    ("restart your runtime"), so the per-call settings are cleared first. The process group
+    (accelerate's ``PartialState``, torchrun's ranks) is kept."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    try:
+        return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+    except ValueError as exc:
+        if "already been initialized" not in str(exc):
+            raise
+    AcceleratorState._reset_state(reset_partial_state=False)  # accelerate's own way to re-set them
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
 
 
 def _dtype(name: str) -> torch.dtype:
