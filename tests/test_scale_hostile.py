@@ -54,3 +54,36 @@ def test_score_after_a_mixed_precision_score_in_the_same_process():
     assert mixed.settings["mixed_precision"] == "bf16"
     assert again.zeta2 == plain.zeta2
     assert mixed.zeta2 != plain.zeta2  # bf16 autocast did run
+
+
+# ---- a write that cannot grow --------------------------------------------------------------------
+
+
+def test_a_file_size_limit_is_one_line_with_a_hint_and_leaves_nothing(tmp_path):
+    """A process file size limit (ulimit -f; EFBIG, as on a file system's own limit) or a quota
+    (EDQUOT) stops a write as a full disk does: the same one line with a hint, not the bare
+    '[Errno 27] File too large', and no output or scratch file left."""
+    import resource
+    import subprocess
+    import sys
+
+    from cwca_export.scoring import score
+
+    scores = tmp_path / "scores.json"
+    score(tiny_model("llama"), calib(2, 16), method="uniform", progress=False).save(scores)
+    run = tmp_path / "run"
+    run.mkdir()
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256, 256))  # bytes: plan.json is larger
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "cwca_export", "plan", str(scores), "--program", "prune", "--sparsity", "0.5",
+         "--out", str(run / "plan.json")],
+        capture_output=True, text=True, preexec_fn=limit, timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "file too large" in last and "ulimit -f" in last and "hint:" in last, last
+    assert "Traceback" not in proc.stderr
+    assert list(run.iterdir()) == []
