@@ -87,3 +87,23 @@ def test_a_file_size_limit_is_one_line_with_a_hint_and_leaves_nothing(tmp_path):
     assert "file too large" in last and "ulimit -f" in last and "hint:" in last, last
     assert "Traceback" not in proc.stderr
     assert list(run.iterdir()) == []
+
+
+# ---- score --no-wall-time: byte-identical reruns -----------------------------------------------
+
+
+def test_damage_scores_without_wall_time_are_byte_identical_on_rerun(tmp_path):
+    """--no-wall-time promises byte-identical reruns; the damage estimator's probe_time_s in the
+    settings was a wall time too, so two runs differed."""
+    from cwca_export.scoring import score
+
+    model, data = tiny_model("llama"), calib(3, 16)
+    paths = []
+    for i in range(2):
+        scores = score(model, data, method="damage", options={"pruner": "magnitude", "points": "0.5"},
+                       progress=False, record_wall_time=False)
+        assert not any(key.endswith("_time_s") for key in scores.settings), scores.settings
+        paths.append(scores.save(tmp_path / f"s{i}.json"))
+    assert (tmp_path / "s0.json").read_bytes() == (tmp_path / "s1.json").read_bytes()
+    timed = score(model, data, method="damage", options={"pruner": "magnitude", "points": "0.5"}, progress=False)
+    assert timed.settings["probe_time_s"] >= 0  # kept when the wall time is recorded

@@ -263,7 +263,9 @@ def _layer_scores(model: Any, net: nn.Module, blocks: list, calib: Any, estimate
         "options": resolved,
         "debias": bool(resolved.get("debias", False)),
         **noise,
-        **estimate.settings,
+        # times an estimator measured (damage's probe_time_s) go with the wall time: left out,
+        # reruns write the same bytes
+        **{k: v for k, v in estimate.settings.items() if wall_time_s is not None or not k.endswith("_time_s")},
     }
     config = getattr(net, "config", None)
     return LayerScores(
