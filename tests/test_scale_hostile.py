@@ -107,3 +107,85 @@ def test_damage_scores_without_wall_time_are_byte_identical_on_rerun(tmp_path):
     assert (tmp_path / "s0.json").read_bytes() == (tmp_path / "s1.json").read_bytes()
     timed = score(model, data, method="damage", options={"pruner": "magnitude", "points": "0.5"}, progress=False)
     assert timed.settings["probe_time_s"] >= 0  # kept when the wall time is recorded
+
+
+# ---- data-parallel runs: every process must read the same data ------------------------------------
+
+
+def _require_same_worker(rank: int, folder: str) -> None:
+    import torch.distributed as dist
+
+    from cwca_export.data_parallel import Processes
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
+    try:
+        processes = Processes(rank, 2)
+        processes.require_same({"--data": "sha256:same", "model (MODEL_DIR)": "sha256:m"})  # agrees: passes
+        try:
+            processes.require_same({"--data": f"sha256:rank{rank}", "model (MODEL_DIR)": "sha256:m"})
+            outcome = "passed"
+        except ValueError as err:
+            outcome = str(err)
+        with open(f"{folder}/rank{rank}.txt", "w", encoding="utf-8") as fh:
+            fh.write(outcome)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_processes_that_read_different_data_refuse_together(tmp_path):
+    """Each process reads --data itself; a file that differs between them (another host's copy,
+    one rewritten meanwhile) gave sums over mixed data under process 0's data hash. Now every
+    process refuses at once, naming --data (none is left waiting in a collective)."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_require_same_worker, args=(str(tmp_path),), nprocs=2, join=True, start_method="spawn")
+    for rank in (0, 1):
+        message = (tmp_path / f"rank{rank}.txt").read_text(encoding="utf-8")
+        assert message.startswith("--data: process 1 read other contents than process 0"), message
+        assert "sha256:rank1 against sha256:rank0" in message and "hint: give every process the same --data" in message
+
+
+_RANK_DATA = """\
+import os, sys
+sys.argv = ["cwca-export"] + [a.replace("RANKFILE", f"calib{os.environ['RANK']}.txt") for a in sys.argv[1:]]
+from cwca_export.__main__ import main
+main()
+"""
+
+
+@pytest.mark.slow  # two torchrun launches (about 40 s on 2 shared cores)
+@pytest.mark.parametrize("verb", ["score", "refine"])
+def test_torchrun_with_different_data_per_process_is_refused(tmp_path, verb):
+    """score (accelerate's group) and refine (the tool's gloo group) under torchrun, each process
+    given another calibration file: one line naming --data, exit 1, nothing written."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import save_tiny_model
+
+    folder = save_tiny_model("llama", tmp_path / "m")
+    (tmp_path / "calib0.txt").write_text(sample_text() * 4, encoding="utf-8")
+    (tmp_path / "calib1.txt").write_text(sample_text()[::-1] * 4, encoding="utf-8")
+    (tmp_path / "rank_data.py").write_text(_RANK_DATA, encoding="utf-8")
+    data = ["--data", "RANKFILE", "--samples", "4", "--seq-len", "16"]
+    if verb == "score":
+        args = ["score", str(folder), *data, "--estimator", "uniform", "--device", "cpu"]
+    else:
+        scores = tmp_path / "scores.json"
+        from cwca_export.scoring import score
+
+        score(str(folder), str(tmp_path / "calib0.txt"), method="uniform", num_samples=4, seq_len=16,
+              progress=False).save(scores)
+        args = ["refine", str(folder), "--scores", str(scores), "--sparsity", "0.5", "--method", "magnitude",
+                *data, "--batch-size", "2", "--no-tune", "--max-evals", "4"]
+    (tmp_path / "out").mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(tmp_path / "rank_data.py"), *args, "--out", str(tmp_path / "out" / "result.json")],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "Error: --data: process 1 read other contents than process 0" in proc.stderr, proc.stderr[-3000:]
+    assert list((tmp_path / "out").iterdir()) == []

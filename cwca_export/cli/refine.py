@@ -71,6 +71,7 @@ def refine(model_dir, scores_path, sparsity, budget_fraction, rank_step, data_pa
     """
     import torch
 
+    from cwca_export.blocks import model_fingerprint
     from cwca_export.data import calibration_data
     from cwca_export.data_parallel import check_batches, joined_processes, launched_processes
     from cwca_export.loading import check_model_folder, load_model
@@ -103,6 +104,7 @@ def refine(model_dir, scores_path, sparsity, budget_fraction, rank_step, data_pa
     model.eval()
     calib = calibration_data(data_path, tokenizer, num_samples=samples, seq_len=seq_len, seed=seed)
     with joined_processes() as processes:
+        processes.require_same({"--data": calib.data_hash, "model (MODEL_DIR)": model_fingerprint(model)})
         model.to(processes.device(kind) if processes.world > 1 and kind == "cuda" else torch.device(device))
         show = not as_json and processes.is_main
         if ranks:

@@ -110,6 +110,7 @@ def score(
         >>> scores.save("scores.json")  # doctest: +SKIP
     """
     from cwca_export.blocks import find_blocks, model_fingerprint
+    from cwca_export.data_parallel import require_same_everywhere
     from cwca_export.scoring.passes import ScoringRun, routes_tokens
 
     estimator = get_estimator(method)
@@ -135,6 +136,8 @@ def score(
     if getattr(net, "hf_device_map", None) is None:
         net.to(accelerator.device)
     rank, world = accelerator.process_index, accelerator.num_processes
+    if world > 1:
+        require_same_everywhere({"--data": calib.data_hash, "model (MODEL_DIR)": model_fingerprint(net)})
     saver = None
     if checkpoint is not None:
         saver = _checkpoint(checkpoint, checkpoint_every, resume, estimator, world, {
