@@ -4,6 +4,8 @@ before its fix. References are computed independently of the code under test."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from helpers import sample_text, tiny_model, tiny_tokenizer
 
@@ -189,3 +191,40 @@ def test_torchrun_with_different_data_per_process_is_refused(tmp_path, verb):
     assert proc.returncode != 0
     assert "Error: --data: process 1 read other contents than process 0" in proc.stderr, proc.stderr[-3000:]
     assert list((tmp_path / "out").iterdir()) == []
+
+
+# ---- eval: the held-out text streamed, reading stops at --max-tokens -------------------------------
+
+
+def test_eval_max_tokens_reads_only_what_it_scores(tmp_path):
+    """eval --max-tokens 300 on a corpus whose tail is unreadable (bytes that are not UTF-8 2 MB
+    in, as in a huge file) scored the head only after reading and tokenising the whole file, and
+    here failed on the tail. It now stops reading once it holds 300 tokens: the perplexity is
+    that of the head alone, measured on a file holding nothing else."""
+    from helpers import save_tiny_model
+
+    from cwca_export.evaluate import evaluate
+
+    model = save_tiny_model("llama", tmp_path / "m")
+    head = (sample_text() + "\n\n") * 400  # about 2 MB of text
+    (tmp_path / "head.txt").write_text(head, encoding="utf-8")
+    (tmp_path / "big.txt").write_bytes(head.encode("utf-8") + b"\xff\xfe not text" + b"x" * 1000)
+    kw = {"seq_len": 64, "max_tokens": 300, "device": "cpu"}
+    big = evaluate(str(model), str(tmp_path / "big.txt"), **kw)
+    alone = evaluate(str(model), str(tmp_path / "head.txt"), **kw)
+    assert big["perplexity"] == alone["perplexity"] and big["tokens"] == alone["tokens"] == 295  # 300 - 5 windows
+    with pytest.raises(ValueError, match="not UTF-8"):  # read whole, the tail is still refused
+        evaluate(str(model), str(tmp_path / "big.txt"), seq_len=64, device="cpu")
+
+
+def test_eval_streamed_ids_equal_one_call_over_the_whole_text(tmp_path):
+    """The held-out ids, read in pieces, equal one tokenizer call over the joined documents
+    (a jsonl of documents longer than a piece, joined by blank lines)."""
+    from cwca_export.evaluate import read_token_ids
+
+    tok = tiny_tokenizer()
+    docs = [sample_text() * 60, "short one", sample_text()[::-1] * 70]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    whole = tok("\n\n".join(docs), add_special_tokens=False)["input_ids"]
+    assert read_token_ids(str(tmp_path / "d.jsonl"), tok).tolist() == whole
+    assert read_token_ids(str(tmp_path / "d.jsonl"), tok, max_tokens=1000)[:1000].tolist() == whole[:1000]

@@ -19,7 +19,8 @@ from cwca_export.cli.options import COUNT, loading_options
               help="JSON Lines field (or dataset column) holding the text.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True, help="Window length in tokens.")
 @click.option("--stride", type=COUNT, default=None, help="Step between windows [default: --seq-len].")
-@click.option("--max-tokens", type=click.IntRange(min=2), default=None, help="Evaluate only the first N tokens.")
+@click.option("--max-tokens", type=click.IntRange(min=2), default=None,
+              help="Evaluate only the first N tokens (the text is read only that far).")
 @click.option("--batch-size", type=COUNT, default=8, show_default=True, help="Windows per forward.")
 @click.option("--ep", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="ONNX Runtime execution provider (artifacts only).")
