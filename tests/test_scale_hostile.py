@@ -228,3 +228,35 @@ def test_eval_streamed_ids_equal_one_call_over_the_whole_text(tmp_path):
     whole = tok("\n\n".join(docs), add_special_tokens=False)["input_ids"]
     assert read_token_ids(str(tmp_path / "d.jsonl"), tok).tolist() == whole
     assert read_token_ids(str(tmp_path / "d.jsonl"), tok, max_tokens=1000)[:1000].tolist() == whole[:1000]
+
+
+# ---- --text-field on every verb that reads --data ---------------------------------------------------
+
+
+@pytest.mark.parametrize("verb", ["refine", "export"])
+def test_refine_and_export_read_another_jsonl_field(tmp_path, verb):
+    """A .jsonl whose text is under "body": refine and export had no --text-field, yet their
+    error said 'hint: choose the field with --text-field'. Both take it now; the refusal names it
+    and, given, the data is read (refine measures on it; export's clip rounding reads it)."""
+    from click.testing import CliRunner
+    from helpers import save_tiny_model
+
+    from cwca_export.cli import cli
+    from cwca_export.scoring import score
+
+    model = save_tiny_model("llama", tmp_path / "m")
+    body = tmp_path / "body.jsonl"
+    body.write_text("".join(json.dumps({"body": sample_text()}) + "\n" for _ in range(6)), encoding="utf-8")
+    if verb == "refine":
+        scores = tmp_path / "scores.json"
+        score(tiny_model("llama"), calib(4, 16), method="uniform", progress=False).save(scores)
+        args = ["refine", str(model), "--scores", str(scores), "--sparsity", "0.5", "--method", "magnitude",
+                "--samples", "4", "--seq-len", "16", "--no-tune", "--max-evals", "3", "--out", str(tmp_path / "p.json")]
+    else:
+        args = ["export", str(model), "--backend", "onnx", "--quantize", "int4", "--samples", "4", "--seq-len", "16",
+                "--runs", "1", "--warmup", "0", "--out", str(tmp_path / "art")]
+    refused = CliRunner().invoke(cli, [*args, "--data", str(body)])
+    assert refused.exit_code == 1 and "no 'text' field (found ['body']); hint: choose the field with --text-field" \
+        in refused.output, refused.output
+    given = CliRunner().invoke(cli, [*args, "--data", str(body), "--text-field", "body"])
+    assert given.exit_code == 0, given.output
