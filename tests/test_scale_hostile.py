@@ -260,3 +260,22 @@ def test_refine_and_export_read_another_jsonl_field(tmp_path, verb):
         in refused.output, refused.output
     given = CliRunner().invoke(cli, [*args, "--data", str(body), "--text-field", "body"])
     assert given.exit_code == 0, given.output
+
+
+# ---- score --device-map with a cap below every module ----------------------------------------------
+
+
+def test_a_device_memory_cap_that_puts_the_whole_model_on_disk_is_one_line(tmp_path):
+    """--device-memory cpu=20KB on a model whose embeddings alone are larger: accelerate places
+    the whole model on disk and transformers failed with safetensors' bare 'device disk is
+    invalid'. Now a ValueError naming --device-memory and what to raise it to."""
+    from helpers import save_tiny_model
+
+    from cwca_export.loading import load_model
+
+    model = save_tiny_model("llama", tmp_path / "m")  # embeddings: 384 x 32 x 4 = 49 kB
+    with pytest.raises(ValueError, match=r"--device-memory cpu=20000 \(bytes\) places the whole model on disk.*"
+                                         r"hint: raise --device-memory"):
+        load_model(str(model), device_map="auto", max_memory={"cpu": 20000})
+    net, _ = load_model(str(model), device_map="auto", max_memory={"cpu": 100 * 1024})  # embeddings fit: loads
+    assert net.hf_device_map["model.embed_tokens"] == "cpu"
