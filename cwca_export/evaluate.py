@@ -336,6 +336,12 @@ def evaluate(
     if low_memory and not is_artifact(path):
         raise ValueError(f"--low-memory: {path} is a model folder, and it applies to ONNX artifacts"
                          " (a session without prepacking); hint: drop --low-memory")
+    if is_artifact(path) and device not in ("auto", "cpu"):  # it would run on --ep, saying nothing
+        raise ValueError(f"--device {device}: {path} is an ONNX artifact, which runs on --ep; hint: pass"
+                         " --ep cuda for ONNX Runtime's CUDA provider and drop --device")
+    if not is_artifact(path) and ep != "cpu":
+        raise ValueError(f"--ep {ep}: {path} is a torch model folder, placed by --device; hint: pass"
+                         f" --device {'cuda' if ep == 'cuda' else 'cpu'} and drop --ep")
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     if tokenizer is None:
         raise ValueError(f"{path}: no tokenizer (tokenizer.json) to read {data} with; save one beside the model")

@@ -279,3 +279,31 @@ def test_a_device_memory_cap_that_puts_the_whole_model_on_disk_is_one_line(tmp_p
         load_model(str(model), device_map="auto", max_memory={"cpu": 20000})
     net, _ = load_model(str(model), device_map="auto", max_memory={"cpu": 100 * 1024})  # embeddings fit: loads
     assert net.hf_device_map["model.embed_tokens"] == "cpu"
+
+
+# ---- eval: --device and --ep each where they apply ---------------------------------------------------
+
+
+def test_eval_refuses_a_device_flag_the_target_would_ignore(tmp_path):
+    """eval ARTIFACT --device cuda ran on ONNX Runtime's CPU provider and said nothing (even
+    --device bogus passed); eval FOLDER --ep cuda ran torch on the CPU. Each is now refused
+    with the flag that does apply; --device cpu with an artifact (the same place) still runs."""
+    from click.testing import CliRunner
+    from helpers import save_tiny_model
+
+    from cwca_export.cli import cli
+
+    folder = save_tiny_model("llama", tmp_path / "m")
+    artifact = tmp_path / "art"
+    exported = CliRunner().invoke(cli, ["export", str(folder), "--backend", "onnx", "--runs", "1", "--warmup", "0",
+                                        "--out", str(artifact)])
+    assert exported.exit_code == 0, exported.output
+    (tmp_path / "t.txt").write_text(sample_text(), encoding="utf-8")
+    common = ["--data", str(tmp_path / "t.txt"), "--seq-len", "32", "--max-tokens", "100"]
+    for target, flags, hint in ((artifact, ["--device", "cuda"], "hint: pass --ep cuda"),
+                                (artifact, ["--device", "bogus"], "hint: pass --ep cuda"),
+                                (folder, ["--ep", "cuda"], "hint: pass --device cuda")):
+        result = CliRunner().invoke(cli, ["eval", str(target), *common, *flags])
+        assert result.exit_code == 2 and hint in result.output, result.output
+    ran = CliRunner().invoke(cli, ["eval", str(artifact), *common, "--device", "cpu"])
+    assert ran.exit_code == 0 and "onnxruntime (cpu)" in ran.output, ran.output
