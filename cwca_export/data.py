@@ -312,7 +312,7 @@ def iter_dataset_texts(folder: str | os.PathLike, *, text_field: str = "text") -
         raise ValueError(
             f"{path}: no {text_field!r} column (found {sorted(dataset.column_names)});"
             " hint: choose the column with --text-field")
-    column = dataset.select_columns([text_field])
+    column = dataset.select_columns([text_field]).with_format(None)  # python objects, whatever format it was saved in
     for start in range(0, len(column), _DATASET_ROWS):
         rows = column[start : start + _DATASET_ROWS][text_field]
         for i, value in enumerate(rows):

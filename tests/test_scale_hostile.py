@@ -41,6 +41,18 @@ def test_folder_that_claims_to_be_a_dataset_but_is_not_names_it(tmp_path):
         "".join(iter_text(str(folder)))
 
 
+@pytest.mark.parametrize("fmt", ["pandas", "arrow", "numpy"])
+def test_dataset_saved_with_a_format_reads_as_plain_text(tmp_path, fmt):
+    """save_to_disk keeps a dataset's format: saved after with_format("pandas") a missing text
+    came back as NaN (a float, refused), after with_format("arrow") every row was a StringScalar
+    (refused as 'not a string'). The rows are read as Python objects whatever the format."""
+    datasets = pytest.importorskip("datasets")
+    text = sample_text()
+    rows = datasets.Dataset.from_dict({"text": [text, None, "", text[::-1]], "n": [1, 2, 3, 4]})
+    rows.with_format(fmt).save_to_disk(str(tmp_path / "saved"))
+    assert "".join(iter_text(str(tmp_path / "saved"))) == text + "\n\n" + text[::-1]
+
+
 # ---- score: one process, several calls ----------------------------------------------------------
 
 
