@@ -70,6 +70,24 @@ def test_score_after_a_mixed_precision_score_in_the_same_process():
     assert mixed.zeta2 != plain.zeta2  # bf16 autocast did run
 
 
+def test_score_leaves_the_callers_accelerate_settings_as_they_were():
+    """Setting this call's mixed precision must not change an Accelerator the caller holds:
+    the process-wide settings are put back once score() returns (or fails)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from cwca_export.scoring import score
+
+    AcceleratorState._reset_state(reset_partial_state=False)  # whatever earlier tests left
+    caller = Accelerator(cpu=True, mixed_precision="bf16")
+    model = tiny_model("llama")
+    plain = score(model, calib(2, 16), method="gradnorm", progress=False, mixed_precision="no")
+    assert plain.settings["mixed_precision"] == "no" and caller.mixed_precision == "bf16"
+    with pytest.raises(ValueError, match="debias: needs at least 2"):  # raised by the estimator's run
+        score(model, calib(1, 16), method="fisher", progress=False, mixed_precision="no", debias=True)
+    assert caller.mixed_precision == "bf16"
+
+
 # ---- a write that cannot grow --------------------------------------------------------------------
 
 
