@@ -320,12 +320,19 @@ def iter_dataset_texts(folder: str | os.PathLike, *, text_field: str = "text") -
         raise ValueError(
             f"{path}: a dataset with splits {splits}; hint: pass one split's folder, e.g."
             f" --data {path / (splits[0] if splits else 'train')}")
-    dataset = datasets.load_from_disk(str(path), keep_in_memory=False)
+    if _saved_without_rows(path):  # datasets' own reader fails on it with an IndexError
+        return
+    try:
+        dataset = datasets.load_from_disk(str(path), keep_in_memory=False)
+    except Exception as exc:  # a broken or foreign folder: datasets raises many kinds
+        raise ValueError(
+            f"{path}: not readable as a datasets save_to_disk folder ({type(exc).__name__}: {exc});"
+            " hint: pass a .txt or .jsonl file or a folder written by Dataset.save_to_disk to --data") from None
     if text_field not in dataset.column_names:
         raise ValueError(
             f"{path}: no {text_field!r} column (found {sorted(dataset.column_names)});"
             " hint: choose the column with --text-field")
-    column = dataset.select_columns([text_field])
+    column = dataset.select_columns([text_field]).with_format(None)  # python objects, whatever format it was saved in
     for start in range(0, len(column), _DATASET_ROWS):
         rows = column[start : start + _DATASET_ROWS][text_field]
         for i, value in enumerate(rows):
@@ -334,6 +341,15 @@ def iter_dataset_texts(folder: str | os.PathLike, *, text_field: str = "text") -
                     f"{path}: row {start + i}: column {text_field!r} is {type(value).__name__}, not a string;"
                     " hint: choose the column with --text-field")
             yield value or ""
+
+
+def _saved_without_rows(path: Path) -> bool:
+    """Whether ``state.json`` lists no Arrow files (a zero-row ``Dataset.save_to_disk``)."""
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and state.get("_data_files") == []
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:

@@ -69,6 +69,12 @@ class Processes:
             return input_ids
         return torch.cat(batches[self.rank :: self.world])
 
+    def require_same(self, values: dict[str, str]) -> None:
+        """Refuse, in every process, when the processes hold different ``values`` (see
+        :func:`require_same_everywhere`)."""
+        if self.world > 1:
+            require_same_everywhere(values)
+
     def device(self, kind: str) -> torch.device:
         """Where this process computes: ``cuda`` is this process's own GPU (``cuda:local_rank``)."""
         if kind == "cuda":
@@ -87,6 +93,30 @@ def check_batches(sequences: int, batch_size: int, world: int) -> None:
             f" batch{'es' if batches != 1 else ''} for {world} processes;"
             f" pass --batch-size {max(1, sequences // world)} (or more --samples)"
         )
+
+
+def require_same_everywhere(values: dict[str, str]) -> None:
+    """Refuse, in every process at once, when the processes hold different ``values``.
+
+    ``values`` maps what is compared (``--data``, the model) to this process's digest of it.
+    Each process reads its own files, so a calibration file or model folder that differs
+    between them (another host's copy, a file rewritten while the processes started) would
+    give sums over mixed data under one process's provenance, not one process's result. A
+    no-op without a process group of two or more.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
+        return
+    gathered: list[dict[str, str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, values)
+    for what, mine in gathered[0].items():
+        other = next((r for r, held in enumerate(gathered) if held is None or held.get(what) != mine), None)
+        if other is not None:
+            raise ValueError(
+                f"{what}: process {other} read other contents than process 0 ({gathered[other].get(what)}"
+                f" against {mine}); every process must read the same files; hint: give every process the"
+                f" same {what} (one copy on a shared disk, or identical copies)")
 
 
 def launched_processes() -> int:

@@ -209,6 +209,29 @@ def tokenize_text(tokenizer, text: str) -> np.ndarray:
     return np.asarray(ids, dtype=np.int64)
 
 
+def read_token_ids(data, tokenizer, *, text_field: str = "text", max_tokens: int | None = None) -> np.ndarray:
+    """The held-out token stream of ``data``, read and tokenised in pieces
+    (:func:`cwca_export.data.iter_token_ids`: the ids of one call over the whole joined text);
+    with ``max_tokens`` reading stops once that many are held, so a large corpus costs only
+    the part the evaluation uses."""
+    from cwca_export.data import iter_text, iter_token_ids
+
+    pieces = iter_text(data, text_field=text_field)
+    runs = iter_token_ids(pieces, tokenizer)
+    held: list[np.ndarray] = []
+    count = 0
+    try:
+        for ids in runs:
+            held.append(np.asarray(ids, dtype=np.int64))
+            count += len(ids)
+            if max_tokens is not None and count >= max_tokens:
+                break
+    finally:
+        runs.close()
+        pieces.close()  # closes the file or dataset behind it
+    return np.concatenate(held) if held else np.zeros(0, dtype=np.int64)
+
+
 def ort_logits_fn(artifact_dir: str, *, ep: str = "cpu", prepack: bool = True) -> LogitsFn:
     """Adapter: an exported artifact (``model.onnx`` with the decoder contract) in ONNX Runtime.
 
@@ -307,18 +330,22 @@ def evaluate(
     import warnings
     from pathlib import Path
 
-    from cwca_export.data import load_texts
     from cwca_export.loading import load_tokenizer
 
     check_target(path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, seq_len=seq_len)
     if low_memory and not is_artifact(path):
         raise ValueError(f"--low-memory: {path} is a model folder, and it applies to ONNX artifacts"
                          " (a session without prepacking); hint: drop --low-memory")
-    text = "\n\n".join(load_texts(data, text_field=text_field))
+    if is_artifact(path) and device not in ("auto", "cpu"):  # it would run on --ep, saying nothing
+        raise ValueError(f"--device {device}: {path} is an ONNX artifact, which runs on --ep; hint: pass"
+                         " --ep cuda for ONNX Runtime's CUDA provider and drop --device")
+    if not is_artifact(path) and ep != "cpu":
+        raise ValueError(f"--ep {ep}: {path} is a torch model folder, placed by --device; hint: pass"
+                         f" --device {'cuda' if ep == 'cuda' else 'cpu'} and drop --ep")
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     if tokenizer is None:
         raise ValueError(f"{path}: no tokenizer (tokenizer.json) to read {data} with; save one beside the model")
-    ids = tokenize_text(tokenizer, text)
+    ids = read_token_ids(data, tokenizer, text_field=text_field, max_tokens=max_tokens)
     available = ids.size if max_tokens is None else min(ids.size, max_tokens)
     if available < 2:  # one token predicts nothing: no window can be scored
         raise ValueError(f"{data}: {available} token(s), and a perplexity needs at least 2; hint: pass more text"

@@ -343,15 +343,25 @@ def load_model(
                 )
             model = load_compressed(path, dtype=dtype, trust_remote_code=trust_remote_code)
         else:
-            model = AutoModelForCausalLM.from_pretrained(
-                path,
-                dtype=resolve_dtype(dtype),
-                trust_remote_code=trust_remote_code,
-                use_safetensors=None if allow_pickle else True,
-                device_map=device_map,
-                max_memory=max_memory,
-                local_files_only=True,
-            )
+            try:
+                model = AutoModelForCausalLM.from_pretrained(
+                    path,
+                    dtype=resolve_dtype(dtype),
+                    trust_remote_code=trust_remote_code,
+                    use_safetensors=None if allow_pickle else True,
+                    device_map=device_map,
+                    max_memory=max_memory,
+                    local_files_only=True,
+                )
+            except Exception as exc:  # safetensors' SafetensorError has no importable base to catch
+                if max_memory is None or "device disk is invalid" not in str(exc):
+                    raise
+                caps = " ".join(f"{k}={v}" for k, v in max_memory.items())
+                raise ValueError(
+                    f"{path}: --device-memory {caps} (bytes) places the whole model on disk, and transformers"
+                    " cannot load a model with nothing in memory (safetensors: 'device disk is invalid');"
+                    " hint: raise --device-memory to hold at least the input embeddings (vocabulary x hidden x"
+                    " bytes per weight) or drop --device-map") from None
         tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     if gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):

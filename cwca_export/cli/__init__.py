@@ -95,12 +95,12 @@ class _Group(click.Group):
             if os.environ.get("CWCA_DEBUG"):
                 raise
             message = str(exc)
-            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            if isinstance(exc, OSError) and exc.errno in _FULL:
                 where = f" writing {exc.filename}" if exc.filename else ""
                 message = (
-                    f"no space left on the device{where}; outputs are swapped in only when"
+                    f"{_FULL[exc.errno]}{where}; outputs are swapped in only when"
                     " complete, so a previous one is intact; hint: free space or pass --out on"
-                    " another disk"
+                    " another disk" + (" (or raise ulimit -f)" if exc.errno == errno.EFBIG else "")
                 )
             elif isinstance(exc, MemoryError):
                 message = (
@@ -113,6 +113,14 @@ class _Group(click.Group):
             elif isinstance(exc, KeyError) and exc.args:
                 message = f"missing key {exc.args[0]!r}"
             raise click.ClickException(one_line(message, _verb(ctx))) from None
+
+
+# a write that cannot grow: the disk, the user's quota, the file system's or the process's size limit
+_FULL = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large (the file system's or the process's file size limit, ulimit -f)",
+}
 
 
 def _interrupted(ctx: click.Context, exc: BaseException) -> None:

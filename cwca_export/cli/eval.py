@@ -19,10 +19,11 @@ from cwca_export.cli.options import COUNT, loading_options
               help="JSON Lines field (or dataset column) holding the text.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True, help="Window length in tokens.")
 @click.option("--stride", type=COUNT, default=None, help="Step between windows [default: --seq-len].")
-@click.option("--max-tokens", type=click.IntRange(min=2), default=None, help="Evaluate only the first N tokens.")
+@click.option("--max-tokens", type=click.IntRange(min=2), default=None,
+              help="Evaluate only the first N tokens (the text is read only that far).")
 @click.option("--batch-size", type=COUNT, default=8, show_default=True, help="Windows per forward.")
 @click.option("--ep", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="ONNX Runtime execution provider (artifacts only).")
+              help="ONNX Runtime execution provider (artifacts only; a torch folder refuses --ep cuda).")
 @click.option("--low-memory", is_flag=True,
               help="Artifacts: run the session without weight prepacking, computing from the artifact's"
                    " mapped weights (file pages, not memory of its own: docs/memory.md); prefill-sized"
@@ -31,7 +32,7 @@ from cwca_export.cli.options import COUNT, loading_options
                    " external data on the CPU casts each weight as it is read, holding no float32 copy (slower).")
 @click.option("--device", default="auto", show_default=True,
               help="Where a torch model folder runs: cpu, cuda, cuda:N or auto (cuda when visible);"
-                   " artifacts use --ep.")
+                   " artifacts run on --ep (another --device with an artifact is refused).")
 @click.option("--lm-eval-tasks", "lm_eval_tasks", metavar="TASKS", default=None,
               help="Also run lm-eval-harness tasks, comma-separated (torch folders; needs the eval extra).")
 @click.option("--lm-eval-include", "lm_eval_include", type=click.Path(exists=True, file_okay=False),
@@ -80,7 +81,7 @@ def eval_command(path, data, text_field, seq_len, stride, max_tokens, batch_size
                                   trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                                   progress=not as_json)
             except ValueError as err:
-                if "--device" not in str(err):
+                if "--device" not in str(err) and not str(err).startswith("--ep"):
                     raise
                 raise click.UsageError(str(err)) from None
         for w in caught:  # one stderr line each (cwca_export.cli.verbosity)

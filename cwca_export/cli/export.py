@@ -186,6 +186,8 @@ def _precision_damage(path, model, tokenizer, compress_options, rounding, format
               help="Calibration text for --method width / wanda / sparsegpt / asvd, the search's pricing and"
                    " --rounding clip: .txt, .jsonl, or a folder saved by datasets' save_to_disk [default for the"
                    " pricing and clip: the shipped Python documentation text].")
+@click.option("--text-field", default="text", show_default=True,
+              help="JSON Lines field (or dataset column) holding the text.")
 @click.option("--samples", type=COUNT, default=EXPORT_SAMPLES, show_default=True, help="Calibration sequences for --data.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=EXPORT_SEQ_LEN, show_default=True, help="Tokens per calibration sequence.")
 @click.option("--quantize", type=click.Choice(["int8", "int4"]), help="ONNX Runtime weight quantization.")
@@ -254,8 +256,8 @@ def _precision_damage(path, model, tokenizer, compress_options, rounding, format
 @loading_options
 @guards_output(inputs={"model_dir": "MODEL_DIR", "plan_path": "--plan", "data": "--data"})
 def export(
-    model_dir, out, backend, plan_path, method, data, samples, seq_len, quantize, exclude, exclude_layers, block_size,
-    formats, precision_path, levels, precision_estimate, precision_damage_path, rounding, significance, dtype,
+    model_dir, out, backend, plan_path, method, data, text_field, samples, seq_len, quantize, exclude, exclude_layers,
+    block_size, formats, precision_path, levels, precision_estimate, precision_damage_path, rounding, significance, dtype,
     optimize, max_memory, max_disk, max_latency_ms, max_prefill_ms, ep, batch, batch_alias, prompt_len, context, hardware,
     no_kv_cache, opset, external_data_threshold, runs, warmup, threads, low_memory, overwrite, as_json,
     no_fingerprint, trust_remote_code, allow_pickle,
@@ -414,11 +416,12 @@ def export(
         tested = significance > 0 and budget.has_limits and not quantize and not precision_path and budget.dtype == "fp32"
         try:
             calib = calibration_data(data, tokenizer, num_samples=samples, seq_len=seq_len, seed=0,
-                                     held_out=samples if tested else 0)
+                                     text_field=text_field, held_out=samples if tested else 0)
         except ShortCalibrationError:
             if not tested:
                 raise
-            calib = calibration_data(data, tokenizer, num_samples=samples, seq_len=seq_len, seed=0)
+            calib = calibration_data(data, tokenizer, num_samples=samples, seq_len=seq_len, seed=0,
+                                     text_field=text_field)
             note_line(f"note: --data {data} holds no {samples} further windows of {seq_len} tokens beside the"
                       " calibration ones; --significance tests on the calibration sequences")
         compress_options["data"] = calib.calibration_only()  # what compress methods record, as compress would

@@ -23,7 +23,9 @@ _REFINABLE = ("magnitude", "wanda", "sparsegpt", "lowrank", "asvd")
 @click.option("--rank-step", type=COUNT, default=8, show_default=True, help="Rank plans: rank of one plan unit.")
 @click.option("--data", "data_path", required=True, type=click.Path(exists=True),
               help="Calibration text (.txt, .jsonl, or a folder saved by datasets' save_to_disk: one split, column"
-                   " 'text', needs pip install 'cwca-export[datasets]'), the same kind the scores used.")
+                   " --text-field, needs pip install 'cwca-export[datasets]'), the same kind the scores used.")
+@click.option("--text-field", default="text", show_default=True,
+              help="JSON Lines field (or dataset column) holding the text.")
 @click.option("--method", type=METHOD, default="wanda", show_default=True,
               help=f"The method the plan will be applied with ({', '.join(_REFINABLE)}); its loss is measured.")
 @click.option("--samples", type=COUNT, default=REFINE_SAMPLES, show_default=True,
@@ -52,9 +54,9 @@ _REFINABLE = ("magnitude", "wanda", "sparsegpt", "lowrank", "asvd")
 @loading_options
 @guards_output(inputs={"model_dir": "MODEL_DIR", "scores_path": "--scores", "data_path": "--data"},
                kind="file", json_types={"Plan"}, overwrite=None)
-def refine(model_dir, scores_path, sparsity, budget_fraction, rank_step, data_path, method, samples, seq_len,
-           seed, max_evals, tune, band, lo, hi, probe_cache, batch_size, device, out, as_json, trust_remote_code,
-           allow_pickle) -> None:
+def refine(model_dir, scores_path, sparsity, budget_fraction, rank_step, data_path, text_field, method, samples,
+           seq_len, seed, max_evals, tune, band, lo, hi, probe_cache, batch_size, device, out, as_json,
+           trust_remote_code, allow_pickle) -> None:
     """Plan SPARSITY for MODEL_DIR: closed form first, then exchanges kept only when the loss drops.
 
     Damage is not additive across blocks, so the separable one-dual plan skews too much; this
@@ -72,6 +74,7 @@ def refine(model_dir, scores_path, sparsity, budget_fraction, rank_step, data_pa
     """
     import torch
 
+    from cwca_export.blocks import model_fingerprint
     from cwca_export.data import calibration_data
     from cwca_export.data_parallel import check_batches, joined_processes, launched_processes
     from cwca_export.loading import check_model_folder, load_model
@@ -102,8 +105,10 @@ def refine(model_dir, scores_path, sparsity, budget_fraction, rank_step, data_pa
         raise click.BadParameter("no CUDA device is visible here; pass --device cpu", param_hint="--device")
     model, tokenizer = load_model(model_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     model.eval()
-    calib = calibration_data(data_path, tokenizer, num_samples=samples, seq_len=seq_len, seed=seed)
+    calib = calibration_data(data_path, tokenizer, num_samples=samples, seq_len=seq_len, seed=seed,
+                             text_field=text_field)
     with joined_processes() as processes:
+        processes.require_same({"--data": calib.data_hash, "model (MODEL_DIR)": model_fingerprint(model)})
         model.to(processes.device(kind) if processes.world > 1 and kind == "cuda" else torch.device(device))
         show = not as_json and processes.is_main
         if ranks:

@@ -318,6 +318,7 @@ def _score_precision(model_dir, data_path, *, formats, rounding, samples, seq_le
     (:mod:`cwca_export.planning.precision_table`); the main process writes it atomically."""
     import torch
 
+    from cwca_export.blocks import model_fingerprint
     from cwca_export.budget import parse_size
     from cwca_export.data import calibration_data
     from cwca_export.data_parallel import joined_processes
@@ -345,6 +346,7 @@ def _score_precision(model_dir, data_path, *, formats, rounding, samples, seq_le
                                  allow_fewer=allow_fewer, text_field=text_field)
     names = formats if formats is not None else ",".join(default_formats(model))
     with joined_processes() as processes:
+        processes.require_same({"--data": calib.data_hash, "model (MODEL_DIR)": model_fingerprint(model)})
         if not cpu and torch.cuda.is_available():
             model.to(processes.device("cuda"))
         table = measure_table(

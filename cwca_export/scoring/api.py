@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -109,9 +111,8 @@ def score(
         >>> scores = score("models/tiny-llama", "calib.txt", num_samples=32, seq_len=256)  # doctest: +SKIP
         >>> scores.save("scores.json")  # doctest: +SKIP
     """
-    from accelerate import Accelerator
-
     from cwca_export.blocks import find_blocks, model_fingerprint
+    from cwca_export.data_parallel import require_same_everywhere
     from cwca_export.scoring.passes import ScoringRun, routes_tokens
 
     estimator = get_estimator(method)
@@ -133,45 +134,47 @@ def score(
     blocks = find_blocks(net)
     # Without an accelerator device, accelerate forms the gloo group under torchrun only
     # when told it runs on the CPU.
-    accelerator = Accelerator(cpu=cpu or not torch.accelerator.is_available(), mixed_precision=mixed_precision)
-    if getattr(net, "hf_device_map", None) is None:
-        net.to(accelerator.device)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    saver = None
-    if checkpoint is not None:
-        saver = _checkpoint(checkpoint, checkpoint_every, resume, estimator, world, {
-            "method": method, "options": resolved, "num_samples": calib.num_samples, "seq_len": calib.seq_len,
-            "seed": seed, "held_out": 0 if calib.held_out is None else int(calib.held_out.shape[0]),
-            "damping": float(damping), "damping_mode": damping_mode, "batch_size": batch_size,
-            "mixed_precision": mixed_precision, "gradient_checkpointing": gradient_checkpointing,
-            "dtype": str(next(net.parameters()).dtype), "fingerprint": model_fingerprint(net),
-            "data_hash": calib.data_hash,
-        })
-    run = ScoringRun(
-        model=net,
-        blocks=blocks,
-        calibration=calib.input_ids[rank::world],
-        held_out=None if calib.held_out is None else calib.held_out[rank::world],
-        num_samples=calib.num_samples,
-        num_held_out=0 if calib.held_out is None else int(calib.held_out.shape[0]),
-        damping=float(damping),
-        damping_mode=damping_mode,
-        options=resolved,
-        accelerator=accelerator,
-        batch_size=batch_size,
-        progress=progress,
-        checkpoint=saver,
-    )
-    start = time.perf_counter()
-    estimate = estimator.run(run)
-    wall = time.perf_counter() - start
-    sequences = torch.tensor([float(run.passes)], device=run.device, dtype=torch.float64)
-    run.reduce_sum([sequences])
+    with _accelerator(cpu=cpu or not torch.accelerator.is_available(), mixed_precision=mixed_precision) as accelerator:
+        if getattr(net, "hf_device_map", None) is None:
+            net.to(accelerator.device)
+        rank, world = accelerator.process_index, accelerator.num_processes
+        if world > 1:
+            require_same_everywhere({"--data": calib.data_hash, "model (MODEL_DIR)": model_fingerprint(net)})
+        saver = None
+        if checkpoint is not None:
+            saver = _checkpoint(checkpoint, checkpoint_every, resume, estimator, world, {
+                "method": method, "options": resolved, "num_samples": calib.num_samples, "seq_len": calib.seq_len,
+                "seed": seed, "held_out": 0 if calib.held_out is None else int(calib.held_out.shape[0]),
+                "damping": float(damping), "damping_mode": damping_mode, "batch_size": batch_size,
+                "mixed_precision": mixed_precision, "gradient_checkpointing": gradient_checkpointing,
+                "dtype": str(next(net.parameters()).dtype), "fingerprint": model_fingerprint(net),
+                "data_hash": calib.data_hash,
+            })
+        run = ScoringRun(
+            model=net,
+            blocks=blocks,
+            calibration=calib.input_ids[rank::world],
+            held_out=None if calib.held_out is None else calib.held_out[rank::world],
+            num_samples=calib.num_samples,
+            num_held_out=0 if calib.held_out is None else int(calib.held_out.shape[0]),
+            damping=float(damping),
+            damping_mode=damping_mode,
+            options=resolved,
+            accelerator=accelerator,
+            batch_size=batch_size,
+            progress=progress,
+            checkpoint=saver,
+        )
+        start = time.perf_counter()
+        estimate = estimator.run(run)
+        wall = time.perf_counter() - start
+        sequences = torch.tensor([float(run.passes)], device=run.device, dtype=torch.float64)
+        run.reduce_sum([sequences])
 
-    return _layer_scores(model, net, blocks, calib, estimate, run, accelerator, method=method, resolved=resolved,
-                         seed=seed, batch_size=batch_size, mixed_precision=mixed_precision,
-                         gradient_checkpointing=gradient_checkpointing, passes=int(sequences.item()),
-                         wall_time_s=round(wall, 3) if record_wall_time else None)
+        return _layer_scores(model, net, blocks, calib, estimate, run, accelerator, method=method, resolved=resolved,
+                             seed=seed, batch_size=batch_size, mixed_precision=mixed_precision,
+                             gradient_checkpointing=gradient_checkpointing, passes=int(sequences.item()),
+                             wall_time_s=round(wall, 3) if record_wall_time else None)
 
 
 def _model_and_data(model: Any, data: Any, estimator: Any, resolved: dict[str, Any], *, tokenizer: Any,
@@ -265,7 +268,9 @@ def _layer_scores(model: Any, net: nn.Module, blocks: list, calib: Any, estimate
         "options": resolved,
         "debias": bool(resolved.get("debias", False)),
         **noise,
-        **estimate.settings,
+        # times an estimator measured (damage's probe_time_s) go with the wall time: left out,
+        # reruns write the same bytes
+        **{k: v for k, v in estimate.settings.items() if wall_time_s is not None or not k.endswith("_time_s")},
     }
     config = getattr(net, "config", None)
     return LayerScores(
@@ -338,6 +343,33 @@ def _refuse_offloaded(net: nn.Module, estimator) -> bool:
             f" (e.g. {orphans[0]}), so they cannot be scored; {hint}, or load the model with its weights"
         )
     return True
+
+
+@contextlib.contextmanager
+def _accelerator(*, cpu: bool, mixed_precision: str) -> Iterator[Any]:
+    """This call's Accelerator, even where an earlier ``score()`` (or the caller's own
+    Accelerator) in the process chose another ``mixed_precision`` or device: accelerate keeps
+    those process-wide and refuses a change ("restart your runtime"). They are then set for
+    this call and put back as they were on the way out; the process group (accelerate's
+    ``PartialState``, torchrun's ranks) is kept throughout."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    saved = None
+    try:
+        accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+    except ValueError as exc:
+        if "already been initialized" not in str(exc):
+            raise
+        saved = dict(AcceleratorState._shared_state)
+        AcceleratorState._reset_state(reset_partial_state=False)  # accelerate's own way to re-set them
+        accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+    try:
+        yield accelerator
+    finally:
+        if saved is not None:  # the earlier settings, for whoever holds an Accelerator made with them
+            AcceleratorState._shared_state.clear()
+            AcceleratorState._shared_state.update(saved)
 
 
 def _dtype(name: str) -> torch.dtype:
