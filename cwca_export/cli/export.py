@@ -113,13 +113,18 @@ def _read_precision(path: str) -> dict[str, str]:
     return formats
 
 
+def _storage_searched(budget: Any, quantize: bool, precision: bool) -> bool:
+    """Whether a budget search plans per-layer storage (a limit, and no fixed storage)."""
+    return budget.has_limits and not quantize and not precision and budget.dtype == "fp32"
+
+
 def _check_storage_flags(ctx: click.Context, budget: Any, quantize: bool, precision: bool) -> None:
     """--formats, --precision-estimate and --rounding change only per-layer storage: given where
     none is planned, they would be ignored without a word."""
     from click.core import ParameterSource
 
     given = {name for name in ctx.params if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)}
-    searched = budget.has_limits and not quantize and not precision and budget.dtype == "fp32"
+    searched = _storage_searched(budget, quantize, precision)
     why = ("it has no limit (add --max-memory, --max-disk or --max-latency-ms)" if not budget.has_limits
            else "--quantize fixes the storage" if quantize else "--precision fixes the storage" if precision
            else "a float16 artifact's storage is not searched")
@@ -413,7 +418,7 @@ def export(
 
         # --significance tests on as many further windows, disjoint from the calibration ones (which they leave
         # as they are, so a --precision-damage table still matches)
-        tested = significance > 0 and budget.has_limits and not quantize and not precision_path and budget.dtype == "fp32"
+        tested = significance > 0 and _storage_searched(budget, bool(quantize), bool(precision_path))
         try:
             calib = calibration_data(data, tokenizer, num_samples=samples, seq_len=seq_len, seed=0,
                                      text_field=text_field, held_out=samples if tested else 0)

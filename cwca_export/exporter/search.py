@@ -13,11 +13,12 @@ One search per budget (docs/design.md 3.4, 5.2):
    when predicted to fit, by its measured calibration loss (the whole candidate computed in
    torch exactly as ONNX Runtime will store it);
 4. finalists, lowest loss first, are built and measured (disk, resident memory, latency); the
-   first that meets every limit ships. A storage a plain export gives (one format everywhere,
-   no structure removed: the int8 / int4 peers) is built before a per-layer or structured
+   first that meets every limit ships. A uniform storage, the kind a plain export gives (one
+   format everywhere, no structure removed), is built before a per-layer or structured
    candidate that beats it by less than ``significance`` standard errors of the paired
-   per-sequence calibration loss difference (:mod:`cwca_export.exporter.ranking`). The
-   manifest records every candidate and why the winner won.
+   per-window loss difference on held-out windows of the calibration text where there are
+   any (:mod:`cwca_export.exporter.ranking`). The manifest records every candidate and why
+   the winner won.
 
 With a latency limit and planned storage, each candidate's latency is predicted from the
 per-group latency table (:mod:`cwca_export.exporter.latency_table`): candidates predicted over
