@@ -4,15 +4,26 @@
 #      compress and refine on cuda against the CPU; ONNX Runtime's CUDA provider (export,
 #      parity with torch, device memory, perplexity);
 #   2. a short timing of scoring (fisher, damage) on the shipped demo model, cuda against cpu,
-#      with the peak CUDA memory (torch.cuda.max_memory_allocated).
+#      with the peak CUDA memory (torch.cuda.max_memory_allocated);
+#   3. the shipped demo model exported through the CLI for ONNX Runtime's CUDA provider (float32,
+#      float16) beside the CPU provider's float32: the manifest's device and host memory, latency.
 # Needs torch with CUDA; onnxruntime-gpu (in place of onnxruntime) for the ONNX Runtime tests,
 # which are otherwise reported as skipped. Exits non-zero when a test fails or nothing ran on cuda.
+# The package must be installed (pip install --no-deps -e .): `cwca_export.recipes` and
+# `cwca_export.backends` live in top-level folders that only the install maps into the package
+# (or link them in: ln -s ../recipes cwca_export/recipes; ln -s ../backends cwca_export/backends).
+# onnxruntime and onnxruntime-gpu must not both be installed (cwca_export.ort refuses the pair).
+# Run on a lent H100 (2026-11-27, BENCHMARKS.md "GPU checks"): the image's torch 2.11.0+cu130, the
+# pinned transformers / optimum / optimum-onnx / huggingface_hub / tokenizers / pydantic carried as
+# wheels, onnxruntime-gpu 1.31.1 (its PyPI wheel is the CUDA 13 build) in place of the image's onnxruntime.
 #
 #   PYTHON=.venv/bin/python benchmarks/gpu_checks.sh [OUT_DIR]    # default OUT_DIR: benchmarks/results/gpu
+#   STEPS="tests timing ort" (the default) picks the steps; pytest's -k expression in TESTS_K, if set.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 OUT=${1:-benchmarks/results/gpu}
+STEPS=${STEPS:-tests timing ort}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -22,10 +33,14 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 } | tee "$OUT/device.txt"
 
 # -rs lists every skip with its reason: on a GPU machine there should be none
-timeout 240 "$PY" -m pytest -m gpu tests/test_gpu.py -q -rs -p no:cacheprovider \
+tests=0; timing=0; ort=0
+if [[ " $STEPS " == *" tests "* ]]; then
+timeout 240 "$PY" -m pytest -m gpu tests/test_gpu.py -q -rs -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} \
     --junitxml "$OUT/tests.xml" 2>&1 | tee "$OUT/tests.txt"
 tests=${PIPESTATUS[0]}
+fi
 
+if [[ " $STEPS " == *" timing "* ]]; then
 timeout 150 "$PY" - "$OUT/scoring_timing.json" <<'PY'
 """Scoring the shipped demo model (12 blocks, hidden 192) on 16 x 128 tokens: cpu against cuda."""
 import json
@@ -70,6 +85,43 @@ with open(sys.argv[1], "w", encoding="utf-8") as f:
     json.dump({"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": rows}, f, indent=2)
 PY
 timing=$?
+fi
 
-echo "gpu tests: exit $tests; scoring timing: exit $timing; results in $OUT"
-[ "$tests" -eq 0 ] && [ "$timing" -eq 0 ]
+if [[ " $STEPS " == *" ort "* ]]; then
+timeout 200 "$PY" - "$OUT/ort_cuda.json" <<'PY'
+"""The shipped demo model exported by the CLI for ONNX Runtime: cpu float32, cuda float32 and float16."""
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from cwca_export.demo import DEMO_MODEL
+
+rows, failed = [], 0
+with tempfile.TemporaryDirectory() as tmp:
+    for ep, dtype in (("cpu", "float32"), ("cuda", "float32"), ("cuda", "float16")):
+        out = Path(tmp) / f"{ep}-{dtype}"
+        command = [sys.executable, "-m", "cwca_export", "export", str(DEMO_MODEL), "--out", str(out),
+                   "--backend", "onnx", "--ep", ep, "--dtype", dtype, "--runs", "20"]
+        run = subprocess.run(command, capture_output=True, text=True)
+        if run.returncode:
+            failed += 1
+            rows.append({"ep": ep, "dtype": dtype, "exit": run.returncode, "output": run.stdout[-800:] + run.stderr[-800:]})
+        else:
+            manifest = json.loads((out / "cwca_manifest.json").read_text(encoding="utf-8"))
+            m = manifest["measurement"]
+            rows.append({"ep": ep, "dtype": dtype, "providers": m.get("providers"), "disk_bytes": manifest.get("disk_bytes"),
+                         "resident_bytes": m.get("resident_bytes"), "resident_method": m.get("resident_method"),
+                         "host_resident_bytes": m.get("host_resident_bytes"), "latency_ms": m.get("latency_ms"),
+                         "verification": manifest.get("verification")})
+        print(json.dumps(rows[-1])[:1500], flush=True)
+with open(sys.argv[1], "w", encoding="utf-8") as f:
+    json.dump(rows, f, indent=2)
+sys.exit(1 if failed else 0)
+PY
+ort=$?
+fi
+
+echo "gpu tests: exit $tests; scoring timing: exit $timing; ort cuda export: exit $ort; results in $OUT"
+[ "$tests" -eq 0 ] && [ "$timing" -eq 0 ] && [ "$ort" -eq 0 ]

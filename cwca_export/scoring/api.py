@@ -349,11 +349,12 @@ def _refuse_offloaded(net: nn.Module, estimator) -> bool:
 def _accelerator(*, cpu: bool, mixed_precision: str) -> Iterator[Any]:
     """This call's Accelerator, even where an earlier ``score()`` (or the caller's own
     Accelerator) in the process chose another ``mixed_precision`` or device: accelerate keeps
-    those process-wide and refuses a change ("restart your runtime"). They are then set for
-    this call and put back as they were on the way out; the process group (accelerate's
-    ``PartialState``, torchrun's ranks) is kept throughout."""
+    those process-wide, refuses some changes ("restart your runtime") and silently ignores
+    others (``cpu=False`` after ``cpu=True`` stays on the CPU: the device lives in
+    ``PartialState``). They are then set for this call and put back as they were on the way
+    out. The process group of a multi-process launch (torchrun's ranks) is kept throughout."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, PartialState
 
     saved = None
     try:
@@ -361,15 +362,20 @@ def _accelerator(*, cpu: bool, mixed_precision: str) -> Iterator[Any]:
     except ValueError as exc:
         if "already been initialized" not in str(exc):
             raise
-        saved = dict(AcceleratorState._shared_state)
-        AcceleratorState._reset_state(reset_partial_state=False)  # accelerate's own way to re-set them
+        accelerator = None
+    if accelerator is None or (accelerator.device.type == "cpu") != cpu:
+        saved = dict(AcceleratorState._shared_state), dict(PartialState._shared_state)
+        # accelerate's own way to re-set them; the device only in one process, where no group holds it
+        wrong_device = (PartialState().device.type == "cpu") != cpu
+        AcceleratorState._reset_state(reset_partial_state=wrong_device and PartialState().num_processes == 1)
         accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision)
     try:
         yield accelerator
     finally:
         if saved is not None:  # the earlier settings, for whoever holds an Accelerator made with them
-            AcceleratorState._shared_state.clear()
-            AcceleratorState._shared_state.update(saved)
+            for state, shared in zip((AcceleratorState, PartialState), saved, strict=True):
+                state._shared_state.clear()
+                state._shared_state.update(shared)
 
 
 def _dtype(name: str) -> torch.dtype:
