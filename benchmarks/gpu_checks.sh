@@ -6,7 +6,9 @@
 #   2. a short timing of scoring (fisher, damage) on the shipped demo model, cuda against cpu,
 #      with the peak CUDA memory (torch.cuda.max_memory_allocated);
 #   3. the shipped demo model exported through the CLI for ONNX Runtime's CUDA provider (float32,
-#      float16) beside the CPU provider's float32: the manifest's device and host memory, latency.
+#      float16) beside the CPU provider's float32: the manifest's device and host memory, latency;
+#   4. (STEPS=large) bench_scale's 150m model likewise in float16 and float32 on the CUDA provider:
+#      does a session keep a host copy of the weights (LARGE_EP=cpu runs it on the CPU provider).
 # Needs torch with CUDA; onnxruntime-gpu (in place of onnxruntime) for the ONNX Runtime tests,
 # which are otherwise reported as skipped. Exits non-zero when a test fails or nothing ran on cuda.
 # The package must be installed (pip install --no-deps -e .): `cwca_export.recipes` and
@@ -123,5 +125,47 @@ PY
 ort=$?
 fi
 
-echo "gpu tests: exit $tests; scoring timing: exit $timing; ort cuda export: exit $ort; results in $OUT"
-[ "$tests" -eq 0 ] && [ "$timing" -eq 0 ] && [ "$ort" -eq 0 ]
+large=0
+if [[ " $STEPS " == *" large "* ]]; then
+timeout 400 "$PY" - "$OUT/ort_cuda_150m.json" "${LARGE_EP:-cuda}" <<'PY'
+"""bench_scale's 150m model (12 x 768, 32k vocabulary, 0.6 GB in float32) exported by the CLI for the
+CUDA provider in float16 and float32: whether the sessions keep a host copy of the weights."""
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, "benchmarks")
+from bench_scale import build_model
+
+ep, rows, failed = sys.argv[2], [], 0
+with tempfile.TemporaryDirectory() as tmp:
+    model = Path(tmp) / "m"
+    info = build_model("150m", model)
+    for dtype in ("float16", "float32"):
+        out, start = Path(tmp) / dtype, time.perf_counter()
+        command = [sys.executable, "-m", "cwca_export", "export", str(model), "--out", str(out), "--backend", "onnx",
+                   "--ep", ep, "--dtype", dtype, "--runs", "10"]
+        run = subprocess.run(command, capture_output=True, text=True)
+        if run.returncode:
+            failed += 1
+            rows.append({"dtype": dtype, "exit": run.returncode, "output": run.stdout[-800:] + run.stderr[-800:]})
+        else:
+            manifest = json.loads((out / "cwca_manifest.json").read_text(encoding="utf-8"))
+            m = manifest["measurement"]
+            rows.append({"ep": ep, "dtype": dtype, "params": info["params"], "disk_bytes": manifest["disk_bytes"],
+                         "resident_bytes": m["resident_bytes"], "resident_method": m["resident_method"],
+                         "host_resident_bytes": m.get("host_resident_bytes"), "latency_ms": m["latency_ms"],
+                         "export_s": round(time.perf_counter() - start, 1)})
+        print(json.dumps(rows[-1])[:1500], flush=True)
+with open(sys.argv[1], "w", encoding="utf-8") as f:
+    json.dump(rows, f, indent=2)
+sys.exit(1 if failed else 0)
+PY
+large=$?
+fi
+
+echo "gpu tests: exit $tests; scoring timing: exit $timing; ort cuda export: exit $ort; 150m: exit $large; results in $OUT"
+[ "$tests" -eq 0 ] && [ "$timing" -eq 0 ] && [ "$ort" -eq 0 ] && [ "$large" -eq 0 ]

@@ -176,8 +176,9 @@ def _rel_rms(got: np.ndarray, want: np.ndarray) -> float:
 @needs_cuda_ep
 @pytest.mark.parametrize(("dtype", "tolerance"), [("fp32", 1e-3), ("fp16", 2e-2)])
 def test_cuda_provider_export_matches_torch_and_measures_device_memory(dtype, tolerance, tmp_path):
-    """fp32 on the CUDA provider is checked at TF32's tolerance (its default use_tf32=1), and
-    without TF32 at float32's: the looser bound is the math mode, not a broken graph."""
+    """fp32 on the CUDA provider is checked at TF32's tolerance (its default use_tf32=1, float16's
+    mantissa: float16's tolerance), and without TF32 at float32's: the looser bound is the math
+    mode, not a broken graph."""
     import cwca_export
     from cwca_export.budget import Budget
     from cwca_export.exporter.session import DecoderSession, make_session
@@ -202,7 +203,7 @@ def test_cuda_provider_export_matches_torch_and_measures_device_memory(dtype, to
     if dtype == "fp32":
         import onnxruntime as ort
 
-        assert art.parity["math"].startswith("tf32") and art.parity["tolerance"] == 1e-3
+        assert art.parity["math"].startswith("tf32") and art.parity["tolerance"] == 2e-2
         exact = DecoderSession(ort.InferenceSession(str(art.model_path), providers=[
             ("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]))
         full, _ = exact.run(ids.numpy(), np.ones_like(ids.numpy()))
