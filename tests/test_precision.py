@@ -117,6 +117,14 @@ def test_byte_counts_equal_the_initializers_written(tmp_path, name):
     matmul = sum(v for k, v in sizes.items() if not k.startswith("E"))
     assert matmul == fmt.matmul_bytes(40, 96)
     assert table == (fmt.gather_bytes(50, 64) if gather else 4 * 50 * 64)
+    # the data file holds the graph's tensors and nothing else: quantize_dynamic's own save under
+    # the same name once stayed in it as dead bytes (onnx appends), doubling dynamic int8 graphs
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    raw = onnx.load(tmp_path / "q.onnx", load_external_data=False)
+    lengths = [ExternalDataInfo(t).length for t in raw.graph.initializer if uses_external_data(t)]
+    data = tmp_path / "q.onnx.data"
+    assert (data.stat().st_size if data.exists() else 0) == sum(lengths)
 
 
 def test_format_names_and_errors():

@@ -212,3 +212,43 @@ def test_export_tests_on_held_out_windows_of_its_data_or_says_it_cannot(tmp_path
     assert seen["long"][1].startswith("3 held-out windows of 16 tokens") and "further windows" not in seen["long"][0]
     assert seen["short"][1].startswith("the calibration sequences")
     assert "holds no 3 further windows of 16 tokens" in seen["short"][0]
+
+
+def test_below_every_plain_storage_no_held_out_windows_are_read(tmp_path, monkeypatch):
+    """A budget only structure reaches (no uniform storage of the model as given is predicted to
+    fit): nothing to test against, so the held-out windows cost no forwards, and the manifest says
+    so. The int8 prices are of graphs without dead bytes (quantize_dynamic's data file once stayed
+    in the calibration graph, inflating every quantized node's overhead about a hundredfold)."""
+    from helpers import tiny_model
+
+    import cwca_export.planning.damage as damage
+    from cwca_export.blocks import find_blocks, model_fingerprint
+    from cwca_export.data import calibration_data
+    from cwca_export.planning.rank_plans import plan_ranks_from_damage
+    from cwca_export.scores import LayerScores
+
+    model = tiny_model("llama", hidden_size=256, intermediate_size=1024, num_hidden_layers=2)
+    blocks = find_blocks(model)
+    scores = LayerScores("damage", zeta2=[1.0, 3.0], n_params=[b.n_params for b in blocks],
+                         block_names=[b.name for b in blocks], settings={"pruner": "lowrank"},
+                         model={"fingerprint": model_fingerprint(model)},
+                         stats={"damage@0.25": [0.01, 0.2], "damage@0.5": [0.05, 0.6], "damage@0.75": [0.2, 1.5],
+                                "damage@1": [0.9, 4.0]})
+    plan = plan_ranks_from_damage(scores, 0.9, shapes=model, rank_step=4)
+    stream = torch.randint(0, model.config.vocab_size, (16 * 32,), generator=torch.Generator().manual_seed(0))
+    calib = calibration_data([stream.tolist()], num_samples=8, seq_len=32, seed=0, held_out=8)
+    reads = []
+    forward = damage.sequence_losses
+    monkeypatch.setattr(damage, "sequence_losses", lambda m, ids, **kw: reads.append(ids) or forward(m, ids, **kw))
+    dense = 4 * sum(p.numel() for p in model.parameters())
+    art = cwca_export.export(model, plan, tmp_path / "a", backend="onnx", method="lowrank", calibration=calib,
+                             formats="int8", levels=3, budget=cwca_export.Budget(max_disk=int(0.2 * dense), **WORKLOAD),
+                             runs=2, warmup=1, search_options={"significance": 2})
+    search = art.manifest["budget"]["search"]
+    assert search["significance_tested_on"].startswith("nothing: no plain export's storage is predicted")
+    assert reads and not any(ids is calib.held_out for ids in reads)
+    peers = [c for c in search["candidates"] if _is_peer(c)]
+    assert peers and all(c["status"] == "predicted over the memory limits" for c in peers)
+    chosen = search["chosen"]
+    assert chosen["t"] > 0 and chosen["formats"] and art.disk_bytes <= int(0.2 * dense)
+    assert chosen["predicted"]["disk_bytes"] == pytest.approx(art.disk_bytes, rel=0.05)

@@ -189,9 +189,19 @@ def quantize_int4(src: Path, dst: Path, config: QuantizeConfig, exclude: Sequenc
 
 
 def save_with_data(model: Any, dst: Path) -> None:
-    """Save ``model`` with every initializer of 1 KiB or more in ``dst.name + ".data"``."""
-    import onnx
+    """Save ``model`` with every initializer of 1 KiB or more in ``dst.name + ".data"``.
 
+    onnx appends to a data file that already exists, so one left by an earlier save of ``dst``
+    (ONNX Runtime's ``quantize_dynamic`` writes the same name) would keep its tensors as dead
+    bytes: it is replaced, once ``model`` is known not to read from it."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    data = dst.parent / (dst.name + ".data")
+    if data.exists():
+        if any(uses_external_data(t) for t in model.graph.initializer):
+            raise ValueError(f"{data} exists and the graph to save still reads external data; load it first")
+        data.unlink()
     onnx.save_model(
         model,
         str(dst),

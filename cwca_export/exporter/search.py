@@ -287,6 +287,7 @@ class _Search:
         self.refined: dict[str, str] = {}  # level -> "refined" or why it was not refined again
         self.sigmas = DEFAULT_SIGMAS  # a plain export's storage is passed over only beyond this (module ranking)
         self.check: Any = None  # held-out windows (N, L) the paired test reads; None: the calibration sequences
+        self.peer_predicted: bool | None = None  # whether a plain export's storage is predicted to fit (run)
         self.held: dict[int, dict[int, Any]] = {}  # option id -> peer id -> (the peer built before it, why)
 
     # -------------------------------------------------------------- building
@@ -558,6 +559,8 @@ class _Search:
         return option.losses if self.check is None else option.check_losses
 
     def test_source(self) -> str:
+        if self.peer_predicted is False:
+            return "nothing: no plain export's storage is predicted within the limits (held-out windows not read)"
         if self.check is None:
             return "the calibration sequences (no held-out windows: the plans were fitted on them too)"
         return f"{self.check.shape[0]} held-out windows of {self.check.shape[1]} tokens beside the calibration ones"
@@ -586,6 +589,8 @@ class _Search:
         levels = [0.0] if self.knob is None else [i / (self.levels - 1) for i in range(self.levels)]
         # which levels have a storage that fits (bytes are exact: no forward, no export)
         fits_at = {t: self.add_level(t, ref, price=False) for t in levels}
+        if not self.peer_predicted:  # no plain storage to test against: no held-out forwards to pay for
+            self.check = None
         # the least structure whose most compact storage fits: bisect between grid levels
         if self.knob is not None and np.isfinite(self.memory_cap()):
             lo = max((t for t in levels if not fits_at[t]), default=None)
@@ -712,6 +717,8 @@ class _Search:
         target = self.knob.target(t) if isinstance(self.knob, PlanKnob) else None
         options = self.storage_options(model_t, t, target, ref)
         fits = [o for o in options if self.fits_predicted(o)]
+        if t == 0.0:
+            self.peer_predicted = any(self.is_peer(o) for o in fits)
         if not price:
             if isinstance(self.knob, PlanKnob) and not fits:
                 self.knob.drop(t)
