@@ -115,7 +115,8 @@ with tempfile.TemporaryDirectory() as tmp:
             m = manifest["measurement"]
             rows.append({"ep": ep, "dtype": dtype, "providers": m.get("providers"), "disk_bytes": manifest.get("disk_bytes"),
                          "resident_bytes": m.get("resident_bytes"), "resident_method": m.get("resident_method"),
-                         "host_resident_bytes": m.get("host_resident_bytes"), "latency_ms": m.get("latency_ms"),
+                         "host_resident_bytes": m.get("host_resident_bytes"),
+                         "host_resident_after_bytes": m.get("host_resident_after_bytes"), "latency_ms": m.get("latency_ms"),
                          "verification": manifest.get("verification")})
         print(json.dumps(rows[-1])[:1500], flush=True)
 with open(sys.argv[1], "w", encoding="utf-8") as f:
@@ -157,7 +158,8 @@ with tempfile.TemporaryDirectory() as tmp:
             m = manifest["measurement"]
             rows.append({"ep": ep, "dtype": dtype, "params": info["params"], "disk_bytes": manifest["disk_bytes"],
                          "resident_bytes": m["resident_bytes"], "resident_method": m["resident_method"],
-                         "host_resident_bytes": m.get("host_resident_bytes"), "latency_ms": m["latency_ms"],
+                         "host_resident_bytes": m.get("host_resident_bytes"),
+                         "host_resident_after_bytes": m.get("host_resident_after_bytes"), "latency_ms": m["latency_ms"],
                          "export_s": round(time.perf_counter() - start, 1)})
         print(json.dumps(rows[-1])[:1500], flush=True)
 with open(sys.argv[1], "w", encoding="utf-8") as f:
