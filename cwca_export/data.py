@@ -120,10 +120,10 @@ def load_texts(source: str | os.PathLike | Sequence[str], *, text_field: str = "
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such calibration file; hint: check --data")
         try:
-            if path.suffix == ".jsonl":
+            if path.suffix.lower() == ".jsonl":
                 texts = list(_iter_jsonl(path, text_field))
-            elif path.suffix == ".txt":
-                texts = [path.read_text(encoding="utf-8")]
+            elif path.suffix.lower() == ".txt":
+                texts = [path.read_text(encoding="utf-8-sig")]
             else:
                 raise ValueError(
                     f"{path}: calibration data must be a .txt or .jsonl file or a datasets folder;"
@@ -155,7 +155,7 @@ def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
 
 
 def _iter_jsonl_records(path: Path, text_field: str) -> Iterator[str]:
-    with path.open(encoding="utf-8") as fh:
+    with path.open(encoding="utf-8-sig") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
@@ -231,10 +231,10 @@ def iter_text(
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such calibration file; hint: check --data")
-        if path.suffix == ".txt":
+        if path.suffix.lower() == ".txt":
             yield from _iter_txt(path, chunk_chars)
             return
-        if path.suffix != ".jsonl":
+        if path.suffix.lower() != ".jsonl":
             raise ValueError(
                 f"{path}: calibration data must be a .txt or .jsonl file or a datasets folder;"
                 " hint: pass one to --data")
@@ -257,7 +257,7 @@ def iter_text(
 def _iter_txt(path: Path, chunk_chars: int) -> Iterator[str]:
     found = False
     try:
-        with path.open(encoding="utf-8") as fh:  # text mode: newlines as read_text gives them
+        with path.open(encoding="utf-8-sig") as fh:  # text mode: newlines as read_text gives them
             while piece := fh.read(chunk_chars):
                 found = found or bool(piece.strip())
                 yield piece

@@ -25,6 +25,27 @@ def test_load_texts_reads_txt_jsonl_and_lists(tmp_path):
     assert load_texts(["a", " ", "b"]) == ["a", "b"]
 
 
+
+def test_a_byte_order_mark_and_an_upper_case_suffix_change_nothing(tmp_path):
+    """Editors on Windows write a UTF-8 byte order mark and upper-case names: the mark is not
+    text (it once became part of the first token; in .jsonl it failed to parse) and CALIB.TXT
+    is a .txt file (it was refused)."""
+    from cwca_export.data import iter_text
+
+    text = sample_text()
+    plain, marked, upper = tmp_path / "plain.txt", tmp_path / "marked.txt", tmp_path / "CALIB.TXT"
+    plain.write_text(text, encoding="utf-8")
+    marked.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    upper.write_text(text, encoding="utf-8")
+    jsonl = tmp_path / "MARKED.JSONL"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + b'{"text": "a"}\n{"text": "b"}\n')
+    assert load_texts(marked) == load_texts(upper) == load_texts(plain) == [text]
+    assert "".join(iter_text(marked)) == "".join(iter_text(upper)) == text
+    assert load_texts(jsonl) == ["a", "b"] and "".join(iter_text(jsonl)).split() == ["a", "b"]
+    tok = tiny_tokenizer()
+    ids = [calibration_data(p, tok, num_samples=2, seq_len=16, seed=0).input_ids for p in (plain, marked, upper)]
+    assert torch.equal(ids[0], ids[1]) and torch.equal(ids[0], ids[2])
+
 def test_load_texts_errors_name_the_problem(tmp_path):
     jsonl = tmp_path / "c.jsonl"
     jsonl.write_text('{"text": "a"}\n{"body": "b"}\n', encoding="utf-8")
