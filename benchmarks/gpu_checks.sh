@@ -10,7 +10,8 @@
 #   4. (STEPS=large) bench_scale's 150m model likewise in float16 and float32 on the CUDA provider:
 #      does a session keep a host copy of the weights (LARGE_EP=cpu runs it on the CPU provider).
 # Needs torch with CUDA; onnxruntime-gpu (in place of onnxruntime) for the ONNX Runtime tests,
-# which are otherwise reported as skipped. Exits non-zero when a test fails or nothing ran on cuda.
+# which are otherwise reported as skipped. Exits non-zero when a step fails (the timing step when
+# torch has no CUDA device, the export steps when ONNX Runtime has no CUDA provider).
 # The package must be installed (pip install --no-deps -e .): `cwca_export.recipes` and
 # `cwca_export.backends` live in top-level folders that only the install maps into the package
 # (or link them in: ln -s ../recipes cwca_export/recipes; ln -s ../backends cwca_export/backends).
@@ -26,6 +27,9 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 OUT=${1:-benchmarks/results/gpu}
 STEPS=${STEPS:-tests timing ort}
+for step in $STEPS; do
+    case $step in tests|timing|ort|large) ;; *) echo "STEPS: unknown step '$step' (tests, timing, ort, large)" >&2; exit 2;; esac
+done
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 

@@ -109,8 +109,8 @@ def test_fp32_parity_on_the_cuda_provider_is_held_to_the_tf32_tolerance(llama_op
     from cwca_export.exporter.verify import TOLERANCES, check_parity
 
     class ReportsCuda:
-        def __init__(self, session):
-            self.inner = session
+        def __init__(self, session, options):
+            self.inner, self.options = session, options
 
         def __getattr__(self, name):
             return getattr(self.inner, name)
@@ -118,13 +118,25 @@ def test_fp32_parity_on_the_cuda_provider_is_held_to_the_tf32_tolerance(llama_op
         def get_providers(self):
             return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
+        def get_provider_options(self):
+            return {"CUDAExecutionProvider": self.options}
+
     ids = np.array([[5, 6, 7, 8], [0, 9, 10, 11]])
     mask = np.array([[1, 1, 1, 1], [0, 1, 1, 1]])
-    plain = check_parity(llama, DecoderSession(make_session(llama_optimum.model_path)), "fp32", ids, mask)
-    cuda = check_parity(llama, DecoderSession(ReportsCuda(make_session(llama_optimum.model_path))), "fp32", ids, mask)
+
+    def parity(dtype, options=None):
+        session = make_session(llama_optimum.model_path)
+        return check_parity(llama, DecoderSession(session if options is None else ReportsCuda(session, options)),
+                            dtype, ids, mask)
+
+    plain, cuda = parity("fp32"), parity("fp32", {"use_tf32": "1"})
     assert (plain["tolerance"], "math" in plain) == (1e-4, False)
     assert cuda["tolerance"] == TOLERANCES["fp16"] and cuda["math"].startswith("tf32")
     assert cuda["rel_rms"] == plain["rel_rms"] < 1e-5
+    exact = parity("fp32", {"use_tf32": "0"})  # TF32 turned off: float32's tolerance again
+    assert (exact["tolerance"], "math" in exact) == (1e-4, False)
+    # a precision plan is compared with float32 products of its de-quantized weights: TF32 too
+    assert parity("mixed", {})["tolerance"] == TOLERANCES["fp16"] > TOLERANCES["mixed"] == parity("mixed")["tolerance"]
 
 def test_manifest_records_files_hashes_versions_and_measurements(llama_optimum):
     m = json.loads((llama_optimum.path / MANIFEST_NAME).read_text())

@@ -252,3 +252,19 @@ def test_below_every_plain_storage_no_held_out_windows_are_read(tmp_path, monkey
     chosen = search["chosen"]
     assert chosen["t"] > 0 and chosen["formats"] and art.disk_bytes <= int(0.2 * dense)
     assert chosen["predicted"]["disk_bytes"] == pytest.approx(art.disk_bytes, rel=0.05)
+
+
+
+def test_a_model_that_meets_the_budget_as_given_tests_nothing(tmp_path):
+    """No candidate competes when the model as given fits: the manifest says nothing was tested
+    (it named the held-out windows, which were never read)."""
+    from helpers import tiny_model
+
+    from cwca_export.data import calibration_data
+
+    model = tiny_model("llama")
+    stream = torch.randint(0, model.config.vocab_size, (16 * 32,), generator=torch.Generator().manual_seed(0))
+    calib = calibration_data([stream.tolist()], num_samples=4, seq_len=32, seed=0, held_out=4)
+    art = cwca_export.export(model, None, tmp_path / "a", backend="onnx", calibration=calib, runs=2, warmup=1,
+                             budget=cwca_export.Budget(max_disk=10**9, **WORKLOAD), search_options={"significance": 2})
+    assert art.manifest["budget"]["search"]["significance_tested_on"].startswith("nothing: the model as given met")

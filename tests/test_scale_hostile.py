@@ -88,6 +88,29 @@ def test_score_leaves_the_callers_accelerate_settings_as_they_were():
     assert caller.mixed_precision == "bf16"
 
 
+
+def test_another_device_inside_a_multi_process_launch_is_refused_and_the_state_kept(monkeypatch):
+    """accelerate keeps a launch's device in PartialState, with its process group; score() then
+    cannot move one call to another device (a single process can: tests/test_gpu.py, which caught
+    cpu=False after cpu=True silently staying on the CPU). Inside a launch it is refused, not
+    ignored. A CPU machine has no second device: the launch is a 2-process state set by hand and
+    the call asks for the accelerator."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    from cwca_export.scoring import api
+
+    AcceleratorState._reset_state(reset_partial_state=False)  # whatever earlier tests left
+    caller = Accelerator(cpu=True, mixed_precision="bf16")
+    for state in (PartialState, AcceleratorState):  # the AcceleratorState holds a copy of it
+        monkeypatch.setitem(state._shared_state, "num_processes", 2)
+    before = dict(AcceleratorState._shared_state), dict(PartialState._shared_state)
+    with (pytest.raises(ValueError, match=r"2-process launch runs on cpu.*hint: score with the same --device"),
+          api._accelerator(cpu=False, mixed_precision="no")):
+        pass
+    assert (dict(AcceleratorState._shared_state), dict(PartialState._shared_state)) == before
+    assert caller.mixed_precision == "bf16" and caller.device.type == "cpu"
+
 # ---- a write that cannot grow --------------------------------------------------------------------
 
 

@@ -60,7 +60,8 @@ def _summary(art) -> list[str]:
     lat = art.latency_ms
     lines = [
         f"wrote {art.path} (backend {m['backend']['name']}, {storage}): {format_size(art.disk_bytes)} on disk",
-        f"parity: relative RMS {parity['rel_rms']:.2e} (tolerance {parity['tolerance']:g}, {parity['dtype']});"
+        f"parity: relative RMS {parity['rel_rms']:.2e} (tolerance {parity['tolerance']:g}, {parity['dtype']}"
+        f"{', tf32 products' if parity.get('math') else ''});"
         f" fp32 greedy tokens {'equal' if fp32['generation']['passed'] else 'differ from'} torch",
         f"latency ({work['ep']}, batch {work['batch']}): prefill of {work['prompt_len']} tokens"
         f" p50 {lat['prefill']['p50']:.3g} ms, p90 {lat['prefill']['p90']:.3g} ms;"

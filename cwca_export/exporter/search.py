@@ -559,7 +559,11 @@ class _Search:
         return option.losses if self.check is None else option.check_losses
 
     def test_source(self) -> str:
-        if self.peer_predicted is False:
+        if self.peer_predicted is None:  # run() sets it: the model as given met the limits
+            return "nothing: the model as given met the limits (no candidates)"
+        if self.table is None:
+            return "nothing: the storage is fixed (--quantize / --dtype), no plain storage competes with it"
+        if not self.peer_predicted:
             return "nothing: no plain export's storage is predicted within the limits (held-out windows not read)"
         if self.check is None:
             return "the calibration sequences (no held-out windows: the plans were fitted on them too)"
@@ -589,7 +593,7 @@ class _Search:
         levels = [0.0] if self.knob is None else [i / (self.levels - 1) for i in range(self.levels)]
         # which levels have a storage that fits (bytes are exact: no forward, no export)
         fits_at = {t: self.add_level(t, ref, price=False) for t in levels}
-        if not self.peer_predicted:  # no plain storage to test against: no held-out forwards to pay for
+        if not self.peer_predicted or self.table is None:  # nothing to test against: no held-out forwards
             self.check = None
         # the least structure whose most compact storage fits: bisect between grid levels
         if self.knob is not None and np.isfinite(self.memory_cap()):
@@ -711,6 +715,8 @@ class _Search:
         try:
             model_t, plan_t = self.knob.make(t) if self.knob is not None else (self.model, None)
         except ValueError as exc:
+            if t == 0.0:
+                self.peer_predicted = False
             if price:
                 self.options.append(_Option(t, None, "unreachable", None, 0, status=f"skipped: {exc}"))
             return False

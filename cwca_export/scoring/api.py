@@ -352,11 +352,18 @@ def _accelerator(*, cpu: bool, mixed_precision: str) -> Iterator[Any]:
     those process-wide, refuses some changes ("restart your runtime") and silently ignores
     others (``cpu=False`` after ``cpu=True`` stays on the CPU: the device lives in
     ``PartialState``). They are then set for this call and put back as they were on the way
-    out. The process group of a multi-process launch (torchrun's ranks) is kept throughout."""
+    out. The process group of a multi-process launch (torchrun's ranks) is kept throughout, and
+    with it its device: another device there is refused."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
 
     saved = None
+
+    def restore() -> None:  # the earlier settings, for whoever holds an Accelerator made with them
+        for state, shared in zip((AcceleratorState, PartialState), saved, strict=True):
+            state._shared_state.clear()
+            state._shared_state.update(shared)
+
     try:
         accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision)
     except ValueError as exc:
@@ -367,15 +374,20 @@ def _accelerator(*, cpu: bool, mixed_precision: str) -> Iterator[Any]:
         saved = dict(AcceleratorState._shared_state), dict(PartialState._shared_state)
         # accelerate's own way to re-set them; the device only in one process, where no group holds it
         wrong_device = (PartialState().device.type == "cpu") != cpu
-        AcceleratorState._reset_state(reset_partial_state=wrong_device and PartialState().num_processes == 1)
+        launched = PartialState().num_processes > 1
+        AcceleratorState._reset_state(reset_partial_state=wrong_device and not launched)
         accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+        if wrong_device and launched:
+            restore()
+            raise ValueError(
+                f"this {PartialState().num_processes}-process launch runs on {PartialState().device.type}, set by"
+                f" its first Accelerator; scoring {'on the CPU' if cpu else 'on the accelerator'} needs a launch"
+                " of its own; hint: score with the same --device in every call of one launch")
     try:
         yield accelerator
     finally:
-        if saved is not None:  # the earlier settings, for whoever holds an Accelerator made with them
-            for state, shared in zip((AcceleratorState, PartialState), saved, strict=True):
-                state._shared_state.clear()
-                state._shared_state.update(shared)
+        if saved is not None:
+            restore()
 
 
 def _dtype(name: str) -> torch.dtype:
