@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from cwca_export.jsonio import write_bytes_atomic
+from cwca_export.jsonio import trailing_stamp, write_bytes_atomic
 from cwca_export.planning.plan import Plan
 
 LLMCOMPRESSOR_MODIFIERS = ("SparseGPTModifier", "WandaPruningModifier")
@@ -198,10 +198,11 @@ def write_llmcompressor_recipe(plan: Plan, path: str | os.PathLike, *, modifier:
         "# apply with llmcompressor.oneshot(model=..., dataset=..., recipe=THIS_FILE)\n"
     )
     body = (header + yaml.safe_dump(recipe, sort_keys=False)).encode("utf-8")
-    return write_bytes_atomic(path, body + _RECIPE_STAMP % hashlib.sha256(body).hexdigest().encode())
+    stamp = b"# cwca-export stamp: sha256 %s\n" % hashlib.sha256(body).hexdigest().encode()
+    return write_bytes_atomic(path, body + stamp)
 
 
-_RECIPE_STAMP = b"# cwca-export stamp: sha256 %s\n"
+_RECIPE_STAMP = re.compile(rb"# cwca-export stamp: sha256 ([0-9a-f]{64})\n")
 
 
 def recipe_file_intact(path: str | os.PathLike) -> bool:
@@ -210,6 +211,4 @@ def recipe_file_intact(path: str | os.PathLike) -> bool:
         data = Path(path).read_bytes()
     except OSError:
         return False
-    start = data.rfind(b"# cwca-export stamp: sha256 ")
-    found = re.fullmatch(rb"# cwca-export stamp: sha256 ([0-9a-f]{64})\n", data[start:]) if start >= 0 else None
-    return found is not None and hashlib.sha256(data[:start]).hexdigest() == found.group(1).decode()
+    return trailing_stamp(data, _RECIPE_STAMP) is not None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,17 @@ def stamp_state(data: Any) -> str:
     if not isinstance(data, dict) or not isinstance(data.get(STAMP_KEY), str):
         return "unstamped"
     return "intact" if data[STAMP_KEY] == content_sha256(data) else "edited"
+
+
+def trailing_stamp(data: bytes, pattern: re.Pattern[bytes]) -> re.Match[bytes] | None:
+    """The stamp a text file the tool wrote ends with (report.html, an llm-compressor recipe): its
+    last line matching ``pattern``, whose first group is the sha256 of every byte above that line.
+    None for a file edited since, or never stamped."""
+    start = data.rstrip(b"\n").rfind(b"\n") + 1
+    found = pattern.fullmatch(data[start:])
+    if found is None or hashlib.sha256(data[:start]).hexdigest() != found.group(1).decode():
+        return None
+    return found
 
 
 def write_json_atomic(path: str | os.PathLike, payload: dict[str, Any]) -> Path:

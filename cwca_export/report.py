@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from cwca_export.jsonio import write_bytes_atomic
+from cwca_export.jsonio import trailing_stamp, write_bytes_atomic
 from cwca_export.planning.plan import Plan
 from cwca_export.scores import LayerScores
 
@@ -718,9 +718,8 @@ def report_files_intact(folder: str | os.PathLike) -> tuple[bool, bool]:
         page = (Path(folder) / HTML_NAME).read_bytes()
     except OSError:
         return False, False
-    start = page.rfind(b"<!-- cwca-export stamp: ")
-    found = _STAMP.fullmatch(page[start:]) if start >= 0 else None
-    if found is None or hashlib.sha256(page[:start]).hexdigest() != found.group(1).decode():
+    found = trailing_stamp(page, _STAMP)
+    if found is None:
         return False, False
     try:
         figure = hashlib.sha256((Path(folder) / FIGURE_NAME).read_bytes()).hexdigest()

@@ -1,5 +1,6 @@
 """A budget search passes over a plain export's storage only for a candidate proven better on
-the calibration sequences (docs/design.md 3.4)."""
+held-out windows of the calibration text, or on the calibration sequences where it has none
+(docs/design.md 3.4)."""
 
 from __future__ import annotations
 

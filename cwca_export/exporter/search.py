@@ -786,8 +786,8 @@ class _Search:
         options = sorted(self.options, key=lambda o: (o.calib_loss is None, o.calib_loss or 0.0))
         why = None
         if chosen is not None and chosen.calib_loss is not None:
-            lower = [o for o in self.options if o.calib_loss is not None and o.calib_loss < chosen.calib_loss]
-            built = [o for o in lower if o.measured is not None]
+            built = [o for o in self.options if o.calib_loss is not None and o.calib_loss < chosen.calib_loss
+                     and o.measured is not None]
             why = (f"lowest calibration loss ({chosen.calib_loss:.5g}) among the candidates measured to meet the"
                    f" budget; {len(built)} candidate(s) with lower loss were built and missed a limit")
             why += self.significance_text(chosen)

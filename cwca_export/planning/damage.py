@@ -755,17 +755,10 @@ def calibration_loss(model: nn.Module, input_ids: Any, *, batch_size: int = 8, r
         >>> calibration_loss(model, calib.input_ids)  # doctest: +SKIP
         3.42
     """
-    ids = _ids(input_ids)
-    if batch_size < 1:
-        raise ValueError(f"batch_size {batch_size}: must be >= 1")
-    with _on(model, None) as dev:
-        in_dev = _input_device(model, dev)
-        total, tokens = 0.0, 0
-        for batch in ids.split(batch_size):
-            batch = batch.to(in_dev)
-            logits = model(input_ids=batch, use_cache=False).logits
-            total += float(_token_ce_sum(logits, batch))
-            tokens += batch.shape[0] * (batch.shape[1] - 1)
+    total, tokens = 0.0, 0
+    for batch, logits in _forwards(model, input_ids, batch_size):
+        total += float(_token_ce_sum(logits, batch))
+        tokens += batch.shape[0] * (batch.shape[1] - 1)
     if reduce is not None:
         sums = torch.tensor([total, float(tokens)], dtype=torch.float64)
         reduce([sums])
@@ -780,19 +773,25 @@ def sequence_losses(model: nn.Module, input_ids: Any, *, batch_size: int = 8) ->
     Their mean is :func:`calibration_loss` (every sequence has the same length); their spread
     is what a paired comparison of two models on the same sequences needs
     (:mod:`cwca_export.exporter.ranking`)."""
+    out = []
+    for batch, logits in _forwards(model, input_ids, batch_size):
+        ce = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), batch[:, 1:].to(logits.device), reduction="none")
+        out.append(ce.double().mean(dim=1).cpu())
+    return torch.cat(out)
+
+
+def _forwards(model: nn.Module, input_ids: Any, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(batch, logits)`` of the model's forward over ``input_ids``, ``batch_size`` rows at a time,
+    on the model's own device; the whole-model losses above read them."""
     ids = _ids(input_ids)
     if batch_size < 1:
         raise ValueError(f"batch_size {batch_size}: must be >= 1")
-    out = []
     with _on(model, None) as dev:
         in_dev = _input_device(model, dev)
         for batch in ids.split(batch_size):
             batch = batch.to(in_dev)
-            logits = model(input_ids=batch, use_cache=False).logits
-            ce = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().transpose(1, 2), batch[:, 1:].to(logits.device), reduction="none")
-            out.append(ce.double().mean(dim=1).cpu())
-    return torch.cat(out)
+            yield batch, model(input_ids=batch, use_cache=False).logits
 
 
 def plan_loss(
